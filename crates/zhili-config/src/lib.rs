@@ -1,0 +1,159 @@
+//! Server configuration: parsed from a TOML file, overlaid by `ZHILI_*` env and flags (the binary
+//! does the overlay), then validated before anything starts. Unknown keys are rejected and no bad
+//! value is silently replaced by a default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+pub const DEFAULT_DATA_DIR: &str = "./zhili-data";
+pub const DEFAULT_API_ADDR: &str = "127.0.0.1:8500";
+pub const DEFAULT_LOG_LEVEL: &str = "info";
+/// Active checks running at once; more wait their turn rather than opening unbounded sockets.
+pub const DEFAULT_CHECK_CONCURRENCY: usize = 256;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid value for {field}: {message}")]
+    Invalid { field: &'static str, message: String },
+}
+
+/// The config file's shape; every key optional, unknown keys an error.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub data_dir: Option<PathBuf>,
+    pub dev: Option<bool>,
+    pub api_addr: Option<String>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub log_format: Option<String>,
+    pub log_level: Option<String>,
+    pub check_concurrency: Option<usize>,
+}
+
+impl FileConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })
+    }
+
+    /// Fields set in `over` win.
+    pub fn overlay(self, over: FileConfig) -> FileConfig {
+        FileConfig {
+            data_dir: over.data_dir.or(self.data_dir),
+            dev: over.dev.or(self.dev),
+            api_addr: over.api_addr.or(self.api_addr),
+            tls_cert: over.tls_cert.or(self.tls_cert),
+            tls_key: over.tls_key.or(self.tls_key),
+            log_format: over.log_format.or(self.log_format),
+            log_level: over.log_level.or(self.log_level),
+            check_concurrency: over.check_concurrency.or(self.check_concurrency),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+/// A listener address, or `None` when switched off with the value `off`.
+pub type Listen = Option<SocketAddr>;
+
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// The validated configuration the server is built from.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub data_dir: PathBuf,
+    pub dev: bool,
+    pub api_addr: Listen,
+    pub tls: Option<TlsFiles>,
+    pub log_format: LogFormat,
+    pub log_level: String,
+    pub check_concurrency: usize,
+}
+
+pub fn parse_listen(field: &'static str, value: &str) -> Result<Listen, ConfigError> {
+    if value == "off" {
+        return Ok(None);
+    }
+    value.parse::<SocketAddr>().map(Some).map_err(|_| ConfigError::Invalid { field, message: format!("{value:?} is not host:port (e.g. 127.0.0.1:8500) or \"off\"") })
+}
+
+impl FileConfig {
+    pub fn validate(self) -> Result<ServerConfig, ConfigError> {
+        let api_addr = parse_listen("api_addr", self.api_addr.as_deref().unwrap_or(DEFAULT_API_ADDR))?;
+        let tls = match (self.tls_cert, self.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+            (None, None) => None,
+            (Some(_), None) => return Err(ConfigError::Invalid { field: "tls_key", message: "required when tls_cert is set".into() }),
+            (None, Some(_)) => return Err(ConfigError::Invalid { field: "tls_cert", message: "required when tls_key is set".into() }),
+        };
+        let log_format = match self.log_format.as_deref().unwrap_or("pretty") {
+            "pretty" => LogFormat::Pretty,
+            "json" => LogFormat::Json,
+            other => return Err(ConfigError::Invalid { field: "log_format", message: format!("{other:?} is not pretty or json") }),
+        };
+        let check_concurrency = self.check_concurrency.unwrap_or(DEFAULT_CHECK_CONCURRENCY);
+        if !(1..=65_536).contains(&check_concurrency) {
+            return Err(ConfigError::Invalid { field: "check_concurrency", message: format!("{check_concurrency} is not in 1..=65536") });
+        }
+        let data_dir = self.data_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+        if data_dir.as_os_str().is_empty() {
+            return Err(ConfigError::Invalid { field: "data_dir", message: "must not be empty".into() });
+        }
+        Ok(ServerConfig {
+            data_dir,
+            dev: self.dev.unwrap_or(false),
+            api_addr,
+            tls,
+            log_format,
+            log_level: self.log_level.unwrap_or_else(|| DEFAULT_LOG_LEVEL.into()),
+            check_concurrency,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_overlay() {
+        let cfg = FileConfig::default().validate().unwrap();
+        assert_eq!(cfg.api_addr, Some("127.0.0.1:8500".parse().unwrap()));
+        assert_eq!(cfg.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
+        let file = FileConfig { api_addr: Some("127.0.0.1:1".into()), dev: Some(true), ..Default::default() };
+        let cfg = file.overlay(FileConfig { api_addr: Some("off".into()), ..Default::default() }).validate().unwrap();
+        assert_eq!(cfg.api_addr, None);
+        assert!(cfg.dev);
+    }
+
+    #[test]
+    fn bad_values_name_the_field() {
+        let e = FileConfig { api_addr: Some("nowhere".into()), ..Default::default() }.validate().unwrap_err();
+        assert!(e.to_string().contains("api_addr"), "{e}");
+        let e = FileConfig { tls_cert: Some("c.pem".into()), ..Default::default() }.validate().unwrap_err();
+        assert!(e.to_string().contains("tls_key"), "{e}");
+        let e = FileConfig { log_format: Some("xml".into()), ..Default::default() }.validate().unwrap_err();
+        assert!(e.to_string().contains("log_format"), "{e}");
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let e = toml::from_str::<FileConfig>("api_adr = \"x\"").unwrap_err();
+        assert!(e.to_string().contains("api_adr"), "{e}");
+    }
+}

@@ -1,0 +1,161 @@
+//! ACL policies and tokens. A policy is a list of rules "resource kind + name prefix → access";
+//! the longest matching prefix decides, and anything unmatched is denied.
+
+use serde::{Deserialize, Serialize};
+
+use crate::validate::{self, ValidationError};
+
+pub const GLOBAL_MANAGEMENT: &str = "global-management";
+pub const MAX_RULES: usize = 256;
+pub const MAX_POLICIES_PER_TOKEN: usize = 64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Resource {
+    Service,
+    Kv,
+    Acl,
+    Operator,
+}
+
+/// Access levels are ordered: write implies read; deny beats nothing (it is an explicit "no").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Access {
+    Deny,
+    Read,
+    Write,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    pub resource: Resource,
+    /// Name prefix the rule covers; "" covers every name.
+    #[serde(default)]
+    pub prefix: String,
+    pub access: Access,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySpec {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    pub rules: Vec<Rule>,
+}
+
+impl PolicySpec {
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        validate::name("name", &self.name)?;
+        validate::text("description", &self.description)?;
+        if self.rules.len() > MAX_RULES {
+            return Err(ValidationError::new("rules", format!("at most {MAX_RULES} rules")));
+        }
+        for (i, r) in self.rules.iter().enumerate() {
+            if r.prefix.len() > validate::MAX_KV_KEY_LEN {
+                return Err(ValidationError::new(format!("rules[{i}].prefix"), "too long"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A token as stored. `secret_id` is the bearer credential; `accessor_id` names it publicly.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Token {
+    pub accessor_id: String,
+    pub secret_id: String,
+    pub description: String,
+    pub policies: Vec<String>,
+    pub create_index: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenSpec {
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub policies: Vec<String>,
+}
+
+impl TokenSpec {
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        validate::text("description", &self.description)?;
+        if self.policies.len() > MAX_POLICIES_PER_TOKEN {
+            return Err(ValidationError::new("policies", format!("at most {MAX_POLICIES_PER_TOKEN} policies")));
+        }
+        for (i, p) in self.policies.iter().enumerate() {
+            validate::name(&format!("policies[{i}]"), p)?;
+        }
+        Ok(())
+    }
+}
+
+/// The effective rules of one caller, merged from all its policies.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Authority {
+    rules: Vec<Rule>,
+    management: bool,
+}
+
+impl Authority {
+    pub fn management() -> Self {
+        Self { rules: vec![], management: true }
+    }
+
+    pub fn from_rules(rules: impl IntoIterator<Item = Rule>) -> Self {
+        Self { rules: rules.into_iter().collect(), management: false }
+    }
+
+    pub fn is_management(&self) -> bool {
+        self.management
+    }
+
+    /// Longest prefix wins; among equally long prefixes, deny wins over any grant.
+    pub fn allows(&self, resource: Resource, name: &str, need: Access) -> bool {
+        if self.management {
+            return true;
+        }
+        let mut best: Option<(usize, Access)> = None;
+        for r in self.rules.iter().filter(|r| r.resource == resource && name.starts_with(r.prefix.as_str())) {
+            let len = r.prefix.len();
+            best = match best {
+                Some((l, _)) if l > len => best,
+                Some((l, a)) if l == len => Some((l, if a == Access::Deny || r.access == Access::Deny { Access::Deny } else { a.max(r.access) })),
+                _ => Some((len, r.access)),
+            };
+        }
+        match best {
+            Some((_, Access::Deny)) | None => false,
+            Some((_, have)) => have >= need,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(resource: Resource, prefix: &str, access: Access) -> Rule {
+        Rule { resource, prefix: prefix.into(), access }
+    }
+
+    #[test]
+    fn longest_prefix_wins_and_default_denies() {
+        let a = Authority::from_rules([
+            rule(Resource::Kv, "", Access::Read),
+            rule(Resource::Kv, "app/", Access::Write),
+            rule(Resource::Kv, "app/secret", Access::Deny),
+        ]);
+        assert!(a.allows(Resource::Kv, "other", Access::Read));
+        assert!(!a.allows(Resource::Kv, "other", Access::Write));
+        assert!(a.allows(Resource::Kv, "app/x", Access::Write));
+        assert!(!a.allows(Resource::Kv, "app/secret/1", Access::Read));
+        assert!(!a.allows(Resource::Service, "web", Access::Read));
+        assert!(Authority::management().allows(Resource::Acl, "", Access::Write));
+        assert!(!Authority::default().allows(Resource::Kv, "x", Access::Read));
+    }
+}

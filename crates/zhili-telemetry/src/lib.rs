@@ -1,0 +1,132 @@
+//! Logging setup and the process's one metrics registry. Metric names are typed fields here and
+//! labels are bounded sets (route templates, check kinds, statuses), never raw paths or ids.
+
+use std::sync::atomic::AtomicI64;
+use std::sync::{Arc, Mutex};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HealthLabel {
+    pub health: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CheckLabels {
+    pub kind: &'static str,
+    pub status: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    pub method: String,
+    /// The matched route template (e.g. `/api/v1/kv/{*key}`), never the raw path.
+    pub route: String,
+    pub status: u16,
+}
+
+pub struct Metrics {
+    /// A std Mutex is enough: it is held only while registering at start and encoding a scrape.
+    registry: Mutex<Registry>,
+    pub instances: Family<HealthLabel, Gauge>,
+    pub services: Gauge,
+    pub heartbeats: Counter,
+    pub registrations: Counter,
+    pub check_results: Family<CheckLabels, Counter>,
+    pub check_duration: Family<KindLabel, Histogram>,
+    pub watchers: Gauge<i64, AtomicI64>,
+    pub http_requests: Family<HttpLabels, Histogram>,
+    pub kv_writes: Counter,
+}
+
+fn latency_buckets() -> impl Iterator<Item = f64> {
+    exponential_buckets(0.0001, 2.0, 18)
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::with_prefix("zhili");
+        let instances = Family::<HealthLabel, Gauge>::default();
+        registry.register("instances", "Registered instances by health", instances.clone());
+        let services = Gauge::default();
+        registry.register("services", "Registered services", services.clone());
+        let heartbeats = Counter::default();
+        registry.register("heartbeats", "Heartbeats received", heartbeats.clone());
+        let registrations = Counter::default();
+        registry.register("registrations", "Instance registrations applied", registrations.clone());
+        let check_results = Family::<CheckLabels, Counter>::default();
+        registry.register("check_results", "Active check results by kind and status", check_results.clone());
+        let check_duration = Family::<KindLabel, Histogram>::new_with_constructor(|| Histogram::new(latency_buckets()));
+        registry.register("check_duration_seconds", "Duration of active checks", check_duration.clone());
+        let watchers = Gauge::<i64, AtomicI64>::default();
+        registry.register("watchers", "Open blocking queries and event streams", watchers.clone());
+        let http_requests = Family::<HttpLabels, Histogram>::new_with_constructor(|| Histogram::new(latency_buckets()));
+        registry.register("http_request_duration_seconds", "HTTP request latency by route template", http_requests.clone());
+        let kv_writes = Counter::default();
+        registry.register("kv_writes", "Durable KV writes acknowledged", kv_writes.clone());
+        Arc::new(Self {
+            registry: Mutex::new(registry),
+            instances,
+            services,
+            heartbeats,
+            registrations,
+            check_results,
+            check_duration,
+            watchers,
+            http_requests,
+            kv_writes,
+        })
+    }
+
+    /// Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        // Encoding into a String cannot fail except on a formatter bug; keep the scrape alive anyway.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+        out
+    }
+}
+
+/// Keeps the gauge of open watchers honest: +1 on creation, -1 on drop, whatever path ends the wait.
+pub struct WatcherGuard(Gauge<i64, AtomicI64>);
+
+impl WatcherGuard {
+    pub fn new(m: &Metrics) -> Self {
+        m.watchers.inc();
+        Self(m.watchers.clone())
+    }
+}
+
+impl Drop for WatcherGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+/// Installs the global tracing subscriber. `filter` uses `RUST_LOG` syntax.
+pub fn init_logging(format: LogFormat, filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Pretty => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
+
