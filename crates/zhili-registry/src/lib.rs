@@ -1,1 +1,569 @@
+//! The service registry: namespaces › services › instances with their health. State lives in
+//! memory, indexed for reads; persistent objects (service definitions, persistent instances) are
+//! written through the [`Store`] first and applied only once durable. Ephemeral instances live on
+//! heartbeats and are never written to disk. Every change takes a revision from the shared clock,
+//! so blocking reads and the event stream order all changes on one axis.
 
+mod state;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use parking_lot::RwLock;
+use tokio::sync::{broadcast, watch};
+use zhili_model::{
+    CheckDefinition, CheckKey, CheckKind, HealthStatus, HealthTransition, Instance, InstanceList, InstanceRegistration, Maintenance,
+    RegistryEvent, RegistryEventKind, Service, ServiceDetail, ServiceSummary,
+};
+use zhili_store::{Compare, Op, RevisionClock, Store, StoreError, Txn};
+use zhili_telemetry::{HealthLabel, Metrics};
+
+use state::{InstanceEntry, ServiceEntry, State};
+
+const SERVICES_PREFIX: &str = "registry/services/";
+const INSTANCES_PREFIX: &str = "registry/instances/";
+/// Buffered registry events per subscriber; a slower subscriber is told it lagged and resyncs.
+const EVENT_BUFFER: usize = 4096;
+
+/// The registry asks whoever runs active checks to start or stop them. The binary implements this
+/// over the health engine, which reports back through [`Registry::apply_transition`].
+pub trait CheckScheduler: Send + Sync + 'static {
+    fn schedule(&self, key: CheckKey, def: CheckDefinition);
+    fn cancel(&self, key: &CheckKey);
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("service {0:?} not found")]
+    ServiceNotFound(String),
+    #[error("instance {0:?} not found")]
+    InstanceNotFound(String),
+    #[error("check {0:?} not found")]
+    CheckNotFound(String),
+    #[error("check {0:?} is not a ttl check; its status comes from the server's probes")]
+    NotTtl(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("stored registry record {key:?} is corrupt: {message}")]
+    Corrupt { key: String, message: String },
+}
+
+/// Filters of a discovery read.
+#[derive(Debug, Clone, Default)]
+pub struct InstanceFilter {
+    /// Only serving instances (healthy, enabled, not in maintenance). Default true in the API.
+    pub healthy_only: bool,
+    /// Every tag listed must be present.
+    pub tags: Vec<String>,
+    pub metadata: BTreeMap<String, String>,
+    pub zone: Option<String>,
+}
+
+impl InstanceFilter {
+    fn matches_static(&self, i: &Instance) -> bool {
+        self.tags.iter().all(|t| i.tags.contains(t))
+            && self.metadata.iter().all(|(k, v)| i.metadata.get(k) == Some(v))
+            && self.zone.as_ref().is_none_or(|z| i.zone.as_ref() == Some(z))
+    }
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct PersistedInstance {
+    registration: InstanceRegistration,
+    maintenance: Option<Maintenance>,
+}
+
+pub struct Registry {
+    store: Arc<dyn Store>,
+    clock: Arc<RevisionClock>,
+    /// One lock over all registry state: reads take it shared and never queue behind the store;
+    /// writers hold it only for in-memory mutation, never across an await.
+    state: RwLock<State>,
+    /// Serializes persistent writes so disk and memory apply them in the same order.
+    persist_order: tokio::sync::Mutex<()>,
+    index: watch::Sender<u64>,
+    events: broadcast::Sender<Arc<RegistryEvent>>,
+    checks: Arc<dyn CheckScheduler>,
+    metrics: Arc<Metrics>,
+    epoch: Instant,
+}
+
+pub fn unix_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+fn service_key(ns: &str, name: &str) -> String {
+    format!("{SERVICES_PREFIX}{ns}/{name}")
+}
+
+fn instance_key(ns: &str, service: &str, id: &str) -> String {
+    format!("{INSTANCES_PREFIX}{ns}/{service}/{id}")
+}
+
+impl Registry {
+    /// Builds the registry and loads persisted services and instances from the store.
+    pub fn load(store: Arc<dyn Store>, checks: Arc<dyn CheckScheduler>, metrics: Arc<Metrics>) -> Result<Arc<Self>, RegistryError> {
+        let clock = store.clock();
+        let (index, _) = watch::channel(clock.current());
+        let (events, _) = broadcast::channel(EVENT_BUFFER);
+        let reg = Arc::new(Self {
+            store: store.clone(),
+            clock,
+            state: RwLock::new(State::default()),
+            persist_order: tokio::sync::Mutex::new(()),
+            index,
+            events,
+            checks,
+            metrics,
+            epoch: Instant::now(),
+        });
+        let corrupt = |key: &str, e: serde_json::Error| RegistryError::Corrupt { key: key.into(), message: e.to_string() };
+        let services = store.range(SERVICES_PREFIX, None)?;
+        let instances = store.range(INSTANCES_PREFIX, None)?;
+        let now_ms = reg.now_ms();
+        let mut state = reg.state.write();
+        for kv in services {
+            let svc: Service = serde_json::from_slice(&kv.value).map_err(|e| corrupt(&kv.key, e))?;
+            let key = (svc.namespace.clone(), svc.name.clone());
+            state.services.insert(key, ServiceEntry::new(svc, kv.mod_revision));
+        }
+        for kv in instances {
+            let p: PersistedInstance = serde_json::from_slice(&kv.value).map_err(|e| corrupt(&kv.key, e))?;
+            let rest = &kv.key[INSTANCES_PREFIX.len()..];
+            let mut parts = rest.splitn(3, '/');
+            let (Some(ns), Some(svc), Some(_)) = (parts.next(), parts.next(), parts.next()) else {
+                return Err(RegistryError::Corrupt { key: kv.key.clone(), message: "bad key".into() });
+            };
+            let entry = state.services.entry((ns.into(), svc.into())).or_insert_with(|| ServiceEntry::new(Service::implicit(ns, svc), kv.mod_revision));
+            let inst = InstanceEntry::new(p.registration, kv.create_revision, kv.mod_revision, now_ms, p.maintenance);
+            for c in inst.checks.iter().filter(|c| c.def.kind.is_active()) {
+                reg.checks.schedule(CheckKey { namespace: ns.into(), service: svc.into(), instance: inst.reg.id.clone(), check: c.def.id.clone() }, c.def.clone());
+            }
+            entry.instances.insert(inst.reg.id.clone(), inst);
+        }
+        drop(state);
+        reg.refresh_gauges();
+        Ok(reg)
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// The registry's current index (the revision of its latest change).
+    pub fn index(&self) -> u64 {
+        *self.index.borrow()
+    }
+
+    pub fn subscribe_events(&self) -> broadcast::Receiver<Arc<RegistryEvent>> {
+        self.events.subscribe()
+    }
+
+    /// Applies an in-memory mutation under the write lock with a fresh revision, then wakes
+    /// watchers. `f` returns the events it caused (with index filled in here).
+    fn mutate<T>(&self, f: impl FnOnce(&mut State, u64, &mut Vec<RegistryEvent>) -> T) -> (T, u64) {
+        let mut events = Vec::new();
+        let mut state = self.state.write();
+        let rev = self.clock.next();
+        let out = f(&mut state, rev, &mut events);
+        if !events.is_empty() {
+            self.index.send_replace(rev);
+        }
+        drop(state);
+        for mut ev in events {
+            ev.index = rev;
+            let _ = self.events.send(Arc::new(ev));
+        }
+        (out, rev)
+    }
+
+    fn instance_event(kind: RegistryEventKind, entry: &ServiceEntry, inst: &InstanceEntry) -> RegistryEvent {
+        RegistryEvent {
+            index: 0,
+            kind,
+            namespace: entry.def.namespace.clone(),
+            service: entry.def.name.clone(),
+            instance: Some(inst.view(&entry.def)),
+            instance_id: Some(inst.reg.id.clone()),
+        }
+    }
+
+    // ---- services ----------------------------------------------------------------------------
+
+    pub async fn put_service(&self, svc: Service) -> Result<u64, RegistryError> {
+        let _order = self.persist_order.lock().await;
+        let value = serde_json::to_vec(&svc).expect("service serializes");
+        self.store.txn(Txn::put(service_key(&svc.namespace, &svc.name), value)).await?;
+        let (_, rev) = self.mutate(|state, rev, events| {
+            let key = (svc.namespace.clone(), svc.name.clone());
+            let entry = state.services.entry(key).or_insert_with(|| ServiceEntry::new(svc.clone(), rev));
+            entry.def = svc.clone();
+            entry.index = rev;
+            events.push(RegistryEvent { index: 0, kind: RegistryEventKind::ServiceUpserted, namespace: svc.namespace.clone(), service: svc.name.clone(), instance: None, instance_id: None });
+        });
+        self.refresh_gauges();
+        Ok(rev)
+    }
+
+    /// Deletes a service with all its instances.
+    pub async fn delete_service(&self, ns: &str, name: &str) -> Result<u64, RegistryError> {
+        let _order = self.persist_order.lock().await;
+        if !self.state.read().services.contains_key(&(ns.to_string(), name.to_string())) {
+            return Err(RegistryError::ServiceNotFound(name.into()));
+        }
+        self.store
+            .txn(Txn {
+                success: vec![Op::Delete { key: service_key(ns, name) }, Op::DeletePrefix { prefix: format!("{INSTANCES_PREFIX}{ns}/{name}/") }],
+                ..Default::default()
+            })
+            .await?;
+        let (removed, rev) = self.mutate(|state, rev, events| {
+            let removed = state.services.remove(&(ns.to_string(), name.to_string()));
+            state.tombstones.insert((ns.to_string(), name.to_string()), rev);
+            events.push(RegistryEvent { index: 0, kind: RegistryEventKind::ServiceDeleted, namespace: ns.into(), service: name.into(), instance: None, instance_id: None });
+            removed
+        });
+        if let Some(entry) = removed {
+            for inst in entry.instances.values() {
+                self.cancel_checks(ns, name, inst);
+            }
+        }
+        self.refresh_gauges();
+        Ok(rev)
+    }
+
+    pub fn list_services(&self, ns: &str) -> (u64, Vec<ServiceSummary>) {
+        let index = self.index();
+        let state = self.state.read();
+        let mut out: Vec<ServiceSummary> = state
+            .services
+            .iter()
+            .filter(|((n, _), _)| n == ns)
+            .map(|(_, e)| ServiceSummary {
+                namespace: e.def.namespace.clone(),
+                name: e.def.name.clone(),
+                group: e.def.group.clone(),
+                tags: e.def.tags.clone(),
+                instances: e.instances.len(),
+                passing: e.instances.values().filter(|i| i.view(&e.def).is_serving()).count(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        (index, out)
+    }
+
+    pub fn namespaces(&self) -> Vec<String> {
+        let mut ns: Vec<String> = self.state.read().services.keys().map(|(n, _)| n.clone()).collect();
+        ns.sort();
+        ns.dedup();
+        ns
+    }
+
+    pub fn service(&self, ns: &str, name: &str) -> Option<ServiceDetail> {
+        let state = self.state.read();
+        let e = state.services.get(&(ns.to_string(), name.to_string()))?;
+        Some(ServiceDetail { service: e.def.clone(), index: e.index, instances: e.instances.values().map(|i| i.view(&e.def)).collect() })
+    }
+
+    /// The index of one service's latest change (including its deletion), or the registry's
+    /// index if the service never existed.
+    pub fn service_index(&self, ns: &str, name: &str) -> u64 {
+        let key = (ns.to_string(), name.to_string());
+        let state = self.state.read();
+        state.services.get(&key).map(|e| e.index).or_else(|| state.tombstones.get(&key).copied()).unwrap_or_else(|| self.index())
+    }
+
+    /// Waits until `index_of()` exceeds `after`, or `timeout` passes. Returns immediately when
+    /// `after` is 0 or ahead of the registry (a client holding an index from before a restart).
+    pub async fn wait_for(&self, after: u64, timeout: Duration, index_of: impl Fn() -> u64) {
+        let mut rx = self.index.subscribe();
+        if after == 0 || after > self.index() {
+            return;
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        while index_of() <= after {
+            if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Discovery: the service's instances after filters, with the protection threshold applied.
+    pub fn instances(&self, ns: &str, name: &str, filter: &InstanceFilter) -> Option<InstanceList> {
+        let state = self.state.read();
+        let e = state.services.get(&(ns.to_string(), name.to_string()))?;
+        let candidates: Vec<Instance> = e.instances.values().map(|i| i.view(&e.def)).filter(|i| filter.matches_static(i)).collect();
+        let serving = candidates.iter().filter(|i| i.is_serving()).count();
+        let threshold = e.def.protection_threshold;
+        // Below the threshold a health-check storm is more likely than a real mass outage, so
+        // hand out every instance rather than pile all traffic on the few left (Nacos semantics).
+        let protection_triggered = filter.healthy_only && threshold > 0.0 && !candidates.is_empty() && (serving as f64) < threshold * candidates.len() as f64;
+        let instances = if filter.healthy_only && !protection_triggered { candidates.into_iter().filter(Instance::is_serving).collect() } else { candidates };
+        Some(InstanceList { namespace: ns.into(), service: name.into(), index: e.index, protection_triggered, instances })
+    }
+
+    pub fn instance(&self, ns: &str, service: &str, id: &str) -> Option<Instance> {
+        let state = self.state.read();
+        let e = state.services.get(&(ns.to_string(), service.to_string()))?;
+        e.instances.get(id).map(|i| i.view(&e.def))
+    }
+
+    // ---- instances ---------------------------------------------------------------------------
+
+    /// Registers (or replaces) an instance. Persistent instances are durable before this returns.
+    pub async fn register(&self, ns: &str, service: &str, reg: InstanceRegistration) -> Result<u64, RegistryError> {
+        let was_persistent = self.instance(ns, service, &reg.id).is_some_and(|i| !i.ephemeral);
+        let _order = if !reg.ephemeral || was_persistent { Some(self.persist_order.lock().await) } else { None };
+        let maintenance = self.instance(ns, service, &reg.id).and_then(|i| i.maintenance);
+        if !reg.ephemeral {
+            let value = serde_json::to_vec(&PersistedInstance { registration: reg.clone(), maintenance: maintenance.clone() }).expect("instance serializes");
+            self.store.txn(Txn::put(instance_key(ns, service, &reg.id), value)).await?;
+        } else if was_persistent {
+            crate::delete_key(&*self.store, instance_key(ns, service, &reg.id)).await?;
+        }
+        let now = self.now_ms();
+        let (old, rev) = self.mutate(|state, rev, events| {
+            let entry = state.services.entry((ns.to_string(), service.to_string())).or_insert_with(|| ServiceEntry::new(Service::implicit(ns, service), rev));
+            let mut inst = InstanceEntry::new(reg.clone(), rev, rev, now, maintenance);
+            let old = entry.instances.remove(&reg.id);
+            let kind = if let Some(old) = &old {
+                inst.create_index = old.create_index;
+                inst.inherit_statuses(old);
+                RegistryEventKind::InstanceUpdated
+            } else {
+                RegistryEventKind::InstanceRegistered
+            };
+            entry.index = rev;
+            events.push(Self::instance_event(kind, entry, &inst));
+            entry.instances.insert(reg.id.clone(), inst);
+            old
+        });
+        if let Some(old) = &old {
+            self.cancel_checks(ns, service, old);
+        }
+        for def in reg.checks.iter().filter(|c| c.kind.is_active()) {
+            self.checks.schedule(CheckKey { namespace: ns.into(), service: service.into(), instance: reg.id.clone(), check: def.id.clone() }, def.clone());
+        }
+        self.metrics.registrations.inc();
+        self.refresh_gauges();
+        Ok(rev)
+    }
+
+    pub async fn deregister(&self, ns: &str, service: &str, id: &str) -> Result<u64, RegistryError> {
+        let existing = self.instance(ns, service, id).ok_or_else(|| RegistryError::InstanceNotFound(id.into()))?;
+        let _order = if existing.ephemeral { None } else { Some(self.persist_order.lock().await) };
+        if !existing.ephemeral {
+            delete_key(&*self.store, instance_key(ns, service, id)).await?;
+        }
+        self.remove_instance(ns, service, id).ok_or_else(|| RegistryError::InstanceNotFound(id.into()))
+    }
+
+    /// Removes an instance from memory; drops an implicit service once it has no instances.
+    fn remove_instance(&self, ns: &str, service: &str, id: &str) -> Option<u64> {
+        let (removed, rev) = self.mutate(|state, rev, events| {
+            let key = (ns.to_string(), service.to_string());
+            let entry = state.services.get_mut(&key)?;
+            let inst = entry.instances.remove(id)?;
+            entry.index = rev;
+            events.push(Self::instance_event(RegistryEventKind::InstanceDeregistered, entry, &inst));
+            if entry.instances.is_empty() && !entry.def.defined {
+                state.services.remove(&key);
+                state.tombstones.insert(key, rev);
+            }
+            Some(inst)
+        });
+        let inst = removed?;
+        self.cancel_checks(ns, service, &inst);
+        self.refresh_gauges();
+        Some(rev)
+    }
+
+    fn cancel_checks(&self, ns: &str, service: &str, inst: &InstanceEntry) {
+        for c in inst.checks.iter().filter(|c| c.def.kind.is_active()) {
+            self.checks.cancel(&CheckKey { namespace: ns.into(), service: service.into(), instance: inst.reg.id.clone(), check: c.def.id.clone() });
+        }
+    }
+
+    /// Records a heartbeat. The hot path takes only the shared lock and stores an atomic.
+    pub fn heartbeat(&self, ns: &str, service: &str, id: &str) -> Result<(), RegistryError> {
+        let now = self.now_ms();
+        let revive = {
+            let state = self.state.read();
+            let e = state.services.get(&(ns.to_string(), service.to_string())).ok_or_else(|| RegistryError::InstanceNotFound(id.into()))?;
+            let inst = e.instances.get(id).ok_or_else(|| RegistryError::InstanceNotFound(id.into()))?;
+            inst.last_beat.store(now, Ordering::Relaxed);
+            inst.heartbeat_status != HealthStatus::Passing
+        };
+        self.metrics.heartbeats.inc();
+        if revive {
+            self.update_instance(ns, service, id, |inst, _| {
+                inst.heartbeat_status = HealthStatus::Passing;
+                true
+            });
+        }
+        Ok(())
+    }
+
+    /// Mutates one instance in memory; `f` returns whether anything visible changed.
+    fn update_instance(&self, ns: &str, service: &str, id: &str, f: impl FnOnce(&mut InstanceEntry, u64) -> bool) -> Option<u64> {
+        let now = self.now_ms();
+        let (changed, rev) = self.mutate(|state, rev, events| {
+            let entry = state.services.get_mut(&(ns.to_string(), service.to_string()))?;
+            let inst = entry.instances.get_mut(id)?;
+            if !f(inst, now) {
+                return Some(false);
+            }
+            inst.modify_index = rev;
+            let inst_view = Self::instance_event(RegistryEventKind::InstanceUpdated, entry, entry.instances.get(id)?);
+            entry.index = rev;
+            events.push(inst_view);
+            Some(true)
+        });
+        changed?;
+        Some(rev)
+    }
+
+    /// Sets a TTL check's status (the "pass/warn/fail" API).
+    pub fn update_ttl_check(&self, ns: &str, service: &str, id: &str, check: &str, status: HealthStatus, output: &str) -> Result<u64, RegistryError> {
+        {
+            let state = self.state.read();
+            let e = state.services.get(&(ns.to_string(), service.to_string())).ok_or_else(|| RegistryError::InstanceNotFound(id.into()))?;
+            let inst = e.instances.get(id).ok_or_else(|| RegistryError::InstanceNotFound(id.into()))?;
+            let c = inst.checks.iter().find(|c| c.def.id == check).ok_or_else(|| RegistryError::CheckNotFound(check.into()))?;
+            if !matches!(c.def.kind, CheckKind::Ttl { .. }) {
+                return Err(RegistryError::NotTtl(check.into()));
+            }
+        }
+        let wall = unix_ms();
+        let rev = self.update_instance(ns, service, id, |inst, now| {
+            let Some(c) = inst.checks.iter_mut().find(|c| c.def.id == check) else { return false };
+            if let CheckKind::Ttl { ttl } = c.def.kind {
+                c.ttl_deadline_ms = Some(now + ttl.as_millis() as u64);
+            }
+            c.set(status, output, wall, now)
+        });
+        Ok(rev.unwrap_or_else(|| self.index()))
+    }
+
+    pub async fn set_maintenance(&self, ns: &str, service: &str, id: &str, enabled: bool, reason: &str) -> Result<u64, RegistryError> {
+        let existing = self.instance(ns, service, id).ok_or_else(|| RegistryError::InstanceNotFound(id.into()))?;
+        let maintenance = enabled.then(|| existing.maintenance.clone().map(|m| Maintenance { reason: reason.into(), ..m }).unwrap_or(Maintenance { reason: reason.into(), since_ms: unix_ms() }));
+        let _order = if existing.ephemeral { None } else { Some(self.persist_order.lock().await) };
+        if !existing.ephemeral {
+            let reg = self.state.read().services.get(&(ns.to_string(), service.to_string())).and_then(|e| e.instances.get(id)).map(|i| i.reg.clone()).ok_or_else(|| RegistryError::InstanceNotFound(id.into()))?;
+            let value = serde_json::to_vec(&PersistedInstance { registration: reg, maintenance: maintenance.clone() }).expect("instance serializes");
+            // Only if still there: a concurrent deregister must not be resurrected.
+            let res = self.store.txn(Txn::put(instance_key(ns, service, id), value).when(Compare::Exists(instance_key(ns, service, id)))).await?;
+            if !res.succeeded {
+                return Err(RegistryError::InstanceNotFound(id.into()));
+            }
+        }
+        self.update_instance(ns, service, id, |inst, _| {
+            inst.maintenance = maintenance;
+            true
+        })
+        .ok_or_else(|| RegistryError::InstanceNotFound(id.into()))
+    }
+
+    /// Applies a result from the health engine. Unknown checks (deregistered meanwhile) are ignored.
+    pub fn apply_transition(&self, t: &HealthTransition) {
+        let wall = unix_ms();
+        self.update_instance(&t.key.namespace, &t.key.service, &t.key.instance, |inst, now| {
+            inst.checks.iter_mut().find(|c| c.def.id == t.key.check).is_some_and(|c| c.set(t.status, &t.output, wall, now))
+        });
+    }
+
+    /// Periodic housekeeping: stale heartbeats, expired TTLs, deregister-critical-after.
+    pub async fn reap(&self) {
+        let now = self.now_ms();
+        let wall = unix_ms();
+        let mut stale: Vec<(String, String, String)> = Vec::new();
+        let mut remove: Vec<(String, String, String, bool)> = Vec::new();
+        {
+            let state = self.state.read();
+            for ((ns, svc), e) in &state.services {
+                let h = e.def.health;
+                for inst in e.instances.values() {
+                    let key = || (ns.clone(), svc.clone(), inst.reg.id.clone());
+                    if inst.reg.ephemeral {
+                        let age = now.saturating_sub(inst.last_beat.load(Ordering::Relaxed));
+                        if age > h.remove_after.as_millis() as u64 {
+                            let (a, b, c) = key();
+                            remove.push((a, b, c, true));
+                            continue;
+                        }
+                        if age > h.unhealthy_after.as_millis() as u64 && inst.heartbeat_status == HealthStatus::Passing {
+                            stale.push(key());
+                        }
+                    }
+                    if inst.checks.iter().any(|c| c.ttl_expired(now) || c.deregister_due(now)) {
+                        stale.push(key());
+                    }
+                }
+            }
+        }
+        for (ns, svc, id) in stale {
+            let mut deregister = false;
+            let def_health = self.state.read().services.get(&(ns.clone(), svc.clone())).map(|e| e.def.health);
+            let Some(h) = def_health else { continue };
+            self.update_instance(&ns, &svc, &id, |inst, now| {
+                let mut changed = false;
+                if inst.reg.ephemeral && now.saturating_sub(inst.last_beat.load(Ordering::Relaxed)) > h.unhealthy_after.as_millis() as u64 && inst.heartbeat_status == HealthStatus::Passing {
+                    inst.heartbeat_status = HealthStatus::Critical;
+                    changed = true;
+                }
+                for c in &mut inst.checks {
+                    if c.ttl_expired(now) {
+                        c.ttl_deadline_ms = None;
+                        changed |= c.set(HealthStatus::Critical, "TTL expired", wall, now);
+                    }
+                    deregister |= c.deregister_due(now);
+                }
+                changed
+            });
+            if deregister {
+                let ephemeral = self.instance(&ns, &svc, &id).is_some_and(|i| i.ephemeral);
+                remove.push((ns, svc, id, ephemeral));
+            }
+        }
+        for (ns, svc, id, ephemeral) in remove {
+            if ephemeral {
+                self.remove_instance(&ns, &svc, &id);
+            } else if let Err(e) = self.deregister(&ns, &svc, &id).await {
+                tracing::warn!(error = %e, service = %svc, instance = %id, "deregister-critical-after failed");
+            }
+        }
+    }
+
+    /// Recomputes the instance gauges. Cheap relative to writes: one pass under the read lock.
+    fn refresh_gauges(&self) {
+        let state = self.state.read();
+        let mut counts: HashMap<HealthStatus, i64> = HashMap::new();
+        for e in state.services.values() {
+            for i in e.instances.values() {
+                *counts.entry(i.health()).or_default() += 1;
+            }
+        }
+        for s in [HealthStatus::Passing, HealthStatus::Warning, HealthStatus::Critical] {
+            self.metrics.instances.get_or_create(&HealthLabel { health: s.as_str() }).set(counts.get(&s).copied().unwrap_or(0));
+        }
+        self.metrics.services.set(state.services.len() as i64);
+    }
+
+    /// Refreshes gauges that drift with time (heartbeat-derived health); call before a scrape.
+    pub fn observe(&self) {
+        self.refresh_gauges();
+    }
+}
+
+async fn delete_key(store: &dyn Store, key: String) -> Result<(), StoreError> {
+    store.txn(Txn { success: vec![Op::Delete { key }], ..Default::default() }).await.map(|_| ())
+}
+
+/// Shared atomic used by instances for their last heartbeat (ms since registry start).
+pub(crate) type BeatCell = AtomicU64;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,140 @@
+//! In-memory registry state. Only `Registry` mutates it, always under its write lock.
+
+use std::collections::{BTreeMap, HashMap};
+
+use zhili_model::{CheckDefinition, CheckKind, CheckState, HealthStatus, Instance, InstanceRegistration, Maintenance, Service};
+
+use crate::BeatCell;
+
+#[derive(Default)]
+pub(crate) struct State {
+    pub services: HashMap<(String, String), ServiceEntry>,
+    /// Index at which a service was deleted, so blocking reads on it wake and report the change.
+    pub tombstones: HashMap<(String, String), u64>,
+}
+
+pub(crate) struct ServiceEntry {
+    pub def: Service,
+    /// Revision of the latest change to the service or any of its instances.
+    pub index: u64,
+    pub instances: BTreeMap<String, InstanceEntry>,
+}
+
+impl ServiceEntry {
+    pub fn new(def: Service, index: u64) -> Self {
+        Self { def, index, instances: BTreeMap::new() }
+    }
+}
+
+pub(crate) struct InstanceEntry {
+    pub reg: InstanceRegistration,
+    pub create_index: u64,
+    pub modify_index: u64,
+    pub maintenance: Option<Maintenance>,
+    pub checks: Vec<CheckRuntime>,
+    /// Registry-epoch milliseconds of the last heartbeat; atomic so heartbeats need only a read lock.
+    pub last_beat: BeatCell,
+    /// Heartbeat-derived health of an ephemeral instance (always passing for persistent ones).
+    pub heartbeat_status: HealthStatus,
+}
+
+pub(crate) struct CheckRuntime {
+    pub def: CheckDefinition,
+    pub status: HealthStatus,
+    pub output: String,
+    /// Unix milliseconds of the last status change.
+    pub last_change_ms: u64,
+    /// Registry-epoch ms after which a TTL check turns critical.
+    pub ttl_deadline_ms: Option<u64>,
+    /// Registry-epoch ms since the check has been critical.
+    pub critical_since_ms: Option<u64>,
+}
+
+impl CheckRuntime {
+    /// Returns whether the status changed. The output is kept either way.
+    pub fn set(&mut self, status: HealthStatus, output: &str, wall_ms: u64, now: u64) -> bool {
+        self.output = output.chars().take(4096).collect();
+        if status == self.status {
+            return false;
+        }
+        self.status = status;
+        self.last_change_ms = wall_ms;
+        self.critical_since_ms = (status == HealthStatus::Critical).then_some(now);
+        true
+    }
+
+    pub fn ttl_expired(&self, now: u64) -> bool {
+        matches!(self.def.kind, CheckKind::Ttl { .. }) && self.ttl_deadline_ms.is_some_and(|d| now > d)
+    }
+
+    pub fn deregister_due(&self, now: u64) -> bool {
+        match (self.def.deregister_critical_after, self.critical_since_ms) {
+            (Some(after), Some(since)) if self.status == HealthStatus::Critical => now.saturating_sub(since) >= after.as_millis() as u64,
+            _ => false,
+        }
+    }
+}
+
+impl InstanceEntry {
+    pub fn new(reg: InstanceRegistration, create_index: u64, modify_index: u64, now: u64, maintenance: Option<Maintenance>) -> Self {
+        let wall = crate::unix_ms();
+        // As in Consul, a check is critical until it has passed once.
+        let checks = reg
+            .checks
+            .iter()
+            .map(|def| CheckRuntime {
+                def: def.clone(),
+                status: HealthStatus::Critical,
+                output: "not yet checked".into(),
+                last_change_ms: wall,
+                ttl_deadline_ms: None,
+                critical_since_ms: Some(now),
+            })
+            .collect();
+        Self { reg, create_index, modify_index, maintenance, checks, last_beat: BeatCell::new(now), heartbeat_status: HealthStatus::Passing }
+    }
+
+    /// Re-registration keeps the results of checks whose definition did not change.
+    pub fn inherit_statuses(&mut self, old: &InstanceEntry) {
+        for c in &mut self.checks {
+            if let Some(o) = old.checks.iter().find(|o| o.def == c.def) {
+                c.status = o.status;
+                c.output = o.output.clone();
+                c.last_change_ms = o.last_change_ms;
+                c.ttl_deadline_ms = o.ttl_deadline_ms;
+                c.critical_since_ms = o.critical_since_ms;
+            }
+        }
+    }
+
+    pub fn health(&self) -> HealthStatus {
+        self.checks.iter().map(|c| c.status).chain(std::iter::once(self.heartbeat_status)).max().unwrap_or(HealthStatus::Passing)
+    }
+
+    pub fn view(&self, svc: &Service) -> Instance {
+        let r = &self.reg;
+        Instance {
+            id: r.id.clone(),
+            namespace: svc.namespace.clone(),
+            service: svc.name.clone(),
+            address: r.address.clone(),
+            port: r.port,
+            weight: r.weight,
+            tags: r.tags.clone(),
+            metadata: r.metadata.clone(),
+            zone: r.zone.clone(),
+            version: r.version.clone(),
+            enabled: r.enabled,
+            ephemeral: r.ephemeral,
+            maintenance: self.maintenance.clone(),
+            health: self.health(),
+            checks: self
+                .checks
+                .iter()
+                .map(|c| CheckState { id: c.def.id.clone(), name: c.def.name.clone(), kind: c.def.kind.name().into(), status: c.status, output: c.output.clone(), last_change_ms: c.last_change_ms })
+                .collect(),
+            create_index: self.create_index,
+            modify_index: self.modify_index,
+        }
+    }
+}

@@ -1,0 +1,171 @@
+use std::sync::Mutex;
+
+use zhili_model::{InstanceSpec, ServiceSpec};
+use zhili_store_fjall::FjallStore;
+
+use super::*;
+
+#[derive(Default)]
+struct Recorder(Mutex<Vec<(bool, CheckKey)>>);
+
+impl CheckScheduler for Recorder {
+    fn schedule(&self, key: CheckKey, _def: CheckDefinition) {
+        self.0.lock().unwrap().push((true, key));
+    }
+    fn cancel(&self, key: &CheckKey) {
+        self.0.lock().unwrap().push((false, key.clone()));
+    }
+}
+
+fn registry(dir: &std::path::Path) -> (Arc<Registry>, Arc<Recorder>) {
+    let store: Arc<dyn Store> = Arc::new(FjallStore::open(dir).unwrap());
+    let rec = Arc::new(Recorder::default());
+    (Registry::load(store, rec.clone(), Metrics::new()).unwrap(), rec)
+}
+
+fn inst(json: &str) -> InstanceRegistration {
+    serde_json::from_str::<InstanceSpec>(json).unwrap().validate().unwrap()
+}
+
+fn healthy() -> InstanceFilter {
+    InstanceFilter { healthy_only: true, ..Default::default() }
+}
+
+#[tokio::test]
+async fn register_discover_filter_deregister() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, _) = registry(dir.path());
+    let i1 = r.register("default", "web", inst(r#"{"address":"10.0.0.1","port":80,"tags":["v1"],"zone":"a"}"#)).await.unwrap();
+    let i2 = r.register("default", "web", inst(r#"{"address":"10.0.0.2","port":80,"tags":["v2"],"zone":"b","metadata":{"env":"prod"}}"#)).await.unwrap();
+    assert!(i2 > i1);
+    assert_eq!(r.instances("default", "web", &healthy()).unwrap().instances.len(), 2);
+    let by_tag = InstanceFilter { tags: vec!["v2".into()], ..healthy() };
+    assert_eq!(r.instances("default", "web", &by_tag).unwrap().instances[0].address, "10.0.0.2");
+    let by_meta = InstanceFilter { metadata: [("env".to_string(), "prod".to_string())].into(), ..healthy() };
+    assert_eq!(r.instances("default", "web", &by_meta).unwrap().instances.len(), 1);
+    let by_zone = InstanceFilter { zone: Some("a".into()), ..healthy() };
+    assert_eq!(r.instances("default", "web", &by_zone).unwrap().instances[0].address, "10.0.0.1");
+    assert!(r.instances("other", "web", &healthy()).is_none(), "namespaces are separate");
+    r.deregister("default", "web", "10.0.0.1:80").await.unwrap();
+    r.deregister("default", "web", "10.0.0.2:80").await.unwrap();
+    assert!(r.service("default", "web").is_none(), "an implicit service goes with its last instance");
+    assert!(matches!(r.deregister("default", "web", "x").await, Err(RegistryError::InstanceNotFound(_))));
+}
+
+#[tokio::test]
+async fn heartbeats_keep_ephemeral_instances_alive() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, _) = registry(dir.path());
+    let spec: ServiceSpec = serde_json::from_str(r#"{"health":{"heartbeat_interval":"100ms","unhealthy_after":"300ms","remove_after":"600ms"}}"#).unwrap();
+    r.put_service(spec.validate("default", "hb").unwrap()).await.unwrap();
+    r.register("default", "hb", inst(r#"{"address":"10.0.0.1","port":1}"#)).await.unwrap();
+    r.register("default", "hb", inst(r#"{"address":"10.0.0.2","port":1}"#)).await.unwrap();
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        r.heartbeat("default", "hb", "10.0.0.1:1").unwrap();
+        r.reap().await;
+    }
+    let all = r.instances("default", "hb", &InstanceFilter::default()).unwrap().instances;
+    let silent = all.iter().find(|i| i.id == "10.0.0.2:1").unwrap();
+    assert_eq!(silent.health, HealthStatus::Critical, "no heartbeat for 500ms > unhealthy_after");
+    assert_eq!(r.instances("default", "hb", &healthy()).unwrap().instances.len(), 1);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    r.heartbeat("default", "hb", "10.0.0.1:1").unwrap();
+    r.reap().await;
+    assert!(r.instance("default", "hb", "10.0.0.2:1").is_none(), "removed after remove_after");
+    assert!(r.instance("default", "hb", "10.0.0.1:1").is_some());
+    assert!(matches!(r.heartbeat("default", "hb", "10.0.0.2:1"), Err(RegistryError::InstanceNotFound(_))));
+}
+
+#[tokio::test]
+async fn persistent_instances_and_services_survive_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (r, _) = registry(dir.path());
+        r.put_service(ServiceSpec { owner: Some("team-a".into()), ..Default::default() }.validate("default", "db").unwrap()).await.unwrap();
+        r.register("default", "db", inst(r#"{"address":"10.0.0.9","port":5432,"ephemeral":false,"checks":[{"kind":"tcp","address":"10.0.0.9:5432","interval":"1s"}]}"#)).await.unwrap();
+        r.register("default", "db", inst(r#"{"address":"10.0.0.8","port":5432}"#)).await.unwrap();
+        r.set_maintenance("default", "db", "10.0.0.9:5432", true, "upgrade").await.unwrap();
+    }
+    // fjall releases its lock once its background threads notice the drop.
+    let (r, rec) = loop {
+        if let Ok(s) = FjallStore::open(dir.path()) {
+            let rec = Arc::new(Recorder::default());
+            break (Registry::load(Arc::new(s), rec.clone(), Metrics::new()).unwrap(), rec);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let detail = r.service("default", "db").unwrap();
+    assert_eq!(detail.service.owner.as_deref(), Some("team-a"));
+    assert_eq!(detail.instances.len(), 1, "only the persistent instance comes back");
+    let i = &detail.instances[0];
+    assert_eq!(i.maintenance.as_ref().unwrap().reason, "upgrade");
+    assert_eq!(i.health, HealthStatus::Critical, "checks start critical until they pass");
+    assert_eq!(rec.0.lock().unwrap().len(), 1, "its active check is rescheduled");
+}
+
+#[tokio::test]
+async fn ttl_checks_and_transitions() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, rec) = registry(dir.path());
+    r.register("default", "api", inst(r#"{"address":"10.0.0.1","port":1,"checks":[{"kind":"ttl","id":"ttl","ttl":"200ms"},{"kind":"http","id":"web","url":"http://10.0.0.1:1/health","interval":"1s"}]}"#)).await.unwrap();
+    assert_eq!(rec.0.lock().unwrap().len(), 1, "only the http check is scheduled");
+    let key = CheckKey { namespace: "default".into(), service: "api".into(), instance: "10.0.0.1:1".into(), check: "web".into() };
+    r.apply_transition(&HealthTransition { key: key.clone(), status: HealthStatus::Passing, output: "200 OK".into() });
+    r.update_ttl_check("default", "api", "10.0.0.1:1", "ttl", HealthStatus::Passing, "fine").unwrap();
+    assert_eq!(r.instance("default", "api", "10.0.0.1:1").unwrap().health, HealthStatus::Passing);
+    assert!(matches!(r.update_ttl_check("default", "api", "10.0.0.1:1", "web", HealthStatus::Passing, ""), Err(RegistryError::NotTtl(_))));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    r.reap().await;
+    let i = r.instance("default", "api", "10.0.0.1:1").unwrap();
+    assert_eq!(i.health, HealthStatus::Critical);
+    assert_eq!(i.checks.iter().find(|c| c.id == "ttl").unwrap().output, "TTL expired");
+    r.deregister("default", "api", "10.0.0.1:1").await.unwrap();
+    assert_eq!(rec.0.lock().unwrap().last().unwrap(), &(false, key));
+}
+
+#[tokio::test]
+async fn protection_threshold_returns_all_when_too_few_are_healthy() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, _) = registry(dir.path());
+    r.put_service(ServiceSpec { protection_threshold: Some(0.5), ..Default::default() }.validate("default", "p").unwrap()).await.unwrap();
+    for i in 1..=4 {
+        r.register("default", "p", inst(&format!(r#"{{"address":"10.0.0.{i}","port":1,"checks":[{{"kind":"ttl","id":"t","ttl":"1m"}}]}}"#))).await.unwrap();
+    }
+    r.update_ttl_check("default", "p", "10.0.0.1:1", "t", HealthStatus::Passing, "").unwrap();
+    let list = r.instances("default", "p", &healthy()).unwrap();
+    assert!(list.protection_triggered);
+    assert_eq!(list.instances.len(), 4);
+    r.update_ttl_check("default", "p", "10.0.0.2:1", "t", HealthStatus::Passing, "").unwrap();
+    let list = r.instances("default", "p", &healthy()).unwrap();
+    assert!(!list.protection_triggered);
+    assert_eq!(list.instances.len(), 2);
+}
+
+#[tokio::test]
+async fn blocking_wait_wakes_on_change_and_times_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let (r, _) = registry(dir.path());
+    r.register("default", "w", inst(r#"{"address":"10.0.0.1","port":1}"#)).await.unwrap();
+    let idx = r.service_index("default", "w");
+    let start = Instant::now();
+    r.wait_for(idx, Duration::from_millis(200), || r.service_index("default", "w")).await;
+    assert!(start.elapsed() >= Duration::from_millis(190), "nothing changed, so it waited");
+    let r2 = r.clone();
+    let waiter = tokio::spawn(async move {
+        r2.wait_for(idx, Duration::from_secs(10), || r2.service_index("default", "w")).await;
+        r2.service_index("default", "w")
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    r.register("default", "other", inst(r#"{"address":"10.0.0.1","port":1}"#)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!waiter.is_finished(), "a change to another service does not wake it");
+    r.register("default", "w", inst(r#"{"address":"10.0.0.2","port":1}"#)).await.unwrap();
+    let woke = tokio::time::timeout(Duration::from_secs(2), waiter).await.unwrap().unwrap();
+    assert!(woke > idx);
+    let mut events = r.subscribe_events();
+    r.deregister("default", "w", "10.0.0.2:1").await.unwrap();
+    let ev = events.recv().await.unwrap();
+    assert_eq!(ev.kind, RegistryEventKind::InstanceDeregistered);
+    assert_eq!(ev.instance_id.as_deref(), Some("10.0.0.2:1"));
+}
