@@ -1,1 +1,205 @@
+//! Test helpers: start the real `zhili` binary on 127.0.0.1 port 0 with a temp data dir, kill it
+//! with SIGKILL, wait for conditions, and run real HTTP and gRPC-health targets for checks.
 
+use std::convert::Infallible;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+/// How long a started server may take to print its listening address.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A running `zhili server` child process.
+pub struct ServerProcess {
+    child: Child,
+    pub api: SocketAddr,
+    pub data_dir: PathBuf,
+    bin: PathBuf,
+    args: Vec<String>,
+    _tmp: Option<tempfile::TempDir>,
+    /// Lines the server printed on stdout after the address line (drained by a thread).
+    pub output: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl ServerProcess {
+    /// Starts `bin server --api-addr 127.0.0.1:0 --data-dir <tmp> <extra...>`.
+    pub fn start(bin: &Path, extra: &[&str]) -> Self {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let data_dir = tmp.path().join("data");
+        let mut s = Self::start_in(bin, &data_dir, extra);
+        s._tmp = Some(tmp);
+        s
+    }
+
+    /// Starts a server on an existing data dir (for restart tests).
+    pub fn start_in(bin: &Path, data_dir: &Path, extra: &[&str]) -> Self {
+        let args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let (child, api, output) = spawn(bin, data_dir, &args);
+        Self { child, api, data_dir: data_dir.to_path_buf(), bin: bin.to_path_buf(), args, _tmp: None, output }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.api, path)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL: no shutdown hooks, no flushing. What was acknowledged must already be on disk.
+    pub fn kill9(&mut self) {
+        // SAFETY: kill(2) on our own child's pid; no memory is touched.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGKILL);
+        }
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait for a clean exit; returns the exit status code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        // SAFETY: as above.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill9();
+        None
+    }
+
+    /// Kills the process and starts a new one on the same data dir with the same arguments.
+    pub fn restart_after_kill9(&mut self) {
+        self.kill9();
+        let (child, api, output) = spawn(&self.bin, &self.data_dir, &self.args);
+        self.child = child;
+        self.api = api;
+        self.output = output;
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn(bin: &Path, data_dir: &Path, extra: &[String]) -> (Child, SocketAddr, Arc<std::sync::Mutex<Vec<String>>>) {
+    let mut child = Command::new(bin)
+        .arg("server")
+        .arg("--api-addr")
+        .arg("127.0.0.1:0")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(extra)
+        .env("ZHILI_LOG_LEVEL", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn zhili");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let output = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let out = output.clone();
+    std::thread::spawn(move || {
+        let mut sent = false;
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if !sent {
+                if let Some(addr) = line.strip_prefix("zhili api listening on http://").or_else(|| line.strip_prefix("zhili api listening on https://")) {
+                    let _ = tx.send(addr.trim().to_string());
+                    sent = true;
+                    continue;
+                }
+            }
+            out.lock().unwrap().push(line);
+        }
+    });
+    let addr = rx.recv_timeout(START_TIMEOUT).unwrap_or_else(|_| {
+        let _ = child.kill();
+        panic!("zhili did not report its API address within {START_TIMEOUT:?}");
+    });
+    (child, addr.parse().expect("address"), output)
+}
+
+/// Polls `f` until it returns true or `timeout` passes; panics with `what` on timeout.
+pub async fn assert_eventually<F: FnMut() -> Fut, Fut: std::future::Future<Output = bool>>(timeout: Duration, what: &str, mut f: F) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f().await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "not within {timeout:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// An HTTP target answering every request with the status in `status` (change it at will).
+pub async fn http_target(status: Arc<AtomicU16>) -> SocketAddr {
+    serve(false, move |_req| {
+        let code = status.load(Ordering::Relaxed);
+        Response::builder().status(code).body(Full::new(Bytes::from(format!("status {code}")))).expect("response")
+    })
+    .await
+}
+
+/// A gRPC server implementing grpc.health.v1.Health/Check over h2c, answering with the serving
+/// status in `status` (1 = SERVING, 2 = NOT_SERVING) for any service name.
+pub async fn grpc_health_target(status: Arc<AtomicU8>) -> SocketAddr {
+    serve(true, move |req| {
+        if req.uri().path() != "/grpc.health.v1.Health/Check" {
+            return Response::builder().status(200).header("content-type", "application/grpc").header("grpc-status", "12").body(Full::new(Bytes::new())).expect("response");
+        }
+        let s = status.load(Ordering::Relaxed);
+        // HealthCheckResponse { status = 1 (varint) }, as a length-prefixed gRPC message.
+        let msg = [0x08, s];
+        let mut body = vec![0u8];
+        body.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+        body.extend_from_slice(&msg);
+        Response::builder().status(200).header("content-type", "application/grpc").header("grpc-status", "0").body(Full::new(Bytes::from(body))).expect("response")
+    })
+    .await
+}
+
+async fn serve<F>(h2_only: bool, handler: F) -> SocketAddr
+where
+    F: Fn(Request<Incoming>) -> Response<Full<Bytes>> + Send + Sync + 'static,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let handler = Arc::new(handler);
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            let handler = handler.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| {
+                    let handler = handler.clone();
+                    async move { Ok::<_, Infallible>(handler(req)) }
+                });
+                let io = TokioIo::new(stream);
+                if h2_only {
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new()).serve_connection(io, svc).await;
+                } else {
+                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
+                }
+            });
+        }
+    });
+    addr
+}
