@@ -1,1 +1,68 @@
+//! HTTP APIs of the API listener: the native REST API (`/api/v1`), operational endpoints
+//! (`/metrics`, `/health/*`, `/api/openapi.json`). One authorization layer sits in front of every
+//! route; errors become problem+json in one place ([`error`]).
 
+pub mod auth;
+pub mod error;
+pub mod extract;
+mod native;
+mod ops;
+pub mod openapi;
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::Router;
+use zhili_acl::Acl;
+use zhili_registry::Registry;
+use zhili_store::Store;
+use zhili_telemetry::{HttpLabels, Metrics};
+
+/// Largest request body on any route: a 512 KiB KV value plus headroom for JSON bodies.
+pub const MAX_BODY: usize = 640 * 1024;
+/// Prefix under which user KV keys live in the store (registry and ACL records live elsewhere).
+pub const KV_PREFIX: &str = "kv/";
+
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Arc<dyn Store>,
+    pub registry: Arc<Registry>,
+    pub acl: Arc<Acl>,
+    pub metrics: Arc<Metrics>,
+    /// Set once persisted state is loaded and listeners are up; `/health/ready` reports it.
+    pub ready: Arc<AtomicBool>,
+}
+
+/// The API listener's router, layers applied outermost-last:
+/// - metrics: outermost, so it times everything including auth rejections;
+/// - body limit: before any handler reads a body;
+/// - authorize: resolves the token once per request for every route.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .merge(native::routes())
+        .merge(ops::routes())
+        .fallback(fallback)
+        .layer(middleware::from_fn_with_state(state.clone(), auth::authorize))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::from_fn_with_state(state.clone(), record_metrics))
+        .with_state(state)
+}
+
+async fn fallback(uri: axum::http::Uri) -> error::ApiError {
+    error::ApiError::NotFound(format!("no route for {}", uri.path()))
+}
+
+async fn record_metrics(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let method = req.method().to_string();
+    // The route template keeps label cardinality bounded; unmatched paths share one label.
+    let route = req.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_string(), |m| m.as_str().to_string());
+    let resp = next.run(req).await;
+    let labels = HttpLabels { method, route, status: resp.status().as_u16() };
+    state.metrics.http_requests.get_or_create(&labels).observe(start.elapsed().as_secs_f64());
+    resp
+}

@@ -122,7 +122,9 @@ pub enum LogFormat {
 
 /// Installs the global tracing subscriber. `filter` uses `RUST_LOG` syntax.
 pub fn init_logging(format: LogFormat, filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // The storage engine's own info lines (compactions, ingestion) are noise at our info level.
+    let directives = if filter.contains("fjall") || filter.contains("lsm_tree") { filter.to_string() } else { format!("{filter},fjall=warn,lsm_tree=warn") };
+    let filter = tracing_subscriber::EnvFilter::try_new(&directives).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Pretty => builder.try_init(),

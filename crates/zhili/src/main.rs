@@ -1,1 +1,86 @@
-fn main(){}
+//! `zhili`: the governance plane in one binary. `zhili server` runs everything; the other
+//! subcommands are a CLI over the HTTP API.
+
+mod cli;
+mod server;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Exit code for a bad configuration value (sysexits' EX_USAGE).
+pub const EXIT_USAGE: u8 = 64;
+
+#[derive(Parser)]
+#[command(name = "zhili", version, about = "Zhili (治理): service registry, health, KV and access control in one binary")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server (registry, health checks, KV, ACLs) on the embedded store.
+    Server(ServerArgs),
+    #[command(flatten)]
+    Client(cli::ClientCommand),
+}
+
+/// Every flag is also read from `ZHILI_<NAME>` and from the `--config` TOML file (flags win,
+/// then env, then the file).
+#[derive(Args, Debug, Default)]
+pub struct ServerArgs {
+    /// TOML config file; unknown keys are rejected.
+    #[arg(long, env = "ZHILI_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Data directory of the embedded store [default: ./zhili-data]
+    #[arg(long, env = "ZHILI_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Development mode: ACLs off (every caller is a manager). Never in production.
+    #[arg(long, env = "ZHILI_DEV")]
+    pub dev: bool,
+    /// API listener address, or "off" [default: 127.0.0.1:8500]
+    #[arg(long, env = "ZHILI_API_ADDR")]
+    pub api_addr: Option<String>,
+    /// PEM certificate chain: serve the API over TLS (needs --tls-key).
+    #[arg(long, env = "ZHILI_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, env = "ZHILI_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// Log format: pretty or json [default: pretty]
+    #[arg(long, env = "ZHILI_LOG_FORMAT")]
+    pub log_format: Option<String>,
+    /// Log filter in RUST_LOG syntax [default: info]
+    #[arg(long, env = "ZHILI_LOG_LEVEL")]
+    pub log_level: Option<String>,
+    /// Active health checks allowed to run at once [default: 256]
+    #[arg(long, env = "ZHILI_CHECK_CONCURRENCY")]
+    pub check_concurrency: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion | clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => 0,
+                _ => EXIT_USAGE,
+            };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("zhili: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command {
+        Command::Server(args) => runtime.block_on(server::run(args)),
+        Command::Client(cmd) => runtime.block_on(cli::run(cmd)),
+    }
+}

@@ -1,0 +1,107 @@
+//! Request extractors that turn malformed input into problem+json naming the field.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use serde::de::DeserializeOwned;
+use zhili_model::{parse_duration, validate, DEFAULT_NAMESPACE};
+
+use crate::error::ApiError;
+
+/// Longest blocking wait a client may ask for (as Consul caps it).
+pub const MAX_WAIT: Duration = Duration::from_secs(600);
+/// Wait used when a client gives an index but no wait.
+pub const DEFAULT_WAIT: Duration = Duration::from_secs(300);
+const MAX_QUERY_PAIRS: usize = 128;
+
+/// A JSON body; parse errors (including unknown fields) become 400 with serde's message.
+pub struct JsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::PayloadTooLarge(format!("body: larger than the {} byte limit", crate::MAX_BODY))
+            } else {
+                ApiError::BadRequest(format!("body: {e}"))
+            }
+        })?;
+        if bytes.is_empty() {
+            return Err(ApiError::field("body", "a JSON object is required"));
+        }
+        serde_json::from_slice(&bytes).map(JsonBody).map_err(|e| ApiError::field("body", e))
+    }
+}
+
+/// The query string as ordered pairs (repeatable keys such as `tag` are kept).
+#[derive(Debug, Default, Clone)]
+pub struct QueryPairs(pub Vec<(String, String)>);
+
+impl<S: Send + Sync> FromRequestParts<S> for QueryPairs {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let q = parts.uri.query().unwrap_or("");
+        let pairs: Vec<(String, String)> = serde_urlencoded::from_str(q).map_err(|e| ApiError::field("query", e))?;
+        if pairs.len() > MAX_QUERY_PAIRS {
+            return Err(ApiError::field("query", format!("at most {MAX_QUERY_PAIRS} parameters")));
+        }
+        Ok(Self(pairs))
+    }
+}
+
+impl QueryPairs {
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+
+    pub fn all<'a>(&'a self, key: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.0.iter().filter(move |(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+
+    /// `?flag`, `?flag=true` and `?flag=1` are true; `false`/`0` false; anything else is an error.
+    pub fn flag(&self, key: &str) -> Result<Option<bool>, ApiError> {
+        match self.get(key) {
+            None => Ok(None),
+            Some("" | "true" | "1" | "True") => Ok(Some(true)),
+            Some("false" | "0" | "False") => Ok(Some(false)),
+            Some(v) => Err(ApiError::field(key, format!("{v:?} is not a boolean"))),
+        }
+    }
+
+    pub fn u64(&self, key: &str) -> Result<Option<u64>, ApiError> {
+        self.get(key).map(|v| v.parse::<u64>().map_err(|_| ApiError::field(key, format!("{v:?} is not a non-negative integer")))).transpose()
+    }
+
+    pub fn namespace(&self) -> Result<String, ApiError> {
+        let ns = self.get("namespace").unwrap_or(DEFAULT_NAMESPACE);
+        validate::name("namespace", ns)?;
+        Ok(ns.to_string())
+    }
+
+    /// `index` and `wait` of a blocking read. `None` when the read should not block.
+    pub fn blocking(&self) -> Result<Option<(u64, Duration)>, ApiError> {
+        let Some(index) = self.u64("index")? else {
+            if self.get("wait").is_some() {
+                // Validate anyway so a typo is not silently ignored.
+                parse_duration("wait", self.get("wait").unwrap_or_default())?;
+            }
+            return Ok(None);
+        };
+        let wait = match self.get("wait") {
+            Some(w) => parse_duration("wait", w)?.min(MAX_WAIT),
+            None => DEFAULT_WAIT,
+        };
+        Ok(Some((index, wait)))
+    }
+
+    /// `meta.K=V` filters.
+    pub fn metadata(&self) -> BTreeMap<String, String> {
+        self.0.iter().filter_map(|(k, v)| k.strip_prefix("meta.").map(|k| (k.to_string(), v.clone()))).collect()
+    }
+}

@@ -1,0 +1,178 @@
+//! The KV/config store: get, recursive get, key listing, put with CAS, delete (recursive, CAS),
+//! and blocking reads that wake only when something under the key or prefix changed.
+
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use base64::Engine;
+use serde::Serialize;
+use zhili_model::acl::{Access, Resource};
+use zhili_model::validate;
+use zhili_store::{Compare, KeyValue, Op, Store, Txn};
+
+use super::indexed;
+use crate::auth::Caller;
+use crate::error::{ApiError, ApiResult};
+use crate::extract::QueryPairs;
+use crate::{AppState, KV_PREFIX};
+
+pub fn routes() -> Router<AppState> {
+    Router::new().route("/api/v1/kv", get(get_root)).route("/api/v1/kv/{*key}", get(get_key).put(put_key).delete(delete_key))
+}
+
+#[derive(Serialize)]
+pub struct KvEntry {
+    pub key: String,
+    /// Base64 of the stored bytes.
+    pub value: String,
+    pub create_index: u64,
+    pub modify_index: u64,
+    pub version: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lease: Option<u64>,
+}
+
+impl KvEntry {
+    pub fn from_kv(kv: &KeyValue) -> Self {
+        Self {
+            key: kv.key[KV_PREFIX.len()..].to_string(),
+            value: base64::engine::general_purpose::STANDARD.encode(&kv.value),
+            create_index: kv.create_revision,
+            modify_index: kv.mod_revision,
+            version: kv.version,
+            lease: kv.lease,
+        }
+    }
+}
+
+fn store_key(key: &str) -> String {
+    format!("{KV_PREFIX}{key}")
+}
+
+/// Blocks until something at `key` (exact) or under it (`prefix`) changes after `index`, or
+/// `wait` passes. Uses the store's watch history, so unrelated writes do not wake the reader.
+pub async fn wait_kv(store: &dyn Store, key: &str, prefix: bool, index: u64, wait: Duration) {
+    if index == 0 || index > store.revision() {
+        return;
+    }
+    let full = store_key(key);
+    let Ok(mut watcher) = store.watch(&full, index + 1) else { return };
+    let _ = tokio::time::timeout(wait, async {
+        loop {
+            match watcher.next().await {
+                Ok(ev) if prefix || ev.kv.key == full => return,
+                Ok(_) => continue,
+                Err(_) => return,
+            }
+        }
+    })
+    .await;
+}
+
+async fn get_root(state: State<AppState>, caller: Caller, q: QueryPairs) -> ApiResult<Response> {
+    if !q.flag("recurse")?.unwrap_or(false) && !q.flag("keys")?.unwrap_or(false) {
+        return Err(ApiError::field("key", "is required unless recurse or keys is set"));
+    }
+    read(state, caller, String::new(), q).await
+}
+
+async fn get_key(state: State<AppState>, caller: Caller, Path(key): Path<String>, q: QueryPairs) -> ApiResult<Response> {
+    read(state, caller, key, q).await
+}
+
+async fn read(State(s): State<AppState>, caller: Caller, key: String, q: QueryPairs) -> ApiResult<Response> {
+    let recurse = q.flag("recurse")?.unwrap_or(false);
+    let keys = q.flag("keys")?.unwrap_or(false);
+    let raw = q.flag("raw")?.unwrap_or(false);
+    if recurse || keys {
+        validate::kv_prefix("key", &key)?;
+    } else {
+        validate::kv_key("key", &key)?;
+    }
+    caller.require(Resource::Kv, &key, Access::Read).or_else(|e| if recurse || keys { Ok(()) } else { Err(e) })?;
+    if let Some((index, wait)) = q.blocking()? {
+        let _g = zhili_telemetry::WatcherGuard::new(&s.metrics);
+        wait_kv(&*s.store, &key, recurse || keys, index, wait).await;
+    }
+    let index = s.store.revision();
+    if keys {
+        let sep = q.get("separator").filter(|s| !s.is_empty());
+        let mut out: Vec<String> = Vec::new();
+        for kv in s.store.range(&store_key(&key), None)? {
+            let k = &kv.key[KV_PREFIX.len()..];
+            if !caller.can(Resource::Kv, k, Access::Read) {
+                continue;
+            }
+            // With a separator, collapse everything below the next separator into one entry.
+            let shown = match sep.and_then(|sep| k[key.len()..].find(sep).map(|i| &k[..key.len() + i + sep.len()])) {
+                Some(folder) => folder,
+                None => k,
+            };
+            if out.last().map(String::as_str) != Some(shown) {
+                out.push(shown.to_string());
+            }
+        }
+        return Ok(indexed(index, Json(out)));
+    }
+    if recurse {
+        let entries: Vec<KvEntry> = s.store.range(&store_key(&key), None)?.iter().filter(|kv| caller.can(Resource::Kv, &kv.key[KV_PREFIX.len()..], Access::Read)).map(KvEntry::from_kv).collect();
+        return Ok(indexed(index, Json(entries)));
+    }
+    let Some(kv) = s.store.get(&store_key(&key))? else {
+        // The index rides along so a watcher of a missing key knows where to continue from.
+        return Ok(indexed(index, ApiError::NotFound(format!("key {key:?} not found"))));
+    };
+    if raw {
+        return Ok(indexed(index, ([(header::CONTENT_TYPE, "application/octet-stream")], kv.value.clone())));
+    }
+    Ok(indexed(index, Json(KvEntry::from_kv(&kv))))
+}
+
+async fn put_key(State(s): State<AppState>, caller: Caller, Path(key): Path<String>, q: QueryPairs, body: Bytes) -> ApiResult<Response> {
+    validate::kv_key("key", &key)?;
+    validate::kv_value("value", &body).map_err(|e| ApiError::PayloadTooLarge(e.to_string()))?;
+    caller.require(Resource::Kv, &key, Access::Write)?;
+    let cas = q.u64("cas")?;
+    let full = store_key(&key);
+    let mut txn = Txn::put(full.clone(), body);
+    if let Some(rev) = cas {
+        txn = txn.when(Compare::ModRevision(full.clone(), rev));
+    }
+    let res = s.store.txn(txn).await?;
+    if !res.succeeded {
+        let current = s.store.get(&full)?.map_or(0, |kv| kv.mod_revision);
+        return Err(ApiError::Conflict(format!("cas: key {key:?} has modify index {current}, not {}", cas.unwrap_or_default())));
+    }
+    s.metrics.kv_writes.inc();
+    Ok(indexed(res.revision, Json(serde_json::json!({ "index": res.revision }))))
+}
+
+async fn delete_key(State(s): State<AppState>, caller: Caller, Path(key): Path<String>, q: QueryPairs) -> ApiResult<Response> {
+    let recurse = q.flag("recurse")?.unwrap_or(false);
+    if recurse {
+        validate::kv_prefix("key", &key)?;
+    } else {
+        validate::kv_key("key", &key)?;
+    }
+    caller.require(Resource::Kv, &key, Access::Write)?;
+    let full = store_key(&key);
+    let cas = q.u64("cas")?;
+    if recurse && cas.is_some() {
+        return Err(ApiError::field("cas", "cannot be combined with recurse"));
+    }
+    let op = if recurse { Op::DeletePrefix { prefix: full.clone() } } else { Op::Delete { key: full.clone() } };
+    let mut txn = Txn { success: vec![op], ..Default::default() };
+    if let Some(rev) = cas {
+        txn = txn.when(Compare::ModRevision(full.clone(), rev));
+    }
+    let res = s.store.txn(txn).await?;
+    if !res.succeeded {
+        return Err(ApiError::Conflict(format!("cas: key {key:?} does not have modify index {}", cas.unwrap_or_default())));
+    }
+    Ok(indexed(res.revision, (StatusCode::OK, Json(serde_json::json!({ "deleted": res.deleted.len(), "index": res.revision }))).into_response()))
+}

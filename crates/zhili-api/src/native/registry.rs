@@ -1,0 +1,171 @@
+//! Services, instances, heartbeats, checks and maintenance.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+use axum::{Json, Router};
+use serde::Deserialize;
+use zhili_model::acl::{Access, Resource};
+use zhili_model::{validate, HealthStatus, InstanceList, InstanceSpec, ServiceSpec};
+use zhili_registry::InstanceFilter;
+
+use super::indexed;
+use crate::auth::Caller;
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{JsonBody, QueryPairs};
+use crate::AppState;
+
+pub fn routes() -> axum::Router<AppState> {
+    Router::new()
+        .route("/api/v1/namespaces", get(namespaces))
+        .route("/api/v1/services", get(list_services))
+        .route("/api/v1/services/{service}", put(put_service).get(get_service).delete(delete_service))
+        .route("/api/v1/services/{service}/instances", get(list_instances).post(register))
+        .route("/api/v1/services/{service}/instances/{id}", get(get_instance).delete(deregister))
+        .route("/api/v1/services/{service}/instances/{id}/heartbeat", put(heartbeat))
+        .route("/api/v1/services/{service}/instances/{id}/checks/{check}", put(update_check))
+        .route("/api/v1/services/{service}/instances/{id}/maintenance", put(maintenance))
+}
+
+fn service_name(name: &str) -> ApiResult<()> {
+    validate::name("service", name).map_err(Into::into)
+}
+
+async fn namespaces(State(s): State<AppState>, caller: Caller) -> ApiResult<Response> {
+    caller.require(Resource::Service, "", Access::Read)?;
+    Ok(indexed(s.registry.index(), Json(s.registry.namespaces())))
+}
+
+async fn list_services(State(s): State<AppState>, caller: Caller, q: QueryPairs) -> ApiResult<Response> {
+    let ns = q.namespace()?;
+    if let Some((index, wait)) = q.blocking()? {
+        let _g = zhili_telemetry::WatcherGuard::new(&s.metrics);
+        s.registry.wait_for(index, wait, || s.registry.index()).await;
+    }
+    let (index, mut list) = s.registry.list_services(&ns);
+    list.retain(|svc| caller.can(Resource::Service, &svc.name, Access::Read));
+    Ok(indexed(index, Json(list)))
+}
+
+async fn put_service(State(s): State<AppState>, caller: Caller, Path(name): Path<String>, q: QueryPairs, JsonBody(spec): JsonBody<ServiceSpec>) -> ApiResult<Response> {
+    service_name(&name)?;
+    caller.require(Resource::Service, &name, Access::Write)?;
+    let svc = spec.validate(&q.namespace()?, &name)?;
+    let index = s.registry.put_service(svc.clone()).await?;
+    Ok(indexed(index, Json(svc)))
+}
+
+async fn get_service(State(s): State<AppState>, caller: Caller, Path(name): Path<String>, q: QueryPairs) -> ApiResult<Response> {
+    service_name(&name)?;
+    caller.require(Resource::Service, &name, Access::Read)?;
+    let ns = q.namespace()?;
+    if let Some((index, wait)) = q.blocking()? {
+        let _g = zhili_telemetry::WatcherGuard::new(&s.metrics);
+        s.registry.wait_for(index, wait, || s.registry.service_index(&ns, &name)).await;
+    }
+    let detail = s.registry.service(&ns, &name).ok_or_else(|| ApiError::NotFound(format!("service {name:?} not found in namespace {ns:?}")))?;
+    Ok(indexed(detail.index, Json(detail)))
+}
+
+async fn delete_service(State(s): State<AppState>, caller: Caller, Path(name): Path<String>, q: QueryPairs) -> ApiResult<Response> {
+    service_name(&name)?;
+    caller.require(Resource::Service, &name, Access::Write)?;
+    let index = s.registry.delete_service(&q.namespace()?, &name).await?;
+    Ok(indexed(index, StatusCode::NO_CONTENT))
+}
+
+async fn register(State(s): State<AppState>, caller: Caller, Path(name): Path<String>, q: QueryPairs, JsonBody(spec): JsonBody<InstanceSpec>) -> ApiResult<Response> {
+    service_name(&name)?;
+    caller.require(Resource::Service, &name, Access::Write)?;
+    let ns = q.namespace()?;
+    let reg = spec.validate()?;
+    let id = reg.id.clone();
+    let index = s.registry.register(&ns, &name, reg).await?;
+    Ok(indexed(index, (StatusCode::CREATED, Json(serde_json::json!({ "id": id, "index": index })))))
+}
+
+async fn list_instances(State(s): State<AppState>, caller: Caller, Path(name): Path<String>, q: QueryPairs) -> ApiResult<Response> {
+    service_name(&name)?;
+    caller.require(Resource::Service, &name, Access::Read)?;
+    let ns = q.namespace()?;
+    let zone = q.get("zone").map(str::to_string);
+    if let Some(z) = &zone {
+        validate::name("zone", z)?;
+    }
+    let filter = InstanceFilter {
+        healthy_only: q.flag("healthy")?.unwrap_or(true),
+        tags: q.all("tag").map(str::to_string).collect(),
+        metadata: q.metadata(),
+        zone,
+    };
+    if let Some((index, wait)) = q.blocking()? {
+        let _g = zhili_telemetry::WatcherGuard::new(&s.metrics);
+        s.registry.wait_for(index, wait, || s.registry.service_index(&ns, &name)).await;
+    }
+    let list = s.registry.instances(&ns, &name, &filter).unwrap_or_else(|| InstanceList {
+        namespace: ns.clone(),
+        service: name.clone(),
+        index: s.registry.service_index(&ns, &name),
+        protection_triggered: false,
+        instances: vec![],
+    });
+    Ok(indexed(list.index, Json(list)))
+}
+
+async fn get_instance(State(s): State<AppState>, caller: Caller, Path((name, id)): Path<(String, String)>, q: QueryPairs) -> ApiResult<Response> {
+    service_name(&name)?;
+    caller.require(Resource::Service, &name, Access::Read)?;
+    let ns = q.namespace()?;
+    let inst = s.registry.instance(&ns, &name, &id).ok_or_else(|| ApiError::NotFound(format!("instance {id:?} of service {name:?} not found")))?;
+    Ok(indexed(inst.modify_index, Json(inst)))
+}
+
+async fn deregister(State(s): State<AppState>, caller: Caller, Path((name, id)): Path<(String, String)>, q: QueryPairs) -> ApiResult<Response> {
+    service_name(&name)?;
+    caller.require(Resource::Service, &name, Access::Write)?;
+    let index = s.registry.deregister(&q.namespace()?, &name, &id).await?;
+    Ok(indexed(index, StatusCode::NO_CONTENT))
+}
+
+async fn heartbeat(State(s): State<AppState>, caller: Caller, Path((name, id)): Path<(String, String)>, q: QueryPairs) -> ApiResult<Response> {
+    service_name(&name)?;
+    caller.require(Resource::Service, &name, Access::Write)?;
+    s.registry.heartbeat(&q.namespace()?, &name, &id)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CheckUpdate {
+    status: String,
+    #[serde(default)]
+    output: String,
+}
+
+async fn update_check(State(s): State<AppState>, caller: Caller, Path((name, id, check)): Path<(String, String, String)>, q: QueryPairs, JsonBody(body): JsonBody<CheckUpdate>) -> ApiResult<Response> {
+    service_name(&name)?;
+    caller.require(Resource::Service, &name, Access::Write)?;
+    let status = HealthStatus::parse("status", &body.status)?;
+    if body.output.len() > 4096 {
+        return Err(ApiError::field("output", "must be at most 4096 bytes"));
+    }
+    let index = s.registry.update_ttl_check(&q.namespace()?, &name, &id, &check, status, &body.output)?;
+    Ok(indexed(index, StatusCode::NO_CONTENT))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MaintenanceBody {
+    enabled: bool,
+    #[serde(default)]
+    reason: String,
+}
+
+async fn maintenance(State(s): State<AppState>, caller: Caller, Path((name, id)): Path<(String, String)>, q: QueryPairs, JsonBody(body): JsonBody<MaintenanceBody>) -> ApiResult<Response> {
+    service_name(&name)?;
+    caller.require(Resource::Service, &name, Access::Write)?;
+    validate::text("reason", &body.reason)?;
+    let index = s.registry.set_maintenance(&q.namespace()?, &name, &id, body.enabled, &body.reason).await?;
+    Ok(indexed(index, StatusCode::NO_CONTENT))
+}

@@ -1,0 +1,419 @@
+//! The CLI: `zhili service|instance|kv|acl ...` over the HTTP API through the SDK. Errors print
+//! the server's detail and exit non-zero.
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+
+use clap::{Args, Subcommand, ValueEnum};
+use serde_json::{json, Value};
+use zhili_client::{encode, Client, ClientError, InstanceSpec, Query, ServiceSpec};
+
+#[derive(Args, Debug, Clone)]
+pub struct ClientOpts {
+    /// Server address.
+    #[arg(long, env = "ZHILI_ADDR", default_value = "http://127.0.0.1:8500", global = true)]
+    addr: String,
+    /// ACL token (secret id).
+    #[arg(long, env = "ZHILI_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
+    /// Output format.
+    #[arg(long, short, value_enum, default_value_t = Output::Table, global = true)]
+    output: Output,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClientCommand {
+    /// Define, list, show and delete services.
+    Service {
+        #[command(flatten)]
+        opts: ClientOpts,
+        #[command(subcommand)]
+        cmd: ServiceCmd,
+    },
+    /// Register, list and manage instances.
+    Instance {
+        #[command(flatten)]
+        opts: ClientOpts,
+        #[command(subcommand)]
+        cmd: InstanceCmd,
+    },
+    /// Read and write the KV store.
+    Kv {
+        #[command(flatten)]
+        opts: ClientOpts,
+        #[command(subcommand)]
+        cmd: KvCmd,
+    },
+    /// Bootstrap ACLs; manage policies and tokens.
+    Acl {
+        #[command(flatten)]
+        opts: ClientOpts,
+        #[command(subcommand)]
+        cmd: AclCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ServiceCmd {
+    List,
+    Get { name: String },
+    /// Define or update a service from a JSON spec (see the API docs), e.g. '{"owner":"team-a"}'.
+    Put { name: String, #[arg(default_value = "{}")] spec: String },
+    Delete { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum InstanceCmd {
+    /// Register an instance.
+    Register {
+        service: String,
+        #[arg(long)]
+        address: String,
+        #[arg(long)]
+        port: u32,
+        #[arg(long)]
+        id: Option<String>,
+        #[arg(long)]
+        weight: Option<u32>,
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        /// key=value, repeatable.
+        #[arg(long = "meta")]
+        meta: Vec<String>,
+        #[arg(long)]
+        zone: Option<String>,
+        /// Persistent: survives restarts and is checked by the server instead of heartbeats.
+        #[arg(long)]
+        persistent: bool,
+        /// Checks as a JSON array, e.g. '[{"kind":"http","url":"http://10.0.0.1:8080/health","interval":"10s"}]'.
+        #[arg(long)]
+        checks: Option<String>,
+    },
+    /// List instances (healthy only unless --all).
+    List {
+        service: String,
+        #[arg(long)]
+        all: bool,
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        #[arg(long)]
+        zone: Option<String>,
+    },
+    Deregister { service: String, id: String },
+    Heartbeat { service: String, id: String },
+    /// Enter (or with --off leave) maintenance mode.
+    Maintenance {
+        service: String,
+        id: String,
+        #[arg(long)]
+        off: bool,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Set a TTL check's status: passing, warning or critical.
+    Check {
+        service: String,
+        id: String,
+        check: String,
+        status: String,
+        #[arg(long, default_value = "")]
+        output: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KvCmd {
+    Get {
+        key: String,
+        /// Print only the value bytes.
+        #[arg(long)]
+        raw: bool,
+    },
+    Put {
+        key: String,
+        value: String,
+        /// Write only if the key's modify index is this (0: only if absent).
+        #[arg(long)]
+        cas: Option<u64>,
+    },
+    Delete {
+        key: String,
+        #[arg(long)]
+        recurse: bool,
+    },
+    /// Entries under a prefix.
+    List {
+        #[arg(default_value = "")]
+        prefix: String,
+    },
+    /// Key names under a prefix.
+    Keys {
+        #[arg(default_value = "")]
+        prefix: String,
+        #[arg(long)]
+        separator: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AclCmd {
+    /// Create the first management token (once).
+    Bootstrap,
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+    #[command(subcommand)]
+    Token(TokenCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PolicyCmd {
+    List,
+    /// Create or replace a policy; rules as JSON, e.g. '[{"resource":"kv","prefix":"app/","access":"write"}]'.
+    Create {
+        name: String,
+        #[arg(long)]
+        rules: String,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    Delete { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TokenCmd {
+    List,
+    Create {
+        #[arg(long = "policy")]
+        policies: Vec<String>,
+        #[arg(long, default_value = "")]
+        description: String,
+    },
+    Delete { accessor: String },
+    /// The token in use.
+    #[command(name = "self")]
+    Current,
+}
+
+pub async fn run(cmd: ClientCommand) -> ExitCode {
+    let (opts, result) = match cmd {
+        ClientCommand::Service { opts, cmd } => (opts.clone(), with_client(&opts, |c| service(c, cmd)).await),
+        ClientCommand::Instance { opts, cmd } => (opts.clone(), with_client(&opts, |c| instance(c, cmd)).await),
+        ClientCommand::Kv { opts, cmd } => (opts.clone(), with_client(&opts, |c| kv(c, cmd)).await),
+        ClientCommand::Acl { opts, cmd } => (opts.clone(), with_client(&opts, |c| acl(c, cmd)).await),
+    };
+    match result {
+        Ok(Shown::Json(v)) => {
+            print(&v, opts.output);
+            ExitCode::SUCCESS
+        }
+        Ok(Shown::Raw(bytes)) => {
+            use std::io::Write;
+            let _ = std::io::stdout().write_all(&bytes);
+            ExitCode::SUCCESS
+        }
+        Ok(Shown::Nothing) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("zhili: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+enum Shown {
+    Json(Value),
+    Raw(Vec<u8>),
+    Nothing,
+}
+
+#[derive(Debug)]
+enum CliError {
+    Client(ClientError),
+    Usage(String),
+}
+
+impl std::fmt::Display for CliError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Client(e) => write!(f, "{e}"),
+            Self::Usage(m) => write!(f, "{m}"),
+        }
+    }
+}
+
+impl From<ClientError> for CliError {
+    fn from(e: ClientError) -> Self {
+        Self::Client(e)
+    }
+}
+
+async fn with_client<F, Fut>(opts: &ClientOpts, f: F) -> Result<Shown, CliError>
+where
+    F: FnOnce(Client) -> Fut,
+    Fut: std::future::Future<Output = Result<Shown, CliError>>,
+{
+    let client = Client::new(&opts.addr, opts.token.clone())?;
+    f(client).await
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(what: &str, s: &str) -> Result<T, CliError> {
+    serde_json::from_str(s).map_err(|e| CliError::Usage(format!("{what}: {e}")))
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> Shown {
+    Shown::Json(serde_json::to_value(v).unwrap_or(Value::Null))
+}
+
+async fn service(c: Client, cmd: ServiceCmd) -> Result<Shown, CliError> {
+    Ok(match cmd {
+        ServiceCmd::List => to_json(&c.services().await?),
+        ServiceCmd::Get { name } => to_json(&c.service(&name).await?),
+        ServiceCmd::Put { name, spec } => {
+            c.put_service(&name, &parse_json::<ServiceSpec>("spec", &spec)?).await?;
+            to_json(&c.service(&name).await?.service)
+        }
+        ServiceCmd::Delete { name } => {
+            c.delete_service(&name).await?;
+            Shown::Nothing
+        }
+    })
+}
+
+async fn instance(c: Client, cmd: InstanceCmd) -> Result<Shown, CliError> {
+    Ok(match cmd {
+        InstanceCmd::Register { service, address, port, id, weight, tags, meta, zone, persistent, checks } => {
+            let mut metadata = BTreeMap::new();
+            for m in meta {
+                let (k, v) = m.split_once('=').ok_or_else(|| CliError::Usage(format!("--meta {m:?}: expected key=value")))?;
+                metadata.insert(k.to_string(), v.to_string());
+            }
+            let checks = match checks {
+                Some(s) => parse_json("--checks", &s)?,
+                None => vec![],
+            };
+            let spec = InstanceSpec { id, address, port, weight, tags, metadata, zone, version: None, ephemeral: Some(!persistent), enabled: None, checks };
+            let id = c.register(&service, &spec).await?;
+            Shown::Json(json!({ "id": id }))
+        }
+        InstanceCmd::List { service, all, tags, zone } => {
+            let list = c.instances(&service, &Query { all, tags, zone, ..Default::default() }, None).await?;
+            to_json(&list.instances)
+        }
+        InstanceCmd::Deregister { service, id } => {
+            c.deregister(&service, &id).await?;
+            Shown::Nothing
+        }
+        InstanceCmd::Heartbeat { service, id } => {
+            c.heartbeat(&service, &id).await?;
+            Shown::Nothing
+        }
+        InstanceCmd::Maintenance { service, id, off, reason } => {
+            c.maintenance(&service, &id, !off, &reason).await?;
+            Shown::Nothing
+        }
+        InstanceCmd::Check { service, id, check, status, output } => {
+            c.set_check(&service, &id, &check, &status, &output).await?;
+            Shown::Nothing
+        }
+    })
+}
+
+async fn kv(c: Client, cmd: KvCmd) -> Result<Shown, CliError> {
+    Ok(match cmd {
+        KvCmd::Get { key, raw } => {
+            let kv = c.kv_get(&key).await?.ok_or_else(|| CliError::Usage(format!("key {key:?} not found")))?;
+            if raw {
+                Shown::Raw(kv.bytes()?)
+            } else {
+                let value = String::from_utf8_lossy(&kv.bytes()?).into_owned();
+                Shown::Json(json!({ "key": kv.key, "value": value, "modify_index": kv.modify_index, "version": kv.version }))
+            }
+        }
+        KvCmd::Put { key, value, cas } => Shown::Json(json!({ "index": c.kv_put(&key, value.into_bytes(), cas).await? })),
+        KvCmd::Delete { key, recurse } => Shown::Json(json!({ "index": c.kv_delete(&key, recurse).await? })),
+        KvCmd::List { prefix } => {
+            let rows: Vec<Value> = c
+                .kv_list(&prefix)
+                .await?
+                .into_iter()
+                .map(|kv| json!({ "key": kv.key, "value": String::from_utf8_lossy(&kv.bytes().unwrap_or_default()), "modify_index": kv.modify_index }))
+                .collect();
+            Shown::Json(Value::Array(rows))
+        }
+        KvCmd::Keys { prefix, separator } => to_json(&c.kv_keys(&prefix, separator.as_deref()).await?),
+    })
+}
+
+async fn acl(c: Client, cmd: AclCmd) -> Result<Shown, CliError> {
+    use http::Method;
+    Ok(match cmd {
+        AclCmd::Bootstrap => Shown::Json(c.acl_bootstrap().await?),
+        AclCmd::Policy(PolicyCmd::List) => Shown::Json(c.json_call(Method::GET, "/api/v1/acl/policies", None).await?),
+        AclCmd::Policy(PolicyCmd::Create { name, rules, description }) => {
+            let rules: Value = parse_json("--rules", &rules)?;
+            let body = json!({ "name": name, "description": description, "rules": rules });
+            Shown::Json(c.json_call(Method::PUT, &format!("/api/v1/acl/policies/{}", encode(&name)), Some(&body)).await?)
+        }
+        AclCmd::Policy(PolicyCmd::Delete { name }) => {
+            c.json_call(Method::DELETE, &format!("/api/v1/acl/policies/{}", encode(&name)), None).await?;
+            Shown::Nothing
+        }
+        AclCmd::Token(TokenCmd::List) => Shown::Json(c.json_call(Method::GET, "/api/v1/acl/tokens", None).await?),
+        AclCmd::Token(TokenCmd::Create { policies, description }) => {
+            let body = json!({ "policies": policies, "description": description });
+            Shown::Json(c.json_call(Method::POST, "/api/v1/acl/tokens", Some(&body)).await?)
+        }
+        AclCmd::Token(TokenCmd::Delete { accessor }) => {
+            c.json_call(Method::DELETE, &format!("/api/v1/acl/tokens/{}", encode(&accessor)), None).await?;
+            Shown::Nothing
+        }
+        AclCmd::Token(TokenCmd::Current) => Shown::Json(c.json_call(Method::GET, "/api/v1/acl/token/self", None).await?),
+    })
+}
+
+/// Prints JSON, or a table: objects become one row each with columns from the first object's
+/// scalar fields; a single object prints as key/value lines.
+fn print(v: &Value, output: Output) {
+    if output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+        return;
+    }
+    match v {
+        Value::Array(rows) if rows.iter().all(Value::is_object) && !rows.is_empty() => {
+            let cols: Vec<String> = rows[0].as_object().map(|o| o.iter().filter(|(_, v)| !v.is_object() && !(v.is_array() && v.as_array().is_some_and(|a| a.iter().any(Value::is_object)))).map(|(k, _)| k.clone()).collect()).unwrap_or_default();
+            let cells: Vec<Vec<String>> = rows.iter().map(|r| cols.iter().map(|c| cell(&r[c])).collect()).collect();
+            let widths: Vec<usize> = cols.iter().enumerate().map(|(i, c)| cells.iter().map(|r| r[i].chars().count()).chain([c.len()]).max().unwrap_or(0)).collect();
+            let line = |vals: Vec<String>| vals.iter().zip(&widths).map(|(v, w)| format!("{v:<w$}")).collect::<Vec<_>>().join("  ").trim_end().to_string();
+            println!("{}", line(cols.iter().map(|c| c.to_uppercase()).collect()));
+            for r in cells {
+                println!("{}", line(r));
+            }
+        }
+        Value::Array(items) => {
+            for i in items {
+                println!("{}", cell(i));
+            }
+        }
+        Value::Object(o) => {
+            let w = o.keys().map(String::len).max().unwrap_or(0);
+            for (k, v) in o {
+                println!("{k:<w$}  {}", cell(v));
+            }
+        }
+        other => println!("{}", cell(other)),
+    }
+}
+
+fn cell(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        Value::Array(a) => a.iter().map(cell).collect::<Vec<_>>().join(","),
+        other => other.to_string(),
+    }
+}

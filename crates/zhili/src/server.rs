@@ -1,0 +1,222 @@
+//! Wires the server together: config → store → health engine → registry → ACL → API listener.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use zhili_config::{FileConfig, ServerConfig};
+use zhili_health::HealthEngine;
+use zhili_model::{CheckDefinition, CheckKey};
+use zhili_registry::{CheckScheduler, Registry};
+use zhili_store::Store;
+use zhili_telemetry::Metrics;
+
+use crate::{ServerArgs, EXIT_USAGE};
+
+/// How often stale heartbeats, expired TTLs and deregister-after deadlines are looked for.
+const REAP_INTERVAL: Duration = Duration::from_millis(250);
+/// Health transitions waiting for the registry; when full, check tasks wait (nothing is lost).
+const TRANSITION_QUEUE: usize = 4096;
+
+/// The registry's check contract, implemented over the health engine.
+struct EngineScheduler(Arc<HealthEngine>);
+
+impl CheckScheduler for EngineScheduler {
+    fn schedule(&self, key: CheckKey, def: CheckDefinition) {
+        self.0.schedule(key, def);
+    }
+    fn cancel(&self, key: &CheckKey) {
+        self.0.cancel(key);
+    }
+}
+
+fn config_from(args: ServerArgs) -> Result<ServerConfig, zhili_config::ConfigError> {
+    let file = match &args.config {
+        Some(path) => FileConfig::load(path)?,
+        None => FileConfig::default(),
+    };
+    let check_concurrency = match args.check_concurrency {
+        Some(v) => Some(v.parse::<usize>().map_err(|_| zhili_config::ConfigError::Invalid { field: "check_concurrency", message: format!("{v:?} is not a number") })?),
+        None => None,
+    };
+    let flags = FileConfig {
+        data_dir: args.data_dir,
+        dev: args.dev.then_some(true),
+        api_addr: args.api_addr,
+        tls_cert: args.tls_cert,
+        tls_key: args.tls_key,
+        log_format: args.log_format,
+        log_level: args.log_level,
+        check_concurrency,
+    };
+    file.overlay(flags).validate()
+}
+
+pub async fn run(args: ServerArgs) -> ExitCode {
+    let cfg = match config_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("zhili: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let format = match cfg.log_format {
+        zhili_config::LogFormat::Pretty => zhili_telemetry::LogFormat::Pretty,
+        zhili_config::LogFormat::Json => zhili_telemetry::LogFormat::Json,
+    };
+    zhili_telemetry::init_logging(format, &cfg.log_level);
+    match serve(cfg).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("zhili: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
+    let started = Instant::now();
+    if cfg.dev {
+        eprintln!("\n  *** ZHILI DEV MODE: ACLs are OFF. Every caller can read and change everything. ***\n  *** Never run --dev where anyone else can reach the API.                           ***\n");
+        tracing::warn!("dev mode: ACLs disabled");
+    }
+    let metrics = Metrics::new();
+    let store: Arc<dyn Store> = Arc::new(zhili_store_fjall::FjallStore::open(&cfg.data_dir).with_context(|| format!("opening the store in {}", cfg.data_dir.display()))?);
+    let (transitions_tx, mut transitions) = mpsc::channel(TRANSITION_QUEUE);
+    let engine = Arc::new(HealthEngine::new(transitions_tx, cfg.check_concurrency, metrics.clone()));
+    let registry = Registry::load(store.clone(), Arc::new(EngineScheduler(engine.clone())), metrics.clone()).context("loading the registry")?;
+    let acl = zhili_acl::Acl::load(store.clone(), !cfg.dev).context("loading ACLs")?;
+    if !cfg.dev && !acl.bootstrapped()? {
+        tracing::warn!("ACLs are on and not bootstrapped: run `zhili acl bootstrap` to create the management token");
+    }
+
+    let reg = registry.clone();
+    tokio::spawn(async move {
+        while let Some(t) = transitions.recv().await {
+            reg.apply_transition(&t);
+        }
+    });
+    let reg = registry.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(REAP_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            reg.reap().await;
+        }
+    });
+
+    let ready = Arc::new(AtomicBool::new(false));
+    let state = zhili_api::AppState { store, registry, acl, metrics, ready: ready.clone() };
+    let app = zhili_api::router(state);
+
+    let Some(addr) = cfg.api_addr else {
+        tracing::warn!("API listener is off; nothing to serve");
+        ready.store(true, Ordering::Release);
+        shutdown_signal().await;
+        return Ok(());
+    };
+    let listener = TcpListener::bind(addr).await.with_context(|| format!("binding the API listener on {addr}"))?;
+    let local = listener.local_addr()?;
+    let tls = match &cfg.tls {
+        Some(files) => Some(tls::acceptor(&files.cert, &files.key)?),
+        None => None,
+    };
+    ready.store(true, Ordering::Release);
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    // Tools and tests read this line to find the port when started with port 0.
+    println!("zhili api listening on {scheme}://{local}");
+    tracing::info!(addr = %local, tls = tls.is_some(), ready_ms = started.elapsed().as_millis() as u64, "API listener up");
+    match tls {
+        None => axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).with_graceful_shutdown(shutdown_signal()).await?,
+        Some(acceptor) => tls::serve(listener, acceptor, app).await,
+    }
+    tracing::info!("shut down");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
+mod tls {
+    //! TLS for the API listener with rustls; ALPN offers h2 and http/1.1.
+
+    use std::path::Path;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use anyhow::Context;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use hyper_util::server::conn::auto;
+    use hyper_util::service::TowerToHyperService;
+    use tokio::net::TcpListener;
+    use tokio_rustls::TlsAcceptor;
+
+    /// A handshake that takes longer than this is dropped, so idle sockets cannot pile up.
+    const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+    pub fn acceptor(cert: &Path, key: &Path) -> anyhow::Result<TlsAcceptor> {
+        let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(std::fs::File::open(cert).with_context(|| format!("opening {}", cert.display()))?))
+            .collect::<Result<Vec<_>, _>>()
+            .with_context(|| format!("reading certificates from {}", cert.display()))?;
+        anyhow::ensure!(!certs.is_empty(), "no certificate found in {}", cert.display());
+        let key = rustls_pemfile::private_key(&mut std::io::BufReader::new(std::fs::File::open(key).with_context(|| format!("opening {}", key.display()))?))
+            .with_context(|| format!("reading the private key from {}", key.display()))?
+            .with_context(|| format!("no private key found in {}", key.display()))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .context("TLS protocol versions")?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .context("certificate and key do not form a valid pair")?;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(TlsAcceptor::from(Arc::new(config)))
+    }
+
+    pub async fn serve(listener: TcpListener, acceptor: TlsAcceptor, app: axum::Router) {
+        let shutdown = super::shutdown_signal();
+        tokio::pin!(shutdown);
+        loop {
+            let (stream, _) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                _ = &mut shutdown => return,
+            };
+            let acceptor = acceptor.clone();
+            let app = app.clone();
+            tokio::spawn(async move {
+                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(s)) => s,
+                    _ => return,
+                };
+                let svc = TowerToHyperService::new(app);
+                let _ = auto::Builder::new(TokioExecutor::new()).serve_connection_with_upgrades(TokioIo::new(tls), svc).await;
+            });
+        }
+    }
+}
