@@ -233,7 +233,13 @@ mod tests {
 
         let bad = acl.create_token(TokenSpec { description: "x".into(), policies: vec!["missing".into()] }).await.unwrap_err();
         assert!(bad.to_string().contains("policies[0]"), "{bad}");
-        acl.put_policy(PolicySpec { name: "kv-app".into(), description: String::new(), rules: vec![Rule { resource: Resource::Kv, prefix: "app/".into(), access: Access::Write }] }).await.unwrap();
+        acl.put_policy(PolicySpec {
+            name: "kv-app".into(),
+            description: String::new(),
+            rules: vec![Rule { resource: Resource::Kv, prefix: "app/".into(), access: Access::Write }],
+        })
+        .await
+        .unwrap();
         let t = acl.create_token(TokenSpec { description: "app".into(), policies: vec!["kv-app".into()] }).await.unwrap();
         let a = acl.resolve(Some(&t.secret_id)).unwrap();
         assert!(a.allows(Resource::Kv, "app/db", Access::Write));

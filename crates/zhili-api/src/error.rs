@@ -48,7 +48,13 @@ impl ApiError {
     pub fn detail(&self) -> &str {
         match self {
             Self::Internal(_) => "internal error; see the server log",
-            Self::BadRequest(d) | Self::Unauthorized(d) | Self::Forbidden(d) | Self::NotFound(d) | Self::Conflict(d) | Self::PayloadTooLarge(d) | Self::Unavailable(d) => d,
+            Self::BadRequest(d)
+            | Self::Unauthorized(d)
+            | Self::Forbidden(d)
+            | Self::NotFound(d)
+            | Self::Conflict(d)
+            | Self::PayloadTooLarge(d)
+            | Self::Unavailable(d) => d,
         }
     }
 
@@ -63,8 +69,13 @@ impl IntoResponse for ApiError {
             tracing::error!(%cause, "request failed");
         }
         let status = self.status();
-        let body = serde_json::to_vec(&Problem { kind: "about:blank", title: status.canonical_reason().unwrap_or("Error"), status: status.as_u16(), detail: self.detail() })
-            .unwrap_or_default();
+        let body = serde_json::to_vec(&Problem {
+            kind: "about:blank",
+            title: status.canonical_reason().unwrap_or("Error"),
+            status: status.as_u16(),
+            detail: self.detail(),
+        })
+        .unwrap_or_default();
         (status, [(header::CONTENT_TYPE, "application/problem+json")], body).into_response()
     }
 }

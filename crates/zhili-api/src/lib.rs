@@ -6,8 +6,8 @@ pub mod auth;
 pub mod error;
 pub mod extract;
 mod native;
-mod ops;
 pub mod openapi;
+mod ops;
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;

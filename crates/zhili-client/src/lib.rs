@@ -52,6 +52,7 @@ impl ClientError {
 #[derive(Debug, Clone)]
 pub struct RawResponse {
     pub status: StatusCode,
+    pub headers: http::HeaderMap,
     pub index: u64,
     pub body: Bytes,
 }
@@ -179,8 +180,9 @@ impl Client {
             let resp = self.http.request(req).await.map_err(|e| ClientError::Transport(error_chain(&e)))?;
             let status = resp.status();
             let index = resp.headers().get("x-zhili-index").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()).unwrap_or(0);
+            let headers = resp.headers().clone();
             let body = Limited::new(resp.into_body(), MAX_RESPONSE).collect().await.map_err(|e| ClientError::Transport(e.to_string()))?.to_bytes();
-            Ok::<_, ClientError>(RawResponse { status, index, body })
+            Ok::<_, ClientError>(RawResponse { status, headers, index, body })
         };
         tokio::time::timeout(timeout, exchange).await.map_err(|_| ClientError::Transport(format!("no answer within {timeout:?}")))?
     }
@@ -247,7 +249,9 @@ impl Client {
 
     pub async fn set_check(&self, service: &str, id: &str, check: &str, status: &str, output: &str) -> Result<(), ClientError> {
         let body = serde_json::json!({ "status": status, "output": output });
-        self.call(Method::PUT, &format!("/api/v1/services/{}/instances/{}/checks/{}", encode(service), encode(id), encode(check)), Self::body(&body)).await.map(|_| ())
+        self.call(Method::PUT, &format!("/api/v1/services/{}/instances/{}/checks/{}", encode(service), encode(id), encode(check)), Self::body(&body))
+            .await
+            .map(|_| ())
     }
 
     pub async fn maintenance(&self, service: &str, id: &str, enabled: bool, reason: &str) -> Result<(), ClientError> {

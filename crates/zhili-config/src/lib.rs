@@ -89,7 +89,10 @@ pub fn parse_listen(field: &'static str, value: &str) -> Result<Listen, ConfigEr
     if value == "off" {
         return Ok(None);
     }
-    value.parse::<SocketAddr>().map(Some).map_err(|_| ConfigError::Invalid { field, message: format!("{value:?} is not host:port (e.g. 127.0.0.1:8500) or \"off\"") })
+    value
+        .parse::<SocketAddr>()
+        .map(Some)
+        .map_err(|_| ConfigError::Invalid { field, message: format!("{value:?} is not host:port (e.g. 127.0.0.1:8500) or \"off\"") })
 }
 
 impl FileConfig {

@@ -85,7 +85,13 @@ pub struct Thresholds {
 impl Thresholds {
     /// Checks start critical, as the registry shows them until they first pass.
     pub fn new(def: &CheckDefinition) -> Self {
-        Self { status: HealthStatus::Critical, successes: 0, failures: 0, success_before_passing: def.success_before_passing, failures_before_critical: def.failures_before_critical }
+        Self {
+            status: HealthStatus::Critical,
+            successes: 0,
+            failures: 0,
+            success_before_passing: def.success_before_passing,
+            failures_before_critical: def.failures_before_critical,
+        }
     }
 
     /// Feeds one result; returns the new status if it changed.

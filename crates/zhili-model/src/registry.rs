@@ -33,11 +33,7 @@ pub struct HealthDefaults {
 
 impl Default for HealthDefaults {
     fn default() -> Self {
-        Self {
-            heartbeat_interval: Duration::from_secs(5),
-            unhealthy_after: Duration::from_secs(15),
-            remove_after: Duration::from_secs(30),
-        }
+        Self { heartbeat_interval: Duration::from_secs(5), unhealthy_after: Duration::from_secs(15), remove_after: Duration::from_secs(30) }
     }
 }
 
@@ -269,9 +265,8 @@ pub struct CheckDefinition {
 impl CheckSpec {
     pub fn validate(self, field: &str, index: usize) -> Result<CheckDefinition, ValidationError> {
         let f = |name: &str| format!("{field}.{name}");
-        let opt_dur = |name: &str, v: &Option<String>| -> Result<Option<Duration>, ValidationError> {
-            v.as_deref().map(|s| parse_duration(&f(name), s)).transpose()
-        };
+        let opt_dur =
+            |name: &str, v: &Option<String>| -> Result<Option<Duration>, ValidationError> { v.as_deref().map(|s| parse_duration(&f(name), s)).transpose() };
         let interval = opt_dur("interval", &self.interval)?.unwrap_or(DEFAULT_CHECK_INTERVAL);
         let timeout = opt_dur("timeout", &self.timeout)?.unwrap_or(DEFAULT_CHECK_TIMEOUT.min(interval));
         let kind = match self.kind.as_str() {
@@ -295,7 +290,11 @@ impl CheckSpec {
                     return Err(ValidationError::new(f("headers"), "at most 32 headers"));
                 }
                 for (k, v) in &self.headers {
-                    if k.is_empty() || !k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') || v.len() > 1024 || v.chars().any(char::is_control) {
+                    if k.is_empty()
+                        || !k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                        || v.len() > 1024
+                        || v.chars().any(char::is_control)
+                    {
                         return Err(ValidationError::new(f(&format!("headers.{k}")), "invalid header name or value"));
                     }
                 }
@@ -562,8 +561,14 @@ mod tests {
         assert_eq!(spec(r#"{"address":"10.0.0.1","port":70000}"#).unwrap_err().field, "port");
         assert_eq!(spec(r#"{"address":"10.0.0.1","port":1,"weight":10001}"#).unwrap_err().field, "weight");
         assert_eq!(spec(r#"{"address":"10.0.0.1","port":1,"checks":[{"kind":"http","interval":"1s"}]}"#).unwrap_err().field, "checks[0].url");
-        assert_eq!(spec(r#"{"address":"10.0.0.1","port":1,"checks":[{"kind":"http","url":"http://x/","interval":"5x"}]}"#).unwrap_err().field, "checks[0].interval");
-        assert_eq!(spec(r#"{"address":"10.0.0.1","port":1,"checks":[{"kind":"tcp","address":"nope","interval":"1s"}]}"#).unwrap_err().field, "checks[0].address");
+        assert_eq!(
+            spec(r#"{"address":"10.0.0.1","port":1,"checks":[{"kind":"http","url":"http://x/","interval":"5x"}]}"#).unwrap_err().field,
+            "checks[0].interval"
+        );
+        assert_eq!(
+            spec(r#"{"address":"10.0.0.1","port":1,"checks":[{"kind":"tcp","address":"nope","interval":"1s"}]}"#).unwrap_err().field,
+            "checks[0].address"
+        );
         assert_eq!(spec(r#"{"address":"10.0.0.1","port":1,"checks":[{"kind":"smoke"}]}"#).unwrap_err().field, "checks[0].kind");
     }
 

@@ -113,7 +113,10 @@ pub fn metadata(field: &str, meta: &BTreeMap<String, String>) -> Result<(), Vali
     }
     for (k, v) in meta {
         if k.is_empty() || k.len() > MAX_METADATA_KEY_LEN || !k.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/')) {
-            return Err(ValidationError::new(format!("{field}.{k}"), format!("key must be 1..={MAX_METADATA_KEY_LEN} bytes of letters, digits, '-', '_', '.', '/'")));
+            return Err(ValidationError::new(
+                format!("{field}.{k}"),
+                format!("key must be 1..={MAX_METADATA_KEY_LEN} bytes of letters, digits, '-', '_', '.', '/'"),
+            ));
         }
         if v.len() > MAX_METADATA_VALUE_LEN {
             return Err(ValidationError::new(format!("{field}.{k}"), format!("value must be at most {MAX_METADATA_VALUE_LEN} bytes")));
@@ -141,10 +144,7 @@ pub fn address(field: &str, value: &str) -> Result<(), ValidationError> {
         return Ok(());
     }
     let ok = value.split('.').all(|label| {
-        !label.is_empty()
-            && label.len() <= 63
-            && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-            && !label.starts_with('-')
+        !label.is_empty() && label.len() <= 63 && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') && !label.starts_with('-')
     });
     if !ok {
         return Err(ValidationError::new(field, format!("{value:?} is neither an IP address nor a host name")));

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use parking_lot::RwLock;
 use tokio::sync::{broadcast, watch};
 use zhili_model::{
-    CheckDefinition, CheckKey, CheckKind, HealthStatus, HealthTransition, Instance, InstanceList, InstanceRegistration, Maintenance,
-    RegistryEvent, RegistryEventKind, Service, ServiceDetail, ServiceSummary,
+    CheckDefinition, CheckKey, CheckKind, HealthStatus, HealthTransition, Instance, InstanceList, InstanceRegistration, Maintenance, RegistryEvent,
+    RegistryEventKind, Service, ServiceDetail, ServiceSummary,
 };
 use zhili_store::{Compare, Op, RevisionClock, Store, StoreError, Txn};
 use zhili_telemetry::{HealthLabel, Metrics};
@@ -139,7 +139,8 @@ impl Registry {
             let entry = state.services.entry((ns.into(), svc.into())).or_insert_with(|| ServiceEntry::new(Service::implicit(ns, svc), kv.mod_revision));
             let inst = InstanceEntry::new(p.registration, kv.create_revision, kv.mod_revision, now_ms, p.maintenance);
             for c in inst.checks.iter().filter(|c| c.def.kind.is_active()) {
-                reg.checks.schedule(CheckKey { namespace: ns.into(), service: svc.into(), instance: inst.reg.id.clone(), check: c.def.id.clone() }, c.def.clone());
+                reg.checks
+                    .schedule(CheckKey { namespace: ns.into(), service: svc.into(), instance: inst.reg.id.clone(), check: c.def.id.clone() }, c.def.clone());
             }
             entry.instances.insert(inst.reg.id.clone(), inst);
         }
@@ -201,7 +202,14 @@ impl Registry {
             let entry = state.services.entry(key).or_insert_with(|| ServiceEntry::new(svc.clone(), rev));
             entry.def = svc.clone();
             entry.index = rev;
-            events.push(RegistryEvent { index: 0, kind: RegistryEventKind::ServiceUpserted, namespace: svc.namespace.clone(), service: svc.name.clone(), instance: None, instance_id: None });
+            events.push(RegistryEvent {
+                index: 0,
+                kind: RegistryEventKind::ServiceUpserted,
+                namespace: svc.namespace.clone(),
+                service: svc.name.clone(),
+                instance: None,
+                instance_id: None,
+            });
         });
         self.refresh_gauges();
         Ok(rev)
@@ -222,7 +230,14 @@ impl Registry {
         let (removed, rev) = self.mutate(|state, rev, events| {
             let removed = state.services.remove(&(ns.to_string(), name.to_string()));
             state.tombstones.insert((ns.to_string(), name.to_string()), rev);
-            events.push(RegistryEvent { index: 0, kind: RegistryEventKind::ServiceDeleted, namespace: ns.into(), service: name.into(), instance: None, instance_id: None });
+            events.push(RegistryEvent {
+                index: 0,
+                kind: RegistryEventKind::ServiceDeleted,
+                namespace: ns.into(),
+                service: name.into(),
+                instance: None,
+                instance_id: None,
+            });
             removed
         });
         if let Some(entry) = removed {
@@ -449,10 +464,23 @@ impl Registry {
 
     pub async fn set_maintenance(&self, ns: &str, service: &str, id: &str, enabled: bool, reason: &str) -> Result<u64, RegistryError> {
         let existing = self.instance(ns, service, id).ok_or_else(|| RegistryError::InstanceNotFound(id.into()))?;
-        let maintenance = enabled.then(|| existing.maintenance.clone().map(|m| Maintenance { reason: reason.into(), ..m }).unwrap_or(Maintenance { reason: reason.into(), since_ms: unix_ms() }));
+        let maintenance = enabled.then(|| {
+            existing
+                .maintenance
+                .clone()
+                .map(|m| Maintenance { reason: reason.into(), ..m })
+                .unwrap_or(Maintenance { reason: reason.into(), since_ms: unix_ms() })
+        });
         let _order = if existing.ephemeral { None } else { Some(self.persist_order.lock().await) };
         if !existing.ephemeral {
-            let reg = self.state.read().services.get(&(ns.to_string(), service.to_string())).and_then(|e| e.instances.get(id)).map(|i| i.reg.clone()).ok_or_else(|| RegistryError::InstanceNotFound(id.into()))?;
+            let reg = self
+                .state
+                .read()
+                .services
+                .get(&(ns.to_string(), service.to_string()))
+                .and_then(|e| e.instances.get(id))
+                .map(|i| i.reg.clone())
+                .ok_or_else(|| RegistryError::InstanceNotFound(id.into()))?;
             let value = serde_json::to_vec(&PersistedInstance { registration: reg, maintenance: maintenance.clone() }).expect("instance serializes");
             // Only if still there: a concurrent deregister must not be resurrected.
             let res = self.store.txn(Txn::put(instance_key(ns, service, id), value).when(Compare::Exists(instance_key(ns, service, id)))).await?;
@@ -510,7 +538,10 @@ impl Registry {
             let Some(h) = def_health else { continue };
             self.update_instance(&ns, &svc, &id, |inst, now| {
                 let mut changed = false;
-                if inst.reg.ephemeral && now.saturating_sub(inst.last_beat.load(Ordering::Relaxed)) > h.unhealthy_after.as_millis() as u64 && inst.heartbeat_status == HealthStatus::Passing {
+                if inst.reg.ephemeral
+                    && now.saturating_sub(inst.last_beat.load(Ordering::Relaxed)) > h.unhealthy_after.as_millis() as u64
+                    && inst.heartbeat_status == HealthStatus::Passing
+                {
                     inst.heartbeat_status = HealthStatus::Critical;
                     changed = true;
                 }

@@ -131,7 +131,14 @@ impl InstanceEntry {
             checks: self
                 .checks
                 .iter()
-                .map(|c| CheckState { id: c.def.id.clone(), name: c.def.name.clone(), kind: c.def.kind.name().into(), status: c.status, output: c.output.clone(), last_change_ms: c.last_change_ms })
+                .map(|c| CheckState {
+                    id: c.def.id.clone(),
+                    name: c.def.name.clone(),
+                    kind: c.def.kind.name().into(),
+                    status: c.status,
+                    output: c.output.clone(),
+                    last_change_ms: c.last_change_ms,
+                })
                 .collect(),
             create_index: self.create_index,
             modify_index: self.modify_index,

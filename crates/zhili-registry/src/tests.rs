@@ -83,7 +83,13 @@ async fn persistent_instances_and_services_survive_reload() {
     {
         let (r, _) = registry(dir.path());
         r.put_service(ServiceSpec { owner: Some("team-a".into()), ..Default::default() }.validate("default", "db").unwrap()).await.unwrap();
-        r.register("default", "db", inst(r#"{"address":"10.0.0.9","port":5432,"ephemeral":false,"checks":[{"kind":"tcp","address":"10.0.0.9:5432","interval":"1s"}]}"#)).await.unwrap();
+        r.register(
+            "default",
+            "db",
+            inst(r#"{"address":"10.0.0.9","port":5432,"ephemeral":false,"checks":[{"kind":"tcp","address":"10.0.0.9:5432","interval":"1s"}]}"#),
+        )
+        .await
+        .unwrap();
         r.register("default", "db", inst(r#"{"address":"10.0.0.8","port":5432}"#)).await.unwrap();
         r.set_maintenance("default", "db", "10.0.0.9:5432", true, "upgrade").await.unwrap();
     }

@@ -14,9 +14,7 @@ use bytes::Bytes;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use parking_lot::Mutex;
 use tokio::sync::{broadcast, oneshot, watch};
-use zhili_store::{
-    Compare, EventKind, KeyValue, LeaseId, Op, RevisionClock, Store, StoreError, Txn, TxnResponse, WatchEvent, Watcher,
-};
+use zhili_store::{Compare, EventKind, KeyValue, LeaseId, Op, RevisionClock, Store, StoreError, Txn, TxnResponse, WatchEvent, Watcher};
 
 /// How many past events a watcher can resume from; older requests get `Compacted`.
 const HISTORY_LEN: usize = 16_384;
@@ -274,14 +272,7 @@ fn writer_loop(shared: &Shared, rx: mpsc::Receiver<Request>) {
                 Err(_) => break,
             }
         }
-        let mut group = Group {
-            shared,
-            batch: shared.db.batch(),
-            overlay: HashMap::new(),
-            events: Vec::new(),
-            last_revision: None,
-            lease_ops: Vec::new(),
-        };
+        let mut group = Group { shared, batch: shared.db.batch(), overlay: HashMap::new(), events: Vec::new(), last_revision: None, lease_ops: Vec::new() };
         let failed = shared.failed.load(Ordering::Acquire);
         let mut replies = Vec::with_capacity(reqs.len());
         for req in reqs {
@@ -359,7 +350,7 @@ impl Group<'_> {
                 Compare::ModRevision(k, rev) => self.lookup(k)?.map_or(0, |kv| kv.mod_revision) == *rev,
                 Compare::Exists(k) => self.lookup(k)?.is_some(),
                 Compare::Missing(k) => self.lookup(k)?.is_none(),
-                Compare::Value(k, v) => self.lookup(k)?.is_some_and(|kv| &kv.value == v),
+                Compare::Value(k, v) => self.lookup(k)?.is_some_and(|kv| kv.value == *v),
             };
             if !holds {
                 ok = false;

@@ -120,7 +120,13 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the global tracing subscriber. `filter` uses `RUST_LOG` syntax.
+/// Checks a log filter (RUST_LOG syntax) before anything starts, so a typo is an error, not a
+/// silent fallback.
+pub fn validate_filter(filter: &str) -> Result<(), String> {
+    tracing_subscriber::EnvFilter::try_new(filter).map(|_| ()).map_err(|e| e.to_string())
+}
+
+/// Installs the global tracing subscriber. `filter` uses `RUST_LOG` syntax and was validated.
 pub fn init_logging(format: LogFormat, filter: &str) {
     // The storage engine's own info lines (compactions, ingestion) are noise at our info level.
     let directives = if filter.contains("fjall") || filter.contains("lsm_tree") { filter.to_string() } else { format!("{filter},fjall=warn,lsm_tree=warn") };
@@ -131,4 +137,3 @@ pub fn init_logging(format: LogFormat, filter: &str) {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
 }
-

@@ -32,7 +32,7 @@ pub struct ServerProcess {
 }
 
 impl ServerProcess {
-    /// Starts `bin server --api-addr 127.0.0.1:0 --data-dir <tmp> <extra...>`.
+    /// Starts `bin server --data-dir <tmp> --api-addr 127.0.0.1:0 <extra...>`.
     pub fn start(bin: &Path, extra: &[&str]) -> Self {
         let tmp = tempfile::tempdir().expect("temp dir");
         let data_dir = tmp.path().join("data");
@@ -43,7 +43,13 @@ impl ServerProcess {
 
     /// Starts a server on an existing data dir (for restart tests).
     pub fn start_in(bin: &Path, data_dir: &Path, extra: &[&str]) -> Self {
-        let args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        Self::start_at(bin, data_dir, "127.0.0.1:0", extra)
+    }
+
+    /// Starts a server on a fixed API address, so a restart comes back where clients expect it.
+    pub fn start_at(bin: &Path, data_dir: &Path, api_addr: &str, extra: &[&str]) -> Self {
+        let mut args: Vec<String> = vec!["--api-addr".into(), api_addr.into()];
+        args.extend(extra.iter().map(|s| s.to_string()));
         let (child, api, output) = spawn(bin, data_dir, &args);
         Self { child, api, data_dir: data_dir.to_path_buf(), bin: bin.to_path_buf(), args, _tmp: None, output }
     }
@@ -82,9 +88,13 @@ impl ServerProcess {
         None
     }
 
-    /// Kills the process and starts a new one on the same data dir with the same arguments.
+    /// Kills the process and starts a new one on the same data dir, arguments and API address.
     pub fn restart_after_kill9(&mut self) {
         self.kill9();
+        // Restart on the same address the first start got, even if that was port 0.
+        if let Some(pos) = self.args.iter().position(|a| a == "--api-addr") {
+            self.args[pos + 1] = self.api.to_string();
+        }
         let (child, api, output) = spawn(&self.bin, &self.data_dir, &self.args);
         self.child = child;
         self.api = api;
@@ -102,8 +112,6 @@ impl Drop for ServerProcess {
 fn spawn(bin: &Path, data_dir: &Path, extra: &[String]) -> (Child, SocketAddr, Arc<std::sync::Mutex<Vec<String>>>) {
     let mut child = Command::new(bin)
         .arg("server")
-        .arg("--api-addr")
-        .arg("127.0.0.1:0")
         .arg("--data-dir")
         .arg(data_dir)
         .args(extra)
@@ -163,7 +171,12 @@ pub async fn http_target(status: Arc<AtomicU16>) -> SocketAddr {
 pub async fn grpc_health_target(status: Arc<AtomicU8>) -> SocketAddr {
     serve(true, move |req| {
         if req.uri().path() != "/grpc.health.v1.Health/Check" {
-            return Response::builder().status(200).header("content-type", "application/grpc").header("grpc-status", "12").body(Full::new(Bytes::new())).expect("response");
+            return Response::builder()
+                .status(200)
+                .header("content-type", "application/grpc")
+                .header("grpc-status", "12")
+                .body(Full::new(Bytes::new()))
+                .expect("response");
         }
         let s = status.load(Ordering::Relaxed);
         // HealthCheckResponse { status = 1 (varint) }, as a length-prefixed gRPC message.
@@ -171,7 +184,12 @@ pub async fn grpc_health_target(status: Arc<AtomicU8>) -> SocketAddr {
         let mut body = vec![0u8];
         body.extend_from_slice(&(msg.len() as u32).to_be_bytes());
         body.extend_from_slice(&msg);
-        Response::builder().status(200).header("content-type", "application/grpc").header("grpc-status", "0").body(Full::new(Bytes::from(body))).expect("response")
+        Response::builder()
+            .status(200)
+            .header("content-type", "application/grpc")
+            .header("grpc-status", "0")
+            .body(Full::new(Bytes::from(body)))
+            .expect("response")
     })
     .await
 }

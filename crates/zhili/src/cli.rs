@@ -62,10 +62,18 @@ pub enum ClientCommand {
 #[derive(Subcommand, Debug)]
 pub enum ServiceCmd {
     List,
-    Get { name: String },
+    Get {
+        name: String,
+    },
     /// Define or update a service from a JSON spec (see the API docs), e.g. '{"owner":"team-a"}'.
-    Put { name: String, #[arg(default_value = "{}")] spec: String },
-    Delete { name: String },
+    Put {
+        name: String,
+        #[arg(default_value = "{}")]
+        spec: String,
+    },
+    Delete {
+        name: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -105,8 +113,14 @@ pub enum InstanceCmd {
         #[arg(long)]
         zone: Option<String>,
     },
-    Deregister { service: String, id: String },
-    Heartbeat { service: String, id: String },
+    Deregister {
+        service: String,
+        id: String,
+    },
+    Heartbeat {
+        service: String,
+        id: String,
+    },
     /// Enter (or with --off leave) maintenance mode.
     Maintenance {
         service: String,
@@ -182,7 +196,9 @@ pub enum PolicyCmd {
         #[arg(long, default_value = "")]
         description: String,
     },
-    Delete { name: String },
+    Delete {
+        name: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -194,7 +210,9 @@ pub enum TokenCmd {
         #[arg(long, default_value = "")]
         description: String,
     },
-    Delete { accessor: String },
+    Delete {
+        accessor: String,
+    },
     /// The token in use.
     #[command(name = "self")]
     Current,
@@ -302,7 +320,11 @@ async fn instance(c: Client, cmd: InstanceCmd) -> Result<Shown, CliError> {
         }
         InstanceCmd::List { service, all, tags, zone } => {
             let list = c.instances(&service, &Query { all, tags, zone, ..Default::default() }, None).await?;
-            to_json(&list.instances)
+            let rows = list.instances.iter().map(|i| {
+                json!({ "id": i.id, "address": i.address, "port": i.port, "health": i.health, "weight": i.weight, "zone": i.zone, "tags": i.tags,
+                        "ephemeral": i.ephemeral, "maintenance": i.maintenance.as_ref().map(|m| m.reason.clone()) })
+            });
+            Shown::Json(Value::Array(rows.collect()))
         }
         InstanceCmd::Deregister { service, id } => {
             c.deregister(&service, &id).await?;
@@ -385,9 +407,10 @@ fn print(v: &Value, output: Output) {
     }
     match v {
         Value::Array(rows) if rows.iter().all(Value::is_object) && !rows.is_empty() => {
-            let cols: Vec<String> = rows[0].as_object().map(|o| o.iter().filter(|(_, v)| !v.is_object() && !(v.is_array() && v.as_array().is_some_and(|a| a.iter().any(Value::is_object)))).map(|(k, _)| k.clone()).collect()).unwrap_or_default();
+            let cols: Vec<String> = rows[0].as_object().map(|o| o.iter().filter(|(_, v)| is_cell(v)).map(|(k, _)| k.clone()).collect()).unwrap_or_default();
             let cells: Vec<Vec<String>> = rows.iter().map(|r| cols.iter().map(|c| cell(&r[c])).collect()).collect();
-            let widths: Vec<usize> = cols.iter().enumerate().map(|(i, c)| cells.iter().map(|r| r[i].chars().count()).chain([c.len()]).max().unwrap_or(0)).collect();
+            let widths: Vec<usize> =
+                cols.iter().enumerate().map(|(i, c)| cells.iter().map(|r| r[i].chars().count()).chain([c.len()]).max().unwrap_or(0)).collect();
             let line = |vals: Vec<String>| vals.iter().zip(&widths).map(|(v, w)| format!("{v:<w$}")).collect::<Vec<_>>().join("  ").trim_end().to_string();
             println!("{}", line(cols.iter().map(|c| c.to_uppercase()).collect()));
             for r in cells {
@@ -406,6 +429,15 @@ fn print(v: &Value, output: Output) {
             }
         }
         other => println!("{}", cell(other)),
+    }
+}
+
+/// Whether a value fits in a table cell: scalars and lists of scalars.
+fn is_cell(v: &Value) -> bool {
+    match v {
+        Value::Object(_) => false,
+        Value::Array(a) => !a.iter().any(Value::is_object),
+        _ => true,
     }
 }
 

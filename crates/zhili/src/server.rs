@@ -41,7 +41,9 @@ fn config_from(args: ServerArgs) -> Result<ServerConfig, zhili_config::ConfigErr
         None => FileConfig::default(),
     };
     let check_concurrency = match args.check_concurrency {
-        Some(v) => Some(v.parse::<usize>().map_err(|_| zhili_config::ConfigError::Invalid { field: "check_concurrency", message: format!("{v:?} is not a number") })?),
+        Some(v) => {
+            Some(v.parse::<usize>().map_err(|_| zhili_config::ConfigError::Invalid { field: "check_concurrency", message: format!("{v:?} is not a number") })?)
+        }
         None => None,
     };
     let flags = FileConfig {
@@ -65,6 +67,10 @@ pub async fn run(args: ServerArgs) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
+    if let Err(e) = zhili_telemetry::validate_filter(&cfg.log_level) {
+        eprintln!("zhili: invalid value for log_level: {e}");
+        return ExitCode::from(EXIT_USAGE);
+    }
     let format = match cfg.log_format {
         zhili_config::LogFormat::Pretty => zhili_telemetry::LogFormat::Pretty,
         zhili_config::LogFormat::Json => zhili_telemetry::LogFormat::Json,
@@ -87,7 +93,8 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
         tracing::warn!("dev mode: ACLs disabled");
     }
     let metrics = Metrics::new();
-    let store: Arc<dyn Store> = Arc::new(zhili_store_fjall::FjallStore::open(&cfg.data_dir).with_context(|| format!("opening the store in {}", cfg.data_dir.display()))?);
+    let store: Arc<dyn Store> =
+        Arc::new(zhili_store_fjall::FjallStore::open(&cfg.data_dir).with_context(|| format!("opening the store in {}", cfg.data_dir.display()))?);
     let (transitions_tx, mut transitions) = mpsc::channel(TRANSITION_QUEUE);
     let engine = Arc::new(HealthEngine::new(transitions_tx, cfg.check_concurrency, metrics.clone()));
     let registry = Registry::load(store.clone(), Arc::new(EngineScheduler(engine.clone())), metrics.clone()).context("loading the registry")?;

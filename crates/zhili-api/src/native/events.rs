@@ -44,7 +44,8 @@ async fn registry_events(State(s): State<AppState>, caller: Caller, q: QueryPair
             loop {
                 match rx.recv().await {
                     Ok(ev) => {
-                        if ev.namespace != ns || service.as_ref().is_some_and(|s| *s != ev.service) || !caller.can(Resource::Service, &ev.service, Access::Read) {
+                        if ev.namespace != ns || service.as_ref().is_some_and(|s| *s != ev.service) || !caller.can(Resource::Service, &ev.service, Access::Read)
+                        {
                             continue;
                         }
                         let data = serde_json::to_string(&*ev).unwrap_or_default();

@@ -120,7 +120,13 @@ async fn read(State(s): State<AppState>, caller: Caller, key: String, q: QueryPa
         return Ok(indexed(index, Json(out)));
     }
     if recurse {
-        let entries: Vec<KvEntry> = s.store.range(&store_key(&key), None)?.iter().filter(|kv| caller.can(Resource::Kv, &kv.key[KV_PREFIX.len()..], Access::Read)).map(KvEntry::from_kv).collect();
+        let entries: Vec<KvEntry> = s
+            .store
+            .range(&store_key(&key), None)?
+            .iter()
+            .filter(|kv| caller.can(Resource::Kv, &kv.key[KV_PREFIX.len()..], Access::Read))
+            .map(KvEntry::from_kv)
+            .collect();
         return Ok(indexed(index, Json(entries)));
     }
     let Some(kv) = s.store.get(&store_key(&key))? else {

@@ -48,7 +48,13 @@ async fn list_services(State(s): State<AppState>, caller: Caller, q: QueryPairs)
     Ok(indexed(index, Json(list)))
 }
 
-async fn put_service(State(s): State<AppState>, caller: Caller, Path(name): Path<String>, q: QueryPairs, JsonBody(spec): JsonBody<ServiceSpec>) -> ApiResult<Response> {
+async fn put_service(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+    q: QueryPairs,
+    JsonBody(spec): JsonBody<ServiceSpec>,
+) -> ApiResult<Response> {
     service_name(&name)?;
     caller.require(Resource::Service, &name, Access::Write)?;
     let svc = spec.validate(&q.namespace()?, &name)?;
@@ -75,7 +81,13 @@ async fn delete_service(State(s): State<AppState>, caller: Caller, Path(name): P
     Ok(indexed(index, StatusCode::NO_CONTENT))
 }
 
-async fn register(State(s): State<AppState>, caller: Caller, Path(name): Path<String>, q: QueryPairs, JsonBody(spec): JsonBody<InstanceSpec>) -> ApiResult<Response> {
+async fn register(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+    q: QueryPairs,
+    JsonBody(spec): JsonBody<InstanceSpec>,
+) -> ApiResult<Response> {
     service_name(&name)?;
     caller.require(Resource::Service, &name, Access::Write)?;
     let ns = q.namespace()?;
@@ -93,12 +105,8 @@ async fn list_instances(State(s): State<AppState>, caller: Caller, Path(name): P
     if let Some(z) = &zone {
         validate::name("zone", z)?;
     }
-    let filter = InstanceFilter {
-        healthy_only: q.flag("healthy")?.unwrap_or(true),
-        tags: q.all("tag").map(str::to_string).collect(),
-        metadata: q.metadata(),
-        zone,
-    };
+    let filter =
+        InstanceFilter { healthy_only: q.flag("healthy")?.unwrap_or(true), tags: q.all("tag").map(str::to_string).collect(), metadata: q.metadata(), zone };
     if let Some((index, wait)) = q.blocking()? {
         let _g = zhili_telemetry::WatcherGuard::new(&s.metrics);
         s.registry.wait_for(index, wait, || s.registry.service_index(&ns, &name)).await;
@@ -143,7 +151,13 @@ struct CheckUpdate {
     output: String,
 }
 
-async fn update_check(State(s): State<AppState>, caller: Caller, Path((name, id, check)): Path<(String, String, String)>, q: QueryPairs, JsonBody(body): JsonBody<CheckUpdate>) -> ApiResult<Response> {
+async fn update_check(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path((name, id, check)): Path<(String, String, String)>,
+    q: QueryPairs,
+    JsonBody(body): JsonBody<CheckUpdate>,
+) -> ApiResult<Response> {
     service_name(&name)?;
     caller.require(Resource::Service, &name, Access::Write)?;
     let status = HealthStatus::parse("status", &body.status)?;
@@ -162,7 +176,13 @@ struct MaintenanceBody {
     reason: String,
 }
 
-async fn maintenance(State(s): State<AppState>, caller: Caller, Path((name, id)): Path<(String, String)>, q: QueryPairs, JsonBody(body): JsonBody<MaintenanceBody>) -> ApiResult<Response> {
+async fn maintenance(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path((name, id)): Path<(String, String)>,
+    q: QueryPairs,
+    JsonBody(body): JsonBody<MaintenanceBody>,
+) -> ApiResult<Response> {
     service_name(&name)?;
     caller.require(Resource::Service, &name, Access::Write)?;
     validate::text("reason", &body.reason)?;
