@@ -1,1 +1,365 @@
-fn main() {}
+//! Zhili's load generator. Each worker owns one keep-alive HTTP/1.1 connection and sends requests
+//! back to back (closed loop); latencies are recorded per request. Scenarios cover Zhili's native
+//! API and, for comparison in the same run, etcd's v3 JSON gateway.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use base64::Engine;
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use http::{Method, Request};
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Closed-loop load of one scenario; prints one JSON line of results.
+    Load {
+        #[arg(long)]
+        target: SocketAddr,
+        /// register | heartbeat | discover | kv-put | etcd-put-lease | etcd-keepalive | etcd-put
+        #[arg(long)]
+        scenario: String,
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Instances pre-registered for heartbeat/discover.
+        #[arg(long, default_value_t = 10)]
+        instances: usize,
+    },
+    /// N blocking watchers on one service; one change; wake-up latency of each.
+    Wake {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long, default_value_t = 1000)]
+        watchers: usize,
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
+    /// Registers N ephemeral instances (kept alive by nobody: measure RSS right after).
+    FillInstances {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long)]
+        count: usize,
+    },
+    /// Writes N KV entries.
+    FillKv {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long)]
+        count: usize,
+    },
+    /// Starts `bin server` and reports milliseconds until /health/ready answers 200.
+    Ready {
+        #[arg(long)]
+        bin: PathBuf,
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long)]
+        addr: SocketAddr,
+        /// Leave the server running (print its pid) instead of killing it.
+        #[arg(long)]
+        keep: bool,
+    },
+}
+
+/// One keep-alive connection.
+struct Conn {
+    addr: SocketAddr,
+    sender: http1::SendRequest<Full<Bytes>>,
+}
+
+impl Conn {
+    async fn open(addr: SocketAddr) -> anyhow::Result<Self> {
+        let stream = tokio::net::TcpStream::connect(addr).await.with_context(|| format!("connect {addr}"))?;
+        stream.set_nodelay(true)?;
+        let (sender, conn) = http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(Self { addr, sender })
+    }
+
+    async fn send(&mut self, method: Method, path: &str, body: Option<Bytes>) -> anyhow::Result<(u16, Bytes)> {
+        if self.sender.ready().await.is_err() {
+            *self = Self::open(self.addr).await?;
+        }
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", self.addr.to_string())
+            .header("content-type", "application/json")
+            .body(Full::new(body.unwrap_or_default()))?;
+        let resp = self.sender.send_request(req).await?;
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await?.to_bytes();
+        Ok((status, body))
+    }
+}
+
+fn b64(s: &str) -> String {
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+fn percentile(sorted: &[u64], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Load { target, scenario, concurrency, seconds, instances } => load(target, &scenario, concurrency, Duration::from_secs(seconds), instances).await,
+        Cmd::Wake { target, watchers, rounds } => wake(target, watchers, rounds).await,
+        Cmd::FillInstances { target, count } => {
+            fill(target, count, |i| (Method::POST, "/api/v1/services/fill/instances".to_string(), Some(instance_body(i)))).await
+        }
+        Cmd::FillKv { target, count } => {
+            fill(target, count, |i| (Method::PUT, format!("/api/v1/kv/fill/{i:08}"), Some(Bytes::from(format!("value-{i}-{}", "x".repeat(64)))))).await
+        }
+        Cmd::Ready { bin, data_dir, addr, keep } => ready(bin, data_dir, addr, keep).await,
+    }
+}
+
+fn instance_body(i: usize) -> Bytes {
+    Bytes::from(format!(r#"{{"address":"10.{}.{}.{}","port":{},"metadata":{{"k":"v"}}}}"#, (i >> 16) & 255, (i >> 8) & 255, i & 255, 1000 + (i % 50000)))
+}
+
+/// A request to send: method, path, body.
+type Req = (Method, String, Option<Bytes>);
+
+/// Per-scenario setup (run once) and the request each worker sends for its n-th request.
+struct Scenario {
+    next: Box<dyn Fn(usize, usize) -> Req + Send + Sync>,
+    expect: u16,
+}
+
+async fn setup(target: SocketAddr, scenario: &str, instances: usize) -> anyhow::Result<Scenario> {
+    let mut c = Conn::open(target).await?;
+    Ok(match scenario {
+        "register" => Scenario {
+            next: Box::new(|w, n| (Method::POST, "/api/v1/services/bench-reg/instances".into(), Some(instance_body(w * 10_000_000 + n)))),
+            expect: 201,
+        },
+        "heartbeat" | "discover" => {
+            let svc = if scenario == "heartbeat" { "bench-hb" } else { "bench-disc" };
+            // Long heartbeat timeouts so the pre-registered instances stay for the whole run.
+            c.send(
+                Method::PUT,
+                &format!("/api/v1/services/{svc}"),
+                Some(Bytes::from(r#"{"health":{"heartbeat_interval":"5s","unhealthy_after":"10m","remove_after":"20m"}}"#)),
+            )
+            .await?;
+            for i in 0..instances {
+                let (st, body) = c.send(Method::POST, &format!("/api/v1/services/{svc}/instances"), Some(instance_body(i))).await?;
+                if st != 201 {
+                    bail!("setup register: {st} {}", String::from_utf8_lossy(&body));
+                }
+            }
+            let ids: Vec<String> = (0..instances).map(|i| format!("10.{}.{}.{}:{}", (i >> 16) & 255, (i >> 8) & 255, i & 255, 1000 + (i % 50000))).collect();
+            if scenario == "heartbeat" {
+                Scenario {
+                    next: Box::new(move |w, n| {
+                        (Method::PUT, format!("/api/v1/services/bench-hb/instances/{}/heartbeat", ids[(w * 7919 + n) % ids.len()]), None)
+                    }),
+                    expect: 204,
+                }
+            } else {
+                Scenario { next: Box::new(|_, _| (Method::GET, "/api/v1/services/bench-disc/instances".into(), None)), expect: 200 }
+            }
+        }
+        "kv-put" => Scenario {
+            next: Box::new(|w, n| {
+                (
+                    Method::PUT,
+                    format!("/api/v1/kv/bench/{w}/{}", n % 1000),
+                    Some(Bytes::from_static(b"value-of-some-64-bytes-value-of-some-64-bytes-value-of-some-64b")),
+                )
+            }),
+            expect: 200,
+        },
+        "etcd-put" => Scenario {
+            next: Box::new(|w, n| {
+                (Method::POST, "/v3/kv/put".into(), Some(Bytes::from(json!({"key": b64(&format!("bench/{w}/{}", n % 1000)), "value": b64("value-of-some-64-bytes-value-of-some-64-bytes-value-of-some-64b")}).to_string())))
+            }),
+            expect: 200,
+        },
+        "etcd-put-lease" | "etcd-keepalive" => {
+            let (st, body) = c.send(Method::POST, "/v3/lease/grant", Some(Bytes::from(r#"{"TTL":600}"#))).await?;
+            let v: Value = serde_json::from_slice(&body)?;
+            let id =
+                v["ID"].as_str().map(str::to_string).or_else(|| v["ID"].as_i64().map(|i| i.to_string())).with_context(|| format!("lease grant: {st} {v}"))?;
+            if scenario == "etcd-put-lease" {
+                Scenario {
+                    next: Box::new(move |w, n| {
+                        (
+                            Method::POST,
+                            "/v3/kv/put".into(),
+                            Some(Bytes::from(format!(r#"{{"key":"{}","value":"{}","lease":"{id}"}}"#, b64(&format!("lease/{w}/{}", n % 1000)), b64("v")))),
+                        )
+                    }),
+                    expect: 200,
+                }
+            } else {
+                Scenario {
+                    next: Box::new(move |_, _| (Method::POST, "/v3/lease/keepalive".into(), Some(Bytes::from(format!(r#"{{"ID":"{id}"}}"#))))),
+                    expect: 200,
+                }
+            }
+        }
+        other => bail!("unknown scenario {other:?}"),
+    })
+}
+
+async fn load(target: SocketAddr, scenario: &str, concurrency: usize, duration: Duration, instances: usize) -> anyhow::Result<()> {
+    let sc = Arc::new(setup(target, scenario, instances).await?);
+    let stop = Arc::new(AtomicBool::new(false));
+    let errors = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    let start = Instant::now();
+    for w in 0..concurrency {
+        let (sc, stop, errors) = (sc.clone(), stop.clone(), errors.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(100_000);
+            let Ok(mut c) = Conn::open(target).await else { return lat };
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let (m, path, body) = (sc.next)(w, n);
+                let t = Instant::now();
+                match c.send(m, &path, body).await {
+                    Ok((st, _)) if st == sc.expect => lat.push(t.elapsed().as_micros() as u64),
+                    _ => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                n += 1;
+            }
+            lat
+        }));
+    }
+    tokio::time::sleep(duration).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await?);
+    }
+    let secs = start.elapsed().as_secs_f64();
+    all.sort_unstable();
+    let out = json!({
+        "scenario": scenario, "concurrency": concurrency, "requests": all.len(), "errors": errors.load(Ordering::Relaxed),
+        "seconds": (secs * 100.0).round() / 100.0, "per_second": (all.len() as f64 / secs).round(),
+        "p50_us": percentile(&all, 0.5), "p99_us": percentile(&all, 0.99),
+    });
+    println!("{out}");
+    Ok(())
+}
+
+async fn wake(target: SocketAddr, watchers: usize, rounds: usize) -> anyhow::Result<()> {
+    let mut c = Conn::open(target).await?;
+    let (st, _) = c.send(Method::POST, "/api/v1/services/bench-wake/instances", Some(instance_body(0))).await?;
+    if st != 201 {
+        bail!("setup register: {st}");
+    }
+    let mut all = Vec::new();
+    for round in 0..rounds {
+        let (_, body) = c.send(Method::GET, "/api/v1/services/bench-wake/instances", None).await?;
+        let index = serde_json::from_slice::<Value>(&body)?["index"].as_u64().context("index")?;
+        let changed_at = Arc::new(std::sync::OnceLock::<Instant>::new());
+        let mut tasks = Vec::new();
+        for _ in 0..watchers {
+            let changed_at = changed_at.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut c = Conn::open(target).await?;
+                let (st, _) = c.send(Method::GET, &format!("/api/v1/services/bench-wake/instances?index={index}&wait=60s"), None).await?;
+                let done = Instant::now();
+                anyhow::ensure!(st == 200, "watch answered {st}");
+                Ok::<_, anyhow::Error>(done.duration_since(*changed_at.get().context("woke before the change")?).as_micros() as u64)
+            }));
+        }
+        // Let every watcher connect and block before the change.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        changed_at.set(Instant::now()).ok();
+        let (st, _) = c.send(Method::POST, "/api/v1/services/bench-wake/instances", Some(instance_body(round + 1))).await?;
+        anyhow::ensure!(st == 201, "change: {st}");
+        for t in tasks {
+            all.push(t.await??);
+        }
+    }
+    all.sort_unstable();
+    println!(
+        "{}",
+        json!({"scenario": "wake", "watchers": watchers, "rounds": rounds, "p50_us": percentile(&all, 0.5), "p99_us": percentile(&all, 0.99), "max_us": all.last()})
+    );
+    Ok(())
+}
+
+async fn fill(target: SocketAddr, count: usize, req: impl Fn(usize) -> Req + Send + Sync + 'static) -> anyhow::Result<()> {
+    let req = Arc::new(req);
+    let next = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..64 {
+        let (req, next) = (req.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut c = Conn::open(target).await?;
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed) as usize;
+                if i >= count {
+                    return Ok::<_, anyhow::Error>(());
+                }
+                let (m, p, b) = req(i);
+                let (st, body) = c.send(m, &p, b).await?;
+                anyhow::ensure!(st < 300, "{st} {}", String::from_utf8_lossy(&body));
+            }
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    println!("{}", json!({"filled": count, "seconds": start.elapsed().as_secs_f64()}));
+    Ok(())
+}
+
+async fn ready(bin: PathBuf, data_dir: PathBuf, addr: SocketAddr, keep: bool) -> anyhow::Result<()> {
+    let start = Instant::now();
+    let mut child = std::process::Command::new(&bin)
+        .args(["server", "--dev", "--log-level", "warn", "--api-addr", &addr.to_string(), "--data-dir"])
+        .arg(&data_dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let deadline = start + Duration::from_secs(60);
+    loop {
+        if let Ok(mut c) = Conn::open(addr).await {
+            if let Ok((200, _)) = c.send(Method::GET, "/health/ready", None).await {
+                break;
+            }
+        }
+        anyhow::ensure!(Instant::now() < deadline, "not ready within 60s");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let ms = start.elapsed().as_secs_f64() * 1000.0;
+    println!("{}", json!({"ready_ms": (ms * 10.0).round() / 10.0, "pid": child.id()}));
+    if !keep {
+        child.kill()?;
+        child.wait()?;
+    }
+    Ok(())
+}
