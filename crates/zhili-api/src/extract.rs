@@ -105,3 +105,73 @@ impl QueryPairs {
         self.0.iter().filter_map(|(k, v)| k.strip_prefix("meta.").map(|k| (k.to_string(), v.clone()))).collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    async fn parse(query: &str) -> Result<QueryPairs, ApiError> {
+        let (mut parts, _) = axum::http::Request::builder().uri(format!("/x?{query}")).body(()).map_err(|e| ApiError::BadRequest(e.to_string()))?.into_parts();
+        QueryPairs::from_request_parts(&mut parts, &()).await
+    }
+
+    fn detail(e: ApiError) -> String {
+        e.detail().to_string()
+    }
+
+    #[tokio::test]
+    async fn blocking_parameters() {
+        let q = parse("index=5&wait=2s&tag=a&tag=b&meta.env=prod").await.unwrap();
+        assert_eq!(q.blocking().unwrap(), Some((5, Duration::from_secs(2))));
+        assert_eq!(q.all("tag").collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(q.metadata().get("env").map(String::as_str), Some("prod"));
+        assert_eq!(parse("index=5").await.unwrap().blocking().unwrap(), Some((5, DEFAULT_WAIT)));
+        assert_eq!(parse("index=5&wait=1h").await.unwrap().blocking().unwrap(), Some((5, MAX_WAIT)), "waits are capped");
+        assert_eq!(parse("").await.unwrap().blocking().unwrap(), None);
+        assert!(detail(parse("index=-1").await.unwrap().blocking().unwrap_err()).starts_with("index:"));
+        assert!(detail(parse("index=1&wait=x").await.unwrap().blocking().unwrap_err()).starts_with("wait:"));
+        assert!(detail(parse("wait=x").await.unwrap().blocking().unwrap_err()).starts_with("wait:"), "a stray wait is still checked");
+        assert!(detail(parse("namespace=a/b").await.unwrap().namespace().unwrap_err()).starts_with("namespace:"));
+        assert!(detail(parse("recurse=yes").await.unwrap().flag("recurse").unwrap_err()).starts_with("recurse:"));
+        assert_eq!(parse("recurse").await.unwrap().flag("recurse").unwrap(), Some(true));
+        let many: String = (0..200).map(|i| format!("k{i}=v&")).collect();
+        assert!(detail(parse(&many).await.unwrap_err()).starts_with("query:"));
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_query_strings_never_panic(q in "[a-z=&%.0-9A-F+ ]{0,120}") {
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            rt.block_on(async {
+                if let Ok(p) = parse(&q).await {
+                    let _ = p.blocking();
+                    let _ = p.namespace();
+                    let _ = p.flag("healthy");
+                    let _ = p.u64("cas");
+                    let _ = p.metadata();
+                }
+            });
+        }
+
+        #[test]
+        fn index_and_wait_are_accepted_or_named(index in "\\PC{0,12}", wait in "\\PC{0,12}") {
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            rt.block_on(async {
+                let q = QueryPairs(vec![("index".into(), index.clone()), ("wait".into(), wait.clone())]);
+                match q.blocking() {
+                    Ok(Some((i, w))) => {
+                        prop_assert_eq!(index.parse::<u64>().ok(), Some(i));
+                        prop_assert!(w <= MAX_WAIT);
+                    }
+                    Ok(None) => prop_assert!(false, "index was given"),
+                    Err(e) => {
+                        let d = detail(e);
+                        prop_assert!(d.starts_with("index:") || d.starts_with("wait:"), "{}", d);
+                    }
+                }
+                Ok(())
+            })?;
+        }
+    }
+}

@@ -27,8 +27,25 @@ pub const MAX_BODY: usize = 640 * 1024;
 /// Prefix under which user KV keys live in the store (registry and ACL records live elsewhere).
 pub const KV_PREFIX: &str = "kv/";
 
+/// Shared by every handler. One `Arc`, because axum clones the state for each layer and route on
+/// every request: one atomic increment instead of one per field.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Services>);
+
+impl AppState {
+    pub fn new(services: Services) -> Self {
+        Self(Arc::new(services))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Services;
+    fn deref(&self) -> &Services {
+        &self.0
+    }
+}
+
+pub struct Services {
     pub store: Arc<dyn Store>,
     pub registry: Arc<Registry>,
     pub acl: Arc<Acl>,

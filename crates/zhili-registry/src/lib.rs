@@ -145,7 +145,6 @@ impl Registry {
             entry.instances.insert(inst.reg.id.clone(), inst);
         }
         drop(state);
-        reg.refresh_gauges();
         Ok(reg)
     }
 
@@ -211,7 +210,6 @@ impl Registry {
                 instance_id: None,
             });
         });
-        self.refresh_gauges();
         Ok(rev)
     }
 
@@ -245,7 +243,6 @@ impl Registry {
                 self.cancel_checks(ns, name, inst);
             }
         }
-        self.refresh_gauges();
         Ok(rev)
     }
 
@@ -305,10 +302,41 @@ impl Registry {
         }
     }
 
+    /// Discovery, rendered by `render` (e.g. to JSON). The default query (healthy only, no
+    /// filters) is the hot one: its rendering is cached per service index.
+    pub fn instances_rendered(
+        &self,
+        ns: &str,
+        name: &str,
+        filter: &InstanceFilter,
+        render: impl FnOnce(&InstanceList) -> bytes::Bytes,
+    ) -> Option<(u64, bytes::Bytes)> {
+        let state = self.state.read();
+        let e = state.services.get(&(ns.to_string(), name.to_string()))?;
+        let cacheable = filter.healthy_only && filter.tags.is_empty() && filter.metadata.is_empty() && filter.zone.is_none();
+        if cacheable {
+            if let Some((index, bytes)) = e.rendered.lock().as_ref() {
+                if *index == e.index {
+                    return Some((*index, bytes.clone()));
+                }
+            }
+        }
+        let list = Self::discover(e, ns, name, filter);
+        let bytes = render(&list);
+        if cacheable {
+            *e.rendered.lock() = Some((e.index, bytes.clone()));
+        }
+        Some((e.index, bytes))
+    }
+
     /// Discovery: the service's instances after filters, with the protection threshold applied.
     pub fn instances(&self, ns: &str, name: &str, filter: &InstanceFilter) -> Option<InstanceList> {
         let state = self.state.read();
         let e = state.services.get(&(ns.to_string(), name.to_string()))?;
+        Some(Self::discover(e, ns, name, filter))
+    }
+
+    fn discover(e: &ServiceEntry, ns: &str, name: &str, filter: &InstanceFilter) -> InstanceList {
         let candidates: Vec<Instance> = e.instances.values().map(|i| i.view(&e.def)).filter(|i| filter.matches_static(i)).collect();
         let serving = candidates.iter().filter(|i| i.is_serving()).count();
         let threshold = e.def.protection_threshold;
@@ -316,7 +344,7 @@ impl Registry {
         // hand out every instance rather than pile all traffic on the few left (Nacos semantics).
         let protection_triggered = filter.healthy_only && threshold > 0.0 && !candidates.is_empty() && (serving as f64) < threshold * candidates.len() as f64;
         let instances = if filter.healthy_only && !protection_triggered { candidates.into_iter().filter(Instance::is_serving).collect() } else { candidates };
-        Some(InstanceList { namespace: ns.into(), service: name.into(), index: e.index, protection_triggered, instances })
+        InstanceList { namespace: ns.into(), service: name.into(), index: e.index, protection_triggered, instances }
     }
 
     pub fn instance(&self, ns: &str, service: &str, id: &str) -> Option<Instance> {
@@ -327,11 +355,26 @@ impl Registry {
 
     // ---- instances ---------------------------------------------------------------------------
 
+    /// Whether an instance exists as persistent, and its maintenance state, without building a view.
+    fn existing(&self, ns: &str, service: &str, id: &str) -> (bool, Option<Maintenance>) {
+        let state = self.state.read();
+        match state.services.get(&(ns.to_string(), service.to_string())).and_then(|e| e.instances.get(id)) {
+            Some(i) => (!i.reg.ephemeral, i.maintenance.clone()),
+            None => (false, None),
+        }
+    }
+
     /// Registers (or replaces) an instance. Persistent instances are durable before this returns.
     pub async fn register(&self, ns: &str, service: &str, reg: InstanceRegistration) -> Result<u64, RegistryError> {
-        let was_persistent = self.instance(ns, service, &reg.id).is_some_and(|i| !i.ephemeral);
-        let _order = if !reg.ephemeral || was_persistent { Some(self.persist_order.lock().await) } else { None };
-        let maintenance = self.instance(ns, service, &reg.id).and_then(|i| i.maintenance);
+        let (mut was_persistent, mut maintenance) = self.existing(ns, service, &reg.id);
+        let _order = if !reg.ephemeral || was_persistent {
+            let guard = self.persist_order.lock().await;
+            // Read again under the order lock: a concurrent persistent write may have changed it.
+            (was_persistent, maintenance) = self.existing(ns, service, &reg.id);
+            Some(guard)
+        } else {
+            None
+        };
         if !reg.ephemeral {
             let value = serde_json::to_vec(&PersistedInstance { registration: reg.clone(), maintenance: maintenance.clone() }).expect("instance serializes");
             self.store.txn(Txn::put(instance_key(ns, service, &reg.id), value)).await?;
@@ -362,7 +405,6 @@ impl Registry {
             self.checks.schedule(CheckKey { namespace: ns.into(), service: service.into(), instance: reg.id.clone(), check: def.id.clone() }, def.clone());
         }
         self.metrics.registrations.inc();
-        self.refresh_gauges();
         Ok(rev)
     }
 
@@ -391,7 +433,6 @@ impl Registry {
         });
         let inst = removed?;
         self.cancel_checks(ns, service, &inst);
-        self.refresh_gauges();
         Some(rev)
     }
 
@@ -568,7 +609,8 @@ impl Registry {
         }
     }
 
-    /// Recomputes the instance gauges. Cheap relative to writes: one pass under the read lock.
+    /// Recomputes the instance gauges: one pass under the read lock, so it runs at scrape time,
+    /// never on the write path (that would make each registration O(instances)).
     fn refresh_gauges(&self) {
         let state = self.state.read();
         let mut counts: HashMap<HealthStatus, i64> = HashMap::new();

@@ -18,11 +18,15 @@ pub(crate) struct ServiceEntry {
     /// Revision of the latest change to the service or any of its instances.
     pub index: u64,
     pub instances: BTreeMap<String, InstanceEntry>,
+    /// The rendered default discovery answer (healthy, unfiltered) and the index it reflects.
+    /// Every visible change bumps `index`, so a stale entry is recognised, never served.
+    /// Its own small lock, so readers under the shared registry lock can fill it.
+    pub rendered: parking_lot::Mutex<Option<(u64, bytes::Bytes)>>,
 }
 
 impl ServiceEntry {
     pub fn new(def: Service, index: u64) -> Self {
-        Self { def, index, instances: BTreeMap::new() }
+        Self { def, index, instances: BTreeMap::new(), rendered: parking_lot::Mutex::new(None) }
     }
 }
 

@@ -120,7 +120,7 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
     });
 
     let ready = Arc::new(AtomicBool::new(false));
-    let state = zhili_api::AppState { store, registry, acl, metrics, ready: ready.clone() };
+    let state = zhili_api::AppState::new(zhili_api::Services { store, registry, acl, metrics, ready: ready.clone() });
     let app = zhili_api::router(state);
 
     let Some(addr) = cfg.api_addr else {

@@ -111,14 +111,13 @@ async fn list_instances(State(s): State<AppState>, caller: Caller, Path(name): P
         let _g = zhili_telemetry::WatcherGuard::new(&s.metrics);
         s.registry.wait_for(index, wait, || s.registry.service_index(&ns, &name)).await;
     }
-    let list = s.registry.instances(&ns, &name, &filter).unwrap_or_else(|| InstanceList {
-        namespace: ns.clone(),
-        service: name.clone(),
-        index: s.registry.service_index(&ns, &name),
-        protection_triggered: false,
-        instances: vec![],
+    let render = |list: &InstanceList| axum::body::Bytes::from(serde_json::to_vec(list).unwrap_or_default());
+    let (index, body) = s.registry.instances_rendered(&ns, &name, &filter, render).unwrap_or_else(|| {
+        // Unknown service: an empty answer that can still be watched for its first instance.
+        let index = s.registry.service_index(&ns, &name);
+        (index, render(&InstanceList { namespace: ns.clone(), service: name.clone(), index, protection_triggered: false, instances: vec![] }))
     });
-    Ok(indexed(list.index, Json(list)))
+    Ok(indexed(index, ([(axum::http::header::CONTENT_TYPE, "application/json")], body)))
 }
 
 async fn get_instance(State(s): State<AppState>, caller: Caller, Path((name, id)): Path<(String, String)>, q: QueryPairs) -> ApiResult<Response> {
