@@ -75,7 +75,9 @@ impl Drop for HealthEngine {
 /// Counts consecutive results and decides when a check flips (pingora-style thresholds).
 #[derive(Debug)]
 pub struct Thresholds {
-    status: HealthStatus,
+    /// None until the first decision: the engine does not know what the registry shows (a
+    /// re-registered instance may have kept "passing"), so its first definite result is reported.
+    status: Option<HealthStatus>,
     successes: u32,
     failures: u32,
     success_before_passing: u32,
@@ -83,10 +85,9 @@ pub struct Thresholds {
 }
 
 impl Thresholds {
-    /// Checks start critical, as the registry shows them until they first pass.
     pub fn new(def: &CheckDefinition) -> Self {
         Self {
-            status: HealthStatus::Critical,
+            status: None,
             successes: 0,
             failures: 0,
             success_before_passing: def.success_before_passing,
@@ -94,32 +95,35 @@ impl Thresholds {
         }
     }
 
+    pub fn status(&self) -> Option<HealthStatus> {
+        self.status
+    }
+
     /// Feeds one result; returns the new status if it changed.
     pub fn observe(&mut self, result: HealthStatus) -> Option<HealthStatus> {
-        match result {
+        let to = match result {
             HealthStatus::Passing => {
                 self.successes += 1;
                 self.failures = 0;
-                (self.status != HealthStatus::Passing && self.successes >= self.success_before_passing).then(|| self.flip(HealthStatus::Passing))
+                (self.successes >= self.success_before_passing).then_some(HealthStatus::Passing)
             }
             HealthStatus::Critical => {
                 self.failures += 1;
                 self.successes = 0;
-                // The very first result flips at once: "not yet checked" is no state to hold on to.
-                let first = self.status == HealthStatus::Critical;
-                (!first && self.failures >= self.failures_before_critical).then(|| self.flip(HealthStatus::Critical))
+                // Unknown → critical at once: a check that has never passed is critical anyway.
+                (self.status.is_none() || self.failures >= self.failures_before_critical).then_some(HealthStatus::Critical)
             }
             HealthStatus::Warning => {
                 self.successes = 0;
                 self.failures = 0;
-                (self.status != HealthStatus::Warning).then(|| self.flip(HealthStatus::Warning))
+                Some(HealthStatus::Warning)
             }
+        }?;
+        if self.status == Some(to) {
+            return None;
         }
-    }
-
-    fn flip(&mut self, to: HealthStatus) -> HealthStatus {
-        self.status = to;
-        to
+        self.status = Some(to);
+        Some(to)
     }
 }
 
@@ -141,8 +145,9 @@ async fn run_check(inner: Arc<Inner>, key: CheckKey, def: CheckDefinition) {
         // Report status changes, and output changes while critical (why it is failing matters).
         let report = flipped.is_some() || (result.status != HealthStatus::Passing && result.output != last_output);
         if report {
-            tracing::debug!(service = %key.service, instance = %key.instance, check = %key.check, status = ?thresholds.status, output = %result.output, "check result");
-            let t = HealthTransition { key: key.clone(), status: thresholds.status, output: result.output.clone() };
+            let status = thresholds.status().unwrap_or(HealthStatus::Critical);
+            tracing::debug!(service = %key.service, instance = %key.instance, check = %key.check, ?status, output = %result.output, "check result");
+            let t = HealthTransition { key: key.clone(), status, output: result.output.clone() };
             if inner.sink.send(t).await.is_err() {
                 return;
             }

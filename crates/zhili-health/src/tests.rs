@@ -25,6 +25,14 @@ fn thresholds_need_consecutive_results() {
 }
 
 #[test]
+fn first_failure_is_reported_at_once() {
+    // A restarted check does not know what the registry shows, so it reports its first failure.
+    let mut t = Thresholds::new(&def(r#"{"kind":"tcp","address":"127.0.0.1:1","failures_before_critical":3}"#));
+    assert_eq!(t.observe(HealthStatus::Critical), Some(HealthStatus::Critical));
+    assert_eq!(t.observe(HealthStatus::Critical), None);
+}
+
+#[test]
 fn health_protobuf_round_trip() {
     assert_eq!(encode_health_request(""), Vec::<u8>::new());
     assert_eq!(encode_health_request("ab"), vec![0x0a, 2, b'a', b'b']);
