@@ -177,7 +177,7 @@ impl Client {
         }
         let req = req.body(Full::new(body.unwrap_or_default())).map_err(|e| ClientError::Config(e.to_string()))?;
         let exchange = async {
-            let resp = self.http.request(req).await.map_err(|e| ClientError::Transport(error_chain(&e)))?;
+            let resp = self.http.request(req).await.map_err(|e| ClientError::Transport(zhili_model::error_chain(&e)))?;
             let status = resp.status();
             let index = resp.headers().get("x-zhili-index").and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok()).unwrap_or(0);
             let headers = resp.headers().clone();
@@ -334,15 +334,4 @@ impl Client {
         }
         serde_json::from_slice(&r.body).map_err(|e| ClientError::Decode(e.to_string()))
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
-    }
-    s
 }

@@ -72,7 +72,7 @@ impl Probe {
         };
         let resp = match self.http.request(req).await {
             Ok(r) => r,
-            Err(e) => return ProbeResult::new(HealthStatus::Critical, format!("{method} {url}: {}", error_chain(&e))),
+            Err(e) => return ProbeResult::new(HealthStatus::Critical, format!("{method} {url}: {}", zhili_model::error_chain(&e))),
         };
         let code = resp.status();
         let status = if code.is_success() {
@@ -112,7 +112,7 @@ impl Probe {
         };
         let resp = match self.grpc.request(req).await {
             Ok(r) => r,
-            Err(e) => return ProbeResult::new(HealthStatus::Critical, format!("gRPC {address}: {}", error_chain(&e))),
+            Err(e) => return ProbeResult::new(HealthStatus::Critical, format!("gRPC {address}: {}", zhili_model::error_chain(&e))),
         };
         if !resp.status().is_success() {
             return ProbeResult::new(HealthStatus::Critical, format!("gRPC {address}: HTTP {}", resp.status()));
@@ -146,17 +146,6 @@ async fn tcp_check(address: &str) -> ProbeResult {
         Ok(_) => ProbeResult::new(HealthStatus::Passing, format!("TCP connect {address}: Success")),
         Err(e) => ProbeResult::new(HealthStatus::Critical, format!("TCP connect {address}: {e}")),
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(inner) = src {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        src = inner.source();
-    }
-    s
 }
 
 fn grpc_status(h: &http::HeaderMap) -> Option<(u32, String)> {

@@ -288,30 +288,22 @@ fn writer_loop(shared: &Shared, rx: mpsc::Receiver<Request>) {
             shared.failed.store(true, Ordering::Release);
         }
         for reply in replies {
-            let fail = |_: &StoreError| outcome.as_ref().err().map(|e| engine(e.to_string()));
             match reply {
-                Reply::Txn(tx, r) => {
-                    let _ = tx.send(match (&outcome, r) {
-                        (Err(e), _) => Err(fail(e).unwrap_or(StoreError::Closed)),
-                        (Ok(()), r) => r,
-                    });
-                }
-                Reply::Grant(tx, r) => {
-                    let _ = tx.send(match (&outcome, r) {
-                        (Err(e), _) => Err(fail(e).unwrap_or(StoreError::Closed)),
-                        (Ok(()), r) => r,
-                    });
-                }
-                Reply::Revoke(Some(tx), r) => {
-                    let _ = tx.send(match (&outcome, r) {
-                        (Err(e), _) => Err(fail(e).unwrap_or(StoreError::Closed)),
-                        (Ok(()), r) => r,
-                    });
-                }
+                Reply::Txn(tx, r) => answer(tx, &outcome, r),
+                Reply::Grant(tx, r) => answer(tx, &outcome, r),
+                Reply::Revoke(Some(tx), r) => answer(tx, &outcome, r),
                 Reply::Revoke(None, _) => {}
             }
         }
     }
+}
+
+/// Acknowledges one request: its own result if the group became durable, else the commit error.
+fn answer<T>(tx: oneshot::Sender<Result<T, StoreError>>, outcome: &Result<(), StoreError>, result: Result<T, StoreError>) {
+    let _ = tx.send(match outcome {
+        Ok(()) => result,
+        Err(e) => Err(engine(e)),
+    });
 }
 
 impl Group<'_> {

@@ -9,11 +9,6 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-/// mimalloc: the request path allocates many small, short-lived objects; glibc malloc spent ~10%
-/// of CPU on them in profiles.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Exit code for a bad configuration value (sysexits' EX_USAGE).
 pub const EXIT_USAGE: u8 = 64;
 
