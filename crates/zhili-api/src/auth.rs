@@ -61,8 +61,17 @@ pub fn token_from(headers: &HeaderMap) -> Option<String> {
     ["x-zhili-token", "x-consul-token"].iter().find_map(|h| headers.get(*h).and_then(|v| v.to_str().ok()).map(|s| s.trim().to_string()))
 }
 
+/// Consul clients may also pass the token as `?token=` on `/v1` routes.
+fn query_token(req: &Request) -> Option<String> {
+    if !req.uri().path().starts_with("/v1/") {
+        return None;
+    }
+    let q = req.uri().query()?;
+    serde_urlencoded::from_str::<Vec<(String, String)>>(q).ok()?.into_iter().find(|(k, _)| k == "token").map(|(_, v)| v).filter(|v| !v.is_empty())
+}
+
 pub async fn authorize(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
-    let token = token_from(req.headers());
+    let token = token_from(req.headers()).or_else(|| query_token(&req));
     match state.acl.resolve(token.as_deref()) {
         Ok(authority) => {
             req.extensions_mut().insert(Caller { authority, token });

@@ -122,4 +122,15 @@ impl From<AclError> for ApiError {
     }
 }
 
+impl From<zhili_kv::KvError> for ApiError {
+    fn from(e: zhili_kv::KvError) -> Self {
+        match e {
+            zhili_kv::KvError::Store(s) => s.into(),
+            zhili_kv::KvError::Invalid(v) => v.into(),
+            zhili_kv::KvError::Contention => Self::Unavailable(e.to_string()),
+            zhili_kv::KvError::Corrupt { .. } => Self::Internal(e.to_string()),
+        }
+    }
+}
+
 pub type ApiResult<T> = Result<T, ApiError>;

@@ -3,6 +3,7 @@
 //! route; errors become problem+json in one place ([`error`]).
 
 pub mod auth;
+pub mod consul;
 pub mod error;
 pub mod extract;
 mod native;
@@ -18,14 +19,14 @@ use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::Router;
 use zhili_acl::Acl;
+use zhili_kv::Kv;
 use zhili_registry::Registry;
 use zhili_store::Store;
 use zhili_telemetry::{HttpLabels, Metrics};
 
 /// Largest request body on any route: a 512 KiB KV value plus headroom for JSON bodies.
 pub const MAX_BODY: usize = 640 * 1024;
-/// Prefix under which user KV keys live in the store (registry and ACL records live elsewhere).
-pub const KV_PREFIX: &str = "kv/";
+pub use zhili_kv::KV_PREFIX;
 
 /// Shared by every handler. One `Arc`, because axum clones the state for each layer and route on
 /// every request: one atomic increment instead of one per field.
@@ -49,6 +50,8 @@ pub struct Services {
     pub store: Arc<dyn Store>,
     pub registry: Arc<Registry>,
     pub acl: Arc<Acl>,
+    pub kv: Arc<Kv>,
+    pub consul: consul::ConsulIdentity,
     pub metrics: Arc<Metrics>,
     /// Set once persisted state is loaded and listeners are up; `/health/ready` reports it.
     pub ready: Arc<AtomicBool>,
@@ -61,6 +64,7 @@ pub struct Services {
 pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(native::routes())
+        .merge(consul::routes())
         .merge(ops::routes())
         .fallback(fallback)
         .layer(middleware::from_fn_with_state(state.clone(), auth::authorize))

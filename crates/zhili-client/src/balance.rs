@@ -77,6 +77,7 @@ mod tests {
             checks: vec![],
             create_index: 1,
             modify_index: 1,
+            node: None,
         }
     }
 

@@ -9,6 +9,10 @@ use serde::Deserialize;
 
 pub const DEFAULT_DATA_DIR: &str = "./zhili-data";
 pub const DEFAULT_API_ADDR: &str = "127.0.0.1:8500";
+pub const DEFAULT_DNS_ADDR: &str = "127.0.0.1:8600";
+/// The name this server gives itself as a Consul node (catalog, DNS `<node>.node.consul`).
+pub const DEFAULT_NODE_NAME: &str = "zhili";
+pub const DEFAULT_DATACENTER: &str = "dc1";
 pub const DEFAULT_LOG_LEVEL: &str = "info";
 /// Active checks running at once; more wait their turn rather than opening unbounded sockets.
 pub const DEFAULT_CHECK_CONCURRENCY: usize = 256;
@@ -30,6 +34,9 @@ pub struct FileConfig {
     pub data_dir: Option<PathBuf>,
     pub dev: Option<bool>,
     pub api_addr: Option<String>,
+    pub dns_addr: Option<String>,
+    pub node_name: Option<String>,
+    pub datacenter: Option<String>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub log_format: Option<String>,
@@ -49,6 +56,9 @@ impl FileConfig {
             data_dir: over.data_dir.or(self.data_dir),
             dev: over.dev.or(self.dev),
             api_addr: over.api_addr.or(self.api_addr),
+            dns_addr: over.dns_addr.or(self.dns_addr),
+            node_name: over.node_name.or(self.node_name),
+            datacenter: over.datacenter.or(self.datacenter),
             tls_cert: over.tls_cert.or(self.tls_cert),
             tls_key: over.tls_key.or(self.tls_key),
             log_format: over.log_format.or(self.log_format),
@@ -79,6 +89,9 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     pub dev: bool,
     pub api_addr: Listen,
+    pub dns_addr: Listen,
+    pub node_name: String,
+    pub datacenter: String,
     pub tls: Option<TlsFiles>,
     pub log_format: LogFormat,
     pub log_level: String,
@@ -98,6 +111,15 @@ pub fn parse_listen(field: &'static str, value: &str) -> Result<Listen, ConfigEr
 impl FileConfig {
     pub fn validate(self) -> Result<ServerConfig, ConfigError> {
         let api_addr = parse_listen("api_addr", self.api_addr.as_deref().unwrap_or(DEFAULT_API_ADDR))?;
+        let dns_addr = parse_listen("dns_addr", self.dns_addr.as_deref().unwrap_or(DEFAULT_DNS_ADDR))?;
+        let node_name = self.node_name.unwrap_or_else(|| DEFAULT_NODE_NAME.into());
+        let datacenter = self.datacenter.unwrap_or_else(|| DEFAULT_DATACENTER.into());
+        for (field, v) in [("node_name", &node_name), ("datacenter", &datacenter)] {
+            let label = !v.is_empty() && v.len() <= 63 && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') && !v.starts_with('-');
+            if !label {
+                return Err(ConfigError::Invalid { field, message: format!("{v:?} is not a DNS label (letters, digits, '-', at most 63)") });
+            }
+        }
         let tls = match (self.tls_cert, self.tls_key) {
             (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
             (None, None) => None,
@@ -121,6 +143,9 @@ impl FileConfig {
             data_dir,
             dev: self.dev.unwrap_or(false),
             api_addr,
+            dns_addr,
+            node_name,
+            datacenter,
             tls,
             log_format,
             log_level: self.log_level.unwrap_or_else(|| DEFAULT_LOG_LEVEL.into()),
@@ -150,6 +175,8 @@ mod tests {
         assert!(e.to_string().contains("api_addr"), "{e}");
         let e = FileConfig { tls_cert: Some("c.pem".into()), ..Default::default() }.validate().unwrap_err();
         assert!(e.to_string().contains("tls_key"), "{e}");
+        let e = FileConfig { node_name: Some("a.b".into()), ..Default::default() }.validate().unwrap_err();
+        assert!(e.to_string().contains("node_name"), "{e}");
         let e = FileConfig { log_format: Some("xml".into()), ..Default::default() }.validate().unwrap_err();
         assert!(e.to_string().contains("log_format"), "{e}");
     }

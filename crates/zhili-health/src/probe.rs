@@ -52,7 +52,7 @@ impl Probe {
                 CheckKind::Http { url, method, headers } => self.http_check(url, method, headers).await,
                 CheckKind::Tcp { address } => tcp_check(address).await,
                 CheckKind::Grpc { address, grpc_service } => self.grpc_check(address, grpc_service).await,
-                CheckKind::Ttl { .. } => ProbeResult::new(HealthStatus::Critical, "ttl checks are not probed"),
+                CheckKind::Ttl { .. } | CheckKind::Manual => ProbeResult::new(HealthStatus::Critical, "ttl and manual checks are not probed"),
             }
         };
         match tokio::time::timeout(timeout, fut).await {

@@ -228,6 +228,8 @@ pub enum CheckKind {
         address: String,
         grpc_service: String,
     },
+    /// Status set only through the API and kept until changed (Consul catalog checks).
+    Manual,
 }
 
 impl CheckKind {
@@ -237,11 +239,17 @@ impl CheckKind {
             Self::Http { .. } => "http",
             Self::Tcp { .. } => "tcp",
             Self::Grpc { .. } => "grpc",
+            Self::Manual => "manual",
         }
     }
 
     pub fn is_active(&self) -> bool {
-        !matches!(self, Self::Ttl { .. })
+        !matches!(self, Self::Ttl { .. } | Self::Manual)
+    }
+
+    /// Whether clients set this check's status through the API (pass/warn/fail).
+    pub fn is_api_driven(&self) -> bool {
+        matches!(self, Self::Ttl { .. } | Self::Manual)
     }
 }
 
@@ -316,7 +324,8 @@ impl CheckSpec {
                     CheckKind::Grpc { address, grpc_service }
                 }
             }
-            other => return Err(ValidationError::new(f("kind"), format!("{other:?} is not one of ttl, http, tcp, grpc"))),
+            "manual" => CheckKind::Manual,
+            other => return Err(ValidationError::new(f("kind"), format!("{other:?} is not one of ttl, http, tcp, grpc, manual"))),
         };
         if kind.is_active() {
             if interval < MIN_CHECK_INTERVAL {
@@ -374,6 +383,17 @@ pub struct InstanceRegistration {
     pub ephemeral: bool,
     pub enabled: bool,
     pub checks: Vec<CheckDefinition>,
+    /// The node (host) the instance runs on, when a compatibility API named one (Consul's
+    /// catalog); `None` means the server's own node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<NodeRef>,
+}
+
+/// A Consul-style node: a named host with an address.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct NodeRef {
+    pub name: String,
+    pub address: String,
 }
 
 impl InstanceSpec {
@@ -417,6 +437,7 @@ impl InstanceSpec {
             ephemeral: self.ephemeral.unwrap_or(true),
             enabled: self.enabled.unwrap_or(true),
             checks,
+            node: None,
         })
     }
 }
@@ -460,6 +481,8 @@ pub struct Instance {
     pub checks: Vec<CheckState>,
     pub create_index: u64,
     pub modify_index: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<NodeRef>,
 }
 
 impl Instance {

@@ -353,6 +353,33 @@ impl Registry {
         e.instances.get(id).map(|i| i.view(&e.def))
     }
 
+    /// Every instance of a namespace (all namespaces when `None`), in (service, id) order, with
+    /// the registry index they reflect. Catalog-wide views (Consul catalog, DNS nodes) use this.
+    pub fn all_instances(&self, ns: Option<&str>) -> (u64, Vec<Instance>) {
+        let index = self.index();
+        let state = self.state.read();
+        let mut out: Vec<Instance> =
+            state.services.iter().filter(|((n, _), _)| ns.is_none_or(|ns| ns == n)).flat_map(|(_, e)| e.instances.values().map(|i| i.view(&e.def))).collect();
+        out.sort_by(|a, b| (&a.namespace, &a.service, &a.id).cmp(&(&b.namespace, &b.service, &b.id)));
+        (index, out)
+    }
+
+    /// Finds an instance by id alone (Consul addresses service instances by id, not by name).
+    pub fn find_instance(&self, ns: &str, id: &str) -> Option<Instance> {
+        let state = self.state.read();
+        state.services.iter().filter(|((n, _), _)| n == ns).find_map(|(_, e)| e.instances.get(id).map(|i| i.view(&e.def)))
+    }
+
+    /// Finds the instance that owns a check id, returning (service, instance id).
+    pub fn find_check(&self, ns: &str, check: &str) -> Option<(String, String)> {
+        let state = self.state.read();
+        state
+            .services
+            .iter()
+            .filter(|((n, _), _)| n == ns)
+            .find_map(|((_, svc), e)| e.instances.values().find(|i| i.checks.iter().any(|c| c.def.id == check)).map(|i| (svc.clone(), i.reg.id.clone())))
+    }
+
     // ---- instances ---------------------------------------------------------------------------
 
     /// Whether an instance exists as persistent, and its maintenance state, without building a view.
@@ -488,7 +515,7 @@ impl Registry {
             let e = state.services.get(&(ns.to_string(), service.to_string())).ok_or_else(|| RegistryError::InstanceNotFound(id.into()))?;
             let inst = e.instances.get(id).ok_or_else(|| RegistryError::InstanceNotFound(id.into()))?;
             let c = inst.checks.iter().find(|c| c.def.id == check).ok_or_else(|| RegistryError::CheckNotFound(check.into()))?;
-            if !matches!(c.def.kind, CheckKind::Ttl { .. }) {
+            if !c.def.kind.is_api_driven() {
                 return Err(RegistryError::NotTtl(check.into()));
             }
         }

@@ -146,6 +146,7 @@ impl InstanceEntry {
                 .collect(),
             create_index: self.create_index,
             modify_index: self.modify_index,
+            node: r.node.clone(),
         }
     }
 }

@@ -23,6 +23,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct ServerProcess {
     child: Child,
     pub api: SocketAddr,
+    /// The DNS listener (UDP and TCP on one port), when on.
+    pub dns: Option<SocketAddr>,
     pub data_dir: PathBuf,
     bin: PathBuf,
     args: Vec<String>,
@@ -47,11 +49,15 @@ impl ServerProcess {
     }
 
     /// Starts a server on a fixed API address, so a restart comes back where clients expect it.
+    /// DNS listens on a free port too (`--dns-addr 127.0.0.1:0`) unless `extra` says otherwise.
     pub fn start_at(bin: &Path, data_dir: &Path, api_addr: &str, extra: &[&str]) -> Self {
         let mut args: Vec<String> = vec!["--api-addr".into(), api_addr.into()];
+        if !extra.contains(&"--dns-addr") {
+            args.extend(["--dns-addr".into(), "127.0.0.1:0".into()]);
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
-        let (child, api, output) = spawn(bin, data_dir, &args);
-        Self { child, api, data_dir: data_dir.to_path_buf(), bin: bin.to_path_buf(), args, _tmp: None, output }
+        let (child, api, dns, output) = spawn(bin, data_dir, &args);
+        Self { child, api, dns, data_dir: data_dir.to_path_buf(), bin: bin.to_path_buf(), args, _tmp: None, output }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -95,9 +101,13 @@ impl ServerProcess {
         if let Some(pos) = self.args.iter().position(|a| a == "--api-addr") {
             self.args[pos + 1] = self.api.to_string();
         }
-        let (child, api, output) = spawn(&self.bin, &self.data_dir, &self.args);
+        if let (Some(pos), Some(dns)) = (self.args.iter().position(|a| a == "--dns-addr"), self.dns) {
+            self.args[pos + 1] = dns.to_string();
+        }
+        let (child, api, dns, output) = spawn(&self.bin, &self.data_dir, &self.args);
         self.child = child;
         self.api = api;
+        self.dns = dns;
         self.output = output;
     }
 }
@@ -109,7 +119,9 @@ impl Drop for ServerProcess {
     }
 }
 
-fn spawn(bin: &Path, data_dir: &Path, extra: &[String]) -> (Child, SocketAddr, Arc<std::sync::Mutex<Vec<String>>>) {
+type Spawned = (Child, SocketAddr, Option<SocketAddr>, Arc<std::sync::Mutex<Vec<String>>>);
+
+fn spawn(bin: &Path, data_dir: &Path, extra: &[String]) -> Spawned {
     let mut child = Command::new(bin)
         .arg("server")
         .arg("--data-dir")
@@ -126,11 +138,17 @@ fn spawn(bin: &Path, data_dir: &Path, extra: &[String]) -> (Child, SocketAddr, A
     let out = output.clone();
     std::thread::spawn(move || {
         let mut sent = false;
+        let mut dns = None;
         for line in BufReader::new(stdout).lines() {
             let Ok(line) = line else { break };
             if !sent {
+                // The DNS line comes first, so both are known once the API line arrives.
+                if let Some(addr) = line.strip_prefix("zhili dns listening on ") {
+                    dns = addr.trim().parse::<SocketAddr>().ok();
+                    continue;
+                }
                 if let Some(addr) = line.strip_prefix("zhili api listening on http://").or_else(|| line.strip_prefix("zhili api listening on https://")) {
-                    let _ = tx.send(addr.trim().to_string());
+                    let _ = tx.send((addr.trim().to_string(), dns));
                     sent = true;
                     continue;
                 }
@@ -138,11 +156,11 @@ fn spawn(bin: &Path, data_dir: &Path, extra: &[String]) -> (Child, SocketAddr, A
             out.lock().unwrap().push(line);
         }
     });
-    let addr = rx.recv_timeout(START_TIMEOUT).unwrap_or_else(|_| {
+    let (addr, dns) = rx.recv_timeout(START_TIMEOUT).unwrap_or_else(|_| {
         let _ = child.kill();
         panic!("zhili did not report its API address within {START_TIMEOUT:?}");
     });
-    (child, addr.parse().expect("address"), output)
+    (child, addr.parse().expect("address"), dns, output)
 }
 
 /// Polls `f` until it returns true or `timeout` passes; panics with `what` on timeout.

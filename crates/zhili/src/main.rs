@@ -43,6 +43,15 @@ pub struct ServerArgs {
     /// API listener address, or "off" [default: 127.0.0.1:8500]
     #[arg(long, env = "ZHILI_API_ADDR")]
     pub api_addr: Option<String>,
+    /// DNS listener (UDP and TCP, same port), or "off" [default: 127.0.0.1:8600]
+    #[arg(long, env = "ZHILI_DNS_ADDR")]
+    pub dns_addr: Option<String>,
+    /// This server's node name in the Consul catalog and DNS [default: zhili]
+    #[arg(long, env = "ZHILI_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Datacenter name reported to Consul clients and served in DNS [default: dc1]
+    #[arg(long, env = "ZHILI_DATACENTER")]
+    pub datacenter: Option<String>,
     /// PEM certificate chain: serve the API over TLS (needs --tls-key).
     #[arg(long, env = "ZHILI_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,

@@ -50,6 +50,9 @@ fn config_from(args: ServerArgs) -> Result<ServerConfig, zhili_config::ConfigErr
         data_dir: args.data_dir,
         dev: args.dev.then_some(true),
         api_addr: args.api_addr,
+        dns_addr: args.dns_addr,
+        node_name: args.node_name,
+        datacenter: args.datacenter,
         tls_cert: args.tls_cert,
         tls_key: args.tls_key,
         log_format: args.log_format,
@@ -120,7 +123,10 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
     });
 
     let ready = Arc::new(AtomicBool::new(false));
-    let state = zhili_api::AppState::new(zhili_api::Services { store, registry, acl, metrics, ready: ready.clone() });
+    let kv = zhili_kv::Kv::new(store.clone());
+    tokio::spawn(kv.clone().run_session_reaper());
+    let consul = zhili_api::consul::ConsulIdentity { node: cfg.node_name.clone(), datacenter: cfg.datacenter.clone(), address: advertised_ip(cfg.api_addr) };
+    let state = zhili_api::AppState::new(zhili_api::Services { store, registry: registry.clone(), acl, kv, consul, metrics, ready: ready.clone() });
     let app = zhili_api::router(state);
 
     let Some(addr) = cfg.api_addr else {
@@ -146,6 +152,15 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
     }
     tracing::info!("shut down");
     Ok(())
+}
+
+/// The address clients should use for this node: the API listener's IP, or loopback when it
+/// listens on every interface (or not at all).
+fn advertised_ip(api: Option<SocketAddr>) -> String {
+    match api.map(|a| a.ip()) {
+        Some(ip) if !ip.is_unspecified() => ip.to_string(),
+        _ => "127.0.0.1".into(),
+    }
 }
 
 async fn shutdown_signal() {

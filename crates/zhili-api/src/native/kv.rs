@@ -11,9 +11,10 @@ use axum::routing::get;
 use axum::{Json, Router};
 use base64::Engine;
 use serde::Serialize;
+use zhili_kv::Entry;
 use zhili_model::acl::{Access, Resource};
 use zhili_model::validate;
-use zhili_store::{Compare, KeyValue, Op, Store, Txn};
+use zhili_store::Store;
 
 use super::indexed;
 use crate::auth::Caller;
@@ -33,19 +34,39 @@ pub struct KvEntry {
     pub create_index: u64,
     pub modify_index: u64,
     pub version: u64,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub flags: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub lease: Option<u64>,
+    pub session: Option<String>,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 impl KvEntry {
-    pub fn from_kv(kv: &KeyValue) -> Self {
+    /// From a raw store record (watch events); flags and lock state are not part of those.
+    pub fn from_kv(kv: &zhili_store::KeyValue) -> Self {
         Self {
             key: kv.key[KV_PREFIX.len()..].to_string(),
             value: base64::engine::general_purpose::STANDARD.encode(&kv.value),
             create_index: kv.create_revision,
             modify_index: kv.mod_revision,
             version: kv.version,
-            lease: kv.lease,
+            flags: 0,
+            session: None,
+        }
+    }
+
+    pub fn from_entry(e: &Entry) -> Self {
+        Self {
+            key: e.key.clone(),
+            value: base64::engine::general_purpose::STANDARD.encode(&e.value),
+            create_index: e.create_index,
+            modify_index: e.modify_index,
+            version: e.version,
+            flags: e.flags,
+            session: e.session.clone(),
         }
     }
 }
@@ -120,23 +141,17 @@ async fn read(State(s): State<AppState>, caller: Caller, key: String, q: QueryPa
         return Ok(indexed(index, Json(out)));
     }
     if recurse {
-        let entries: Vec<KvEntry> = s
-            .store
-            .range(&store_key(&key), None)?
-            .iter()
-            .filter(|kv| caller.can(Resource::Kv, &kv.key[KV_PREFIX.len()..], Access::Read))
-            .map(KvEntry::from_kv)
-            .collect();
+        let entries: Vec<KvEntry> = s.kv.list(&key)?.iter().filter(|e| caller.can(Resource::Kv, &e.key, Access::Read)).map(KvEntry::from_entry).collect();
         return Ok(indexed(index, Json(entries)));
     }
-    let Some(kv) = s.store.get(&store_key(&key))? else {
+    let Some(e) = s.kv.get(&key)? else {
         // The index rides along so a watcher of a missing key knows where to continue from.
         return Ok(indexed(index, ApiError::NotFound(format!("key {key:?} not found"))));
     };
     if raw {
-        return Ok(indexed(index, ([(header::CONTENT_TYPE, "application/octet-stream")], kv.value.clone())));
+        return Ok(indexed(index, ([(header::CONTENT_TYPE, "application/octet-stream")], e.value)));
     }
-    Ok(indexed(index, Json(KvEntry::from_kv(&kv))))
+    Ok(indexed(index, Json(KvEntry::from_entry(&e))))
 }
 
 async fn put_key(State(s): State<AppState>, caller: Caller, Path(key): Path<String>, q: QueryPairs, body: Bytes) -> ApiResult<Response> {
@@ -144,18 +159,13 @@ async fn put_key(State(s): State<AppState>, caller: Caller, Path(key): Path<Stri
     validate::kv_value("value", &body).map_err(|e| ApiError::PayloadTooLarge(e.to_string()))?;
     caller.require(Resource::Kv, &key, Access::Write)?;
     let cas = q.u64("cas")?;
-    let full = store_key(&key);
-    let mut txn = Txn::put(full.clone(), body);
-    if let Some(rev) = cas {
-        txn = txn.when(Compare::ModRevision(full.clone(), rev));
-    }
-    let res = s.store.txn(txn).await?;
-    if !res.succeeded {
-        let current = s.store.get(&full)?.map_or(0, |kv| kv.mod_revision);
+    let (applied, revision) = s.kv.put(&key, body, 0, cas, None, None).await?;
+    if !applied {
+        let current = s.kv.get(&key)?.map_or(0, |e| e.modify_index);
         return Err(ApiError::Conflict(format!("cas: key {key:?} has modify index {current}, not {}", cas.unwrap_or_default())));
     }
     s.metrics.kv_writes.inc();
-    Ok(indexed(res.revision, Json(serde_json::json!({ "index": res.revision }))))
+    Ok(indexed(revision, Json(serde_json::json!({ "index": revision }))))
 }
 
 async fn delete_key(State(s): State<AppState>, caller: Caller, Path(key): Path<String>, q: QueryPairs) -> ApiResult<Response> {
@@ -166,19 +176,13 @@ async fn delete_key(State(s): State<AppState>, caller: Caller, Path(key): Path<S
         validate::kv_key("key", &key)?;
     }
     caller.require(Resource::Kv, &key, Access::Write)?;
-    let full = store_key(&key);
     let cas = q.u64("cas")?;
     if recurse && cas.is_some() {
         return Err(ApiError::field("cas", "cannot be combined with recurse"));
     }
-    let op = if recurse { Op::DeletePrefix { prefix: full.clone() } } else { Op::Delete { key: full.clone() } };
-    let mut txn = Txn { success: vec![op], ..Default::default() };
-    if let Some(rev) = cas {
-        txn = txn.when(Compare::ModRevision(full.clone(), rev));
-    }
-    let res = s.store.txn(txn).await?;
-    if !res.succeeded {
+    let (applied, revision) = s.kv.delete(&key, recurse, cas).await?;
+    if !applied {
         return Err(ApiError::Conflict(format!("cas: key {key:?} does not have modify index {}", cas.unwrap_or_default())));
     }
-    Ok(indexed(res.revision, (StatusCode::OK, Json(serde_json::json!({ "deleted": res.deleted.len(), "index": res.revision }))).into_response()))
+    Ok(indexed(revision, (StatusCode::OK, Json(serde_json::json!({ "index": revision }))).into_response()))
 }

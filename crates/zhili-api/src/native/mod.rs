@@ -5,6 +5,8 @@ mod events;
 mod kv;
 mod registry;
 
+pub(crate) use kv::wait_kv;
+
 use axum::http::HeaderValue;
 use axum::response::{IntoResponse, Response};
 use axum::Router;
