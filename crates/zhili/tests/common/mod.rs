@@ -37,3 +37,49 @@ pub async fn expect_problem(c: &Client, method: Method, path: &str, body: Option
     let detail = v["detail"].as_str().unwrap_or_default();
     assert!(detail.contains(field), "{method} {path}: detail {detail:?} should name {field:?}");
 }
+
+/// The Python of the interop venv that `scripts/test` builds (real Consul/Nacos client libraries).
+/// Interop tests fail, rather than skip, when it is missing: they are part of the suite.
+pub fn interop_python() -> std::path::PathBuf {
+    let path = std::env::var_os("ZHILI_INTEROP_PYTHON")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/interop-venv/bin/python"));
+    assert!(path.exists(), "{} is missing: run ./scripts/test, which installs the interop clients", path.display());
+    path
+}
+
+/// Runs `crates/zhili/tests/interop/<script>` with `args`, bounded by `timeout`; panics with its
+/// output unless it exits 0.
+pub fn run_interop(script: &str, args: &[&str], timeout: Duration) -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop").join(script);
+    let mut child = std::process::Command::new(interop_python())
+        .arg(&script)
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start python");
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(_status) = child.try_wait().expect("wait") {
+            break;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().expect("output");
+            panic!("{} timed out after {timeout:?}\n{}{}", script.display(), String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().expect("output");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{} failed:\n{text}", script.display());
+    text
+}
+
+/// Bootstraps ACLs on a server started without --dev; returns the management token's secret.
+pub async fn bootstrap(s: &ServerProcess) -> String {
+    let (st, _, root) = call(&client(s, None), Method::POST, "/api/v1/acl/bootstrap", None).await;
+    assert_eq!(st, StatusCode::OK, "{root}");
+    root["secret_id"].as_str().expect("secret_id").to_string()
+}
