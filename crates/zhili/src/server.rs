@@ -20,8 +20,38 @@ use crate::{ServerArgs, EXIT_USAGE};
 
 /// How often stale heartbeats, expired TTLs and deregister-after deadlines are looked for.
 const REAP_INTERVAL: Duration = Duration::from_millis(250);
+/// TTL of DNS answers: short, so a health change reaches resolvers within seconds.
+const DNS_TTL: Duration = Duration::from_secs(5);
 /// Health transitions waiting for the registry; when full, check tasks wait (nothing is lost).
 const TRANSITION_QUEUE: usize = 4096;
+
+/// DNS's view of the registry: serving instances of the default namespace, and nodes.
+struct RegistryCatalog {
+    registry: Arc<Registry>,
+    node: String,
+    node_address: String,
+}
+
+impl zhili_dns::Catalog for RegistryCatalog {
+    fn service(&self, name: &str, tag: Option<&str>) -> Option<Vec<zhili_dns::Endpoint>> {
+        let filter = zhili_registry::InstanceFilter { healthy_only: true, tags: tag.map(|t| vec![t.to_string()]).unwrap_or_default(), ..Default::default() };
+        let list = self.registry.instances(zhili_model::DEFAULT_NAMESPACE, name, &filter)?;
+        Some(
+            list.instances
+                .into_iter()
+                .map(|i| zhili_dns::Endpoint { node: i.node.map_or_else(|| self.node.clone(), |n| n.name), address: i.address, port: i.port })
+                .collect(),
+        )
+    }
+
+    fn node(&self, name: &str) -> Option<String> {
+        if name == self.node {
+            return Some(self.node_address.clone());
+        }
+        let (_, all) = self.registry.all_instances(None);
+        all.into_iter().find_map(|i| i.node.filter(|n| n.name == name).map(|n| n.address))
+    }
+}
 
 /// The registry's check contract, implemented over the health engine.
 struct EngineScheduler(Arc<HealthEngine>);
@@ -126,6 +156,14 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
     let kv = zhili_kv::Kv::new(store.clone());
     tokio::spawn(kv.clone().run_session_reaper());
     let consul = zhili_api::consul::ConsulIdentity { node: cfg.node_name.clone(), datacenter: cfg.datacenter.clone(), address: advertised_ip(cfg.api_addr) };
+    if let Some(dns_addr) = cfg.dns_addr {
+        let catalog = RegistryCatalog { registry: registry.clone(), node: consul.node.clone(), node_address: consul.address.clone() };
+        let dns = zhili_dns::DnsServer::new(Arc::new(catalog), &consul.datacenter, DNS_TTL);
+        let local = zhili_dns::listen(dns, dns_addr).await.with_context(|| format!("binding the DNS listener on {dns_addr}"))?;
+        // Printed before the API line, which tools wait for last.
+        println!("zhili dns listening on {local}");
+        tracing::info!(addr = %local, "DNS listener up (udp+tcp)");
+    }
     let state = zhili_api::AppState::new(zhili_api::Services { store, registry: registry.clone(), acl, kv, consul, metrics, ready: ready.clone() });
     let app = zhili_api::router(state);
 
