@@ -18,6 +18,7 @@ pub const ROUTES: &[(&str, &str, &str, &str)] = &[
     ("put", "/api/v1/services/{service}/instances/{id}/checks/{check}", "registry", "Set a TTL check's status {status, output}"),
     ("put", "/api/v1/services/{service}/instances/{id}/maintenance", "registry", "Enter or leave maintenance {enabled, reason}"),
     ("get", "/api/v1/events/registry", "events", "Server-sent events of registry changes (?service=)"),
+    ("get", "/api/v1/sd/prometheus", "discovery", "Prometheus HTTP service discovery: serving instances as target groups with __meta_zhili_* labels"),
     ("get", "/api/v1/events/kv", "events", "Server-sent events of KV changes under ?prefix= from ?index="),
     ("get", "/api/v1/kv", "kv", "List or read the whole keyspace (?keys or ?recurse)"),
     ("get", "/api/v1/kv/{key}", "kv", "Read a key (?raw), a prefix (?recurse) or key names (?keys&separator=); blocking with index/wait"),
