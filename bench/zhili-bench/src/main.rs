@@ -30,7 +30,7 @@ enum Cmd {
     Load {
         #[arg(long)]
         target: SocketAddr,
-        /// register | heartbeat | discover | kv-put | etcd-put-lease | etcd-keepalive | etcd-put
+        /// register | heartbeat | discover | kv-put | consul-register | consul-health | consul-health-blocking | etcd-put-lease | etcd-keepalive | etcd-put
         #[arg(long)]
         scenario: String,
         #[arg(long, default_value_t = 64)]
@@ -63,6 +63,17 @@ enum Cmd {
         target: SocketAddr,
         #[arg(long)]
         count: usize,
+    },
+    /// Closed-loop UDP DNS queries (A record of a service), one socket per worker.
+    Dns {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long, default_value = "bench-consul.service.consul")]
+        name: String,
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
     },
     /// Starts `bin server` and reports milliseconds until /health/ready answers 200.
     Ready {
@@ -135,6 +146,7 @@ async fn main() -> anyhow::Result<()> {
             fill(target, count, |i| (Method::PUT, format!("/api/v1/kv/fill/{i:08}"), Some(Bytes::from(format!("value-{i}-{}", "x".repeat(64)))))).await
         }
         Cmd::Ready { bin, data_dir, addr, keep } => ready(bin, data_dir, addr, keep).await,
+        Cmd::Dns { target, name, concurrency, seconds } => dns(target, &name, concurrency, Duration::from_secs(seconds)).await,
     }
 }
 
@@ -224,6 +236,36 @@ async fn setup(target: SocketAddr, scenario: &str, instances: usize) -> anyhow::
                 }
             }
         }
+        "consul-register" => Scenario {
+            next: Box::new(|w, n| {
+                let i = w * 10_000_000 + n;
+                let body = format!(
+                    r#"{{"Name":"bench-consul-reg","ID":"r{i}","Address":"10.{}.{}.{}","Port":80,"Meta":{{"k":"v"}}}}"#,
+                    (i >> 16) & 255,
+                    (i >> 8) & 255,
+                    i & 255
+                );
+                (Method::PUT, "/v1/agent/service/register".into(), Some(Bytes::from(body)))
+            }),
+            expect: 200,
+        },
+        "consul-health" | "consul-health-blocking" => {
+            for i in 0..instances {
+                let body = format!(r#"{{"Name":"bench-consul","ID":"c{i}","Address":"10.0.0.{}","Port":80,"Tags":["v1"]}}"#, i % 250 + 1);
+                let (st, body) = c.send(Method::PUT, "/v1/agent/service/register", Some(Bytes::from(body))).await?;
+                if st != 200 {
+                    bail!("setup register: {st} {}", String::from_utf8_lossy(&body));
+                }
+            }
+            // Blocking form: an index behind the service's, so each query takes the blocking
+            // path and answers at once (as a client catching up does).
+            let path = if scenario == "consul-health" {
+                "/v1/health/service/bench-consul?passing"
+            } else {
+                "/v1/health/service/bench-consul?passing&index=1&wait=30s"
+            };
+            Scenario { next: Box::new(move |_, _| (Method::GET, path.into(), None)), expect: 200 }
+        }
         other => bail!("unknown scenario {other:?}"),
     })
 }
@@ -268,6 +310,69 @@ async fn load(target: SocketAddr, scenario: &str, concurrency: usize, duration: 
         "p50_us": percentile(&all, 0.5), "p99_us": percentile(&all, 0.99),
     });
     println!("{out}");
+    Ok(())
+}
+
+/// A DNS query packet for an A record (RFC 1035 wire format).
+fn dns_query(id: u16, name: &str) -> Vec<u8> {
+    let mut q = Vec::with_capacity(64);
+    q.extend_from_slice(&id.to_be_bytes());
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]); // RD, 1 question
+    for label in name.trim_end_matches('.').split('.') {
+        q.push(label.len() as u8);
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.extend_from_slice(&[0, 0, 1, 0, 1]); // root, type A, class IN
+    q
+}
+
+async fn dns(target: SocketAddr, name: &str, concurrency: usize, duration: Duration) -> anyhow::Result<()> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let errors = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..concurrency {
+        let (stop, errors, name) = (stop.clone(), errors.clone(), name.to_string());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(100_000);
+            let Ok(sock) = tokio::net::UdpSocket::bind("127.0.0.1:0").await else { return lat };
+            if sock.connect(target).await.is_err() {
+                return lat;
+            }
+            let mut buf = [0u8; 4096];
+            let mut n: u16 = 0;
+            while !stop.load(Ordering::Relaxed) {
+                n = n.wrapping_add(1);
+                let id = (w as u16).wrapping_mul(4099).wrapping_add(n);
+                let t = Instant::now();
+                let ok = sock.send(&dns_query(id, &name)).await.is_ok()
+                    && matches!(tokio::time::timeout(Duration::from_secs(1), sock.recv(&mut buf)).await,
+                        Ok(Ok(len)) if len >= 12 && buf[..2] == id.to_be_bytes() && buf[3] & 0x0f == 0 && buf[7] > 0);
+                if ok {
+                    lat.push(t.elapsed().as_micros() as u64);
+                } else {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            lat
+        }));
+    }
+    tokio::time::sleep(duration).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await?);
+    }
+    let secs = start.elapsed().as_secs_f64();
+    all.sort_unstable();
+    println!(
+        "{}",
+        json!({
+            "scenario": "dns-a", "concurrency": concurrency, "requests": all.len(), "errors": errors.load(Ordering::Relaxed),
+            "seconds": (secs * 100.0).round() / 100.0, "per_second": (all.len() as f64 / secs).round(),
+            "p50_us": percentile(&all, 0.5), "p99_us": percentile(&all, 0.99),
+        })
+    );
     Ok(())
 }
 
@@ -340,7 +445,9 @@ async fn fill(target: SocketAddr, count: usize, req: impl Fn(usize) -> Req + Sen
 async fn ready(bin: PathBuf, data_dir: PathBuf, addr: SocketAddr, keep: bool) -> anyhow::Result<()> {
     let start = Instant::now();
     let mut child = std::process::Command::new(&bin)
-        .args(["server", "--dev", "--log-level", "warn", "--api-addr", &addr.to_string(), "--data-dir"])
+        .args(["server", "--dev", "--log-level", "warn", "--api-addr", &addr.to_string()])
+        // DNS on the API port + 100, so scripts know where it is.
+        .args(["--dns-addr", &SocketAddr::new(addr.ip(), addr.port() + 100).to_string(), "--data-dir"])
         .arg(&data_dir)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())

@@ -52,6 +52,7 @@ pub struct Services {
     pub acl: Arc<Acl>,
     pub kv: Arc<Kv>,
     pub consul: consul::ConsulIdentity,
+    pub consul_health: consul::HealthCache,
     pub metrics: Arc<Metrics>,
     /// Set once persisted state is loaded and listeners are up; `/health/ready` reports it.
     pub ready: Arc<AtomicBool>,

@@ -81,13 +81,43 @@ pub struct Registry {
     /// One lock over all registry state: reads take it shared and never queue behind the store;
     /// writers hold it only for in-memory mutation, never across an await.
     state: RwLock<State>,
-    /// Serializes persistent writes so disk and memory apply them in the same order.
-    persist_order: tokio::sync::Mutex<()>,
+    /// Orders persistent writes of one key so disk and memory apply them in the same order,
+    /// while writes of different keys proceed together (and share group commits).
+    persist_order: PersistOrder,
     index: watch::Sender<u64>,
     events: broadcast::Sender<Arc<RegistryEvent>>,
     checks: Arc<dyn CheckScheduler>,
     metrics: Arc<Metrics>,
     epoch: Instant,
+}
+
+/// Striped locks ordering persistent writes per (namespace, service, id).
+struct PersistOrder {
+    stripes: Vec<tokio::sync::Mutex<()>>,
+}
+
+const PERSIST_STRIPES: usize = 64;
+
+impl PersistOrder {
+    fn new() -> Self {
+        Self { stripes: (0..PERSIST_STRIPES).map(|_| tokio::sync::Mutex::new(())).collect() }
+    }
+
+    async fn key(&self, ns: &str, service: &str, id: &str) -> tokio::sync::MutexGuard<'_, ()> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (ns, service, id).hash(&mut h);
+        self.stripes[h.finish() as usize % PERSIST_STRIPES].lock().await
+    }
+
+    /// Every stripe, taken in one order (so two callers cannot deadlock).
+    async fn all(&self) -> Vec<tokio::sync::MutexGuard<'_, ()>> {
+        let mut guards = Vec::with_capacity(PERSIST_STRIPES);
+        for s in &self.stripes {
+            guards.push(s.lock().await);
+        }
+        guards
+    }
 }
 
 pub fn unix_ms() -> u64 {
@@ -112,7 +142,7 @@ impl Registry {
             store: store.clone(),
             clock,
             state: RwLock::new(State::default()),
-            persist_order: tokio::sync::Mutex::new(()),
+            persist_order: PersistOrder::new(),
             index,
             events,
             checks,
@@ -193,7 +223,7 @@ impl Registry {
     // ---- services ----------------------------------------------------------------------------
 
     pub async fn put_service(&self, svc: Service) -> Result<u64, RegistryError> {
-        let _order = self.persist_order.lock().await;
+        let _order = self.persist_order.key(&svc.namespace, &svc.name, "").await;
         let value = serde_json::to_vec(&svc).expect("service serializes");
         self.store.txn(Txn::put(service_key(&svc.namespace, &svc.name), value)).await?;
         let (_, rev) = self.mutate(|state, rev, events| {
@@ -215,7 +245,8 @@ impl Registry {
 
     /// Deletes a service with all its instances.
     pub async fn delete_service(&self, ns: &str, name: &str) -> Result<u64, RegistryError> {
-        let _order = self.persist_order.lock().await;
+        // Every stripe: no write to one of its instances may land between disk and memory.
+        let _order = self.persist_order.all().await;
         if !self.state.read().services.contains_key(&(ns.to_string(), name.to_string())) {
             return Err(RegistryError::ServiceNotFound(name.into()));
         }
@@ -395,7 +426,7 @@ impl Registry {
     pub async fn register(&self, ns: &str, service: &str, reg: InstanceRegistration) -> Result<u64, RegistryError> {
         let (mut was_persistent, mut maintenance) = self.existing(ns, service, &reg.id);
         let _order = if !reg.ephemeral || was_persistent {
-            let guard = self.persist_order.lock().await;
+            let guard = self.persist_order.key(ns, service, &reg.id).await;
             // Read again under the order lock: a concurrent persistent write may have changed it.
             (was_persistent, maintenance) = self.existing(ns, service, &reg.id);
             Some(guard)
@@ -437,7 +468,7 @@ impl Registry {
 
     pub async fn deregister(&self, ns: &str, service: &str, id: &str) -> Result<u64, RegistryError> {
         let existing = self.instance(ns, service, id).ok_or_else(|| RegistryError::InstanceNotFound(id.into()))?;
-        let _order = if existing.ephemeral { None } else { Some(self.persist_order.lock().await) };
+        let _order = if existing.ephemeral { None } else { Some(self.persist_order.key(ns, service, id).await) };
         if !existing.ephemeral {
             delete_key(&*self.store, instance_key(ns, service, id)).await?;
         }
@@ -539,7 +570,7 @@ impl Registry {
                 .map(|m| Maintenance { reason: reason.into(), ..m })
                 .unwrap_or(Maintenance { reason: reason.into(), since_ms: unix_ms() })
         });
-        let _order = if existing.ephemeral { None } else { Some(self.persist_order.lock().await) };
+        let _order = if existing.ephemeral { None } else { Some(self.persist_order.key(ns, service, id).await) };
         if !existing.ephemeral {
             let reg = self
                 .state

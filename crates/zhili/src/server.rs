@@ -164,7 +164,16 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
         println!("zhili dns listening on {local}");
         tracing::info!(addr = %local, "DNS listener up (udp+tcp)");
     }
-    let state = zhili_api::AppState::new(zhili_api::Services { store, registry: registry.clone(), acl, kv, consul, metrics, ready: ready.clone() });
+    let state = zhili_api::AppState::new(zhili_api::Services {
+        store,
+        registry: registry.clone(),
+        acl,
+        kv,
+        consul,
+        consul_health: Default::default(),
+        metrics,
+        ready: ready.clone(),
+    });
     let app = zhili_api::router(state);
 
     let Some(addr) = cfg.api_addr else {

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
+use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use axum::{Json, Router};
@@ -16,6 +17,7 @@ use super::agent::{apply, convert};
 use super::{aggregate, apply_filter, bad, boolean, canon, check_dc, checks_json, decode, namespace, node_json, node_meta_filter, node_of, object, reply};
 use super::{serf_check, service_json, tagged, weights, CResult};
 use crate::auth::Caller;
+use crate::error::ApiError;
 use crate::extract::QueryPairs;
 use crate::AppState;
 
@@ -219,6 +221,15 @@ async fn health_service(State(s): State<AppState>, caller: Caller, Path(name): P
     caller.require(Resource::Service, &name, Access::Read)?;
     let passing = q.flag("passing")?.unwrap_or(false);
     block(&s, &q, &ns, Some(&name)).await?;
+    // Unfiltered answers are cached per service index (the index covers every field shown).
+    let cacheable = q.get("tag").is_none() && q.get("node-meta").is_none() && q.get("filter").is_none_or(|f| f.trim().is_empty());
+    let key = (ns.clone(), name.clone(), passing);
+    if cacheable {
+        let index = s.registry.service_index(&ns, &name);
+        if let Some(body) = s.consul_health.get(&key, index) {
+            return Ok(reply(index, ([(header::CONTENT_TYPE, "application/json")], body)));
+        }
+    }
     let (index, list) = service_instances(&s, &q, &ns, &name)?;
     let mut out = Vec::with_capacity(list.len());
     for i in &list {
@@ -228,7 +239,11 @@ async fn health_service(State(s): State<AppState>, caller: Caller, Path(name): P
         }
         out.push(json!({ "Node": node_json(&s, &node_of(&s, i)), "Service": service_json(&s, i), "Checks": checks }));
     }
-    Ok(reply(index, Json(apply_filter(&q, out)?)))
+    let body = bytes::Bytes::from(serde_json::to_vec(&apply_filter(&q, out)?).map_err(|e| ApiError::Internal(e.to_string()))?);
+    if cacheable {
+        s.consul_health.put(key, index, body.clone());
+    }
+    Ok(reply(index, ([(header::CONTENT_TYPE, "application/json")], body)))
 }
 
 async fn health_checks(State(s): State<AppState>, caller: Caller, Path(name): Path<String>, q: QueryPairs) -> CResult<Response> {

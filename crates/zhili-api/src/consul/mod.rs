@@ -34,6 +34,31 @@ pub struct ConsulIdentity {
     pub address: String,
 }
 
+/// Rendered `/v1/health/service/:name` answers of the unfiltered queries, per service index:
+/// the hot read of Consul clients and Prometheus, served without re-rendering JSON.
+#[derive(Default)]
+pub struct HealthCache {
+    entries: std::sync::Mutex<std::collections::HashMap<(String, String, bool), (u64, bytes::Bytes)>>,
+}
+
+/// Entries kept at most; past this the cache starts over (services come and go).
+const HEALTH_CACHE_MAX: usize = 4096;
+
+impl HealthCache {
+    fn get(&self, key: &(String, String, bool), index: u64) -> Option<bytes::Bytes> {
+        let m = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        m.get(key).filter(|(i, _)| *i == index).map(|(_, b)| b.clone())
+    }
+
+    fn put(&self, key: (String, String, bool), index: u64, body: bytes::Bytes) {
+        let mut m = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if m.len() >= HEALTH_CACHE_MAX && !m.contains_key(&key) {
+            m.clear();
+        }
+        m.insert(key, (index, body));
+    }
+}
+
 impl ConsulIdentity {
     fn node_ref(&self) -> NodeRef {
         NodeRef { name: self.node.clone(), address: self.address.clone() }
