@@ -38,19 +38,22 @@ pub struct ConsulIdentity {
 /// the hot read of Consul clients and Prometheus, served without re-rendering JSON.
 #[derive(Default)]
 pub struct HealthCache {
-    entries: std::sync::Mutex<std::collections::HashMap<(String, String, bool), (u64, bytes::Bytes)>>,
+    entries: std::sync::Mutex<std::collections::HashMap<HealthKey, (u64, bytes::Bytes)>>,
 }
+
+/// (namespace, service, passing only).
+type HealthKey = (String, String, bool);
 
 /// Entries kept at most; past this the cache starts over (services come and go).
 const HEALTH_CACHE_MAX: usize = 4096;
 
 impl HealthCache {
-    fn get(&self, key: &(String, String, bool), index: u64) -> Option<bytes::Bytes> {
+    fn get(&self, key: &HealthKey, index: u64) -> Option<bytes::Bytes> {
         let m = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         m.get(key).filter(|(i, _)| *i == index).map(|(_, b)| b.clone())
     }
 
-    fn put(&self, key: (String, String, bool), index: u64, body: bytes::Bytes) {
+    fn put(&self, key: HealthKey, index: u64, body: bytes::Bytes) {
         let mut m = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         if m.len() >= HEALTH_CACHE_MAX && !m.contains_key(&key) {
             m.clear();
