@@ -296,16 +296,30 @@ async fn load(target: SocketAddr, scenario: &str, concurrency: usize, duration: 
             lat
         }));
     }
-    tokio::time::sleep(duration).await;
-    stop.store(true, Ordering::Relaxed);
+    report(scenario, concurrency, Run { start, duration, stop, errors, tasks }).await
+}
+
+/// A closed-loop run in progress: workers push their latencies until `stop`.
+struct Run {
+    start: Instant,
+    duration: Duration,
+    stop: Arc<AtomicBool>,
+    errors: Arc<AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<Vec<u64>>>,
+}
+
+/// Lets the run go for its duration, stops it and prints one JSON line of results.
+async fn report(scenario: &str, concurrency: usize, run: Run) -> anyhow::Result<()> {
+    tokio::time::sleep(run.duration).await;
+    run.stop.store(true, Ordering::Relaxed);
     let mut all = Vec::new();
-    for t in tasks {
+    for t in run.tasks {
         all.extend(t.await?);
     }
-    let secs = start.elapsed().as_secs_f64();
+    let secs = run.start.elapsed().as_secs_f64();
     all.sort_unstable();
     let out = json!({
-        "scenario": scenario, "concurrency": concurrency, "requests": all.len(), "errors": errors.load(Ordering::Relaxed),
+        "scenario": scenario, "concurrency": concurrency, "requests": all.len(), "errors": run.errors.load(Ordering::Relaxed),
         "seconds": (secs * 100.0).round() / 100.0, "per_second": (all.len() as f64 / secs).round(),
         "p50_us": percentile(&all, 0.5), "p99_us": percentile(&all, 0.99),
     });
@@ -357,23 +371,7 @@ async fn dns(target: SocketAddr, name: &str, concurrency: usize, duration: Durat
             lat
         }));
     }
-    tokio::time::sleep(duration).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut all = Vec::new();
-    for t in tasks {
-        all.extend(t.await?);
-    }
-    let secs = start.elapsed().as_secs_f64();
-    all.sort_unstable();
-    println!(
-        "{}",
-        json!({
-            "scenario": "dns-a", "concurrency": concurrency, "requests": all.len(), "errors": errors.load(Ordering::Relaxed),
-            "seconds": (secs * 100.0).round() / 100.0, "per_second": (all.len() as f64 / secs).round(),
-            "p50_us": percentile(&all, 0.5), "p99_us": percentile(&all, 0.99),
-        })
-    );
-    Ok(())
+    report("dns-a", concurrency, Run { start, duration, stop, errors, tasks }).await
 }
 
 async fn wake(target: SocketAddr, watchers: usize, rounds: usize) -> anyhow::Result<()> {
