@@ -82,7 +82,8 @@ pub enum KvOp {
 }
 
 impl KvOp {
-    fn key(&self) -> &str {
+    /// The key, or the prefix of a tree operation.
+    pub fn key(&self) -> &str {
         match self {
             Self::Set { key, .. }
             | Self::Cas { key, .. }

@@ -58,11 +58,12 @@ fn readable(caller: &Caller, list: Vec<Instance>) -> Vec<Instance> {
 /// not by the registry's serving rules), after `tag` filters.
 fn service_instances(s: &AppState, q: &QueryPairs, ns: &str, name: &str) -> CResult<(u64, Vec<Instance>)> {
     let index = s.registry.service_index(ns, name);
-    let Some(detail) = s.registry.service(ns, name) else { return Ok((index, Vec::new())) };
-    let tags: Vec<&str> = q.all("tag").collect();
+    // Nodes carry no metadata here, so any node-meta filter matches nothing.
     if !node_meta_filter(q)?.is_empty() {
         return Ok((index, Vec::new()));
     }
+    let Some(detail) = s.registry.service(ns, name) else { return Ok((index, Vec::new())) };
+    let tags: Vec<&str> = q.all("tag").collect();
     let mut list: Vec<Instance> = detail.instances.into_iter().filter(|i| tags.iter().all(|t| i.tags.iter().any(|x| x == t))).collect();
     list.sort_by(|a, b| a.id.cmp(&b.id));
     Ok((index, list))

@@ -196,9 +196,15 @@ fn lock_delay(v: &Value) -> CResult<Option<Duration>> {
     }
 }
 
+/// Sessions serve KV locks and service leadership alike: either kind of access will do.
+fn session_access(caller: &Caller, access: Access) -> CResult<()> {
+    caller.require(Resource::Kv, "", access).or_else(|_| caller.require(Resource::Service, "", access))?;
+    Ok(())
+}
+
 async fn session_create(State(s): State<AppState>, caller: Caller, q: QueryPairs, body: Bytes) -> CResult<Response> {
     check_dc(&s, &q)?;
-    caller.require(Resource::Kv, "", Access::Write).or_else(|_| caller.require(Resource::Service, "", Access::Write))?;
+    session_access(&caller, Access::Write)?;
     let mut v = if body.is_empty() { json!({}) } else { decode(&body)? };
     canon(&mut v, &["Name", "Node", "LockDelay", "Behavior", "TTL", "Checks", "NodeChecks", "ServiceChecks"]);
     let node = v["Node"].as_str().filter(|n| !n.is_empty()).map_or_else(|| s.consul.node.clone(), str::to_string);
@@ -218,34 +224,33 @@ async fn session_create(State(s): State<AppState>, caller: Caller, q: QueryPairs
 }
 
 async fn session_destroy(State(s): State<AppState>, caller: Caller, Path(id): Path<String>) -> CResult<Response> {
-    caller.require(Resource::Kv, "", Access::Write).or_else(|_| caller.require(Resource::Service, "", Access::Write))?;
+    session_access(&caller, Access::Write)?;
     s.kv.session_destroy(&id).await?;
     Ok(boolean(true))
 }
 
 async fn session_renew(State(s): State<AppState>, caller: Caller, Path(id): Path<String>) -> CResult<Response> {
-    caller.require(Resource::Kv, "", Access::Write).or_else(|_| caller.require(Resource::Service, "", Access::Write))?;
+    session_access(&caller, Access::Write)?;
     match s.kv.session_renew(&id)? {
         Some(session) => Ok(reply(session.modify_index, Json(vec![session_json(&session)]))),
         None => Err(ConsulError(ApiError::NotFound(format!("Session id '{id}' not found")))),
     }
 }
 
-async fn session_info(State(s): State<AppState>, caller: Caller, Path(id): Path<String>, q: QueryPairs) -> CResult<Response> {
-    caller.require(Resource::Kv, "", Access::Read).or_else(|_| caller.require(Resource::Service, "", Access::Read))?;
-    let _ = q.blocking()?;
+async fn session_info(State(s): State<AppState>, caller: Caller, Path(id): Path<String>) -> CResult<Response> {
+    session_access(&caller, Access::Read)?;
     let list: Vec<Value> = s.kv.session(&id)?.iter().map(session_json).collect();
     Ok(reply(s.store.revision(), Json(list)))
 }
 
 async fn session_list(State(s): State<AppState>, caller: Caller) -> CResult<Response> {
-    caller.require(Resource::Kv, "", Access::Read).or_else(|_| caller.require(Resource::Service, "", Access::Read))?;
+    session_access(&caller, Access::Read)?;
     let list: Vec<Value> = s.kv.sessions()?.iter().map(session_json).collect();
     Ok(reply(s.store.revision(), Json(list)))
 }
 
 async fn session_node(State(s): State<AppState>, caller: Caller, Path(node): Path<String>) -> CResult<Response> {
-    caller.require(Resource::Kv, "", Access::Read).or_else(|_| caller.require(Resource::Service, "", Access::Read))?;
+    session_access(&caller, Access::Read)?;
     let list: Vec<Value> = s.kv.sessions()?.iter().filter(|x| x.node == node).map(session_json).collect();
     Ok(reply(s.store.revision(), Json(list)))
 }
@@ -295,13 +300,7 @@ async fn txn(State(s): State<AppState>, caller: Caller, q: QueryPairs, body: Byt
     let mut ops = Vec::with_capacity(raw.len());
     for (i, op) in raw.into_iter().enumerate() {
         let (op, write) = txn_op(i, op)?;
-        let key = match &op {
-            KvOp::GetTree { prefix } | KvOp::DeleteTree { prefix } => prefix.clone(),
-            KvOp::Set { key, .. } | KvOp::Cas { key, .. } | KvOp::Lock { key, .. } | KvOp::Unlock { key, .. } => key.clone(),
-            KvOp::Get { key } | KvOp::CheckIndex { key, .. } | KvOp::CheckSession { key, .. } | KvOp::CheckNotExists { key } => key.clone(),
-            KvOp::Delete { key } | KvOp::DeleteCas { key, .. } => key.clone(),
-        };
-        caller.require(Resource::Kv, &key, if write { Access::Write } else { Access::Read })?;
+        caller.require(Resource::Kv, op.key(), if write { Access::Write } else { Access::Read })?;
         ops.push(op);
     }
     match s.kv.txn(&ops).await? {

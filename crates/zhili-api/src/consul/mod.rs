@@ -155,10 +155,6 @@ fn canon(v: &mut Value, names: &[&str]) {
     }
 }
 
-fn status_str(s: HealthStatus) -> &'static str {
-    s.as_str()
-}
-
 fn tagged(address: &str) -> Value {
     json!({ "lan": address, "lan_ipv4": address, "wan": address, "wan_ipv4": address })
 }
@@ -227,11 +223,11 @@ fn checks_json(s: &AppState, i: &Instance) -> Vec<Value> {
     };
     let mut out = vec![serf_check(&node.name)];
     for c in &i.checks {
-        out.push(check(&c.id, &c.name, status_str(c.status), "", &c.output, &c.kind, true));
+        out.push(check(&c.id, &c.name, c.status.as_str(), "", &c.output, &c.kind, true));
     }
     let worst_check = i.checks.iter().map(|c| c.status).max().unwrap_or(HealthStatus::Passing);
     if i.health > worst_check {
-        out.push(check(&format!("zhili:heartbeat:{}", i.id), "Heartbeat", status_str(i.health), "", "heartbeats stopped arriving", "ttl", true));
+        out.push(check(&format!("zhili:heartbeat:{}", i.id), "Heartbeat", i.health.as_str(), "", "heartbeats stopped arriving", "ttl", true));
     }
     if let Some(m) = &i.maintenance {
         out.push(check(&format!("_service_maintenance:{}", i.id), "Service Maintenance Mode", "critical", &m.reason, "", "maintenance", true));
