@@ -6,6 +6,7 @@ pub mod auth;
 pub mod consul;
 pub mod error;
 pub mod extract;
+pub mod nacos;
 mod native;
 pub mod openapi;
 mod ops;
@@ -53,6 +54,8 @@ pub struct Services {
     pub kv: Arc<Kv>,
     pub consul: consul::ConsulIdentity,
     pub consul_health: consul::HealthCache,
+    /// Nacos gRPC connections and push fan-out; dormant unless the Nacos listeners run.
+    pub nacos: nacos::NacosHub,
     pub metrics: Arc<Metrics>,
     /// Set once persisted state is loaded and listeners are up; `/health/ready` reports it.
     pub ready: Arc<AtomicBool>,

@@ -10,6 +10,9 @@ use serde::Deserialize;
 pub const DEFAULT_DATA_DIR: &str = "./zhili-data";
 pub const DEFAULT_API_ADDR: &str = "127.0.0.1:8500";
 pub const DEFAULT_DNS_ADDR: &str = "127.0.0.1:8600";
+pub const DEFAULT_NACOS_ADDR: &str = "127.0.0.1:8848";
+/// Nacos clients find gRPC at the HTTP port plus this offset.
+pub const NACOS_GRPC_OFFSET: u16 = 1000;
 /// The name this server gives itself as a Consul node (catalog, DNS `<node>.node.consul`).
 pub const DEFAULT_NODE_NAME: &str = "zhili";
 pub const DEFAULT_DATACENTER: &str = "dc1";
@@ -35,6 +38,8 @@ pub struct FileConfig {
     pub dev: Option<bool>,
     pub api_addr: Option<String>,
     pub dns_addr: Option<String>,
+    pub nacos_addr: Option<String>,
+    pub nacos_grpc_addr: Option<String>,
     pub node_name: Option<String>,
     pub datacenter: Option<String>,
     pub tls_cert: Option<PathBuf>,
@@ -57,6 +62,8 @@ impl FileConfig {
             dev: over.dev.or(self.dev),
             api_addr: over.api_addr.or(self.api_addr),
             dns_addr: over.dns_addr.or(self.dns_addr),
+            nacos_addr: over.nacos_addr.or(self.nacos_addr),
+            nacos_grpc_addr: over.nacos_grpc_addr.or(self.nacos_grpc_addr),
             node_name: over.node_name.or(self.node_name),
             datacenter: over.datacenter.or(self.datacenter),
             tls_cert: over.tls_cert.or(self.tls_cert),
@@ -90,6 +97,8 @@ pub struct ServerConfig {
     pub dev: bool,
     pub api_addr: Listen,
     pub dns_addr: Listen,
+    pub nacos_addr: Listen,
+    pub nacos_grpc_addr: Listen,
     pub node_name: String,
     pub datacenter: String,
     pub tls: Option<TlsFiles>,
@@ -112,6 +121,22 @@ impl FileConfig {
     pub fn validate(self) -> Result<ServerConfig, ConfigError> {
         let api_addr = parse_listen("api_addr", self.api_addr.as_deref().unwrap_or(DEFAULT_API_ADDR))?;
         let dns_addr = parse_listen("dns_addr", self.dns_addr.as_deref().unwrap_or(DEFAULT_DNS_ADDR))?;
+        let nacos_addr = parse_listen("nacos_addr", self.nacos_addr.as_deref().unwrap_or(DEFAULT_NACOS_ADDR))?;
+        let nacos_grpc_addr = match self.nacos_grpc_addr.as_deref() {
+            Some(v) => parse_listen("nacos_grpc_addr", v)?,
+            None => match nacos_addr {
+                Some(a) if a.port() == 0 => Some(a),
+                Some(mut a) => {
+                    let port = a.port().checked_add(NACOS_GRPC_OFFSET).ok_or_else(|| ConfigError::Invalid {
+                        field: "nacos_grpc_addr",
+                        message: format!("nacos_addr port {} + {NACOS_GRPC_OFFSET} is past 65535; set nacos_grpc_addr", a.port()),
+                    })?;
+                    a.set_port(port);
+                    Some(a)
+                }
+                None => None,
+            },
+        };
         let node_name = self.node_name.unwrap_or_else(|| DEFAULT_NODE_NAME.into());
         let datacenter = self.datacenter.unwrap_or_else(|| DEFAULT_DATACENTER.into());
         for (field, v) in [("node_name", &node_name), ("datacenter", &datacenter)] {
@@ -144,6 +169,8 @@ impl FileConfig {
             dev: self.dev.unwrap_or(false),
             api_addr,
             dns_addr,
+            nacos_addr,
+            nacos_grpc_addr,
             node_name,
             datacenter,
             tls,
@@ -167,6 +194,18 @@ mod tests {
         let cfg = file.overlay(FileConfig { api_addr: Some("off".into()), ..Default::default() }).validate().unwrap();
         assert_eq!(cfg.api_addr, None);
         assert!(cfg.dev);
+    }
+
+    #[test]
+    fn nacos_grpc_follows_the_http_port() {
+        let cfg = FileConfig::default().validate().unwrap();
+        assert_eq!(cfg.nacos_grpc_addr, Some("127.0.0.1:9848".parse().unwrap()));
+        let cfg = FileConfig { nacos_addr: Some("off".into()), ..Default::default() }.validate().unwrap();
+        assert_eq!((cfg.nacos_addr, cfg.nacos_grpc_addr), (None, None));
+        let cfg = FileConfig { nacos_addr: Some("127.0.0.1:65000".into()), ..Default::default() }.validate();
+        assert!(cfg.unwrap_err().to_string().contains("nacos_grpc_addr"));
+        let cfg = FileConfig { nacos_grpc_addr: Some("127.0.0.1:7".into()), ..Default::default() }.validate().unwrap();
+        assert_eq!(cfg.nacos_grpc_addr, Some("127.0.0.1:7".parse().unwrap()));
     }
 
     #[test]

@@ -384,6 +384,12 @@ impl Registry {
         e.instances.get(id).map(|i| i.view(&e.def))
     }
 
+    /// The registration an instance was made with (checks included), for partial updates.
+    pub fn registration(&self, ns: &str, service: &str, id: &str) -> Option<InstanceRegistration> {
+        let state = self.state.read();
+        state.services.get(&(ns.to_string(), service.to_string()))?.instances.get(id).map(|i| i.reg.clone())
+    }
+
     /// Every instance of a namespace (all namespaces when `None`), in (service, id) order, with
     /// the registry index they reflect. Catalog-wide views (Consul catalog, DNS nodes) use this.
     pub fn all_instances(&self, ns: Option<&str>) -> (u64, Vec<Instance>) {

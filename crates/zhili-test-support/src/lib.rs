@@ -25,6 +25,9 @@ pub struct ServerProcess {
     pub api: SocketAddr,
     /// The DNS listener (UDP and TCP on one port), when on.
     pub dns: Option<SocketAddr>,
+    /// The Nacos HTTP and gRPC listeners, when on.
+    pub nacos: Option<SocketAddr>,
+    pub nacos_grpc: Option<SocketAddr>,
     pub data_dir: PathBuf,
     bin: PathBuf,
     args: Vec<String>,
@@ -49,15 +52,28 @@ impl ServerProcess {
     }
 
     /// Starts a server on a fixed API address, so a restart comes back where clients expect it.
-    /// DNS listens on a free port too (`--dns-addr 127.0.0.1:0`) unless `extra` says otherwise.
+    /// DNS and the Nacos listeners take free ports too (`127.0.0.1:0`) unless `extra` names them.
     pub fn start_at(bin: &Path, data_dir: &Path, api_addr: &str, extra: &[&str]) -> Self {
         let mut args: Vec<String> = vec!["--api-addr".into(), api_addr.into()];
-        if !extra.contains(&"--dns-addr") {
-            args.extend(["--dns-addr".into(), "127.0.0.1:0".into()]);
+        for flag in LISTENER_FLAGS {
+            if !extra.contains(&flag) {
+                args.extend([flag.into(), "127.0.0.1:0".into()]);
+            }
         }
         args.extend(extra.iter().map(|s| s.to_string()));
-        let (child, api, dns, output) = spawn(bin, data_dir, &args);
-        Self { child, api, dns, data_dir: data_dir.to_path_buf(), bin: bin.to_path_buf(), args, _tmp: None, output }
+        let (child, addrs, output) = spawn(bin, data_dir, &args);
+        Self {
+            child,
+            api: addrs.api.expect("api address"),
+            dns: addrs.dns,
+            nacos: addrs.nacos,
+            nacos_grpc: addrs.nacos_grpc,
+            data_dir: data_dir.to_path_buf(),
+            bin: bin.to_path_buf(),
+            args,
+            _tmp: None,
+            output,
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -101,13 +117,17 @@ impl ServerProcess {
         if let Some(pos) = self.args.iter().position(|a| a == "--api-addr") {
             self.args[pos + 1] = self.api.to_string();
         }
-        if let (Some(pos), Some(dns)) = (self.args.iter().position(|a| a == "--dns-addr"), self.dns) {
-            self.args[pos + 1] = dns.to_string();
+        for (flag, addr) in LISTENER_FLAGS.iter().zip([self.dns, self.nacos, self.nacos_grpc]) {
+            if let (Some(pos), Some(addr)) = (self.args.iter().position(|a| a == flag), addr) {
+                self.args[pos + 1] = addr.to_string();
+            }
         }
-        let (child, api, dns, output) = spawn(&self.bin, &self.data_dir, &self.args);
+        let (child, addrs, output) = spawn(&self.bin, &self.data_dir, &self.args);
         self.child = child;
-        self.api = api;
-        self.dns = dns;
+        self.api = addrs.api.expect("api address");
+        self.dns = addrs.dns;
+        self.nacos = addrs.nacos;
+        self.nacos_grpc = addrs.nacos_grpc;
         self.output = output;
     }
 }
@@ -119,7 +139,34 @@ impl Drop for ServerProcess {
     }
 }
 
-type Spawned = (Child, SocketAddr, Option<SocketAddr>, Arc<std::sync::Mutex<Vec<String>>>);
+/// Listeners besides the API that tests put on free ports, in the order of [`Addrs`]' options.
+const LISTENER_FLAGS: [&str; 3] = ["--dns-addr", "--nacos-addr", "--nacos-grpc-addr"];
+
+/// Where a started server listens, as it printed.
+#[derive(Debug, Default, Clone, Copy)]
+struct Addrs {
+    api: Option<SocketAddr>,
+    dns: Option<SocketAddr>,
+    nacos: Option<SocketAddr>,
+    nacos_grpc: Option<SocketAddr>,
+}
+
+type Spawned = (Child, Addrs, Arc<std::sync::Mutex<Vec<String>>>);
+
+/// Parses one "zhili <listener> listening on <addr>" line into `addrs`; false for other lines.
+fn listening_line(line: &str, addrs: &mut Addrs) -> bool {
+    let Some((name, addr)) = line.strip_prefix("zhili ").and_then(|l| l.split_once(" listening on ")) else { return false };
+    let addr = addr.trim().trim_start_matches("http://").trim_start_matches("https://").parse::<SocketAddr>().ok();
+    let slot = match name {
+        "api" => &mut addrs.api,
+        "dns" => &mut addrs.dns,
+        "nacos" => &mut addrs.nacos,
+        "nacos-grpc" => &mut addrs.nacos_grpc,
+        _ => return false,
+    };
+    *slot = addr;
+    true
+}
 
 fn spawn(bin: &Path, data_dir: &Path, extra: &[String]) -> Spawned {
     let mut child = Command::new(bin)
@@ -138,29 +185,25 @@ fn spawn(bin: &Path, data_dir: &Path, extra: &[String]) -> Spawned {
     let out = output.clone();
     std::thread::spawn(move || {
         let mut sent = false;
-        let mut dns = None;
+        let mut addrs = Addrs::default();
         for line in BufReader::new(stdout).lines() {
             let Ok(line) = line else { break };
-            if !sent {
-                // The DNS line comes first, so both are known once the API line arrives.
-                if let Some(addr) = line.strip_prefix("zhili dns listening on ") {
-                    dns = addr.trim().parse::<SocketAddr>().ok();
-                    continue;
-                }
-                if let Some(addr) = line.strip_prefix("zhili api listening on http://").or_else(|| line.strip_prefix("zhili api listening on https://")) {
-                    let _ = tx.send((addr.trim().to_string(), dns));
+            // The API line comes last, so every listener is known once it arrives.
+            if !sent && listening_line(&line, &mut addrs) {
+                if addrs.api.is_some() {
+                    let _ = tx.send(addrs);
                     sent = true;
-                    continue;
                 }
+                continue;
             }
             out.lock().unwrap().push(line);
         }
     });
-    let (addr, dns) = rx.recv_timeout(START_TIMEOUT).unwrap_or_else(|_| {
+    let addrs = rx.recv_timeout(START_TIMEOUT).unwrap_or_else(|_| {
         let _ = child.kill();
         panic!("zhili did not report its API address within {START_TIMEOUT:?}");
     });
-    (child, addr.parse().expect("address"), dns, output)
+    (child, addrs, output)
 }
 
 /// Polls `f` until it returns true or `timeout` passes; panics with `what` on timeout.

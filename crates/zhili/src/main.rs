@@ -46,6 +46,12 @@ pub struct ServerArgs {
     /// DNS listener (UDP and TCP, same port), or "off" [default: 127.0.0.1:8600]
     #[arg(long, env = "ZHILI_DNS_ADDR")]
     pub dns_addr: Option<String>,
+    /// Nacos open API listener, or "off" [default: 127.0.0.1:8848]
+    #[arg(long, env = "ZHILI_NACOS_ADDR")]
+    pub nacos_addr: Option<String>,
+    /// Nacos gRPC listener, or "off" [default: the Nacos port + 1000, as Nacos clients assume]
+    #[arg(long, env = "ZHILI_NACOS_GRPC_ADDR")]
+    pub nacos_grpc_addr: Option<String>,
     /// This server's node name in the Consul catalog and DNS [default: zhili]
     #[arg(long, env = "ZHILI_NODE_NAME")]
     pub node_name: Option<String>,

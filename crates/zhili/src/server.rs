@@ -81,6 +81,8 @@ fn config_from(args: ServerArgs) -> Result<ServerConfig, zhili_config::ConfigErr
         dev: args.dev.then_some(true),
         api_addr: args.api_addr,
         dns_addr: args.dns_addr,
+        nacos_addr: args.nacos_addr,
+        nacos_grpc_addr: args.nacos_grpc_addr,
         node_name: args.node_name,
         datacenter: args.datacenter,
         tls_cert: args.tls_cert,
@@ -171,9 +173,28 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
         kv,
         consul,
         consul_health: Default::default(),
+        nacos: Default::default(),
         metrics,
         ready: ready.clone(),
     });
+    let tls = match &cfg.tls {
+        Some(files) => Some(tls::acceptor(&files.cert, &files.key)?),
+        None => None,
+    };
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    if cfg.nacos_addr.is_some() || cfg.nacos_grpc_addr.is_some() {
+        zhili_api::nacos::start(state.clone());
+    }
+    if let Some(addr) = cfg.nacos_addr {
+        let listener = TcpListener::bind(addr).await.with_context(|| format!("binding the Nacos listener on {addr}"))?;
+        println!("zhili nacos listening on {scheme}://{}", listener.local_addr()?);
+        tokio::spawn(listen::serve(listener, tls.clone(), zhili_api::nacos::http_router(state.clone())));
+    }
+    if let Some(addr) = cfg.nacos_grpc_addr {
+        let listener = TcpListener::bind(addr).await.with_context(|| format!("binding the Nacos gRPC listener on {addr}"))?;
+        println!("zhili nacos-grpc listening on {}", listener.local_addr()?);
+        tokio::spawn(listen::serve(listener, tls.clone(), zhili_api::nacos::grpc_router(state.clone())));
+    }
     let app = zhili_api::router(state);
 
     let Some(addr) = cfg.api_addr else {
@@ -184,18 +205,13 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
     };
     let listener = TcpListener::bind(addr).await.with_context(|| format!("binding the API listener on {addr}"))?;
     let local = listener.local_addr()?;
-    let tls = match &cfg.tls {
-        Some(files) => Some(tls::acceptor(&files.cert, &files.key)?),
-        None => None,
-    };
     ready.store(true, Ordering::Release);
-    let scheme = if tls.is_some() { "https" } else { "http" };
     // Tools and tests read this line to find the port when started with port 0.
     println!("zhili api listening on {scheme}://{local}");
     tracing::info!(addr = %local, tls = tls.is_some(), ready_ms = started.elapsed().as_millis() as u64, "API listener up");
     match tls {
         None => axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).with_graceful_shutdown(shutdown_signal()).await?,
-        Some(acceptor) => tls::serve(listener, acceptor, app).await,
+        Some(acceptor) => listen::serve(listener, Some(acceptor), app).await,
     }
     tracing::info!("shut down");
     Ok(())
@@ -226,21 +242,13 @@ async fn shutdown_signal() {
 }
 
 mod tls {
-    //! TLS for the API listener with rustls; ALPN offers h2 and http/1.1.
+    //! TLS for every TCP listener with rustls; ALPN offers h2 and http/1.1.
 
     use std::path::Path;
     use std::sync::Arc;
-    use std::time::Duration;
 
     use anyhow::Context;
-    use hyper_util::rt::{TokioExecutor, TokioIo};
-    use hyper_util::server::conn::auto;
-    use hyper_util::service::TowerToHyperService;
-    use tokio::net::TcpListener;
     use tokio_rustls::TlsAcceptor;
-
-    /// A handshake that takes longer than this is dropped, so idle sockets cannot pile up.
-    const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
     pub fn acceptor(cert: &Path, key: &Path) -> anyhow::Result<TlsAcceptor> {
         let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(std::fs::File::open(cert).with_context(|| format!("opening {}", cert.display()))?))
@@ -260,12 +268,36 @@ mod tls {
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(TlsAcceptor::from(Arc::new(config)))
     }
+}
 
-    pub async fn serve(listener: TcpListener, acceptor: TlsAcceptor, app: axum::Router) {
+mod listen {
+    //! The accept loop of the HTTP listeners that need more than `axum::serve`: optional TLS,
+    //! the peer address on every request, HTTP/2 keep-alive pings (so a vanished gRPC client is
+    //! noticed and its connection-bound state released), bounded handshakes.
+
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    use axum::extract::ConnectInfo;
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto;
+    use hyper_util::service::TowerToHyperService;
+    use tokio::io::{AsyncRead, AsyncWrite};
+    use tokio::net::TcpListener;
+    use tokio_rustls::TlsAcceptor;
+    use tower::ServiceExt;
+
+    /// A handshake that takes longer than this is dropped, so idle sockets cannot pile up.
+    const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+    const H2_PING_INTERVAL: Duration = Duration::from_secs(10);
+    const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
+    const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+    pub async fn serve(listener: TcpListener, tls: Option<TlsAcceptor>, app: axum::Router) {
         let shutdown = super::shutdown_signal();
         tokio::pin!(shutdown);
         loop {
-            let (stream, _) = tokio::select! {
+            let (stream, peer) = tokio::select! {
                 r = listener.accept() => match r {
                     Ok(s) => s,
                     Err(e) => {
@@ -276,16 +308,30 @@ mod tls {
                 },
                 _ = &mut shutdown => return,
             };
-            let acceptor = acceptor.clone();
+            let _ = stream.set_nodelay(true);
             let app = app.clone();
+            let tls = tls.clone();
             tokio::spawn(async move {
-                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(s)) => s,
-                    _ => return,
-                };
-                let svc = TowerToHyperService::new(app);
-                let _ = auto::Builder::new(TokioExecutor::new()).serve_connection_with_upgrades(TokioIo::new(tls), svc).await;
+                match tls {
+                    None => connection(stream, peer, app).await,
+                    Some(acceptor) => {
+                        if let Ok(Ok(s)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                            connection(s, peer, app).await;
+                        }
+                    }
+                }
             });
         }
+    }
+
+    async fn connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(io: S, peer: SocketAddr, app: axum::Router) {
+        let svc = app.map_request(move |mut req: axum::http::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(ConnectInfo(peer));
+            req
+        });
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+        builder.http2().timer(TokioTimer::new()).keep_alive_interval(H2_PING_INTERVAL).keep_alive_timeout(H2_PING_TIMEOUT);
+        let _ = builder.serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(svc)).await;
     }
 }

@@ -1,0 +1,509 @@
+//! The Nacos 2.x gRPC protocol: every call carries a `Payload` whose metadata names the request
+//! type (`InstanceRequest`, `ConfigQueryRequest`, ...) and whose body is that request as JSON.
+//! Unary requests go to `/Request/request`; `/BiRequestStream/requestBiStream` carries the
+//! connection setup from the client and the server's pushes. A client is one TCP connection: its
+//! id comes from the peer address, and its ephemeral instances live as long as it does.
+
+use std::collections::{HashMap, HashSet};
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use axum::extract::ConnectInfo;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use zhili_model::acl::{Access, Resource};
+
+use super::hub::{Conn, Subscription, PUSH_QUEUE};
+use super::{instances_of, service_info, zhili_namespace, NacosInstance, ServiceRef};
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::AppState;
+
+/// Largest gRPC message accepted or sent.
+pub const MAX_MESSAGE: usize = 4 * 1024 * 1024;
+/// A stream that has not sent `ConnectionSetupRequest` by then is closed.
+const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often a connection's instances are marked alive while it is open.
+const KEEPALIVE_BEAT: Duration = Duration::from_secs(2);
+
+// Nacos error codes the SDKs act on.
+const UN_REGISTER: i64 = 301;
+const NO_HANDLER: i64 = 302;
+const CONFIG_NOT_FOUND: i64 = 300;
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Metadata {
+    #[prost(string, tag = "3")]
+    pub r#type: String,
+    #[prost(string, tag = "8")]
+    pub client_ip: String,
+    #[prost(map = "string, string", tag = "7")]
+    pub headers: HashMap<String, String>,
+}
+
+/// `google.protobuf.Any`, written out so no well-known-types crate is needed.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Any {
+    #[prost(string, tag = "1")]
+    pub type_url: String,
+    #[prost(bytes = "vec", tag = "2")]
+    pub value: Vec<u8>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Payload {
+    #[prost(message, optional, tag = "2")]
+    pub metadata: Option<Metadata>,
+    #[prost(message, optional, tag = "3")]
+    pub body: Option<Any>,
+}
+
+pub fn payload(kind: &str, body: &Value) -> Payload {
+    Payload {
+        metadata: Some(Metadata { r#type: kind.into(), ..Default::default() }),
+        body: Some(Any { type_url: String::new(), value: serde_json::to_vec(body).expect("json serializes") }),
+    }
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// `/Request/request`.
+#[derive(Clone)]
+pub struct RequestService(pub AppState);
+
+/// `/BiRequestStream/requestBiStream`.
+#[derive(Clone)]
+pub struct BiStreamService(pub AppState);
+
+fn codec() -> tonic::server::Grpc<tonic_prost::ProstCodec<Payload, Payload>> {
+    tonic::server::Grpc::new(tonic_prost::ProstCodec::default()).apply_max_message_size_config(Some(MAX_MESSAGE), Some(MAX_MESSAGE))
+}
+
+impl tower::Service<http::Request<axum::body::Body>> for RequestService {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<axum::body::Body>) -> Self::Future {
+        let s = self.0.clone();
+        Box::pin(async move { Ok(codec().unary(Unary(s), req).await) })
+    }
+}
+
+impl tower::Service<http::Request<axum::body::Body>> for BiStreamService {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<axum::body::Body>) -> Self::Future {
+        let s = self.0.clone();
+        Box::pin(async move { Ok(codec().streaming(Bi(s), req).await) })
+    }
+}
+
+fn peer<T>(req: &tonic::Request<T>) -> Result<SocketAddr, tonic::Status> {
+    req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0).ok_or_else(|| tonic::Status::internal("peer address unknown"))
+}
+
+struct Unary(AppState);
+
+impl tonic::server::UnaryService<Payload> for Unary {
+    type Response = Payload;
+    type Future = BoxFuture<Result<tonic::Response<Payload>, tonic::Status>>;
+
+    fn call(&mut self, req: tonic::Request<Payload>) -> Self::Future {
+        let s = self.0.clone();
+        Box::pin(async move {
+            let addr = peer(&req)?;
+            let (kind, resp) = handle(&s, addr, req.into_inner()).await;
+            Ok(tonic::Response::new(payload(&kind, &resp)))
+        })
+    }
+}
+
+struct Bi(AppState);
+
+impl tonic::server::StreamingService<Payload> for Bi {
+    type Response = Payload;
+    type ResponseStream = ReceiverStream<Result<Payload, tonic::Status>>;
+    type Future = BoxFuture<Result<tonic::Response<Self::ResponseStream>, tonic::Status>>;
+
+    fn call(&mut self, req: tonic::Request<tonic::Streaming<Payload>>) -> Self::Future {
+        let s = self.0.clone();
+        Box::pin(async move {
+            let addr = peer(&req)?;
+            let (tx, rx) = mpsc::channel(PUSH_QUEUE);
+            let conn = Arc::new(Conn::new(s.nacos.conn_id(addr), addr, tx));
+            tokio::spawn(run_connection(s, conn, req.into_inner()));
+            Ok(tonic::Response::new(ReceiverStream::new(rx)))
+        })
+    }
+}
+
+/// Serves one client's bidirectional stream until it ends, then removes what the client owned.
+async fn run_connection(s: AppState, conn: Arc<Conn>, mut incoming: tonic::Streaming<Payload>) {
+    let mut registered = false;
+    let setup_deadline = tokio::time::sleep(SETUP_TIMEOUT);
+    tokio::pin!(setup_deadline);
+    let mut beat = tokio::time::interval(KEEPALIVE_BEAT);
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            msg = incoming.message() => match msg {
+                Ok(Some(p)) => {
+                    let kind = p.metadata.as_ref().map_or("", |m| m.r#type.as_str());
+                    if kind == "ConnectionSetupRequest" && !registered {
+                        s.nacos.add(conn.clone());
+                        registered = true;
+                        tracing::debug!(conn = %conn.id, "nacos connection set up");
+                    }
+                    // Anything else on this stream answers one of our pushes; nothing to do.
+                }
+                Ok(None) | Err(_) => break,
+            },
+            _ = beat.tick() => s.nacos.beat(&s, &conn),
+            _ = conn.kill.notified() => break,
+            _ = &mut setup_deadline, if !registered => break,
+        }
+    }
+    s.nacos.close(&s, &conn).await;
+}
+
+/// Answers one unary request: returns the response type and its JSON body.
+pub async fn handle(s: &AppState, addr: SocketAddr, p: Payload) -> (String, Value) {
+    let meta = p.metadata.unwrap_or_default();
+    let body: Value = match p.body.map(|b| serde_json::from_slice(&b.value)) {
+        Some(Ok(v @ Value::Object(_))) => v,
+        _ => return error("ErrorResponse", 400, format!("body of {} is not a JSON object", meta.r#type), ""),
+    };
+    let request_id = body.get("requestId").and_then(Value::as_str).unwrap_or("").to_string();
+    let kind = meta.r#type.as_str();
+    let conn_id = s.nacos.conn_id(addr);
+    if kind == "ServerCheckRequest" {
+        return ok("ServerCheckResponse", json!({"connectionId": conn_id, "supportAbilityNegotiation": false}), &request_id);
+    }
+    let Some(conn) = s.nacos.conn(&conn_id) else {
+        return error("ErrorResponse", UN_REGISTER, "Connection is unregistered.".into(), &request_id);
+    };
+    let token = meta.headers.get("accessToken").filter(|t| !t.is_empty()).cloned();
+    let caller = match s.acl.resolve(token.as_deref()) {
+        Ok(authority) => Caller { authority, token },
+        Err(_) => return error("ErrorResponse", 403, "token invalid!".into(), &request_id),
+    };
+    let ctx = Ctx { s, caller, conn };
+    let resp_kind = response_kind(kind);
+    let result = match kind {
+        "HealthCheckRequest" => Ok(json!({})),
+        "InstanceRequest" => ctx.instance(&body, true).await,
+        "PersistentInstanceRequest" => ctx.instance(&body, false).await,
+        "BatchInstanceRequest" => ctx.batch(&body).await,
+        "ServiceQueryRequest" => ctx.query(&body),
+        "SubscribeServiceRequest" => ctx.subscribe(&body),
+        "ServiceListRequest" => ctx.list(&body),
+        "ConfigQueryRequest" => match ctx.config_query(&body) {
+            Ok(Some(v)) => Ok(v),
+            Ok(None) => return error(&resp_kind, CONFIG_NOT_FOUND, "config data not exist".into(), &request_id),
+            Err(e) => Err(e),
+        },
+        "ConfigPublishRequest" => match ctx.config_publish(&body).await {
+            Ok(true) => Ok(json!({})),
+            Ok(false) => return error(&resp_kind, 500, "publish fail: casMd5 does not match the current content".into(), &request_id),
+            Err(e) => Err(e),
+        },
+        "ConfigRemoveRequest" => ctx.config_remove(&body).await,
+        "ConfigBatchListenRequest" => ctx.config_listen(&body),
+        _ => return error("ErrorResponse", NO_HANDLER, format!("RequestHandler Not Found: {kind:?}"), &request_id),
+    };
+    match result {
+        Ok(v) => ok(&resp_kind, v, &request_id),
+        Err(e) => {
+            let code = match &e {
+                ApiError::Forbidden(_) | ApiError::Unauthorized(_) => 403,
+                ApiError::Internal(cause) => {
+                    tracing::error!(%cause, kind, "nacos grpc request failed");
+                    500
+                }
+                ApiError::Unavailable(_) => 503,
+                _ => 400,
+            };
+            error("ErrorResponse", code, e.detail().to_string(), &request_id)
+        }
+    }
+}
+
+fn response_kind(request: &str) -> String {
+    match request {
+        "ServiceQueryRequest" => "QueryServiceResponse".into(),
+        "PersistentInstanceRequest" => "InstanceResponse".into(),
+        "ConfigBatchListenRequest" => "ConfigChangeBatchListenResponse".into(),
+        other => other.strip_suffix("Request").map_or_else(|| "ErrorResponse".into(), |base| format!("{base}Response")),
+    }
+}
+
+fn ok(kind: &str, mut body: Value, request_id: &str) -> (String, Value) {
+    if let Some(o) = body.as_object_mut() {
+        o.insert("resultCode".into(), 200.into());
+        o.insert("errorCode".into(), 0.into());
+        o.insert("success".into(), true.into());
+        o.insert("message".into(), "".into());
+        o.insert("requestId".into(), request_id.into());
+    }
+    (kind.into(), body)
+}
+
+fn error(kind: &str, code: i64, message: String, request_id: &str) -> (String, Value) {
+    (kind.into(), json!({"resultCode": 500, "errorCode": code, "success": false, "message": message, "requestId": request_id}))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", default)]
+struct NamingBody {
+    namespace: Option<String>,
+    service_name: String,
+    group_name: Option<String>,
+    #[serde(rename = "type")]
+    kind: String,
+    instance: Option<WireInstance>,
+    instances: Vec<WireInstance>,
+    clusters: Option<String>,
+    cluster: Option<String>,
+    health_only: Option<bool>,
+    subscribe: Option<bool>,
+    page_no: Option<u64>,
+    page_size: Option<u64>,
+}
+
+#[derive(Deserialize, Default, Clone)]
+#[serde(rename_all = "camelCase", default)]
+struct WireInstance {
+    ip: String,
+    port: i64,
+    weight: Option<f64>,
+    enabled: Option<bool>,
+    ephemeral: Option<bool>,
+    cluster_name: Option<String>,
+    metadata: HashMap<String, String>,
+}
+
+impl WireInstance {
+    fn nacos(&self, ephemeral: bool) -> NacosInstance {
+        NacosInstance {
+            ip: self.ip.clone(),
+            port: self.port,
+            weight: self.weight,
+            enabled: self.enabled,
+            ephemeral: Some(ephemeral),
+            cluster: self.cluster_name.clone(),
+            metadata: self.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", default)]
+struct ConfigBody {
+    data_id: String,
+    group: String,
+    tenant: String,
+    content: Option<String>,
+    cas_md5: Option<String>,
+    listen: Option<bool>,
+    config_listen_contexts: Vec<ListenContext>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", default)]
+struct ListenContext {
+    data_id: String,
+    group: String,
+    tenant: String,
+    md5: String,
+}
+
+fn parse<T: serde::de::DeserializeOwned>(body: &Value) -> Result<T, ApiError> {
+    T::deserialize(body).map_err(|e| ApiError::BadRequest(format!("request body: {e}")))
+}
+
+struct Ctx<'a> {
+    s: &'a AppState,
+    caller: Caller,
+    conn: Arc<Conn>,
+}
+
+impl Ctx<'_> {
+    fn target(&self, b: &NamingBody) -> Result<(String, ServiceRef), ApiError> {
+        let ns = zhili_namespace(b.namespace.as_deref().unwrap_or("")).map_err(|e| e.err)?;
+        let svc = ServiceRef::parse(&b.service_name, b.group_name.as_deref()).map_err(|e| e.err)?;
+        Ok((ns, svc))
+    }
+
+    async fn instance(&self, body: &Value, ephemeral: bool) -> Result<Value, ApiError> {
+        let b: NamingBody = parse(body)?;
+        let (ns, svc) = self.target(&b)?;
+        let inst = b.instance.as_ref().ok_or_else(|| ApiError::BadRequest("Param 'instance' is required".into()))?.nacos(ephemeral);
+        match b.kind.as_str() {
+            "registerInstance" => {
+                let reg = super::register(self.s, &self.caller, &ns, &svc, &inst).await?;
+                if ephemeral {
+                    self.s.nacos.own(&self.conn, &ns, &svc.name, &reg.id);
+                }
+            }
+            "deregisterInstance" => {
+                self.caller.require(Resource::Service, &svc.name, Access::Write)?;
+                let id = inst.id();
+                if self.s.registry.instance(&ns, &svc.name, &id).is_some() {
+                    self.s.registry.deregister(&ns, &svc.name, &id).await?;
+                }
+                self.s.nacos.disown(&self.conn, &ns, &svc.name, &id);
+            }
+            other => return Err(ApiError::BadRequest(format!("Param 'type' {other:?} is not registerInstance or deregisterInstance"))),
+        }
+        Ok(json!({"type": b.kind}))
+    }
+
+    /// `batchRegisterInstance`: the connection's instances of the service become exactly these.
+    async fn batch(&self, body: &Value) -> Result<Value, ApiError> {
+        let b: NamingBody = parse(body)?;
+        let (ns, svc) = self.target(&b)?;
+        self.caller.require(Resource::Service, &svc.name, Access::Write)?;
+        let wanted: Vec<NacosInstance> = b.instances.iter().map(|i| i.nacos(true)).collect();
+        // Validate all before applying any, so a bad entry leaves nothing half-registered.
+        for (n, i) in wanted.iter().enumerate() {
+            i.registration().map_err(|e| ApiError::BadRequest(format!("instances[{n}].{}: {}", e.field, e.message)))?;
+        }
+        let mut keep = HashSet::new();
+        for i in &wanted {
+            let reg = super::register(self.s, &self.caller, &ns, &svc, i).await?;
+            self.s.nacos.own(&self.conn, &ns, &svc.name, &reg.id);
+            keep.insert(reg.id);
+        }
+        let before: Vec<String> = self.conn.instances.lock().get(&(ns.clone(), svc.name.clone())).map(|ids| ids.iter().cloned().collect()).unwrap_or_default();
+        for id in before.into_iter().filter(|id| !keep.contains(id)) {
+            if self.s.registry.instance(&ns, &svc.name, &id).is_some() {
+                self.s.registry.deregister(&ns, &svc.name, &id).await?;
+            }
+            self.s.nacos.disown(&self.conn, &ns, &svc.name, &id);
+        }
+        Ok(json!({"type": b.kind}))
+    }
+
+    fn info(&self, ns: &str, svc: &ServiceRef, clusters: &str, healthy_only: bool) -> Value {
+        let mut instances = instances_of(self.s, ns, svc);
+        if healthy_only {
+            instances.retain(|i| i.is_serving());
+        }
+        service_info(&instances, svc, clusters, false, self.s.nacos.ref_time())
+    }
+
+    fn query(&self, body: &Value) -> Result<Value, ApiError> {
+        let b: NamingBody = parse(body)?;
+        let (ns, svc) = self.target(&b)?;
+        self.caller.require(Resource::Service, &svc.name, Access::Read)?;
+        let clusters = b.cluster.or(b.clusters).unwrap_or_default();
+        Ok(json!({"serviceInfo": self.info(&ns, &svc, &clusters, b.health_only.unwrap_or(false))}))
+    }
+
+    fn subscribe(&self, body: &Value) -> Result<Value, ApiError> {
+        let b: NamingBody = parse(body)?;
+        let (ns, svc) = self.target(&b)?;
+        self.caller.require(Resource::Service, &svc.name, Access::Read)?;
+        let clusters = b.clusters.unwrap_or_default();
+        let sub = Subscription { namespace: ns.clone(), service: svc.clone(), clusters: clusters.clone() };
+        if b.subscribe.unwrap_or(true) {
+            self.conn.subscriptions.lock().insert(sub);
+        } else {
+            self.conn.subscriptions.lock().remove(&sub);
+        }
+        Ok(json!({"serviceInfo": self.info(&ns, &svc, &clusters, false)}))
+    }
+
+    fn list(&self, body: &Value) -> Result<Value, ApiError> {
+        let b: NamingBody = parse(body)?;
+        let ns = zhili_namespace(b.namespace.as_deref().unwrap_or("")).map_err(|e| e.err)?;
+        let group = b.group_name.filter(|g| !g.is_empty()).unwrap_or_else(|| zhili_model::DEFAULT_GROUP.into());
+        let (page_no, page_size) = (b.page_no.unwrap_or(1).max(1), b.page_size.unwrap_or(10).clamp(1, 1000));
+        let names = super::naming::service_names(self.s, &self.caller, &ns, &group);
+        let page: Vec<&String> = names.iter().skip(((page_no - 1) * page_size) as usize).take(page_size as usize).collect();
+        Ok(json!({"count": names.len(), "serviceNames": page}))
+    }
+
+    fn config_query(&self, body: &Value) -> Result<Option<Value>, ApiError> {
+        let b: ConfigBody = parse(body)?;
+        let key = super::config_key(&b.tenant, &b.group, &b.data_id).map_err(|e| e.err)?;
+        Ok(super::config::read(self.s, &self.caller, &key)?.map(|c| {
+            json!({"content": c.content, "md5": c.md5, "lastModified": c.last_modified, "contentType": "text", "encryptedDataKey": "", "isBeta": false, "tag": false})
+        }))
+    }
+
+    async fn config_publish(&self, body: &Value) -> Result<bool, ApiError> {
+        let b: ConfigBody = parse(body)?;
+        let key = super::config_key(&b.tenant, &b.group, &b.data_id).map_err(|e| e.err)?;
+        let content = b.content.ok_or_else(|| ApiError::BadRequest("Param 'content' is required".into()))?;
+        super::config::publish(self.s, &self.caller, &key, &content, b.cas_md5.as_deref().filter(|m| !m.is_empty())).await
+    }
+
+    async fn config_remove(&self, body: &Value) -> Result<Value, ApiError> {
+        let b: ConfigBody = parse(body)?;
+        let key = super::config_key(&b.tenant, &b.group, &b.data_id).map_err(|e| e.err)?;
+        super::config::remove(self.s, &self.caller, &key).await?;
+        Ok(json!({}))
+    }
+
+    /// Starts (or stops) listening on configs; answers those already different from the client's md5.
+    fn config_listen(&self, body: &Value) -> Result<Value, ApiError> {
+        let b: ConfigBody = parse(body)?;
+        let listen = b.listen.unwrap_or(true);
+        let mut changed = vec![];
+        for c in &b.config_listen_contexts {
+            let key = super::config_key(&c.tenant, &c.group, &c.data_id).map_err(|e| e.err)?;
+            if !listen {
+                self.conn.listening.lock().remove(&key);
+                continue;
+            }
+            let current = super::config::read(self.s, &self.caller, &key)?;
+            self.conn.listening.lock().insert(key);
+            if current.map(|c| c.md5).unwrap_or_default() != c.md5 {
+                changed.push(json!({"dataId": c.data_id, "group": c.group, "tenant": c.tenant}));
+            }
+        }
+        Ok(json!({"changedConfigs": changed}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn response_kinds() {
+        assert_eq!(response_kind("InstanceRequest"), "InstanceResponse");
+        assert_eq!(response_kind("ServiceQueryRequest"), "QueryServiceResponse");
+        assert_eq!(response_kind("ConfigBatchListenRequest"), "ConfigChangeBatchListenResponse");
+        assert_eq!(response_kind("Nonsense"), "ErrorResponse");
+    }
+
+    #[test]
+    fn payload_round_trips_through_protobuf() {
+        use prost::Message;
+        let p = payload("HealthCheckRequest", &json!({"requestId": "1"}));
+        let bytes = p.encode_to_vec();
+        let back = Payload::decode(bytes.as_slice()).unwrap();
+        assert_eq!(back, p);
+        assert!(Payload::decode(&b"\xff\xff\xff"[..]).is_err());
+    }
+}

@@ -1,0 +1,264 @@
+//! Live Nacos state: gRPC connections, what each one subscribed to or listens on, the ephemeral
+//! instances each one owns, and the two dispatchers that turn registry and KV changes into pushes
+//! (and wake HTTP long-polls).
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::sync::{broadcast, mpsc};
+
+use super::grpc::{self, Payload};
+use super::{config_ref, service_info, ServiceRef};
+use crate::AppState;
+
+/// Server pushes queued per connection; a client this far behind is disconnected (it reconnects
+/// and resynchronises), so a slow client never holds memory without bound.
+pub const PUSH_QUEUE: usize = 1024;
+
+/// A subscription: which service, seen under which group and clusters.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Subscription {
+    pub namespace: String,
+    pub service: ServiceRef,
+    pub clusters: String,
+}
+
+/// One gRPC client connection, from `ConnectionSetupRequest` until its stream ends.
+pub struct Conn {
+    pub id: String,
+    pub addr: SocketAddr,
+    pub push: mpsc::Sender<Result<Payload, tonic::Status>>,
+    /// Ephemeral instances this connection registered: (namespace, service) → instance ids.
+    pub instances: Mutex<HashMap<(String, String), HashSet<String>>>,
+    pub subscriptions: Mutex<HashSet<Subscription>>,
+    /// KV keys of the configs this connection listens on.
+    pub listening: Mutex<HashSet<String>>,
+    /// Wakes the connection's task to end the stream (a client too slow to take its pushes).
+    pub kill: tokio::sync::Notify,
+    push_seq: AtomicU64,
+}
+
+impl Conn {
+    pub fn new(id: String, addr: SocketAddr, push: mpsc::Sender<Result<Payload, tonic::Status>>) -> Self {
+        Self {
+            id,
+            addr,
+            push,
+            instances: Mutex::default(),
+            subscriptions: Mutex::default(),
+            listening: Mutex::default(),
+            kill: tokio::sync::Notify::new(),
+            push_seq: AtomicU64::new(1),
+        }
+    }
+
+    /// Queues a server request on the bidirectional stream; false when the client is too far
+    /// behind (the caller then drops the connection).
+    pub fn send(&self, kind: &str, mut body: serde_json::Value) -> bool {
+        if let Some(o) = body.as_object_mut() {
+            o.insert("requestId".into(), self.push_seq.fetch_add(1, Ordering::Relaxed).to_string().into());
+            o.insert("module".into(), if kind.starts_with("Config") { "config" } else { "naming" }.into());
+            o.entry("headers").or_insert_with(|| serde_json::json!({}));
+        }
+        self.push.try_send(Ok(grpc::payload(kind, &body))).is_ok()
+    }
+}
+
+#[derive(Default)]
+pub struct NacosHub {
+    conns: Mutex<HashMap<String, Arc<Conn>>>,
+    /// Which connection owns each gRPC-registered ephemeral instance (namespace, service, id), so
+    /// a closing connection removes only what is still its own after a client re-registered
+    /// through a new connection.
+    owners: Mutex<HashMap<(String, String, String), String>>,
+    /// Changed config KV keys, for HTTP long-polls.
+    config_changes: std::sync::OnceLock<broadcast::Sender<Arc<str>>>,
+    last_ref_time: AtomicU64,
+    epoch_ms: AtomicU64,
+}
+
+impl NacosHub {
+    /// The connection id a gRPC peer address gets (stable for the life of the TCP connection).
+    pub fn conn_id(&self, addr: SocketAddr) -> String {
+        let epoch = self.epoch_ms.load(Ordering::Relaxed);
+        format!("{epoch}_{}_{}", addr.ip(), addr.port())
+    }
+
+    pub fn conn(&self, id: &str) -> Option<Arc<Conn>> {
+        self.conns.lock().get(id).cloned()
+    }
+
+    pub fn connections(&self) -> usize {
+        self.conns.lock().len()
+    }
+
+    pub fn add(&self, conn: Arc<Conn>) {
+        self.conns.lock().insert(conn.id.clone(), conn);
+    }
+
+    /// A strictly increasing millisecond clock for `lastRefTime`: clients drop a push whose time
+    /// is not newer than what they hold.
+    pub fn ref_time(&self) -> u64 {
+        let now = zhili_registry::unix_ms();
+        let mut last = self.last_ref_time.load(Ordering::Relaxed);
+        loop {
+            let next = now.max(last + 1);
+            match self.last_ref_time.compare_exchange_weak(last, next, Ordering::AcqRel, Ordering::Relaxed) {
+                Ok(_) => return next,
+                Err(seen) => last = seen,
+            }
+        }
+    }
+
+    pub fn own(&self, conn: &Conn, ns: &str, service: &str, id: &str) {
+        conn.instances.lock().entry((ns.into(), service.into())).or_default().insert(id.into());
+        self.owners.lock().insert((ns.into(), service.into(), id.into()), conn.id.clone());
+    }
+
+    pub fn disown(&self, conn: &Conn, ns: &str, service: &str, id: &str) {
+        if let Some(set) = conn.instances.lock().get_mut(&(ns.to_string(), service.to_string())) {
+            set.remove(id);
+        }
+        let key = (ns.to_string(), service.to_string(), id.to_string());
+        let mut owners = self.owners.lock();
+        if owners.get(&key) == Some(&conn.id) {
+            owners.remove(&key);
+        }
+    }
+
+    pub fn config_changes(&self) -> broadcast::Receiver<Arc<str>> {
+        self.config_changes.get_or_init(|| broadcast::channel(4096).0).subscribe()
+    }
+
+    /// Forgets a connection and removes the ephemeral instances it still owns.
+    pub async fn close(&self, s: &AppState, conn: &Conn) {
+        self.conns.lock().remove(&conn.id);
+        let owned: Vec<((String, String), HashSet<String>)> = conn.instances.lock().drain().collect();
+        for ((ns, service), ids) in owned {
+            for id in ids {
+                let key = (ns.clone(), service.clone(), id.clone());
+                let mine = {
+                    let mut owners = self.owners.lock();
+                    let mine = owners.get(&key) == Some(&conn.id);
+                    if mine {
+                        owners.remove(&key);
+                    }
+                    mine
+                };
+                if mine {
+                    let _ = s.registry.deregister(&ns, &service, &id).await;
+                }
+            }
+        }
+        tracing::debug!(conn = %conn.id, "nacos connection closed");
+    }
+
+    /// Keeps the connection's instances alive: they live as long as the connection does.
+    pub fn beat(&self, s: &AppState, conn: &Conn) {
+        let owned: Vec<(String, String, String)> =
+            conn.instances.lock().iter().flat_map(|((ns, svc), ids)| ids.iter().map(move |id| (ns.clone(), svc.clone(), id.clone()))).collect();
+        for (ns, svc, id) in owned {
+            let _ = s.registry.heartbeat(&ns, &svc, &id);
+        }
+    }
+}
+
+/// Starts the dispatchers that push registry and config changes to Nacos clients.
+pub fn start(s: AppState) {
+    s.nacos.epoch_ms.store(zhili_registry::unix_ms(), Ordering::Relaxed);
+    let _ = s.nacos.config_changes.set(broadcast::channel(4096).0);
+    tokio::spawn(naming_dispatcher(s.clone()));
+    tokio::spawn(config_dispatcher(s));
+}
+
+/// Registry events → `NotifySubscriberRequest` to every connection subscribed to the service.
+/// Events that arrive together are coalesced: each service is rendered once per batch.
+async fn naming_dispatcher(s: AppState) {
+    let mut events = s.registry.subscribe_events();
+    loop {
+        let mut dirty: HashSet<(String, String)> = HashSet::new();
+        let mut all = false;
+        match events.recv().await {
+            Ok(ev) => {
+                dirty.insert((ev.namespace.clone(), ev.service.clone()));
+            }
+            Err(broadcast::error::RecvError::Lagged(_)) => all = true,
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+        loop {
+            match events.try_recv() {
+                Ok(ev) => {
+                    dirty.insert((ev.namespace.clone(), ev.service.clone()));
+                }
+                Err(broadcast::error::TryRecvError::Lagged(_)) => all = true,
+                Err(_) => break,
+            }
+        }
+        let conns: Vec<Arc<Conn>> = s.nacos.conns.lock().values().cloned().collect();
+        let mut rendered: HashMap<Subscription, serde_json::Value> = HashMap::new();
+        for conn in conns {
+            let subs: Vec<Subscription> =
+                conn.subscriptions.lock().iter().filter(|sub| all || dirty.contains(&(sub.namespace.clone(), sub.service.name.clone()))).cloned().collect();
+            for sub in subs {
+                let info = rendered
+                    .entry(sub.clone())
+                    .or_insert_with(|| {
+                        let instances = super::instances_of(&s, &sub.namespace, &sub.service);
+                        service_info(&instances, &sub.service, &sub.clusters, false, s.nacos.ref_time())
+                    })
+                    .clone();
+                let body = serde_json::json!({
+                    "namespace": super::nacos_namespace(&sub.namespace),
+                    "serviceName": sub.service.name,
+                    "groupName": sub.service.group,
+                    "serviceInfo": info,
+                });
+                if !conn.send("NotifySubscriberRequest", body) {
+                    tracing::warn!(conn = %conn.id, "nacos client too far behind on pushes; disconnecting");
+                    conn.kill.notify_one();
+                }
+            }
+        }
+    }
+}
+
+/// KV changes under `config/` → long-poll wake-ups and `ConfigChangeNotifyRequest` pushes.
+async fn config_dispatcher(s: AppState) {
+    let prefix = format!("{}{}", zhili_kv::KV_PREFIX, super::CONFIG_PREFIX);
+    loop {
+        let mut watcher = match s.store.watch(&prefix, 0) {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(error = %e, "nacos config watch failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let tx = s.nacos.config_changes.get_or_init(|| broadcast::channel(4096).0).clone();
+        loop {
+            let ev = match watcher.next().await {
+                Ok(ev) => ev,
+                Err(zhili_store::StoreError::Closed) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "nacos config watch fell behind; re-watching");
+                    break;
+                }
+            };
+            let Some(key) = ev.kv.key.strip_prefix(zhili_kv::KV_PREFIX) else { continue };
+            let _ = tx.send(Arc::from(key));
+            let Some((tenant, group, data_id)) = config_ref(key) else { continue };
+            let conns: Vec<Arc<Conn>> = s.nacos.conns.lock().values().filter(|c| c.listening.lock().contains(key)).cloned().collect();
+            for conn in conns {
+                let tenant = if tenant == super::PUBLIC { "" } else { tenant.as_str() };
+                let body = serde_json::json!({"dataId": data_id, "group": group, "tenant": tenant});
+                if !conn.send("ConfigChangeNotifyRequest", body) {
+                    conn.kill.notify_one();
+                }
+            }
+        }
+    }
+}
