@@ -6,28 +6,10 @@
 mod common;
 
 use std::net::UdpSocket;
-use std::process::Command;
 use std::time::Duration;
 
 use common::*;
 use http::{Method, StatusCode};
-
-fn dig(s: &ServerProcess, args: &[&str]) -> String {
-    let dns = s.dns.expect("dns listener");
-    let out = Command::new("dig")
-        .args(["@127.0.0.1", "-p", &dns.port().to_string(), "+tries=1", "+time=5"])
-        .args(args)
-        .output()
-        .expect("dig (Debian dnsutils) is installed by scripts/test");
-    assert!(out.status.success(), "dig {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn short(s: &ServerProcess, args: &[&str]) -> Vec<String> {
-    let mut v: Vec<String> = dig(s, &[args, &["+short"]].concat()).lines().map(str::to_string).collect();
-    v.sort();
-    v
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn dig_a_srv_health_nxdomain_truncation_and_garbage() {
@@ -41,21 +23,21 @@ async fn dig_a_srv_health_nxdomain_truncation_and_garbage() {
         call(&c, Method::PUT, "/v1/agent/service/register", Some(r#"{"Name":"web","ID":"w2","Address":"10.0.0.2","Port":8081,"Tags":["v2"]}"#)).await;
     assert_eq!(st, StatusCode::OK, "{v}");
 
-    assert_eq!(short(&s, &["web.service.consul", "A"]), ["10.0.0.1", "10.0.0.2"]);
-    assert_eq!(short(&s, &["v2.web.service.dc1.zhili", "A"]), ["10.0.0.2"]);
-    let srv = short(&s, &["_web._tcp.service.consul", "SRV"]);
+    assert_eq!(dig_short(&s, &["web.service.consul", "A"]), ["10.0.0.1", "10.0.0.2"]);
+    assert_eq!(dig_short(&s, &["v2.web.service.dc1.zhili", "A"]), ["10.0.0.2"]);
+    let srv = dig_short(&s, &["_web._tcp.service.consul", "SRV"]);
     assert_eq!(srv, ["1 1 8080 0a000001.addr.dc1.consul.", "1 1 8081 0a000002.addr.dc1.consul."]);
     let full = dig(&s, &["web.service.consul", "SRV"]);
     assert!(full.contains("flags: qr aa"), "authoritative: {full}");
     assert!(full.contains("0a000001.addr.dc1.consul. 5 IN A\t10.0.0.1") || full.contains("0a000001.addr.dc1.consul. 5\tIN\tA\t10.0.0.1"), "{full}");
-    assert_eq!(short(&s, &["zhili.node.consul", "A"]), ["127.0.0.1"]);
+    assert_eq!(dig_short(&s, &["zhili.node.consul", "A"]), ["127.0.0.1"]);
 
     // Maintenance takes an instance out of DNS; ending it brings it back.
     let (st, _, _) = call(&c, Method::PUT, "/v1/agent/service/maintenance/w1?enable=true&reason=deploy", None).await;
     assert_eq!(st, StatusCode::OK);
-    assert_eq!(short(&s, &["web.service.consul", "A"]), ["10.0.0.2"]);
+    assert_eq!(dig_short(&s, &["web.service.consul", "A"]), ["10.0.0.2"]);
     call(&c, Method::PUT, "/v1/agent/service/maintenance/w1?enable=false", None).await;
-    assert_eq!(short(&s, &["web.service.consul", "A"]), ["10.0.0.1", "10.0.0.2"]);
+    assert_eq!(dig_short(&s, &["web.service.consul", "A"]), ["10.0.0.1", "10.0.0.2"]);
 
     let nx = dig(&s, &["nope.service.consul", "A"]);
     assert!(nx.contains("status: NXDOMAIN"), "{nx}");
@@ -69,7 +51,7 @@ async fn dig_a_srv_health_nxdomain_truncation_and_garbage() {
     }
     let udp = dig(&s, &["big.service.consul", "A", "+noedns", "+ignore"]);
     assert!(udp.contains(" tc"), "truncated over UDP: {udp}");
-    assert_eq!(short(&s, &["big.service.consul", "A", "+tcp"]).len(), 60);
+    assert_eq!(dig_short(&s, &["big.service.consul", "A", "+tcp"]).len(), 60);
 
     // Garbage does not hurt the listener.
     let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -78,5 +60,5 @@ async fn dig_a_srv_health_nxdomain_truncation_and_garbage() {
         sock.send_to(&junk, s.dns.unwrap()).unwrap();
     }
     std::thread::sleep(Duration::from_millis(100));
-    assert_eq!(short(&s, &["web.service.consul", "A"]).len(), 2, "still answering after garbage");
+    assert_eq!(dig_short(&s, &["web.service.consul", "A"]).len(), 2, "still answering after garbage");
 }

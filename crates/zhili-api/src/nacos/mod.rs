@@ -148,8 +148,10 @@ impl<S: Send + Sync> FromRequest<S> for Params {
 }
 
 impl Params {
+    /// A parameter's value; empty values and Python's `None` (what the Python SDK sends for an
+    /// unset argument) count as absent.
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.0.iter().find(|(k, v)| k == key && !v.is_empty()).map(|(_, v)| v.as_str())
+        self.0.iter().find(|(k, v)| k == key && !v.is_empty() && v != "None").map(|(_, v)| v.as_str())
     }
 
     pub fn required(&self, key: &str) -> NResult<&str> {

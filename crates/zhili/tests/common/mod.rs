@@ -41,9 +41,18 @@ pub async fn expect_problem(c: &Client, method: Method, path: &str, body: Option
 /// The Python of the interop venv that `scripts/test` builds (real Consul/Nacos client libraries).
 /// Interop tests fail, rather than skip, when it is missing: they are part of the suite.
 pub fn interop_python() -> std::path::PathBuf {
-    let path = std::env::var_os("ZHILI_INTEROP_PYTHON")
+    venv_python("ZHILI_INTEROP_PYTHON", "interop-venv")
+}
+
+/// The venv with the legacy Nacos client (nacos-sdk-python 2.0.x).
+pub fn interop_python_nacos2() -> std::path::PathBuf {
+    venv_python("ZHILI_INTEROP_PYTHON_NACOS2", "interop-venv-nacos2")
+}
+
+fn venv_python(env: &str, venv: &str) -> std::path::PathBuf {
+    let path = std::env::var_os(env)
         .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/interop-venv/bin/python"));
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target").join(venv).join("bin/python"));
     assert!(path.exists(), "{} is missing: run ./scripts/test, which installs the interop clients", path.display());
     path
 }
@@ -51,8 +60,12 @@ pub fn interop_python() -> std::path::PathBuf {
 /// Runs `crates/zhili/tests/interop/<script>` with `args`, bounded by `timeout`; panics with its
 /// output unless it exits 0.
 pub fn run_interop(script: &str, args: &[&str], timeout: Duration) -> String {
+    run_interop_with(&interop_python(), script, args, timeout)
+}
+
+pub fn run_interop_with(python: &Path, script: &str, args: &[&str], timeout: Duration) -> String {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop").join(script);
-    let mut child = std::process::Command::new(interop_python())
+    let mut child = std::process::Command::new(python)
         .arg(&script)
         .args(args)
         .stdout(std::process::Stdio::piped())
@@ -82,4 +95,23 @@ pub async fn bootstrap(s: &ServerProcess) -> String {
     let (st, _, root) = call(&client(s, None), Method::POST, "/api/v1/acl/bootstrap", None).await;
     assert_eq!(st, StatusCode::OK, "{root}");
     root["secret_id"].as_str().expect("secret_id").to_string()
+}
+
+/// `dig` (Debian dnsutils, installed by scripts/test) against the server's DNS listener.
+pub fn dig(s: &ServerProcess, args: &[&str]) -> String {
+    let dns = s.dns.expect("dns listener");
+    let out = std::process::Command::new("dig")
+        .args(["@127.0.0.1", "-p", &dns.port().to_string(), "+tries=1", "+time=5"])
+        .args(args)
+        .output()
+        .expect("dig (Debian dnsutils) is installed by scripts/test");
+    assert!(out.status.success(), "dig {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The sorted answer lines of `dig +short`.
+pub fn dig_short(s: &ServerProcess, args: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = dig(s, &[args, &["+short"]].concat()).lines().map(str::to_string).collect();
+    v.sort();
+    v
 }

@@ -1,0 +1,161 @@
+//! Real Nacos clients against the real binary: nacos-sdk-python 3.x over the 2.x gRPC protocol and
+//! the legacy 2.0.x client over the v1 open API, each driven by a Python scenario with ACLs on;
+//! plus bad input on both Nacos listeners and cross-protocol visibility down to DNS.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http::{Method, StatusCode};
+use http_body_util::{BodyExt, Full};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nacos_sdk_python3_grpc_register_discover_push_health_config_acl() {
+    let s = ServerProcess::start(bin(), &[]);
+    let token = bootstrap(&s).await;
+    let args = [s.nacos.expect("nacos").port().to_string(), s.nacos_grpc.expect("nacos grpc").port().to_string(), s.api.port().to_string(), token];
+    let out = tokio::task::spawn_blocking(move || {
+        run_interop("nacos_grpc_scenario.py", &["127.0.0.1", &args[0], &args[1], &args[2], &args[3]], Duration::from_secs(150))
+    })
+    .await
+    .unwrap();
+    assert!(out.contains("nacos grpc scenario passed"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nacos_sdk_python_legacy_v1_register_beat_health_config_watch_acl() {
+    let s = ServerProcess::start(bin(), &[]);
+    let token = bootstrap(&s).await;
+    let args = [s.nacos.expect("nacos").port().to_string(), s.api.port().to_string(), token];
+    let out = tokio::task::spawn_blocking(move || {
+        run_interop_with(&interop_python_nacos2(), "nacos_v1_scenario.py", &["127.0.0.1", &args[0], &args[1], &args[2]], Duration::from_secs(150))
+    })
+    .await
+    .unwrap();
+    assert!(out.contains("nacos v1 scenario passed"), "{out}");
+}
+
+fn nacos_client(s: &ServerProcess) -> zhili_client::Client {
+    zhili_client::Client::new(&format!("http://{}", s.nacos.expect("nacos listener")), None).unwrap()
+}
+
+async fn text(c: &zhili_client::Client, method: Method, path: &str) -> (StatusCode, String) {
+    let (st, r, _) = call(c, method, path, None).await;
+    (st, String::from_utf8_lossy(&r.body).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nacos_http_bad_input_v2_wrapping_and_dns_visibility() {
+    let s = dev_server();
+    let n = nacos_client(&s);
+    let api = client(&s, None);
+
+    // Bad input: 400 naming the field, and nothing registered.
+    for (path, field) in [
+        ("/nacos/v1/ns/instance?serviceName=web&ip=10.0.0.1&port=abc", "port"),
+        ("/nacos/v1/ns/instance?ip=10.0.0.1&port=80", "serviceName"),
+        ("/nacos/v1/ns/instance?serviceName=web&ip=10.0.0.1&port=70000", "port"),
+        ("/nacos/v1/ns/instance?serviceName=web&ip=10.0.0.1&port=80&metadata=%7Bbad", "metadata"),
+        ("/nacos/v1/ns/instance?serviceName=web&ip=10.0.0.1&port=80&ephemeral=maybe", "ephemeral"),
+        ("/nacos/v1/ns/instance?serviceName=a%20b&ip=10.0.0.1&port=80", "serviceName"),
+        ("/nacos/v1/ns/instance?serviceName=web&ip=not%20an%20ip&port=80", "ip"),
+    ] {
+        let (st, body) = text(&n, Method::POST, path).await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{path}: {body}");
+        assert!(body.starts_with("caused: ") && body.contains(field), "{path}: {body:?} should name {field}");
+    }
+    let (st, _, _) = call(&api, Method::GET, "/api/v1/services/web", None).await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+
+    // Python-style booleans; v2 wraps answers in {code, message, data}.
+    let (st, _, v) = call(&n, Method::POST, "/nacos/v2/ns/instance?serviceName=web&ip=10.0.0.1&port=80&ephemeral=False&enabled=True", None).await;
+    assert_eq!((st, v["code"].as_i64(), v["data"].as_str()), (StatusCode::OK, Some(0), Some("ok")), "{v}");
+    let (st, _, v) = call(&n, Method::GET, "/nacos/v2/ns/instance/list?serviceName=web", None).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(v["data"]["hosts"][0]["ip"], "10.0.0.1", "{v}");
+    assert_eq!(v["data"]["hosts"][0]["ephemeral"], false, "{v}");
+    let (st, _, v) = call(&n, Method::GET, "/nacos/v2/cs/config?dataId=missing.yaml&group=DEFAULT_GROUP", None).await;
+    assert_eq!((st, v["code"].as_i64()), (StatusCode::NOT_FOUND, Some(20004)), "{v}");
+
+    // Registered through Nacos, discovered through DNS and Consul.
+    assert_eq!(dig_short(&s, &["web.service.consul", "A"]), ["10.0.0.1"]);
+    let (st, _, v) = call(&api, Method::GET, "/v1/catalog/service/web", None).await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(v[0]["ServiceAddress"], "10.0.0.1", "{v}");
+
+    // Listener: a malformed Listening-Configs is a 400; a stale md5 answers at once with the key.
+    let (st, _, _) = call(&n, Method::POST, "/nacos/v1/cs/configs?dataId=a.yaml&group=G&content=x", None).await;
+    assert_eq!(st, StatusCode::OK);
+    let (st, body) = text(&n, Method::POST, "/nacos/v1/cs/configs/listener?Listening-Configs=junk").await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{body}");
+    let (st, body) = text(&n, Method::POST, "/nacos/v1/cs/configs/listener?Listening-Configs=a.yaml%02G%02stale%01").await;
+    assert_eq!((st, body.as_str()), (StatusCode::OK, "a.yaml%02G%01"));
+}
+
+/// One gRPC call over h2c with a raw request message; returns grpc-status and the reply bytes.
+async fn grpc_call(addr: std::net::SocketAddr, path: &str, message: &[u8]) -> (String, Bytes) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp)).await.unwrap();
+    tokio::spawn(conn);
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    framed.extend_from_slice(message);
+    let req = http::Request::post(format!("http://{addr}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(Full::new(Bytes::from(framed)))
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), send.send_request(req)).await.unwrap().unwrap();
+    let head_status = resp.headers().get("grpc-status").map(|v| v.to_str().unwrap().to_string());
+    let collected = resp.into_body().collect().await.unwrap();
+    let status = head_status.or_else(|| collected.trailers().and_then(|t| t.get("grpc-status")).map(|v| v.to_str().unwrap().to_string())).unwrap_or_default();
+    (status, collected.to_bytes())
+}
+
+/// A protobuf `Payload { metadata { type }, body { value } }`, encoded by hand.
+fn payload(kind: &str, json: &str) -> Vec<u8> {
+    let mut metadata = vec![0x1a, kind.len() as u8];
+    metadata.extend_from_slice(kind.as_bytes());
+    let mut any = vec![0x12, json.len() as u8];
+    any.extend_from_slice(json.as_bytes());
+    let mut out = vec![0x12, metadata.len() as u8];
+    out.extend(metadata);
+    out.push(0x1a);
+    out.push(any.len() as u8);
+    out.extend(any);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nacos_grpc_garbage_is_answered_and_harmless() {
+    let s = dev_server();
+    let grpc = s.nacos_grpc.expect("nacos grpc listener");
+
+    let (status, reply) = grpc_call(grpc, "/Request/request", &payload("ServerCheckRequest", "{}")).await;
+    assert_eq!(status, "0");
+    let text = String::from_utf8_lossy(&reply);
+    assert!(text.contains("ServerCheckResponse") && text.contains("connectionId"), "{text}");
+
+    // Not protobuf: an INTERNAL gRPC status, no crash.
+    let (status, _) = grpc_call(grpc, "/Request/request", b"\xff\xff\xff\xff").await;
+    assert_eq!(status, "13");
+    // Protobuf, but the body is not JSON: an ErrorResponse.
+    let (status, reply) = grpc_call(grpc, "/Request/request", &payload("InstanceRequest", "not json")).await;
+    assert_eq!(status, "0");
+    assert!(String::from_utf8_lossy(&reply).contains("ErrorResponse"));
+    // A request before connection setup: Nacos's "unregistered" error, so clients reconnect.
+    let (_, reply) = grpc_call(grpc, "/Request/request", &payload("InstanceRequest", "{}")).await;
+    assert!(String::from_utf8_lossy(&reply).contains("\"errorCode\":301"), "{}", String::from_utf8_lossy(&reply));
+    // Unknown method: UNIMPLEMENTED.
+    let (status, _) = grpc_call(grpc, "/Nope/nope", b"").await;
+    assert_eq!(status, "12");
+    // Raw junk on the socket.
+    let mut tcp = tokio::net::TcpStream::connect(grpc).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut tcp, b"GARBAGE\r\n\r\n\x00\x01\x02").await.unwrap();
+    drop(tcp);
+
+    let (status, _) = grpc_call(grpc, "/Request/request", &payload("ServerCheckRequest", "{}")).await;
+    assert_eq!(status, "0", "still serving after garbage");
+}
