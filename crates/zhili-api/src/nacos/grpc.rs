@@ -267,18 +267,27 @@ fn ok(kind: &str, mut body: Value, request_id: &str) -> (String, Value) {
 }
 
 fn error(kind: &str, code: i64, message: String, request_id: &str) -> (String, Value) {
+    tracing::debug!(kind, code, %message, "nacos grpc request refused");
     (kind.into(), json!({"resultCode": 500, "errorCode": code, "success": false, "message": message, "requestId": request_id}))
+}
+
+/// SDKs send `null` for unset fields (nacos-sdk-rust does for every `Option`): read it as the default.
+fn nullable<'de, D: serde::Deserializer<'de>, T: Deserialize<'de> + Default>(d: D) -> Result<T, D::Error> {
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
 }
 
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase", default)]
 struct NamingBody {
     namespace: Option<String>,
+    #[serde(deserialize_with = "nullable")]
     service_name: String,
     group_name: Option<String>,
     #[serde(rename = "type")]
+    #[serde(deserialize_with = "nullable")]
     kind: String,
     instance: Option<WireInstance>,
+    #[serde(deserialize_with = "nullable")]
     instances: Vec<WireInstance>,
     clusters: Option<String>,
     cluster: Option<String>,
@@ -291,12 +300,15 @@ struct NamingBody {
 #[derive(Deserialize, Default, Clone)]
 #[serde(rename_all = "camelCase", default)]
 struct WireInstance {
+    #[serde(deserialize_with = "nullable")]
     ip: String,
+    #[serde(deserialize_with = "nullable")]
     port: i64,
     weight: Option<f64>,
     enabled: Option<bool>,
     ephemeral: Option<bool>,
     cluster_name: Option<String>,
+    #[serde(deserialize_with = "nullable")]
     metadata: HashMap<String, String>,
 }
 
@@ -317,21 +329,29 @@ impl WireInstance {
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase", default)]
 struct ConfigBody {
+    #[serde(deserialize_with = "nullable")]
     data_id: String,
+    #[serde(deserialize_with = "nullable")]
     group: String,
+    #[serde(deserialize_with = "nullable")]
     tenant: String,
     content: Option<String>,
     cas_md5: Option<String>,
     listen: Option<bool>,
+    #[serde(deserialize_with = "nullable")]
     config_listen_contexts: Vec<ListenContext>,
 }
 
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase", default)]
 struct ListenContext {
+    #[serde(deserialize_with = "nullable")]
     data_id: String,
+    #[serde(deserialize_with = "nullable")]
     group: String,
+    #[serde(deserialize_with = "nullable")]
     tenant: String,
+    #[serde(deserialize_with = "nullable")]
     md5: String,
 }
 
@@ -446,7 +466,7 @@ impl Ctx<'_> {
         let b: ConfigBody = parse(body)?;
         let key = super::config_key(&b.tenant, &b.group, &b.data_id).map_err(|e| e.err)?;
         Ok(super::config::read(self.s, &self.caller, &key)?.map(|c| {
-            json!({"content": c.content, "md5": c.md5, "lastModified": c.last_modified, "contentType": "text", "encryptedDataKey": "", "isBeta": false, "tag": false})
+            json!({"content": c.content, "md5": c.md5, "lastModified": c.last_modified, "contentType": "text", "encryptedDataKey": "", "beta": false, "isBeta": false})
         }))
     }
 
@@ -481,6 +501,14 @@ impl Ctx<'_> {
                 changed.push(json!({"dataId": c.data_id, "group": c.group, "tenant": c.tenant}));
             }
         }
+        // Also pushed: some SDKs (nacos-sdk-rust) send this request without reading the answer,
+        // and a change between their read and this request would otherwise wait for their
+        // periodic full sync.
+        for c in &changed {
+            if !self.conn.send("ConfigChangeNotifyRequest", c.clone()) {
+                self.conn.kill.notify_one();
+            }
+        }
         Ok(json!({"changedConfigs": changed}))
     }
 }
@@ -495,6 +523,15 @@ mod tests {
         assert_eq!(response_kind("ServiceQueryRequest"), "QueryServiceResponse");
         assert_eq!(response_kind("ConfigBatchListenRequest"), "ConfigChangeBatchListenResponse");
         assert_eq!(response_kind("Nonsense"), "ErrorResponse");
+    }
+
+    #[test]
+    fn nulls_read_as_defaults() {
+        let b: ConfigBody = parse(&json!({"dataId": null, "group": "G", "tenant": null, "configListenContexts": null})).unwrap();
+        assert_eq!((b.data_id.as_str(), b.group.as_str(), b.tenant.as_str()), ("", "G", ""));
+        let b: NamingBody = parse(&json!({"serviceName": "s", "instance": {"ip": "1.2.3.4", "port": 1, "metadata": null}})).unwrap();
+        assert!(b.instance.unwrap().metadata.is_empty());
+        assert!(parse::<NamingBody>(&json!({"serviceName": 5})).is_err());
     }
 
     #[test]
