@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Compatibility-API benchmarks (issue 3): Consul register, Consul health query (plain and on the
-# blocking path), DNS A queries over UDP. Not part of CI.
+# blocking path), Nacos v1 register and beat, Nacos 2.x gRPC register, DNS A queries over UDP.
+# Not part of CI.
 # Usage: bench/compat.sh [seconds-per-scenario]   (JSON lines on stdout)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${1:-5}
 PORT=18500
 DNS_PORT=$((PORT + 100))
+NACOS_PORT=$((PORT + 200))
+NACOS_GRPC_PORT=$((PORT + 300))
 WORK=$(mktemp -d)
 BIN=target/release/zhili
 GEN=target/release/zhili-bench
@@ -22,4 +25,8 @@ pids+=("$(echo "$out" | field pid)")
 for sc in consul-register consul-health consul-health-blocking; do
   $GEN load --target 127.0.0.1:$PORT --scenario $sc --seconds "$SECS" --instances 10
 done
+for sc in nacos-register nacos-beat; do
+  $GEN load --target 127.0.0.1:$NACOS_PORT --scenario $sc --seconds "$SECS" --instances 1000
+done
+$GEN nacos-grpc --target 127.0.0.1:$NACOS_GRPC_PORT --seconds "$SECS"
 $GEN dns --target 127.0.0.1:$DNS_PORT --name bench-consul.service.consul --seconds "$SECS"

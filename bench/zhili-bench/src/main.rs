@@ -30,7 +30,7 @@ enum Cmd {
     Load {
         #[arg(long)]
         target: SocketAddr,
-        /// register | heartbeat | discover | kv-put | consul-register | consul-health | consul-health-blocking | etcd-put-lease | etcd-keepalive | etcd-put
+        /// register | heartbeat | discover | kv-put | consul-register | consul-health | consul-health-blocking | nacos-register | nacos-beat | etcd-put-lease | etcd-keepalive | etcd-put
         #[arg(long)]
         scenario: String,
         #[arg(long, default_value_t = 64)]
@@ -63,6 +63,15 @@ enum Cmd {
         target: SocketAddr,
         #[arg(long)]
         count: usize,
+    },
+    /// Closed-loop Nacos 2.x gRPC instance registrations: one set-up gRPC connection per worker.
+    NacosGrpc {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
     },
     /// Closed-loop UDP DNS queries (A record of a service), one socket per worker.
     Dns {
@@ -123,6 +132,10 @@ impl Conn {
     }
 }
 
+fn contains(body: &[u8], want: &str) -> bool {
+    body.windows(want.len()).any(|w| w == want.as_bytes())
+}
+
 fn b64(s: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(s)
 }
@@ -147,6 +160,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Cmd::Ready { bin, data_dir, addr, keep } => ready(bin, data_dir, addr, keep).await,
         Cmd::Dns { target, name, concurrency, seconds } => dns(target, &name, concurrency, Duration::from_secs(seconds)).await,
+        Cmd::NacosGrpc { target, concurrency, seconds } => nacos_grpc(target, concurrency, Duration::from_secs(seconds)).await,
     }
 }
 
@@ -161,6 +175,12 @@ type Req = (Method, String, Option<Bytes>);
 struct Scenario {
     next: Box<dyn Fn(usize, usize) -> Req + Send + Sync>,
     expect: u16,
+    /// A success must also contain this (e.g. Nacos answers 200 with an error code inside).
+    expect_body: Option<&'static str>,
+}
+
+fn ip(i: usize) -> String {
+    format!("10.{}.{}.{}", (i >> 16) & 255, (i >> 8) & 255, i & 255)
 }
 
 async fn setup(target: SocketAddr, scenario: &str, instances: usize) -> anyhow::Result<Scenario> {
@@ -169,6 +189,7 @@ async fn setup(target: SocketAddr, scenario: &str, instances: usize) -> anyhow::
         "register" => Scenario {
             next: Box::new(|w, n| (Method::POST, "/api/v1/services/bench-reg/instances".into(), Some(instance_body(w * 10_000_000 + n)))),
             expect: 201,
+            expect_body: None,
         },
         "heartbeat" | "discover" => {
             let svc = if scenario == "heartbeat" { "bench-hb" } else { "bench-disc" };
@@ -192,9 +213,10 @@ async fn setup(target: SocketAddr, scenario: &str, instances: usize) -> anyhow::
                         (Method::PUT, format!("/api/v1/services/bench-hb/instances/{}/heartbeat", ids[(w * 7919 + n) % ids.len()]), None)
                     }),
                     expect: 204,
+                    expect_body: None,
                 }
             } else {
-                Scenario { next: Box::new(|_, _| (Method::GET, "/api/v1/services/bench-disc/instances".into(), None)), expect: 200 }
+                Scenario { next: Box::new(|_, _| (Method::GET, "/api/v1/services/bench-disc/instances".into(), None)), expect: 200, expect_body: None }
             }
         }
         "kv-put" => Scenario {
@@ -206,12 +228,14 @@ async fn setup(target: SocketAddr, scenario: &str, instances: usize) -> anyhow::
                 )
             }),
             expect: 200,
+            expect_body: None,
         },
         "etcd-put" => Scenario {
             next: Box::new(|w, n| {
                 (Method::POST, "/v3/kv/put".into(), Some(Bytes::from(json!({"key": b64(&format!("bench/{w}/{}", n % 1000)), "value": b64("value-of-some-64-bytes-value-of-some-64-bytes-value-of-some-64b")}).to_string())))
             }),
             expect: 200,
+            expect_body: None,
         },
         "etcd-put-lease" | "etcd-keepalive" => {
             let (st, body) = c.send(Method::POST, "/v3/lease/grant", Some(Bytes::from(r#"{"TTL":600}"#))).await?;
@@ -228,11 +252,13 @@ async fn setup(target: SocketAddr, scenario: &str, instances: usize) -> anyhow::
                         )
                     }),
                     expect: 200,
+                    expect_body: None,
                 }
             } else {
                 Scenario {
                     next: Box::new(move |_, _| (Method::POST, "/v3/lease/keepalive".into(), Some(Bytes::from(format!(r#"{{"ID":"{id}"}}"#))))),
                     expect: 200,
+                    expect_body: None,
                 }
             }
         }
@@ -248,6 +274,7 @@ async fn setup(target: SocketAddr, scenario: &str, instances: usize) -> anyhow::
                 (Method::PUT, "/v1/agent/service/register".into(), Some(Bytes::from(body)))
             }),
             expect: 200,
+            expect_body: None,
         },
         "consul-health" | "consul-health-blocking" => {
             for i in 0..instances {
@@ -264,7 +291,35 @@ async fn setup(target: SocketAddr, scenario: &str, instances: usize) -> anyhow::
             } else {
                 "/v1/health/service/bench-consul?passing&index=1&wait=30s"
             };
-            Scenario { next: Box::new(move |_, _| (Method::GET, path.into(), None)), expect: 200 }
+            Scenario { next: Box::new(move |_, _| (Method::GET, path.into(), None)), expect: 200, expect_body: None }
+        }
+        "nacos-register" => Scenario {
+            next: Box::new(|w, n| {
+                let i = w * 10_000_000 + n;
+                (
+                    Method::POST,
+                    format!("/nacos/v1/ns/instance?serviceName=bench-nacos-reg&ip={}&port=80&ephemeral=true&metadata=%7B%22k%22%3A%22v%22%7D", ip(i)),
+                    None,
+                )
+            }),
+            expect: 200,
+            expect_body: Some("ok"),
+        },
+        "nacos-beat" => {
+            for i in 0..instances {
+                let (st, body) = c.send(Method::POST, &format!("/nacos/v1/ns/instance?serviceName=bench-nacos-hb&ip={}&port=80", ip(i)), None).await?;
+                if st != 200 {
+                    bail!("setup register: {st} {}", String::from_utf8_lossy(&body));
+                }
+            }
+            Scenario {
+                next: Box::new(move |w, n| {
+                    let i = (w * 7919 + n) % instances;
+                    (Method::PUT, format!("/nacos/v1/ns/instance/beat?serviceName=bench-nacos-hb&ip={}&port=80", ip(i)), None)
+                }),
+                expect: 200,
+                expect_body: Some("10200"),
+            }
         }
         other => bail!("unknown scenario {other:?}"),
     })
@@ -286,7 +341,7 @@ async fn load(target: SocketAddr, scenario: &str, concurrency: usize, duration: 
                 let (m, path, body) = (sc.next)(w, n);
                 let t = Instant::now();
                 match c.send(m, &path, body).await {
-                    Ok((st, _)) if st == sc.expect => lat.push(t.elapsed().as_micros() as u64),
+                    Ok((st, body)) if st == sc.expect && sc.expect_body.is_none_or(|want| contains(&body, want)) => lat.push(t.elapsed().as_micros() as u64),
                     _ => {
                         errors.fetch_add(1, Ordering::Relaxed);
                     }
@@ -444,8 +499,10 @@ async fn ready(bin: PathBuf, data_dir: PathBuf, addr: SocketAddr, keep: bool) ->
     let start = Instant::now();
     let mut child = std::process::Command::new(&bin)
         .args(["server", "--dev", "--log-level", "warn", "--api-addr", &addr.to_string()])
-        // DNS on the API port + 100, so scripts know where it is.
-        .args(["--dns-addr", &SocketAddr::new(addr.ip(), addr.port() + 100).to_string(), "--data-dir"])
+        // DNS on the API port + 100, Nacos on + 200 and its gRPC on + 300, so scripts know where.
+        .args(["--dns-addr", &SocketAddr::new(addr.ip(), addr.port() + 100).to_string()])
+        .args(["--nacos-addr", &SocketAddr::new(addr.ip(), addr.port() + 200).to_string()])
+        .args(["--nacos-grpc-addr", &SocketAddr::new(addr.ip(), addr.port() + 300).to_string(), "--data-dir"])
         .arg(&data_dir)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -467,4 +524,107 @@ async fn ready(bin: PathBuf, data_dir: PathBuf, addr: SocketAddr, keep: bool) ->
         child.wait()?;
     }
     Ok(())
+}
+
+type GrpcBody = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>;
+
+/// A Nacos gRPC client connection: h2c, with the bidirectional stream open and set up.
+struct NacosConn {
+    sender: hyper::client::conn::http2::SendRequest<GrpcBody>,
+    addr: SocketAddr,
+    /// Keeps the setup stream (and so the server-side connection) open.
+    _stream: tokio::sync::mpsc::Sender<Result<hyper::body::Frame<Bytes>, std::convert::Infallible>>,
+}
+
+fn grpc_frame(kind: &str, body: &Value) -> Bytes {
+    use prost::Message;
+    let msg = zhili_api::nacos::grpc::payload(kind, body).encode_to_vec();
+    let mut framed = Vec::with_capacity(msg.len() + 5);
+    framed.push(0);
+    framed.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&msg);
+    Bytes::from(framed)
+}
+
+impl NacosConn {
+    async fn open(addr: SocketAddr) -> anyhow::Result<Self> {
+        let stream = tokio::net::TcpStream::connect(addr).await.with_context(|| format!("connect {addr}"))?;
+        stream.set_nodelay(true)?;
+        let (mut sender, conn) = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(Ok(hyper::body::Frame::data(grpc_frame("ConnectionSetupRequest", &json!({"clientVersion": "zhili-bench", "labels": {}})))))
+            .await
+            .ok()
+            .context("setup frame")?;
+        let body = GrpcBody::new(http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)));
+        let req = Request::post(format!("http://{addr}/BiRequestStream/requestBiStream"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(body)?;
+        sender.ready().await?;
+        let pending = sender.send_request(req);
+        tokio::spawn(async move {
+            // Drain the server's pushes for as long as the stream lives.
+            if let Ok(resp) = pending.await {
+                let mut body = resp.into_body();
+                while let Some(Ok(_)) = body.frame().await {}
+            }
+        });
+        let mut c = Self { sender, addr, _stream: tx };
+        // The setup is handled asynchronously by the server: wait until requests are accepted.
+        for _ in 0..100 {
+            if contains(&c.call("HealthCheckRequest", &json!({})).await?, "HealthCheckResponse") {
+                return Ok(c);
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        bail!("connection to {} was not set up", c.addr)
+    }
+
+    /// One unary request; returns the reply message bytes.
+    async fn call(&mut self, kind: &str, body: &Value) -> anyhow::Result<Bytes> {
+        let req = Request::post(format!("http://{}/Request/request", self.addr))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(GrpcBody::new(Full::new(grpc_frame(kind, body))))?;
+        self.sender.ready().await?;
+        let resp = self.sender.send_request(req).await?;
+        Ok(resp.into_body().collect().await?.to_bytes())
+    }
+}
+
+async fn nacos_grpc(target: SocketAddr, concurrency: usize, duration: Duration) -> anyhow::Result<()> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let errors = Arc::new(AtomicU64::new(0));
+    let mut conns = Vec::with_capacity(concurrency);
+    for _ in 0..concurrency {
+        conns.push(NacosConn::open(target).await?);
+    }
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for (w, mut c) in conns.into_iter().enumerate() {
+        let (stop, errors) = (stop.clone(), errors.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(100_000);
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let i = w * 10_000_000 + n;
+                let body = json!({
+                    "namespace": "", "serviceName": "bench-nacos-grpc", "groupName": "DEFAULT_GROUP", "type": "registerInstance",
+                    "instance": {"ip": ip(i), "port": 80, "weight": 1.0, "enabled": true, "ephemeral": true, "clusterName": "DEFAULT", "metadata": {"k": "v"}},
+                });
+                let t = Instant::now();
+                match c.call("InstanceRequest", &body).await {
+                    Ok(reply) if contains(&reply, "\"resultCode\":200") => lat.push(t.elapsed().as_micros() as u64),
+                    _ => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                n += 1;
+            }
+            lat
+        }));
+    }
+    report("nacos-grpc-register", concurrency, Run { start, duration, stop, errors, tasks }).await
 }

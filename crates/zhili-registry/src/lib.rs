@@ -310,6 +310,11 @@ impl Registry {
         Some(ServiceDetail { service: e.def.clone(), index: e.index, instances: e.instances.values().map(|i| i.view(&e.def)).collect() })
     }
 
+    /// A service's definition alone: no instance is copied (hot paths that only need the group).
+    pub fn service_definition(&self, ns: &str, name: &str) -> Option<Service> {
+        self.state.read().services.get(&(ns.to_string(), name.to_string())).map(|e| e.def.clone())
+    }
+
     /// The index of one service's latest change (including its deletion), or the registry's
     /// index if the service never existed.
     pub fn service_index(&self, ns: &str, name: &str) -> u64 {

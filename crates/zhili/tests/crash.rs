@@ -75,3 +75,28 @@ async fn acknowledged_writes_survive_kill_9() {
     let idx = c.kv_put("crash/after", "1", None).await.unwrap();
     assert!(idx > newest, "index went backwards after restart: {idx} <= {newest}");
 }
+
+/// Nacos writes go to the same durable store: a persistent instance and a config acknowledged
+/// through the Nacos open API are there after kill -9; an ephemeral instance is not (as in Nacos).
+#[tokio::test(flavor = "multi_thread")]
+async fn nacos_acknowledged_writes_survive_kill_9() {
+    let mut s = dev_server();
+    let nacos = |s: &ServerProcess| zhili_client::Client::new(&format!("http://{}", s.nacos.unwrap()), None).unwrap();
+    let n = nacos(&s);
+    for (path, want) in [
+        ("/nacos/v1/ns/instance?serviceName=durable&ip=10.0.0.1&port=80&ephemeral=false", "ok"),
+        ("/nacos/v1/ns/instance?serviceName=durable&ip=10.0.0.2&port=80&ephemeral=true", "ok"),
+        ("/nacos/v1/cs/configs?dataId=app.yaml&group=DEFAULT_GROUP&content=durable%3A%20yes", "true"),
+    ] {
+        let (st, r, _) = call(&n, Method::POST, path, None).await;
+        assert_eq!((st, String::from_utf8_lossy(&r.body).as_ref()), (StatusCode::OK, want), "{path}");
+    }
+    s.restart_after_kill9();
+    let n = nacos(&s);
+    let (st, _, v) = call(&n, Method::GET, "/nacos/v1/ns/instance/list?serviceName=durable", None).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let ips: Vec<&str> = v["hosts"].as_array().unwrap().iter().map(|h| h["ip"].as_str().unwrap()).collect();
+    assert_eq!(ips, ["10.0.0.1"], "{v}");
+    let (st, r, _) = call(&n, Method::GET, "/nacos/v1/cs/configs?dataId=app.yaml&group=DEFAULT_GROUP", None).await;
+    assert_eq!((st, String::from_utf8_lossy(&r.body).as_ref()), (StatusCode::OK, "durable: yes"));
+}

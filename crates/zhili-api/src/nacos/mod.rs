@@ -326,10 +326,8 @@ pub async fn register(s: &AppState, caller: &Caller, ns: &str, svc: &ServiceRef,
 
 /// Makes sure `svc` exists in its group: a group other than the default needs an explicit service.
 pub async fn ensure_service(s: &AppState, ns: &str, svc: &ServiceRef) -> Result<(), ApiError> {
-    match s.registry.service(ns, &svc.name) {
-        Some(d) if d.service.group != svc.group => {
-            Err(ApiError::Conflict(format!("service {:?} belongs to group {:?}, not {:?}", svc.name, d.service.group, svc.group)))
-        }
+    match s.registry.service_definition(ns, &svc.name) {
+        Some(d) if d.group != svc.group => Err(ApiError::Conflict(format!("service {:?} belongs to group {:?}, not {:?}", svc.name, d.group, svc.group))),
         Some(_) => Ok(()),
         None if svc.group == DEFAULT_GROUP => Ok(()),
         None => {

@@ -214,11 +214,14 @@ async fn beat(s: &AppState, caller: &Caller, p: &Params) -> NResult<Reply> {
     let ip = p.get("ip").map(str::to_string).or(beat.ip).ok_or_else(|| super::bad("ip", "is required (or in beat)"))?;
     let port = number::<i64>(p, "port")?.or(beat.port).ok_or_else(|| super::bad("port", "is required (or in beat)"))?;
     let cluster = p.get("clusterName").map(str::to_string).or(beat.cluster);
-    let known = find(s, &ns, &svc, &ip, port, cluster.as_deref()).ok();
-    let code = match known {
-        Some(i) if s.registry.heartbeat(&ns, &svc.name, &i.id).is_ok() => 10200,
-        _ => 20404,
-    };
+    // The hot path: the id a Nacos registration gets, without copying the service's instances;
+    // instances registered under other ids (native, Consul) are looked up by address.
+    let in_group = s.registry.service_definition(&ns, &svc.name).is_some_and(|d| d.group == svc.group);
+    let id = NacosInstance { ip: ip.clone(), port, cluster: cluster.clone(), ..Default::default() }.id();
+    let beat_ok = in_group
+        && (s.registry.heartbeat(&ns, &svc.name, &id).is_ok()
+            || find(s, &ns, &svc, &ip, port, cluster.as_deref()).is_ok_and(|i| s.registry.heartbeat(&ns, &svc.name, &i.id).is_ok()));
+    let code = if beat_ok { 10200 } else { 20404 };
     Ok(Reply::Json(json!({"clientBeatInterval": BEAT_INTERVAL_MS, "code": code, "lightBeatEnabled": true})))
 }
 
