@@ -206,3 +206,90 @@ async fn rs_consul_catalog_health_blocking_kv_and_nacos_view() {
     });
     assert!(anonymous.register_entity(&register("rs3", 82)).await.is_err());
 }
+
+/// One service, one instance written through each protocol (native API, Consul agent, Consul
+/// catalog via rs-consul, Nacos v1 HTTP, Nacos gRPC via nacos-sdk); every reader (native, Consul
+/// health, Nacos v1 list, Nacos gRPC query, DNS, Prometheus SD) sees all five.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_protocol_sees_what_every_other_registered() {
+    let s = ServerProcess::start(bin(), &[]);
+    let token = bootstrap(&s).await;
+    let api = client(&s, Some(&token));
+    let n = zhili_client::Client::new(&format!("http://{}", s.nacos.unwrap()), Some(token.clone())).unwrap();
+    let want: Vec<String> = (1..=5).map(|i| format!("10.20.0.{i}")).collect();
+
+    let (st, _, v) = call(&api, Method::POST, "/api/v1/services/matrix/instances", Some(r#"{"address":"10.20.0.1","port":80}"#)).await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    let (st, _, v) = call(&api, Method::PUT, "/v1/agent/service/register", Some(r#"{"Name":"matrix","ID":"m2","Address":"10.20.0.2","Port":80}"#)).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let consul = rs_consul::Consul::new(rs_consul::Config {
+        address: format!("http://{}", s.api),
+        token: Some(token.clone()),
+        hyper_builder: hyper_util::client::legacy::Builder::new(hyper_util::rt::TokioExecutor::new()),
+    });
+    let service = rs_consul::types::RegisterEntityService {
+        ID: Some("m3".into()),
+        Service: "matrix".into(),
+        Tags: vec![],
+        TaggedAddresses: HashMap::new(),
+        Meta: HashMap::new(),
+        Port: Some(80),
+        Namespace: None,
+    };
+    let entity = rs_consul::types::RegisterEntityPayload {
+        ID: None,
+        Node: "matrix-node".into(),
+        Address: "10.20.0.3".into(),
+        Datacenter: None,
+        TaggedAddresses: HashMap::new(),
+        NodeMeta: HashMap::new(),
+        Service: Some(service),
+        Checks: vec![],
+        SkipNodeUpdate: None,
+    };
+    consul.register_entity(&entity).await.expect("rs-consul register");
+    let (st, r, _) = call(&n, Method::POST, &format!("/nacos/v1/ns/instance?serviceName=matrix&ip=10.20.0.4&port=80&accessToken={token}"), None).await;
+    assert_eq!(st, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
+    let cache = tempfile::tempdir().unwrap();
+    let props = ClientProps::new()
+        .server_addr(format!("127.0.0.1:{}", s.nacos.unwrap().port()))
+        .remote_grpc_port(s.nacos_grpc.unwrap().port())
+        .cache_dir(cache.path().to_path_buf())
+        .env_first(false)
+        .auth_username("zhili")
+        .auth_password(token.clone());
+    let naming = NamingServiceBuilder::new(props).enable_auth_plugin_http().build().await.expect("naming service");
+    naming.register_instance("matrix".into(), None, instance("10.20.0.5", 80)).await.expect("nacos-sdk register");
+
+    let sorted = |mut v: Vec<String>| {
+        v.sort();
+        v
+    };
+    // Native.
+    let (_, _, v) = call(&api, Method::GET, "/api/v1/services/matrix/instances", None).await;
+    assert_eq!(sorted(v["instances"].as_array().unwrap().iter().map(|i| i["address"].as_str().unwrap().to_string()).collect()), want, "native: {v}");
+    // Consul health, passing only.
+    let (_, _, v) = call(&api, Method::GET, "/v1/health/service/matrix?passing", None).await;
+    // (An empty service address means the node's, as for every Consul client.)
+    let consul_addresses =
+        v.as_array().unwrap().iter().map(|e| e["Service"]["Address"].as_str().filter(|a| !a.is_empty()).or(e["Node"]["Address"].as_str()).unwrap().to_string());
+    assert_eq!(sorted(consul_addresses.collect()), want, "consul: {v}");
+    // Nacos v1, healthy only.
+    let (_, _, v) = call(&n, Method::GET, &format!("/nacos/v1/ns/instance/list?serviceName=matrix&healthyOnly=true&accessToken={token}"), None).await;
+    assert_eq!(sorted(v["hosts"].as_array().unwrap().iter().map(|h| h["ip"].as_str().unwrap().to_string()).collect()), want, "nacos v1: {v}");
+    // Nacos gRPC.
+    let hosts = naming.select_instances("matrix".into(), None, vec![], false, true).await.expect("select");
+    assert_eq!(sorted(hosts.into_iter().map(|h| h.ip).collect()), want, "nacos grpc");
+    // DNS.
+    assert_eq!(dig_short(&s, &["matrix.service.consul", "A"]), want);
+    // Prometheus HTTP SD.
+    let (_, _, v) = call(&api, Method::GET, "/api/v1/sd/prometheus", None).await;
+    let targets: Vec<String> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|g| g["labels"]["__meta_zhili_service"] == "matrix")
+        .flat_map(|g| g["targets"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().trim_end_matches(":80").to_string()))
+        .collect();
+    assert_eq!(sorted(targets), want, "prometheus sd: {v}");
+}

@@ -74,19 +74,19 @@ pub fn payload(kind: &str, body: &Value) -> Payload {
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 
-/// `/Request/request`.
+/// The two methods of the protocol, as one tower service for the router.
 #[derive(Clone)]
-pub struct RequestService(pub AppState);
-
-/// `/BiRequestStream/requestBiStream`.
-#[derive(Clone)]
-pub struct BiStreamService(pub AppState);
+pub struct GrpcMethod {
+    pub state: AppState,
+    /// `/BiRequestStream/requestBiStream` when true, `/Request/request` otherwise.
+    pub bidirectional: bool,
+}
 
 fn codec() -> tonic::server::Grpc<tonic_prost::ProstCodec<Payload, Payload>> {
     tonic::server::Grpc::new(tonic_prost::ProstCodec::default()).apply_max_message_size_config(Some(MAX_MESSAGE), Some(MAX_MESSAGE))
 }
 
-impl tower::Service<http::Request<axum::body::Body>> for RequestService {
+impl tower::Service<http::Request<axum::body::Body>> for GrpcMethod {
     type Response = http::Response<tonic::body::Body>;
     type Error = Infallible;
     type Future = BoxFuture<Result<Self::Response, Infallible>>;
@@ -96,23 +96,9 @@ impl tower::Service<http::Request<axum::body::Body>> for RequestService {
     }
 
     fn call(&mut self, req: http::Request<axum::body::Body>) -> Self::Future {
-        let s = self.0.clone();
-        Box::pin(async move { Ok(codec().unary(Unary(s), req).await) })
-    }
-}
-
-impl tower::Service<http::Request<axum::body::Body>> for BiStreamService {
-    type Response = http::Response<tonic::body::Body>;
-    type Error = Infallible;
-    type Future = BoxFuture<Result<Self::Response, Infallible>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: http::Request<axum::body::Body>) -> Self::Future {
-        let s = self.0.clone();
-        Box::pin(async move { Ok(codec().streaming(Bi(s), req).await) })
+        let s = self.state.clone();
+        let bidirectional = self.bidirectional;
+        Box::pin(async move { Ok(if bidirectional { codec().streaming(Bi(s), req).await } else { codec().unary(Unary(s), req).await }) })
     }
 }
 
@@ -185,7 +171,7 @@ async fn run_connection(s: AppState, conn: Arc<Conn>, mut incoming: tonic::Strea
 }
 
 /// Answers one unary request: returns the response type and its JSON body.
-pub async fn handle(s: &AppState, addr: SocketAddr, p: Payload) -> (String, Value) {
+async fn handle(s: &AppState, addr: SocketAddr, p: Payload) -> (String, Value) {
     let meta = p.metadata.unwrap_or_default();
     let body: Value = match p.body.map(|b| serde_json::from_slice(&b.value)) {
         Some(Ok(v @ Value::Object(_))) => v,

@@ -135,8 +135,14 @@ impl NacosHub {
     }
 
     /// Forgets a connection and removes the ephemeral instances it still owns.
-    pub async fn close(&self, s: &AppState, conn: &Conn) {
-        self.conns.lock().remove(&conn.id);
+    pub async fn close(&self, s: &AppState, conn: &Arc<Conn>) {
+        {
+            // Only this stream's entry: a second stream on the same connection may have replaced it.
+            let mut conns = self.conns.lock();
+            if conns.get(&conn.id).is_some_and(|c| Arc::ptr_eq(c, conn)) {
+                conns.remove(&conn.id);
+            }
+        }
         let owned: Vec<((String, String), HashSet<String>)> = conn.instances.lock().drain().collect();
         for ((ns, service), ids) in owned {
             for id in ids {

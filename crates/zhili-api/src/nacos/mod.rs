@@ -55,12 +55,12 @@ pub fn http_router(state: AppState) -> Router {
 /// The Nacos gRPC listener's router: the two methods of the `Payload` protocol.
 pub fn grpc_router(state: AppState) -> Router {
     Router::new()
-        .route_service("/Request/request", grpc::RequestService(state.clone()))
-        .route_service("/BiRequestStream/requestBiStream", grpc::BiStreamService(state))
+        .route_service("/Request/request", grpc::GrpcMethod { state: state.clone(), bidirectional: false })
+        .route_service("/BiRequestStream/requestBiStream", grpc::GrpcMethod { state, bidirectional: true })
         .fallback(|| async { ([(header::CONTENT_TYPE, "application/grpc"), (header::HeaderName::from_static("grpc-status"), "12")], ()) })
 }
 
-/// Nacos clients send the token from `auth/login` as `accessToken` (query, form or header).
+/// Nacos clients send the token from `auth/login` as `accessToken` (query parameter or header).
 async fn authorize(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     let from_query = req
         .uri()
@@ -137,11 +137,11 @@ impl<S: Send + Sync> FromRequest<S> for Params {
             None => vec![],
         };
         let form = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|ct| ct.starts_with("application/x-www-form-urlencoded"));
-        let body = Bytes::from_request(req, state).await.map_err(|e| NacosError::v1(ApiError::PayloadTooLarge(e.body_text())))?;
-        if form || (!body.is_empty() && body.iter().all(|b| !b.is_ascii_control())) {
-            if let Ok(more) = serde_urlencoded::from_bytes::<Vec<(String, String)>>(&body) {
-                pairs.extend(more);
-            }
+        if form {
+            let body = Bytes::from_request(req, state).await.map_err(|e| NacosError::v1(ApiError::PayloadTooLarge(e.body_text())))?;
+            let more: Vec<(String, String)> =
+                serde_urlencoded::from_bytes(&body).map_err(|e| NacosError::v1(ApiError::BadRequest(format!("form body: {e}"))))?;
+            pairs.extend(more);
         }
         Ok(Self(pairs))
     }

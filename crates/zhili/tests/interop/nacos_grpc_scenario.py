@@ -8,7 +8,6 @@ a listener woken by a Consul KV write, and cross-protocol checks through the Con
 """
 
 import asyncio
-import json
 import logging
 import sys
 import tempfile
@@ -16,6 +15,7 @@ import time
 import urllib.error
 import urllib.request
 
+from zhili_http import call
 from v2.nacos import (BatchRegisterInstanceParam, ClientConfigBuilder, ConfigParam, DeregisterInstanceParam,
                       GRPCConfig, ListInstanceParam, ListServiceParam, NacosConfigService, NacosException,
                       NacosNamingService, RegisterInstanceParam, SubscribeServiceParam)
@@ -25,22 +25,9 @@ SERVICE = "nacos-grpc-demo"
 TIMEOUT = 10.0
 
 
-def api(method, path, body=None, token=TOKEN):
-    """A call to Zhili's API listener (native or Consul); returns (status, parsed body or text)."""
-    data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
-    req = urllib.request.Request(f"http://{HOST}:{API_PORT}{path}", data=data, method=method)
-    if token:
-        req.add_header("X-Consul-Token", token)
-    try:
-        with urllib.request.urlopen(req, timeout=10) as r:
-            raw = r.read()
-            status = r.status
-    except urllib.error.HTTPError as e:
-        raw, status = e.read(), e.code
-    try:
-        return status, json.loads(raw)
-    except ValueError:
-        return status, raw.decode()
+def api(method, path, body=None):
+    """A call to Zhili's API listener (native or Consul)."""
+    return call(f"http://{HOST}:{API_PORT}", TOKEN, method, path, body)
 
 
 def consul_addresses(passing=True):

@@ -6,14 +6,12 @@ register -> discover -> beats (10200 / 20404) -> health change by missed beats -
 deregister, groups, config publish/get/watch (long-poll woken by a Consul KV write) /remove.
 """
 
-import json
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 
 import nacos
+from zhili_http import call
 
 HOST, HTTP_PORT, API_PORT, TOKEN = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 SERVICE = "legacy-demo"
@@ -21,18 +19,8 @@ TIMEOUT = 15.0
 
 
 def api(method, path, body=None):
-    data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
-    req = urllib.request.Request(f"http://{HOST}:{API_PORT}{path}", data=data, method=method)
-    req.add_header("X-Consul-Token", TOKEN)
-    try:
-        with urllib.request.urlopen(req, timeout=10) as r:
-            raw, status = r.read(), r.status
-    except urllib.error.HTTPError as e:
-        raw, status = e.read(), e.code
-    try:
-        return status, json.loads(raw)
-    except ValueError:
-        return status, raw.decode()
+    """A call to Zhili's API listener (native or Consul)."""
+    return call(f"http://{HOST}:{API_PORT}", TOKEN, method, path, body)
 
 
 def eventually(what, f, timeout=TIMEOUT):
