@@ -7,7 +7,7 @@ pub mod consul;
 pub mod error;
 pub mod extract;
 pub mod nacos;
-mod native;
+pub mod native;
 pub mod openapi;
 mod ops;
 

@@ -168,14 +168,28 @@ impl Client {
     /// Sends one request and returns the response whatever its status. `timeout` bounds the
     /// whole exchange.
     pub async fn send(&self, method: Method, path_and_query: &str, body: Option<Bytes>, timeout: Duration) -> Result<RawResponse, ClientError> {
-        let mut req = Request::builder().method(method).uri(format!("{}{}", self.base, path_and_query));
-        if let Some(t) = &self.token {
-            req = req.header("authorization", format!("Bearer {t}"));
-        }
+        let mut req = Request::builder().method(method).uri(path_and_query);
         if body.is_some() {
             req = req.header("content-type", "application/json");
         }
-        let req = req.body(Full::new(body.unwrap_or_default())).map_err(|e| ClientError::Config(e.to_string()))?;
+        let req = req.body(body.unwrap_or_default()).map_err(|e| ClientError::Config(e.to_string()))?;
+        self.send_request(req, timeout).await
+    }
+
+    /// Sends a request built by the caller (its URI is a path and query on this server; its
+    /// headers are kept) and returns the response whatever its status.
+    pub async fn send_request(&self, req: Request<Bytes>, timeout: Duration) -> Result<RawResponse, ClientError> {
+        let (mut parts, body) = req.into_parts();
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        parts.uri = format!("{}{}", self.base, path).parse().map_err(|e: http::uri::InvalidUri| ClientError::Config(e.to_string()))?;
+        if let Some(t) = &self.token {
+            if !parts.headers.contains_key("authorization") {
+                parts
+                    .headers
+                    .insert("authorization", format!("Bearer {t}").parse().map_err(|_| ClientError::Config("token is not a valid header value".into()))?);
+            }
+        }
+        let req = Request::from_parts(parts, Full::new(body));
         let exchange = async {
             let resp = self.http.request(req).await.map_err(|e| ClientError::Transport(zhili_model::error_chain(&e)))?;
             let status = resp.status();

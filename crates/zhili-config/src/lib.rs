@@ -11,6 +11,7 @@ pub const DEFAULT_DATA_DIR: &str = "./zhili-data";
 pub const DEFAULT_API_ADDR: &str = "127.0.0.1:8500";
 pub const DEFAULT_DNS_ADDR: &str = "127.0.0.1:8600";
 pub const DEFAULT_NACOS_ADDR: &str = "127.0.0.1:8848";
+pub const DEFAULT_GATEWAY_ADDR: &str = "127.0.0.1:8080";
 /// Nacos clients find gRPC at the HTTP port plus this offset.
 pub const NACOS_GRPC_OFFSET: u16 = 1000;
 /// The name this server gives itself as a Consul node (catalog, DNS `<node>.node.consul`).
@@ -40,6 +41,9 @@ pub struct FileConfig {
     pub dns_addr: Option<String>,
     pub nacos_addr: Option<String>,
     pub nacos_grpc_addr: Option<String>,
+    pub gateway_addr: Option<String>,
+    /// One JSON line per gateway request (default true).
+    pub gateway_access_log: Option<bool>,
     pub node_name: Option<String>,
     pub datacenter: Option<String>,
     pub tls_cert: Option<PathBuf>,
@@ -64,6 +68,8 @@ impl FileConfig {
             dns_addr: over.dns_addr.or(self.dns_addr),
             nacos_addr: over.nacos_addr.or(self.nacos_addr),
             nacos_grpc_addr: over.nacos_grpc_addr.or(self.nacos_grpc_addr),
+            gateway_addr: over.gateway_addr.or(self.gateway_addr),
+            gateway_access_log: over.gateway_access_log.or(self.gateway_access_log),
             node_name: over.node_name.or(self.node_name),
             datacenter: over.datacenter.or(self.datacenter),
             tls_cert: over.tls_cert.or(self.tls_cert),
@@ -99,6 +105,8 @@ pub struct ServerConfig {
     pub dns_addr: Listen,
     pub nacos_addr: Listen,
     pub nacos_grpc_addr: Listen,
+    pub gateway_addr: Listen,
+    pub gateway_access_log: bool,
     pub node_name: String,
     pub datacenter: String,
     pub tls: Option<TlsFiles>,
@@ -137,6 +145,7 @@ impl FileConfig {
                 None => None,
             },
         };
+        let gateway_addr = parse_listen("gateway_addr", self.gateway_addr.as_deref().unwrap_or(DEFAULT_GATEWAY_ADDR))?;
         let node_name = self.node_name.unwrap_or_else(|| DEFAULT_NODE_NAME.into());
         let datacenter = self.datacenter.unwrap_or_else(|| DEFAULT_DATACENTER.into());
         for (field, v) in [("node_name", &node_name), ("datacenter", &datacenter)] {
@@ -171,6 +180,8 @@ impl FileConfig {
             dns_addr,
             nacos_addr,
             nacos_grpc_addr,
+            gateway_addr,
+            gateway_access_log: self.gateway_access_log.unwrap_or(true),
             node_name,
             datacenter,
             tls,

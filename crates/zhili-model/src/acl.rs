@@ -16,6 +16,8 @@ pub enum Resource {
     Kv,
     Acl,
     Operator,
+    /// Gateway routes.
+    Route,
 }
 
 /// Access levels are ordered: write implies read; deny beats nothing (it is an explicit "no").

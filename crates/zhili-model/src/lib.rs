@@ -4,6 +4,7 @@
 pub mod acl;
 pub mod duration;
 pub mod registry;
+pub mod route;
 pub mod validate;
 
 pub use duration::{format_duration, parse_duration};

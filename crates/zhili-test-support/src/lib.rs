@@ -28,6 +28,8 @@ pub struct ServerProcess {
     /// The Nacos HTTP and gRPC listeners, when on.
     pub nacos: Option<SocketAddr>,
     pub nacos_grpc: Option<SocketAddr>,
+    /// The gateway listener, when on.
+    pub gateway: Option<SocketAddr>,
     pub data_dir: PathBuf,
     bin: PathBuf,
     args: Vec<String>,
@@ -68,6 +70,7 @@ impl ServerProcess {
             dns: addrs.dns,
             nacos: addrs.nacos,
             nacos_grpc: addrs.nacos_grpc,
+            gateway: addrs.gateway,
             data_dir: data_dir.to_path_buf(),
             bin: bin.to_path_buf(),
             args,
@@ -117,7 +120,7 @@ impl ServerProcess {
         if let Some(pos) = self.args.iter().position(|a| a == "--api-addr") {
             self.args[pos + 1] = self.api.to_string();
         }
-        for (flag, addr) in LISTENER_FLAGS.iter().zip([self.dns, self.nacos, self.nacos_grpc]) {
+        for (flag, addr) in LISTENER_FLAGS.iter().zip([self.dns, self.nacos, self.nacos_grpc, self.gateway]) {
             if let (Some(pos), Some(addr)) = (self.args.iter().position(|a| a == flag), addr) {
                 self.args[pos + 1] = addr.to_string();
             }
@@ -128,6 +131,7 @@ impl ServerProcess {
         self.dns = addrs.dns;
         self.nacos = addrs.nacos;
         self.nacos_grpc = addrs.nacos_grpc;
+        self.gateway = addrs.gateway;
         self.output = output;
     }
 }
@@ -140,7 +144,7 @@ impl Drop for ServerProcess {
 }
 
 /// Listeners besides the API that tests put on free ports, in the order of [`Addrs`]' options.
-const LISTENER_FLAGS: [&str; 3] = ["--dns-addr", "--nacos-addr", "--nacos-grpc-addr"];
+const LISTENER_FLAGS: [&str; 4] = ["--dns-addr", "--nacos-addr", "--nacos-grpc-addr", "--gateway-addr"];
 
 /// Where a started server listens, as it printed.
 #[derive(Debug, Default, Clone, Copy)]
@@ -149,6 +153,7 @@ struct Addrs {
     dns: Option<SocketAddr>,
     nacos: Option<SocketAddr>,
     nacos_grpc: Option<SocketAddr>,
+    gateway: Option<SocketAddr>,
 }
 
 type Spawned = (Child, Addrs, Arc<std::sync::Mutex<Vec<String>>>);
@@ -162,6 +167,7 @@ fn listening_line(line: &str, addrs: &mut Addrs) -> bool {
         "dns" => &mut addrs.dns,
         "nacos" => &mut addrs.nacos,
         "nacos-grpc" => &mut addrs.nacos_grpc,
+        "gateway" => &mut addrs.gateway,
         _ => return false,
     };
     *slot = addr;
@@ -281,4 +287,89 @@ where
         }
     });
     addr
+}
+
+/// An upstream for gateway tests: answers `"{name} {path}"` with the status in `status` (after
+/// `delay_ms`), counts hits, keeps the last request's headers, echoes bytes after a WebSocket
+/// upgrade, and can be stopped like a killed process (listener and open connections closed).
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub name: String,
+    pub status: Arc<AtomicU16>,
+    pub delay_ms: Arc<std::sync::atomic::AtomicU64>,
+    pub hits: Arc<std::sync::atomic::AtomicU64>,
+    pub last_headers: Arc<std::sync::Mutex<http::HeaderMap>>,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+impl Upstream {
+    pub async fn start(name: &str) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let up = Self {
+            addr,
+            name: name.to_string(),
+            status: Arc::new(AtomicU16::new(200)),
+            delay_ms: Arc::default(),
+            hits: Arc::default(),
+            last_headers: Arc::default(),
+            stop,
+        };
+        let (name, status, delay, hits, last) = (up.name.clone(), up.status.clone(), up.delay_ms.clone(), up.hits.clone(), up.last_headers.clone());
+        let mut accept_stop = stopped.clone();
+        tokio::spawn(async move {
+            loop {
+                let stream = tokio::select! {
+                    r = listener.accept() => match r { Ok((s, _)) => s, Err(_) => return },
+                    _ = accept_stop.changed() => return,
+                };
+                let (name, status, delay, hits, last) = (name.clone(), status.clone(), delay.clone(), hits.clone(), last.clone());
+                let mut conn_stop = stopped.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                        let (name, status, delay, hits, last) = (name.clone(), status.clone(), delay.clone(), hits.clone(), last.clone());
+                        async move {
+                            hits.fetch_add(1, Ordering::Relaxed);
+                            *last.lock().unwrap() = req.headers().clone();
+                            let d = delay.load(Ordering::Relaxed);
+                            if d > 0 {
+                                tokio::time::sleep(Duration::from_millis(d)).await;
+                            }
+                            if req.headers().get("upgrade").is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket")) {
+                                let upgrade = hyper::upgrade::on(&mut req);
+                                tokio::spawn(async move {
+                                    if let Ok(up) = upgrade.await {
+                                        let (mut r, mut w) = tokio::io::split(TokioIo::new(up));
+                                        let _ = tokio::io::copy(&mut r, &mut w).await;
+                                    }
+                                });
+                                return Ok::<_, Infallible>(
+                                    Response::builder()
+                                        .status(101)
+                                        .header("connection", "upgrade")
+                                        .header("upgrade", "websocket")
+                                        .body(Full::new(Bytes::new()))
+                                        .expect("response"),
+                                );
+                            }
+                            let body = format!("{name} {}", req.uri().path());
+                            Ok(Response::builder().status(status.load(Ordering::Relaxed)).body(Full::new(Bytes::from(body))).expect("response"))
+                        }
+                    });
+                    let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).with_upgrades();
+                    tokio::select! {
+                        _ = conn => {}
+                        _ = conn_stop.changed() => {}
+                    }
+                });
+            }
+        });
+        up
+    }
+
+    /// Closes the listener and every open connection, as if the process died.
+    pub fn stop(&self) {
+        let _ = self.stop.send(true);
+    }
 }

@@ -2,6 +2,7 @@
 //! subcommands are a CLI over the HTTP API.
 
 mod cli;
+mod gateway;
 mod server;
 
 use std::path::PathBuf;
@@ -23,6 +24,8 @@ struct Cli {
 enum Command {
     /// Run the server (registry, health checks, KV, ACLs) on the embedded store.
     Server(ServerArgs),
+    /// Run a gateway node alone, following routes and endpoints from a server.
+    Gateway(gateway::GatewayArgs),
     #[command(flatten)]
     Client(cli::ClientCommand),
 }
@@ -52,6 +55,12 @@ pub struct ServerArgs {
     /// Nacos gRPC listener, or "off" [default: the Nacos port + 1000, as Nacos clients assume]
     #[arg(long, env = "ZHILI_NACOS_GRPC_ADDR")]
     pub nacos_grpc_addr: Option<String>,
+    /// Gateway listener (the data plane), or "off" [default: 127.0.0.1:8080]
+    #[arg(long, env = "ZHILI_GATEWAY_ADDR")]
+    pub gateway_addr: Option<String>,
+    /// Gateway access log: true or false [default: true]
+    #[arg(long, env = "ZHILI_GATEWAY_ACCESS_LOG")]
+    pub gateway_access_log: Option<bool>,
     /// This server's node name in the Consul catalog and DNS [default: zhili]
     #[arg(long, env = "ZHILI_NODE_NAME")]
     pub node_name: Option<String>,
@@ -89,6 +98,10 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
+    let cli = match cli.command {
+        Command::Gateway(args) => return gateway::run_standalone(args),
+        other => other,
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -96,8 +109,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match cli.command {
+    match cli {
         Command::Server(args) => runtime.block_on(server::run(args)),
         Command::Client(cmd) => runtime.block_on(cli::run(cmd)),
+        Command::Gateway(_) => unreachable!("handled above"),
     }
 }

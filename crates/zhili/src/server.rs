@@ -83,6 +83,8 @@ fn config_from(args: ServerArgs) -> Result<ServerConfig, zhili_config::ConfigErr
         dns_addr: args.dns_addr,
         nacos_addr: args.nacos_addr,
         nacos_grpc_addr: args.nacos_grpc_addr,
+        gateway_addr: args.gateway_addr,
+        gateway_access_log: args.gateway_access_log,
         node_name: args.node_name,
         datacenter: args.datacenter,
         tls_cert: args.tls_cert,
@@ -195,6 +197,14 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
         println!("zhili nacos-grpc listening on {}", listener.local_addr()?);
         tokio::spawn(listen::serve(listener, tls.clone(), zhili_api::nacos::grpc_router(state.clone())));
     }
+    if let Some(addr) = cfg.gateway_addr {
+        let listener = TcpListener::bind(addr).await.with_context(|| format!("binding the gateway on {addr}"))?;
+        println!("zhili gateway listening on {scheme}://{}", listener.local_addr()?);
+        let gw = zhili_gateway::Gateway::new(zhili_gateway::Options { access_log: cfg.gateway_access_log, ..Default::default() });
+        let discover = Arc::new(crate::gateway::Local { registry: registry.clone(), store: state.store.clone() });
+        tokio::spawn(zhili_gateway::follow(gw.clone(), discover));
+        tokio::spawn(zhili_gateway::serve(listener, gw, tls.clone()));
+    }
     let app = zhili_api::router(state);
 
     let Some(addr) = cfg.api_addr else {
@@ -226,7 +236,7 @@ fn advertised_ip(api: Option<SocketAddr>) -> String {
     }
 }
 
-async fn shutdown_signal() {
+pub async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
@@ -240,6 +250,8 @@ async fn shutdown_signal() {
     };
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
 }
+
+pub use tls::acceptor as tls_acceptor;
 
 mod tls {
     //! TLS for every TCP listener with rustls; ALPN offers h2 and http/1.1.

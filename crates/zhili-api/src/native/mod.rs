@@ -4,6 +4,7 @@ mod acl;
 mod events;
 mod kv;
 mod registry;
+pub mod routes;
 mod sd;
 
 pub(crate) use kv::wait_kv;
@@ -15,7 +16,7 @@ use axum::Router;
 use crate::AppState;
 
 pub fn routes() -> Router<AppState> {
-    Router::new().merge(registry::routes()).merge(kv::routes()).merge(acl::routes()).merge(events::routes()).merge(sd::routes())
+    Router::new().merge(registry::routes()).merge(kv::routes()).merge(acl::routes()).merge(events::routes()).merge(sd::routes()).merge(routes::routes())
 }
 
 /// Every read carries the index it reflects, for blocking reads to continue from.

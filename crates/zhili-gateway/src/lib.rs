@@ -1,0 +1,228 @@
+//! The gateway: Zhili's data plane. Requests are matched against the route table and forwarded to
+//! healthy instances of the routed service (or redirected, or answered directly). Routes and
+//! endpoints come from a [`Discover`] implementation (the registry when embedded in the server,
+//! a server's HTTP API when standalone); both swap atomically, so a change never drops requests
+//! in flight.
+
+mod balance;
+mod proxy;
+mod table;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use parking_lot::RwLock;
+use tokio::sync::broadcast;
+use zhili_model::route::RouteSpec;
+
+pub use balance::{Ejection, Endpoint, Pool, RetryBudget};
+pub use proxy::{serve, Body, BoxError};
+pub use table::{compile, Route, Table, Target};
+
+/// How long one discovery call may block waiting for a change.
+pub const DISCOVERY_WAIT: Duration = Duration::from_secs(30);
+
+/// Where routes and endpoints come from. Both calls block until something changed after
+/// `version` (or `wait` passed) and return the new version with the full current state, like the
+/// registry's blocking reads.
+#[async_trait]
+pub trait Discover: Send + Sync + 'static {
+    async fn routes(&self, version: u64, wait: Duration) -> Result<(u64, Vec<(String, RouteSpec)>), String>;
+    /// The serving instances of a service.
+    async fn endpoints(&self, namespace: &str, service: &str, version: u64, wait: Duration) -> Result<(u64, Vec<Endpoint>), String>;
+}
+
+/// Something the gateway observed that the control plane should know (passive health).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PassiveHealth {
+    pub namespace: String,
+    pub service: String,
+    pub instance: String,
+    pub ejected_for: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// One JSON line per request on the `zhili::access` log target.
+    pub access_log: bool,
+    /// Largest request body forwarded (larger ones get 413).
+    pub max_body: usize,
+    /// Largest request head (request line + headers).
+    pub max_header_bytes: usize,
+    /// Time allowed to receive a request's headers.
+    pub header_read_timeout: Duration,
+    /// Bodies up to this size are buffered so the request can be retried.
+    pub max_replay_body: usize,
+    pub connect_timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            access_log: true,
+            max_body: 16 * 1024 * 1024,
+            max_header_bytes: 64 * 1024,
+            header_read_timeout: Duration::from_secs(10),
+            max_replay_body: 64 * 1024,
+            connect_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Counters the gateway keeps (exported as metrics by whoever embeds it).
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub requests: AtomicU64,
+    pub responses_2xx: AtomicU64,
+    pub responses_3xx: AtomicU64,
+    pub responses_4xx: AtomicU64,
+    pub responses_5xx: AtomicU64,
+    pub retries: AtomicU64,
+    pub retries_denied_by_budget: AtomicU64,
+    pub ejections: AtomicU64,
+    pub upstream_errors: AtomicU64,
+    pub no_route: AtomicU64,
+}
+
+pub struct Gateway {
+    table: ArcSwap<Table>,
+    pools: RwLock<HashMap<(String, String), Arc<Pool>>>,
+    pub options: Options,
+    pub stats: Stats,
+    pub client: proxy::Upstreams,
+    passive: broadcast::Sender<PassiveHealth>,
+    routes_version: AtomicU64,
+}
+
+impl Gateway {
+    pub fn new(options: Options) -> Arc<Self> {
+        Arc::new(Self {
+            table: ArcSwap::from_pointee(Table::default()),
+            pools: RwLock::default(),
+            client: proxy::Upstreams::new(&options),
+            options,
+            stats: Stats::default(),
+            passive: broadcast::channel(1024).0,
+            routes_version: AtomicU64::new(0),
+        })
+    }
+
+    pub fn table(&self) -> Arc<Table> {
+        self.table.load_full()
+    }
+
+    /// Ejections as they happen, for reporting passive health to the registry.
+    pub fn passive_health(&self) -> broadcast::Receiver<PassiveHealth> {
+        self.passive.subscribe()
+    }
+
+    pub fn pool(&self, namespace: &str, service: &str) -> Option<Arc<Pool>> {
+        self.pools.read().get(&(namespace.to_string(), service.to_string())).cloned()
+    }
+
+    /// The version of the routes in force (0 before discovery answered).
+    pub fn routes_version(&self) -> u64 {
+        self.routes_version.load(Ordering::Acquire)
+    }
+
+    /// Installs a new route table; returns the pools routes refer to that did not exist yet.
+    pub fn set_routes(&self, version: u64, routes: Vec<(String, RouteSpec)>) -> Vec<Arc<Pool>> {
+        let mut compiled = Vec::with_capacity(routes.len());
+        for (name, spec) in routes {
+            match compile(&name, &spec) {
+                Ok(r) => compiled.push(Arc::new(r)),
+                Err(e) => tracing::warn!(route = %name, error = %e, "route skipped"),
+            }
+        }
+        let wanted: HashSet<(String, String)> = compiled
+            .iter()
+            .flat_map(|r| match &r.action {
+                table::Action::Forward(targets) => targets.iter().map(|(t, _)| (t.namespace.clone(), t.service.clone())).collect(),
+                _ => vec![],
+            })
+            .collect();
+        let mut fresh = vec![];
+        {
+            let mut pools = self.pools.write();
+            for key in &wanted {
+                if !pools.contains_key(key) {
+                    let p = Arc::new(Pool::new(&key.0, &key.1));
+                    pools.insert(key.clone(), p.clone());
+                    fresh.push(p);
+                }
+            }
+            pools.retain(|k, p| {
+                let keep = wanted.contains(k);
+                if !keep {
+                    p.retired.store(true, Ordering::Relaxed);
+                }
+                keep
+            });
+        }
+        // Pools first, then the table: a new route never sees a missing pool.
+        self.table.store(Arc::new(Table::new(compiled)));
+        self.routes_version.store(version, Ordering::Release);
+        fresh
+    }
+
+    fn report(&self, pool: &Pool, e: Ejection) {
+        let Ejection::Ejected { id, for_ } = e;
+        self.stats.ejections.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(service = %pool.service, instance = %id, seconds = for_.as_secs(), "endpoint ejected after consecutive failures");
+        let _ = self.passive.send(PassiveHealth { namespace: pool.namespace.clone(), service: pool.service.clone(), instance: id, ejected_for: for_ });
+    }
+}
+
+/// Follows routes and endpoints from `discover` for as long as the gateway lives. On errors the
+/// last state stays in force (a standalone gateway keeps serving while its server is away).
+pub async fn follow(gw: Arc<Gateway>, discover: Arc<dyn Discover>) {
+    let mut version = 0;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match discover.routes(version, DISCOVERY_WAIT).await {
+            Ok((v, routes)) => {
+                backoff = Duration::from_millis(100);
+                if v == version && version != 0 {
+                    continue;
+                }
+                version = v;
+                for pool in gw.set_routes(v, routes) {
+                    tokio::spawn(follow_endpoints(pool, discover.clone()));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "route discovery failed; serving the last routes");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+async fn follow_endpoints(pool: Arc<Pool>, discover: Arc<dyn Discover>) {
+    let mut version = 0;
+    let mut backoff = Duration::from_millis(100);
+    while !pool.retired.load(Ordering::Relaxed) {
+        let answer =
+            tokio::time::timeout(DISCOVERY_WAIT + Duration::from_secs(5), discover.endpoints(&pool.namespace, &pool.service, version, DISCOVERY_WAIT)).await;
+        match answer {
+            Ok(Ok((v, endpoints))) => {
+                backoff = Duration::from_millis(100);
+                if v != version || !pool.ready.load(Ordering::Acquire) {
+                    version = v;
+                    pool.update(endpoints);
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(service = %pool.service, error = %e, "endpoint discovery failed; serving the last endpoints");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            Err(_) => {}
+        }
+    }
+}

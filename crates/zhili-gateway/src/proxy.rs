@@ -1,0 +1,492 @@
+//! The request path: accept (HTTP/1.1 and HTTP/2, optionally TLS), match a route, pick an
+//! endpoint, forward with timeouts and budgeted retries, stream the answer back. WebSocket
+//! upgrades are tunnelled; gRPC (HTTP/2 with `application/grpc`) goes upstream over h2c.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::{BodyExt, Empty, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rand::Rng;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use zhili_model::route::HeaderOps;
+
+use crate::balance::EndpointState;
+use crate::table::{Action, Route, Target};
+use crate::Gateway;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Pooled keep-alive clients to upstreams: HTTP/1.1 (auto) and h2c for gRPC.
+pub struct Upstreams {
+    http1: Client<HttpConnector, Body>,
+    h2c: Client<HttpConnector, Body>,
+}
+
+impl Upstreams {
+    pub fn new(o: &crate::Options) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(o.connect_timeout));
+        let mut b = Client::builder(TokioExecutor::new());
+        b.pool_idle_timeout(Duration::from_secs(90)).pool_max_idle_per_host(1024).pool_timer(TokioTimer::new());
+        let http1 = b.build(connector.clone());
+        let mut b2 = Client::builder(TokioExecutor::new());
+        b2.http2_only(true).pool_idle_timeout(Duration::from_secs(90)).pool_timer(TokioTimer::new()).timer(TokioTimer::new());
+        Self { http1, h2c: b2.build(connector) }
+    }
+}
+
+fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).map_err(|never| match never {}).boxed_unsync()
+}
+
+fn empty() -> Body {
+    Empty::new().map_err(|never| match never {}).boxed_unsync()
+}
+
+fn error_response(status: StatusCode, message: &str) -> Response<Body> {
+    let body = serde_json::json!({"status": status.as_u16(), "error": status.canonical_reason().unwrap_or("error"), "detail": message}).to_string();
+    let mut r = Response::new(full(body));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+/// Serves the gateway on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, tls: Option<TlsAcceptor>) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "gateway accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let gw = gw.clone();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            match tls {
+                None => connection(TokioIo::new(stream), peer, gw, false).await,
+                Some(acceptor) => {
+                    if let Ok(Ok(s)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                        connection(TokioIo::new(s), peer, gw, true).await;
+                    }
+                }
+            }
+        });
+    }
+}
+
+async fn connection<I>(io: I, peer: SocketAddr, gw: Arc<Gateway>, tls: bool)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let o = gw.options.clone();
+    let svc = hyper::service::service_fn(move |req| {
+        let gw = gw.clone();
+        async move { Ok::<_, std::convert::Infallible>(handle(gw, req, peer, tls).await) }
+    });
+    let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    b.http1().timer(TokioTimer::new()).header_read_timeout(o.header_read_timeout).max_buf_size(o.max_header_bytes.max(8192));
+    b.http2().timer(TokioTimer::new()).max_header_list_size(o.max_header_bytes as u32).keep_alive_interval(Duration::from_secs(30));
+    let _ = b.serve_connection_with_upgrades(io, svc).await;
+}
+
+fn host_of(req: &Request<Incoming>) -> String {
+    let raw =
+        req.uri().host().map(str::to_string).or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string)).unwrap_or_default();
+    let host =
+        if raw.starts_with('[') { raw.split(']').next().map(|h| format!("{h}]")).unwrap_or_default() } else { raw.split(':').next().unwrap_or("").to_string() };
+    host.to_ascii_lowercase()
+}
+
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // Headers named in Connection are hop-by-hop too.
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named.iter().chain(HOP_BY_HOP.iter()) {
+        h.remove(n);
+    }
+}
+
+fn apply_ops(h: &mut HeaderMap, ops: &HeaderOps) {
+    for name in &ops.remove {
+        if let Ok(n) = HeaderName::from_bytes(name.as_bytes()) {
+            h.remove(n);
+        }
+    }
+    for (k, v) in &ops.set {
+        if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_str(v)) {
+            h.insert(n, v);
+        }
+    }
+    for (k, v) in &ops.add {
+        if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(k.as_bytes()), HeaderValue::from_str(v)) {
+            h.append(n, v);
+        }
+    }
+}
+
+fn idempotent(m: &Method) -> bool {
+    matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE)
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut rng = rand::rng();
+    (0..bytes).map(|_| format!("{:02x}", rng.random::<u8>())).collect()
+}
+
+/// W3C trace context: keep the caller's trace id with a new parent id (this hop), or start one.
+fn traceparent(h: &HeaderMap) -> HeaderValue {
+    let incoming = h.get("traceparent").and_then(|v| v.to_str().ok()).filter(|v| {
+        let p: Vec<&str> = v.split('-').collect();
+        p.len() == 4 && p[0].len() == 2 && p[1].len() == 32 && p[2].len() == 16 && p[3].len() == 2 && p.iter().all(|x| x.bytes().all(|b| b.is_ascii_hexdigit()))
+    });
+    let value = match incoming {
+        Some(v) => {
+            let p: Vec<&str> = v.split('-').collect();
+            format!("00-{}-{}-{}", p[1], random_hex(8), p[3])
+        }
+        None => format!("00-{}-{}-01", random_hex(16), random_hex(8)),
+    };
+    HeaderValue::from_str(&value).expect("hex is a valid header value")
+}
+
+fn pick_target(targets: &[(Target, u32)]) -> &Target {
+    if targets.len() == 1 {
+        return &targets[0].0;
+    }
+    let total: u64 = targets.iter().map(|(_, w)| u64::from(*w)).sum();
+    let mut n = rand::rng().random_range(0..total.max(1));
+    for (t, w) in targets {
+        if n < u64::from(*w) {
+            return t;
+        }
+        n -= u64::from(*w);
+    }
+    &targets[0].0
+}
+
+fn hash_key(route: &Route, req: &Request<Incoming>, peer: SocketAddr) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    match route.hash_on.as_ref()? {
+        zhili_model::route::HashOn::Header(name) => req.headers().get(name.as_str())?.as_bytes().hash(&mut h),
+        zhili_model::route::HashOn::Cookie(name) => {
+            let cookie = req.headers().get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(';')).find_map(|kv| {
+                let (k, v) = kv.trim().split_once('=')?;
+                (k == name).then(|| v.to_string())
+            })?;
+            cookie.hash(&mut h)
+        }
+        zhili_model::route::HashOn::ClientIp(_) => peer.ip().hash(&mut h),
+    }
+    Some(h.finish())
+}
+
+fn redirect(r: &zhili_model::route::Redirect, req: &Request<Incoming>, host: &str, tls: bool) -> Response<Body> {
+    let location = match &r.location {
+        Some(l) => l.clone(),
+        None => {
+            let scheme = r.scheme.clone().unwrap_or_else(|| if tls { "https".into() } else { "http".into() });
+            let host = r.host.clone().unwrap_or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or(host).to_string());
+            let path = r.path.clone().unwrap_or_else(|| req.uri().path().to_string());
+            let query = req.uri().query().map(|q| format!("?{q}")).unwrap_or_default();
+            format!("{scheme}://{host}{path}{query}")
+        }
+    };
+    let mut resp = Response::new(empty());
+    *resp.status_mut() = StatusCode::from_u16(r.status.unwrap_or(302)).unwrap_or(StatusCode::FOUND);
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    resp
+}
+
+/// The request body as it will be sent upstream: replayable bytes, or a one-shot stream.
+enum Outgoing {
+    Replayable(Bytes),
+    Stream(Option<Body>),
+}
+
+impl Outgoing {
+    fn take(&mut self) -> Option<Body> {
+        match self {
+            Outgoing::Replayable(b) => Some(if b.is_empty() { empty() } else { full(b.clone()) }),
+            Outgoing::Stream(s) => s.take(),
+        }
+    }
+}
+
+fn has_body(parts: &http::request::Parts, body: &Incoming) -> bool {
+    let h = &parts.headers;
+    h.contains_key(header::TRANSFER_ENCODING)
+        || h.get(header::CONTENT_LENGTH).is_some_and(|v| v.as_bytes() != b"0")
+        || (parts.version == Version::HTTP_2 && !hyper::body::Body::is_end_stream(body))
+}
+
+fn content_length(h: &HeaderMap) -> Option<u64> {
+    h.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok())
+}
+
+pub async fn handle(gw: Arc<Gateway>, mut req: Request<Incoming>, peer: SocketAddr, tls: bool) -> Response<Body> {
+    let start = Instant::now();
+    gw.stats.requests.fetch_add(1, Ordering::Relaxed);
+    let host = host_of(&req);
+    let table = gw.table();
+    let route = table.find(&host, req.method(), req.uri().path(), req.uri().query(), req.headers()).cloned();
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let (resp, upstream) = match route {
+        None => {
+            gw.stats.no_route.fetch_add(1, Ordering::Relaxed);
+            (error_response(StatusCode::NOT_FOUND, &format!("no route for {host}{path}")), None)
+        }
+        Some(route) => match &route.action {
+            Action::Direct { status, body, content_type } => {
+                let mut r = Response::new(full(body.clone()));
+                *r.status_mut() = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
+                if let Some(ct) = content_type.as_ref().and_then(|c| HeaderValue::from_str(c).ok()) {
+                    r.headers_mut().insert(header::CONTENT_TYPE, ct);
+                }
+                apply_ops(r.headers_mut(), &route.spec.response_headers);
+                (r, None)
+            }
+            Action::Redirect(r) => (redirect(r, &req, &host, tls), None),
+            Action::Forward(targets) => {
+                let target = pick_target(targets).clone();
+                let key = hash_key(&route, &req, peer);
+                let request_id = req.headers().get("x-request-id").cloned().unwrap_or_else(|| HeaderValue::from_str(&random_hex(16)).expect("hex"));
+                let upgrade = req.headers().contains_key(header::UPGRADE) && method == Method::GET;
+                let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+                let (mut resp, used) = forward(&gw, &route, &target, req, peer, tls, key, &request_id, on_upgrade).await;
+                resp.headers_mut().insert("x-request-id", request_id);
+                apply_ops(resp.headers_mut(), &route.spec.response_headers);
+                (resp, used.map(|e| (route.name.clone(), target.service.clone(), e)))
+            }
+        },
+    };
+    let class = match resp.status().as_u16() {
+        200..=299 => &gw.stats.responses_2xx,
+        300..=399 => &gw.stats.responses_3xx,
+        400..=499 => &gw.stats.responses_4xx,
+        _ => &gw.stats.responses_5xx,
+    };
+    class.fetch_add(1, Ordering::Relaxed);
+    if gw.options.access_log {
+        let (route, service, endpoint) = upstream.map_or((String::new(), String::new(), String::new()), |(r, s, e)| (r, s, e));
+        tracing::info!(
+            target: "zhili::access",
+            client = %peer,
+            method = %method,
+            host = %host,
+            path = %path,
+            status = resp.status().as_u16(),
+            route = %route,
+            service = %service,
+            upstream = %endpoint,
+            micros = start.elapsed().as_micros() as u64,
+        );
+    }
+    resp
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn forward(
+    gw: &Gateway,
+    route: &Route,
+    target: &Target,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    tls: bool,
+    hash_key: Option<u64>,
+    request_id: &HeaderValue,
+    on_upgrade: Option<hyper::upgrade::OnUpgrade>,
+) -> (Response<Body>, Option<String>) {
+    let Some(pool) = gw.pool(&target.namespace, &target.service) else {
+        return (error_response(StatusCode::SERVICE_UNAVAILABLE, &format!("service {:?} is not known to the gateway yet", target.service)), None);
+    };
+    let r = route.resilience;
+    let deadline = Instant::now() + r.total;
+    let grpc = req.version() == Version::HTTP_2 && req.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    let (parts, body) = req.into_parts();
+    let mut headers = parts.headers.clone();
+    let upgrade_headers = on_upgrade.as_ref().map(|_| (parts.headers.get(header::CONNECTION).cloned(), parts.headers.get(header::UPGRADE).cloned()));
+    strip_hop_by_hop(&mut headers);
+    if let Some((conn, up)) = upgrade_headers {
+        if let (Some(c), Some(u)) = (conn, up) {
+            headers.insert(header::CONNECTION, c);
+            headers.insert(header::UPGRADE, u);
+        }
+    }
+    if grpc {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    let client_ip = peer.ip().to_string();
+    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {client_ip}"),
+        None => client_ip,
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert("x-forwarded-for", v);
+    }
+    headers.insert("x-forwarded-proto", HeaderValue::from_static(if tls { "https" } else { "http" }));
+    if let Some(h) = parts.headers.get(header::HOST).cloned().or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok())) {
+        headers.insert("x-forwarded-host", h.clone());
+        headers.insert(header::HOST, h);
+    }
+    headers.insert("x-request-id", request_id.clone());
+    headers.insert("traceparent", traceparent(&parts.headers));
+    apply_ops(&mut headers, &route.spec.request_headers);
+
+    let retry_allowed = r.attempts > 0 && (idempotent(&parts.method) || r.non_idempotent) && on_upgrade.is_none();
+    let declared = content_length(&parts.headers);
+    let mut outgoing = if !has_body(&parts, &body) {
+        Outgoing::Replayable(Bytes::new())
+    } else if declared.is_some_and(|n| n > gw.options.max_body as u64) {
+        return (error_response(StatusCode::PAYLOAD_TOO_LARGE, &format!("request body over {} bytes", gw.options.max_body)), None);
+    } else if retry_allowed && declared.is_some_and(|n| n <= gw.options.max_replay_body as u64) {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(remaining, Limited::new(body, gw.options.max_replay_body).collect()).await {
+            Ok(Ok(c)) => Outgoing::Replayable(c.to_bytes()),
+            Ok(Err(_)) => return (error_response(StatusCode::BAD_REQUEST, "could not read the request body"), None),
+            Err(_) => return (error_response(StatusCode::REQUEST_TIMEOUT, "request body not received in time"), None),
+        }
+    } else {
+        Outgoing::Stream(Some(Limited::new(body, gw.options.max_body).boxed_unsync()))
+    };
+    route.budget.deposit();
+    let path_q = {
+        let p = route.upstream_path(parts.uri.path());
+        match parts.uri.query() {
+            Some(q) => format!("{p}?{q}"),
+            None => p,
+        }
+    };
+    let mut tried: Vec<Arc<EndpointState>> = Vec::new();
+    let mut last_error = (StatusCode::SERVICE_UNAVAILABLE, format!("no healthy endpoint for service {:?}", target.service));
+    let mut attempt = 0;
+    // Whether another try may follow this one; sleeps the backoff when it may.
+    let may_retry = |attempt: u32, outgoing: &Outgoing| {
+        let allowed = attempt < r.attempts && retry_allowed && matches!(outgoing, Outgoing::Replayable(_));
+        async move {
+            if !allowed {
+                return false;
+            }
+            let jitter = rand::rng().random_range(0.5..1.5);
+            let backoff = r.backoff.mul_f64(f64::from(1u32 << attempt.min(6)) * jitter);
+            if Instant::now() + backoff >= deadline {
+                return false;
+            }
+            if !route.budget.withdraw() {
+                gw.stats.retries_denied_by_budget.fetch_add(1, Ordering::Relaxed);
+                return false;
+            }
+            gw.stats.retries.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(backoff).await;
+            true
+        }
+    };
+    while let Some(ep) = pool.pick(route.balancer, target.subset.as_ref(), hash_key, &tried) {
+        tried.push(ep.clone());
+        let Ok(uri) = format!("http://{}{}", ep.authority, path_q).parse::<Uri>() else {
+            return (error_response(StatusCode::BAD_REQUEST, "request path cannot be forwarded"), None);
+        };
+        let Some(body) = outgoing.take() else { break };
+        let mut up = Request::new(body);
+        *up.method_mut() = parts.method.clone();
+        *up.uri_mut() = uri;
+        *up.headers_mut() = headers.clone();
+        if grpc {
+            *up.version_mut() = Version::HTTP_2;
+        }
+        let per_try = r.per_try.min(deadline.saturating_duration_since(Instant::now()));
+        ep.pending.fetch_add(1, Ordering::Relaxed);
+        let sent = Instant::now();
+        let client = if grpc { &gw.client.h2c } else { &gw.client.http1 };
+        let result = tokio::time::timeout(per_try, client.request(up)).await;
+        ep.pending.fetch_sub(1, Ordering::Relaxed);
+        let failed = match &result {
+            Ok(Ok(resp)) => resp.status().is_server_error(),
+            _ => true,
+        };
+        if let Some(e) = pool.record(&ep, failed) {
+            gw.report(&pool, e);
+        }
+        match result {
+            Ok(Ok(mut resp)) => {
+                ep.observe_latency(sent.elapsed());
+                let status = resp.status();
+                if matches!(status.as_u16(), 502..=504) && may_retry(attempt, &outgoing).await {
+                    attempt += 1;
+                    continue;
+                }
+                if status == StatusCode::SWITCHING_PROTOCOLS {
+                    if let Some(downstream) = on_upgrade {
+                        let upstream = hyper::upgrade::on(&mut resp);
+                        tokio::spawn(async move {
+                            if let (Ok(d), Ok(u)) = (downstream.await, upstream.await) {
+                                let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(d), &mut TokioIo::new(u)).await;
+                            }
+                        });
+                        let (mut p, _) = resp.into_parts();
+                        p.headers.remove(header::CONTENT_LENGTH);
+                        return (Response::from_parts(p, empty()), Some(ep.authority.clone()));
+                    }
+                }
+                return (finish(resp), Some(ep.authority.clone()));
+            }
+            Ok(Err(e)) => {
+                gw.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
+                let what = if e.is_connect() { "refused the connection" } else { "failed" };
+                last_error = (StatusCode::BAD_GATEWAY, format!("upstream {} {what}: {e}", ep.endpoint.id));
+            }
+            Err(_) => {
+                gw.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
+                last_error = (StatusCode::GATEWAY_TIMEOUT, format!("upstream {} did not answer within {per_try:?}", ep.endpoint.id));
+            }
+        }
+        if !may_retry(attempt, &outgoing).await {
+            break;
+        }
+        attempt += 1;
+    }
+    (error_response(last_error.0, &last_error.1), tried.last().map(|e| e.authority.clone()))
+}
+
+fn finish(resp: Response<Incoming>) -> Response<Body> {
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    Response::from_parts(parts, body.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync())
+}

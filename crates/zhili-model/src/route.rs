@@ -1,0 +1,518 @@
+//! Gateway routes: what a request must look like (host, path, method, headers, query) and what
+//! the gateway does with it (forward to a service, a subset or a weighted split; redirect; answer
+//! directly), with the transforms and policies of the forwarding. Stored as JSON under `routes/`.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::duration::parse_duration;
+use crate::validate::{self, ValidationError};
+
+pub const MAX_HOSTS: usize = 64;
+pub const MAX_MATCHERS: usize = 32;
+pub const MAX_SPLIT: usize = 16;
+pub const MAX_HEADER_OPS: usize = 32;
+pub const MAX_DIRECT_BODY: usize = 64 * 1024;
+pub const MAX_RETRIES: u32 = 10;
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSpec {
+    /// Exact host names or `*.suffix` wildcards; empty matches any host.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_prefix: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_regex: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<ValueMatch>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub query: Vec<ValueMatch>,
+    /// Higher first; among equal priorities the more specific match wins.
+    #[serde(default)]
+    pub priority: i32,
+
+    // Actions: exactly one of service, split, redirect, direct_response.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subset: Option<Subset>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub split: Vec<SplitTarget>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redirect: Option<Redirect>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direct_response: Option<DirectResponse>,
+
+    // Transforms.
+    #[serde(default)]
+    pub strip_prefix: bool,
+    /// Replaces the matched `path_prefix` with this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rewrite_prefix: Option<String>,
+    #[serde(default, skip_serializing_if = "HeaderOps::is_empty")]
+    pub request_headers: HeaderOps,
+    #[serde(default, skip_serializing_if = "HeaderOps::is_empty")]
+    pub response_headers: HeaderOps,
+
+    // Policies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_balancer: Option<LoadBalancer>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash_on: Option<HashOn>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeouts: Option<TimeoutsSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<RetrySpec>,
+}
+
+/// A header or query parameter condition: `value` exact, `regex`, or just `present`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValueMatch {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regex: Option<String>,
+    /// `false` requires the header/parameter to be absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub present: Option<bool>,
+}
+
+/// Which instances of a service a target covers.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Subset {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SplitTarget {
+    pub service: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subset: Option<Subset>,
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Redirect {
+    /// The full target; or build it from the parts below and the request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// 301, 302, 303, 307 or 308 (default 302).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirectResponse {
+    pub status: u16,
+    #[serde(default)]
+    pub body: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_type: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderOps {
+    /// Replaces any value the header had.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub set: BTreeMap<String, String>,
+    /// Appends a value.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub add: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remove: Vec<String>,
+}
+
+impl HeaderOps {
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.add.is_empty() && self.remove.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoadBalancer {
+    /// Power of two choices by peak-EWMA latency × outstanding requests (the default).
+    #[default]
+    P2cEwma,
+    RoundRobin,
+    /// Smooth weighted round robin (nginx's).
+    WeightedRoundRobin,
+    LeastRequest,
+    /// A ring over the endpoints, keyed by `hash_on`.
+    ConsistentHash,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum HashOn {
+    Header(String),
+    Cookie(String),
+    ClientIp(bool),
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeoutsSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_try: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetrySpec {
+    /// Retries after the first try (default 2; 0 disables).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<u32>,
+    /// Also retry methods that are not idempotent (off by default).
+    #[serde(default)]
+    pub non_idempotent: bool,
+    /// Base of the jittered exponential backoff between tries (default 25ms).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff: Option<String>,
+    /// Retries may add at most this share of requests (default 20)...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget_percent: Option<u32>,
+    /// ...plus this many per second (default 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget_min_per_second: Option<u32>,
+}
+
+/// Timeouts and retry policy with every default filled in.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Resilience {
+    pub connect: Duration,
+    pub per_try: Duration,
+    pub total: Duration,
+    pub attempts: u32,
+    pub non_idempotent: bool,
+    pub backoff: Duration,
+    pub budget_percent: u32,
+    pub budget_min_per_second: u32,
+}
+
+impl Default for Resilience {
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_secs(2),
+            per_try: Duration::from_secs(15),
+            total: Duration::from_secs(30),
+            attempts: 2,
+            non_idempotent: false,
+            backoff: Duration::from_millis(25),
+            budget_percent: 20,
+            budget_min_per_second: 3,
+        }
+    }
+}
+
+fn header_name(field: &str, name: &str) -> Result<(), ValidationError> {
+    if name.is_empty() || name.len() > 128 || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)) {
+        return Err(ValidationError::new(field, format!("{name:?} is not a header name")));
+    }
+    Ok(())
+}
+
+fn header_value(field: &str, value: &str) -> Result<(), ValidationError> {
+    if value.len() > 4096 || value.bytes().any(|b| b < 0x20 && b != b'\t' || b == 0x7f) {
+        return Err(ValidationError::new(field, "must be at most 4096 bytes without control characters"));
+    }
+    Ok(())
+}
+
+fn path_value(field: &str, p: &str) -> Result<(), ValidationError> {
+    if !p.starts_with('/') || p.len() > 1024 || p.bytes().any(|b| b <= 0x20 || b == 0x7f) {
+        return Err(ValidationError::new(field, format!("{p:?} must start with '/', be at most 1024 bytes, no spaces or control characters")));
+    }
+    Ok(())
+}
+
+fn subset(field: &str, s: &Subset) -> Result<(), ValidationError> {
+    validate::tags(&format!("{field}.tags"), &s.tags)?;
+    if let Some(v) = &s.version {
+        validate::text(&format!("{field}.version"), v)?;
+    }
+    if let Some(z) = &s.zone {
+        validate::name(&format!("{field}.zone"), z)?;
+    }
+    Ok(())
+}
+
+fn matchers(field: &str, list: &[ValueMatch], header: bool) -> Result<(), ValidationError> {
+    if list.len() > MAX_MATCHERS {
+        return Err(ValidationError::new(field, format!("at most {MAX_MATCHERS} allowed")));
+    }
+    for (i, m) in list.iter().enumerate() {
+        let f = format!("{field}[{i}]");
+        if header {
+            header_name(&format!("{f}.name"), &m.name)?;
+        } else if m.name.is_empty() || m.name.len() > 256 {
+            return Err(ValidationError::new(format!("{f}.name"), "must be 1..=256 bytes"));
+        }
+        let set = [m.value.is_some(), m.regex.is_some(), m.present.is_some()].iter().filter(|b| **b).count();
+        if set > 1 {
+            return Err(ValidationError::new(f, "give one of value, regex, present"));
+        }
+        if let Some(v) = &m.value {
+            header_value(&format!("{f}.value"), v)?;
+        }
+        if let Some(r) = &m.regex {
+            header_value(&format!("{f}.regex"), r)?;
+        }
+    }
+    Ok(())
+}
+
+fn header_ops(field: &str, ops: &HeaderOps) -> Result<(), ValidationError> {
+    if ops.set.len() + ops.add.len() + ops.remove.len() > MAX_HEADER_OPS {
+        return Err(ValidationError::new(field, format!("at most {MAX_HEADER_OPS} operations")));
+    }
+    for (k, v) in ops.set.iter().chain(ops.add.iter()) {
+        header_name(&format!("{field}.{k}"), k)?;
+        header_value(&format!("{field}.{k}"), v)?;
+    }
+    for k in &ops.remove {
+        header_name(&format!("{field}.remove"), k)?;
+    }
+    Ok(())
+}
+
+fn duration(field: &str, v: &Option<String>, default: Duration) -> Result<Duration, ValidationError> {
+    match v {
+        None => Ok(default),
+        Some(s) => {
+            let d = parse_duration(field, s)?;
+            if d.is_zero() || d > Duration::from_secs(3600) {
+                return Err(ValidationError::new(field, "must be between 1ms and 1h"));
+            }
+            Ok(d)
+        }
+    }
+}
+
+impl RouteSpec {
+    /// Checks everything but regex syntax (the gateway compiles those and reports errors with the
+    /// same field names).
+    pub fn validate(&self, name: &str) -> Result<(), ValidationError> {
+        validate::name("route", name)?;
+        if self.hosts.len() > MAX_HOSTS {
+            return Err(ValidationError::new("hosts", format!("at most {MAX_HOSTS} allowed")));
+        }
+        for (i, h) in self.hosts.iter().enumerate() {
+            let bare = h.strip_prefix("*.").unwrap_or(h);
+            validate::address(&format!("hosts[{i}]"), bare)?;
+        }
+        let paths = [self.path.is_some(), self.path_prefix.is_some(), self.path_regex.is_some()].iter().filter(|b| **b).count();
+        if paths > 1 {
+            return Err(ValidationError::new("path", "give at most one of path, path_prefix, path_regex"));
+        }
+        for (field, p) in [("path", &self.path), ("path_prefix", &self.path_prefix)] {
+            if let Some(p) = p {
+                path_value(field, p)?;
+            }
+        }
+        if let Some(r) = &self.path_regex {
+            header_value("path_regex", r)?;
+        }
+        if self.methods.len() > 16 {
+            return Err(ValidationError::new("methods", "at most 16 allowed"));
+        }
+        for (i, m) in self.methods.iter().enumerate() {
+            if m.is_empty() || m.len() > 16 || !m.bytes().all(|b| b.is_ascii_uppercase()) {
+                return Err(ValidationError::new(format!("methods[{i}]"), format!("{m:?} is not an upper-case method name")));
+            }
+        }
+        matchers("headers", &self.headers, true)?;
+        matchers("query", &self.query, false)?;
+
+        let actions = [self.service.is_some(), !self.split.is_empty(), self.redirect.is_some(), self.direct_response.is_some()].iter().filter(|b| **b).count();
+        if actions != 1 {
+            return Err(ValidationError::new("service", "give exactly one action: service, split, redirect or direct_response"));
+        }
+        if let Some(s) = &self.service {
+            validate::name("service", s)?;
+        }
+        if let Some(ns) = &self.namespace {
+            validate::name("namespace", ns)?;
+        }
+        if let Some(s) = &self.subset {
+            if self.service.is_none() {
+                return Err(ValidationError::new("subset", "needs service"));
+            }
+            subset("subset", s)?;
+        }
+        if self.split.len() > MAX_SPLIT {
+            return Err(ValidationError::new("split", format!("at most {MAX_SPLIT} targets")));
+        }
+        for (i, t) in self.split.iter().enumerate() {
+            validate::name(&format!("split[{i}].service"), &t.service)?;
+            if let Some(ns) = &t.namespace {
+                validate::name(&format!("split[{i}].namespace"), ns)?;
+            }
+            if let Some(s) = &t.subset {
+                subset(&format!("split[{i}].subset"), s)?;
+            }
+            if t.weight > 10_000 {
+                return Err(ValidationError::new(format!("split[{i}].weight"), "must be 0..=10000"));
+            }
+        }
+        if !self.split.is_empty() && self.split.iter().all(|t| t.weight == 0) {
+            return Err(ValidationError::new("split", "at least one target needs a weight above 0"));
+        }
+        if let Some(r) = &self.redirect {
+            if let Some(code) = r.status {
+                if ![301, 302, 303, 307, 308].contains(&code) {
+                    return Err(ValidationError::new("redirect.status", format!("{code} is not 301, 302, 303, 307 or 308")));
+                }
+            }
+            if let Some(l) = &r.location {
+                header_value("redirect.location", l)?;
+                if r.scheme.is_some() || r.host.is_some() || r.path.is_some() {
+                    return Err(ValidationError::new("redirect.location", "give location or scheme/host/path, not both"));
+                }
+            }
+            if let Some(s) = &r.scheme {
+                if s != "http" && s != "https" {
+                    return Err(ValidationError::new("redirect.scheme", "must be http or https"));
+                }
+            }
+            if let Some(h) = &r.host {
+                validate::address("redirect.host", h.split(':').next().unwrap_or(h))?;
+            }
+            if let Some(p) = &r.path {
+                path_value("redirect.path", p)?;
+            }
+        }
+        if let Some(d) = &self.direct_response {
+            if !(100..=599).contains(&d.status) {
+                return Err(ValidationError::new("direct_response.status", "must be 100..=599"));
+            }
+            if d.body.len() > MAX_DIRECT_BODY {
+                return Err(ValidationError::new("direct_response.body", format!("must be at most {MAX_DIRECT_BODY} bytes")));
+            }
+            if let Some(ct) = &d.content_type {
+                header_value("direct_response.content_type", ct)?;
+            }
+        }
+        if (self.strip_prefix || self.rewrite_prefix.is_some()) && self.path_prefix.is_none() {
+            return Err(ValidationError::new(if self.strip_prefix { "strip_prefix" } else { "rewrite_prefix" }, "needs path_prefix"));
+        }
+        if self.strip_prefix && self.rewrite_prefix.is_some() {
+            return Err(ValidationError::new("rewrite_prefix", "give strip_prefix or rewrite_prefix, not both"));
+        }
+        if let Some(p) = &self.rewrite_prefix {
+            path_value("rewrite_prefix", p)?;
+        }
+        header_ops("request_headers", &self.request_headers)?;
+        header_ops("response_headers", &self.response_headers)?;
+        match (self.load_balancer, &self.hash_on) {
+            (Some(LoadBalancer::ConsistentHash), None) => return Err(ValidationError::new("hash_on", "required by load_balancer consistent_hash")),
+            (Some(LoadBalancer::ConsistentHash), Some(h)) => match h {
+                HashOn::Header(n) | HashOn::Cookie(n) => header_name("hash_on", n)?,
+                HashOn::ClientIp(_) => {}
+            },
+            (_, Some(_)) => return Err(ValidationError::new("hash_on", "only used with load_balancer consistent_hash")),
+            _ => {}
+        }
+        self.resilience()?;
+        Ok(())
+    }
+
+    /// The route's timeouts and retry policy with defaults filled in.
+    pub fn resilience(&self) -> Result<Resilience, ValidationError> {
+        let d = Resilience::default();
+        let t = self.timeouts.clone().unwrap_or_default();
+        let r = self.retries.clone().unwrap_or_default();
+        let out = Resilience {
+            connect: duration("timeouts.connect", &t.connect, d.connect)?,
+            per_try: duration("timeouts.per_try", &t.per_try, d.per_try)?,
+            total: duration("timeouts.total", &t.total, d.total)?,
+            attempts: r.attempts.unwrap_or(d.attempts),
+            non_idempotent: r.non_idempotent,
+            backoff: duration("retries.backoff", &r.backoff, d.backoff)?,
+            budget_percent: r.budget_percent.unwrap_or(d.budget_percent),
+            budget_min_per_second: r.budget_min_per_second.unwrap_or(d.budget_min_per_second),
+        };
+        if out.attempts > MAX_RETRIES {
+            return Err(ValidationError::new("retries.attempts", format!("must be 0..={MAX_RETRIES}")));
+        }
+        if out.budget_percent > 100 {
+            return Err(ValidationError::new("retries.budget_percent", "must be 0..=100"));
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(json: &str) -> RouteSpec {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn minimal_route_from_the_issue() {
+        let r = spec(r#"{"path_prefix": "/demo/", "service": "demo", "strip_prefix": true}"#);
+        r.validate("demo").unwrap();
+        assert_eq!(r.resilience().unwrap(), Resilience::default());
+    }
+
+    #[test]
+    fn bad_routes_name_the_field() {
+        for (json, field) in [
+            (r#"{"path_prefix": "/a"}"#, "service"),
+            (r#"{"path_prefix": "/a", "service": "s", "direct_response": {"status": 200}}"#, "service"),
+            (r#"{"path_prefix": "a", "service": "s"}"#, "path_prefix"),
+            (r#"{"path": "/a", "path_prefix": "/a", "service": "s"}"#, "path"),
+            (r#"{"service": "s", "strip_prefix": true}"#, "strip_prefix"),
+            (r#"{"service": "s", "methods": ["get"]}"#, "methods[0]"),
+            (r#"{"service": "s", "headers": [{"name": "bad header"}]}"#, "headers[0].name"),
+            (r#"{"split": [{"service": "a", "weight": 0}]}"#, "split"),
+            (r#"{"redirect": {"status": 200}}"#, "redirect.status"),
+            (r#"{"direct_response": {"status": 700}}"#, "direct_response.status"),
+            (r#"{"service": "s", "timeouts": {"connect": "soon"}}"#, "timeouts.connect"),
+            (r#"{"service": "s", "retries": {"attempts": 99}}"#, "retries.attempts"),
+            (r#"{"service": "s", "load_balancer": "consistent_hash"}"#, "hash_on"),
+            (r#"{"service": "s", "hosts": ["bad host"]}"#, "hosts[0]"),
+            (r#"{"service": "s", "request_headers": {"set": {"x-a": "b\nc"}}}"#, "request_headers.x-a"),
+        ] {
+            let e = spec(json).validate("r").unwrap_err();
+            assert_eq!(e.field, field, "{json}: {e:?}");
+        }
+        assert!(serde_json::from_str::<RouteSpec>(r#"{"service": "s", "bogus": 1}"#).is_err());
+    }
+}

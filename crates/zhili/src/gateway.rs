@@ -1,0 +1,173 @@
+//! The gateway's two sources of routes and endpoints: the registry and store of this process
+//! (`zhili server`), or a server's HTTP API (`zhili gateway --server URL`), plus the standalone
+//! command.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use clap::Args;
+use zhili_gateway::{Discover, Endpoint};
+use zhili_model::route::RouteSpec;
+use zhili_model::{Instance, InstanceList};
+use zhili_registry::{InstanceFilter, Registry};
+use zhili_store::Store;
+
+fn endpoint(i: Instance) -> Endpoint {
+    Endpoint { id: i.id, address: i.address, port: i.port, weight: i.weight, tags: i.tags, version: i.version, zone: i.zone }
+}
+
+/// Embedded: routes from the store, serving instances from the registry, both by blocking reads.
+pub struct Local {
+    pub registry: Arc<Registry>,
+    pub store: Arc<dyn Store>,
+}
+
+#[async_trait]
+impl Discover for Local {
+    async fn routes(&self, version: u64, wait: Duration) -> Result<(u64, Vec<(String, RouteSpec)>), String> {
+        zhili_api::native::routes::wait_routes(&*self.store, version, wait).await;
+        zhili_api::native::routes::load_routes(&*self.store).map_err(|e| e.to_string())
+    }
+
+    async fn endpoints(&self, ns: &str, service: &str, version: u64, wait: Duration) -> Result<(u64, Vec<Endpoint>), String> {
+        self.registry.wait_for(version, wait, || self.registry.service_index(ns, service)).await;
+        let filter = InstanceFilter { healthy_only: true, ..Default::default() };
+        let index = self.registry.service_index(ns, service);
+        let list = self.registry.instances(ns, service, &filter).map(|l| l.instances).unwrap_or_default();
+        Ok((index, list.into_iter().filter(Instance::is_serving).map(endpoint).collect()))
+    }
+}
+
+/// Standalone: the same through a server's native API.
+pub struct Remote {
+    pub client: zhili_client::Client,
+}
+
+impl Remote {
+    async fn get<T: serde::de::DeserializeOwned>(&self, path: &str, wait: Duration) -> Result<T, String> {
+        let resp = self.client.raw(http::Method::GET, path, None, wait + Duration::from_secs(10)).await.map_err(|e| e.to_string())?;
+        serde_json::from_slice(&resp.body).map_err(|e| format!("{path}: {e}"))
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct RouteList {
+    index: u64,
+    routes: Vec<NamedRoute>,
+}
+
+#[derive(serde::Deserialize)]
+struct NamedRoute {
+    name: String,
+    route: RouteSpec,
+}
+
+fn wait_param(version: u64, wait: Duration) -> String {
+    if version == 0 {
+        String::new()
+    } else {
+        format!("index={version}&wait={}s&", wait.as_secs().max(1))
+    }
+}
+
+#[async_trait]
+impl Discover for Remote {
+    async fn routes(&self, version: u64, wait: Duration) -> Result<(u64, Vec<(String, RouteSpec)>), String> {
+        let list: RouteList = self.get(&format!("/api/v1/routes?{}", wait_param(version, wait)), wait).await?;
+        Ok((list.index, list.routes.into_iter().map(|r| (r.name, r.route)).collect()))
+    }
+
+    async fn endpoints(&self, ns: &str, service: &str, version: u64, wait: Duration) -> Result<(u64, Vec<Endpoint>), String> {
+        let path =
+            format!("/api/v1/services/{}/instances?{}ns={}&healthy=true", zhili_client::encode(service), wait_param(version, wait), zhili_client::encode(ns));
+        let list: InstanceList = self.get(&path, wait).await?;
+        Ok((list.index, list.instances.into_iter().filter(Instance::is_serving).map(endpoint).collect()))
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct GatewayArgs {
+    /// The server to follow routes and endpoints from.
+    #[arg(long, env = "ZHILI_SERVER", default_value = "http://127.0.0.1:8500")]
+    server: String,
+    /// ACL token with read access to routes and services.
+    #[arg(long, env = "ZHILI_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Where the gateway listens.
+    #[arg(long, env = "ZHILI_GATEWAY_ADDR", default_value = zhili_config::DEFAULT_GATEWAY_ADDR)]
+    addr: SocketAddr,
+    /// Worker threads (the gateway runs well on one).
+    #[arg(long, env = "ZHILI_GATEWAY_THREADS", default_value_t = 1)]
+    threads: usize,
+    /// Gateway access log: true or false.
+    #[arg(long, env = "ZHILI_GATEWAY_ACCESS_LOG", default_value_t = true, action = clap::ArgAction::Set)]
+    access_log: bool,
+    /// PEM certificate chain and key: terminate TLS.
+    #[arg(long, env = "ZHILI_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    #[arg(long, env = "ZHILI_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+    /// Log filter in RUST_LOG syntax.
+    #[arg(long, env = "ZHILI_LOG_LEVEL", default_value = "info")]
+    log_level: String,
+}
+
+/// `zhili gateway`: a data-plane node on its own runtime.
+pub fn run_standalone(args: GatewayArgs) -> ExitCode {
+    if let Err(e) = zhili_telemetry::validate_filter(&args.log_level) {
+        eprintln!("zhili: invalid value for log_level: {e}");
+        return ExitCode::from(crate::EXIT_USAGE);
+    }
+    zhili_telemetry::init_logging(zhili_telemetry::LogFormat::Json, &args.log_level);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(args.threads.max(1)).enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("zhili: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let client = match zhili_client::Client::new(&args.server, args.token.clone()) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("zhili: --server: {e}");
+                return ExitCode::from(crate::EXIT_USAGE);
+            }
+        };
+        let tls = match (&args.tls_cert, &args.tls_key) {
+            (Some(c), Some(k)) => match crate::server::tls_acceptor(c, k) {
+                Ok(a) => Some(a),
+                Err(e) => {
+                    eprintln!("zhili: {e:#}");
+                    return ExitCode::FAILURE;
+                }
+            },
+            _ => None,
+        };
+        let gw = zhili_gateway::Gateway::new(zhili_gateway::Options { access_log: args.access_log, ..Default::default() });
+        tokio::spawn(zhili_gateway::follow(gw.clone(), Arc::new(Remote { client })));
+        let listener = match tokio::net::TcpListener::bind(args.addr).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("zhili: binding the gateway on {}: {e}", args.addr);
+                return ExitCode::FAILURE;
+            }
+        };
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        match listener.local_addr() {
+            Ok(a) => println!("zhili gateway listening on {scheme}://{a}"),
+            Err(e) => {
+                eprintln!("zhili: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+        tokio::select! {
+            _ = zhili_gateway::serve(listener, gw, tls) => {}
+            _ = crate::server::shutdown_signal() => {}
+        }
+        ExitCode::SUCCESS
+    })
+}

@@ -1,0 +1,331 @@
+//! The gateway through the real binary on real sockets: routing, transforms, direct answers and
+//! redirects, failover when an upstream dies under load, hot route changes under load, the retry
+//! budget, WebSockets across a route change, and a standalone gateway outliving its server.
+
+mod common;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use http::{Method, StatusCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use zhili_test_support::Upstream;
+
+fn gw_client(s: &ServerProcess) -> zhili_client::Client {
+    zhili_client::Client::new(&format!("http://{}", s.gateway.expect("gateway listener")), None).unwrap()
+}
+
+async fn register(api: &zhili_client::Client, service: &str, up: &Upstream, tags: &[&str]) {
+    let body = serde_json::json!({"id": up.name, "address": "127.0.0.1", "port": up.addr.port(), "ephemeral": false, "tags": tags}).to_string();
+    let (st, _, v) = call(api, Method::POST, &format!("/api/v1/services/{service}/instances"), Some(&body)).await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+}
+
+async fn put_route(api: &zhili_client::Client, name: &str, route: &str) {
+    let (st, _, v) = call(api, Method::PUT, &format!("/api/v1/routes/{name}"), Some(route)).await;
+    assert_eq!(st, StatusCode::OK, "{route}: {v}");
+}
+
+async fn get(gw: &zhili_client::Client, path: &str, headers: &[(&str, &str)]) -> (StatusCode, http::HeaderMap, String) {
+    let mut req = http::Request::builder().method(Method::GET).uri(path);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let r = gw.send_request(req.body(bytes::Bytes::new()).unwrap(), Duration::from_secs(10)).await.unwrap();
+    (r.status, r.headers, String::from_utf8_lossy(&r.body).into_owned())
+}
+
+/// Waits until `path` answers `want` through the gateway.
+async fn until_body(gw: &zhili_client::Client, path: &str, want: &str) {
+    until_body_with(gw, path, &[], want).await
+}
+
+async fn until_body_with(gw: &zhili_client::Client, path: &str, headers: &[(&str, &str)], want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, _, body) = get(gw, path, headers).await;
+        if body == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{path} never answered {want:?} (last {body:?})");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until `path` answers 200 through the gateway.
+async fn until_ok(gw: &zhili_client::Client, path: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while get(gw, path, &[]).await.0 != StatusCode::OK {
+        assert!(Instant::now() < deadline, "{path} never answered 200");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn routes_match_forward_transform_redirect_and_answer_directly() {
+    let s = dev_server();
+    let api = client(&s, None);
+    let gw = gw_client(&s);
+    let ups = [Upstream::start("a").await, Upstream::start("b").await, Upstream::start("c").await];
+    for (up, tag) in ups.iter().zip(["v1", "v1", "v2"]) {
+        register(&api, "web", up, &[tag]).await;
+    }
+    put_route(
+        &api,
+        "demo",
+        r#"{"path_prefix": "/demo/", "service": "web", "strip_prefix": true, "load_balancer": "round_robin",
+            "request_headers": {"set": {"x-added": "yes"}, "remove": ["x-secret"]},
+            "response_headers": {"set": {"x-gw": "zhili"}}}"#,
+    )
+    .await;
+    // The issue's minimal shape works as written.
+    put_route(&api, "minimal", r#"{"path_prefix": "/minimal/", "service": "web", "strip_prefix": true}"#).await;
+    until_ok(&gw, "/demo/hello").await;
+    let before: Vec<u64> = ups.iter().map(|u| u.hits.load(Ordering::Relaxed)).collect();
+    for _ in 0..30 {
+        let (st, h, body) = get(&gw, "/demo/hello?x=1", &[("x-secret", "s"), ("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01")]).await;
+        assert_eq!(st, StatusCode::OK);
+        assert!(body.ends_with(" /hello"), "{body}");
+        assert_eq!(h.get("x-gw").unwrap(), "zhili");
+        assert!(h.contains_key("x-request-id"));
+    }
+    let spread: Vec<u64> = ups.iter().zip(&before).map(|(u, b)| u.hits.load(Ordering::Relaxed) - b).collect();
+    assert_eq!(spread, [10, 10, 10], "round robin over three endpoints");
+    let seen = ups[0].last_headers.lock().unwrap().clone();
+    assert_eq!(seen.get("x-added").unwrap(), "yes");
+    assert!(!seen.contains_key("x-secret"));
+    assert_eq!(seen.get("x-forwarded-for").unwrap(), "127.0.0.1");
+    assert!(seen.contains_key("x-request-id"));
+    let tp = seen.get("traceparent").unwrap().to_str().unwrap().to_string();
+    assert!(tp.starts_with("00-0af7651916cd43dd8448eb211c80319c-") && !tp.contains("b7ad6b7169203331"), "same trace, new parent: {tp}");
+    assert_eq!(get(&gw, "/minimal/x", &[]).await.0, StatusCode::OK);
+
+    // Header-based canary to a subset.
+    put_route(&api, "canary", r#"{"path_prefix": "/demo/", "headers": [{"name": "x-canary", "value": "1"}], "service": "web", "subset": {"tags": ["v2"]}}"#)
+        .await;
+    // (Not stripped: the canary route has no strip_prefix.)
+    until_body_with(&gw, "/demo/c", &[("x-canary", "1")], "c /demo/c").await;
+    for _ in 0..10 {
+        let (_, _, body) = get(&gw, "/demo/c", &[("x-canary", "1")]).await;
+        assert_eq!(body, "c /demo/c");
+    }
+
+    // Direct response, redirect, no route, a service with no endpoints.
+    put_route(&api, "ping", r#"{"path": "/ping", "direct_response": {"status": 200, "body": "pong", "content_type": "text/plain"}}"#).await;
+    until_body(&gw, "/ping", "pong").await;
+    put_route(&api, "old", r#"{"path_prefix": "/old/", "redirect": {"path": "/new/", "status": 301}}"#).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (st, h, _) = get(&gw, "/old/x?q=1", &[("host", "example.test")]).await;
+        if st == StatusCode::MOVED_PERMANENTLY {
+            assert_eq!(h.get("location").unwrap(), "http://example.test/new/?q=1");
+            break;
+        }
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (st, _, body) = get(&gw, "/nowhere", &[]).await;
+    assert_eq!(st, StatusCode::NOT_FOUND, "{body}");
+    assert!(body.contains("no route"), "{body}");
+    put_route(&api, "empty", r#"{"path_prefix": "/empty/", "service": "nobody"}"#).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (st, _, body) = get(&gw, "/empty/x", &[]).await;
+        if st == StatusCode::SERVICE_UNAVAILABLE {
+            assert!(body.contains("nobody"), "{body}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{st} {body}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // A route change applies fast (measured from the API's answer to the first changed response).
+    let t = Instant::now();
+    put_route(&api, "ping", r#"{"path": "/ping", "direct_response": {"status": 200, "body": "pong2"}}"#).await;
+    until_body(&gw, "/ping", "pong2").await;
+    assert!(t.elapsed() < Duration::from_secs(1), "route change took {:?}", t.elapsed());
+
+    // Bad routes are refused with the field named; deleting works.
+    expect_problem(&api, Method::PUT, "/api/v1/routes/bad", Some(r#"{"path_regex": "(", "service": "web"}"#), StatusCode::BAD_REQUEST, "path_regex").await;
+    expect_problem(&api, Method::PUT, "/api/v1/routes/bad", Some(r#"{"path_prefix": "/x/"}"#), StatusCode::BAD_REQUEST, "service").await;
+    let (st, _, _) = call(&api, Method::DELETE, "/api/v1/routes/ping", None).await;
+    assert_eq!(st, StatusCode::NO_CONTENT);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while get(&gw, "/ping", &[]).await.0 != StatusCode::NOT_FOUND {
+        assert!(Instant::now() < deadline, "deleted route still served");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Bounded closed-loop load through the gateway; counts non-200 answers.
+fn load(
+    gw: zhili_client::Client,
+    path: &'static str,
+    workers: usize,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> (Arc<AtomicU64>, Arc<AtomicU64>, Vec<tokio::task::JoinHandle<()>>) {
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let tasks = (0..workers)
+        .map(|_| {
+            let (gw, stop, ok, failed) = (gw.clone(), stop.clone(), ok.clone(), failed.clone());
+            tokio::spawn(async move {
+                // Bounded: at most 20 s or 100k requests per worker.
+                let deadline = Instant::now() + Duration::from_secs(20);
+                for _ in 0..100_000 {
+                    if stop.load(Ordering::Relaxed) || Instant::now() > deadline {
+                        break;
+                    }
+                    match gw.send(Method::GET, path, None, Duration::from_secs(10)).await {
+                        Ok(r) if r.status == StatusCode::OK => ok.fetch_add(1, Ordering::Relaxed),
+                        _ => failed.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            })
+        })
+        .collect();
+    (ok, failed, tasks)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failover_and_hot_route_change_under_load_fail_no_request() {
+    let s = dev_server();
+    let api = client(&s, None);
+    let gw = gw_client(&s);
+    let ups = [Upstream::start("a").await, Upstream::start("b").await, Upstream::start("c").await];
+    for up in &ups {
+        register(&api, "web", up, &[]).await;
+    }
+    let green = Upstream::start("green").await;
+    register(&api, "web-green", &green, &[]).await;
+    put_route(&api, "app", r#"{"path_prefix": "/app/", "service": "web", "strip_prefix": true}"#).await;
+    until_ok(&gw, "/app/").await;
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (ok, failed, tasks) = load(gw.clone(), "/app/x", 8, stop.clone());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Kill one of three upstreams under load.
+    ups[0].stop();
+    let killed_at = Instant::now();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let (b, c) = (ups[1].hits.load(Ordering::Relaxed), ups[2].hits.load(Ordering::Relaxed));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(ups[1].hits.load(Ordering::Relaxed) > b && ups[2].hits.load(Ordering::Relaxed) > c, "survivors keep serving");
+    // Switch the route to another service under load.
+    put_route(&api, "app", r#"{"path_prefix": "/app/", "service": "web-green", "strip_prefix": true}"#).await;
+    let switched = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while green.hits.load(Ordering::Relaxed) == 0 {
+        assert!(Instant::now() < deadline, "route change never applied");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let applied = switched.elapsed();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    assert!(ok > 100, "only {ok} requests went through");
+    assert_eq!(failed, 0, "{failed} of {} requests failed (upstream killed {:?} in, route switched in {applied:?})", ok + failed, killed_at.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retry_budget_bounds_retries_to_a_failing_service() {
+    let s = dev_server();
+    let api = client(&s, None);
+    let gw = gw_client(&s);
+    let ups = [Upstream::start("a").await, Upstream::start("b").await];
+    for up in &ups {
+        register(&api, "flaky", up, &[]).await;
+    }
+    put_route(&api, "flaky", r#"{"path_prefix": "/flaky/", "service": "flaky", "retries": {"attempts": 3, "backoff": "1ms"}}"#).await;
+    until_ok(&gw, "/flaky/").await;
+    for up in &ups {
+        up.status.store(503, Ordering::Relaxed);
+    }
+    let before: u64 = ups.iter().map(|u| u.hits.load(Ordering::Relaxed)).sum();
+    let started = Instant::now();
+    let n = 300;
+    for _ in 0..n {
+        let (st, _, _) = get(&gw, "/flaky/x", &[]).await;
+        assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE);
+    }
+    let tries = ups.iter().map(|u| u.hits.load(Ordering::Relaxed)).sum::<u64>() - before;
+    let secs = started.elapsed().as_secs_f64();
+    // 20% of requests plus 3/s, plus the budget's starting allowance of 3.
+    let bound = (n as f64 * 1.2 + 3.0 * secs + 3.0).ceil() as u64;
+    assert!(tries >= n && tries <= bound, "{tries} upstream tries for {n} requests in {secs:.1}s (bound {bound}); without a budget it would be {}", n * 4);
+}
+
+async fn echo(tcp: &mut tokio::net::TcpStream, msg: &[u8]) {
+    tcp.write_all(msg).await.unwrap();
+    let mut buf = vec![0u8; msg.len()];
+    tokio::time::timeout(Duration::from_secs(5), tcp.read_exact(&mut buf)).await.unwrap().unwrap();
+    assert_eq!(buf, msg);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn websocket_tunnel_survives_a_route_change() {
+    let s = dev_server();
+    let api = client(&s, None);
+    let gw = gw_client(&s);
+    let ws = Upstream::start("ws").await;
+    register(&api, "chat", &ws, &[]).await;
+    let other = Upstream::start("other").await;
+    register(&api, "other", &other, &[]).await;
+    put_route(&api, "chat", r#"{"path_prefix": "/chat", "service": "chat"}"#).await;
+    until_body(&gw, "/chat", "ws /chat").await;
+
+    let mut tcp = tokio::net::TcpStream::connect(s.gateway.unwrap()).await.unwrap();
+    tcp.write_all(b"GET /chat HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").await.unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        tokio::time::timeout(Duration::from_secs(5), tcp.read_exact(&mut byte)).await.unwrap().unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    echo(&mut tcp, b"hello").await;
+    // Move the route elsewhere: new requests go there, the open tunnel stays.
+    put_route(&api, "chat", r#"{"path_prefix": "/chat", "service": "other"}"#).await;
+    until_body(&gw, "/chat", "other /chat").await;
+    echo(&mut tcp, b"still here").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn standalone_gateway_follows_its_server_and_outlives_it() {
+    let mut s = ServerProcess::start(bin(), &["--gateway-addr", "off"]);
+    let token = bootstrap(&s).await;
+    let api = client(&s, Some(&token));
+    let up = Upstream::start("solo").await;
+    register(&api, "solo", &up, &[]).await;
+    put_route(&api, "solo", r#"{"path_prefix": "/solo/", "service": "solo", "strip_prefix": true}"#).await;
+
+    let mut child = tokio::process::Command::new(bin())
+        .args(["gateway", "--server", &format!("http://{}", s.api), "--addr", "127.0.0.1:0", "--token", &token, "--log-level", "warn"])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut out = tokio::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    tokio::time::timeout(Duration::from_secs(30), tokio::io::AsyncBufReadExt::read_line(&mut out, &mut line)).await.unwrap().unwrap();
+    let addr = line.trim().strip_prefix("zhili gateway listening on http://").unwrap_or_else(|| panic!("{line}")).to_string();
+    let gw = zhili_client::Client::new(&format!("http://{addr}"), None).unwrap();
+    until_body(&gw, "/solo/x", "solo /x").await;
+
+    // A route change reaches the standalone gateway by watch.
+    put_route(&api, "solo", r#"{"path_prefix": "/solo/", "service": "solo"}"#).await;
+    until_body(&gw, "/solo/x", "solo /solo/x").await;
+
+    // The server dies; the gateway keeps serving its last snapshot.
+    s.kill9();
+    for _ in 0..20 {
+        let (st, _, body) = get(&gw, "/solo/x", &[]).await;
+        assert_eq!((st, body.as_str()), (StatusCode::OK, "solo /solo/x"));
+    }
+    let _ = child.kill().await;
+}
