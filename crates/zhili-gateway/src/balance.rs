@@ -128,6 +128,9 @@ pub struct Pool {
     pub retired: AtomicBool,
     /// Set once discovery answered at least once.
     pub ready: AtomicBool,
+    pub breaker: crate::breaker::CircuitBreaker,
+    /// Requests in flight to this service (for `max_concurrent`).
+    pub in_flight: AtomicU32,
     epoch: Instant,
 }
 
@@ -149,6 +152,8 @@ impl Pool {
             generation: AtomicU64::new(0),
             retired: AtomicBool::new(false),
             ready: AtomicBool::new(false),
+            breaker: Default::default(),
+            in_flight: AtomicU32::new(0),
             epoch: Instant::now(),
         }
     }

@@ -5,6 +5,8 @@
 //! in flight.
 
 mod balance;
+mod breaker;
+mod limit;
 mod proxy;
 mod table;
 
@@ -20,6 +22,8 @@ use tokio::sync::broadcast;
 use zhili_model::route::RouteSpec;
 
 pub use balance::{Ejection, Endpoint, Pool, RetryBudget};
+pub use breaker::{CircuitBreaker, Transition};
+pub use limit::{Decision, Limiter};
 pub use proxy::{serve, Body, BoxError};
 pub use table::{compile, Route, Table, Target};
 
@@ -86,6 +90,10 @@ pub struct Stats {
     pub ejections: AtomicU64,
     pub upstream_errors: AtomicU64,
     pub no_route: AtomicU64,
+    pub rate_limited: AtomicU64,
+    pub breaker_opened: AtomicU64,
+    pub breaker_rejected: AtomicU64,
+    pub concurrency_rejected: AtomicU64,
 }
 
 pub struct Gateway {
@@ -167,6 +175,13 @@ impl Gateway {
         self.table.store(Arc::new(Table::new(compiled)));
         self.routes_version.store(version, Ordering::Release);
         fresh
+    }
+
+    fn breaker_transition(&self, pool: &Pool, t: Transition) {
+        if t == Transition::Opened {
+            self.stats.breaker_opened.fetch_add(1, Ordering::Relaxed);
+        }
+        tracing::warn!(namespace = %pool.namespace, service = %pool.service, transition = ?t, "circuit breaker");
     }
 
     fn report(&self, pool: &Pool, e: Ejection) {

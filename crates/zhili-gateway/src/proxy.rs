@@ -162,23 +162,24 @@ fn idempotent(m: &Method) -> bool {
     matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE)
 }
 
-fn random_hex(bytes: usize) -> String {
-    let mut rng = rand::rng();
-    (0..bytes).map(|_| format!("{:02x}", rng.random::<u8>())).collect()
+/// A random id of 32 hex digits (request ids, trace ids).
+fn random_id128() -> String {
+    format!("{:032x}", rand::rng().random::<u128>())
+}
+
+fn random_id64() -> String {
+    format!("{:016x}", rand::rng().random::<u64>())
 }
 
 /// W3C trace context: keep the caller's trace id with a new parent id (this hop), or start one.
 fn traceparent(h: &HeaderMap) -> HeaderValue {
-    let incoming = h.get("traceparent").and_then(|v| v.to_str().ok()).filter(|v| {
-        let p: Vec<&str> = v.split('-').collect();
-        p.len() == 4 && p[0].len() == 2 && p[1].len() == 32 && p[2].len() == 16 && p[3].len() == 2 && p.iter().all(|x| x.bytes().all(|b| b.is_ascii_hexdigit()))
+    // 00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>
+    let incoming = h.get("traceparent").map(HeaderValue::as_bytes).filter(|v| {
+        v.len() == 55 && v[2] == b'-' && v[35] == b'-' && v[52] == b'-' && v.iter().enumerate().all(|(i, b)| matches!(i, 2 | 35 | 52) || b.is_ascii_hexdigit())
     });
     let value = match incoming {
-        Some(v) => {
-            let p: Vec<&str> = v.split('-').collect();
-            format!("00-{}-{}-{}", p[1], random_hex(8), p[3])
-        }
-        None => format!("00-{}-{}-01", random_hex(16), random_hex(8)),
+        Some(v) => format!("00-{}-{}-{}", String::from_utf8_lossy(&v[3..35]), random_id64(), String::from_utf8_lossy(&v[53..55])),
+        None => format!("00-{}-{}-01", random_id128(), random_id64()),
     };
     HeaderValue::from_str(&value).expect("hex is a valid header value")
 }
@@ -266,12 +267,18 @@ pub async fn handle(gw: Arc<Gateway>, mut req: Request<Incoming>, peer: SocketAd
     let host = host_of(&req);
     let table = gw.table();
     let route = table.find(&host, req.method(), req.uri().path(), req.uri().query(), req.headers()).cloned();
+    let denied = route.as_ref().and_then(|r| limited(&gw, r, &req, peer));
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let (resp, upstream) = match route {
         None => {
             gw.stats.no_route.fetch_add(1, Ordering::Relaxed);
             (error_response(StatusCode::NOT_FOUND, &format!("no route for {host}{path}")), None)
+        }
+        Some(route) if denied.is_some() => {
+            let mut r = denied.expect("checked");
+            apply_ops(r.headers_mut(), &route.spec.response_headers);
+            (r, None)
         }
         Some(route) => match &route.action {
             Action::Direct { status, body, content_type } => {
@@ -287,7 +294,7 @@ pub async fn handle(gw: Arc<Gateway>, mut req: Request<Incoming>, peer: SocketAd
             Action::Forward(targets) => {
                 let target = pick_target(targets).clone();
                 let key = hash_key(&route, &req, peer);
-                let request_id = req.headers().get("x-request-id").cloned().unwrap_or_else(|| HeaderValue::from_str(&random_hex(16)).expect("hex"));
+                let request_id = req.headers().get("x-request-id").cloned().unwrap_or_else(|| HeaderValue::from_str(&random_id128()).expect("hex"));
                 let upgrade = req.headers().contains_key(header::UPGRADE) && method == Method::GET;
                 let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
                 let (mut resp, used) = forward(&gw, &route, &target, req, peer, tls, key, &request_id, on_upgrade).await;
@@ -322,6 +329,48 @@ pub async fn handle(gw: Arc<Gateway>, mut req: Request<Incoming>, peer: SocketAd
     resp
 }
 
+/// The 429 answer when the route's rate limit is exhausted for this request's key.
+fn limited(gw: &Gateway, route: &Route, req: &Request<Incoming>, peer: SocketAddr) -> Option<Response<Body>> {
+    let limiter = route.limiter.as_ref()?;
+    let ip;
+    let key: Option<&[u8]> = match &limiter.key {
+        None => None,
+        Some(zhili_model::route::RateLimitKey::ClientIp(_)) => {
+            ip = peer.ip().to_string();
+            Some(ip.as_bytes())
+        }
+        Some(zhili_model::route::RateLimitKey::Header(h)) => Some(req.headers().get(h.as_str()).map_or(&b""[..], |v| v.as_bytes())),
+    };
+    match limiter.check(key, Instant::now()) {
+        crate::limit::Decision::Allow { .. } => None,
+        crate::limit::Decision::Deny { retry_after } => {
+            gw.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
+            let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+            let mut r = error_response(
+                StatusCode::TOO_MANY_REQUESTS,
+                &format!("rate limit of route {:?} exceeded ({} requests/s); retry in {secs}s", route.name, limiter.rate),
+            );
+            let h = r.headers_mut();
+            h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            h.insert("ratelimit-limit", HeaderValue::from(limiter.burst as u64));
+            h.insert("ratelimit-remaining", HeaderValue::from(0));
+            h.insert("ratelimit-reset", HeaderValue::from(secs));
+            h.insert("ratelimit-policy", HeaderValue::from_str(&format!("{};w=1", limiter.rate)).unwrap_or(HeaderValue::from_static("1")));
+            Some(r)
+        }
+    }
+}
+
+/// Decrements the service's in-flight count when the request is done.
+struct InFlight<'a>(&'a std::sync::atomic::AtomicU32);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Forwards under the route's circuit breaker and concurrency limit.
 #[allow(clippy::too_many_arguments)]
 async fn forward(
     gw: &Gateway,
@@ -337,6 +386,53 @@ async fn forward(
     let Some(pool) = gw.pool(&target.namespace, &target.service) else {
         return (error_response(StatusCode::SERVICE_UNAVAILABLE, &format!("service {:?} is not known to the gateway yet", target.service)), None);
     };
+    let Some(cfg) = route.breaker else {
+        return forward_inner(gw, route, target, &pool, req, peer, tls, hash_key, request_id, on_upgrade).await;
+    };
+    let _in_flight = InFlight(&pool.in_flight);
+    let now_in_flight = pool.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+    if cfg.max_concurrent.is_some_and(|max| now_in_flight > max) {
+        gw.stats.concurrency_rejected.fetch_add(1, Ordering::Relaxed);
+        let detail = format!("service {:?} has {} requests in flight, its limit; try again shortly", target.service, now_in_flight - 1);
+        return (error_response(StatusCode::SERVICE_UNAVAILABLE, &detail), None);
+    }
+    let started = Instant::now();
+    let admission = match pool.breaker.admit(&cfg, started) {
+        Ok((a, transition)) => {
+            if let Some(t) = transition {
+                gw.breaker_transition(&pool, t);
+            }
+            a
+        }
+        Err(wait) => {
+            gw.stats.breaker_rejected.fetch_add(1, Ordering::Relaxed);
+            let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+            let mut r = error_response(StatusCode::SERVICE_UNAVAILABLE, &format!("circuit breaker for service {:?} is open; retry in {secs}s", target.service));
+            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            return (r, None);
+        }
+    };
+    let out = forward_inner(gw, route, target, &pool, req, peer, tls, hash_key, request_id, on_upgrade).await;
+    let failed = out.0.status().is_server_error();
+    if let Some(t) = pool.breaker.record(&cfg, admission, failed, started.elapsed(), Instant::now()) {
+        gw.breaker_transition(&pool, t);
+    }
+    out
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn forward_inner(
+    gw: &Gateway,
+    route: &Route,
+    target: &Target,
+    pool: &crate::balance::Pool,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    tls: bool,
+    hash_key: Option<u64>,
+    request_id: &HeaderValue,
+    on_upgrade: Option<hyper::upgrade::OnUpgrade>,
+) -> (Response<Body>, Option<String>) {
     let r = route.resilience;
     let deadline = Instant::now() + r.total;
     let grpc = req.version() == Version::HTTP_2 && req.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
@@ -442,7 +538,7 @@ async fn forward(
             _ => true,
         };
         if let Some(e) = pool.record(&ep, failed) {
-            gw.report(&pool, e);
+            gw.report(pool, e);
         }
         match result {
             Ok(Ok(mut resp)) => {
@@ -465,7 +561,7 @@ async fn forward(
                         return (Response::from_parts(p, empty()), Some(ep.authority.clone()));
                     }
                 }
-                return (finish(resp), Some(ep.authority.clone()));
+                return (finish(resp).await, Some(ep.authority.clone()));
             }
             Ok(Err(e)) => {
                 gw.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
@@ -485,8 +581,19 @@ async fn forward(
     (error_response(last_error.0, &last_error.1), tried.last().map(|e| e.authority.clone()))
 }
 
-fn finish(resp: Response<Incoming>) -> Response<Body> {
+/// Answers smaller than this (with a Content-Length) are read whole before answering, so the head
+/// and body leave in one write; larger or open-ended ones (SSE, downloads) stream.
+const COLLECT_BELOW: u64 = 64 * 1024;
+
+async fn finish(resp: Response<Incoming>) -> Response<Body> {
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    if content_length(&parts.headers).is_some_and(|n| n <= COLLECT_BELOW) {
+        // The body is already in flight behind the head; a failure here is the upstream's.
+        return match body.collect().await {
+            Ok(c) => Response::from_parts(parts, full(c.to_bytes())),
+            Err(e) => error_response(StatusCode::BAD_GATEWAY, &format!("upstream body: {e}")),
+        };
+    }
     Response::from_parts(parts, body.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync())
 }

@@ -9,6 +9,7 @@ use zhili_model::route::{HashOn, LoadBalancer, Redirect, Resilience, RouteSpec, 
 use zhili_model::ValidationError;
 
 use crate::balance::RetryBudget;
+use crate::limit::Limiter;
 
 #[derive(Debug)]
 enum Host {
@@ -76,6 +77,8 @@ pub struct Route {
     pub balancer: LoadBalancer,
     pub hash_on: Option<HashOn>,
     pub budget: RetryBudget,
+    pub limiter: Option<Limiter>,
+    pub breaker: Option<zhili_model::route::Breaker>,
 }
 
 fn regex(field: &str, r: &str) -> Result<Regex, ValidationError> {
@@ -180,6 +183,8 @@ pub fn compile(name: &str, spec: &RouteSpec) -> Result<Route, ValidationError> {
         resilience,
         balancer: spec.load_balancer.unwrap_or_default(),
         hash_on: spec.hash_on.clone(),
+        limiter: spec.rate_limit.as_ref().map(Limiter::new),
+        breaker: spec.circuit_breaker.as_ref().map(|b| b.resolve()).transpose()?,
     })
 }
 

@@ -73,6 +73,101 @@ pub struct RouteSpec {
     pub timeouts: Option<TimeoutsSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retries: Option<RetrySpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimitSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circuit_breaker: Option<BreakerSpec>,
+}
+
+/// A circuit breaker on the routed service: it opens when, over the sliding `window`, at least
+/// `min_calls` calls were made and the share of failed (5xx, gateway errors) or slow calls
+/// reaches its threshold; after `open_for` it lets `half_open_probes` calls through and closes
+/// if they all succeed. `max_concurrent` caps calls in flight (fast 503 above it).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_ratio: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slow_ratio: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slow_call: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_calls: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub open_for: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub half_open_probes: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent: Option<u32>,
+}
+
+/// A breaker's settings with defaults filled in.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Breaker {
+    pub error_ratio: f64,
+    /// `None`: slow calls do not open the breaker.
+    pub slow_ratio: Option<f64>,
+    pub slow_call: Duration,
+    pub window: Duration,
+    pub min_calls: u32,
+    pub open_for: Duration,
+    pub half_open_probes: u32,
+    pub max_concurrent: Option<u32>,
+}
+
+impl BreakerSpec {
+    pub fn resolve(&self) -> Result<Breaker, ValidationError> {
+        let ratio = |field: &str, v: Option<f64>, default: f64| -> Result<f64, ValidationError> {
+            let r = v.unwrap_or(default);
+            if !(r > 0.0 && r <= 1.0) {
+                return Err(ValidationError::new(field, "must be above 0 and at most 1"));
+            }
+            Ok(r)
+        };
+        let b = Breaker {
+            error_ratio: ratio("circuit_breaker.error_ratio", self.error_ratio, 0.5)?,
+            slow_ratio: self.slow_ratio.map(|r| ratio("circuit_breaker.slow_ratio", Some(r), 1.0)).transpose()?,
+            slow_call: duration("circuit_breaker.slow_call", &self.slow_call, Duration::from_secs(1))?,
+            window: duration("circuit_breaker.window", &self.window, Duration::from_secs(10))?,
+            min_calls: self.min_calls.unwrap_or(20),
+            open_for: duration("circuit_breaker.open_for", &self.open_for, Duration::from_secs(30))?,
+            half_open_probes: self.half_open_probes.unwrap_or(3),
+            max_concurrent: self.max_concurrent,
+        };
+        if b.min_calls == 0 {
+            return Err(ValidationError::new("circuit_breaker.min_calls", "must be at least 1"));
+        }
+        if b.half_open_probes == 0 {
+            return Err(ValidationError::new("circuit_breaker.half_open_probes", "must be at least 1"));
+        }
+        if b.max_concurrent == Some(0) {
+            return Err(ValidationError::new("circuit_breaker.max_concurrent", "must be at least 1"));
+        }
+        Ok(b)
+    }
+}
+
+/// A token bucket per route or per key: `rate` requests per second on average, bursts of up to
+/// `burst` (default: one second's worth). Over the limit: 429 with `Retry-After`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitSpec {
+    pub rate: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
+    /// One bucket for the whole route (default), or one per key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<RateLimitKey>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum RateLimitKey {
+    ClientIp(bool),
+    Header(String),
 }
 
 /// A header or query parameter condition: `value` exact, `regex`, or just `present`.
@@ -447,6 +542,23 @@ impl RouteSpec {
             (_, Some(_)) => return Err(ValidationError::new("hash_on", "only used with load_balancer consistent_hash")),
             _ => {}
         }
+        if let Some(b) = &self.circuit_breaker {
+            if self.service.is_none() && self.split.is_empty() {
+                return Err(ValidationError::new("circuit_breaker", "needs service or split"));
+            }
+            b.resolve()?;
+        }
+        if let Some(rl) = &self.rate_limit {
+            if !(rl.rate > 0.0 && rl.rate <= 1e9) {
+                return Err(ValidationError::new("rate_limit.rate", "must be above 0 (requests per second)"));
+            }
+            if rl.burst == Some(0) {
+                return Err(ValidationError::new("rate_limit.burst", "must be at least 1"));
+            }
+            if let Some(RateLimitKey::Header(h)) = &rl.key {
+                header_name("rate_limit.key", h)?;
+            }
+        }
         self.resilience()?;
         Ok(())
     }
@@ -509,6 +621,10 @@ mod tests {
             (r#"{"service": "s", "load_balancer": "consistent_hash"}"#, "hash_on"),
             (r#"{"service": "s", "hosts": ["bad host"]}"#, "hosts[0]"),
             (r#"{"service": "s", "request_headers": {"set": {"x-a": "b\nc"}}}"#, "request_headers.x-a"),
+            (r#"{"service": "s", "rate_limit": {"rate": 0}}"#, "rate_limit.rate"),
+            (r#"{"service": "s", "circuit_breaker": {"error_ratio": 2}}"#, "circuit_breaker.error_ratio"),
+            (r#"{"service": "s", "circuit_breaker": {"open_for": "x"}}"#, "circuit_breaker.open_for"),
+            (r#"{"service": "s", "rate_limit": {"rate": 5, "burst": 0}}"#, "rate_limit.burst"),
         ] {
             let e = spec(json).validate("r").unwrap_err();
             assert_eq!(e.field, field, "{json}: {e:?}");

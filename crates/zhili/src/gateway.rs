@@ -122,7 +122,13 @@ pub fn run_standalone(args: GatewayArgs) -> ExitCode {
         return ExitCode::from(crate::EXIT_USAGE);
     }
     zhili_telemetry::init_logging(zhili_telemetry::LogFormat::Json, &args.log_level);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(args.threads.max(1)).enable_all().build() {
+    // One thread: a current-thread runtime (no work-stealing bookkeeping on the hot path).
+    let built = if args.threads <= 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(args.threads).enable_all().build()
+    };
+    let runtime = match built {
         Ok(r) => r,
         Err(e) => {
             eprintln!("zhili: cannot start the async runtime: {e}");

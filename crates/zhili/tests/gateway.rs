@@ -329,3 +329,93 @@ async fn standalone_gateway_follows_its_server_and_outlives_it() {
     }
     let _ = child.kill().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rate_limits_answer_429_with_retry_after_per_route_and_per_key() {
+    let s = dev_server();
+    let api = client(&s, None);
+    let gw = gw_client(&s);
+    put_route(&api, "rl", r#"{"path_prefix": "/rl/", "direct_response": {"status": 200, "body": "ok"}, "rate_limit": {"rate": 2, "burst": 5}}"#).await;
+    put_route(
+        &api,
+        "rk",
+        r#"{"path_prefix": "/rk/", "direct_response": {"status": 200, "body": "ok"}, "rate_limit": {"rate": 0.5, "burst": 2, "key": {"header": "x-user"}}}"#,
+    )
+    .await;
+    until_body(&gw, "/rk/", "ok").await; // uses the empty-key bucket of /rk/, not users a or b
+    until_body(&gw, "/rl/", "ok").await;
+    // The route's bucket: 5 at once (one already spent above, maybe refilled), then 429s.
+    let mut ok = 0;
+    let mut limited = None;
+    for _ in 0..20 {
+        let (st, h, _) = get(&gw, "/rl/x", &[]).await;
+        match st {
+            StatusCode::OK => ok += 1,
+            StatusCode::TOO_MANY_REQUESTS => limited = Some(h),
+            other => panic!("{other}"),
+        }
+    }
+    assert!((4..=6).contains(&ok), "{ok} allowed of 20 with burst 5");
+    let h = limited.expect("some requests were limited");
+    assert!(h.get("retry-after").unwrap().to_str().unwrap().parse::<u64>().unwrap() >= 1);
+    assert_eq!(h.get("ratelimit-limit").unwrap(), "5");
+    assert_eq!(h.get("ratelimit-remaining").unwrap(), "0");
+    // Per key: each user has its own bucket of 2.
+    for user in ["alice", "bob"] {
+        let headers = [("x-user", user)];
+        let statuses: Vec<StatusCode> =
+            futures_util::future::join_all((0..3).map(|_| get(&gw, "/rk/x", &headers))).await.into_iter().map(|(st, _, _)| st).collect();
+        assert_eq!(statuses.iter().filter(|s| **s == StatusCode::OK).count(), 2, "{user}: {statuses:?}");
+        assert!(statuses.contains(&StatusCode::TOO_MANY_REQUESTS), "{user}: {statuses:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn circuit_breaker_opens_then_closes_through_half_open_and_limits_concurrency() {
+    let s = dev_server();
+    let api = client(&s, None);
+    let gw = gw_client(&s);
+    let up = Upstream::start("fragile").await;
+    register(&api, "fragile", &up, &[]).await;
+    put_route(
+        &api,
+        "fragile",
+        r#"{"path_prefix": "/fragile/", "service": "fragile", "retries": {"attempts": 0},
+            "circuit_breaker": {"min_calls": 5, "error_ratio": 0.5, "open_for": "1s", "half_open_probes": 2}}"#,
+    )
+    .await;
+    until_ok(&gw, "/fragile/").await;
+    up.status.store(500, Ordering::Relaxed);
+    let mut statuses = vec![];
+    for _ in 0..4 {
+        statuses.push(get(&gw, "/fragile/x", &[]).await.0);
+    }
+    assert!(statuses.iter().all(|s| *s == StatusCode::INTERNAL_SERVER_ERROR), "{statuses:?}");
+    // Open: fast 503s with Retry-After, and the upstream sees nothing.
+    let hits = up.hits.load(Ordering::Relaxed);
+    for _ in 0..5 {
+        let (st, h, body) = get(&gw, "/fragile/x", &[]).await;
+        assert_eq!(st, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(body.contains("circuit breaker"), "{body}");
+        assert_eq!(h.get("retry-after").unwrap(), "1");
+    }
+    assert_eq!(up.hits.load(Ordering::Relaxed), hits, "an open breaker sends nothing upstream");
+    // Half-open after open_for: probes succeed, the breaker closes.
+    up.status.store(200, Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    for _ in 0..4 {
+        assert_eq!(get(&gw, "/fragile/x", &[]).await.0, StatusCode::OK);
+    }
+
+    // Concurrency limit: with 2 in flight, the third is turned away at once.
+    put_route(&api, "slow", r#"{"path_prefix": "/slow/", "service": "fragile", "circuit_breaker": {"max_concurrent": 2}}"#).await;
+    until_ok(&gw, "/slow/").await;
+    up.delay_ms.store(500, Ordering::Relaxed);
+    let started = Instant::now();
+    let answers = futures_util::future::join_all((0..5).map(|_| get(&gw, "/slow/x", &[]))).await;
+    let ok = answers.iter().filter(|(st, _, _)| *st == StatusCode::OK).count();
+    let limited: Vec<&String> = answers.iter().filter(|(st, _, _)| *st == StatusCode::SERVICE_UNAVAILABLE).map(|(_, _, b)| b).collect();
+    assert_eq!((ok, limited.len()), (2, 3), "{answers:?}");
+    assert!(limited.iter().all(|b| b.contains("in flight")), "{limited:?}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+}

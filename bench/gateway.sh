@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Gateway benchmark (issue 4): Zhili's gateway against nginx and HAProxy as reverse proxies, side
+# by side in one run. Each proxy gets one worker and CPU 0; the upstream (nginx answering a fixed
+# 1 KiB body on two ports) and the load generator (wrk) share CPU 1. Not part of CI.
+# Usage: bench/gateway.sh [seconds] [connections]   (needs Debian nginx-light, haproxy, wrk)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SECS=${1:-10}
+CONNS=${2:-64}
+for tool in nginx haproxy wrk taskset; do
+  command -v $tool >/dev/null || { echo "missing $tool (apt-get install nginx-light haproxy wrk)"; exit 1; }
+done
+WORK=$(mktemp -d)
+pids=()
+# TERM first: an nginx master killed with -9 leaves its workers behind.
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  sleep 0.5
+  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+cargo build --release -q -p zhili
+BIN=target/release/zhili
+UP1=19101 UP2=19102 NGINX=19201 HAPROXY=19202 ZHILI=19203 API=19500
+
+body=$(head -c 1024 /dev/zero | tr '\0' 'x')
+cat > "$WORK/upstream.conf" <<CONF
+worker_processes 1; daemon off; pid $WORK/up.pid; error_log $WORK/up.err;
+events { worker_connections 4096; }
+http { access_log off; keepalive_requests 1000000;
+  server { listen 127.0.0.1:$UP1; listen 127.0.0.1:$UP2; location / { default_type text/plain; return 200 "$body"; } } }
+CONF
+cat > "$WORK/nginx.conf" <<CONF
+worker_processes 1; daemon off; pid $WORK/ng.pid; error_log $WORK/ng.err;
+events { worker_connections 4096; }
+http { access_log off; keepalive_requests 1000000;
+  upstream demo { server 127.0.0.1:$UP1; server 127.0.0.1:$UP2; keepalive 128; }
+  server { listen 127.0.0.1:$NGINX; location /demo/ { proxy_pass http://demo/; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
+CONF
+cat > "$WORK/haproxy.cfg" <<CONF
+global
+  nbthread 1
+  maxconn 4096
+defaults
+  mode http
+  timeout connect 2s
+  timeout client 30s
+  timeout server 30s
+  http-reuse always
+frontend fe
+  bind 127.0.0.1:$HAPROXY
+  use_backend demo if { path_beg /demo/ }
+backend demo
+  balance roundrobin
+  http-request replace-path /demo/(.*) /\1
+  server s1 127.0.0.1:$UP1
+  server s2 127.0.0.1:$UP2
+CONF
+
+taskset -c 1 nginx -c "$WORK/upstream.conf" -p "$WORK" & pids+=($!)
+taskset -c 0 nginx -c "$WORK/nginx.conf" -p "$WORK" & pids+=($!)
+taskset -c 0 haproxy -f "$WORK/haproxy.cfg" -db -q & pids+=($!)
+taskset -c 1 $BIN server --dev --data-dir "$WORK/z" --api-addr 127.0.0.1:$API --dns-addr off --nacos-addr off --gateway-addr off --log-level warn >/dev/null & pids+=($!)
+for _ in $(seq 100); do curl -sf "127.0.0.1:$API/health/ready" >/dev/null && break; sleep 0.1; done
+for p in $UP1 $UP2; do
+  curl -sf -XPOST "127.0.0.1:$API/api/v1/services/demo/instances" -H 'content-type: application/json' -d "{\"address\":\"127.0.0.1\",\"port\":$p,\"ephemeral\":false}" >/dev/null
+done
+curl -sf -XPUT "127.0.0.1:$API/api/v1/routes/demo" -H 'content-type: application/json' -d '{"path_prefix": "/demo/", "service": "demo", "strip_prefix": true}' >/dev/null
+taskset -c 0 $BIN gateway --server "http://127.0.0.1:$API" --addr 127.0.0.1:$ZHILI --threads 1 --access-log false --log-level warn >/dev/null & pids+=($!)
+gw_pid=$!
+for port in $NGINX $HAPROXY $ZHILI; do
+  for _ in $(seq 100); do curl -sf "127.0.0.1:$port/demo/" -o /dev/null && break; sleep 0.1; done
+done
+
+echo "# machine: $(nproc) cores, $(awk -F: '/model name/ {print $2; exit}' /proc/cpuinfo | xargs); $(date -u +%Y-%m-%dT%H:%MZ); wrk -t1 -c$CONNS -d${SECS}s, proxies on CPU 0, upstream+wrk on CPU 1"
+echo "# zhili gateway idle RSS: $(awk '/VmRSS/ {print $2, $3}' /proc/$gw_pid/status)"
+for round in 1 2 3; do
+  for name in nginx haproxy zhili; do
+    case $name in nginx) port=$NGINX;; haproxy) port=$HAPROXY;; zhili) port=$ZHILI;; esac
+    out=$(taskset -c 1 wrk -t1 -c"$CONNS" -d"${SECS}s" --latency "http://127.0.0.1:$port/demo/")
+    rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+    p50=$(echo "$out" | awk '$1=="50%" {print $2}')
+    p99=$(echo "$out" | awk '$1=="99%" {print $2}')
+    errs=$(echo "$out" | awk '/Non-2xx|Socket errors/ {print}' | tr '\n' ' ')
+    echo "{\"round\":$round,\"proxy\":\"$name\",\"rps\":$rps,\"p50\":\"$p50\",\"p99\":\"$p99\",\"errors\":\"$errs\"}"
+  done
+done
+echo "# zhili gateway RSS after load: $(awk '/VmRSS/ {print $2, $3}' /proc/$gw_pid/status)"
