@@ -241,3 +241,63 @@ async fn follow_endpoints(pool: Arc<Pool>, discover: Arc<dyn Discover>) {
         }
     }
 }
+
+/// The gateway's counters and per-service state as Prometheus metrics (registered by whoever
+/// serves `/metrics`).
+pub struct GatewayCollector(pub Arc<Gateway>);
+
+impl std::fmt::Debug for GatewayCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GatewayCollector")
+    }
+}
+
+impl prometheus_client::collector::Collector for GatewayCollector {
+    fn encode(&self, mut encoder: prometheus_client::encoding::DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::counter::ConstCounter;
+        use prometheus_client::metrics::gauge::ConstGauge;
+        use prometheus_client::metrics::MetricType;
+        let s = &self.0.stats;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        for (name, help, value) in [
+            ("gateway_requests", "Requests the gateway received", load(&s.requests)),
+            ("gateway_retries", "Retries sent upstream", load(&s.retries)),
+            ("gateway_retries_denied", "Retries the retry budget refused", load(&s.retries_denied_by_budget)),
+            ("gateway_ejections", "Endpoints ejected by outlier detection", load(&s.ejections)),
+            ("gateway_upstream_errors", "Tries that failed to connect, were reset or timed out", load(&s.upstream_errors)),
+            ("gateway_no_route", "Requests no route matched", load(&s.no_route)),
+            ("gateway_rate_limited", "Requests refused by a rate limit", load(&s.rate_limited)),
+            ("gateway_breaker_opened", "Circuit breaker openings", load(&s.breaker_opened)),
+            ("gateway_breaker_rejected", "Requests refused by an open circuit breaker", load(&s.breaker_rejected)),
+            ("gateway_concurrency_rejected", "Requests refused by a concurrency limit", load(&s.concurrency_rejected)),
+        ] {
+            let c = ConstCounter::new(value);
+            c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)?;
+        }
+        let mut fam = encoder.encode_descriptor("gateway_responses", "Responses by status class", None, MetricType::Counter)?;
+        for (class, v) in [("2xx", &s.responses_2xx), ("3xx", &s.responses_3xx), ("4xx", &s.responses_4xx), ("5xx", &s.responses_5xx)] {
+            ConstCounter::new(load(v)).encode(fam.encode_family(&vec![("class".to_string(), class.to_string())])?)?;
+        }
+        let pools: Vec<Arc<Pool>> = self.0.pools.read().values().cloned().collect();
+        let labels = |p: &Pool| vec![("namespace".to_string(), p.namespace.clone()), ("service".to_string(), p.service.clone())];
+        let mut fam =
+            encoder.encode_descriptor("gateway_breaker_open", "1 while the service's circuit breaker is open or half-open", None, MetricType::Gauge)?;
+        for p in &pools {
+            let open = i64::from(!matches!(p.breaker.state(), breaker::State::Closed));
+            ConstGauge::new(open).encode(fam.encode_family(&labels(p))?)?;
+        }
+        let mut fam = encoder.encode_descriptor("gateway_endpoints", "Endpoints the gateway may send to, and how many are ejected", None, MetricType::Gauge)?;
+        for p in &pools {
+            let eps = p.endpoints();
+            let ejected = eps.iter().filter(|e| e.ejected()).count() as i64;
+            let mut l = labels(p);
+            l.push(("state".into(), "available".into()));
+            ConstGauge::new(eps.len() as i64 - ejected).encode(fam.encode_family(&l)?)?;
+            l.pop();
+            l.push(("state".into(), "ejected".into()));
+            ConstGauge::new(ejected).encode(fam.encode_family(&l)?)?;
+        }
+        Ok(())
+    }
+}

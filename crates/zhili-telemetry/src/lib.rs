@@ -89,6 +89,11 @@ impl Metrics {
     }
 
     /// Prometheus text exposition of every metric.
+    /// Adds metrics computed at scrape time (the gateway's).
+    pub fn register_collector(&self, collector: Box<dyn prometheus_client::collector::Collector>) {
+        self.registry.lock().unwrap_or_else(|e| e.into_inner()).register_collector(collector);
+    }
+
     pub fn encode(&self) -> String {
         let mut out = String::new();
         let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());

@@ -50,6 +50,13 @@ pub enum ClientCommand {
         #[command(subcommand)]
         cmd: KvCmd,
     },
+    /// Gateway routes: put, get, list, delete, or apply a file of them.
+    Route {
+        #[command(flatten)]
+        opts: ClientOpts,
+        #[command(subcommand)]
+        cmd: RouteCmd,
+    },
     /// Bootstrap ACLs; manage policies and tokens.
     Acl {
         #[command(flatten)]
@@ -176,6 +183,34 @@ pub enum KvCmd {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum RouteCmd {
+    /// Create or replace a route from JSON (e.g. '{"path_prefix": "/demo/", "service": "demo"}').
+    Put {
+        name: String,
+        /// The route as JSON; or give --file.
+        #[arg(required_unless_present = "file")]
+        route: Option<String>,
+        #[arg(long, short)]
+        file: Option<std::path::PathBuf>,
+    },
+    Get {
+        name: String,
+    },
+    List,
+    Delete {
+        name: String,
+    },
+    /// Declarative: make the server's routes those of a JSON file `{"routes": {"name": {...}}}`.
+    Apply {
+        #[arg(long, short)]
+        file: std::path::PathBuf,
+        /// Also delete routes the file does not name.
+        #[arg(long)]
+        prune: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 pub enum AclCmd {
     /// Create the first management token (once).
     Bootstrap,
@@ -224,6 +259,7 @@ pub async fn run(cmd: ClientCommand) -> ExitCode {
         ClientCommand::Instance { opts, cmd } => (opts.clone(), with_client(&opts, |c| instance(c, cmd)).await),
         ClientCommand::Kv { opts, cmd } => (opts.clone(), with_client(&opts, |c| kv(c, cmd)).await),
         ClientCommand::Acl { opts, cmd } => (opts.clone(), with_client(&opts, |c| acl(c, cmd)).await),
+        ClientCommand::Route { opts, cmd } => (opts.clone(), with_client(&opts, |c| route(c, cmd)).await),
     };
     match result {
         Ok(Shown::Json(v)) => {
@@ -368,6 +404,56 @@ async fn kv(c: Client, cmd: KvCmd) -> Result<Shown, CliError> {
             Shown::Json(Value::Array(rows))
         }
         KvCmd::Keys { prefix, separator } => to_json(&c.kv_keys(&prefix, separator.as_deref()).await?),
+    })
+}
+
+fn read_file(path: &std::path::Path) -> Result<String, CliError> {
+    std::fs::read_to_string(path).map_err(|e| CliError::Usage(format!("cannot read {}: {e}", path.display())))
+}
+
+async fn route(c: Client, cmd: RouteCmd) -> Result<Shown, CliError> {
+    use http::Method;
+    let path = |name: &str| format!("/api/v1/routes/{}", encode(name));
+    Ok(match cmd {
+        RouteCmd::Put { name, route, file } => {
+            let text = match (route, file) {
+                (Some(r), _) => r,
+                (None, Some(f)) => read_file(&f)?,
+                (None, None) => return Err(CliError::Usage("give the route as JSON or --file".into())),
+            };
+            let body: Value = parse_json("route", &text)?;
+            Shown::Json(c.json_call(Method::PUT, &path(&name), Some(&body)).await?)
+        }
+        RouteCmd::Get { name } => Shown::Json(c.json_call(Method::GET, &path(&name), None).await?),
+        RouteCmd::List => Shown::Json(c.json_call(Method::GET, "/api/v1/routes", None).await?["routes"].take()),
+        RouteCmd::Delete { name } => {
+            c.json_call(Method::DELETE, &path(&name), None).await?;
+            Shown::Nothing
+        }
+        RouteCmd::Apply { file, prune } => {
+            let doc: Value = parse_json(&file.display().to_string(), &read_file(&file)?)?;
+            let routes = doc
+                .get("routes")
+                .and_then(Value::as_object)
+                .ok_or_else(|| CliError::Usage(format!("{}: expected {{\"routes\": {{name: route}}}}", file.display())))?;
+            let mut applied = vec![];
+            for (name, spec) in routes {
+                c.json_call(Method::PUT, &path(name), Some(spec)).await.map_err(|e| CliError::Usage(format!("route {name:?}: {e}")))?;
+                applied.push(name.clone());
+            }
+            let mut deleted = vec![];
+            if prune {
+                let current = c.json_call(Method::GET, "/api/v1/routes", None).await?;
+                for r in current["routes"].as_array().into_iter().flatten() {
+                    let name = r["name"].as_str().unwrap_or_default().to_string();
+                    if !routes.contains_key(&name) {
+                        c.json_call(Method::DELETE, &path(&name), None).await?;
+                        deleted.push(name);
+                    }
+                }
+            }
+            Shown::Json(json!({"applied": applied, "deleted": deleted}))
+        }
     })
 }
 

@@ -201,6 +201,7 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
         let listener = TcpListener::bind(addr).await.with_context(|| format!("binding the gateway on {addr}"))?;
         println!("zhili gateway listening on {scheme}://{}", listener.local_addr()?);
         let gw = zhili_gateway::Gateway::new(zhili_gateway::Options { access_log: cfg.gateway_access_log, ..Default::default() });
+        state.metrics.register_collector(Box::new(zhili_gateway::GatewayCollector(gw.clone())));
         let discover = Arc::new(crate::gateway::Local { registry: registry.clone(), store: state.store.clone() });
         tokio::spawn(zhili_gateway::follow(gw.clone(), discover));
         tokio::spawn(zhili_gateway::serve(listener, gw, tls.clone()));

@@ -418,4 +418,61 @@ async fn circuit_breaker_opens_then_closes_through_half_open_and_limits_concurre
     assert_eq!((ok, limited.len()), (2, 3), "{answers:?}");
     assert!(limited.iter().all(|b| b.contains("in flight")), "{limited:?}");
     assert!(started.elapsed() < Duration::from_secs(2));
+
+    // All of it shows in the server's metrics.
+    let (_, r, _) = call(&api, Method::GET, "/metrics", None).await;
+    let text = String::from_utf8_lossy(&r.body);
+    for line in [
+        "zhili_gateway_breaker_opened_total 1",
+        "zhili_gateway_breaker_rejected_total 5",
+        "zhili_gateway_concurrency_rejected_total 3",
+        "zhili_gateway_breaker_open{namespace=\"default\",service=\"fragile\"} 0",
+        "zhili_gateway_endpoints{namespace=\"default\",service=\"fragile\",state=\"available\"} 1",
+    ] {
+        assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cli_applies_a_routes_file_declaratively() {
+    let s = dev_server();
+    let api = client(&s, None);
+    let gw = gw_client(&s);
+    put_route(&api, "stale", r#"{"path": "/stale", "direct_response": {"status": 200, "body": "stale"}}"#).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("routes.json");
+    std::fs::write(
+        &file,
+        r#"{"routes": {
+            "hello": {"path": "/hello", "direct_response": {"status": 200, "body": "hi"}},
+            "home": {"path": "/", "redirect": {"path": "/hello"}}
+        }}"#,
+    )
+    .unwrap();
+    let zhili = |args: &[&str]| {
+        let out = std::process::Command::new(bin()).args(args).env("ZHILI_ADDR", format!("http://{}", s.api)).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let out = zhili(&["route", "apply", "--file", file.to_str().unwrap(), "--prune", "-o", "json"]);
+    assert!(out.contains("\"stale\""), "pruned: {out}");
+    until_body(&gw, "/hello", "hi").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while get(&gw, "/stale", &[]).await.0 != StatusCode::NOT_FOUND {
+        assert!(Instant::now() < deadline, "pruned route still served");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let list = zhili(&["route", "list", "-o", "json"]);
+    assert!(list.contains("\"hello\"") && list.contains("\"home\"") && !list.contains("\"stale\""), "{list}");
+    zhili(&["route", "put", "hello", r#"{"path": "/hello", "direct_response": {"status": 200, "body": "hi again"}}"#]);
+    until_body(&gw, "/hello", "hi again").await;
+    zhili(&["route", "delete", "home"]);
+    // A bad route is refused with the field named.
+    let bad = std::process::Command::new(bin())
+        .args(["route", "put", "bad", r#"{"path": "x", "service": "s"}"#])
+        .env("ZHILI_ADDR", format!("http://{}", s.api))
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("path"), "{}", String::from_utf8_lossy(&bad.stderr));
 }
