@@ -49,9 +49,25 @@ pub struct EndpointState {
     ejected_until_ms: AtomicU64,
     times_ejected: AtomicU32,
     epoch: Instant,
+    /// Idle keep-alive HTTP/1.1 connections to this endpoint.
+    idle: Mutex<Vec<hyper::client::conn::http1::SendRequest<crate::Body>>>,
 }
 
+/// Idle upstream connections kept per endpoint.
+const MAX_IDLE_PER_ENDPOINT: usize = 256;
+
 impl EndpointState {
+    pub fn take_idle(&self) -> Option<hyper::client::conn::http1::SendRequest<crate::Body>> {
+        self.idle.lock().pop()
+    }
+
+    pub fn give_back(&self, conn: hyper::client::conn::http1::SendRequest<crate::Body>) {
+        let mut idle = self.idle.lock();
+        if idle.len() < MAX_IDLE_PER_ENDPOINT {
+            idle.push(conn);
+        }
+    }
+
     fn new(endpoint: Endpoint, epoch: Instant) -> Self {
         let authority = if endpoint.address.contains(':') {
             format!("[{}]:{}", endpoint.address, endpoint.port)
@@ -68,6 +84,7 @@ impl EndpointState {
             ejected_until_ms: AtomicU64::new(0),
             times_ejected: AtomicU32::new(0),
             epoch,
+            idle: Mutex::default(),
         }
     }
 

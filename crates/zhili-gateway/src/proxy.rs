@@ -29,9 +29,8 @@ pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Pooled keep-alive clients to upstreams: HTTP/1.1 (auto) and h2c for gRPC.
+/// The pooled h2c client for gRPC upstreams (HTTP/1.1 connections are pooled per endpoint).
 pub struct Upstreams {
-    http1: Client<HttpConnector, Body>,
     h2c: Client<HttpConnector, Body>,
 }
 
@@ -41,11 +40,8 @@ impl Upstreams {
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(o.connect_timeout));
         let mut b = Client::builder(TokioExecutor::new());
-        b.pool_idle_timeout(Duration::from_secs(90)).pool_max_idle_per_host(1024).pool_timer(TokioTimer::new());
-        let http1 = b.build(connector.clone());
-        let mut b2 = Client::builder(TokioExecutor::new());
-        b2.http2_only(true).pool_idle_timeout(Duration::from_secs(90)).pool_timer(TokioTimer::new()).timer(TokioTimer::new());
-        Self { http1, h2c: b2.build(connector) }
+        b.http2_only(true).pool_idle_timeout(Duration::from_secs(90)).pool_timer(TokioTimer::new()).timer(TokioTimer::new());
+        Self { h2c: b.build(connector) }
     }
 }
 
@@ -530,18 +526,34 @@ async fn forward_inner(
         let per_try = r.per_try.min(deadline.saturating_duration_since(Instant::now()));
         ep.pending.fetch_add(1, Ordering::Relaxed);
         let sent = Instant::now();
-        let client = if grpc { &gw.client.h2c } else { &gw.client.http1 };
-        let result = tokio::time::timeout(per_try, client.request(up)).await;
+        let result = if grpc {
+            let call = async {
+                gw.client.h2c.request(up).await.map(|r| (r, None)).map_err(|e| {
+                    if e.is_connect() {
+                        UpstreamError::Connect(e.to_string())
+                    } else {
+                        UpstreamError::Failed(e.to_string())
+                    }
+                })
+            };
+            tokio::time::timeout(per_try, call).await
+        } else {
+            // Origin-form for our own HTTP/1.1 connections.
+            if let Ok(p) = path_q.parse::<Uri>() {
+                *up.uri_mut() = p;
+            }
+            tokio::time::timeout(per_try, send_h1(&ep, up, gw.options.connect_timeout)).await
+        };
         ep.pending.fetch_sub(1, Ordering::Relaxed);
         let failed = match &result {
-            Ok(Ok(resp)) => resp.status().is_server_error(),
+            Ok(Ok((resp, _))) => resp.status().is_server_error(),
             _ => true,
         };
         if let Some(e) = pool.record(&ep, failed) {
             gw.report(pool, e);
         }
         match result {
-            Ok(Ok(mut resp)) => {
+            Ok(Ok((mut resp, conn))) => {
                 ep.observe_latency(sent.elapsed());
                 let status = resp.status();
                 if matches!(status.as_u16(), 502..=504) && may_retry(attempt, &outgoing).await {
@@ -561,12 +573,17 @@ async fn forward_inner(
                         return (Response::from_parts(p, empty()), Some(ep.authority.clone()));
                     }
                 }
-                return (finish(resp).await, Some(ep.authority.clone()));
+                let (out, whole) = finish(resp).await;
+                // A connection whose answer was read whole is free again; a streamed one closes
+                // after its body.
+                if let (true, Some(conn)) = (whole, conn) {
+                    ep.give_back(conn);
+                }
+                return (out, Some(ep.authority.clone()));
             }
             Ok(Err(e)) => {
                 gw.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
-                let what = if e.is_connect() { "refused the connection" } else { "failed" };
-                last_error = (StatusCode::BAD_GATEWAY, format!("upstream {} {what}: {e}", ep.endpoint.id));
+                last_error = (StatusCode::BAD_GATEWAY, format!("upstream {} {e}", ep.endpoint.id));
             }
             Err(_) => {
                 gw.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
@@ -585,15 +602,68 @@ async fn forward_inner(
 /// and body leave in one write; larger or open-ended ones (SSE, downloads) stream.
 const COLLECT_BELOW: u64 = 64 * 1024;
 
-async fn finish(resp: Response<Incoming>) -> Response<Body> {
+/// The answer to send downstream, and whether the upstream's body was read whole.
+async fn finish(resp: Response<Incoming>) -> (Response<Body>, bool) {
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     if content_length(&parts.headers).is_some_and(|n| n <= COLLECT_BELOW) {
         // The body is already in flight behind the head; a failure here is the upstream's.
         return match body.collect().await {
-            Ok(c) => Response::from_parts(parts, full(c.to_bytes())),
-            Err(e) => error_response(StatusCode::BAD_GATEWAY, &format!("upstream body: {e}")),
+            Ok(c) => (Response::from_parts(parts, full(c.to_bytes())), true),
+            Err(e) => (error_response(StatusCode::BAD_GATEWAY, &format!("upstream body: {e}")), false),
         };
     }
-    Response::from_parts(parts, body.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync())
+    (Response::from_parts(parts, body.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync()), false)
+}
+
+#[derive(Debug)]
+enum UpstreamError {
+    Connect(String),
+    Failed(String),
+}
+
+impl std::fmt::Display for UpstreamError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpstreamError::Connect(e) => write!(f, "refused the connection: {e}"),
+            UpstreamError::Failed(e) => write!(f, "failed: {e}"),
+        }
+    }
+}
+
+type H1 = hyper::client::conn::http1::SendRequest<Body>;
+
+async fn connect_h1(ep: &EndpointState, timeout: Duration) -> Result<H1, UpstreamError> {
+    let stream = match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(&ep.authority)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(UpstreamError::Connect(e.to_string())),
+        Err(_) => return Err(UpstreamError::Connect(format!("no connection within {timeout:?}"))),
+    };
+    let _ = stream.set_nodelay(true);
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| UpstreamError::Connect(e.to_string()))?;
+    tokio::spawn(async move {
+        let _ = conn.with_upgrades().await;
+    });
+    Ok(sender)
+}
+
+/// Sends on an idle keep-alive connection to `ep`, or a new one. A reused connection the upstream
+/// closed meanwhile hands the request back unsent; it then goes on the next one.
+async fn send_h1(ep: &EndpointState, mut req: Request<Body>, connect_timeout: Duration) -> Result<(Response<Incoming>, Option<H1>), UpstreamError> {
+    loop {
+        let (mut sender, reused) = match ep.take_idle() {
+            Some(s) => (s, true),
+            None => (connect_h1(ep, connect_timeout).await?, false),
+        };
+        if reused && !sender.is_ready() {
+            continue;
+        }
+        match sender.try_send_request(req).await {
+            Ok(resp) => return Ok((resp, Some(sender))),
+            Err(mut e) => match e.take_message() {
+                Some(unsent) if reused => req = unsent,
+                _ => return Err(UpstreamError::Failed(e.into_error().to_string())),
+            },
+        }
+    }
 }
