@@ -78,6 +78,7 @@ mod tests {
             create_index: 1,
             modify_index: 1,
             node: None,
+            passive_health: None,
         }
     }
 

@@ -38,6 +38,8 @@ pub trait Discover: Send + Sync + 'static {
     async fn routes(&self, version: u64, wait: Duration) -> Result<(u64, Vec<(String, RouteSpec)>), String>;
     /// The serving instances of a service.
     async fn endpoints(&self, namespace: &str, service: &str, version: u64, wait: Duration) -> Result<(u64, Vec<Endpoint>), String>;
+    /// Tells the control plane what the gateway observed (an ejection).
+    async fn report(&self, passive: &PassiveHealth) -> Result<(), String>;
 }
 
 /// Something the gateway observed that the control plane should know (passive health).
@@ -195,6 +197,21 @@ impl Gateway {
 /// Follows routes and endpoints from `discover` for as long as the gateway lives. On errors the
 /// last state stays in force (a standalone gateway keeps serving while its server is away).
 pub async fn follow(gw: Arc<Gateway>, discover: Arc<dyn Discover>) {
+    let mut passive = gw.passive_health();
+    let reporter = discover.clone();
+    tokio::spawn(async move {
+        loop {
+            match passive.recv().await {
+                Ok(p) => {
+                    if let Err(e) = reporter.report(&p).await {
+                        tracing::warn!(service = %p.service, instance = %p.instance, error = %e, "passive health report failed");
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    });
     let mut version = 0;
     let mut backoff = Duration::from_millis(100);
     loop {

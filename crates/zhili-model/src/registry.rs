@@ -483,6 +483,19 @@ pub struct Instance {
     pub modify_index: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<NodeRef>,
+    /// What a gateway last observed (outlier ejection). Informational: discovery does not act on it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub passive_health: Option<PassiveHealth>,
+}
+
+/// A gateway's report on an instance it ejected after consecutive failures.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PassiveHealth {
+    /// Unix milliseconds until which the reporting gateway sends it nothing.
+    pub ejected_until_ms: u64,
+    pub reason: String,
+    /// Unix milliseconds of the report.
+    pub reported_ms: u64,
 }
 
 impl Instance {

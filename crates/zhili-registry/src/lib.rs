@@ -550,6 +550,17 @@ impl Registry {
         Some(rev)
     }
 
+    /// Records a gateway's passive-health report (an ejection) on an instance; informational.
+    pub fn report_passive(&self, ns: &str, service: &str, id: &str, ejected_for: Duration, reason: &str) -> Result<u64, RegistryError> {
+        let now = unix_ms();
+        let report = zhili_model::PassiveHealth { ejected_until_ms: now + ejected_for.as_millis() as u64, reason: reason.to_string(), reported_ms: now };
+        self.update_instance(ns, service, id, |inst, _| {
+            inst.passive = Some(report);
+            true
+        })
+        .ok_or_else(|| RegistryError::InstanceNotFound(id.into()))
+    }
+
     /// Sets a TTL check's status (the "pass/warn/fail" API).
     pub fn update_ttl_check(&self, ns: &str, service: &str, id: &str, check: &str, status: HealthStatus, output: &str) -> Result<u64, RegistryError> {
         {

@@ -40,6 +40,7 @@ pub(crate) struct InstanceEntry {
     pub last_beat: BeatCell,
     /// Heartbeat-derived health of an ephemeral instance (always passing for persistent ones).
     pub heartbeat_status: HealthStatus,
+    pub passive: Option<zhili_model::PassiveHealth>,
 }
 
 pub(crate) struct CheckRuntime {
@@ -95,11 +96,12 @@ impl InstanceEntry {
                 critical_since_ms: Some(now),
             })
             .collect();
-        Self { reg, create_index, modify_index, maintenance, checks, last_beat: BeatCell::new(now), heartbeat_status: HealthStatus::Passing }
+        Self { reg, create_index, modify_index, maintenance, checks, last_beat: BeatCell::new(now), heartbeat_status: HealthStatus::Passing, passive: None }
     }
 
     /// Re-registration keeps the results of checks whose definition did not change.
     pub fn inherit_statuses(&mut self, old: &InstanceEntry) {
+        self.passive = old.passive.clone();
         for c in &mut self.checks {
             if let Some(o) = old.checks.iter().find(|o| o.def == c.def) {
                 c.status = o.status;
@@ -146,6 +148,7 @@ impl InstanceEntry {
                 .collect(),
             create_index: self.create_index,
             modify_index: self.modify_index,
+            passive_health: self.passive.clone(),
             node: r.node.clone(),
         }
     }

@@ -39,6 +39,13 @@ impl Discover for Local {
         let list = self.registry.instances(ns, service, &filter).map(|l| l.instances).unwrap_or_default();
         Ok((index, list.into_iter().filter(Instance::is_serving).map(endpoint).collect()))
     }
+
+    async fn report(&self, p: &zhili_gateway::PassiveHealth) -> Result<(), String> {
+        self.registry
+            .report_passive(&p.namespace, &p.service, &p.instance, p.ejected_for, "ejected by the gateway after consecutive failures")
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
 }
 
 /// Standalone: the same through a server's native API.
@@ -85,6 +92,18 @@ impl Discover for Remote {
             format!("/api/v1/services/{}/instances?{}ns={}&healthy=true", zhili_client::encode(service), wait_param(version, wait), zhili_client::encode(ns));
         let list: InstanceList = self.get(&path, wait).await?;
         Ok((list.index, list.instances.into_iter().filter(Instance::is_serving).map(endpoint).collect()))
+    }
+
+    async fn report(&self, p: &zhili_gateway::PassiveHealth) -> Result<(), String> {
+        let path = format!(
+            "/api/v1/services/{}/instances/{}/passive?ns={}",
+            zhili_client::encode(&p.service),
+            zhili_client::encode(&p.instance),
+            zhili_client::encode(&p.namespace)
+        );
+        let body =
+            serde_json::json!({"ejected_for": format!("{}s", p.ejected_for.as_secs().max(1)), "reason": "ejected by a gateway after consecutive failures"});
+        self.client.raw(http::Method::PUT, &path, Some(body.to_string().into()), Duration::from_secs(10)).await.map(|_| ()).map_err(|e| e.to_string())
     }
 }
 

@@ -229,6 +229,17 @@ async fn failover_and_hot_route_change_under_load_fail_no_request() {
     let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
     assert!(ok > 100, "only {ok} requests went through");
     assert_eq!(failed, 0, "{failed} of {} requests failed (upstream killed {:?} in, route switched in {applied:?})", ok + failed, killed_at.elapsed());
+    // The ejection of the dead upstream is reported to the registry as passive health.
+    let (st, _, v) = call(&api, Method::GET, "/api/v1/services/web/instances/a", None).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    let until = v["passive_health"]["ejected_until_ms"].as_u64().unwrap_or_else(|| panic!("no passive health on the dead upstream: {v}"));
+    assert!(until > unix_ms(), "{v}");
+    let (_, _, v) = call(&api, Method::GET, "/api/v1/services/web/instances/b", None).await;
+    assert!(v.get("passive_health").is_none(), "a live upstream was reported: {v}");
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
 }
 
 #[tokio::test(flavor = "multi_thread")]

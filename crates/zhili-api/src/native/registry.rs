@@ -26,6 +26,7 @@ pub fn routes() -> axum::Router<AppState> {
         .route("/api/v1/services/{service}/instances/{id}/heartbeat", put(heartbeat))
         .route("/api/v1/services/{service}/instances/{id}/checks/{check}", put(update_check))
         .route("/api/v1/services/{service}/instances/{id}/maintenance", put(maintenance))
+        .route("/api/v1/services/{service}/instances/{id}/passive", put(passive))
 }
 
 fn service_name(name: &str) -> ApiResult<()> {
@@ -186,5 +187,29 @@ async fn maintenance(
     caller.require(Resource::Service, &name, Access::Write)?;
     validate::text("reason", &body.reason)?;
     let index = s.registry.set_maintenance(&q.namespace()?, &name, &id, body.enabled, &body.reason).await?;
+    Ok(indexed(index, StatusCode::NO_CONTENT))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PassiveBody {
+    ejected_for: String,
+    #[serde(default)]
+    reason: String,
+}
+
+/// A gateway reports an outlier ejection; shown on the instance, not acted on by discovery.
+async fn passive(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path((name, id)): Path<(String, String)>,
+    q: QueryPairs,
+    JsonBody(body): JsonBody<PassiveBody>,
+) -> ApiResult<Response> {
+    service_name(&name)?;
+    caller.require(Resource::Service, &name, Access::Write)?;
+    validate::text("reason", &body.reason)?;
+    let d = zhili_model::parse_duration("ejected_for", &body.ejected_for)?;
+    let index = s.registry.report_passive(&q.namespace()?, &name, &id, d, &body.reason)?;
     Ok(indexed(index, StatusCode::NO_CONTENT))
 }
