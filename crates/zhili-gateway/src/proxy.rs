@@ -606,7 +606,9 @@ const COLLECT_BELOW: u64 = 64 * 1024;
 async fn finish(resp: Response<Incoming>) -> (Response<Body>, bool) {
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    if content_length(&parts.headers).is_some_and(|n| n <= COLLECT_BELOW) {
+    // gRPC answers keep their trailers: always streamed.
+    let grpc = parts.headers.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    if !grpc && content_length(&parts.headers).is_some_and(|n| n <= COLLECT_BELOW) {
         // The body is already in flight behind the head; a failure here is the upstream's.
         return match body.collect().await {
             Ok(c) => (Response::from_parts(parts, full(c.to_bytes())), true),

@@ -487,3 +487,48 @@ async fn cli_applies_a_routes_file_declaratively() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("path"), "{}", String::from_utf8_lossy(&bad.stderr));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn grpc_passes_through_over_h2c() {
+    use http_body_util::{BodyExt, Full};
+    let s = dev_server();
+    let api = client(&s, None);
+    let status = Arc::new(std::sync::atomic::AtomicU8::new(1));
+    let target = zhili_test_support::grpc_health_target(status.clone()).await;
+    let body = serde_json::json!({"id": "g1", "address": "127.0.0.1", "port": target.port(), "ephemeral": false}).to_string();
+    let (st, _, v) = call(&api, Method::POST, "/api/v1/services/grpc-health/instances", Some(&body)).await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    put_route(&api, "grpc", r#"{"path_prefix": "/grpc.health.v1.Health/", "service": "grpc-health"}"#).await;
+
+    // One gRPC call over h2c (prior knowledge) through the gateway: HealthCheckRequest{} → status.
+    let check = |addr: std::net::SocketAddr| async move {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut send, conn) = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp)).await.unwrap();
+        tokio::spawn(conn);
+        let req = http::Request::post(format!("http://{addr}/grpc.health.v1.Health/Check"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(Full::new(bytes::Bytes::from_static(&[0, 0, 0, 0, 0])))
+            .unwrap();
+        let resp = send.send_request(req).await.unwrap();
+        // A trailers-only answer carries grpc-status in the head; otherwise it is a trailer.
+        let in_head = resp.headers().get("grpc-status").map(|v| v.to_str().unwrap().to_string());
+        let collected = resp.into_body().collect().await.unwrap();
+        let grpc_status = in_head.or_else(|| collected.trailers().and_then(|t| t.get("grpc-status")).map(|v| v.to_str().unwrap().to_string()));
+        (grpc_status, collected.to_bytes())
+    };
+    let gw = s.gateway.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (grpc_status, body) = check(gw).await;
+        if grpc_status.as_deref() == Some("0") {
+            assert_eq!(&body[..], &[0, 0, 0, 0, 2, 8, 1], "SERVING, framed");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no gRPC answer through the gateway: {grpc_status:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    status.store(2, Ordering::Relaxed);
+    let (grpc_status, body) = check(gw).await;
+    assert_eq!((grpc_status.as_deref(), &body[..]), (Some("0"), &[0u8, 0, 0, 0, 2, 8, 2][..]), "NOT_SERVING passes through");
+}
