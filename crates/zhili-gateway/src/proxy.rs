@@ -293,7 +293,8 @@ pub async fn handle(gw: Arc<Gateway>, mut req: Request<Incoming>, peer: SocketAd
                 let request_id = req.headers().get("x-request-id").cloned().unwrap_or_else(|| HeaderValue::from_str(&random_id128()).expect("hex"));
                 let upgrade = req.headers().contains_key(header::UPGRADE) && method == Method::GET;
                 let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-                let (mut resp, used) = forward(&gw, &route, &target, req, peer, tls, key, &request_id, on_upgrade).await;
+                let call = Call { gw: &gw, route: &route, target: &target, peer, tls, hash_key: key, request_id: &request_id };
+                let (mut resp, used) = forward(call, req, on_upgrade).await;
                 resp.headers_mut().insert("x-request-id", request_id);
                 apply_ops(resp.headers_mut(), &route.spec.response_headers);
                 (resp, used.map(|e| (route.name.clone(), target.service.clone(), e)))
@@ -366,24 +367,26 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// Forwards under the route's circuit breaker and concurrency limit.
-#[allow(clippy::too_many_arguments)]
-async fn forward(
-    gw: &Gateway,
-    route: &Route,
-    target: &Target,
-    req: Request<Incoming>,
+/// One request being forwarded: where it came from and where it goes.
+#[derive(Clone, Copy)]
+struct Call<'a> {
+    gw: &'a Gateway,
+    route: &'a Route,
+    target: &'a Target,
     peer: SocketAddr,
     tls: bool,
     hash_key: Option<u64>,
-    request_id: &HeaderValue,
-    on_upgrade: Option<hyper::upgrade::OnUpgrade>,
-) -> (Response<Body>, Option<String>) {
+    request_id: &'a HeaderValue,
+}
+
+/// Forwards under the route's circuit breaker and concurrency limit.
+async fn forward(call: Call<'_>, req: Request<Incoming>, on_upgrade: Option<hyper::upgrade::OnUpgrade>) -> (Response<Body>, Option<String>) {
+    let Call { gw, route, target, .. } = call;
     let Some(pool) = gw.pool(&target.namespace, &target.service) else {
         return (error_response(StatusCode::SERVICE_UNAVAILABLE, &format!("service {:?} is not known to the gateway yet", target.service)), None);
     };
     let Some(cfg) = route.breaker else {
-        return forward_inner(gw, route, target, &pool, req, peer, tls, hash_key, request_id, on_upgrade).await;
+        return forward_inner(call, &pool, req, on_upgrade).await;
     };
     let _in_flight = InFlight(&pool.in_flight);
     let now_in_flight = pool.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
@@ -408,7 +411,7 @@ async fn forward(
             return (r, None);
         }
     };
-    let out = forward_inner(gw, route, target, &pool, req, peer, tls, hash_key, request_id, on_upgrade).await;
+    let out = forward_inner(call, &pool, req, on_upgrade).await;
     let failed = out.0.status().is_server_error();
     if let Some(t) = pool.breaker.record(&cfg, admission, failed, started.elapsed(), Instant::now()) {
         gw.breaker_transition(&pool, t);
@@ -416,19 +419,13 @@ async fn forward(
     out
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn forward_inner(
-    gw: &Gateway,
-    route: &Route,
-    target: &Target,
+    call: Call<'_>,
     pool: &crate::balance::Pool,
     req: Request<Incoming>,
-    peer: SocketAddr,
-    tls: bool,
-    hash_key: Option<u64>,
-    request_id: &HeaderValue,
     on_upgrade: Option<hyper::upgrade::OnUpgrade>,
 ) -> (Response<Body>, Option<String>) {
+    let Call { gw, route, target, peer, tls, hash_key, request_id } = call;
     let r = route.resilience;
     let deadline = Instant::now() + r.total;
     let grpc = req.version() == Version::HTTP_2 && req.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
