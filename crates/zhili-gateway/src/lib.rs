@@ -29,6 +29,8 @@ pub use table::{compile, Route, Table, Target};
 
 /// How long one discovery call may block waiting for a change.
 pub const DISCOVERY_WAIT: Duration = Duration::from_secs(30);
+/// How long a new route waits for the endpoints of a service new to the gateway.
+pub const POOL_READY_WAIT: Duration = Duration::from_secs(2);
 
 /// Where routes and endpoints come from. Both calls block until something changed after
 /// `version` (or `wait` passed) and return the new version with the full current state, like the
@@ -98,7 +100,40 @@ pub struct Stats {
     pub concurrency_rejected: AtomicU64,
 }
 
+/// Labels of the per-route request metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct RouteLabels {
+    pub route: String,
+    pub service: String,
+    pub class: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub service: String,
+}
+
+type HistogramFamily<L> =
+    prometheus_client::metrics::family::Family<L, prometheus_client::metrics::histogram::Histogram, fn() -> prometheus_client::metrics::histogram::Histogram>;
+
+fn latency_histogram() -> prometheus_client::metrics::histogram::Histogram {
+    prometheus_client::metrics::histogram::Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 18))
+}
+
+/// Latency histograms: whole requests by route, service and status class; upstream tries by service.
+pub struct Latencies {
+    pub requests: HistogramFamily<RouteLabels>,
+    pub upstream: HistogramFamily<ServiceLabels>,
+}
+
+impl Default for Latencies {
+    fn default() -> Self {
+        Self { requests: HistogramFamily::new_with_constructor(latency_histogram), upstream: HistogramFamily::new_with_constructor(latency_histogram) }
+    }
+}
+
 pub struct Gateway {
+    pub latencies: Latencies,
     table: ArcSwap<Table>,
     pools: RwLock<HashMap<(String, String), Arc<Pool>>>,
     pub options: Options,
@@ -111,6 +146,7 @@ pub struct Gateway {
 impl Gateway {
     pub fn new(options: Options) -> Arc<Self> {
         Arc::new(Self {
+            latencies: Latencies::default(),
             table: ArcSwap::from_pointee(Table::default()),
             pools: RwLock::default(),
             client: proxy::Upstreams::new(&options),
@@ -139,8 +175,9 @@ impl Gateway {
         self.routes_version.load(Ordering::Acquire)
     }
 
-    /// Installs a new route table; returns the pools routes refer to that did not exist yet.
-    pub fn set_routes(&self, version: u64, routes: Vec<(String, RouteSpec)>) -> Vec<Arc<Pool>> {
+    /// Compiles `routes` and creates the pools they need that do not exist yet (returned, so
+    /// their endpoints can be loaded before the table goes live).
+    pub fn stage(&self, routes: Vec<(String, RouteSpec)>) -> (Table, HashSet<(String, String)>, Vec<Arc<Pool>>) {
         let mut compiled = Vec::with_capacity(routes.len());
         for (name, spec) in routes {
             match compile(&name, &spec) {
@@ -156,27 +193,28 @@ impl Gateway {
             })
             .collect();
         let mut fresh = vec![];
-        {
-            let mut pools = self.pools.write();
-            for key in &wanted {
-                if !pools.contains_key(key) {
-                    let p = Arc::new(Pool::new(&key.0, &key.1));
-                    pools.insert(key.clone(), p.clone());
-                    fresh.push(p);
-                }
+        let mut pools = self.pools.write();
+        for key in &wanted {
+            if !pools.contains_key(key) {
+                let p = Arc::new(Pool::new(&key.0, &key.1));
+                pools.insert(key.clone(), p.clone());
+                fresh.push(p);
             }
-            pools.retain(|k, p| {
-                let keep = wanted.contains(k);
-                if !keep {
-                    p.retired.store(true, Ordering::Relaxed);
-                }
-                keep
-            });
         }
-        // Pools first, then the table: a new route never sees a missing pool.
-        self.table.store(Arc::new(Table::new(compiled)));
+        (Table::new(compiled), wanted, fresh)
+    }
+
+    /// Puts a staged table in force and retires the pools no route uses any more.
+    pub fn install(&self, version: u64, table: Table, wanted: &HashSet<(String, String)>) {
+        self.table.store(Arc::new(table));
         self.routes_version.store(version, Ordering::Release);
-        fresh
+        self.pools.write().retain(|k, p| {
+            let keep = wanted.contains(k);
+            if !keep {
+                p.retired.store(true, Ordering::Relaxed);
+            }
+            keep
+        });
     }
 
     fn breaker_transition(&self, pool: &Pool, t: Transition) {
@@ -222,9 +260,17 @@ pub async fn follow(gw: Arc<Gateway>, discover: Arc<dyn Discover>) {
                     continue;
                 }
                 version = v;
-                for pool in gw.set_routes(v, routes) {
-                    tokio::spawn(follow_endpoints(pool, discover.clone()));
+                let (table, wanted, fresh) = gw.stage(routes);
+                for pool in &fresh {
+                    tokio::spawn(follow_endpoints(pool.clone(), discover.clone()));
                 }
+                // A route to a service new to the gateway goes live once its endpoints are
+                // known (or after a bound), so the switch costs no request a 503.
+                let deadline = tokio::time::Instant::now() + POOL_READY_WAIT;
+                while fresh.iter().any(|p| !p.ready.load(Ordering::Acquire)) && tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                gw.install(v, table, &wanted);
             }
             Err(e) => {
                 tracing::warn!(error = %e, "route discovery failed; serving the last routes");
@@ -296,6 +342,18 @@ impl prometheus_client::collector::Collector for GatewayCollector {
         for (class, v) in [("2xx", &s.responses_2xx), ("3xx", &s.responses_3xx), ("4xx", &s.responses_4xx), ("5xx", &s.responses_5xx)] {
             ConstCounter::new(load(v)).encode(fam.encode_family(&vec![("class".to_string(), class.to_string())])?)?;
         }
+        self.0.latencies.requests.encode(encoder.encode_descriptor(
+            "gateway_request_duration_seconds",
+            "Whole requests through the gateway, by route, service and status class",
+            None,
+            MetricType::Histogram,
+        )?)?;
+        self.0.latencies.upstream.encode(encoder.encode_descriptor(
+            "gateway_upstream_duration_seconds",
+            "Upstream tries until the response head, by service",
+            None,
+            MetricType::Histogram,
+        )?)?;
         let pools: Vec<Arc<Pool>> = self.0.pools.read().values().cloned().collect();
         let labels = |p: &Pool| vec![("namespace".to_string(), p.namespace.clone()), ("service".to_string(), p.service.clone())];
         let mut fam =

@@ -264,6 +264,7 @@ pub async fn handle(gw: Arc<Gateway>, mut req: Request<Incoming>, peer: SocketAd
     let table = gw.table();
     let route = table.find(&host, req.method(), req.uri().path(), req.uri().query(), req.headers()).cloned();
     let denied = route.as_ref().and_then(|r| limited(&gw, r, &req, peer));
+    let matched = route.clone();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let (resp, upstream) = match route {
@@ -301,13 +302,21 @@ pub async fn handle(gw: Arc<Gateway>, mut req: Request<Incoming>, peer: SocketAd
             }
         },
     };
-    let class = match resp.status().as_u16() {
-        200..=299 => &gw.stats.responses_2xx,
-        300..=399 => &gw.stats.responses_3xx,
-        400..=499 => &gw.stats.responses_4xx,
-        _ => &gw.stats.responses_5xx,
+    let (class, class_name) = match resp.status().as_u16() {
+        200..=299 => (&gw.stats.responses_2xx, "2xx"),
+        300..=399 => (&gw.stats.responses_3xx, "3xx"),
+        400..=499 => (&gw.stats.responses_4xx, "4xx"),
+        _ => (&gw.stats.responses_5xx, "5xx"),
     };
     class.fetch_add(1, Ordering::Relaxed);
+    if let Some(route) = &matched {
+        let labels = crate::RouteLabels {
+            route: route.name.clone(),
+            service: upstream.as_ref().map(|(_, s, _)| s.clone()).unwrap_or_default(),
+            class: class_name.into(),
+        };
+        gw.latencies.requests.get_or_create(&labels).observe(start.elapsed().as_secs_f64());
+    }
     if gw.options.access_log {
         let (route, service, endpoint) = upstream.map_or((String::new(), String::new(), String::new()), |(r, s, e)| (r, s, e));
         tracing::info!(
@@ -551,7 +560,9 @@ async fn forward_inner(
         }
         match result {
             Ok(Ok((mut resp, conn))) => {
-                ep.observe_latency(sent.elapsed());
+                let took = sent.elapsed();
+                ep.observe_latency(took);
+                gw.latencies.upstream.get_or_create(&crate::ServiceLabels { service: target.service.clone() }).observe(took.as_secs_f64());
                 let status = resp.status();
                 if matches!(status.as_u16(), 502..=504) && may_retry(attempt, &outgoing).await {
                     attempt += 1;

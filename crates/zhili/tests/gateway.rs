@@ -101,6 +101,12 @@ async fn routes_match_forward_transform_redirect_and_answer_directly() {
     let tp = seen.get("traceparent").unwrap().to_str().unwrap().to_string();
     assert!(tp.starts_with("00-0af7651916cd43dd8448eb211c80319c-") && !tp.contains("b7ad6b7169203331"), "same trace, new parent: {tp}");
     assert_eq!(get(&gw, "/minimal/x", &[]).await.0, StatusCode::OK);
+    // Per-route latency histograms in the server's metrics.
+    let (_, r, _) = call(&api, Method::GET, "/metrics", None).await;
+    let text = String::from_utf8_lossy(&r.body).into_owned();
+    let count = |prefix: &str| text.lines().find_map(|l| l.strip_prefix(prefix)).and_then(|v| v.trim().parse::<u64>().ok()).unwrap_or(0);
+    assert!(count("zhili_gateway_request_duration_seconds_count{route=\"demo\",service=\"web\",class=\"2xx\"}") >= 30, "{text}");
+    assert!(count("zhili_gateway_upstream_duration_seconds_count{service=\"web\"}") >= 30, "{text}");
 
     // Header-based canary to a subset.
     put_route(&api, "canary", r#"{"path_prefix": "/demo/", "headers": [{"name": "x-canary", "value": "1"}], "service": "web", "subset": {"tags": ["v2"]}}"#)
