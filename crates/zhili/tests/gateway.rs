@@ -538,3 +538,35 @@ async fn grpc_passes_through_over_h2c() {
     let (grpc_status, body) = check(gw).await;
     assert_eq!((grpc_status.as_deref(), &body[..]), (Some("0"), &[0u8, 0, 0, 0, 2, 8, 2][..]), "NOT_SERVING passes through");
 }
+
+/// Sends raw bytes to the gateway and returns the status line of the answer.
+async fn raw_status(s: &ServerProcess, request: &[u8]) -> String {
+    let mut tcp = tokio::net::TcpStream::connect(s.gateway.unwrap()).await.unwrap();
+    let _ = tcp.write_all(request).await;
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf)).await.unwrap().unwrap_or(0);
+    String::from_utf8_lossy(&buf[..n]).lines().next().unwrap_or_default().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oversized_bodies_and_heads_are_refused() {
+    let s = dev_server();
+    let api = client(&s, None);
+    let up = Upstream::start("big").await;
+    register(&api, "big", &up, &[]).await;
+    put_route(&api, "big", r#"{"path_prefix": "/big/", "service": "big"}"#).await;
+    until_ok(&gw_client(&s), "/big/").await;
+    let hits = up.hits.load(Ordering::Relaxed);
+    // A declared body over 16 MiB: 413 before a byte of it is read, and nothing upstream.
+    let status = raw_status(&s, b"POST /big/x HTTP/1.1\r\nHost: x\r\nContent-Length: 20000000\r\n\r\n").await;
+    assert!(status.starts_with("HTTP/1.1 413"), "{status}");
+    // A request head over 64 KiB.
+    let mut head = b"GET /big/x HTTP/1.1\r\nHost: x\r\nX-Big: ".to_vec();
+    head.extend(std::iter::repeat_n(b'a', 100 * 1024));
+    head.extend_from_slice(b"\r\n\r\n");
+    let status = raw_status(&s, &head).await;
+    assert!(status.starts_with("HTTP/1.1 431") || status.is_empty(), "{status}");
+    assert_eq!(up.hits.load(Ordering::Relaxed), hits);
+    // Still serving.
+    assert_eq!(get(&gw_client(&s), "/big/x", &[]).await.0, StatusCode::OK);
+}
