@@ -148,6 +148,8 @@ pub struct Pool {
     pub breaker: crate::breaker::CircuitBreaker,
     /// Requests in flight to this service (for `max_concurrent`).
     pub in_flight: AtomicU32,
+    /// This service's upstream latency histogram, once looked up.
+    pub upstream_latency: std::sync::OnceLock<prometheus_client::metrics::histogram::Histogram>,
     epoch: Instant,
 }
 
@@ -171,6 +173,7 @@ impl Pool {
             ready: AtomicBool::new(false),
             breaker: Default::default(),
             in_flight: AtomicU32::new(0),
+            upstream_latency: std::sync::OnceLock::new(),
             epoch: Instant::now(),
         }
     }

@@ -562,7 +562,9 @@ async fn forward_inner(
             Ok(Ok((mut resp, conn))) => {
                 let took = sent.elapsed();
                 ep.observe_latency(took);
-                gw.latencies.upstream.get_or_create(&crate::ServiceLabels { service: target.service.clone() }).observe(took.as_secs_f64());
+                pool.upstream_latency
+                    .get_or_init(|| gw.latencies.upstream.get_or_create(&crate::ServiceLabels { service: target.service.clone() }).clone())
+                    .observe(took.as_secs_f64());
                 let status = resp.status();
                 if matches!(status.as_u16(), 502..=504) && may_retry(attempt, &outgoing).await {
                     attempt += 1;

@@ -79,6 +79,9 @@ pub struct Route {
     pub budget: RetryBudget,
     pub limiter: Option<Limiter>,
     pub breaker: Option<zhili_model::route::Breaker>,
+    /// Latency histogram handles by (service, status class), so the hot path neither allocates
+    /// labels nor hashes them.
+    latency: parking_lot::Mutex<Vec<(String, &'static str, prometheus_client::metrics::histogram::Histogram)>>,
 }
 
 fn regex(field: &str, r: &str) -> Result<Regex, ValidationError> {
@@ -185,6 +188,7 @@ pub fn compile(name: &str, spec: &RouteSpec) -> Result<Route, ValidationError> {
         hash_on: spec.hash_on.clone(),
         limiter: spec.rate_limit.as_ref().map(Limiter::new),
         breaker: spec.circuit_breaker.as_ref().map(|b| b.resolve()).transpose()?,
+        latency: parking_lot::Mutex::default(),
     })
 }
 
@@ -229,6 +233,17 @@ impl Route {
             }
         }
         true
+    }
+
+    /// The request latency histogram of this route for `service` and a status class.
+    pub fn latency(&self, family: &crate::Latencies, service: &str, class: &'static str) -> prometheus_client::metrics::histogram::Histogram {
+        let mut cache = self.latency.lock();
+        if let Some((_, _, h)) = cache.iter().find(|(s, c, _)| s == service && *c == class) {
+            return h.clone();
+        }
+        let h = family.requests.get_or_create(&crate::RouteLabels { route: self.name.clone(), service: service.to_string(), class: class.to_string() }).clone();
+        cache.push((service.to_string(), class, h.clone()));
+        h
     }
 
     /// The upstream path for `path` (prefix strip or rewrite).
