@@ -583,13 +583,25 @@ async fn forward_inner(
                         return (Response::from_parts(p, empty()), Some(ep.authority.clone()));
                     }
                 }
-                let (out, whole) = finish(resp).await;
-                // A connection whose answer was read whole is free again; a streamed one closes
-                // after its body.
-                if let (true, Some(conn)) = (whole, conn) {
-                    ep.give_back(conn);
+                match finish(resp).await {
+                    Ok((out, whole)) => {
+                        // A connection whose answer was read whole is free again; a streamed one
+                        // closes after its body.
+                        if let (true, Some(conn)) = (whole, conn) {
+                            ep.give_back(conn);
+                        }
+                        return (out, Some(ep.authority.clone()));
+                    }
+                    // The head came but the body broke off: nothing went downstream yet, so this
+                    // is a failed try like a reset.
+                    Err(e) => {
+                        gw.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
+                        if let Some(ej) = pool.record(&ep, true) {
+                            gw.report(pool, ej);
+                        }
+                        last_error = (StatusCode::BAD_GATEWAY, format!("upstream {} broke off its answer: {e}", ep.endpoint.id));
+                    }
                 }
-                return (out, Some(ep.authority.clone()));
             }
             Ok(Err(e)) => {
                 gw.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
@@ -612,20 +624,19 @@ async fn forward_inner(
 /// and body leave in one write; larger or open-ended ones (SSE, downloads) stream.
 const COLLECT_BELOW: u64 = 64 * 1024;
 
-/// The answer to send downstream, and whether the upstream's body was read whole.
-async fn finish(resp: Response<Incoming>) -> (Response<Body>, bool) {
+/// The answer to send downstream, and whether the upstream's body was read whole; an error
+/// when a body that was to be read whole broke off.
+async fn finish(resp: Response<Incoming>) -> Result<(Response<Body>, bool), hyper::Error> {
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     // gRPC answers keep their trailers: always streamed.
     let grpc = parts.headers.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     if !grpc && content_length(&parts.headers).is_some_and(|n| n <= COLLECT_BELOW) {
-        // The body is already in flight behind the head; a failure here is the upstream's.
-        return match body.collect().await {
-            Ok(c) => (Response::from_parts(parts, full(c.to_bytes())), true),
-            Err(e) => (error_response(StatusCode::BAD_GATEWAY, &format!("upstream body: {e}")), false),
-        };
+        // The body is already in flight behind the head.
+        let c = body.collect().await?;
+        return Ok((Response::from_parts(parts, full(c.to_bytes())), true));
     }
-    (Response::from_parts(parts, body.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync()), false)
+    Ok((Response::from_parts(parts, body.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync()), false))
 }
 
 #[derive(Debug)]
