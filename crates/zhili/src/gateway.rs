@@ -132,6 +132,21 @@ pub struct GatewayArgs {
     /// Log filter in RUST_LOG syntax.
     #[arg(long, env = "ZHILI_LOG_LEVEL", default_value = "info")]
     log_level: String,
+    /// Serve Prometheus metrics at http://ADDR/metrics (off unless given).
+    #[arg(long, env = "ZHILI_GATEWAY_METRICS_ADDR")]
+    metrics_addr: Option<SocketAddr>,
+}
+
+/// `/metrics` of a standalone gateway.
+async fn serve_metrics(listener: tokio::net::TcpListener, metrics: Arc<zhili_telemetry::Metrics>) {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let m = metrics.clone();
+            async move { ([(http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], m.encode()) }
+        }),
+    );
+    let _ = axum::serve(listener, app).await;
 }
 
 /// `zhili gateway`: a data-plane node on its own runtime.
@@ -174,6 +189,23 @@ pub fn run_standalone(args: GatewayArgs) -> ExitCode {
         };
         let gw = zhili_gateway::Gateway::new(zhili_gateway::Options { access_log: args.access_log, ..Default::default() });
         tokio::spawn(zhili_gateway::follow(gw.clone(), Arc::new(Remote { client })));
+        if let Some(addr) = args.metrics_addr {
+            let metrics = zhili_telemetry::Metrics::new();
+            metrics.register_collector(Box::new(zhili_gateway::GatewayCollector(gw.clone())));
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => {
+                    // Printed before the listening line, which tools wait for last.
+                    if let Ok(a) = l.local_addr() {
+                        println!("zhili gateway metrics on http://{a}/metrics");
+                    }
+                    tokio::spawn(serve_metrics(l, metrics));
+                }
+                Err(e) => {
+                    eprintln!("zhili: binding the metrics listener on {addr}: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
         let listener = match tokio::net::TcpListener::bind(args.addr).await {
             Ok(l) => l,
             Err(e) => {

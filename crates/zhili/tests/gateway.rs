@@ -329,12 +329,27 @@ async fn standalone_gateway_follows_its_server_and_outlives_it() {
     put_route(&api, "solo", r#"{"path_prefix": "/solo/", "service": "solo", "strip_prefix": true}"#).await;
 
     let mut child = tokio::process::Command::new(bin())
-        .args(["gateway", "--server", &format!("http://{}", s.api), "--addr", "127.0.0.1:0", "--token", &token, "--log-level", "warn"])
+        .args([
+            "gateway",
+            "--server",
+            &format!("http://{}", s.api),
+            "--addr",
+            "127.0.0.1:0",
+            "--token",
+            &token,
+            "--log-level",
+            "warn",
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
     let mut out = tokio::io::BufReader::new(child.stdout.take().unwrap());
+    let mut metrics_line = String::new();
+    tokio::time::timeout(Duration::from_secs(30), tokio::io::AsyncBufReadExt::read_line(&mut out, &mut metrics_line)).await.unwrap().unwrap();
+    let metrics_url = metrics_line.trim().strip_prefix("zhili gateway metrics on ").unwrap_or_else(|| panic!("{metrics_line}")).to_string();
     let mut line = String::new();
     tokio::time::timeout(Duration::from_secs(30), tokio::io::AsyncBufReadExt::read_line(&mut out, &mut line)).await.unwrap().unwrap();
     let addr = line.trim().strip_prefix("zhili gateway listening on http://").unwrap_or_else(|| panic!("{line}")).to_string();
@@ -344,6 +359,13 @@ async fn standalone_gateway_follows_its_server_and_outlives_it() {
     // A route change reaches the standalone gateway by watch.
     put_route(&api, "solo", r#"{"path_prefix": "/solo/", "service": "solo"}"#).await;
     until_body(&gw, "/solo/x", "solo /solo/x").await;
+
+    // Its own metrics endpoint counts what it served.
+    let m = zhili_client::Client::new(metrics_url.trim_end_matches("/metrics"), None).unwrap();
+    let (st, r, _) = call(&m, Method::GET, "/metrics", None).await;
+    assert_eq!(st, StatusCode::OK);
+    let text = String::from_utf8_lossy(&r.body);
+    assert!(text.lines().any(|l| l.starts_with("zhili_gateway_requests_total ") && !l.ends_with(" 0")), "{text}");
 
     // The server dies; the gateway keeps serving its last snapshot.
     s.kill9();
