@@ -251,15 +251,20 @@ pub async fn follow(gw: Arc<Gateway>, discover: Arc<dyn Discover>) {
         }
     });
     let mut version = 0;
+    let mut last: Option<Vec<(String, RouteSpec)>> = None;
     let mut backoff = Duration::from_millis(100);
     loop {
         match discover.routes(version, DISCOVERY_WAIT).await {
             Ok((v, routes)) => {
                 backoff = Duration::from_millis(100);
-                if v == version && version != 0 {
+                // Unchanged routes keep their compiled state (rate-limit buckets, retry budgets):
+                // the version also moves with unrelated writes.
+                if (v == version && version != 0) || last.as_ref() == Some(&routes) {
+                    version = v;
                     continue;
                 }
                 version = v;
+                last = Some(routes.clone());
                 let (table, wanted, fresh) = gw.stage(routes);
                 for pool in &fresh {
                     tokio::spawn(follow_endpoints(pool.clone(), discover.clone()));
