@@ -381,3 +381,42 @@ impl prometheus_client::collector::Collector for GatewayCollector {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Discovery whose version moves on every call while the routes stay the same.
+    struct Restless(AtomicU64);
+
+    #[async_trait]
+    impl Discover for Restless {
+        async fn routes(&self, _version: u64, _wait: Duration) -> Result<(u64, Vec<(String, RouteSpec)>), String> {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            let spec: RouteSpec = serde_json::from_str(r#"{"path": "/x", "direct_response": {"status": 200}, "rate_limit": {"rate": 1}}"#).unwrap();
+            Ok((self.0.fetch_add(1, Ordering::Relaxed) + 1, vec![("r".into(), spec)]))
+        }
+        async fn endpoints(&self, _ns: &str, _service: &str, _version: u64, wait: Duration) -> Result<(u64, Vec<Endpoint>), String> {
+            tokio::time::sleep(wait).await;
+            Ok((1, vec![]))
+        }
+        async fn report(&self, _passive: &PassiveHealth) -> Result<(), String> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn unchanged_routes_keep_their_compiled_state() {
+        let gw = Gateway::new(Options::default());
+        let follower = tokio::spawn(follow(gw.clone(), Arc::new(Restless(AtomicU64::new(0)))));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while gw.table().routes.is_empty() {
+            assert!(tokio::time::Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let first = gw.table();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(Arc::ptr_eq(&first, &gw.table()), "the same routes were recompiled");
+        follower.abort();
+    }
+}
