@@ -140,7 +140,6 @@ pub struct Gateway {
     pub stats: Stats,
     pub client: proxy::Upstreams,
     passive: broadcast::Sender<PassiveHealth>,
-    routes_version: AtomicU64,
 }
 
 impl Gateway {
@@ -153,7 +152,6 @@ impl Gateway {
             options,
             stats: Stats::default(),
             passive: broadcast::channel(1024).0,
-            routes_version: AtomicU64::new(0),
         })
     }
 
@@ -166,17 +164,8 @@ impl Gateway {
         self.passive.subscribe()
     }
 
-    pub fn pool(&self, namespace: &str, service: &str) -> Option<Arc<Pool>> {
-        self.pools.read().get(&(namespace.to_string(), service.to_string())).cloned()
-    }
-
-    /// The version of the routes in force (0 before discovery answered).
-    pub fn routes_version(&self) -> u64 {
-        self.routes_version.load(Ordering::Acquire)
-    }
-
-    /// Compiles `routes` and creates the pools they need that do not exist yet (returned, so
-    /// their endpoints can be loaded before the table goes live).
+    /// Compiles `routes`, attaches each target's pool and creates the pools that do not exist
+    /// yet (returned, so their endpoints can be loaded before the table goes live).
     pub fn stage(&self, routes: Vec<(String, RouteSpec)>) -> (Table, HashSet<(String, String)>, Vec<Arc<Pool>>) {
         let mut compiled = Vec::with_capacity(routes.len());
         for (name, spec) in routes {
@@ -201,13 +190,21 @@ impl Gateway {
                 fresh.push(p);
             }
         }
+        for r in &compiled {
+            if let table::Action::Forward(targets) = &r.action {
+                for (t, _) in targets {
+                    if let Some(p) = pools.get(&(t.namespace.clone(), t.service.clone())) {
+                        let _ = t.pool.set(p.clone());
+                    }
+                }
+            }
+        }
         (Table::new(compiled), wanted, fresh)
     }
 
     /// Puts a staged table in force and retires the pools no route uses any more.
-    pub fn install(&self, version: u64, table: Table, wanted: &HashSet<(String, String)>) {
+    pub fn install(&self, table: Table, wanted: &HashSet<(String, String)>) {
         self.table.store(Arc::new(table));
-        self.routes_version.store(version, Ordering::Release);
         self.pools.write().retain(|k, p| {
             let keep = wanted.contains(k);
             if !keep {
@@ -275,7 +272,7 @@ pub async fn follow(gw: Arc<Gateway>, discover: Arc<dyn Discover>) {
                 while fresh.iter().any(|p| !p.ready.load(Ordering::Acquire)) && tokio::time::Instant::now() < deadline {
                     tokio::time::sleep(Duration::from_millis(2)).await;
                 }
-                gw.install(v, table, &wanted);
+                gw.install(table, &wanted);
             }
             Err(e) => {
                 tracing::warn!(error = %e, "route discovery failed; serving the last routes");

@@ -289,12 +289,12 @@ pub async fn handle(gw: Arc<Gateway>, mut req: Request<Incoming>, peer: SocketAd
             }
             Action::Redirect(r) => (redirect(r, &req, &host, tls), None),
             Action::Forward(targets) => {
-                let target = pick_target(targets).clone();
+                let target = pick_target(targets);
                 let key = hash_key(&route, &req, peer);
                 let request_id = req.headers().get("x-request-id").cloned().unwrap_or_else(|| HeaderValue::from_str(&random_id128()).expect("hex"));
                 let upgrade = req.headers().contains_key(header::UPGRADE) && method == Method::GET;
                 let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-                let call = Call { gw: &gw, route: &route, target: &target, peer, tls, hash_key: key, request_id: &request_id };
+                let call = Call { gw: &gw, route: &route, target, peer, tls, hash_key: key, request_id: &request_id };
                 let (mut resp, used) = forward(call, req, on_upgrade).await;
                 resp.headers_mut().insert("x-request-id", request_id);
                 apply_ops(resp.headers_mut(), &route.spec.response_headers);
@@ -391,11 +391,11 @@ struct Call<'a> {
 /// Forwards under the route's circuit breaker and concurrency limit.
 async fn forward(call: Call<'_>, req: Request<Incoming>, on_upgrade: Option<hyper::upgrade::OnUpgrade>) -> (Response<Body>, Option<String>) {
     let Call { gw, route, target, .. } = call;
-    let Some(pool) = gw.pool(&target.namespace, &target.service) else {
+    let Some(pool) = target.pool.get() else {
         return (error_response(StatusCode::SERVICE_UNAVAILABLE, &format!("service {:?} is not known to the gateway yet", target.service)), None);
     };
     let Some(cfg) = route.breaker else {
-        return forward_inner(call, &pool, req, on_upgrade).await;
+        return forward_inner(call, pool, req, on_upgrade).await;
     };
     let _in_flight = InFlight(&pool.in_flight);
     let now_in_flight = pool.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
@@ -408,7 +408,7 @@ async fn forward(call: Call<'_>, req: Request<Incoming>, on_upgrade: Option<hype
     let admission = match pool.breaker.admit(&cfg, started) {
         Ok((a, transition)) => {
             if let Some(t) = transition {
-                gw.breaker_transition(&pool, t);
+                gw.breaker_transition(pool, t);
             }
             a
         }
@@ -420,10 +420,10 @@ async fn forward(call: Call<'_>, req: Request<Incoming>, on_upgrade: Option<hype
             return (r, None);
         }
     };
-    let out = forward_inner(call, &pool, req, on_upgrade).await;
+    let out = forward_inner(call, pool, req, on_upgrade).await;
     let failed = out.0.status().is_server_error();
     if let Some(t) = pool.breaker.record(&cfg, admission, failed, started.elapsed(), Instant::now()) {
-        gw.breaker_transition(&pool, t);
+        gw.breaker_transition(pool, t);
     }
     out
 }

@@ -46,11 +46,14 @@ struct QueryCond {
 }
 
 /// Where a forwarded request goes: a service (namespace, name) and optionally a subset of it.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug)]
 pub struct Target {
     pub namespace: String,
     pub service: String,
     pub subset: Option<Subset>,
+    /// The service's endpoint pool, attached when the gateway stages the table, so a request
+    /// finds it without a map lookup.
+    pub pool: std::sync::OnceLock<Arc<crate::balance::Pool>>,
 }
 
 #[derive(Debug)]
@@ -151,12 +154,22 @@ pub fn compile(name: &str, spec: &RouteSpec) -> Result<Route, ValidationError> {
         .collect::<Result<_, ValidationError>>()?;
     let default_ns = || spec.namespace.clone().unwrap_or_else(|| zhili_model::DEFAULT_NAMESPACE.to_string());
     let action = if let Some(service) = &spec.service {
-        Action::Forward(vec![(Target { namespace: default_ns(), service: service.clone(), subset: spec.subset.clone() }, 1)])
+        Action::Forward(vec![(Target { namespace: default_ns(), service: service.clone(), subset: spec.subset.clone(), pool: Default::default() }, 1)])
     } else if !spec.split.is_empty() {
         Action::Forward(
             spec.split
                 .iter()
-                .map(|t| (Target { namespace: t.namespace.clone().unwrap_or_else(default_ns), service: t.service.clone(), subset: t.subset.clone() }, t.weight))
+                .map(|t| {
+                    (
+                        Target {
+                            namespace: t.namespace.clone().unwrap_or_else(default_ns),
+                            service: t.service.clone(),
+                            subset: t.subset.clone(),
+                            pool: Default::default(),
+                        },
+                        t.weight,
+                    )
+                })
                 .collect(),
         )
     } else if let Some(r) = &spec.redirect {
