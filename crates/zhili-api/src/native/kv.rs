@@ -75,24 +75,10 @@ fn store_key(key: &str) -> String {
     format!("{KV_PREFIX}{key}")
 }
 
-/// Blocks until something at `key` (exact) or under it (`prefix`) changes after `index`, or
-/// `wait` passes. Uses the store's watch history, so unrelated writes do not wake the reader.
+/// Blocks until something at KV `key` (exact) or under it (`prefix`) changes after `index`, or
+/// `wait` passes.
 pub async fn wait_kv(store: &dyn Store, key: &str, prefix: bool, index: u64, wait: Duration) {
-    if index == 0 || index > store.revision() {
-        return;
-    }
-    let full = store_key(key);
-    let Ok(mut watcher) = store.watch(&full, index + 1) else { return };
-    let _ = tokio::time::timeout(wait, async {
-        loop {
-            match watcher.next().await {
-                Ok(ev) if prefix || ev.kv.key == full => return,
-                Ok(_) => continue,
-                Err(_) => return,
-            }
-        }
-    })
-    .await;
+    super::wait_store(store, &store_key(key), prefix, index, wait).await
 }
 
 async fn get_root(state: State<AppState>, caller: Caller, q: QueryPairs) -> ApiResult<Response> {

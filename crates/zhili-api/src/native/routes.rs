@@ -41,11 +41,7 @@ pub fn load_routes(store: &dyn Store) -> Result<(u64, Vec<(String, RouteSpec)>),
 
 /// Waits until a route changes after store revision `index` (or `wait` passes).
 pub async fn wait_routes(store: &dyn Store, index: u64, wait: Duration) {
-    if index == 0 || index > store.revision() {
-        return;
-    }
-    let Ok(mut watcher) = store.watch(ROUTES_PREFIX, index + 1) else { return };
-    let _ = tokio::time::timeout(wait, watcher.next()).await;
+    super::wait_store(store, ROUTES_PREFIX, true, index, wait).await
 }
 
 async fn list(State(s): State<AppState>, caller: Caller, q: QueryPairs) -> ApiResult<Response> {
