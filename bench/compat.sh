@@ -5,21 +5,15 @@
 # Usage: bench/compat.sh [seconds-per-scenario]   (JSON lines on stdout)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/common.sh
 SECS=${1:-5}
 PORT=18500
 DNS_PORT=$((PORT + 100))
 NACOS_PORT=$((PORT + 200))
 NACOS_GRPC_PORT=$((PORT + 300))
-WORK=$(mktemp -d)
-BIN=target/release/zhili
-GEN=target/release/zhili-bench
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
-trap cleanup EXIT
 cargo build --release -q -p zhili -p zhili-bench
-field() { sed -E "s/.*\"$1\":([0-9.]+).*/\1/"; }
 
-echo "# machine: $(nproc) cores, $(awk -F: '/model name/ {print $2; exit}' /proc/cpuinfo | xargs), $(free -g | awk '/Mem/ {print $2}') GiB; $(date -u +%Y-%m-%dT%H:%MZ)"
+echo "# machine: $(machine)"
 out=$($GEN ready --bin $BIN --data-dir "$WORK/z" --addr 127.0.0.1:$PORT --keep)
 pids+=("$(echo "$out" | field pid)")
 for sc in consul-register consul-health consul-health-blocking; do

@@ -5,23 +5,13 @@
 # Usage: bench/gateway.sh [seconds] [connections]   (needs Debian nginx-light, haproxy, wrk)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/common.sh
 SECS=${1:-10}
 CONNS=${2:-64}
 for tool in nginx haproxy wrk taskset; do
   command -v $tool >/dev/null || { echo "missing $tool (apt-get install nginx-light haproxy wrk)"; exit 1; }
 done
-WORK=$(mktemp -d)
-pids=()
-# TERM first: an nginx master killed with -9 leaves its workers behind.
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  sleep 0.5
-  for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
 cargo build --release -q -p zhili
-BIN=target/release/zhili
 UP1=19101 UP2=19102 NGINX=19201 HAPROXY=19202 ZHILI=19203 API=19500
 
 body=$(head -c 1024 /dev/zero | tr '\0' 'x')
@@ -73,7 +63,7 @@ for port in $NGINX $HAPROXY $ZHILI; do
   for _ in $(seq 100); do curl -sf "127.0.0.1:$port/demo/" -o /dev/null && break; sleep 0.1; done
 done
 
-echo "# machine: $(nproc) cores, $(awk -F: '/model name/ {print $2; exit}' /proc/cpuinfo | xargs); $(date -u +%Y-%m-%dT%H:%MZ); wrk -t1 -c$CONNS -d${SECS}s, proxies on CPU 0, upstream+wrk on CPU 1"
+echo "# machine: $(machine); wrk -t1 -c$CONNS -d${SECS}s, proxies on CPU 0, upstream+wrk on CPU 1"
 echo "# zhili gateway idle RSS: $(awk '/VmRSS/ {print $2, $3}' /proc/$gw_pid/status)"
 for round in 1 2 3; do
   for name in nginx haproxy zhili; do

@@ -3,23 +3,17 @@
 # Usage: bench/run.sh [seconds-per-scenario]   (results: JSON lines on stdout, summary at the end)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/common.sh
 SECS=${1:-5}
 PORT=18500
 ETCD_PORT=12379
-WORK=$(mktemp -d)
-BIN=target/release/zhili
-GEN=target/release/zhili-bench
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
-trap cleanup EXIT
 
 command -v etcd >/dev/null || { apt-get update -qq && apt-get install -y -qq etcd-server >/dev/null; }
 cargo build --release -q -p zhili -p zhili-bench
 
 rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
-field() { sed -E "s/.*\"$1\":([0-9.]+).*/\1/"; }
 
-echo "# machine: $(nproc) cores, $(awk -F: '/model name/ {print $2; exit}' /proc/cpuinfo | xargs), $(free -g | awk '/Mem/ {print $2}') GiB; $(date -u +%Y-%m-%dT%H:%MZ); $(etcd --version | head -1)"
+echo "# machine: $(machine); $(etcd --version | head -1)"
 
 start_zhili() { # data-dir -> sets ZPID, prints ready json
   local out; out=$($GEN ready --bin $BIN --data-dir "$1" --addr 127.0.0.1:$PORT --keep)
