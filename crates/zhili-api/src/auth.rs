@@ -34,6 +34,7 @@ impl Caller {
             Resource::Acl => "acl",
             Resource::Operator => "operator",
             Resource::Route => "route",
+            Resource::Consumer => "consumer",
         };
         let who = if self.token.is_some() { "this token" } else { "anonymous callers (no token given)" };
         Err(ApiError::Forbidden(format!("permission denied: {who} may not {what} {kind} {name:?}")))

@@ -44,6 +44,11 @@ pub struct FileConfig {
     pub gateway_addr: Option<String>,
     /// One JSON line per gateway request (default true).
     pub gateway_access_log: Option<bool>,
+    /// Certificates of the gateway listener (several: chosen by SNI) and their keys, in order.
+    pub gateway_tls_cert: Option<Vec<PathBuf>>,
+    pub gateway_tls_key: Option<Vec<PathBuf>>,
+    /// CA that gateway client certificates are verified against (mTLS).
+    pub gateway_client_ca: Option<PathBuf>,
     pub node_name: Option<String>,
     pub datacenter: Option<String>,
     pub tls_cert: Option<PathBuf>,
@@ -70,6 +75,9 @@ impl FileConfig {
             nacos_grpc_addr: over.nacos_grpc_addr.or(self.nacos_grpc_addr),
             gateway_addr: over.gateway_addr.or(self.gateway_addr),
             gateway_access_log: over.gateway_access_log.or(self.gateway_access_log),
+            gateway_tls_cert: over.gateway_tls_cert.or(self.gateway_tls_cert),
+            gateway_tls_key: over.gateway_tls_key.or(self.gateway_tls_key),
+            gateway_client_ca: over.gateway_client_ca.or(self.gateway_client_ca),
             node_name: over.node_name.or(self.node_name),
             datacenter: over.datacenter.or(self.datacenter),
             tls_cert: over.tls_cert.or(self.tls_cert),
@@ -107,6 +115,9 @@ pub struct ServerConfig {
     pub nacos_grpc_addr: Listen,
     pub gateway_addr: Listen,
     pub gateway_access_log: bool,
+    /// Empty: the gateway uses `tls` (if any).
+    pub gateway_tls: Vec<TlsFiles>,
+    pub gateway_client_ca: Option<PathBuf>,
     pub node_name: String,
     pub datacenter: String,
     pub tls: Option<TlsFiles>,
@@ -160,6 +171,18 @@ impl FileConfig {
             (Some(_), None) => return Err(ConfigError::Invalid { field: "tls_key", message: "required when tls_cert is set".into() }),
             (None, Some(_)) => return Err(ConfigError::Invalid { field: "tls_cert", message: "required when tls_key is set".into() }),
         };
+        let certs = self.gateway_tls_cert.unwrap_or_default();
+        let keys = self.gateway_tls_key.unwrap_or_default();
+        if certs.len() != keys.len() {
+            return Err(ConfigError::Invalid {
+                field: "gateway_tls_key",
+                message: format!("{} certificates but {} keys; give one key per certificate, in the same order", certs.len(), keys.len()),
+            });
+        }
+        let gateway_tls: Vec<TlsFiles> = certs.into_iter().zip(keys).map(|(cert, key)| TlsFiles { cert, key }).collect();
+        if self.gateway_client_ca.is_some() && gateway_tls.is_empty() && tls.is_none() {
+            return Err(ConfigError::Invalid { field: "gateway_client_ca", message: "needs TLS on the gateway (gateway_tls_cert or tls_cert)".into() });
+        }
         let log_format = match self.log_format.as_deref().unwrap_or("pretty") {
             "pretty" => LogFormat::Pretty,
             "json" => LogFormat::Json,
@@ -182,6 +205,8 @@ impl FileConfig {
             nacos_grpc_addr,
             gateway_addr,
             gateway_access_log: self.gateway_access_log.unwrap_or(true),
+            gateway_tls,
+            gateway_client_ca: self.gateway_client_ca,
             node_name,
             datacenter,
             tls,

@@ -4,11 +4,15 @@
 //! a server's HTTP API when standalone); both swap atomically, so a change never drops requests
 //! in flight.
 
+pub mod auth;
 mod balance;
 mod breaker;
+mod cors;
+mod fetch;
 mod limit;
 mod proxy;
 mod table;
+pub mod tls;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,12 +23,14 @@ use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use parking_lot::RwLock;
 use tokio::sync::broadcast;
+use zhili_model::consumer::ConsumerSpec;
 use zhili_model::route::RouteSpec;
 
 pub use balance::{Ejection, Endpoint, Pool, RetryBudget};
 pub use breaker::{CircuitBreaker, Transition};
 pub use limit::{Decision, Limiter};
 pub use proxy::{serve, Body, BoxError};
+pub use auth::Consumers;
 pub use table::{compile, Route, Table, Target};
 
 /// How long one discovery call may block waiting for a change.
@@ -40,6 +46,8 @@ pub trait Discover: Send + Sync + 'static {
     async fn routes(&self, version: u64, wait: Duration) -> Result<(u64, Vec<(String, RouteSpec)>), String>;
     /// The serving instances of a service.
     async fn endpoints(&self, namespace: &str, service: &str, version: u64, wait: Duration) -> Result<(u64, Vec<Endpoint>), String>;
+    /// The consumers (API keys, scopes) routes authenticate against.
+    async fn consumers(&self, version: u64, wait: Duration) -> Result<(u64, Vec<(String, ConsumerSpec)>), String>;
     /// Tells the control plane what the gateway observed (an ejection).
     async fn report(&self, passive: &PassiveHealth) -> Result<(), String>;
 }
@@ -98,6 +106,7 @@ pub struct Stats {
     pub breaker_opened: AtomicU64,
     pub breaker_rejected: AtomicU64,
     pub concurrency_rejected: AtomicU64,
+    pub auth_denied: AtomicU64,
 }
 
 /// Labels of the per-route request metrics.
@@ -140,6 +149,9 @@ pub struct Gateway {
     pub stats: Stats,
     pub client: proxy::Upstreams,
     passive: broadcast::Sender<PassiveHealth>,
+    pub consumers: ArcSwap<Consumers>,
+    /// JWKS caches by URL, shared by the routes naming them.
+    jwks: parking_lot::Mutex<HashMap<String, Arc<auth::Jwks>>>,
 }
 
 impl Gateway {
@@ -152,6 +164,8 @@ impl Gateway {
             options,
             stats: Stats::default(),
             passive: broadcast::channel(1024).0,
+            consumers: ArcSwap::from_pointee(Consumers::default()),
+            jwks: Default::default(),
         })
     }
 
@@ -190,6 +204,20 @@ impl Gateway {
                 fresh.push(p);
             }
         }
+        drop(pools);
+        let mut jwks = self.jwks.lock();
+        let urls: HashSet<&str> = compiled.iter().filter_map(|r| r.auth.as_ref()?.jwt.as_ref()?.jwks_url.as_deref()).collect();
+        jwks.retain(|url, _| urls.contains(url.as_str()));
+        for r in &compiled {
+            if let Some(jwt) = r.auth.as_ref().and_then(|a| a.jwt.as_ref()) {
+                if let Some(url) = &jwt.jwks_url {
+                    let shared = jwks.entry(url.clone()).or_insert_with(|| Arc::new(auth::Jwks::new(url)));
+                    let _ = jwt.jwks.set(shared.clone());
+                }
+            }
+        }
+        drop(jwks);
+        let pools = self.pools.read();
         for r in &compiled {
             if let table::Action::Forward(targets) = &r.action {
                 for (t, _) in targets {
@@ -247,6 +275,7 @@ pub async fn follow(gw: Arc<Gateway>, discover: Arc<dyn Discover>) {
             }
         }
     });
+    tokio::spawn(follow_consumers(gw.clone(), discover.clone()));
     let mut version = 0;
     let mut last: Option<Vec<(String, RouteSpec)>> = None;
     let mut backoff = Duration::from_millis(100);
@@ -276,6 +305,27 @@ pub async fn follow(gw: Arc<Gateway>, discover: Arc<dyn Discover>) {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "route discovery failed; serving the last routes");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+async fn follow_consumers(gw: Arc<Gateway>, discover: Arc<dyn Discover>) {
+    let mut version = 0;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match discover.consumers(version, DISCOVERY_WAIT).await {
+            Ok((v, list)) => {
+                backoff = Duration::from_millis(100);
+                if v != version || version == 0 {
+                    version = v;
+                    gw.consumers.store(Arc::new(Consumers::new(list)));
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "consumer discovery failed; keeping the last consumers");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
@@ -336,6 +386,7 @@ impl prometheus_client::collector::Collector for GatewayCollector {
             ("gateway_breaker_opened", "Circuit breaker openings", load(&s.breaker_opened)),
             ("gateway_breaker_rejected", "Requests refused by an open circuit breaker", load(&s.breaker_rejected)),
             ("gateway_concurrency_rejected", "Requests refused by a concurrency limit", load(&s.concurrency_rejected)),
+            ("gateway_auth_denied", "Requests refused by route auth (401 and 403)", load(&s.auth_denied)),
         ] {
             let c = ConstCounter::new(value);
             c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)?;
@@ -394,6 +445,10 @@ mod tests {
             Ok((self.0.fetch_add(1, Ordering::Relaxed) + 1, vec![("r".into(), spec)]))
         }
         async fn endpoints(&self, _ns: &str, _service: &str, _version: u64, wait: Duration) -> Result<(u64, Vec<Endpoint>), String> {
+            tokio::time::sleep(wait).await;
+            Ok((1, vec![]))
+        }
+        async fn consumers(&self, _version: u64, wait: Duration) -> Result<(u64, Vec<(String, ConsumerSpec)>), String> {
             tokio::time::sleep(wait).await;
             Ok((1, vec![]))
         }

@@ -61,10 +61,19 @@ fn error_response(status: StatusCode, message: &str) -> Response<Body> {
     r
 }
 
+/// Where a request came from: the client's address, whether it came over TLS, and the subject
+/// common name of its verified client certificate.
+#[derive(Clone, Debug)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    pub tls: bool,
+    pub client_cn: Option<Arc<str>>,
+}
+
 /// Serves the gateway on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, tls: Option<TlsAcceptor>) {
     loop {
-        let (stream, peer) = match listener.accept().await {
+        let (stream, addr) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, "gateway accept failed");
@@ -77,10 +86,11 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, tls: Option<TlsAccep
         let tls = tls.clone();
         tokio::spawn(async move {
             match tls {
-                None => connection(TokioIo::new(stream), peer, gw, false).await,
+                None => connection(TokioIo::new(stream), Peer { addr, tls: false, client_cn: None }, gw).await,
                 Some(acceptor) => {
                     if let Ok(Ok(s)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                        connection(TokioIo::new(s), peer, gw, true).await;
+                        let client_cn = s.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| crate::auth::common_name(c)).map(Arc::from);
+                        connection(TokioIo::new(s), Peer { addr, tls: true, client_cn }, gw).await;
                     }
                 }
             }
@@ -88,14 +98,15 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, tls: Option<TlsAccep
     }
 }
 
-async fn connection<I>(io: I, peer: SocketAddr, gw: Arc<Gateway>, tls: bool)
+async fn connection<I>(io: I, peer: Peer, gw: Arc<Gateway>)
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
     let o = gw.options.clone();
     let svc = hyper::service::service_fn(move |req| {
         let gw = gw.clone();
-        async move { Ok::<_, std::convert::Infallible>(handle(gw, req, peer, tls).await) }
+        let peer = peer.clone();
+        async move { Ok::<_, std::convert::Infallible>(handle(gw, req, &peer).await) }
     });
     let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     b.http1().timer(TokioTimer::new()).header_read_timeout(o.header_read_timeout).max_buf_size(o.max_header_bytes.max(8192));
@@ -257,13 +268,40 @@ fn content_length(h: &HeaderMap) -> Option<u64> {
     h.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok())
 }
 
-pub async fn handle(gw: Arc<Gateway>, mut req: Request<Incoming>, peer: SocketAddr, tls: bool) -> Response<Body> {
+/// 401 or 403 for a request the route's auth refuses.
+fn denied(auth: &crate::auth::Auth, d: crate::auth::Denied) -> Response<Body> {
+    match d {
+        crate::auth::Denied::Unauthorized(m) => {
+            let mut r = error_response(StatusCode::UNAUTHORIZED, &m);
+            if auth.bearer() {
+                let v = format!("Bearer realm=\"zhili\", error=\"invalid_token\", error_description=\"{}\"", m.replace(['"', '\\'], "'"));
+                if let Ok(v) = HeaderValue::from_str(&v) {
+                    r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+                }
+            }
+            r
+        }
+        crate::auth::Denied::Forbidden(m) => error_response(StatusCode::FORBIDDEN, &m),
+    }
+}
+
+/// Preflights are matched as the request they announce (a route may allow only GET).
+fn find_route(table: &crate::Table, host: &str, req: &Request<Incoming>) -> Option<Arc<Route>> {
+    let (m, u, h) = (req.method(), req.uri(), req.headers());
+    table.find(host, m, u.path(), u.query(), h).cloned().or_else(|| {
+        let announced = (m == Method::OPTIONS).then(|| h.get(header::ACCESS_CONTROL_REQUEST_METHOD)).flatten()?;
+        let announced = Method::from_bytes(announced.as_bytes()).ok()?;
+        table.find(host, &announced, u.path(), u.query(), h).filter(|r| r.cors.is_some()).cloned()
+    })
+}
+
+pub async fn handle(gw: Arc<Gateway>, mut req: Request<Incoming>, peer: &Peer) -> Response<Body> {
     let start = Instant::now();
     gw.stats.requests.fetch_add(1, Ordering::Relaxed);
     let host = host_of(&req);
     let table = gw.table();
-    let route = table.find(&host, req.method(), req.uri().path(), req.uri().query(), req.headers()).cloned();
-    let denied = route.as_ref().and_then(|r| limited(&gw, r, &req, peer));
+    let route = find_route(&table, &host, &req);
+    let origin = route.as_ref().and_then(|r| r.cors.as_ref()).and_then(|_| req.headers().get(header::ORIGIN).cloned());
     let matched = route.clone();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
@@ -272,36 +310,70 @@ pub async fn handle(gw: Arc<Gateway>, mut req: Request<Incoming>, peer: SocketAd
             gw.stats.no_route.fetch_add(1, Ordering::Relaxed);
             (error_response(StatusCode::NOT_FOUND, &format!("no route for {host}{path}")), None)
         }
-        Some(route) if denied.is_some() => {
-            let mut r = denied.expect("checked");
-            apply_ops(r.headers_mut(), &route.spec.response_headers);
-            (r, None)
-        }
-        Some(route) => match &route.action {
-            Action::Direct { status, body, content_type } => {
-                let mut r = Response::new(full(body.clone()));
-                *r.status_mut() = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
-                if let Some(ct) = content_type.as_ref().and_then(|c| HeaderValue::from_str(c).ok()) {
-                    r.headers_mut().insert(header::CONTENT_TYPE, ct);
+        Some(route) => 'answer: {
+            if let Some(pre) = route.cors.as_ref().and_then(|c| c.preflight(&method, req.headers())) {
+                let r = match pre {
+                    Ok(h) => {
+                        let mut r = Response::new(empty());
+                        *r.status_mut() = StatusCode::NO_CONTENT;
+                        *r.headers_mut() = h;
+                        r
+                    }
+                    Err((status, m)) => error_response(status, &m),
+                };
+                break 'answer (r, None);
+            }
+            let identity = match &route.auth {
+                None => None,
+                Some(auth) => {
+                    let consumers = gw.consumers.load();
+                    let presented = crate::auth::Presented { headers: req.headers(), uri: req.uri(), client_cn: peer.client_cn.as_deref() };
+                    match auth.check(&presented, &consumers).await {
+                        Ok(id) => Some(id),
+                        Err(d) => {
+                            gw.stats.auth_denied.fetch_add(1, Ordering::Relaxed);
+                            break 'answer (denied(auth, d), None);
+                        }
+                    }
                 }
+            };
+            if let Some(mut r) = limited(&gw, &route, &req, peer.addr, identity.as_ref()) {
                 apply_ops(r.headers_mut(), &route.spec.response_headers);
-                (r, None)
+                break 'answer (r, None);
             }
-            Action::Redirect(r) => (redirect(r, &req, &host, tls), None),
-            Action::Forward(targets) => {
-                let target = pick_target(targets);
-                let key = hash_key(&route, &req, peer);
-                let request_id = req.headers().get("x-request-id").cloned().unwrap_or_else(|| HeaderValue::from_str(&random_id128()).expect("hex"));
-                let upgrade = req.headers().contains_key(header::UPGRADE) && method == Method::GET;
-                let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-                let call = Call { gw: &gw, route: &route, target, peer, tls, hash_key: key, request_id: &request_id };
-                let (mut resp, used) = forward(call, req, on_upgrade).await;
-                resp.headers_mut().insert("x-request-id", request_id);
-                apply_ops(resp.headers_mut(), &route.spec.response_headers);
-                (resp, used.map(|e| (route.name.clone(), target.service.clone(), e)))
+            match &route.action {
+                Action::Direct { status, body, content_type } => {
+                    let mut r = Response::new(full(body.clone()));
+                    *r.status_mut() = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
+                    if let Some(ct) = content_type.as_ref().and_then(|c| HeaderValue::from_str(c).ok()) {
+                        r.headers_mut().insert(header::CONTENT_TYPE, ct);
+                    }
+                    apply_ops(r.headers_mut(), &route.spec.response_headers);
+                    (r, None)
+                }
+                Action::Redirect(r) => (redirect(r, &req, &host, peer.tls), None),
+                Action::Forward(targets) => {
+                    let target = pick_target(targets);
+                    let key = hash_key(&route, &req, peer.addr);
+                    let request_id = req.headers().get("x-request-id").cloned().unwrap_or_else(|| HeaderValue::from_str(&random_id128()).expect("hex"));
+                    let upgrade = req.headers().contains_key(header::UPGRADE) && method == Method::GET;
+                    let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+                    let call = Call { gw: &gw, route: &route, target, peer: peer.addr, tls: peer.tls, hash_key: key, request_id: &request_id, identity: identity.as_ref() };
+                    let (mut resp, used) = forward(call, req, on_upgrade).await;
+                    resp.headers_mut().insert("x-request-id", request_id);
+                    apply_ops(resp.headers_mut(), &route.spec.response_headers);
+                    (resp, used.map(|e| (route.name.clone(), target.service.clone(), e)))
+                }
             }
-        },
+        }
     };
+    let mut resp = resp;
+    if let Some(cors) = matched.as_ref().and_then(|r| r.cors.as_ref()) {
+        if resp.status() != StatusCode::NO_CONTENT || method != Method::OPTIONS {
+            cors.decorate(origin.as_ref(), resp.headers_mut());
+        }
+    }
+    let peer = peer.addr;
     let (class, class_name) = match resp.status().as_u16() {
         200..=299 => (&gw.stats.responses_2xx, "2xx"),
         300..=399 => (&gw.stats.responses_3xx, "3xx"),
@@ -336,7 +408,7 @@ pub async fn handle(gw: Arc<Gateway>, mut req: Request<Incoming>, peer: SocketAd
 }
 
 /// The 429 answer when the route's rate limit is exhausted for this request's key.
-fn limited(gw: &Gateway, route: &Route, req: &Request<Incoming>, peer: SocketAddr) -> Option<Response<Body>> {
+fn limited(gw: &Gateway, route: &Route, req: &Request<Incoming>, peer: SocketAddr, identity: Option<&crate::auth::Identity>) -> Option<Response<Body>> {
     let limiter = route.limiter.as_ref()?;
     let ip;
     let key: Option<&[u8]> = match &limiter.key {
@@ -346,6 +418,7 @@ fn limited(gw: &Gateway, route: &Route, req: &Request<Incoming>, peer: SocketAdd
             Some(ip.as_bytes())
         }
         Some(zhili_model::route::RateLimitKey::Header(h)) => Some(req.headers().get(h.as_str()).map_or(&b""[..], |v| v.as_bytes())),
+        Some(zhili_model::route::RateLimitKey::Consumer(_)) => Some(identity.and_then(|i| i.consumer.as_deref()).unwrap_or("").as_bytes()),
     };
     match limiter.check(key, Instant::now()) {
         crate::limit::Decision::Allow { .. } => None,
@@ -386,6 +459,7 @@ struct Call<'a> {
     tls: bool,
     hash_key: Option<u64>,
     request_id: &'a HeaderValue,
+    identity: Option<&'a crate::auth::Identity>,
 }
 
 /// Forwards under the route's circuit breaker and concurrency limit.
@@ -434,7 +508,7 @@ async fn forward_inner(
     req: Request<Incoming>,
     on_upgrade: Option<hyper::upgrade::OnUpgrade>,
 ) -> (Response<Body>, Option<String>) {
-    let Call { gw, route, target, peer, tls, hash_key, request_id } = call;
+    let Call { gw, route, target, peer, tls, hash_key, request_id, identity } = call;
     let r = route.resilience;
     let deadline = Instant::now() + r.total;
     let grpc = req.version() == Version::HTTP_2 && req.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
@@ -467,6 +541,25 @@ async fn forward_inner(
     headers.insert("x-request-id", request_id.clone());
     headers.insert("traceparent", traceparent(&parts.headers));
     apply_ops(&mut headers, &route.spec.request_headers);
+    if let Some(auth) = &route.auth {
+        // What the gateway asserts about the caller replaces anything the client sent.
+        for h in auth.identity_headers() {
+            headers.remove(h);
+        }
+        if auth.hide_credentials {
+            for h in auth.credential_headers() {
+                headers.remove(h);
+            }
+        }
+        if let Some(id) = identity {
+            if let Some(v) = id.consumer.as_deref().and_then(|c| HeaderValue::from_str(c).ok()) {
+                headers.insert(crate::auth::CONSUMER_HEADER, v);
+            }
+            for (h, v) in &id.headers {
+                headers.insert(h.clone(), v.clone());
+            }
+        }
+    }
 
     let retry_allowed = r.attempts > 0 && (idempotent(&parts.method) || r.non_idempotent) && on_upgrade.is_none();
     let declared = content_length(&parts.headers);

@@ -82,6 +82,8 @@ pub struct Route {
     pub budget: RetryBudget,
     pub limiter: Option<Limiter>,
     pub breaker: Option<zhili_model::route::Breaker>,
+    pub auth: Option<crate::auth::Auth>,
+    pub cors: Option<crate::cors::Cors>,
     /// Latency histogram handles by (service, status class), so the hot path neither allocates
     /// labels nor hashes them.
     latency: parking_lot::Mutex<Vec<(String, &'static str, prometheus_client::metrics::histogram::Histogram)>>,
@@ -201,6 +203,8 @@ pub fn compile(name: &str, spec: &RouteSpec) -> Result<Route, ValidationError> {
         hash_on: spec.hash_on.clone(),
         limiter: spec.rate_limit.as_ref().map(Limiter::new),
         breaker: spec.circuit_breaker.as_ref().map(|b| b.resolve()).transpose()?,
+        auth: spec.auth.as_ref().map(crate::auth::compile).transpose()?,
+        cors: spec.cors.as_ref().map(crate::cors::Cors::new),
         latency: parking_lot::Mutex::default(),
     })
 }

@@ -18,6 +18,8 @@ pub enum Resource {
     Operator,
     /// Gateway routes.
     Route,
+    /// Gateway consumers (callers with API keys and scopes).
+    Consumer,
 }
 
 /// Access levels are ordered: write implies read; deny beats nothing (it is an explicit "no").

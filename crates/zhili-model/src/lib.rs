@@ -2,6 +2,7 @@
 //! Everything here is plain data plus validation; no IO, no async, so every level may use it.
 
 pub mod acl;
+pub mod consumer;
 pub mod duration;
 pub mod registry;
 pub mod route;

@@ -77,6 +77,279 @@ pub struct RouteSpec {
     pub rate_limit: Option<RateLimitSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub circuit_breaker: Option<BreakerSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<AuthSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cors: Option<CorsSpec>,
+}
+
+pub const MAX_JWT_KEYS: usize = 16;
+pub const MAX_ALLOWED: usize = 256;
+/// HS256 secrets shorter than the hash (RFC 7518 §3.2) are refused.
+pub const MIN_HMAC_SECRET: usize = 32;
+
+/// Who may call a route. A request passes when any configured method accepts it (a valid JWT, a
+/// consumer's API key, a verified client certificate); then `consumers` and `scopes` decide.
+/// Failures answer 401 (no or bad credentials) or 403 (known caller, not allowed) and never reach
+/// the upstream.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt: Option<JwtSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<ApiKeySpec>,
+    /// Accept a client certificate verified against the gateway's client CA; the consumer is the
+    /// certificate's subject common name.
+    #[serde(default)]
+    pub mtls: bool,
+    /// Only these consumers (empty: any authenticated caller).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub consumers: Vec<String>,
+    /// The caller must hold every one of these scopes (JWT `scope`/`scp`, or the consumer's).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scopes: Vec<String>,
+    /// Remove the credential (Authorization or the API key header) before forwarding.
+    #[serde(default)]
+    pub hide_credentials: bool,
+}
+
+/// JWT bearer tokens, checked against static keys and/or a JWKS URL (fetched, cached, refreshed
+/// every `jwks_refresh` and whenever a token names an unknown `kid`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtSpec {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keys: Vec<JwtKey>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_url: Option<String>,
+    /// Default 5m.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_refresh: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<String>,
+    /// The token's `aud` must name one of these (empty: not checked).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub audiences: Vec<String>,
+    /// Clock skew allowed on `exp` and `nbf` (default 30s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leeway: Option<String>,
+    /// Claim → request header forwarded upstream (string, number and boolean claims).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub claims_to_headers: BTreeMap<String, String>,
+    /// The claim naming the consumer (default `sub`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consumer_claim: Option<String>,
+    /// Also take the token from this query parameter or cookie (the header is always read).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cookie: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum JwtAlg {
+    HS256,
+    RS256,
+    ES256,
+}
+
+/// A static verification key: an HS256 secret, or an RS256/ES256 public key in PEM.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtKey {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kid: Option<String>,
+    pub alg: JwtAlg,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key: Option<String>,
+}
+
+/// API keys of consumers stored in Zhili, read from a header (default `x-api-key`) or a query
+/// parameter.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeySpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<String>,
+}
+
+/// Cross-origin requests: preflights are answered by the gateway; other answers get the
+/// `Access-Control-*` headers when the origin is allowed.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CorsSpec {
+    /// Exact origins (`https://app.example.com`) or `*`.
+    pub allow_origins: Vec<String>,
+    /// Default GET, HEAD, POST, PUT, PATCH, DELETE.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_methods: Vec<String>,
+    /// Default: whatever the preflight asks for.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_headers: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub expose_headers: Vec<String>,
+    /// Seconds a preflight may be cached (default 600).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_age: Option<u32>,
+    #[serde(default)]
+    pub allow_credentials: bool,
+}
+
+fn method_name(field: &str, m: &str) -> Result<(), ValidationError> {
+    if m.is_empty() || m.len() > 16 || !m.bytes().all(|b| b.is_ascii_uppercase()) {
+        return Err(ValidationError::new(field, format!("{m:?} is not an upper-case method name")));
+    }
+    Ok(())
+}
+
+impl AuthSpec {
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        if self.jwt.is_none() && self.api_key.is_none() && !self.mtls {
+            return Err(ValidationError::new("auth", "give at least one of jwt, api_key, mtls"));
+        }
+        if let Some(j) = &self.jwt {
+            j.validate()?;
+        }
+        if let Some(k) = &self.api_key {
+            if let Some(h) = &k.header {
+                header_name("auth.api_key.header", h)?;
+            }
+            if let Some(q) = &k.query {
+                if q.is_empty() || q.len() > 256 {
+                    return Err(ValidationError::new("auth.api_key.query", "must be 1..=256 bytes"));
+                }
+            }
+        }
+        if self.consumers.len() > MAX_ALLOWED || self.scopes.len() > MAX_ALLOWED {
+            return Err(ValidationError::new("auth.consumers", format!("at most {MAX_ALLOWED} consumers and {MAX_ALLOWED} scopes")));
+        }
+        for (i, c) in self.consumers.iter().enumerate() {
+            validate::text(&format!("auth.consumers[{i}]"), c)?;
+        }
+        for (i, s) in self.scopes.iter().enumerate() {
+            scope(&format!("auth.scopes[{i}]"), s)?;
+        }
+        Ok(())
+    }
+}
+
+fn scope(field: &str, s: &str) -> Result<(), ValidationError> {
+    if s.is_empty() || s.len() > 256 || s.bytes().any(|b| b <= 0x20 || b == 0x7f || b == b'"' || b == b'\\') {
+        return Err(ValidationError::new(field, format!("{s:?} is not a scope (1..=256 printable characters, no spaces)")));
+    }
+    Ok(())
+}
+
+impl JwtSpec {
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        if self.keys.is_empty() && self.jwks_url.is_none() {
+            return Err(ValidationError::new("auth.jwt.keys", "give keys, jwks_url or both"));
+        }
+        if self.keys.len() > MAX_JWT_KEYS {
+            return Err(ValidationError::new("auth.jwt.keys", format!("at most {MAX_JWT_KEYS} keys")));
+        }
+        for (i, k) in self.keys.iter().enumerate() {
+            let f = format!("auth.jwt.keys[{i}]");
+            match (k.alg, &k.secret, &k.public_key) {
+                (JwtAlg::HS256, Some(s), None) if s.len() >= MIN_HMAC_SECRET && s.len() <= 4096 => {}
+                (JwtAlg::HS256, Some(_), None) => return Err(ValidationError::new(format!("{f}.secret"), format!("must be {MIN_HMAC_SECRET}..=4096 bytes"))),
+                (JwtAlg::HS256, _, _) => return Err(ValidationError::new(format!("{f}.secret"), "HS256 needs secret (and no public_key)")),
+                (_, None, Some(p)) if p.contains("-----BEGIN") && p.len() <= 16 * 1024 => {}
+                (_, _, _) => return Err(ValidationError::new(format!("{f}.public_key"), "RS256 and ES256 need a PEM public_key (and no secret)")),
+            }
+            if let Some(kid) = &k.kid {
+                validate::text(&format!("{f}.kid"), kid)?;
+            }
+        }
+        if let Some(u) = &self.jwks_url {
+            if !(u.starts_with("http://") || u.starts_with("https://")) || u.len() > 2048 || u.bytes().any(|b| b <= 0x20 || b == 0x7f) {
+                return Err(ValidationError::new("auth.jwt.jwks_url", "must be an http:// or https:// URL"));
+            }
+        }
+        duration("auth.jwt.jwks_refresh", &self.jwks_refresh, Duration::from_secs(300))?;
+        self.leeway()?;
+        if let Some(i) = &self.issuer {
+            validate::text("auth.jwt.issuer", i)?;
+        }
+        if self.audiences.len() > MAX_ALLOWED {
+            return Err(ValidationError::new("auth.jwt.audiences", format!("at most {MAX_ALLOWED}")));
+        }
+        for (i, a) in self.audiences.iter().enumerate() {
+            validate::text(&format!("auth.jwt.audiences[{i}]"), a)?;
+        }
+        if self.claims_to_headers.len() > MAX_HEADER_OPS {
+            return Err(ValidationError::new("auth.jwt.claims_to_headers", format!("at most {MAX_HEADER_OPS}")));
+        }
+        for (claim, h) in &self.claims_to_headers {
+            validate::text("auth.jwt.claims_to_headers", claim)?;
+            header_name(&format!("auth.jwt.claims_to_headers.{claim}"), h)?;
+        }
+        if let Some(c) = &self.consumer_claim {
+            validate::text("auth.jwt.consumer_claim", c)?;
+        }
+        if let Some(q) = &self.query {
+            validate::text("auth.jwt.query", q)?;
+        }
+        if let Some(c) = &self.cookie {
+            header_name("auth.jwt.cookie", c)?;
+        }
+        Ok(())
+    }
+
+    pub fn leeway(&self) -> Result<Duration, ValidationError> {
+        match &self.leeway {
+            None => Ok(Duration::from_secs(30)),
+            Some(s) => {
+                let d = parse_duration("auth.jwt.leeway", s)?;
+                if d > Duration::from_secs(3600) {
+                    return Err(ValidationError::new("auth.jwt.leeway", "must be at most 1h"));
+                }
+                Ok(d)
+            }
+        }
+    }
+
+    pub fn jwks_refresh(&self) -> Duration {
+        duration("auth.jwt.jwks_refresh", &self.jwks_refresh, Duration::from_secs(300)).unwrap_or(Duration::from_secs(300))
+    }
+}
+
+impl CorsSpec {
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        if self.allow_origins.is_empty() || self.allow_origins.len() > MAX_ALLOWED {
+            return Err(ValidationError::new("cors.allow_origins", format!("give 1..={MAX_ALLOWED} origins")));
+        }
+        for (i, o) in self.allow_origins.iter().enumerate() {
+            let f = format!("cors.allow_origins[{i}]");
+            if o != "*" && !(o.starts_with("http://") || o.starts_with("https://")) {
+                return Err(ValidationError::new(f, format!("{o:?} is not `*` or an origin like https://app.example.com")));
+            }
+            header_value(&f, o)?;
+        }
+        if self.allow_credentials && self.allow_origins.iter().any(|o| o == "*") {
+            return Err(ValidationError::new("cors.allow_credentials", "cannot be used with the origin `*`"));
+        }
+        for (i, m) in self.allow_methods.iter().enumerate() {
+            method_name(&format!("cors.allow_methods[{i}]"), m)?;
+        }
+        for (field, list) in [("cors.allow_headers", &self.allow_headers), ("cors.expose_headers", &self.expose_headers)] {
+            if list.len() > MAX_MATCHERS {
+                return Err(ValidationError::new(field, format!("at most {MAX_MATCHERS}")));
+            }
+            for (i, h) in list.iter().enumerate() {
+                header_name(&format!("{field}[{i}]"), h)?;
+            }
+        }
+        if self.max_age.is_some_and(|a| a > 86_400) {
+            return Err(ValidationError::new("cors.max_age", "must be at most 86400 seconds"));
+        }
+        Ok(())
+    }
 }
 
 /// A circuit breaker on the routed service: it opens when, over the sliding `window`, at least
@@ -167,6 +440,8 @@ pub struct RateLimitSpec {
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum RateLimitKey {
     ClientIp(bool),
+    /// The authenticated consumer (needs `auth`).
+    Consumer(bool),
     Header(String),
 }
 
@@ -446,9 +721,7 @@ impl RouteSpec {
             return Err(ValidationError::new("methods", "at most 16 allowed"));
         }
         for (i, m) in self.methods.iter().enumerate() {
-            if m.is_empty() || m.len() > 16 || !m.bytes().all(|b| b.is_ascii_uppercase()) {
-                return Err(ValidationError::new(format!("methods[{i}]"), format!("{m:?} is not an upper-case method name")));
-            }
+            method_name(&format!("methods[{i}]"), m)?;
         }
         matchers("headers", &self.headers, true)?;
         matchers("query", &self.query, false)?;
@@ -559,6 +832,15 @@ impl RouteSpec {
                 header_name("rate_limit.key", h)?;
             }
         }
+        if let Some(a) = &self.auth {
+            a.validate()?;
+        }
+        if let Some(c) = &self.cors {
+            c.validate()?;
+        }
+        if matches!(&self.rate_limit, Some(RateLimitSpec { key: Some(RateLimitKey::Consumer(_)), .. })) && self.auth.is_none() {
+            return Err(ValidationError::new("rate_limit.key", "consumer keys need auth on the route"));
+        }
         self.resilience()?;
         Ok(())
     }
@@ -625,6 +907,18 @@ mod tests {
             (r#"{"service": "s", "circuit_breaker": {"error_ratio": 2}}"#, "circuit_breaker.error_ratio"),
             (r#"{"service": "s", "circuit_breaker": {"open_for": "x"}}"#, "circuit_breaker.open_for"),
             (r#"{"service": "s", "rate_limit": {"rate": 5, "burst": 0}}"#, "rate_limit.burst"),
+            (r#"{"service": "s", "rate_limit": {"rate": 5, "key": {"consumer": true}}}"#, "rate_limit.key"),
+            (r#"{"service": "s", "auth": {}}"#, "auth"),
+            (r#"{"service": "s", "auth": {"jwt": {}}}"#, "auth.jwt.keys"),
+            (r#"{"service": "s", "auth": {"jwt": {"keys": [{"alg": "HS256", "secret": "short"}]}}}"#, "auth.jwt.keys[0].secret"),
+            (r#"{"service": "s", "auth": {"jwt": {"keys": [{"alg": "RS256", "secret": "x"}]}}}"#, "auth.jwt.keys[0].public_key"),
+            (r#"{"service": "s", "auth": {"jwt": {"jwks_url": "ftp://x"}}}"#, "auth.jwt.jwks_url"),
+            (r#"{"service": "s", "auth": {"jwt": {"jwks_url": "http://x", "leeway": "2h"}}}"#, "auth.jwt.leeway"),
+            (r#"{"service": "s", "auth": {"mtls": true, "scopes": ["a b"]}}"#, "auth.scopes[0]"),
+            (r#"{"service": "s", "auth": {"api_key": {"header": "bad header"}}}"#, "auth.api_key.header"),
+            (r#"{"service": "s", "cors": {"allow_origins": []}}"#, "cors.allow_origins"),
+            (r#"{"service": "s", "cors": {"allow_origins": ["example.com"]}}"#, "cors.allow_origins[0]"),
+            (r#"{"service": "s", "cors": {"allow_origins": ["*"], "allow_credentials": true}}"#, "cors.allow_credentials"),
         ] {
             let e = spec(json).validate("r").unwrap_err();
             assert_eq!(e.field, field, "{json}: {e:?}");

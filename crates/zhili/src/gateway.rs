@@ -10,6 +10,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use clap::Args;
 use zhili_gateway::{Discover, Endpoint};
+use zhili_model::consumer::ConsumerSpec;
 use zhili_model::route::RouteSpec;
 use zhili_model::{Instance, InstanceList};
 use zhili_registry::{InstanceFilter, Registry};
@@ -30,6 +31,11 @@ impl Discover for Local {
     async fn routes(&self, version: u64, wait: Duration) -> Result<(u64, Vec<(String, RouteSpec)>), String> {
         zhili_api::native::routes::wait_routes(&*self.store, version, wait).await;
         zhili_api::native::routes::load_routes(&*self.store).map_err(|e| e.to_string())
+    }
+
+    async fn consumers(&self, version: u64, wait: Duration) -> Result<(u64, Vec<(String, ConsumerSpec)>), String> {
+        zhili_api::native::routes::wait_consumers(&*self.store, version, wait).await;
+        zhili_api::native::routes::load_consumers(&*self.store).map_err(|e| e.to_string())
     }
 
     async fn endpoints(&self, ns: &str, service: &str, version: u64, wait: Duration) -> Result<(u64, Vec<Endpoint>), String> {
@@ -72,6 +78,18 @@ struct NamedRoute {
     route: RouteSpec,
 }
 
+#[derive(serde::Deserialize)]
+struct ConsumerList {
+    index: u64,
+    consumers: Vec<NamedConsumer>,
+}
+
+#[derive(serde::Deserialize)]
+struct NamedConsumer {
+    name: String,
+    consumer: ConsumerSpec,
+}
+
 fn wait_param(version: u64, wait: Duration) -> String {
     if version == 0 {
         String::new()
@@ -85,6 +103,11 @@ impl Discover for Remote {
     async fn routes(&self, version: u64, wait: Duration) -> Result<(u64, Vec<(String, RouteSpec)>), String> {
         let list: RouteList = self.get(&format!("/api/v1/routes?{}", wait_param(version, wait)), wait).await?;
         Ok((list.index, list.routes.into_iter().map(|r| (r.name, r.route)).collect()))
+    }
+
+    async fn consumers(&self, version: u64, wait: Duration) -> Result<(u64, Vec<(String, ConsumerSpec)>), String> {
+        let list: ConsumerList = self.get(&format!("/api/v1/consumers?{}", wait_param(version, wait)), wait).await?;
+        Ok((list.index, list.consumers.into_iter().map(|c| (c.name, c.consumer)).collect()))
     }
 
     async fn endpoints(&self, ns: &str, service: &str, version: u64, wait: Duration) -> Result<(u64, Vec<Endpoint>), String> {
@@ -124,11 +147,17 @@ pub struct GatewayArgs {
     /// Gateway access log: true or false.
     #[arg(long, env = "ZHILI_GATEWAY_ACCESS_LOG", default_value_t = true, action = clap::ArgAction::Set)]
     access_log: bool,
-    /// PEM certificate chain and key: terminate TLS.
-    #[arg(long, env = "ZHILI_TLS_CERT", requires = "tls_key")]
-    tls_cert: Option<std::path::PathBuf>,
-    #[arg(long, env = "ZHILI_TLS_KEY", requires = "tls_cert")]
-    tls_key: Option<std::path::PathBuf>,
+    /// PEM certificate chain: terminate TLS. Repeat (with --tls-key) for several certificates
+    /// chosen by SNI.
+    #[arg(long, env = "ZHILI_TLS_CERT", requires = "tls_key", value_delimiter = ',')]
+    tls_cert: Vec<std::path::PathBuf>,
+    /// PEM private keys, in the order of --tls-cert.
+    #[arg(long, env = "ZHILI_TLS_KEY", requires = "tls_cert", value_delimiter = ',')]
+    tls_key: Vec<std::path::PathBuf>,
+    /// PEM CA certificates: ask clients for certificates and verify them (routes with auth.mtls
+    /// require one).
+    #[arg(long, env = "ZHILI_GATEWAY_CLIENT_CA", requires = "tls_cert")]
+    client_ca: Option<std::path::PathBuf>,
     /// Log filter in RUST_LOG syntax.
     #[arg(long, env = "ZHILI_LOG_LEVEL", default_value = "info")]
     log_level: String,
@@ -177,15 +206,21 @@ pub fn run_standalone(args: GatewayArgs) -> ExitCode {
                 return ExitCode::from(crate::EXIT_USAGE);
             }
         };
-        let tls = match (&args.tls_cert, &args.tls_key) {
-            (Some(c), Some(k)) => match crate::server::tls_acceptor(c, k) {
+        if args.tls_cert.len() != args.tls_key.len() {
+            eprintln!("zhili: invalid value for tls_key: give one key per --tls-cert, in the same order");
+            return ExitCode::from(crate::EXIT_USAGE);
+        }
+        let pairs: Vec<_> = args.tls_cert.iter().cloned().zip(args.tls_key.iter().cloned()).collect();
+        let tls = if pairs.is_empty() {
+            None
+        } else {
+            match zhili_gateway::tls::acceptor(&pairs, args.client_ca.as_deref()) {
                 Ok(a) => Some(a),
                 Err(e) => {
-                    eprintln!("zhili: {e:#}");
+                    eprintln!("zhili: {e}");
                     return ExitCode::FAILURE;
                 }
-            },
-            _ => None,
+            }
         };
         let gw = zhili_gateway::Gateway::new(zhili_gateway::Options { access_log: args.access_log, ..Default::default() });
         tokio::spawn(zhili_gateway::follow(gw.clone(), Arc::new(Remote { client })));

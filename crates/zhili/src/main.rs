@@ -61,6 +61,17 @@ pub struct ServerArgs {
     /// Gateway access log: true or false [default: true]
     #[arg(long, env = "ZHILI_GATEWAY_ACCESS_LOG")]
     pub gateway_access_log: Option<bool>,
+    /// PEM certificate chain for the gateway listener; repeat with --gateway-tls-key for several
+    /// certificates chosen by SNI [default: the API's --tls-cert]
+    #[arg(long, env = "ZHILI_GATEWAY_TLS_CERT", value_delimiter = ',')]
+    pub gateway_tls_cert: Vec<PathBuf>,
+    /// PEM private keys, in the order of --gateway-tls-cert.
+    #[arg(long, env = "ZHILI_GATEWAY_TLS_KEY", value_delimiter = ',')]
+    pub gateway_tls_key: Vec<PathBuf>,
+    /// PEM CA certificates: ask gateway clients for certificates and verify them (routes with
+    /// auth.mtls require one).
+    #[arg(long, env = "ZHILI_GATEWAY_CLIENT_CA")]
+    pub gateway_client_ca: Option<PathBuf>,
     /// This server's node name in the Consul catalog and DNS [default: zhili]
     #[arg(long, env = "ZHILI_NODE_NAME")]
     pub node_name: Option<String>,

@@ -85,6 +85,9 @@ fn config_from(args: ServerArgs) -> Result<ServerConfig, zhili_config::ConfigErr
         nacos_grpc_addr: args.nacos_grpc_addr,
         gateway_addr: args.gateway_addr,
         gateway_access_log: args.gateway_access_log,
+        gateway_tls_cert: (!args.gateway_tls_cert.is_empty()).then_some(args.gateway_tls_cert),
+        gateway_tls_key: (!args.gateway_tls_key.is_empty()).then_some(args.gateway_tls_key),
+        gateway_client_ca: args.gateway_client_ca,
         node_name: args.node_name,
         datacenter: args.datacenter,
         tls_cert: args.tls_cert,
@@ -199,12 +202,16 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
     }
     if let Some(addr) = cfg.gateway_addr {
         let listener = TcpListener::bind(addr).await.with_context(|| format!("binding the gateway on {addr}"))?;
+        let pairs: Vec<_> = if cfg.gateway_tls.is_empty() { cfg.tls.iter().cloned().collect() } else { cfg.gateway_tls.clone() };
+        let pairs: Vec<_> = pairs.into_iter().map(|t| (t.cert, t.key)).collect();
+        let gw_tls = if pairs.is_empty() { None } else { Some(zhili_gateway::tls::acceptor(&pairs, cfg.gateway_client_ca.as_deref()).map_err(anyhow::Error::msg)?) };
+        let scheme = if gw_tls.is_some() { "https" } else { "http" };
         println!("zhili gateway listening on {scheme}://{}", listener.local_addr()?);
         let gw = zhili_gateway::Gateway::new(zhili_gateway::Options { access_log: cfg.gateway_access_log, ..Default::default() });
         state.metrics.register_collector(Box::new(zhili_gateway::GatewayCollector(gw.clone())));
         let discover = Arc::new(crate::gateway::Local { registry: registry.clone(), store: state.store.clone() });
         tokio::spawn(zhili_gateway::follow(gw.clone(), discover));
-        tokio::spawn(zhili_gateway::serve(listener, gw, tls.clone()));
+        tokio::spawn(zhili_gateway::serve(listener, gw, gw_tls));
     }
     let app = zhili_api::router(state);
 
@@ -252,34 +259,16 @@ pub async fn shutdown_signal() {
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
 }
 
-pub use tls::acceptor as tls_acceptor;
-
 mod tls {
-    //! TLS for every TCP listener with rustls; ALPN offers h2 and http/1.1.
+    //! TLS for every TCP listener with rustls; ALPN offers h2 and http/1.1 (the gateway's loader,
+    //! with one certificate and no client certificates).
 
     use std::path::Path;
-    use std::sync::Arc;
 
-    use anyhow::Context;
     use tokio_rustls::TlsAcceptor;
 
     pub fn acceptor(cert: &Path, key: &Path) -> anyhow::Result<TlsAcceptor> {
-        let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(std::fs::File::open(cert).with_context(|| format!("opening {}", cert.display()))?))
-            .collect::<Result<Vec<_>, _>>()
-            .with_context(|| format!("reading certificates from {}", cert.display()))?;
-        anyhow::ensure!(!certs.is_empty(), "no certificate found in {}", cert.display());
-        let key = rustls_pemfile::private_key(&mut std::io::BufReader::new(std::fs::File::open(key).with_context(|| format!("opening {}", key.display()))?))
-            .with_context(|| format!("reading the private key from {}", key.display()))?
-            .with_context(|| format!("no private key found in {}", key.display()))?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .context("TLS protocol versions")?
-            .with_no_client_auth()
-            .with_single_cert(certs, key)
-            .context("certificate and key do not form a valid pair")?;
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        Ok(TlsAcceptor::from(Arc::new(config)))
+        zhili_gateway::tls::acceptor(&[(cert.to_path_buf(), key.to_path_buf())], None).map_err(anyhow::Error::msg)
     }
 }
 
