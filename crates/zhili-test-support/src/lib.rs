@@ -373,3 +373,42 @@ impl Upstream {
         let _ = self.stop.send(true);
     }
 }
+
+/// A document served over HTTP at every path (a JWKS endpoint, say); `body` can be swapped and
+/// `hits` counts requests.
+pub struct Document {
+    pub addr: SocketAddr,
+    pub body: Arc<std::sync::Mutex<String>>,
+    pub hits: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Document {
+    pub async fn start(body: &str) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let doc = Self { addr, body: Arc::new(std::sync::Mutex::new(body.to_string())), hits: Arc::default() };
+        let (body, hits) = (doc.body.clone(), doc.hits.clone());
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (body, hits) = (body.clone(), hits.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |_req: Request<Incoming>| {
+                        hits.fetch_add(1, Ordering::Relaxed);
+                        let b = body.lock().unwrap().clone();
+                        async move { Ok::<_, Infallible>(Response::builder().header("content-type", "application/json").body(Full::new(Bytes::from(b))).expect("response")) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+                });
+            }
+        });
+        doc
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn set(&self, body: &str) {
+        *self.body.lock().unwrap() = body.to_string();
+    }
+}

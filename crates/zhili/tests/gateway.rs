@@ -13,30 +13,6 @@ use http::{Method, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use zhili_test_support::Upstream;
 
-fn gw_client(s: &ServerProcess) -> zhili_client::Client {
-    zhili_client::Client::new(&format!("http://{}", s.gateway.expect("gateway listener")), None).unwrap()
-}
-
-async fn register(api: &zhili_client::Client, service: &str, up: &Upstream, tags: &[&str]) {
-    let body = serde_json::json!({"id": up.name, "address": "127.0.0.1", "port": up.addr.port(), "ephemeral": false, "tags": tags}).to_string();
-    let (st, _, v) = call(api, Method::POST, &format!("/api/v1/services/{service}/instances"), Some(&body)).await;
-    assert_eq!(st, StatusCode::CREATED, "{v}");
-}
-
-async fn put_route(api: &zhili_client::Client, name: &str, route: &str) {
-    let (st, _, v) = call(api, Method::PUT, &format!("/api/v1/routes/{name}"), Some(route)).await;
-    assert_eq!(st, StatusCode::OK, "{route}: {v}");
-}
-
-async fn get(gw: &zhili_client::Client, path: &str, headers: &[(&str, &str)]) -> (StatusCode, http::HeaderMap, String) {
-    let mut req = http::Request::builder().method(Method::GET).uri(path);
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let r = gw.send_request(req.body(bytes::Bytes::new()).unwrap(), Duration::from_secs(10)).await.unwrap();
-    (r.status, r.headers, String::from_utf8_lossy(&r.body).into_owned())
-}
-
 /// Waits until `path` answers `want` through the gateway.
 async fn until_body(gw: &zhili_client::Client, path: &str, want: &str) {
     until_body_with(gw, path, &[], want).await

@@ -115,3 +115,34 @@ pub fn dig_short(s: &ServerProcess, args: &[&str]) -> Vec<String> {
     v.sort();
     v
 }
+
+// Gateway helpers.
+
+pub fn gw_client(s: &ServerProcess) -> zhili_client::Client {
+    zhili_client::Client::new(&format!("http://{}", s.gateway.expect("gateway listener")), None).unwrap()
+}
+
+pub async fn register(api: &zhili_client::Client, service: &str, up: &zhili_test_support::Upstream, tags: &[&str]) {
+    let body = serde_json::json!({"id": up.name, "address": "127.0.0.1", "port": up.addr.port(), "ephemeral": false, "tags": tags}).to_string();
+    let (st, _, v) = call(api, Method::POST, &format!("/api/v1/services/{service}/instances"), Some(&body)).await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+}
+
+pub async fn put_route(api: &zhili_client::Client, name: &str, route: &str) {
+    let (st, _, v) = call(api, Method::PUT, &format!("/api/v1/routes/{name}"), Some(route)).await;
+    assert_eq!(st, StatusCode::OK, "{route}: {v}");
+}
+
+/// A request through the gateway: status, headers, body.
+pub async fn gw_send(gw: &zhili_client::Client, method: Method, path: &str, headers: &[(&str, &str)]) -> (StatusCode, http::HeaderMap, String) {
+    let mut req = http::Request::builder().method(method).uri(path);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let r = gw.send_request(req.body(bytes::Bytes::new()).unwrap(), Duration::from_secs(10)).await.unwrap();
+    (r.status, r.headers, String::from_utf8_lossy(&r.body).into_owned())
+}
+
+pub async fn get(gw: &zhili_client::Client, path: &str, headers: &[(&str, &str)]) -> (StatusCode, http::HeaderMap, String) {
+    gw_send(gw, Method::GET, path, headers).await
+}
