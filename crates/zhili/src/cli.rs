@@ -57,6 +57,13 @@ pub enum ClientCommand {
         #[command(subcommand)]
         cmd: RouteCmd,
     },
+    /// Gateway consumers (API keys, scopes): put, get, list, delete, or apply a file of them.
+    Consumer {
+        #[command(flatten)]
+        opts: ClientOpts,
+        #[command(subcommand)]
+        cmd: RouteCmd,
+    },
     /// Bootstrap ACLs; manage policies and tokens.
     Acl {
         #[command(flatten)]
@@ -184,10 +191,11 @@ pub enum KvCmd {
 
 #[derive(Subcommand, Debug)]
 pub enum RouteCmd {
-    /// Create or replace a route from JSON (e.g. '{"path_prefix": "/demo/", "service": "demo"}').
+    /// Create or replace one from JSON (a route: '{"path_prefix": "/demo/", "service": "demo"}';
+    /// a consumer: '{"api_keys": ["..."], "scopes": ["orders:read"]}').
     Put {
         name: String,
-        /// The route as JSON; or give --file.
+        /// The JSON; or give --file.
         #[arg(required_unless_present = "file")]
         route: Option<String>,
         #[arg(long, short)]
@@ -200,11 +208,12 @@ pub enum RouteCmd {
     Delete {
         name: String,
     },
-    /// Declarative: make the server's routes those of a JSON file `{"routes": {"name": {...}}}`.
+    /// Declarative: make the server's routes (consumers) those of a JSON file
+    /// `{"routes": {"name": {...}}}` (`{"consumers": {...}}`).
     Apply {
         #[arg(long, short)]
         file: std::path::PathBuf,
-        /// Also delete routes the file does not name.
+        /// Also delete the ones the file does not name.
         #[arg(long)]
         prune: bool,
     },
@@ -259,7 +268,8 @@ pub async fn run(cmd: ClientCommand) -> ExitCode {
         ClientCommand::Instance { opts, cmd } => (opts.clone(), with_client(&opts, |c| instance(c, cmd)).await),
         ClientCommand::Kv { opts, cmd } => (opts.clone(), with_client(&opts, |c| kv(c, cmd)).await),
         ClientCommand::Acl { opts, cmd } => (opts.clone(), with_client(&opts, |c| acl(c, cmd)).await),
-        ClientCommand::Route { opts, cmd } => (opts.clone(), with_client(&opts, |c| route(c, cmd)).await),
+        ClientCommand::Route { opts, cmd } => (opts.clone(), with_client(&opts, |c| gateway_resource(c, "routes", cmd)).await),
+        ClientCommand::Consumer { opts, cmd } => (opts.clone(), with_client(&opts, |c| gateway_resource(c, "consumers", cmd)).await),
     };
     match result {
         Ok(Shown::Json(v)) => {
@@ -411,21 +421,24 @@ fn read_file(path: &std::path::Path) -> Result<String, CliError> {
     std::fs::read_to_string(path).map_err(|e| CliError::Usage(format!("cannot read {}: {e}", path.display())))
 }
 
-async fn route(c: Client, cmd: RouteCmd) -> Result<Shown, CliError> {
+/// Routes and consumers: `/api/v1/{plural}[/{name}]`, listed as `{plural: [{name, ...}]}`.
+async fn gateway_resource(c: Client, plural: &str, cmd: RouteCmd) -> Result<Shown, CliError> {
     use http::Method;
-    let path = |name: &str| format!("/api/v1/routes/{}", encode(name));
+    let what = plural.trim_end_matches('s');
+    let list = format!("/api/v1/{plural}");
+    let path = |name: &str| format!("/api/v1/{plural}/{}", encode(name));
     Ok(match cmd {
         RouteCmd::Put { name, route, file } => {
             let text = match (route, file) {
                 (Some(r), _) => r,
                 (None, Some(f)) => read_file(&f)?,
-                (None, None) => return Err(CliError::Usage("give the route as JSON or --file".into())),
+                (None, None) => return Err(CliError::Usage(format!("give the {what} as JSON or --file"))),
             };
-            let body: Value = parse_json("route", &text)?;
+            let body: Value = parse_json(what, &text)?;
             Shown::Json(c.json_call(Method::PUT, &path(&name), Some(&body)).await?)
         }
         RouteCmd::Get { name } => Shown::Json(c.json_call(Method::GET, &path(&name), None).await?),
-        RouteCmd::List => Shown::Json(c.json_call(Method::GET, "/api/v1/routes", None).await?["routes"].take()),
+        RouteCmd::List => Shown::Json(c.json_call(Method::GET, &list, None).await?[plural].take()),
         RouteCmd::Delete { name } => {
             c.json_call(Method::DELETE, &path(&name), None).await?;
             Shown::Nothing
@@ -433,18 +446,18 @@ async fn route(c: Client, cmd: RouteCmd) -> Result<Shown, CliError> {
         RouteCmd::Apply { file, prune } => {
             let doc: Value = parse_json(&file.display().to_string(), &read_file(&file)?)?;
             let routes = doc
-                .get("routes")
+                .get(plural)
                 .and_then(Value::as_object)
-                .ok_or_else(|| CliError::Usage(format!("{}: expected {{\"routes\": {{name: route}}}}", file.display())))?;
+                .ok_or_else(|| CliError::Usage(format!("{}: expected {{\"{plural}\": {{name: {what}}}}}", file.display())))?;
             let mut applied = vec![];
             for (name, spec) in routes {
-                c.json_call(Method::PUT, &path(name), Some(spec)).await.map_err(|e| CliError::Usage(format!("route {name:?}: {e}")))?;
+                c.json_call(Method::PUT, &path(name), Some(spec)).await.map_err(|e| CliError::Usage(format!("{what} {name:?}: {e}")))?;
                 applied.push(name.clone());
             }
             let mut deleted = vec![];
             if prune {
-                let current = c.json_call(Method::GET, "/api/v1/routes", None).await?;
-                for r in current["routes"].as_array().into_iter().flatten() {
+                let current = c.json_call(Method::GET, &list, None).await?;
+                for r in current[plural].as_array().into_iter().flatten() {
                     let name = r["name"].as_str().unwrap_or_default().to_string();
                     if !routes.contains_key(&name) {
                         c.json_call(Method::DELETE, &path(&name), None).await?;

@@ -335,6 +335,12 @@ async fn standalone_gateway_follows_its_server_and_outlives_it() {
     // A route change reaches the standalone gateway by watch.
     put_route(&api, "solo", r#"{"path_prefix": "/solo/", "service": "solo"}"#).await;
     until_body(&gw, "/solo/x", "solo /solo/x").await;
+    // So do consumers: an API-key route works with a key stored on the server.
+    let (st, _, v) = call(&api, Method::PUT, "/api/v1/consumers/ci", Some(r#"{"api_keys": ["ci-key-0123456789abcdef"]}"#)).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    put_route(&api, "keyed", r#"{"path_prefix": "/keyed/", "service": "solo", "auth": {"api_key": {}}}"#).await;
+    until_body_with(&gw, "/keyed/x", &[("x-api-key", "ci-key-0123456789abcdef")], "solo /keyed/x").await;
+    assert_eq!(get(&gw, "/keyed/x", &[]).await.0, StatusCode::UNAUTHORIZED);
 
     // Its own metrics endpoint counts what it served.
     let m = zhili_client::Client::new(metrics_url.trim_end_matches("/metrics"), None).unwrap();
@@ -348,6 +354,7 @@ async fn standalone_gateway_follows_its_server_and_outlives_it() {
     for _ in 0..20 {
         let (st, _, body) = get(&gw, "/solo/x", &[]).await;
         assert_eq!((st, body.as_str()), (StatusCode::OK, "solo /solo/x"));
+        assert_eq!(get(&gw, "/keyed/x", &[("x-api-key", "ci-key-0123456789abcdef")]).await.0, StatusCode::OK);
     }
     let _ = child.kill().await;
 }
@@ -497,6 +504,21 @@ async fn cli_applies_a_routes_file_declaratively() {
         .unwrap();
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("path"), "{}", String::from_utf8_lossy(&bad.stderr));
+
+    // Consumers the same way: the key works through the gateway, the listing shows only digests.
+    let consumers = dir.path().join("consumers.json");
+    std::fs::write(&consumers, r#"{"consumers": {"ops": {"api_keys": ["ops-key-0123456789abcdef"], "scopes": ["admin"]}}}"#).unwrap();
+    zhili(&["consumer", "apply", "--file", consumers.to_str().unwrap()]);
+    zhili(&["route", "put", "guarded", r#"{"path": "/guarded", "direct_response": {"status": 200, "body": "in"}, "auth": {"api_key": {}, "scopes": ["admin"]}}"#]);
+    until_body_with(&gw, "/guarded", &[("x-api-key", "ops-key-0123456789abcdef")], "in").await;
+    let list = zhili(&["consumer", "list", "-o", "json"]);
+    assert!(list.contains("\"ops\"") && list.contains("sha256:") && !list.contains("ops-key-0123456789abcdef"), "{list}");
+    zhili(&["consumer", "delete", "ops"]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while get(&gw, "/guarded", &[("x-api-key", "ops-key-0123456789abcdef")]).await.0 != StatusCode::UNAUTHORIZED {
+        assert!(Instant::now() < deadline, "a deleted consumer's key kept working");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
