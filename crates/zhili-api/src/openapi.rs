@@ -18,6 +18,12 @@ pub const ROUTES: &[(&str, &str, &str, &str)] = &[
     ("put", "/api/v1/services/{service}/instances/{id}/checks/{check}", "registry", "Set a TTL check's status {status, output}"),
     ("put", "/api/v1/services/{service}/instances/{id}/maintenance", "registry", "Enter or leave maintenance {enabled, reason}"),
     ("put", "/api/v1/services/{service}/instances/{id}/passive", "registry", "A gateway's passive-health report {ejected_for, reason}; shown on the instance"),
+    (
+        "put",
+        "/api/v1/services/{service}/breaker",
+        "registry",
+        "A gateway reports a circuit-breaker transition {state: open|half_open|closed, reason}; shown in GET /api/v1/services/{service}",
+    ),
     ("get", "/api/v1/events/registry", "events", "Server-sent events of registry changes (?service=)"),
     ("get", "/api/v1/sd/prometheus", "discovery", "Prometheus HTTP service discovery: serving instances as target groups with __meta_zhili_* labels"),
     ("get", "/api/v1/routes", "gateway", "List gateway routes {index, routes: [{name, route}]}; blocking with index/wait"),

@@ -155,7 +155,8 @@ fn compile_jwt(spec: &JwtSpec) -> Result<Jwt, ValidationError> {
     };
     let mut claims_to_headers = vec![];
     for (claim, h) in &spec.claims_to_headers {
-        let name = HeaderName::from_bytes(h.as_bytes()).map_err(|_| ValidationError::new(format!("auth.jwt.claims_to_headers.{claim}"), "not a header name"))?;
+        let name =
+            HeaderName::from_bytes(h.as_bytes()).map_err(|_| ValidationError::new(format!("auth.jwt.claims_to_headers.{claim}"), "not a header name"))?;
         claims_to_headers.push((claim.clone(), name));
     }
     Ok(Jwt {
@@ -301,9 +302,7 @@ impl Jwt {
             let (scheme, t) = v.split_once(' ')?;
             scheme.eq_ignore_ascii_case("bearer").then(|| t.trim())
         });
-        from_header
-            .or_else(|| self.query.as_deref().and_then(|q| query_param(p.uri, q)))
-            .or_else(|| self.cookie.as_deref().and_then(|c| cookie(p.headers, c)))
+        from_header.or_else(|| self.query.as_deref().and_then(|q| query_param(p.uri, q))).or_else(|| self.cookie.as_deref().and_then(|c| cookie(p.headers, c)))
     }
 
     /// The token's claims when its signature, algorithm, time window, issuer and audience check out.
@@ -545,7 +544,11 @@ mod tests {
             (serde_json::json!({"sub": "a", "iss": "me", "aud": "api", "exp": now() - 120}), "0123456789abcdef0123456789abcdef", "expired"),
             (serde_json::json!({"sub": "a", "iss": "you", "aud": "api", "exp": now() + 60}), "0123456789abcdef0123456789abcdef", "issuer"),
             (serde_json::json!({"sub": "a", "iss": "me", "aud": "web", "exp": now() + 60}), "0123456789abcdef0123456789abcdef", "audience"),
-            (serde_json::json!({"sub": "a", "iss": "me", "aud": "api", "exp": now() + 600, "nbf": now() + 300}), "0123456789abcdef0123456789abcdef", "not valid yet"),
+            (
+                serde_json::json!({"sub": "a", "iss": "me", "aud": "api", "exp": now() + 600, "nbf": now() + 300}),
+                "0123456789abcdef0123456789abcdef",
+                "not valid yet",
+            ),
             (serde_json::json!({"sub": "a", "iss": "me", "aud": "api"}), "0123456789abcdef0123456789abcdef", "exp"),
             (good, "another-secret-another-secret-xx", "signature"),
         ] {

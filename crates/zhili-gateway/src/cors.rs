@@ -22,7 +22,11 @@ fn joined(list: &[String]) -> Option<HeaderValue> {
 
 impl Cors {
     pub fn new(spec: &CorsSpec) -> Self {
-        let methods = if spec.allow_methods.is_empty() { HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE") } else { joined(&spec.allow_methods).expect("validated") };
+        let methods = if spec.allow_methods.is_empty() {
+            HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE")
+        } else {
+            joined(&spec.allow_methods).expect("validated")
+        };
         Self {
             any_origin: spec.allow_origins.iter().any(|o| o == "*"),
             origins: spec.allow_origins.clone(),

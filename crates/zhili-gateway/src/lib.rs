@@ -26,11 +26,11 @@ use tokio::sync::broadcast;
 use zhili_model::consumer::ConsumerSpec;
 use zhili_model::route::RouteSpec;
 
+pub use auth::Consumers;
 pub use balance::{Ejection, Endpoint, Pool, RetryBudget};
 pub use breaker::{CircuitBreaker, Transition};
 pub use limit::{Decision, Limiter};
 pub use proxy::{serve, Body, BoxError};
-pub use auth::Consumers;
 pub use table::{compile, Route, Table, Target};
 
 /// How long one discovery call may block waiting for a change.
@@ -52,13 +52,30 @@ pub trait Discover: Send + Sync + 'static {
     async fn report(&self, passive: &PassiveHealth) -> Result<(), String>;
 }
 
-/// Something the gateway observed that the control plane should know (passive health).
+/// Something the gateway observed about a service that the control plane should know.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PassiveHealth {
     pub namespace: String,
     pub service: String,
-    pub instance: String,
-    pub ejected_for: Duration,
+    pub observed: Observed,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Observed {
+    /// Outlier detection ejected an instance.
+    Ejected { instance: String, for_: Duration },
+    /// The service's circuit breaker changed state.
+    Breaker(Transition),
+}
+
+impl Transition {
+    pub fn state(self) -> &'static str {
+        match self {
+            Transition::Opened => "open",
+            Transition::HalfOpened => "half_open",
+            Transition::Closed => "closed",
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -247,13 +264,15 @@ impl Gateway {
             self.stats.breaker_opened.fetch_add(1, Ordering::Relaxed);
         }
         tracing::warn!(namespace = %pool.namespace, service = %pool.service, transition = ?t, "circuit breaker");
+        let _ = self.passive.send(PassiveHealth { namespace: pool.namespace.clone(), service: pool.service.clone(), observed: Observed::Breaker(t) });
     }
 
     fn report(&self, pool: &Pool, e: Ejection) {
         let Ejection::Ejected { id, for_ } = e;
         self.stats.ejections.fetch_add(1, Ordering::Relaxed);
         tracing::warn!(service = %pool.service, instance = %id, seconds = for_.as_secs(), "endpoint ejected after consecutive failures");
-        let _ = self.passive.send(PassiveHealth { namespace: pool.namespace.clone(), service: pool.service.clone(), instance: id, ejected_for: for_ });
+        let observed = Observed::Ejected { instance: id, for_ };
+        let _ = self.passive.send(PassiveHealth { namespace: pool.namespace.clone(), service: pool.service.clone(), observed });
     }
 }
 
@@ -267,7 +286,7 @@ pub async fn follow(gw: Arc<Gateway>, discover: Arc<dyn Discover>) {
             match passive.recv().await {
                 Ok(p) => {
                     if let Err(e) = reporter.report(&p).await {
-                        tracing::warn!(service = %p.service, instance = %p.instance, error = %e, "passive health report failed");
+                        tracing::warn!(service = %p.service, observed = ?p.observed, error = %e, "passive health report failed");
                     }
                 }
                 Err(broadcast::error::RecvError::Lagged(_)) => continue,

@@ -358,7 +358,16 @@ pub async fn handle(gw: Arc<Gateway>, mut req: Request<Incoming>, peer: &Peer) -
                     let request_id = req.headers().get("x-request-id").cloned().unwrap_or_else(|| HeaderValue::from_str(&random_id128()).expect("hex"));
                     let upgrade = req.headers().contains_key(header::UPGRADE) && method == Method::GET;
                     let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-                    let call = Call { gw: &gw, route: &route, target, peer: peer.addr, tls: peer.tls, hash_key: key, request_id: &request_id, identity: identity.as_ref() };
+                    let call = Call {
+                        gw: &gw,
+                        route: &route,
+                        target,
+                        peer: peer.addr,
+                        tls: peer.tls,
+                        hash_key: key,
+                        request_id: &request_id,
+                        identity: identity.as_ref(),
+                    };
                     let (mut resp, used) = forward(call, req, on_upgrade).await;
                     resp.headers_mut().insert("x-request-id", request_id);
                     apply_ops(resp.headers_mut(), &route.spec.response_headers);

@@ -14,7 +14,8 @@ fn open(path: &Path) -> Result<std::io::BufReader<std::fs::File>, String> {
 }
 
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let certs = rustls_pemfile::certs(&mut open(path)?).collect::<Result<Vec<_>, _>>().map_err(|e| format!("reading certificates from {}: {e}", path.display()))?;
+    let certs =
+        rustls_pemfile::certs(&mut open(path)?).collect::<Result<Vec<_>, _>>().map_err(|e| format!("reading certificates from {}: {e}", path.display()))?;
     if certs.is_empty() {
         return Err(format!("no certificate found in {}", path.display()));
     }

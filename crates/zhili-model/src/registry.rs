@@ -573,6 +573,18 @@ pub struct ServiceDetail {
     pub service: Service,
     pub index: u64,
     pub instances: Vec<Instance>,
+    /// The last circuit-breaker transition a gateway reported for this service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circuit_breaker: Option<BreakerReport>,
+}
+
+/// A gateway's report of its circuit breaker on a service: `open`, `half_open` or `closed`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BreakerReport {
+    pub state: String,
+    pub reason: String,
+    /// Unix milliseconds of the report.
+    pub reported_ms: u64,
 }
 
 #[cfg(test)]

@@ -89,6 +89,8 @@ pub struct Registry {
     checks: Arc<dyn CheckScheduler>,
     metrics: Arc<Metrics>,
     epoch: Instant,
+    /// Circuit-breaker transitions reported by gateways, per (namespace, service); informational.
+    breakers: parking_lot::Mutex<HashMap<(String, String), zhili_model::BreakerReport>>,
 }
 
 /// Striped locks ordering persistent writes per (namespace, service, id).
@@ -148,6 +150,7 @@ impl Registry {
             checks,
             metrics,
             epoch: Instant::now(),
+            breakers: Default::default(),
         });
         let corrupt = |key: &str, e: serde_json::Error| RegistryError::Corrupt { key: key.into(), message: e.to_string() };
         let services = store.range(SERVICES_PREFIX, None)?;
@@ -307,7 +310,8 @@ impl Registry {
     pub fn service(&self, ns: &str, name: &str) -> Option<ServiceDetail> {
         let state = self.state.read();
         let e = state.services.get(&(ns.to_string(), name.to_string()))?;
-        Some(ServiceDetail { service: e.def.clone(), index: e.index, instances: e.instances.values().map(|i| i.view(&e.def)).collect() })
+        let circuit_breaker = self.breakers.lock().get(&(ns.to_string(), name.to_string())).cloned();
+        Some(ServiceDetail { service: e.def.clone(), index: e.index, instances: e.instances.values().map(|i| i.view(&e.def)).collect(), circuit_breaker })
     }
 
     /// A service's definition alone: no instance is copied (hot paths that only need the group).
@@ -559,6 +563,16 @@ impl Registry {
             true
         })
         .ok_or_else(|| RegistryError::InstanceNotFound(id.into()))
+    }
+
+    /// Records a gateway's circuit-breaker transition on a service (shown with the service).
+    pub fn report_breaker(&self, ns: &str, service: &str, state: &str, reason: &str) -> Result<(), RegistryError> {
+        if !self.state.read().services.contains_key(&(ns.to_string(), service.to_string())) {
+            return Err(RegistryError::ServiceNotFound(service.into()));
+        }
+        let report = zhili_model::BreakerReport { state: state.to_string(), reason: reason.to_string(), reported_ms: unix_ms() };
+        self.breakers.lock().insert((ns.to_string(), service.to_string()), report);
+        Ok(())
     }
 
     /// Sets a TTL check's status (the "pass/warn/fail" API).

@@ -395,7 +395,11 @@ impl Document {
                     let svc = hyper::service::service_fn(move |_req: Request<Incoming>| {
                         hits.fetch_add(1, Ordering::Relaxed);
                         let b = body.lock().unwrap().clone();
-                        async move { Ok::<_, Infallible>(Response::builder().header("content-type", "application/json").body(Full::new(Bytes::from(b))).expect("response")) }
+                        async move {
+                            Ok::<_, Infallible>(
+                                Response::builder().header("content-type", "application/json").body(Full::new(Bytes::from(b))).expect("response"),
+                            )
+                        }
                     });
                     let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
                 });

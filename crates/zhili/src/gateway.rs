@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use clap::Args;
-use zhili_gateway::{Discover, Endpoint};
+use zhili_gateway::{Discover, Endpoint, Observed};
+
+const BREAKER_REASON: &str = "circuit breaker of a gateway (error or slow-call ratio over its window)";
 use zhili_model::consumer::ConsumerSpec;
 use zhili_model::route::RouteSpec;
 use zhili_model::{Instance, InstanceList};
@@ -47,10 +49,13 @@ impl Discover for Local {
     }
 
     async fn report(&self, p: &zhili_gateway::PassiveHealth) -> Result<(), String> {
-        self.registry
-            .report_passive(&p.namespace, &p.service, &p.instance, p.ejected_for, "ejected by the gateway after consecutive failures")
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+        let done = match &p.observed {
+            Observed::Ejected { instance, for_ } => {
+                self.registry.report_passive(&p.namespace, &p.service, instance, *for_, "ejected by the gateway after consecutive failures").map(|_| ())
+            }
+            Observed::Breaker(t) => self.registry.report_breaker(&p.namespace, &p.service, t.state(), BREAKER_REASON),
+        };
+        done.map_err(|e| e.to_string())
     }
 }
 
@@ -118,15 +123,19 @@ impl Discover for Remote {
     }
 
     async fn report(&self, p: &zhili_gateway::PassiveHealth) -> Result<(), String> {
-        let path = format!(
-            "/api/v1/services/{}/instances/{}/passive?ns={}",
-            zhili_client::encode(&p.service),
-            zhili_client::encode(&p.instance),
-            zhili_client::encode(&p.namespace)
-        );
-        let body =
-            serde_json::json!({"ejected_for": format!("{}s", p.ejected_for.as_secs().max(1)), "reason": "ejected by a gateway after consecutive failures"});
-        self.client.raw(http::Method::PUT, &path, Some(body.to_string().into()), Duration::from_secs(10)).await.map(|_| ()).map_err(|e| e.to_string())
+        let (service, ns) = (zhili_client::encode(&p.service), zhili_client::encode(&p.namespace));
+        let (path, body) = match &p.observed {
+            Observed::Ejected { instance, for_ } => (
+                format!("/api/v1/services/{service}/instances/{}/passive?ns={ns}", zhili_client::encode(instance)),
+                serde_json::json!({"ejected_for": format!("{}s", for_.as_secs().max(1)), "reason": "ejected by a gateway after consecutive failures"}),
+            ),
+            Observed::Breaker(t) => (format!("/api/v1/services/{service}/breaker?ns={ns}"), serde_json::json!({"state": t.state(), "reason": BREAKER_REASON})),
+        };
+        let resp = self.client.raw(http::Method::PUT, &path, Some(body.to_string().into()), Duration::from_secs(10)).await.map_err(|e| e.to_string())?;
+        if !resp.status.is_success() {
+            return Err(format!("{path}: {} {}", resp.status, String::from_utf8_lossy(&resp.body)));
+        }
+        Ok(())
     }
 }
 

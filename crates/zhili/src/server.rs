@@ -204,7 +204,8 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
         let listener = TcpListener::bind(addr).await.with_context(|| format!("binding the gateway on {addr}"))?;
         let pairs: Vec<_> = if cfg.gateway_tls.is_empty() { cfg.tls.iter().cloned().collect() } else { cfg.gateway_tls.clone() };
         let pairs: Vec<_> = pairs.into_iter().map(|t| (t.cert, t.key)).collect();
-        let gw_tls = if pairs.is_empty() { None } else { Some(zhili_gateway::tls::acceptor(&pairs, cfg.gateway_client_ca.as_deref()).map_err(anyhow::Error::msg)?) };
+        let gw_tls =
+            if pairs.is_empty() { None } else { Some(zhili_gateway::tls::acceptor(&pairs, cfg.gateway_client_ca.as_deref()).map_err(anyhow::Error::msg)?) };
         let scheme = if gw_tls.is_some() { "https" } else { "http" };
         println!("zhili gateway listening on {scheme}://{}", listener.local_addr()?);
         let gw = zhili_gateway::Gateway::new(zhili_gateway::Options { access_log: cfg.gateway_access_log, ..Default::default() });

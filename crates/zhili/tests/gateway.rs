@@ -429,12 +429,26 @@ async fn circuit_breaker_opens_then_closes_through_half_open_and_limits_concurre
         assert_eq!(h.get("retry-after").unwrap(), "1");
     }
     assert_eq!(up.hits.load(Ordering::Relaxed), hits, "an open breaker sends nothing upstream");
+    // The registry shows the transition with the service.
+    let breaker_state = || async {
+        let (_, _, v) = call(&api, Method::GET, "/api/v1/services/fragile", None).await;
+        v["circuit_breaker"]["state"].as_str().unwrap_or_default().to_string()
+    };
+    assert_eventually(Duration::from_secs(5), "breaker reported open", || async { breaker_state().await == "open" }).await;
     // Half-open after open_for: probes succeed, the breaker closes.
     up.status.store(200, Ordering::Relaxed);
     tokio::time::sleep(Duration::from_millis(1100)).await;
     for _ in 0..4 {
         assert_eq!(get(&gw, "/fragile/x", &[]).await.0, StatusCode::OK);
     }
+    assert_eventually(Duration::from_secs(5), "breaker reported closed", || async { breaker_state().await == "closed" }).await;
+    // The endpoint standalone gateways report through.
+    let (st, _, _) = call(&api, Method::PUT, "/api/v1/services/fragile/breaker", Some(r#"{"state": "half_open", "reason": "probe"}"#)).await;
+    assert_eq!(st, StatusCode::NO_CONTENT);
+    assert_eq!(breaker_state().await, "half_open");
+    expect_problem(&api, Method::PUT, "/api/v1/services/fragile/breaker", Some(r#"{"state": "ajar"}"#), StatusCode::BAD_REQUEST, "state").await;
+    let (st, _, _) = call(&api, Method::PUT, "/api/v1/services/nobody/breaker", Some(r#"{"state": "open"}"#)).await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
 
     // Concurrency limit: with 2 in flight, the third is turned away at once.
     put_route(&api, "slow", r#"{"path_prefix": "/slow/", "service": "fragile", "circuit_breaker": {"max_concurrent": 2}}"#).await;
@@ -509,7 +523,12 @@ async fn cli_applies_a_routes_file_declaratively() {
     let consumers = dir.path().join("consumers.json");
     std::fs::write(&consumers, r#"{"consumers": {"ops": {"api_keys": ["ops-key-0123456789abcdef"], "scopes": ["admin"]}}}"#).unwrap();
     zhili(&["consumer", "apply", "--file", consumers.to_str().unwrap()]);
-    zhili(&["route", "put", "guarded", r#"{"path": "/guarded", "direct_response": {"status": 200, "body": "in"}, "auth": {"api_key": {}, "scopes": ["admin"]}}"#]);
+    zhili(&[
+        "route",
+        "put",
+        "guarded",
+        r#"{"path": "/guarded", "direct_response": {"status": 200, "body": "in"}, "auth": {"api_key": {}, "scopes": ["admin"]}}"#,
+    ]);
     until_body_with(&gw, "/guarded", &[("x-api-key", "ops-key-0123456789abcdef")], "in").await;
     let list = zhili(&["consumer", "list", "-o", "json"]);
     assert!(list.contains("\"ops\"") && list.contains("sha256:") && !list.contains("ops-key-0123456789abcdef"), "{list}");

@@ -134,7 +134,10 @@ async fn jwt_with_jwks_rotation_static_keys_claims_and_scopes() {
     .await;
     // Bad auth settings are refused at the API with the field named.
     for (route, field) in [
-        (json!({"service": "orders", "auth": {"jwt": {"keys": [{"alg": "RS256", "public_key": "-----BEGIN PUBLIC KEY-----\nnope\n-----END PUBLIC KEY-----"}]}}}), "auth.jwt.keys[0].public_key"),
+        (
+            json!({"service": "orders", "auth": {"jwt": {"keys": [{"alg": "RS256", "public_key": "-----BEGIN PUBLIC KEY-----\nnope\n-----END PUBLIC KEY-----"}]}}}),
+            "auth.jwt.keys[0].public_key",
+        ),
         (json!({"service": "orders", "auth": {"jwt": {"keys": [{"alg": "HS256", "secret": "short"}]}}}), "auth.jwt.keys[0].secret"),
         (json!({"service": "orders", "auth": {"jwt": {"jwks_url": "file:///etc/passwd"}}}), "auth.jwt.jwks_url"),
     ] {
@@ -226,7 +229,8 @@ async fn consumers_api_keys_rate_limits_per_consumer_and_cors() {
     register(&api, "orders", &up, &[]).await;
     let (key_a, key_b) = ("alice-key-0123456789abcdef", "bob-key-0123456789abcdef00");
     for (name, key) in [("alice", key_a), ("bob", key_b)] {
-        let (st, _, v) = call(&api, Method::PUT, &format!("/api/v1/consumers/{name}"), Some(&json!({"api_keys": [key], "scopes": ["orders:read"]}).to_string())).await;
+        let (st, _, v) =
+            call(&api, Method::PUT, &format!("/api/v1/consumers/{name}"), Some(&json!({"api_keys": [key], "scopes": ["orders:read"]}).to_string())).await;
         assert_eq!(st, StatusCode::OK, "{v}");
     }
     // Keys are stored as digests only; bad consumers are refused with the field named.
@@ -247,8 +251,12 @@ async fn consumers_api_keys_rate_limits_per_consumer_and_cors() {
         .to_string(),
     )
     .await;
-    put_route(&api, "alice-only", &json!({"path_prefix": "/a/", "service": "orders", "auth": {"api_key": {"query": "apikey"}, "consumers": ["alice"]}}).to_string())
-        .await;
+    put_route(
+        &api,
+        "alice-only",
+        &json!({"path_prefix": "/a/", "service": "orders", "auth": {"api_key": {"query": "apikey"}, "consumers": ["alice"]}}).to_string(),
+    )
+    .await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while get(&gw, "/k/x", &[("x-api-key", key_a)]).await.0 != StatusCode::OK {
         assert!(Instant::now() < deadline, "the consumer's key never worked");
@@ -317,11 +325,14 @@ impl Pki {
     fn new(dir: &Path, name: &str) -> Self {
         let pki = Self { dir: dir.to_path_buf() };
         let (key, cert) = (format!("{name}.key"), format!("{name}.pem"));
-        openssl(dir, &["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "1", "-subj", &format!("/CN={name}")]
-            .iter()
-            .copied()
-            .chain(["-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign", "-keyout", &key, "-out", &cert])
-            .collect::<Vec<_>>());
+        openssl(
+            dir,
+            &["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "1", "-subj", &format!("/CN={name}")]
+                .iter()
+                .copied()
+                .chain(["-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign", "-keyout", &key, "-out", &cert])
+                .collect::<Vec<_>>(),
+        );
         pki
     }
 
@@ -329,10 +340,29 @@ impl Pki {
     fn leaf(&self, ca: &str, cn: &str, ext: &str) -> (PathBuf, PathBuf) {
         let (key, csr, cert, extfile) = (format!("{cn}.key"), format!("{cn}.csr"), format!("{cn}.pem"), format!("{cn}.ext"));
         std::fs::write(self.dir.join(&extfile), format!("basicConstraints=CA:FALSE\n{ext}\n")).unwrap();
-        openssl(&self.dir, &["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj", &format!("/CN={cn}"), "-keyout", &key, "-out", &csr]);
         openssl(
             &self.dir,
-            &["x509", "-req", "-in", &csr, "-CA", &format!("{ca}.pem"), "-CAkey", &format!("{ca}.key"), "-CAcreateserial", "-days", "1", "-extfile", &extfile, "-out", &cert],
+            &["req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj", &format!("/CN={cn}"), "-keyout", &key, "-out", &csr],
+        );
+        openssl(
+            &self.dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                &format!("{ca}.pem"),
+                "-CAkey",
+                &format!("{ca}.key"),
+                "-CAcreateserial",
+                "-days",
+                "1",
+                "-extfile",
+                &extfile,
+                "-out",
+                &cert,
+            ],
         );
         (self.dir.join(cert), self.dir.join(key))
     }
@@ -416,8 +446,7 @@ async fn tls_certificates_by_sni_h2_over_tls_and_mtls() {
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let tls = h2.connect(rustls::pki_types::ServerName::try_from("a.test").unwrap(), tcp).await.unwrap();
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tls)).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tls)).await.unwrap();
     tokio::spawn(conn);
     for i in 0..3 {
         let req = http::Request::get(format!("https://a.test/o/h2-{i}")).body(http_body_util::Empty::<bytes::Bytes>::new()).unwrap();

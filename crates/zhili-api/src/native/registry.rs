@@ -27,6 +27,7 @@ pub fn routes() -> axum::Router<AppState> {
         .route("/api/v1/services/{service}/instances/{id}/checks/{check}", put(update_check))
         .route("/api/v1/services/{service}/instances/{id}/maintenance", put(maintenance))
         .route("/api/v1/services/{service}/instances/{id}/passive", put(passive))
+        .route("/api/v1/services/{service}/breaker", put(breaker))
 }
 
 fn service_name(name: &str) -> ApiResult<()> {
@@ -196,6 +197,32 @@ struct PassiveBody {
     ejected_for: String,
     #[serde(default)]
     reason: String,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BreakerBody {
+    state: String,
+    #[serde(default)]
+    reason: String,
+}
+
+/// A gateway reports a circuit-breaker transition; shown with the service.
+async fn breaker(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(name): Path<String>,
+    q: QueryPairs,
+    JsonBody(body): JsonBody<BreakerBody>,
+) -> ApiResult<Response> {
+    service_name(&name)?;
+    caller.require(Resource::Service, &name, Access::Write)?;
+    if !["open", "half_open", "closed"].contains(&body.state.as_str()) {
+        return Err(zhili_model::ValidationError::new("state", format!("{:?} is not open, half_open or closed", body.state)).into());
+    }
+    validate::text("reason", &body.reason)?;
+    s.registry.report_breaker(&q.namespace()?, &name, &body.state, &body.reason)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 /// A gateway reports an outlier ejection; shown on the instance, not acted on by discovery.
