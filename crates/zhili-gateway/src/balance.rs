@@ -50,25 +50,25 @@ pub struct EndpointState {
     times_ejected: AtomicU32,
     epoch: Instant,
     /// Idle keep-alive HTTP/1.1 connections to this endpoint.
-    idle: Mutex<Vec<hyper::client::conn::http1::SendRequest<crate::Body>>>,
+    idle: Mutex<Vec<crate::h1::Conn>>,
 }
 
 /// Idle upstream connections kept per endpoint.
 const MAX_IDLE_PER_ENDPOINT: usize = 256;
 
 impl EndpointState {
-    pub fn take_idle(&self) -> Option<hyper::client::conn::http1::SendRequest<crate::Body>> {
+    pub(crate) fn take_idle(&self) -> Option<crate::h1::Conn> {
         self.idle.lock().pop()
     }
 
-    pub fn give_back(&self, conn: hyper::client::conn::http1::SendRequest<crate::Body>) {
+    pub(crate) fn give_back(&self, conn: crate::h1::Conn) {
         let mut idle = self.idle.lock();
         if idle.len() < MAX_IDLE_PER_ENDPOINT {
             idle.push(conn);
         }
     }
 
-    fn new(endpoint: Endpoint, epoch: Instant) -> Self {
+    pub(crate) fn new(endpoint: Endpoint, epoch: Instant) -> Self {
         let authority = if endpoint.address.contains(':') {
             format!("[{}]:{}", endpoint.address, endpoint.port)
         } else {

@@ -9,6 +9,7 @@ mod balance;
 mod breaker;
 mod cors;
 mod fetch;
+mod h1;
 mod limit;
 mod proxy;
 mod table;
@@ -124,6 +125,8 @@ pub struct Stats {
     pub breaker_rejected: AtomicU64,
     pub concurrency_rejected: AtomicU64,
     pub auth_denied: AtomicU64,
+    /// Upstream connections opened (against `requests`: the connection reuse ratio).
+    pub upstream_connections: AtomicU64,
 }
 
 /// Labels of the per-route request metrics.
@@ -406,6 +409,7 @@ impl prometheus_client::collector::Collector for GatewayCollector {
             ("gateway_breaker_rejected", "Requests refused by an open circuit breaker", load(&s.breaker_rejected)),
             ("gateway_concurrency_rejected", "Requests refused by a concurrency limit", load(&s.concurrency_rejected)),
             ("gateway_auth_denied", "Requests refused by route auth (401 and 403)", load(&s.auth_denied)),
+            ("gateway_upstream_connections", "Upstream connections opened", load(&s.upstream_connections)),
         ] {
             let c = ConstCounter::new(value);
             c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)?;

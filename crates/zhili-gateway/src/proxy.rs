@@ -45,11 +45,11 @@ impl Upstreams {
     }
 }
 
-fn full(b: impl Into<Bytes>) -> Body {
+pub(crate) fn full(b: impl Into<Bytes>) -> Body {
     Full::new(b.into()).map_err(|never| match never {}).boxed_unsync()
 }
 
-fn empty() -> Body {
+pub(crate) fn empty() -> Body {
     Empty::new().map_err(|never| match never {}).boxed_unsync()
 }
 
@@ -572,11 +572,13 @@ async fn forward_inner(
 
     let retry_allowed = r.attempts > 0 && (idempotent(&parts.method) || r.non_idempotent) && on_upgrade.is_none();
     let declared = content_length(&parts.headers);
+    // Bodies with a small declared length are read first (so they can be retried, and the
+    // request goes upstream in one write); others stream.
     let mut outgoing = if !has_body(&parts, &body) {
         Outgoing::Replayable(Bytes::new())
     } else if declared.is_some_and(|n| n > gw.options.max_body as u64) {
         return (error_response(StatusCode::PAYLOAD_TOO_LARGE, &format!("request body over {} bytes", gw.options.max_body)), None);
-    } else if retry_allowed && declared.is_some_and(|n| n <= gw.options.max_replay_body as u64) {
+    } else if declared.is_some_and(|n| n <= gw.options.max_replay_body as u64) {
         let remaining = deadline.saturating_duration_since(Instant::now());
         match tokio::time::timeout(remaining, Limited::new(body, gw.options.max_replay_body).collect()).await {
             Ok(Ok(c)) => Outgoing::Replayable(c.to_bytes()),
@@ -594,6 +596,13 @@ async fn forward_inner(
             None => p,
         }
     };
+    // The common case goes through our own HTTP/1.1 client, encoded once for every try.
+    let encoded = match (&outgoing, grpc, &on_upgrade) {
+        (Outgoing::Replayable(b), false, None) => Some(crate::h1::encode(&parts.method, &path_q, &headers, b)),
+        _ => None,
+    };
+    let head_request = parts.method == Method::HEAD;
+    let mut on_upgrade = on_upgrade;
     let mut tried: Vec<Arc<EndpointState>> = Vec::new();
     let mut last_error = (StatusCode::SERVICE_UNAVAILABLE, format!("no healthy endpoint for service {:?}", target.service));
     let mut attempt = 0;
@@ -620,48 +629,65 @@ async fn forward_inner(
     };
     while let Some(ep) = pool.pick(route.balancer, target.subset.as_ref(), hash_key, &tried) {
         tried.push(ep.clone());
-        let Ok(uri) = format!("http://{}{}", ep.authority, path_q).parse::<Uri>() else {
-            return (error_response(StatusCode::BAD_REQUEST, "request path cannot be forwarded"), None);
-        };
-        let Some(body) = outgoing.take() else { break };
-        let mut up = Request::new(body);
-        *up.method_mut() = parts.method.clone();
-        *up.uri_mut() = uri;
-        *up.headers_mut() = headers.clone();
-        if grpc {
-            *up.version_mut() = Version::HTTP_2;
-        }
         let per_try = r.per_try.min(deadline.saturating_duration_since(Instant::now()));
         ep.pending.fetch_add(1, Ordering::Relaxed);
         let sent = Instant::now();
-        let result = if grpc {
-            let call = async {
-                gw.client.h2c.request(up).await.map(|r| (r, None)).map_err(|e| {
-                    if e.is_connect() {
-                        UpstreamError::Connect(e.to_string())
-                    } else {
-                        UpstreamError::Failed(e.to_string())
-                    }
-                })
-            };
-            tokio::time::timeout(per_try, call).await
-        } else {
-            // Origin-form for our own HTTP/1.1 connections.
-            if let Ok(p) = path_q.parse::<Uri>() {
-                *up.uri_mut() = p;
+        let result = match &encoded {
+            Some(request) => {
+                tokio::time::timeout(per_try, crate::h1::send(&ep, request, head_request, gw.options.connect_timeout, &gw.stats.upstream_connections)).await
             }
-            tokio::time::timeout(per_try, send_h1(&ep, up, gw.options.connect_timeout)).await
+            None => {
+                let Some(body) = outgoing.take() else {
+                    ep.pending.fetch_sub(1, Ordering::Relaxed);
+                    break;
+                };
+                let mut up = Request::new(body);
+                *up.method_mut() = parts.method.clone();
+                *up.headers_mut() = headers.clone();
+                let call = async {
+                    if grpc {
+                        *up.version_mut() = Version::HTTP_2;
+                        *up.uri_mut() = format!("http://{}{}", ep.authority, path_q).parse::<Uri>().map_err(|e| UpstreamError::Failed(e.to_string()))?;
+                        let resp = gw.client.h2c.request(up).await.map_err(|e| {
+                            if e.is_connect() {
+                                UpstreamError::Connect(e.to_string())
+                            } else {
+                                UpstreamError::Failed(e.to_string())
+                            }
+                        })?;
+                        return finish(resp).await;
+                    }
+                    *up.uri_mut() = path_q.parse::<Uri>().map_err(|e| UpstreamError::Failed(e.to_string()))?;
+                    gw.stats.upstream_connections.fetch_add(1, Ordering::Relaxed);
+                    let mut resp = send_hyper(&ep, up, gw.options.connect_timeout).await?;
+                    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                        if let Some(downstream) = on_upgrade.take() {
+                            let upstream = hyper::upgrade::on(&mut resp);
+                            tokio::spawn(async move {
+                                if let (Ok(d), Ok(u)) = (downstream.await, upstream.await) {
+                                    let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(d), &mut TokioIo::new(u)).await;
+                                }
+                            });
+                            let (mut p, _) = resp.into_parts();
+                            p.headers.remove(header::CONTENT_LENGTH);
+                            return Ok(Response::from_parts(p, empty()));
+                        }
+                    }
+                    finish(resp).await
+                };
+                tokio::time::timeout(per_try, call).await
+            }
         };
         ep.pending.fetch_sub(1, Ordering::Relaxed);
         let failed = match &result {
-            Ok(Ok((resp, _))) => resp.status().is_server_error(),
+            Ok(Ok(resp)) => resp.status().is_server_error(),
             _ => true,
         };
         if let Some(e) = pool.record(&ep, failed) {
             gw.report(pool, e);
         }
         match result {
-            Ok(Ok((mut resp, conn))) => {
+            Ok(Ok(mut resp)) => {
                 let took = sent.elapsed();
                 ep.observe_latency(took);
                 pool.upstream_latency
@@ -672,38 +698,8 @@ async fn forward_inner(
                     attempt += 1;
                     continue;
                 }
-                if status == StatusCode::SWITCHING_PROTOCOLS {
-                    if let Some(downstream) = on_upgrade {
-                        let upstream = hyper::upgrade::on(&mut resp);
-                        tokio::spawn(async move {
-                            if let (Ok(d), Ok(u)) = (downstream.await, upstream.await) {
-                                let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(d), &mut TokioIo::new(u)).await;
-                            }
-                        });
-                        let (mut p, _) = resp.into_parts();
-                        p.headers.remove(header::CONTENT_LENGTH);
-                        return (Response::from_parts(p, empty()), Some(ep.authority.clone()));
-                    }
-                }
-                match finish(resp).await {
-                    Ok((out, whole)) => {
-                        // A connection whose answer was read whole is free again; a streamed one
-                        // closes after its body.
-                        if let (true, Some(conn)) = (whole, conn) {
-                            ep.give_back(conn);
-                        }
-                        return (out, Some(ep.authority.clone()));
-                    }
-                    // The head came but the body broke off: nothing went downstream yet, so this
-                    // is a failed try like a reset.
-                    Err(e) => {
-                        gw.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
-                        if let Some(ej) = pool.record(&ep, true) {
-                            gw.report(pool, ej);
-                        }
-                        last_error = (StatusCode::BAD_GATEWAY, format!("upstream {} broke off its answer: {e}", ep.endpoint.id));
-                    }
-                }
+                strip_hop_by_hop(resp.headers_mut());
+                return (resp, Some(ep.authority.clone()));
             }
             Ok(Err(e)) => {
                 gw.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
@@ -722,27 +718,21 @@ async fn forward_inner(
     (error_response(last_error.0, &last_error.1), tried.last().map(|e| e.authority.clone()))
 }
 
-/// Answers smaller than this (with a Content-Length) are read whole before answering, so the head
-/// and body leave in one write; larger or open-ended ones (SSE, downloads) stream.
-const COLLECT_BELOW: u64 = 64 * 1024;
-
-/// The answer to send downstream, and whether the upstream's body was read whole; an error
-/// when a body that was to be read whole broke off.
-async fn finish(resp: Response<Incoming>) -> Result<(Response<Body>, bool), hyper::Error> {
-    let (mut parts, body) = resp.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
-    // gRPC answers keep their trailers: always streamed.
+/// The answer to send downstream; small bodies (with a Content-Length) are read whole so head
+/// and body leave in one write, and a body that breaks off is a failed try. gRPC answers keep
+/// their trailers: always streamed.
+async fn finish(resp: Response<Incoming>) -> Result<Response<Body>, UpstreamError> {
+    let (parts, body) = resp.into_parts();
     let grpc = parts.headers.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-    if !grpc && content_length(&parts.headers).is_some_and(|n| n <= COLLECT_BELOW) {
-        // The body is already in flight behind the head.
-        let c = body.collect().await?;
-        return Ok((Response::from_parts(parts, full(c.to_bytes())), true));
+    if !grpc && content_length(&parts.headers).is_some_and(|n| n <= crate::h1::COLLECT_BELOW) {
+        let c = body.collect().await.map_err(|e| UpstreamError::Failed(format!("broke off its answer: {e}")))?;
+        return Ok(Response::from_parts(parts, full(c.to_bytes())));
     }
-    Ok((Response::from_parts(parts, body.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync()), false))
+    Ok(Response::from_parts(parts, body.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync()))
 }
 
 #[derive(Debug)]
-enum UpstreamError {
+pub(crate) enum UpstreamError {
     Connect(String),
     Failed(String),
 }
@@ -756,39 +746,17 @@ impl std::fmt::Display for UpstreamError {
     }
 }
 
-type H1 = hyper::client::conn::http1::SendRequest<Body>;
-
-async fn connect_h1(ep: &EndpointState, timeout: Duration) -> Result<H1, UpstreamError> {
-    let stream = match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(&ep.authority)).await {
+/// Through hyper on a new connection: upgrades (WebSocket) and streamed request bodies.
+async fn send_hyper(ep: &EndpointState, req: Request<Body>, connect_timeout: Duration) -> Result<Response<Incoming>, UpstreamError> {
+    let stream = match tokio::time::timeout(connect_timeout, tokio::net::TcpStream::connect(&ep.authority)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(UpstreamError::Connect(e.to_string())),
-        Err(_) => return Err(UpstreamError::Connect(format!("no connection within {timeout:?}"))),
+        Err(_) => return Err(UpstreamError::Connect(format!("no connection within {connect_timeout:?}"))),
     };
     let _ = stream.set_nodelay(true);
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| UpstreamError::Connect(e.to_string()))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| UpstreamError::Connect(e.to_string()))?;
     tokio::spawn(async move {
         let _ = conn.with_upgrades().await;
     });
-    Ok(sender)
-}
-
-/// Sends on an idle keep-alive connection to `ep`, or a new one. A reused connection the upstream
-/// closed meanwhile hands the request back unsent; it then goes on the next one.
-async fn send_h1(ep: &EndpointState, mut req: Request<Body>, connect_timeout: Duration) -> Result<(Response<Incoming>, Option<H1>), UpstreamError> {
-    loop {
-        let (mut sender, reused) = match ep.take_idle() {
-            Some(s) => (s, true),
-            None => (connect_h1(ep, connect_timeout).await?, false),
-        };
-        if reused && !sender.is_ready() {
-            continue;
-        }
-        match sender.try_send_request(req).await {
-            Ok(resp) => return Ok((resp, Some(sender))),
-            Err(mut e) => match e.take_message() {
-                Some(unsent) if reused => req = unsent,
-                _ => return Err(UpstreamError::Failed(e.into_error().to_string())),
-            },
-        }
-    }
+    sender.send_request(req).await.map_err(|e| UpstreamError::Failed(e.to_string()))
 }

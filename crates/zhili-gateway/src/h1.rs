@@ -1,0 +1,442 @@
+//! The gateway's own HTTP/1.1 client for the common case: a request whose body is in memory, on
+//! a pooled keep-alive connection, written in one `write` and answered on the same task (no
+//! connection task, no channel hop). Answers with a small `Content-Length` are read whole; others
+//! (chunked, large, close-delimited) stream through a task that returns the connection to the
+//! pool when the body ends. Upgrades and streamed request bodies go through hyper instead.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Response, StatusCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+
+use crate::balance::EndpointState;
+use crate::proxy::{BoxError, UpstreamError};
+use crate::Body;
+
+/// Largest response head accepted from an upstream.
+const MAX_HEAD: usize = 64 * 1024;
+const MAX_HEADERS: usize = 128;
+/// Answers with a `Content-Length` up to this are read before answering (head and body leave in
+/// one write); larger or open-ended ones stream.
+pub const COLLECT_BELOW: u64 = 64 * 1024;
+const READ_CHUNK: usize = 16 * 1024;
+
+/// One upstream connection with what was read past the last answer.
+#[derive(Debug)]
+pub struct Conn {
+    io: TcpStream,
+    buf: BytesMut,
+}
+
+enum Framing {
+    Empty,
+    Length(u64),
+    Chunked,
+    UntilClose,
+}
+
+/// A failed exchange, and whether any of the answer had arrived (a reused connection that fails
+/// before that was most likely closed by the upstream while idle: the request goes again on a
+/// fresh one).
+struct Failure {
+    error: UpstreamError,
+    answered: bool,
+}
+
+fn failed(e: impl std::fmt::Display, answered: bool) -> Failure {
+    Failure { error: UpstreamError::Failed(e.to_string()), answered }
+}
+
+impl Conn {
+    pub async fn connect(authority: &str, timeout: Duration) -> Result<Conn, UpstreamError> {
+        let io = match tokio::time::timeout(timeout, TcpStream::connect(authority)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(UpstreamError::Connect(e.to_string())),
+            Err(_) => return Err(UpstreamError::Connect(format!("no connection within {timeout:?}"))),
+        };
+        let _ = io.set_nodelay(true);
+        Ok(Conn { io, buf: BytesMut::with_capacity(READ_CHUNK) })
+    }
+
+    /// Reads more; `Ok(0)` at end of stream.
+    async fn fill(&mut self) -> std::io::Result<usize> {
+        if self.buf.capacity() - self.buf.len() < 1024 {
+            self.buf.reserve(READ_CHUNK);
+        }
+        self.io.read_buf(&mut self.buf).await
+    }
+
+    /// Writes the request and reads the answer's head (skipping 1xx interim answers).
+    async fn head(&mut self, request: &[u8], head_request: bool) -> Result<(http::response::Parts, Framing, bool), Failure> {
+        self.io.write_all(request).await.map_err(|e| failed(e, false))?;
+        let mut answered = false;
+        loop {
+            let parsed = {
+                let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                let mut resp = httparse::Response::new(&mut headers);
+                match resp.parse(&self.buf) {
+                    Ok(httparse::Status::Complete(n)) => Some(parse_head(&resp, head_request).map(|h| (n, h)).map_err(|e| failed(e, true))?),
+                    Ok(httparse::Status::Partial) => None,
+                    Err(e) => return Err(failed(format!("sent an invalid answer: {e}"), true)),
+                }
+            };
+            if let Some((n, (parts, framing, keep_alive))) = parsed {
+                self.buf.advance(n);
+                if parts.status.is_informational() {
+                    continue;
+                }
+                return Ok((parts, framing, keep_alive));
+            }
+            if self.buf.len() >= MAX_HEAD {
+                return Err(failed(format!("sent an answer head over {MAX_HEAD} bytes"), true));
+            }
+            match self.fill().await {
+                Ok(0) => return Err(failed("closed the connection before answering", answered)),
+                Ok(_) => answered = true,
+                Err(e) => return Err(failed(e, answered)),
+            }
+        }
+    }
+
+    /// Exactly `n` body bytes.
+    async fn read_exact_body(&mut self, n: usize) -> Result<Bytes, String> {
+        while self.buf.len() < n {
+            if self.fill().await.map_err(|e| e.to_string())? == 0 {
+                return Err(format!("closed the connection {} bytes into a {n}-byte body", self.buf.len()));
+            }
+        }
+        Ok(self.buf.split_to(n).freeze())
+    }
+
+    /// One CRLF-terminated line (without it), at most 4 KiB.
+    async fn line(&mut self) -> Result<Bytes, String> {
+        loop {
+            if let Some(i) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                let line = self.buf.split_to(i).freeze();
+                self.buf.advance(2);
+                return Ok(line);
+            }
+            if self.buf.len() > 4096 {
+                return Err("sent a chunk line over 4 KiB".into());
+            }
+            if self.fill().await.map_err(|e| e.to_string())? == 0 {
+                return Err("closed the connection inside a chunked body".into());
+            }
+        }
+    }
+
+    /// Up to `max` bytes that are already here or arrive next; empty at end of stream.
+    async fn some(&mut self, max: usize) -> Result<Bytes, String> {
+        if self.buf.is_empty() && self.fill().await.map_err(|e| e.to_string())? == 0 {
+            return Ok(Bytes::new());
+        }
+        let n = self.buf.len().min(max);
+        Ok(self.buf.split_to(n).freeze())
+    }
+}
+
+fn parse_head(resp: &httparse::Response<'_, '_>, head_request: bool) -> Result<(http::response::Parts, Framing, bool), String> {
+    let status = StatusCode::from_u16(resp.code.unwrap_or(0)).map_err(|_| "sent an invalid status".to_string())?;
+    let mut headers = HeaderMap::with_capacity(resp.headers.len());
+    let mut length: Option<u64> = None;
+    let mut chunked = false;
+    let mut close = resp.version != Some(1);
+    for h in resp.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| format!("sent an invalid header name {:?}", h.name))?;
+        let value = HeaderValue::from_bytes(h.value).map_err(|_| format!("sent an invalid value for {}", h.name))?;
+        if name == header::CONTENT_LENGTH {
+            let n: u64 = value.to_str().ok().and_then(|v| v.trim().parse().ok()).ok_or("sent an invalid Content-Length")?;
+            if length.is_some_and(|l| l != n) {
+                return Err("sent conflicting Content-Length headers".into());
+            }
+            length = Some(n);
+        } else if name == header::TRANSFER_ENCODING {
+            chunked = value.as_bytes().rsplit(|b| *b == b',').next().is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if name == header::CONNECTION {
+            let v = value.as_bytes();
+            if v.split(|b| *b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close")) {
+                close = true;
+            } else if resp.version == Some(0) && v.split(|b| *b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"keep-alive")) {
+                close = false;
+            }
+        }
+        headers.append(name, value);
+    }
+    let framing = if head_request || status.is_informational() || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+        Framing::Empty
+    } else if chunked {
+        Framing::Chunked
+    } else if let Some(n) = length {
+        if n == 0 {
+            Framing::Empty
+        } else {
+            Framing::Length(n)
+        }
+    } else {
+        close = true;
+        Framing::UntilClose
+    };
+    let mut parts = Response::new(()).into_parts().0;
+    parts.status = status;
+    parts.headers = headers;
+    Ok((parts, framing, !close))
+}
+
+/// The request as bytes: request line, headers (with the body's `Content-Length`), body.
+pub fn encode(method: &Method, path_q: &str, headers: &HeaderMap, body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256 + headers.len() * 48 + body.len());
+    out.extend_from_slice(method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(path_q.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in headers {
+        if name == header::CONTENT_LENGTH {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !body.is_empty() || matches!(*method, Method::POST | Method::PUT | Method::PATCH) {
+        out.extend_from_slice(b"content-length: ");
+        out.extend_from_slice(body.len().to_string().as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body);
+    out
+}
+
+/// Sends `request` (from [`encode`]) to `ep` on an idle connection or a new one; the answer with
+/// its body read whole (small) or streaming.
+/// `connects` counts the new connections.
+pub async fn send(
+    ep: &Arc<EndpointState>,
+    request: &[u8],
+    head_request: bool,
+    connect_timeout: Duration,
+    connects: &std::sync::atomic::AtomicU64,
+) -> Result<Response<Body>, UpstreamError> {
+    loop {
+        let (mut conn, reused) = match ep.take_idle() {
+            Some(c) => (c, true),
+            None => {
+                connects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                (Conn::connect(&ep.authority, connect_timeout).await?, false)
+            }
+        };
+        let (parts, framing, keep_alive) = match conn.head(request, head_request).await {
+            Ok(h) => h,
+            // Closed while idle: the upstream never saw the request; send it on another.
+            Err(f) if reused && !f.answered => continue,
+            Err(f) => return Err(f.error),
+        };
+        let body = match framing {
+            Framing::Empty => {
+                give_back(ep, conn, keep_alive);
+                crate::proxy::empty()
+            }
+            Framing::Length(n) if n <= COLLECT_BELOW => {
+                let b = conn.read_exact_body(n as usize).await.map_err(|e| UpstreamError::Failed(format!("broke off its answer: {e}")))?;
+                give_back(ep, conn, keep_alive);
+                crate::proxy::full(b)
+            }
+            framing => {
+                let (tx, rx) = mpsc::channel(4);
+                tokio::spawn(stream_body(ep.clone(), conn, framing, keep_alive, tx));
+                http_body_util::BodyExt::boxed_unsync(ChannelBody(rx))
+            }
+        };
+        return Ok(Response::from_parts(parts, body));
+    }
+}
+
+fn give_back(ep: &EndpointState, conn: Conn, keep_alive: bool) {
+    if keep_alive && conn.buf.is_empty() {
+        ep.give_back(conn);
+    }
+}
+
+async fn stream_body(ep: Arc<EndpointState>, mut conn: Conn, framing: Framing, keep_alive: bool, tx: mpsc::Sender<Result<Bytes, BoxError>>) {
+    let result: Result<(), String> = async {
+        match framing {
+            Framing::Empty => {}
+            Framing::Length(mut left) => {
+                while left > 0 {
+                    let b = conn.some(left.min(READ_CHUNK as u64 * 4) as usize).await?;
+                    if b.is_empty() {
+                        return Err(format!("closed the connection with {left} body bytes to go"));
+                    }
+                    left -= b.len() as u64;
+                    tx.send(Ok(b)).await.map_err(|_| "the client went away".to_string())?;
+                }
+            }
+            Framing::UntilClose => loop {
+                let b = conn.some(READ_CHUNK * 4).await?;
+                if b.is_empty() {
+                    return Ok(());
+                }
+                tx.send(Ok(b)).await.map_err(|_| "the client went away".to_string())?;
+            },
+            Framing::Chunked => loop {
+                let line = conn.line().await?;
+                let size = line.split(|b| *b == b';').next().unwrap_or_default();
+                let size = std::str::from_utf8(size).ok().and_then(|s| u64::from_str_radix(s.trim(), 16).ok()).ok_or("sent an invalid chunk size")?;
+                if size == 0 {
+                    // Trailers are dropped (not forwarded); read up to the blank line.
+                    while !conn.line().await?.is_empty() {}
+                    return Ok(());
+                }
+                let mut left = size;
+                while left > 0 {
+                    let b = conn.some(left.min(READ_CHUNK as u64 * 4) as usize).await?;
+                    if b.is_empty() {
+                        return Err("closed the connection inside a chunk".into());
+                    }
+                    left -= b.len() as u64;
+                    tx.send(Ok(b)).await.map_err(|_| "the client went away".to_string())?;
+                }
+                if !conn.line().await?.is_empty() {
+                    return Err("sent a chunk without its CRLF".into());
+                }
+            },
+        }
+        Ok(())
+    }
+    .await;
+    match result {
+        Ok(()) => give_back(&ep, conn, keep_alive),
+        Err(e) => {
+            let _ = tx.send(Err(format!("upstream {e}").into())).await;
+        }
+    }
+}
+
+/// A response body fed by [`stream_body`].
+struct ChannelBody(mpsc::Receiver<Result<Bytes, BoxError>>);
+
+impl hyper::body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        self.0.poll_recv(cx).map(|o| o.map(|r| r.map(hyper::body::Frame::data)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use tokio::io::AsyncWriteExt;
+
+    /// An upstream that answers each request on a connection with the next canned answer.
+    async fn canned(answers: Vec<&'static [u8]>) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let conns = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let c = conns.clone();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let answers = answers.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    for a in answers {
+                        let mut got = vec![];
+                        while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                            let n = s.read(&mut buf).await.unwrap_or(0);
+                            if n == 0 {
+                                return;
+                            }
+                            got.extend_from_slice(&buf[..n]);
+                        }
+                        s.write_all(a).await.unwrap();
+                    }
+                });
+            }
+        });
+        (addr, conns)
+    }
+
+    fn endpoint(authority: &str) -> Arc<EndpointState> {
+        let (host, port) = authority.rsplit_once(':').unwrap();
+        let e = crate::Endpoint { id: "e".into(), address: host.into(), port: port.parse().unwrap(), weight: 1, tags: vec![], version: None, zone: None };
+        Arc::new(EndpointState::new(e, std::time::Instant::now()))
+    }
+
+    async fn body(r: Response<Body>) -> String {
+        String::from_utf8(r.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn framings_and_connection_reuse() {
+        let (addr, conns) = canned(vec![
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: 1\r\n\r\nhello",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3;ext=1\r\nabc\r\n2\r\nde\r\n0\r\nTrailer: x\r\n\r\n",
+            b"HTTP/1.1 204 No Content\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n",
+        ])
+        .await;
+        let ep = endpoint(&addr);
+        let req = encode(&Method::GET, "/x", &HeaderMap::new(), b"");
+        let r = send(&ep, &req, false, Duration::from_secs(1), &Default::default()).await.unwrap();
+        assert_eq!(r.headers().get("x-a").unwrap(), "1");
+        assert_eq!(body(r).await, "hello");
+        let r = send(&ep, &req, false, Duration::from_secs(1), &Default::default()).await.unwrap();
+        assert_eq!(body(r).await, "abcde");
+        // The chunked body's task hands the connection back when it ends.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(send(&ep, &req, false, Duration::from_secs(1), &Default::default()).await.unwrap().status(), StatusCode::NO_CONTENT);
+        // A HEAD answer has no body even with a Content-Length.
+        let head = encode(&Method::HEAD, "/x", &HeaderMap::new(), b"");
+        let r = send(&ep, &head, true, Duration::from_secs(1), &Default::default()).await.unwrap();
+        assert_eq!(body(r).await, "");
+        assert_eq!(conns.load(std::sync::atomic::Ordering::Relaxed), 1, "one connection for all four");
+    }
+
+    #[tokio::test]
+    async fn close_delimited_bodies_broken_bodies_and_stale_connections() {
+        let (addr, _) = canned(vec![b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil the end"]).await;
+        let ep = endpoint(&addr);
+        let req = encode(&Method::GET, "/", &HeaderMap::new(), b"");
+        let r = send(&ep, &req, false, Duration::from_secs(1), &Default::default()).await.unwrap();
+        assert_eq!(body(r).await, "until the end");
+        assert!(ep.take_idle().is_none(), "a closing connection is not pooled");
+
+        let (addr, _) = canned(vec![b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort"]).await;
+        let ep = endpoint(&addr);
+        // The server task ends after its one answer, so the connection closes mid-body.
+        let e = send(&ep, &req, false, Duration::from_secs(1), &Default::default()).await.unwrap_err();
+        assert!(e.to_string().contains("broke off"), "{e}");
+
+        // A pooled connection the upstream closed while idle: the request goes on a fresh one.
+        let (addr, conns) = canned(vec![b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]).await;
+        let ep = endpoint(&addr);
+        assert_eq!(body(send(&ep, &req, false, Duration::from_secs(1), &Default::default()).await.unwrap()).await, "ok");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(body(send(&ep, &req, false, Duration::from_secs(1), &Default::default()).await.unwrap()).await, "ok");
+        assert_eq!(conns.load(std::sync::atomic::Ordering::Relaxed), 2);
+
+        let (addr, _) = canned(vec![b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nok"]).await;
+        let e = send(&endpoint(&addr), &req, false, Duration::from_secs(1), &Default::default()).await.unwrap_err();
+        assert!(e.to_string().contains("conflicting"), "{e}");
+    }
+
+    #[test]
+    fn requests_carry_their_body_length() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("svc"));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("999"));
+        let out = encode(&Method::POST, "/a?b=1", &h, b"xyz");
+        assert_eq!(out, b"POST /a?b=1 HTTP/1.1\r\nhost: svc\r\ncontent-length: 3\r\n\r\nxyz");
+    }
+}
