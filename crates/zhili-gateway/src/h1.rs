@@ -78,17 +78,21 @@ impl Conn {
         self.io.write_all(request).await.map_err(|e| failed(e, false))?;
         let mut answered = false;
         loop {
-            let parsed = {
+            let complete = {
                 let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-                let mut resp = httparse::Response::new(&mut headers);
-                match resp.parse(&self.buf) {
-                    Ok(httparse::Status::Complete(n)) => Some(parse_head(&resp, head_request).map(|h| (n, h)).map_err(|e| failed(e, true))?),
+                match httparse::Response::new(&mut headers).parse(&self.buf) {
+                    Ok(httparse::Status::Complete(n)) => Some(n),
                     Ok(httparse::Status::Partial) => None,
                     Err(e) => return Err(failed(format!("sent an invalid answer: {e}"), true)),
                 }
             };
-            if let Some((n, (parts, framing, keep_alive))) = parsed {
-                self.buf.advance(n);
+            if let Some(n) = complete {
+                // Parsed again from the frozen head, so header values share its memory.
+                let head = self.buf.split_to(n).freeze();
+                let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                let mut resp = httparse::Response::new(&mut headers);
+                let _ = resp.parse(&head);
+                let (parts, framing, keep_alive) = parse_head(&resp, &head, head_request).map_err(|e| failed(e, true))?;
                 if parts.status.is_informational() {
                     continue;
                 }
@@ -142,7 +146,7 @@ impl Conn {
     }
 }
 
-fn parse_head(resp: &httparse::Response<'_, '_>, head_request: bool) -> Result<(http::response::Parts, Framing, bool), String> {
+fn parse_head(resp: &httparse::Response<'_, '_>, head: &Bytes, head_request: bool) -> Result<(http::response::Parts, Framing, bool), String> {
     let status = StatusCode::from_u16(resp.code.unwrap_or(0)).map_err(|_| "sent an invalid status".to_string())?;
     let mut headers = HeaderMap::with_capacity(resp.headers.len());
     let mut length: Option<u64> = None;
@@ -150,7 +154,7 @@ fn parse_head(resp: &httparse::Response<'_, '_>, head_request: bool) -> Result<(
     let mut close = resp.version != Some(1);
     for h in resp.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| format!("sent an invalid header name {:?}", h.name))?;
-        let value = HeaderValue::from_bytes(h.value).map_err(|_| format!("sent an invalid value for {}", h.name))?;
+        let value = HeaderValue::from_maybe_shared(head.slice_ref(h.value)).map_err(|_| format!("sent an invalid value for {}", h.name))?;
         if name == header::CONTENT_LENGTH {
             let n: u64 = value.to_str().ok().and_then(|v| v.trim().parse().ok()).ok_or("sent an invalid Content-Length")?;
             if length.is_some_and(|l| l != n) {

@@ -66,6 +66,8 @@ fn error_response(status: StatusCode, message: &str) -> Response<Body> {
 #[derive(Clone, Debug)]
 pub struct Peer {
     pub addr: SocketAddr,
+    /// The client's IP as text (X-Forwarded-For, rate-limit keys), formatted once per connection.
+    pub ip: Arc<str>,
     pub tls: bool,
     pub client_cn: Option<Arc<str>>,
 }
@@ -86,11 +88,11 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, tls: Option<TlsAccep
         let tls = tls.clone();
         tokio::spawn(async move {
             match tls {
-                None => connection(TokioIo::new(stream), Peer { addr, tls: false, client_cn: None }, gw).await,
+                None => connection(TokioIo::new(stream), Peer { addr, ip: addr.ip().to_string().into(), tls: false, client_cn: None }, gw).await,
                 Some(acceptor) => {
                     if let Ok(Ok(s)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                         let client_cn = s.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| crate::auth::common_name(c)).map(Arc::from);
-                        connection(TokioIo::new(s), Peer { addr, tls: true, client_cn }, gw).await;
+                        connection(TokioIo::new(s), Peer { addr, ip: addr.ip().to_string().into(), tls: true, client_cn }, gw).await;
                     }
                 }
             }
@@ -169,13 +171,19 @@ fn idempotent(m: &Method) -> bool {
     matches!(*m, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE)
 }
 
-/// A random id of 32 hex digits (request ids, trace ids).
-fn random_id128() -> String {
-    format!("{:032x}", rand::rng().random::<u128>())
+/// Writes `v` as `out.len()` lower-case hex digits.
+fn hex(mut v: u128, out: &mut [u8]) {
+    for b in out.iter_mut().rev() {
+        *b = b"0123456789abcdef"[(v & 0xf) as usize];
+        v >>= 4;
+    }
 }
 
-fn random_id64() -> String {
-    format!("{:016x}", rand::rng().random::<u64>())
+/// A random request id of 32 hex digits.
+fn request_id() -> HeaderValue {
+    let mut buf = [0u8; 32];
+    hex(rand::rng().random::<u128>(), &mut buf);
+    HeaderValue::from_bytes(&buf).expect("hex is a valid header value")
 }
 
 /// W3C trace context: keep the caller's trace id with a new parent id (this hop), or start one.
@@ -184,11 +192,17 @@ fn traceparent(h: &HeaderMap) -> HeaderValue {
     let incoming = h.get("traceparent").map(HeaderValue::as_bytes).filter(|v| {
         v.len() == 55 && v[2] == b'-' && v[35] == b'-' && v[52] == b'-' && v.iter().enumerate().all(|(i, b)| matches!(i, 2 | 35 | 52) || b.is_ascii_hexdigit())
     });
-    let value = match incoming {
-        Some(v) => format!("00-{}-{}-{}", String::from_utf8_lossy(&v[3..35]), random_id64(), String::from_utf8_lossy(&v[53..55])),
-        None => format!("00-{}-{}-01", random_id128(), random_id64()),
-    };
-    HeaderValue::from_str(&value).expect("hex is a valid header value")
+    let mut out = *b"00-00000000000000000000000000000000-0000000000000000-01";
+    let mut rng = rand::rng();
+    match incoming {
+        Some(v) => {
+            out[3..35].copy_from_slice(&v[3..35]);
+            out[53..55].copy_from_slice(&v[53..55]);
+        }
+        None => hex(rng.random::<u128>(), &mut out[3..35]),
+    }
+    hex(u128::from(rng.random::<u64>()), &mut out[36..52]);
+    HeaderValue::from_bytes(&out).expect("hex is a valid header value")
 }
 
 fn pick_target(targets: &[(Target, u32)]) -> &Target {
@@ -304,11 +318,11 @@ pub async fn handle(gw: Arc<Gateway>, mut req: Request<Incoming>, peer: &Peer) -
     let origin = route.as_ref().and_then(|r| r.cors.as_ref()).and_then(|_| req.headers().get(header::ORIGIN).cloned());
     let matched = route.clone();
     let method = req.method().clone();
-    let path = req.uri().path().to_string();
+    let uri = req.uri().clone();
     let (resp, upstream) = match route {
         None => {
             gw.stats.no_route.fetch_add(1, Ordering::Relaxed);
-            (error_response(StatusCode::NOT_FOUND, &format!("no route for {host}{path}")), None)
+            (error_response(StatusCode::NOT_FOUND, &format!("no route for {host}{}", uri.path())), None)
         }
         Some(route) => 'answer: {
             if let Some(pre) = route.cors.as_ref().and_then(|c| c.preflight(&method, req.headers())) {
@@ -337,7 +351,7 @@ pub async fn handle(gw: Arc<Gateway>, mut req: Request<Incoming>, peer: &Peer) -
                     }
                 }
             };
-            if let Some(mut r) = limited(&gw, &route, &req, peer.addr, identity.as_ref()) {
+            if let Some(mut r) = limited(&gw, &route, &req, peer, identity.as_ref()) {
                 apply_ops(r.headers_mut(), &route.spec.response_headers);
                 break 'answer (r, None);
             }
@@ -355,14 +369,14 @@ pub async fn handle(gw: Arc<Gateway>, mut req: Request<Incoming>, peer: &Peer) -
                 Action::Forward(targets) => {
                     let target = pick_target(targets);
                     let key = hash_key(&route, &req, peer.addr);
-                    let request_id = req.headers().get("x-request-id").cloned().unwrap_or_else(|| HeaderValue::from_str(&random_id128()).expect("hex"));
+                    let request_id = req.headers().get("x-request-id").cloned().unwrap_or_else(request_id);
                     let upgrade = req.headers().contains_key(header::UPGRADE) && method == Method::GET;
                     let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
                     let call = Call {
                         gw: &gw,
                         route: &route,
                         target,
-                        peer: peer.addr,
+                        client_ip: &peer.ip,
                         tls: peer.tls,
                         hash_key: key,
                         request_id: &request_id,
@@ -371,7 +385,7 @@ pub async fn handle(gw: Arc<Gateway>, mut req: Request<Incoming>, peer: &Peer) -
                     let (mut resp, used) = forward(call, req, on_upgrade).await;
                     resp.headers_mut().insert("x-request-id", request_id);
                     apply_ops(resp.headers_mut(), &route.spec.response_headers);
-                    (resp, used.map(|e| (route.name.clone(), target.service.clone(), e)))
+                    (resp, used.map(|e| (target.service.clone(), e)))
                 }
             }
         }
@@ -391,21 +405,18 @@ pub async fn handle(gw: Arc<Gateway>, mut req: Request<Incoming>, peer: &Peer) -
     };
     class.fetch_add(1, Ordering::Relaxed);
     if let Some(route) = &matched {
-        let labels = crate::RouteLabels {
-            route: route.name.clone(),
-            service: upstream.as_ref().map(|(_, s, _)| s.clone()).unwrap_or_default(),
-            class: class_name.into(),
-        };
-        gw.latencies.requests.get_or_create(&labels).observe(start.elapsed().as_secs_f64());
+        let service = upstream.as_ref().map_or("", |(s, _)| s.as_str());
+        route.latency(&gw.latencies, service, class_name).observe(start.elapsed().as_secs_f64());
     }
     if gw.options.access_log {
-        let (route, service, endpoint) = upstream.map_or((String::new(), String::new(), String::new()), |(r, s, e)| (r, s, e));
+        let route = matched.as_ref().map_or("", |r| r.name.as_str());
+        let (service, endpoint) = upstream.map_or((String::new(), String::new()), |(s, e)| (s, e));
         tracing::info!(
             target: "zhili::access",
             client = %peer,
             method = %method,
             host = %host,
-            path = %path,
+            path = %uri.path(),
             status = resp.status().as_u16(),
             route = %route,
             service = %service,
@@ -417,15 +428,11 @@ pub async fn handle(gw: Arc<Gateway>, mut req: Request<Incoming>, peer: &Peer) -
 }
 
 /// The 429 answer when the route's rate limit is exhausted for this request's key.
-fn limited(gw: &Gateway, route: &Route, req: &Request<Incoming>, peer: SocketAddr, identity: Option<&crate::auth::Identity>) -> Option<Response<Body>> {
+fn limited(gw: &Gateway, route: &Route, req: &Request<Incoming>, peer: &Peer, identity: Option<&crate::auth::Identity>) -> Option<Response<Body>> {
     let limiter = route.limiter.as_ref()?;
-    let ip;
     let key: Option<&[u8]> = match &limiter.key {
         None => None,
-        Some(zhili_model::route::RateLimitKey::ClientIp(_)) => {
-            ip = peer.ip().to_string();
-            Some(ip.as_bytes())
-        }
+        Some(zhili_model::route::RateLimitKey::ClientIp(_)) => Some(peer.ip.as_bytes()),
         Some(zhili_model::route::RateLimitKey::Header(h)) => Some(req.headers().get(h.as_str()).map_or(&b""[..], |v| v.as_bytes())),
         Some(zhili_model::route::RateLimitKey::Consumer(_)) => Some(identity.and_then(|i| i.consumer.as_deref()).unwrap_or("").as_bytes()),
     };
@@ -464,7 +471,7 @@ struct Call<'a> {
     gw: &'a Gateway,
     route: &'a Route,
     target: &'a Target,
-    peer: SocketAddr,
+    client_ip: &'a str,
     tls: bool,
     hash_key: Option<u64>,
     request_id: &'a HeaderValue,
@@ -517,13 +524,16 @@ async fn forward_inner(
     req: Request<Incoming>,
     on_upgrade: Option<hyper::upgrade::OnUpgrade>,
 ) -> (Response<Body>, Option<String>) {
-    let Call { gw, route, target, peer, tls, hash_key, request_id, identity } = call;
+    let Call { gw, route, target, client_ip, tls, hash_key, request_id, identity } = call;
     let r = route.resilience;
     let deadline = Instant::now() + r.total;
     let grpc = req.version() == Version::HTTP_2 && req.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-    let (parts, body) = req.into_parts();
-    let mut headers = parts.headers.clone();
+    let (mut parts, body) = req.into_parts();
+    let declared = content_length(&parts.headers);
+    let body_present = has_body(&parts, &body);
+    let trace = traceparent(&parts.headers);
     let upgrade_headers = on_upgrade.as_ref().map(|_| (parts.headers.get(header::CONNECTION).cloned(), parts.headers.get(header::UPGRADE).cloned()));
+    let mut headers = std::mem::take(&mut parts.headers);
     strip_hop_by_hop(&mut headers);
     if let Some((conn, up)) = upgrade_headers {
         if let (Some(c), Some(u)) = (conn, up) {
@@ -534,21 +544,20 @@ async fn forward_inner(
     if grpc {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
-    let client_ip = peer.ip().to_string();
     let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
         Some(prev) => format!("{prev}, {client_ip}"),
-        None => client_ip,
+        None => client_ip.to_string(),
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    if let Ok(v) = HeaderValue::try_from(xff) {
         headers.insert("x-forwarded-for", v);
     }
     headers.insert("x-forwarded-proto", HeaderValue::from_static(if tls { "https" } else { "http" }));
-    if let Some(h) = parts.headers.get(header::HOST).cloned().or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok())) {
+    if let Some(h) = headers.get(header::HOST).cloned().or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok())) {
         headers.insert("x-forwarded-host", h.clone());
         headers.insert(header::HOST, h);
     }
     headers.insert("x-request-id", request_id.clone());
-    headers.insert("traceparent", traceparent(&parts.headers));
+    headers.insert("traceparent", trace);
     apply_ops(&mut headers, &route.spec.request_headers);
     if let Some(auth) = &route.auth {
         // What the gateway asserts about the caller replaces anything the client sent.
@@ -571,10 +580,9 @@ async fn forward_inner(
     }
 
     let retry_allowed = r.attempts > 0 && (idempotent(&parts.method) || r.non_idempotent) && on_upgrade.is_none();
-    let declared = content_length(&parts.headers);
     // Bodies with a small declared length are read first (so they can be retried, and the
     // request goes upstream in one write); others stream.
-    let mut outgoing = if !has_body(&parts, &body) {
+    let mut outgoing = if !body_present {
         Outgoing::Replayable(Bytes::new())
     } else if declared.is_some_and(|n| n > gw.options.max_body as u64) {
         return (error_response(StatusCode::PAYLOAD_TOO_LARGE, &format!("request body over {} bytes", gw.options.max_body)), None);
