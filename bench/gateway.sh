@@ -11,7 +11,7 @@ CONNS=${2:-64}
 for tool in nginx haproxy wrk taskset; do
   command -v $tool >/dev/null || { echo "missing $tool (apt-get install nginx-light haproxy wrk)"; exit 1; }
 done
-cargo build --release -q -p zhili
+cargo build --release -q -p zhili -p zhili-bench
 UP1=19101 UP2=19102 NGINX=19201 HAPROXY=19202 ZHILI=19203 API=19500
 
 body=$(head -c 1024 /dev/zero | tr '\0' 'x')
@@ -57,7 +57,19 @@ for p in $UP1 $UP2; do
   curl -sf -XPOST "127.0.0.1:$API/api/v1/services/demo/instances" -H 'content-type: application/json' -d "{\"address\":\"127.0.0.1\",\"port\":$p,\"ephemeral\":false}" >/dev/null
 done
 curl -sf -XPUT "127.0.0.1:$API/api/v1/routes/demo" -H 'content-type: application/json' -d '{"path_prefix": "/demo/", "service": "demo", "strip_prefix": true}' >/dev/null
-taskset -c 0 $BIN gateway --server "http://127.0.0.1:$API" --addr 127.0.0.1:$ZHILI --threads 1 --access-log false --log-level warn >/dev/null & pids+=($!)
+# The same route behind a JWT (HS256) and a rate limit per consumer (high enough never to refuse).
+SECRET=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
+curl -sf -XPUT "127.0.0.1:$API/api/v1/routes/auth" -H 'content-type: application/json' -d "{\"path_prefix\": \"/auth/\", \"service\": \"demo\", \"strip_prefix\": true,
+  \"auth\": {\"jwt\": {\"keys\": [{\"alg\": \"HS256\", \"secret\": \"$SECRET\"}], \"issuer\": \"bench\", \"claims_to_headers\": {\"sub\": \"x-user\"}}},
+  \"rate_limit\": {\"rate\": 1000000000, \"key\": {\"consumer\": true}}}" >/dev/null
+TOKEN=$(SECRET=$SECRET python3 -c '
+import base64, hashlib, hmac, json, os, time
+b = lambda d: base64.urlsafe_b64encode(d).rstrip(b"=").decode()
+head = b(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+body = b(json.dumps({"sub": "bench", "iss": "bench", "exp": int(time.time()) + 3600}).encode())
+sig = b(hmac.new(os.environ["SECRET"].encode(), f"{head}.{body}".encode(), hashlib.sha256).digest())
+print(f"{head}.{body}.{sig}")')
+taskset -c 0 $BIN gateway --server "http://127.0.0.1:$API" --addr 127.0.0.1:$ZHILI --threads 1 --access-log false --log-level warn --metrics-addr 127.0.0.1:$((ZHILI+1)) >/dev/null & pids+=($!)
 gw_pid=$!
 for port in $NGINX $HAPROXY $ZHILI; do
   for _ in $(seq 100); do curl -sf "127.0.0.1:$port/demo/" -o /dev/null && break; sleep 0.1; done
@@ -65,15 +77,38 @@ done
 
 echo "# machine: $(machine); wrk -t1 -c$CONNS -d${SECS}s, proxies on CPU 0, upstream+wrk on CPU 1"
 echo "# zhili gateway idle RSS: $(awk '/VmRSS/ {print $2, $3}' /proc/$gw_pid/status)"
+closed() { # name port path [header]
+  local out
+  if [ -n "${4:-}" ]; then
+    out=$(taskset -c 1 wrk -t1 -c"$CONNS" -d"${SECS}s" --latency -H "$4" "http://127.0.0.1:$2$3")
+  else
+    out=$(taskset -c 1 wrk -t1 -c"$CONNS" -d"${SECS}s" --latency "http://127.0.0.1:$2$3")
+  fi
+  rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+  p50=$(echo "$out" | awk '$1=="50%" {print $2}')
+  p99=$(echo "$out" | awk '$1=="99%" {print $2}')
+  errs=$(echo "$out" | awk '/Non-2xx|Socket errors/ {print}' | tr '\n' ' ')
+  echo "{\"round\":$round,\"proxy\":\"$1\",\"rps\":$rps,\"p50\":\"$p50\",\"p99\":\"$p99\",\"errors\":\"$errs\"}" | tee -a "$WORK/closed.jsonl"
+}
 for round in 1 2 3; do
+  closed nginx $NGINX /demo/
+  closed haproxy $HAPROXY /demo/
+  closed zhili $ZHILI /demo/
+  closed zhili-jwt-ratelimit $ZHILI /auth/ "Authorization: Bearer $TOKEN"
+done
+median() { grep "\"proxy\":\"$1\"" "$WORK/closed.jsonl" | field rps | sort -n | sed -n 2p; }
+slowest=$(for p in nginx haproxy zhili; do median $p; done | sort -n | head -1)
+echo "# medians: nginx $(median nginx), haproxy $(median haproxy), zhili $(median zhili), zhili-jwt-ratelimit $(median zhili-jwt-ratelimit); slowest $slowest"
+# Open loop at 25/50/75% of the slowest proxy's capacity (coordinated-omission corrected).
+for pct in 25 50 75; do
+  rate=$(awk -v s="$slowest" -v p="$pct" 'BEGIN {printf "%d", s * p / 100}')
   for name in nginx haproxy zhili; do
     case $name in nginx) port=$NGINX;; haproxy) port=$HAPROXY;; zhili) port=$ZHILI;; esac
-    out=$(taskset -c 1 wrk -t1 -c"$CONNS" -d"${SECS}s" --latency "http://127.0.0.1:$port/demo/")
-    rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
-    p50=$(echo "$out" | awk '$1=="50%" {print $2}')
-    p99=$(echo "$out" | awk '$1=="99%" {print $2}')
-    errs=$(echo "$out" | awk '/Non-2xx|Socket errors/ {print}' | tr '\n' ' ')
-    echo "{\"round\":$round,\"proxy\":\"$name\",\"rps\":$rps,\"p50\":\"$p50\",\"p99\":\"$p99\",\"errors\":\"$errs\"}"
+    echo "{\"load_pct\":$pct,\"proxy\":\"$name\",\"result\":$(taskset -c 1 $GEN open-loop --target 127.0.0.1:$port --path /demo/ --rate "$rate" --conns "$CONNS" --seconds "$SECS")}"
   done
 done
+metrics=$(curl -sf "127.0.0.1:$((ZHILI+1))/metrics")
+reqs=$(echo "$metrics" | awk '/^zhili_gateway_requests_total / {print $2}')
+conns=$(echo "$metrics" | awk '/^zhili_gateway_upstream_connections_total / {print $2}')
+echo "# zhili upstream connections opened: $conns for $reqs requests (reuse $(awk -v c="$conns" -v r="$reqs" 'BEGIN {printf "%.4f%%", 100 * (1 - c / r)}'))"
 echo "# zhili gateway RSS after load: $(awk '/VmRSS/ {print $2, $3}' /proc/$gw_pid/status)"

@@ -123,6 +123,25 @@ pub struct Jwt {
     consumer_claim: String,
     query: Option<String>,
     cookie: Option<String>,
+    leeway: u64,
+    /// Tokens verified lately, so a client sending the same token again costs a map lookup.
+    cache: parking_lot::Mutex<HashMap<Box<str>, Verified>>,
+}
+
+/// Tokens kept verified per route; the map is emptied when full.
+const TOKEN_CACHE: usize = 10_000;
+
+#[derive(Debug)]
+struct Verified {
+    identity: Arc<Identity>,
+    exp: u64,
+    nbf: u64,
+    /// The JWKS generation the token was verified against (a key change re-verifies).
+    generation: u64,
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 fn compile_jwt(spec: &JwtSpec) -> Result<Jwt, ValidationError> {
@@ -169,6 +188,8 @@ fn compile_jwt(spec: &JwtSpec) -> Result<Jwt, ValidationError> {
         consumer_claim: spec.consumer_claim.clone().unwrap_or_else(|| "sub".into()),
         query: spec.query.clone(),
         cookie: spec.cookie.clone(),
+        leeway: leeway.as_secs(),
+        cache: Default::default(),
     })
 }
 
@@ -229,39 +250,44 @@ impl Auth {
         self.jwt.as_ref().map(|_| &header::AUTHORIZATION).into_iter().chain(self.api_key.as_ref().map(|(h, _)| h))
     }
 
-    pub async fn check(&self, p: &Presented<'_>, consumers: &Consumers) -> Result<Identity, Denied> {
+    pub async fn check(&self, p: &Presented<'_>, consumers: &Consumers) -> Result<Arc<Identity>, Denied> {
         let id = self.authenticate(p, consumers).await?;
         if !self.consumers.is_empty() && !id.consumer.as_ref().is_some_and(|c| self.consumers.contains(c)) {
             let who = id.consumer.as_deref().unwrap_or("an anonymous caller");
             return Err(Denied::Forbidden(format!("consumer {who:?} is not allowed on this route")));
         }
-        if let Some(missing) = self.scopes.iter().find(|s| !id.scopes.contains(s)) {
+        // The consumer's stored scopes count too (looked up now: they may have changed since a
+        // cached token was verified).
+        let stored = id.consumer.as_ref().and_then(|c| consumers.by_name.get(c));
+        if let Some(missing) = self.scopes.iter().find(|s| !id.scopes.contains(s) && !stored.is_some_and(|c| c.scopes.contains(s))) {
             return Err(Denied::Forbidden(format!("scope {missing:?} is required")));
         }
         Ok(id)
     }
 
-    async fn authenticate(&self, p: &Presented<'_>, consumers: &Consumers) -> Result<Identity, Denied> {
+    async fn authenticate(&self, p: &Presented<'_>, consumers: &Consumers) -> Result<Arc<Identity>, Denied> {
         let mut failure = None;
         if self.mtls {
             if let Some(cn) = p.client_cn {
-                let scopes = consumers.by_name.get(cn).map(|c| c.scopes.clone()).unwrap_or_default();
-                return Ok(Identity { consumer: Some(cn.to_string()), scopes, headers: vec![] });
+                return Ok(Arc::new(Identity { consumer: Some(cn.to_string()), scopes: vec![], headers: vec![] }));
             }
         }
         if let Some((h, q)) = &self.api_key {
             let presented = p.headers.get(h).and_then(|v| v.to_str().ok()).or_else(|| q.as_deref().and_then(|q| query_param(p.uri, q)));
             if let Some(key) = presented {
                 match consumers.by_key.get(&api_key_digest(key)) {
-                    Some(c) => return Ok(Identity { consumer: Some(c.name.clone()), scopes: c.scopes.clone(), headers: vec![] }),
+                    Some(c) => return Ok(Arc::new(Identity { consumer: Some(c.name.clone()), scopes: vec![], headers: vec![] })),
                     None => failure = Some("the API key is not known".to_string()),
                 }
             }
         }
         if let Some(jwt) = &self.jwt {
             if let Some(token) = jwt.token(p) {
+                if let Some(id) = jwt.cached(token) {
+                    return Ok(id);
+                }
                 match jwt.verify(token).await {
-                    Ok(claims) => return Ok(jwt.identity(&claims, consumers)),
+                    Ok(claims) => return Ok(jwt.remember(token, &claims)),
                     Err(e) => failure = Some(e),
                 }
             }
@@ -303,6 +329,36 @@ impl Jwt {
             scheme.eq_ignore_ascii_case("bearer").then(|| t.trim())
         });
         from_header.or_else(|| self.query.as_deref().and_then(|q| query_param(p.uri, q))).or_else(|| self.cookie.as_deref().and_then(|c| cookie(p.headers, c)))
+    }
+
+    fn generation(&self) -> Option<u64> {
+        match self.jwks.get() {
+            None => Some(0),
+            // A JWKS due for its refresh is checked again (by verifying).
+            Some(j) => (!j.stale(self.jwks_refresh)).then(|| j.generation.load(std::sync::atomic::Ordering::Acquire)),
+        }
+    }
+
+    /// The identity of a token verified before, while it is still inside its time window and
+    /// the keys it was verified with are unchanged.
+    fn cached(&self, token: &str) -> Option<Arc<Identity>> {
+        let generation = self.generation()?;
+        let now = unix_now();
+        let cache = self.cache.lock();
+        let v = cache.get(token)?;
+        (v.generation == generation && now < v.exp.saturating_add(self.leeway) && now.saturating_add(self.leeway) >= v.nbf).then(|| v.identity.clone())
+    }
+
+    fn remember(&self, token: &str, claims: &Map<String, Value>) -> Arc<Identity> {
+        let identity = Arc::new(self.identity(claims));
+        let (Some(exp), Some(generation)) = (claims.get("exp").and_then(Value::as_u64), self.generation()) else { return identity };
+        let nbf = claims.get("nbf").and_then(Value::as_u64).unwrap_or(0);
+        let mut cache = self.cache.lock();
+        if cache.len() >= TOKEN_CACHE {
+            cache.clear();
+        }
+        cache.insert(token.into(), Verified { identity: identity.clone(), exp, nbf, generation });
+        identity
     }
 
     /// The token's claims when its signature, algorithm, time window, issuer and audience check out.
@@ -355,17 +411,14 @@ impl Jwt {
         })
     }
 
-    fn identity(&self, claims: &Map<String, Value>, consumers: &Consumers) -> Identity {
+    fn identity(&self, claims: &Map<String, Value>) -> Identity {
         let consumer = claims.get(&self.consumer_claim).and_then(Value::as_str).map(str::to_string);
         // OAuth: `scope` is a space-separated string, `scp` often a list.
-        let mut scopes: Vec<String> = match claims.get("scope").or_else(|| claims.get("scp")) {
+        let scopes: Vec<String> = match claims.get("scope").or_else(|| claims.get("scp")) {
             Some(Value::String(s)) => s.split(' ').filter(|s| !s.is_empty()).map(str::to_string).collect(),
             Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).map(str::to_string).collect(),
             _ => vec![],
         };
-        if let Some(c) = consumer.as_ref().and_then(|c| consumers.by_name.get(c)) {
-            scopes.extend(c.scopes.iter().cloned());
-        }
         let headers = self
             .claims_to_headers
             .iter()
@@ -394,6 +447,8 @@ pub struct Jwks {
     fetched: parking_lot::Mutex<Option<Instant>>,
     fetching: tokio::sync::Mutex<()>,
     pub fetches: std::sync::atomic::AtomicU64,
+    /// Bumped whenever a fetch brings keys (cached verifications of older generations lapse).
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl Jwks {
@@ -404,7 +459,12 @@ impl Jwks {
             fetched: parking_lot::Mutex::new(None),
             fetching: tokio::sync::Mutex::new(()),
             fetches: Default::default(),
+            generation: Default::default(),
         }
+    }
+
+    fn stale(&self, refresh: Duration) -> bool {
+        self.fetched.lock().is_none_or(|t| t.elapsed() >= refresh)
     }
 
     async fn current(&self, refresh: Duration) -> Arc<Vec<Key>> {
@@ -446,6 +506,7 @@ impl Jwks {
             Ok(keys) => {
                 tracing::info!(url = %self.url, keys = keys.len(), "JWKS loaded");
                 self.keys.store(Arc::new(keys));
+                self.generation.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
             }
             Err(e) => tracing::warn!(url = %self.url, error = %e, "JWKS fetch failed; keeping the last keys"),
         }
@@ -526,7 +587,7 @@ mod tests {
         jsonwebtoken::get_current_timestamp()
     }
 
-    async fn check(a: &Auth, bearer: &str) -> Result<Identity, Denied> {
+    async fn check(a: &Auth, bearer: &str) -> Result<Arc<Identity>, Denied> {
         let mut h = HeaderMap::new();
         h.insert(header::AUTHORIZATION, HeaderValue::from_str(&format!("Bearer {bearer}")).unwrap());
         let uri: Uri = "/x".parse().unwrap();
@@ -540,6 +601,13 @@ mod tests {
         let id = check(&a, &token(good.clone(), "0123456789abcdef0123456789abcdef")).await.unwrap();
         assert_eq!(id.consumer.as_deref(), Some("alice"));
         assert_eq!(id.headers[0].1, "alice");
+        // Verified once, then served from the cache; a token differing in one byte is not.
+        assert_eq!(a.jwt.as_ref().unwrap().cache.lock().len(), 1);
+        let again = check(&a, &token(good.clone(), "0123456789abcdef0123456789abcdef")).await.unwrap();
+        assert!(Arc::ptr_eq(&id, &again));
+        let mut forged = token(good.clone(), "0123456789abcdef0123456789abcdef");
+        forged.push('A');
+        assert!(matches!(check(&a, &forged).await, Err(Denied::Unauthorized(_))));
         for (claims, secret, want) in [
             (serde_json::json!({"sub": "a", "iss": "me", "aud": "api", "exp": now() - 120}), "0123456789abcdef0123456789abcdef", "expired"),
             (serde_json::json!({"sub": "a", "iss": "you", "aud": "api", "exp": now() + 60}), "0123456789abcdef0123456789abcdef", "issuer"),

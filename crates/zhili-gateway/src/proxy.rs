@@ -351,7 +351,7 @@ pub async fn handle(gw: Arc<Gateway>, mut req: Request<Incoming>, peer: &Peer) -
                     }
                 }
             };
-            if let Some(mut r) = limited(&gw, &route, &req, peer, identity.as_ref()) {
+            if let Some(mut r) = limited(&gw, &route, &req, peer, identity.as_deref()) {
                 apply_ops(r.headers_mut(), &route.spec.response_headers);
                 break 'answer (r, None);
             }
@@ -380,7 +380,7 @@ pub async fn handle(gw: Arc<Gateway>, mut req: Request<Incoming>, peer: &Peer) -
                         tls: peer.tls,
                         hash_key: key,
                         request_id: &request_id,
-                        identity: identity.as_ref(),
+                        identity: identity.as_deref(),
                     };
                     let (mut resp, used) = forward(call, req, on_upgrade).await;
                     resp.headers_mut().insert("x-request-id", request_id);
