@@ -289,7 +289,8 @@ where
     addr
 }
 
-/// An upstream for gateway tests: answers `"{name} {path}"` with the status in `status` (after
+/// An upstream for gateway tests: answers `"{name} {path}"` (plus `" {length} {byte sum}"` of a
+/// request body) with the status in `status` (after
 /// `delay_ms`), counts hits, keeps the last request's headers, echoes bytes after a WebSocket
 /// upgrade, and can be stopped like a killed process (listener and open connections closed).
 pub struct Upstream {
@@ -353,7 +354,14 @@ impl Upstream {
                                         .expect("response"),
                                 );
                             }
-                            let body = format!("{name} {}", req.uri().path());
+                            let path = req.uri().path().to_string();
+                            // A request body is acknowledged by its length and byte sum.
+                            let got = http_body_util::BodyExt::collect(req.into_body()).await.map(|c| c.to_bytes()).unwrap_or_default();
+                            let body = if got.is_empty() {
+                                format!("{name} {path}")
+                            } else {
+                                format!("{name} {path} {} {}", got.len(), got.iter().map(|b| u64::from(*b)).sum::<u64>())
+                            };
                             Ok(Response::builder().status(status.load(Ordering::Relaxed)).body(Full::new(Bytes::from(body))).expect("response"))
                         }
                     });

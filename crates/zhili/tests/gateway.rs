@@ -615,4 +615,23 @@ async fn oversized_bodies_and_heads_are_refused() {
     assert_eq!(up.hits.load(Ordering::Relaxed), hits);
     // Still serving.
     assert_eq!(get(&gw_client(&s), "/big/x", &[]).await.0, StatusCode::OK);
+
+    // Bodies arrive whole: a small one (read first, sent with the head in one write), a large
+    // one (streamed), and one without a length (chunked).
+    let gw = gw_client(&s);
+    for size in [10usize, 60 * 1024, 300 * 1024] {
+        let body: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+        let sum: u64 = body.iter().map(|b| u64::from(*b)).sum();
+        let req = http::Request::post("/big/upload").body(bytes::Bytes::from(body)).unwrap();
+        let r = gw.send_request(req, Duration::from_secs(10)).await.unwrap();
+        assert_eq!(String::from_utf8_lossy(&r.body), format!("big /big/upload {size} {sum}"));
+    }
+    let mut tcp = tokio::net::TcpStream::connect(s.gateway.unwrap()).await.unwrap();
+    tcp.write_all(b"POST /big/chunked HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+        .await
+        .unwrap();
+    let mut resp = String::new();
+    tcp.read_to_string(&mut resp).await.unwrap();
+    let sum: u64 = b"hello world".iter().map(|b| u64::from(*b)).sum();
+    assert!(resp.starts_with("HTTP/1.1 200") && resp.ends_with(&format!("big /big/chunked 11 {sum}")), "{resp}");
 }
