@@ -27,6 +27,8 @@ const MAX_HEADERS: usize = 128;
 /// one write); larger or open-ended ones stream.
 pub const COLLECT_BELOW: u64 = 64 * 1024;
 const READ_CHUNK: usize = 16 * 1024;
+/// A streamed answer body that sends nothing for this long is cut off.
+pub const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// One upstream connection with what was read past the last answer.
 #[derive(Debug)]
@@ -93,6 +95,9 @@ impl Conn {
                 let mut resp = httparse::Response::new(&mut headers);
                 let _ = resp.parse(&head);
                 let (parts, framing, keep_alive) = parse_head(&resp, &head, head_request).map_err(|e| failed(e, true))?;
+                if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+                    return Err(failed("switched protocols without being asked to", true));
+                }
                 if parts.status.is_informational() {
                     continue;
                 }
@@ -106,6 +111,14 @@ impl Conn {
                 Ok(_) => answered = true,
                 Err(e) => return Err(failed(e, answered)),
             }
+        }
+    }
+
+    /// Reads more of a streamed body, within [`BODY_IDLE_TIMEOUT`].
+    async fn fill_body(&mut self) -> Result<usize, String> {
+        match tokio::time::timeout(BODY_IDLE_TIMEOUT, self.fill()).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err(format!("sent nothing for {BODY_IDLE_TIMEOUT:?} inside a body")),
         }
     }
 
@@ -130,15 +143,16 @@ impl Conn {
             if self.buf.len() > 4096 {
                 return Err("sent a chunk line over 4 KiB".into());
             }
-            if self.fill().await.map_err(|e| e.to_string())? == 0 {
+            if self.fill_body().await? == 0 {
                 return Err("closed the connection inside a chunked body".into());
             }
         }
     }
 
-    /// Up to `max` bytes that are already here or arrive next; empty at end of stream.
+    /// Up to `max` bytes that are already here or arrive next (within [`BODY_IDLE_TIMEOUT`]);
+    /// empty at end of stream.
     async fn some(&mut self, max: usize) -> Result<Bytes, String> {
-        if self.buf.is_empty() && self.fill().await.map_err(|e| e.to_string())? == 0 {
+        if self.buf.is_empty() && self.fill_body().await? == 0 {
             return Ok(Bytes::new());
         }
         let n = self.buf.len().min(max);
