@@ -33,6 +33,7 @@ pub struct ServerProcess {
     pub data_dir: PathBuf,
     bin: PathBuf,
     args: Vec<String>,
+    env: Vec<(String, String)>,
     _tmp: Option<tempfile::TempDir>,
     /// Lines the server printed on stdout after the address line (drained by a thread).
     pub output: Arc<std::sync::Mutex<Vec<String>>>,
@@ -48,6 +49,16 @@ impl ServerProcess {
         s
     }
 
+    /// Like [`Self::start`], with extra environment variables for the server process.
+    pub fn start_with_env(bin: &Path, extra: &[&str], env: &[(&str, &str)]) -> Self {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let data_dir = tmp.path().join("data");
+        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut s = Self::launch(bin, &data_dir, "127.0.0.1:0", extra, env);
+        s._tmp = Some(tmp);
+        s
+    }
+
     /// Starts a server on an existing data dir (for restart tests).
     pub fn start_in(bin: &Path, data_dir: &Path, extra: &[&str]) -> Self {
         Self::start_at(bin, data_dir, "127.0.0.1:0", extra)
@@ -56,6 +67,10 @@ impl ServerProcess {
     /// Starts a server on a fixed API address, so a restart comes back where clients expect it.
     /// DNS and the Nacos listeners take free ports too (`127.0.0.1:0`) unless `extra` names them.
     pub fn start_at(bin: &Path, data_dir: &Path, api_addr: &str, extra: &[&str]) -> Self {
+        Self::launch(bin, data_dir, api_addr, extra, vec![])
+    }
+
+    fn launch(bin: &Path, data_dir: &Path, api_addr: &str, extra: &[&str], env: Vec<(String, String)>) -> Self {
         let mut args: Vec<String> = vec!["--api-addr".into(), api_addr.into()];
         for flag in LISTENER_FLAGS {
             if !extra.contains(&flag) {
@@ -63,7 +78,7 @@ impl ServerProcess {
             }
         }
         args.extend(extra.iter().map(|s| s.to_string()));
-        let (child, addrs, output) = spawn(bin, data_dir, &args);
+        let (child, addrs, output) = spawn(bin, data_dir, &args, &env);
         Self {
             child,
             api: addrs.api.expect("api address"),
@@ -74,6 +89,7 @@ impl ServerProcess {
             data_dir: data_dir.to_path_buf(),
             bin: bin.to_path_buf(),
             args,
+            env,
             _tmp: None,
             output,
         }
@@ -125,7 +141,7 @@ impl ServerProcess {
                 self.args[pos + 1] = addr.to_string();
             }
         }
-        let (child, addrs, output) = spawn(&self.bin, &self.data_dir, &self.args);
+        let (child, addrs, output) = spawn(&self.bin, &self.data_dir, &self.args, &self.env);
         self.child = child;
         self.api = addrs.api.expect("api address");
         self.dns = addrs.dns;
@@ -174,13 +190,14 @@ fn listening_line(line: &str, addrs: &mut Addrs) -> bool {
     true
 }
 
-fn spawn(bin: &Path, data_dir: &Path, extra: &[String]) -> Spawned {
+fn spawn(bin: &Path, data_dir: &Path, extra: &[String], env: &[(String, String)]) -> Spawned {
     let mut child = Command::new(bin)
         .arg("server")
         .arg("--data-dir")
         .arg(data_dir)
         .args(extra)
         .env("ZHILI_LOG_LEVEL", "warn")
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()

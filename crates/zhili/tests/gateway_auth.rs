@@ -393,11 +393,23 @@ async fn https_get(
     sni: &str,
     path: &str,
 ) -> Result<(String, Option<String>), std::io::Error> {
+    https_get_with(addr, connector, sni, path, "").await
+}
+
+/// The same with a bearer token (none when empty).
+async fn https_get_with(
+    addr: std::net::SocketAddr,
+    connector: &tokio_rustls::TlsConnector,
+    sni: &str,
+    path: &str,
+    token: &str,
+) -> Result<(String, Option<String>), std::io::Error> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let tcp = tokio::net::TcpStream::connect(addr).await?;
     let mut tls = connector.connect(rustls::pki_types::ServerName::try_from(sni.to_string()).unwrap(), tcp).await?;
     let cn = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| zhili_gateway::auth::common_name(c));
-    tls.write_all(format!("GET {path} HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+    let auth = if token.is_empty() { String::new() } else { format!("Authorization: Bearer {token}\r\n") };
+    tls.write_all(format!("GET {path} HTTP/1.1\r\nHost: {sni}\r\n{auth}Connection: close\r\n\r\n").as_bytes()).await?;
     let mut resp = String::new();
     tls.read_to_string(&mut resp).await?;
     Ok((resp, cn))
@@ -416,7 +428,12 @@ async fn tls_certificates_by_sni_h2_over_tls_and_mtls() {
     let path = |p: &PathBuf| p.to_str().unwrap().to_string();
     let certs = format!("{},{}", path(&a.0), path(&b.0));
     let keys = format!("{},{}", path(&a.1), path(&b.1));
-    let s = ServerProcess::start(bin(), &["--dev", "--gateway-tls-cert", &certs, "--gateway-tls-key", &keys, "--gateway-client-ca", ca.to_str().unwrap()]);
+    // The server trusts the test CA for outgoing HTTPS (the JWKS below), as it would a company CA.
+    let s = ServerProcess::start_with_env(
+        bin(),
+        &["--dev", "--gateway-tls-cert", &certs, "--gateway-tls-key", &keys, "--gateway-client-ca", ca.to_str().unwrap()],
+        &[("SSL_CERT_FILE", ca.to_str().unwrap())],
+    );
     let api = client(&s, None);
     let up = Upstream::start("api-1").await;
     register(&api, "orders", &up, &[]).await;
@@ -470,4 +487,47 @@ async fn tls_certificates_by_sni_h2_over_tls_and_mtls() {
         Err(_) => {}
         Ok((resp, _)) => assert!(resp.is_empty(), "a certificate of an unknown CA was accepted: {resp}"),
     }
+
+    // A JWKS served over HTTPS: fetched when its certificate chains to a trusted CA, refused
+    // (and so are the tokens) when it does not.
+    let key = es256_key(dir.path(), "tls-k1");
+    let good = https_document(pki.leaf("ca", "localhost", "subjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth"), jwks(&[&key])).await;
+    let bad = https_document(pki.leaf("rogue-ca", "jwks-rogue", "subjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth"), jwks(&[&key])).await;
+    for (name, port) in [("j", good), ("r", bad)] {
+        let route = json!({"path_prefix": format!("/{name}/"), "service": "orders", "auth": {"jwt": {"jwks_url": format!("https://localhost:{port}/jwks")}}});
+        put_route(&api, name, &route.to_string()).await;
+    }
+    let token = sign(&key, json!({"sub": "tls-user", "exp": now() + 300}));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (resp, _) = https_get_with(addr, &plain, "a.test", "/j/x", &token).await.unwrap();
+        if resp.starts_with("HTTP/1.1 200") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{resp}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (resp, _) = https_get_with(addr, &plain, "a.test", "/r/x", &token).await.unwrap();
+    assert!(resp.starts_with("HTTP/1.1 401") && resp.contains("no ES256 key"), "{resp}");
+}
+
+/// A JWKS document served over HTTPS on 127.0.0.1 with the given certificate; returns the port.
+async fn https_document((cert, key): (PathBuf, PathBuf), body: String) -> u16 {
+    let acceptor = zhili_gateway::tls::acceptor(&[(cert, key)], None).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, body) = (acceptor.clone(), body.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                let svc = hyper::service::service_fn(move |_req| {
+                    let body = body.clone();
+                    async move { Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(bytes::Bytes::from(body)))) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(tls), svc).await;
+            });
+        }
+    });
+    port
 }
