@@ -3,6 +3,7 @@
 //! request that fails gets 401 (no or bad credentials) or 403 (known caller, not allowed) and
 //! never reaches the upstream.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -213,11 +214,32 @@ pub fn compile(spec: &AuthSpec) -> Result<Auth, ValidationError> {
     })
 }
 
-fn query_param<'a>(uri: &'a Uri, name: &str) -> Option<&'a str> {
+/// A query parameter's value, percent-decoded.
+fn query_param(uri: &Uri, name: &str) -> Option<String> {
     uri.query()?.split('&').find_map(|kv| {
         let (k, v) = kv.split_once('=')?;
-        (k == name).then_some(v)
+        (k == name).then(|| percent_decode(v))
     })
+}
+
+fn percent_decode(v: &str) -> String {
+    let b = v.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = (b[i] == b'%').then(|| b.get(i + 1..i + 3)).flatten().filter(|h| h.iter().all(u8::is_ascii_hexdigit));
+        match hex.and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok()) {
+            Some(x) => {
+                out.push(x);
+                i += 3;
+            }
+            None => {
+                out.push(if b[i] == b'+' { b' ' } else { b[i] });
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn cookie<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -250,6 +272,41 @@ impl Auth {
         self.jwt.as_ref().map(|_| &header::AUTHORIZATION).into_iter().chain(self.api_key.as_ref().map(|(h, _)| h))
     }
 
+    /// The query parameters and cookies that may carry a credential.
+    fn credential_params(&self) -> (Vec<&str>, Option<&str>) {
+        let params = self.api_key.as_ref().and_then(|(_, q)| q.as_deref()).into_iter().chain(self.jwt.as_ref().and_then(|j| j.query.as_deref())).collect();
+        (params, self.jwt.as_ref().and_then(|j| j.cookie.as_deref()))
+    }
+
+    /// With `hide_credentials`: `query` without the credential parameters, and `headers` without
+    /// the credential headers and cookie.
+    pub fn hide(&self, query: Option<&str>, headers: &mut HeaderMap) -> Option<String> {
+        for h in self.credential_headers() {
+            headers.remove(h);
+        }
+        let (params, cookie_name) = self.credential_params();
+        if let Some(name) = cookie_name {
+            let kept: Vec<String> = headers
+                .get_all(header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(';'))
+                .map(str::trim)
+                .filter(|kv| !kv.is_empty() && kv.split_once('=').is_none_or(|(k, _)| k != name))
+                .map(str::to_string)
+                .collect();
+            headers.remove(header::COOKIE);
+            if let Ok(v) = HeaderValue::from_str(&kept.join("; ")) {
+                if !kept.is_empty() {
+                    headers.insert(header::COOKIE, v);
+                }
+            }
+        }
+        let q = query?;
+        let kept: Vec<&str> = q.split('&').filter(|kv| !params.contains(&kv.split_once('=').map_or(*kv, |(k, _)| k))).collect();
+        Some(kept.join("&"))
+    }
+
     pub async fn check(&self, p: &Presented<'_>, consumers: &Consumers) -> Result<Arc<Identity>, Denied> {
         let id = self.authenticate(p, consumers).await?;
         if !self.consumers.is_empty() && !id.consumer.as_ref().is_some_and(|c| self.consumers.contains(c)) {
@@ -273,9 +330,10 @@ impl Auth {
             }
         }
         if let Some((h, q)) = &self.api_key {
-            let presented = p.headers.get(h).and_then(|v| v.to_str().ok()).or_else(|| q.as_deref().and_then(|q| query_param(p.uri, q)));
+            let presented =
+                p.headers.get(h).and_then(|v| v.to_str().ok()).map(Cow::Borrowed).or_else(|| q.as_deref().and_then(|q| query_param(p.uri, q)).map(Cow::Owned));
             if let Some(key) = presented {
-                match consumers.by_key.get(&api_key_digest(key)) {
+                match consumers.by_key.get(&api_key_digest(&key)) {
                     Some(c) => return Ok(Arc::new(Identity { consumer: Some(c.name.clone()), scopes: vec![], headers: vec![] })),
                     None => failure = Some("the API key is not known".to_string()),
                 }
@@ -283,11 +341,11 @@ impl Auth {
         }
         if let Some(jwt) = &self.jwt {
             if let Some(token) = jwt.token(p) {
-                if let Some(id) = jwt.cached(token) {
+                if let Some(id) = jwt.cached(&token) {
                     return Ok(id);
                 }
-                match jwt.verify(token).await {
-                    Ok(claims) => return Ok(jwt.remember(token, &claims)),
+                match jwt.verify(&token).await {
+                    Ok(claims) => return Ok(jwt.remember(&token, &claims)),
                     Err(e) => failure = Some(e),
                 }
             }
@@ -323,12 +381,15 @@ fn describe(e: &jsonwebtoken::errors::Error) -> String {
 }
 
 impl Jwt {
-    fn token<'a>(&self, p: &Presented<'a>) -> Option<&'a str> {
+    fn token<'a>(&self, p: &Presented<'a>) -> Option<Cow<'a, str>> {
         let from_header = p.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| {
             let (scheme, t) = v.split_once(' ')?;
             scheme.eq_ignore_ascii_case("bearer").then(|| t.trim())
         });
-        from_header.or_else(|| self.query.as_deref().and_then(|q| query_param(p.uri, q))).or_else(|| self.cookie.as_deref().and_then(|c| cookie(p.headers, c)))
+        from_header
+            .map(Cow::Borrowed)
+            .or_else(|| self.query.as_deref().and_then(|q| query_param(p.uri, q)).map(Cow::Owned))
+            .or_else(|| self.cookie.as_deref().and_then(|c| cookie(p.headers, c)).map(Cow::Borrowed))
     }
 
     fn generation(&self) -> Option<u64> {
@@ -642,6 +703,25 @@ mod tests {
         assert!(check(&a, &token(claims("alice", "orders:read orders:write"), s)).await.is_ok());
         assert!(matches!(check(&a, &token(claims("bob", "orders:read"), s)).await, Err(Denied::Forbidden(m)) if m.contains("bob")));
         assert!(matches!(check(&a, &token(claims("alice", "orders:write"), s)).await, Err(Denied::Forbidden(m)) if m.contains("orders:read")));
+    }
+
+    #[test]
+    fn hidden_credentials_leave_nothing_behind() {
+        let spec: AuthSpec = serde_json::from_str(
+            r#"{"api_key": {"query": "apikey"}, "jwt": {"keys": [{"alg": "HS256", "secret": "0123456789abcdef0123456789abcdef"}],
+                "query": "token", "cookie": "jwt"}, "hide_credentials": true}"#,
+        )
+        .unwrap();
+        let a = compile(&spec).unwrap();
+        let mut h = HeaderMap::new();
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer x"));
+        h.insert("x-api-key", HeaderValue::from_static("k"));
+        h.insert(header::COOKIE, HeaderValue::from_static("a=1; jwt=secret; b=2"));
+        let q = a.hide(Some("x=1&apikey=k&token=t&y=2"), &mut h);
+        assert_eq!(q.as_deref(), Some("x=1&y=2"));
+        assert!(!h.contains_key(header::AUTHORIZATION) && !h.contains_key("x-api-key"));
+        assert_eq!(h.get(header::COOKIE).unwrap(), "a=1; b=2");
+        assert_eq!(percent_decode("a%2Bb+c%zz%4"), "a+b c%zz%4");
     }
 
     #[test]

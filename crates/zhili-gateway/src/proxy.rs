@@ -559,15 +559,14 @@ async fn forward_inner(
     headers.insert("x-request-id", request_id.clone());
     headers.insert("traceparent", trace);
     apply_ops(&mut headers, &route.spec.request_headers);
+    let mut hidden_query = None;
     if let Some(auth) = &route.auth {
         // What the gateway asserts about the caller replaces anything the client sent.
         for h in auth.identity_headers() {
             headers.remove(h);
         }
         if auth.hide_credentials {
-            for h in auth.credential_headers() {
-                headers.remove(h);
-            }
+            hidden_query = auth.hide(parts.uri.query(), &mut headers);
         }
         if let Some(id) = identity {
             if let Some(v) = id.consumer.as_deref().and_then(|c| HeaderValue::from_str(c).ok()) {
@@ -599,9 +598,9 @@ async fn forward_inner(
     route.budget.deposit();
     let path_q = {
         let p = route.upstream_path(parts.uri.path());
-        match parts.uri.query() {
-            Some(q) => format!("{p}?{q}"),
-            None => p,
+        match hidden_query.as_deref().or(parts.uri.query()) {
+            Some(q) if !q.is_empty() => format!("{p}?{q}"),
+            _ => p,
         }
     };
     // The common case goes through our own HTTP/1.1 client, encoded once for every try.
