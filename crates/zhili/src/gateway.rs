@@ -144,7 +144,8 @@ pub struct GatewayArgs {
     /// The server to follow routes and endpoints from.
     #[arg(long, env = "ZHILI_SERVER", default_value = "http://127.0.0.1:8500")]
     server: String,
-    /// ACL token with read access to routes and services.
+    /// ACL token: read on routes, consumers and services; write on services to report passive
+    /// health (ejections, breaker transitions).
     #[arg(long, env = "ZHILI_TOKEN", hide_env_values = true)]
     token: Option<String>,
     /// Where the gateway listens.
