@@ -36,6 +36,16 @@ pub use table::{compile, Route, Table, Target};
 
 /// How long one discovery call may block waiting for a change.
 pub const DISCOVERY_WAIT: Duration = Duration::from_secs(30);
+/// Blocking reads return at once while nothing was ever written (version 0: a fresh store, a
+/// service never registered); the followers then poll at this pace instead of spinning.
+pub const NOTHING_YET_POLL: Duration = Duration::from_millis(50);
+
+async fn pace(version: u64) {
+    if version == 0 {
+        tokio::time::sleep(NOTHING_YET_POLL).await;
+    }
+}
+
 /// How long a new route waits for the endpoints of a service new to the gateway.
 pub const POOL_READY_WAIT: Duration = Duration::from_secs(2);
 
@@ -170,6 +180,8 @@ pub struct Gateway {
     pub client: proxy::Upstreams,
     passive: broadcast::Sender<PassiveHealth>,
     pub consumers: ArcSwap<Consumers>,
+    /// Set once the consumers were loaded (routes with API keys wait for it, bounded).
+    consumers_ready: std::sync::atomic::AtomicBool,
     /// JWKS caches by URL, shared by the routes naming them.
     jwks: parking_lot::Mutex<HashMap<String, Arc<auth::Jwks>>>,
 }
@@ -185,6 +197,7 @@ impl Gateway {
             stats: Stats::default(),
             passive: broadcast::channel(1024).0,
             consumers: ArcSwap::from_pointee(Consumers::default()),
+            consumers_ready: Default::default(),
             jwks: Default::default(),
         })
     }
@@ -309,6 +322,7 @@ pub async fn follow(gw: Arc<Gateway>, discover: Arc<dyn Discover>) {
                 // the version also moves with unrelated writes.
                 if (v == version && version != 0) || last.as_ref() == Some(&routes) {
                     version = v;
+                    pace(v).await;
                     continue;
                 }
                 version = v;
@@ -318,9 +332,11 @@ pub async fn follow(gw: Arc<Gateway>, discover: Arc<dyn Discover>) {
                     tokio::spawn(follow_endpoints(pool.clone(), discover.clone()));
                 }
                 // A route to a service new to the gateway goes live once its endpoints are
-                // known (or after a bound), so the switch costs no request a 503.
+                // known (or after a bound), so the switch costs no request a 503; likewise
+                // the first routes wait for the consumers their API keys belong to.
                 let deadline = tokio::time::Instant::now() + POOL_READY_WAIT;
-                while fresh.iter().any(|p| !p.ready.load(Ordering::Acquire)) && tokio::time::Instant::now() < deadline {
+                let waiting = || fresh.iter().any(|p| !p.ready.load(Ordering::Acquire)) || !gw.consumers_ready.load(Ordering::Acquire);
+                while waiting() && tokio::time::Instant::now() < deadline {
                     tokio::time::sleep(Duration::from_millis(2)).await;
                 }
                 gw.install(table, &wanted);
@@ -341,10 +357,12 @@ async fn follow_consumers(gw: Arc<Gateway>, discover: Arc<dyn Discover>) {
         match discover.consumers(version, DISCOVERY_WAIT).await {
             Ok((v, list)) => {
                 backoff = Duration::from_millis(100);
-                if v != version || version == 0 {
+                if v != version || !gw.consumers_ready.load(Ordering::Acquire) {
                     version = v;
                     gw.consumers.store(Arc::new(Consumers::new(list)));
+                    gw.consumers_ready.store(true, Ordering::Release);
                 }
+                pace(v).await;
             }
             Err(e) => {
                 tracing::warn!(error = %e, "consumer discovery failed; keeping the last consumers");
@@ -368,6 +386,7 @@ async fn follow_endpoints(pool: Arc<Pool>, discover: Arc<dyn Discover>) {
                     version = v;
                     pool.update(endpoints);
                 }
+                pace(v).await;
             }
             Ok(Err(e)) => {
                 tracing::warn!(service = %pool.service, error = %e, "endpoint discovery failed; serving the last endpoints");
@@ -471,13 +490,57 @@ mod tests {
             tokio::time::sleep(wait).await;
             Ok((1, vec![]))
         }
-        async fn consumers(&self, _version: u64, wait: Duration) -> Result<(u64, Vec<(String, ConsumerSpec)>), String> {
-            tokio::time::sleep(wait).await;
+        async fn consumers(&self, version: u64, wait: Duration) -> Result<(u64, Vec<(String, ConsumerSpec)>), String> {
+            if version != 0 {
+                tokio::time::sleep(wait).await;
+            }
             Ok((1, vec![]))
         }
         async fn report(&self, _passive: &PassiveHealth) -> Result<(), String> {
             Ok(())
         }
+    }
+
+    /// Discovery of a store nothing was written to: every answer is version 0, at once.
+    #[derive(Default)]
+    struct Fresh {
+        calls: AtomicU64,
+    }
+
+    #[async_trait]
+    impl Discover for Fresh {
+        async fn routes(&self, _version: u64, _wait: Duration) -> Result<(u64, Vec<(String, RouteSpec)>), String> {
+            self.calls.fetch_add(1, Ordering::Relaxed);
+            Ok((0, vec![("r".into(), serde_json::from_str(r#"{"path": "/x", "service": "nobody"}"#).unwrap())]))
+        }
+        async fn endpoints(&self, _ns: &str, _service: &str, _version: u64, _wait: Duration) -> Result<(u64, Vec<Endpoint>), String> {
+            self.calls.fetch_add(1, Ordering::Relaxed);
+            Ok((0, vec![]))
+        }
+        async fn consumers(&self, _version: u64, _wait: Duration) -> Result<(u64, Vec<(String, ConsumerSpec)>), String> {
+            self.calls.fetch_add(1, Ordering::Relaxed);
+            Ok((0, vec![]))
+        }
+        async fn report(&self, _passive: &PassiveHealth) -> Result<(), String> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn followers_poll_rather_than_spin_while_nothing_was_written() {
+        let gw = Gateway::new(Options::default());
+        let fresh = Arc::new(Fresh::default());
+        // On a detached thread of its own: a spinning follower would never give it back.
+        let (g, f) = (gw.clone(), fresh.clone());
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(follow(g, f));
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        // Three followers (routes, consumers, one service) at one call per 50 ms each.
+        let calls = fresh.calls.load(Ordering::Relaxed);
+        assert!(calls <= 60, "{calls} discovery calls in 500 ms");
+        assert_eq!(gw.table().routes.len(), 1);
     }
 
     #[tokio::test]
