@@ -216,33 +216,11 @@ pub fn compile(spec: &AuthSpec) -> Result<Auth, ValidationError> {
 
 /// A query parameter's value, percent-decoded.
 fn query_param(uri: &Uri, name: &str) -> Option<String> {
-    uri.query()?.split('&').find_map(|kv| {
-        let (k, v) = kv.split_once('=')?;
-        (k == name).then(|| percent_decode(v))
-    })
+    crate::table::form_pairs(uri.query()?).into_iter().find_map(|(k, v)| (k == name).then_some(v))
 }
 
-fn percent_decode(v: &str) -> String {
-    let b = v.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = (b[i] == b'%').then(|| b.get(i + 1..i + 3)).flatten().filter(|h| h.iter().all(u8::is_ascii_hexdigit));
-        match hex.and_then(|h| u8::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok()) {
-            Some(x) => {
-                out.push(x);
-                i += 3;
-            }
-            None => {
-                out.push(if b[i] == b'+' { b' ' } else { b[i] });
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-fn cookie<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+/// The value of cookie `name`.
+pub(crate) fn cookie<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
     h.get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(';')).find_map(|kv| {
         let (k, v) = kv.trim().split_once('=')?;
         (k == name).then_some(v)
@@ -721,7 +699,7 @@ mod tests {
         assert_eq!(q.as_deref(), Some("x=1&y=2"));
         assert!(!h.contains_key(header::AUTHORIZATION) && !h.contains_key("x-api-key"));
         assert_eq!(h.get(header::COOKIE).unwrap(), "a=1; b=2");
-        assert_eq!(percent_decode("a%2Bb+c%zz%4"), "a+b c%zz%4");
+        assert_eq!(crate::table::percent_decode("a%2Bb+c%zz%4"), "a+b c%zz%4");
     }
 
     #[test]

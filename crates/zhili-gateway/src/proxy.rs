@@ -225,13 +225,7 @@ fn hash_key(route: &Route, req: &Request<Incoming>, peer: SocketAddr) -> Option<
     let mut h = std::collections::hash_map::DefaultHasher::new();
     match route.hash_on.as_ref()? {
         zhili_model::route::HashOn::Header(name) => req.headers().get(name.as_str())?.as_bytes().hash(&mut h),
-        zhili_model::route::HashOn::Cookie(name) => {
-            let cookie = req.headers().get_all(header::COOKIE).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(';')).find_map(|kv| {
-                let (k, v) = kv.trim().split_once('=')?;
-                (k == name).then(|| v.to_string())
-            })?;
-            cookie.hash(&mut h)
-        }
+        zhili_model::route::HashOn::Cookie(name) => crate::auth::cookie(req.headers(), name)?.hash(&mut h),
         zhili_model::route::HashOn::ClientIp(_) => peer.ip().hash(&mut h),
     }
     Some(h.finish())
