@@ -312,8 +312,10 @@ pub(crate) fn percent_decode(s: &str) -> String {
 
 /// A query string's pairs, decoded.
 pub(crate) fn form_pairs(q: &str) -> Vec<(String, String)> {
-    let decode = percent_decode;
-    q.split('&').filter(|p| !p.is_empty()).map(|p| p.split_once('=').map_or_else(|| (decode(p), String::new()), |(k, v)| (decode(k), decode(v)))).collect()
+    q.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| p.split_once('=').map_or_else(|| (percent_decode(p), String::new()), |(k, v)| (percent_decode(k), percent_decode(v))))
+        .collect()
 }
 
 /// All routes, in match order.
