@@ -56,15 +56,20 @@ fn failed(e: impl std::fmt::Display, answered: bool) -> Failure {
     Failure { error: UpstreamError::Failed(e.to_string()), answered }
 }
 
+/// A TCP connection to an upstream (no Nagle), within `timeout`.
+pub async fn connect_tcp(authority: &str, timeout: Duration) -> Result<TcpStream, UpstreamError> {
+    let io = match tokio::time::timeout(timeout, TcpStream::connect(authority)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return Err(UpstreamError::Connect(e.to_string())),
+        Err(_) => return Err(UpstreamError::Connect(format!("no connection within {timeout:?}"))),
+    };
+    let _ = io.set_nodelay(true);
+    Ok(io)
+}
+
 impl Conn {
     pub async fn connect(authority: &str, timeout: Duration) -> Result<Conn, UpstreamError> {
-        let io = match tokio::time::timeout(timeout, TcpStream::connect(authority)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return Err(UpstreamError::Connect(e.to_string())),
-            Err(_) => return Err(UpstreamError::Connect(format!("no connection within {timeout:?}"))),
-        };
-        let _ = io.set_nodelay(true);
-        Ok(Conn { io, buf: BytesMut::with_capacity(READ_CHUNK) })
+        Ok(Conn { io: connect_tcp(authority, timeout).await?, buf: BytesMut::with_capacity(READ_CHUNK) })
     }
 
     /// Reads more; `Ok(0)` at end of stream.

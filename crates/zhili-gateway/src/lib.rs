@@ -40,6 +40,26 @@ pub const DISCOVERY_WAIT: Duration = Duration::from_secs(30);
 /// service never registered); the followers then poll at this pace instead of spinning.
 pub const NOTHING_YET_POLL: Duration = Duration::from_millis(50);
 
+/// Pause after a failed discovery call: 100 ms, doubling to 5 s; a success resets it.
+struct Backoff(Duration);
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(100);
+
+    fn new() -> Self {
+        Self(Self::FIRST)
+    }
+
+    fn reset(&mut self) {
+        self.0 = Self::FIRST;
+    }
+
+    async fn wait(&mut self) {
+        tokio::time::sleep(self.0).await;
+        self.0 = (self.0 * 2).min(Duration::from_secs(5));
+    }
+}
+
 async fn pace(version: u64) {
     if version == 0 {
         tokio::time::sleep(NOTHING_YET_POLL).await;
@@ -313,11 +333,11 @@ pub async fn follow(gw: Arc<Gateway>, discover: Arc<dyn Discover>) {
     tokio::spawn(follow_consumers(gw.clone(), discover.clone()));
     let mut version = 0;
     let mut last: Option<Vec<(String, RouteSpec)>> = None;
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new();
     loop {
         match discover.routes(version, DISCOVERY_WAIT).await {
             Ok((v, routes)) => {
-                backoff = Duration::from_millis(100);
+                backoff.reset();
                 // Unchanged routes keep their compiled state (rate-limit buckets, retry budgets):
                 // the version also moves with unrelated writes.
                 if (v == version && version != 0) || last.as_ref() == Some(&routes) {
@@ -343,8 +363,7 @@ pub async fn follow(gw: Arc<Gateway>, discover: Arc<dyn Discover>) {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "route discovery failed; serving the last routes");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                backoff.wait().await;
             }
         }
     }
@@ -352,11 +371,11 @@ pub async fn follow(gw: Arc<Gateway>, discover: Arc<dyn Discover>) {
 
 async fn follow_consumers(gw: Arc<Gateway>, discover: Arc<dyn Discover>) {
     let mut version = 0;
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new();
     loop {
         match discover.consumers(version, DISCOVERY_WAIT).await {
             Ok((v, list)) => {
-                backoff = Duration::from_millis(100);
+                backoff.reset();
                 if v != version || !gw.consumers_ready.load(Ordering::Acquire) {
                     version = v;
                     gw.consumers.store(Arc::new(Consumers::new(list)));
@@ -366,8 +385,7 @@ async fn follow_consumers(gw: Arc<Gateway>, discover: Arc<dyn Discover>) {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "consumer discovery failed; keeping the last consumers");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                backoff.wait().await;
             }
         }
     }
@@ -375,13 +393,13 @@ async fn follow_consumers(gw: Arc<Gateway>, discover: Arc<dyn Discover>) {
 
 async fn follow_endpoints(pool: Arc<Pool>, discover: Arc<dyn Discover>) {
     let mut version = 0;
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new();
     while !pool.retired.load(Ordering::Relaxed) {
         let answer =
             tokio::time::timeout(DISCOVERY_WAIT + Duration::from_secs(5), discover.endpoints(&pool.namespace, &pool.service, version, DISCOVERY_WAIT)).await;
         match answer {
             Ok(Ok((v, endpoints))) => {
-                backoff = Duration::from_millis(100);
+                backoff.reset();
                 if v != version || !pool.ready.load(Ordering::Acquire) {
                     version = v;
                     pool.update(endpoints);
@@ -390,8 +408,7 @@ async fn follow_endpoints(pool: Arc<Pool>, discover: Arc<dyn Discover>) {
             }
             Ok(Err(e)) => {
                 tracing::warn!(service = %pool.service, error = %e, "endpoint discovery failed; serving the last endpoints");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                backoff.wait().await;
             }
             Err(_) => {}
         }

@@ -749,12 +749,7 @@ impl std::fmt::Display for UpstreamError {
 
 /// Through hyper on a new connection: upgrades (WebSocket) and streamed request bodies.
 async fn send_hyper(ep: &EndpointState, req: Request<Body>, connect_timeout: Duration) -> Result<Response<Incoming>, UpstreamError> {
-    let stream = match tokio::time::timeout(connect_timeout, tokio::net::TcpStream::connect(&ep.authority)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return Err(UpstreamError::Connect(e.to_string())),
-        Err(_) => return Err(UpstreamError::Connect(format!("no connection within {connect_timeout:?}"))),
-    };
-    let _ = stream.set_nodelay(true);
+    let stream = crate::h1::connect_tcp(&ep.authority, connect_timeout).await?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| UpstreamError::Connect(e.to_string()))?;
     tokio::spawn(async move {
         let _ = conn.with_upgrades().await;
