@@ -56,9 +56,7 @@ impl ConsumerSpec {
             return Err(ValidationError::new("scopes", format!("at most {MAX_SCOPES} scopes")));
         }
         for (i, s) in self.scopes.iter().enumerate() {
-            if s.is_empty() || s.len() > 256 || s.bytes().any(|b| b <= 0x20 || b >= 0x7f) {
-                return Err(ValidationError::new(format!("scopes[{i}]"), "must be 1..=256 printable ASCII characters without spaces"));
-            }
+            validate::scope(&format!("scopes[{i}]"), s)?;
         }
         Ok(())
     }

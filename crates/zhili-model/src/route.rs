@@ -232,17 +232,10 @@ impl AuthSpec {
             validate::text(&format!("auth.consumers[{i}]"), c)?;
         }
         for (i, s) in self.scopes.iter().enumerate() {
-            scope(&format!("auth.scopes[{i}]"), s)?;
+            validate::scope(&format!("auth.scopes[{i}]"), s)?;
         }
         Ok(())
     }
-}
-
-fn scope(field: &str, s: &str) -> Result<(), ValidationError> {
-    if s.is_empty() || s.len() > 256 || s.bytes().any(|b| b <= 0x20 || b == 0x7f || b == b'"' || b == b'\\') {
-        return Err(ValidationError::new(field, format!("{s:?} is not a scope (1..=256 printable characters, no spaces)")));
-    }
-    Ok(())
 }
 
 impl JwtSpec {

@@ -227,3 +227,11 @@ mod tests {
         }
     }
 }
+
+/// An OAuth-style scope: 1..=256 characters, no spaces, control characters, quotes or backslashes.
+pub fn scope(field: &str, s: &str) -> Result<(), ValidationError> {
+    if s.is_empty() || s.len() > 256 || s.bytes().any(|b| b <= 0x20 || b == 0x7f || b == b'"' || b == b'\\') {
+        return Err(ValidationError::new(field, format!("{s:?} is not a scope (1..=256 printable characters, no spaces)")));
+    }
+    Ok(())
+}
