@@ -159,6 +159,14 @@ pub fn port(field: &str, value: u32) -> Result<u16, ValidationError> {
     Ok(value as u16)
 }
 
+/// An OAuth-style scope: 1..=256 characters, no spaces, control characters, quotes or backslashes.
+pub fn scope(field: &str, s: &str) -> Result<(), ValidationError> {
+    if s.is_empty() || s.len() > 256 || s.bytes().any(|b| b <= 0x20 || b == 0x7f || b == b'"' || b == b'\\') {
+        return Err(ValidationError::new(field, format!("{s:?} is not a scope (1..=256 printable characters, no spaces)")));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -226,12 +234,4 @@ mod tests {
             }
         }
     }
-}
-
-/// An OAuth-style scope: 1..=256 characters, no spaces, control characters, quotes or backslashes.
-pub fn scope(field: &str, s: &str) -> Result<(), ValidationError> {
-    if s.is_empty() || s.len() > 256 || s.bytes().any(|b| b <= 0x20 || b == 0x7f || b == b'"' || b == b'\\') {
-        return Err(ValidationError::new(field, format!("{s:?} is not a scope (1..=256 printable characters, no spaces)")));
-    }
-    Ok(())
 }
