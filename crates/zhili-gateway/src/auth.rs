@@ -26,8 +26,7 @@ pub const JWKS_MAX_BYTES: usize = 1024 * 1024;
 pub const MAX_TOKEN_LEN: usize = 16 * 1024;
 
 /// Header carrying the authenticated consumer upstream (a client-sent one is always removed).
-pub const CONSUMER_HEADER: HeaderName = HeaderName::from_static("x-consumer");
-static CONSUMER_HEADER_REF: HeaderName = CONSUMER_HEADER;
+pub static CONSUMER_HEADER: HeaderName = HeaderName::from_static("x-consumer");
 
 /// The consumers the gateway knows, by API key digest and by name.
 #[derive(Default)]
@@ -194,8 +193,8 @@ fn compile_jwt(spec: &JwtSpec) -> Result<Jwt, ValidationError> {
     })
 }
 
+/// Compiles a route's auth (validated with the route by `RouteSpec::validate`).
 pub fn compile(spec: &AuthSpec) -> Result<Auth, ValidationError> {
-    spec.validate()?;
     let api_key = match &spec.api_key {
         None => None,
         Some(k) => {
@@ -243,7 +242,7 @@ impl Auth {
 
     /// The header names whose client-sent values must not reach the upstream.
     pub fn identity_headers(&self) -> impl Iterator<Item = &HeaderName> {
-        std::iter::once(&CONSUMER_HEADER_REF).chain(self.jwt.iter().flat_map(|j| j.claims_to_headers.iter().map(|(_, h)| h)))
+        std::iter::once(&CONSUMER_HEADER).chain(self.jwt.iter().flat_map(|j| j.claims_to_headers.iter().map(|(_, h)| h)))
     }
 
     pub fn credential_headers(&self) -> impl Iterator<Item = &HeaderName> {
@@ -281,7 +280,9 @@ impl Auth {
             }
         }
         let q = query?;
-        let kept: Vec<&str> = q.split('&').filter(|kv| !params.contains(&kv.split_once('=').map_or(*kv, |(k, _)| k))).collect();
+        // Names compared decoded, as `query_param` reads them.
+        let kept: Vec<&str> =
+            q.split('&').filter(|kv| !params.contains(&crate::table::percent_decode(kv.split_once('=').map_or(*kv, |(k, _)| k)).as_str())).collect();
         Some(kept.join("&"))
     }
 
@@ -695,7 +696,7 @@ mod tests {
         h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer x"));
         h.insert("x-api-key", HeaderValue::from_static("k"));
         h.insert(header::COOKIE, HeaderValue::from_static("a=1; jwt=secret; b=2"));
-        let q = a.hide(Some("x=1&apikey=k&token=t&y=2"), &mut h);
+        let q = a.hide(Some("x=1&apikey=k&token=t&api%6Bey=k2&y=2"), &mut h);
         assert_eq!(q.as_deref(), Some("x=1&y=2"));
         assert!(!h.contains_key(header::AUTHORIZATION) && !h.contains_key("x-api-key"));
         assert_eq!(h.get(header::COOKIE).unwrap(), "a=1; b=2");

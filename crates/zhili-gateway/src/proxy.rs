@@ -564,7 +564,7 @@ async fn forward_inner(
         }
         if let Some(id) = identity {
             if let Some(v) = id.consumer.as_deref().and_then(|c| HeaderValue::from_str(c).ok()) {
-                headers.insert(crate::auth::CONSUMER_HEADER, v);
+                headers.insert(crate::auth::CONSUMER_HEADER.clone(), v);
             }
             for (h, v) in &id.headers {
                 headers.insert(h.clone(), v.clone());
