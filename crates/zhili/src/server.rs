@@ -202,8 +202,8 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
     }
     if let Some(addr) = cfg.gateway_addr {
         let listener = TcpListener::bind(addr).await.with_context(|| format!("binding the gateway on {addr}"))?;
-        let pairs: Vec<_> = if cfg.gateway_tls.is_empty() { cfg.tls.iter().cloned().collect() } else { cfg.gateway_tls.clone() };
-        let pairs: Vec<_> = pairs.into_iter().map(|t| (t.cert, t.key)).collect();
+        let files = if cfg.gateway_tls.is_empty() { cfg.tls.as_slice() } else { cfg.gateway_tls.as_slice() };
+        let pairs: Vec<_> = files.iter().map(|t| (t.cert.clone(), t.key.clone())).collect();
         let gw_tls =
             if pairs.is_empty() { None } else { Some(zhili_gateway::tls::acceptor(&pairs, cfg.gateway_client_ca.as_deref()).map_err(anyhow::Error::msg)?) };
         let scheme = if gw_tls.is_some() { "https" } else { "http" };
