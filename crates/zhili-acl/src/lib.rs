@@ -48,6 +48,9 @@ pub struct Acl {
     snapshot: ArcSwap<Snapshot>,
     /// Serializes write + reload so a slow reload can never publish an older snapshot.
     writes: tokio::sync::Mutex<()>,
+    /// Bumped after every reload: open streams and blocking reads re-resolve their token on it,
+    /// so a deleted token or a narrowed policy takes effect on them too.
+    generation: tokio::sync::watch::Sender<u64>,
 }
 
 fn hash(secret: &str) -> [u8; 32] {
@@ -63,7 +66,13 @@ fn random_uuid() -> String {
 impl Acl {
     /// `enabled = false` is dev mode: every caller is treated as management.
     pub fn load(store: Arc<dyn Store>, enabled: bool) -> Result<Arc<Self>, AclError> {
-        let acl = Arc::new(Self { store, enabled, snapshot: ArcSwap::from_pointee(Snapshot::default()), writes: tokio::sync::Mutex::new(()) });
+        let acl = Arc::new(Self {
+            store,
+            enabled,
+            snapshot: ArcSwap::from_pointee(Snapshot::default()),
+            writes: tokio::sync::Mutex::new(()),
+            generation: tokio::sync::watch::Sender::new(0),
+        });
         acl.reload()?;
         Ok(acl)
     }
@@ -89,7 +98,27 @@ impl Acl {
             snap.policies.insert(p.name.clone(), p);
         }
         self.snapshot.store(Arc::new(snap));
+        self.generation.send_modify(|g| *g += 1);
         Ok(())
+    }
+
+    /// Changes whenever tokens or policies change. Subscribe before resolving a token, so no
+    /// change can fall between the two.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+
+    /// Resolves when `secret` no longer resolves to `granted` (deleted token, changed policy).
+    /// `changes` must come from [`Self::changes`] taken before `granted` was resolved.
+    pub async fn revoked(&self, mut changes: tokio::sync::watch::Receiver<u64>, secret: &str, granted: &Authority) {
+        loop {
+            if changes.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            if self.resolve(Some(secret)).ok().as_ref() != Some(granted) {
+                return;
+            }
+        }
     }
 
     /// Resolves a presented secret to what it may do. No secret means anonymous (denied everything
@@ -246,9 +275,23 @@ mod tests {
         assert!(!a.allows(Resource::Kv, "other", Access::Read));
         assert!(!a.allows(Resource::Service, "web", Access::Read));
 
+        // A revocation wakes a holder of the token; a change that leaves its rights alone does not.
+        let changes = acl.changes();
+        let granted = acl.resolve(Some(&t.secret_id)).unwrap();
+        let watcher = {
+            let acl = acl.clone();
+            let secret = t.secret_id.clone();
+            tokio::spawn(async move { acl.revoked(changes, &secret, &granted).await })
+        };
+        acl.put_policy(PolicySpec { name: "other".into(), description: String::new(), rules: vec![] }).await.unwrap();
+        tokio::task::yield_now().await;
+        assert!(!watcher.is_finished(), "an unrelated policy change keeps the stream");
+        acl.put_policy(PolicySpec { name: "kv-app".into(), description: String::new(), rules: vec![] }).await.unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), watcher).await.expect("narrowed policy ends the stream").unwrap();
+
         // Survives a reload from the store.
         let again = Acl::load(store, true).unwrap();
-        assert!(again.resolve(Some(&t.secret_id)).unwrap().allows(Resource::Kv, "app/x", Access::Read));
+        assert!(!again.resolve(Some(&t.secret_id)).unwrap().allows(Resource::Kv, "app/x", Access::Read), "the narrowed policy persisted");
         again.delete_token(&t.accessor_id).await.unwrap();
         assert!(again.resolve(Some(&t.secret_id)).is_err());
     }

@@ -2,11 +2,19 @@
 //! against the ACL snapshot once, and leaves the resulting [`Authority`] on the request. Handlers
 //! then state exactly what they need with [`Caller::require`].
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use axum::body::{Body, Bytes};
 use axum::extract::{FromRequestParts, Request, State};
 use axum::http::request::Parts;
 use axum::http::HeaderMap;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use http_body::Body as _;
+use zhili_acl::Acl;
 use zhili_model::acl::{Access, Authority, Resource};
 
 use crate::error::ApiError;
@@ -24,24 +32,30 @@ impl Caller {
         if self.authority.allows(resource, name, access) {
             return Ok(());
         }
-        let what = match access {
-            Access::Write => "write",
-            _ => "read",
-        };
-        let kind = match resource {
-            Resource::Service => "service",
-            Resource::Kv => "kv",
-            Resource::Acl => "acl",
-            Resource::Operator => "operator",
-            Resource::Route => "route",
-            Resource::Consumer => "consumer",
-        };
         let who = if self.token.is_some() { "this token" } else { "anonymous callers (no token given)" };
-        Err(ApiError::Forbidden(format!("permission denied: {who} may not {what} {kind} {name:?}")))
+        Err(ApiError::Forbidden(format!("permission denied: {who} may not {} {} {name:?}", access_word(access), resource.as_str())))
+    }
+
+    /// Like [`Self::require`] for every name under `prefix`: multi-key writes (recursive
+    /// deletes, delete-tree) need this, not just the right on the prefix in the URL.
+    pub fn require_all(&self, resource: Resource, prefix: &str, access: Access) -> Result<(), ApiError> {
+        if self.authority.allows_all_under(resource, prefix, access) {
+            return Ok(());
+        }
+        self.require(resource, prefix, access)?;
+        let who = if self.token.is_some() { "this token" } else { "anonymous callers (no token given)" };
+        Err(ApiError::Forbidden(format!("permission denied: {who} may not {} everything under {prefix:?} (a rule inside it grants less)", access_word(access))))
     }
 
     pub fn can(&self, resource: Resource, name: &str, access: Access) -> bool {
         self.authority.allows(resource, name, access)
+    }
+}
+
+fn access_word(access: Access) -> &'static str {
+    match access {
+        Access::Write => "write",
+        _ => "read",
     }
 }
 
@@ -74,11 +88,69 @@ fn query_token(req: &Request) -> Option<String> {
 
 pub async fn authorize(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     let token = token_from(req.headers()).or_else(|| query_token(&req));
+    let changes = state.acl.changes();
     match state.acl.resolve(token.as_deref()) {
         Ok(authority) => {
-            req.extensions_mut().insert(Caller { authority, token });
-            next.run(req).await
+            req.extensions_mut().insert(Caller { authority: authority.clone(), token: token.clone() });
+            until_revoked(&state.acl, changes, token, authority, next.run(req), || ApiError::Forbidden(REVOKED.into()).into_response()).await
         }
         Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+/// What a request or stream is told when its token was deleted or its rights changed.
+pub const REVOKED: &str = "the token of this request was deleted or its rights changed; retry with a valid token";
+
+/// Runs a request under its token's current rights: if the token is deleted, or its policies
+/// change what it may do, while the handler waits (a blocking read, a long-poll) the request is
+/// answered with `refused()`; if it happens while the answer streams (SSE), the stream ends.
+/// Callers without a token, and every caller while ACLs are off, are unaffected and pay nothing.
+pub async fn until_revoked(
+    acl: &Arc<Acl>,
+    changes: tokio::sync::watch::Receiver<u64>,
+    token: Option<String>,
+    granted: Authority,
+    handler: impl Future<Output = Response>,
+    refused: impl FnOnce() -> Response,
+) -> Response {
+    let Some(secret) = token.filter(|_| acl.enabled()) else { return handler.await };
+    let acl = acl.clone();
+    let mut revoked: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(async move { acl.revoked(changes, &secret, &granted).await });
+    let resp = tokio::select! {
+        resp = handler => resp,
+        () = &mut revoked => return refused(),
+    };
+    // A body of known length is already complete; only open-ended ones (streams) need watching.
+    if resp.body().size_hint().exact().is_some() {
+        return resp;
+    }
+    resp.map(|body| Body::new(Revocable { body, revoked: Some(revoked) }))
+}
+
+/// A streamed answer that ends when its token is revoked.
+struct Revocable {
+    body: Body,
+    revoked: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+}
+
+impl http_body::Body for Revocable {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        if let Some(r) = self.revoked.as_mut() {
+            if r.as_mut().poll(cx).is_ready() {
+                self.revoked = None;
+                tracing::info!("stream ended: its token was revoked");
+                return Poll::Ready(None);
+            }
+        } else {
+            return Poll::Ready(None);
+        }
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }

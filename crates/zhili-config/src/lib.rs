@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -20,6 +21,14 @@ pub const DEFAULT_DATACENTER: &str = "dc1";
 pub const DEFAULT_LOG_LEVEL: &str = "info";
 /// Active checks running at once; more wait their turn rather than opening unbounded sockets.
 pub const DEFAULT_CHECK_CONCURRENCY: usize = 256;
+/// Connections served at once on each TCP listener; more are refused with a 503.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+/// A connection with no request in flight is closed after this long.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A request head must arrive within this long of its first byte; a body may pause this long.
+pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// An answer the client does not read for this long closes the connection.
+pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -56,6 +65,18 @@ pub struct FileConfig {
     pub log_format: Option<String>,
     pub log_level: Option<String>,
     pub check_concurrency: Option<usize>,
+    /// Connections served at once on each TCP listener (default 4096).
+    pub max_connections: Option<usize>,
+    /// Close connections with no request in flight after this long (default "30s").
+    pub idle_timeout: Option<String>,
+    /// Deadline for a request head from its first byte, and the longest pause in a request body
+    /// (default "10s").
+    pub read_timeout: Option<String>,
+    /// Close a connection whose client has not read an answer for this long (default "30s").
+    pub write_timeout: Option<String>,
+    /// The ACL token whose rights DNS answers with (as Consul's agent DNS token); without one,
+    /// DNS has the anonymous rights (nothing, while ACLs are on).
+    pub dns_token: Option<String>,
 }
 
 impl FileConfig {
@@ -85,6 +106,11 @@ impl FileConfig {
             log_format: over.log_format.or(self.log_format),
             log_level: over.log_level.or(self.log_level),
             check_concurrency: over.check_concurrency.or(self.check_concurrency),
+            max_connections: over.max_connections.or(self.max_connections),
+            idle_timeout: over.idle_timeout.or(self.idle_timeout),
+            read_timeout: over.read_timeout.or(self.read_timeout),
+            write_timeout: over.write_timeout.or(self.write_timeout),
+            dns_token: over.dns_token.or(self.dns_token),
         }
     }
 }
@@ -124,6 +150,29 @@ pub struct ServerConfig {
     pub log_format: LogFormat,
     pub log_level: String,
     pub check_concurrency: usize,
+    pub max_connections: usize,
+    pub idle_timeout: Duration,
+    pub read_timeout: Duration,
+    pub write_timeout: Duration,
+    pub dns_token: Option<String>,
+}
+
+/// A timeout: a whole number with a unit, `ms`, `s` or `m` (e.g. "500ms", "30s", "2m"),
+/// between 100 ms and one hour.
+pub fn parse_timeout(field: &'static str, value: &str) -> Result<Duration, ConfigError> {
+    let bad = || ConfigError::Invalid { field, message: format!("{value:?} is not a duration such as \"500ms\", \"30s\" or \"2m\"") };
+    let split = value.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+    let n: u64 = value[..split].parse().map_err(|_| bad())?;
+    let d = match &value[split..] {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        _ => return Err(bad()),
+    };
+    if !(Duration::from_millis(100)..=Duration::from_secs(3600)).contains(&d) {
+        return Err(ConfigError::Invalid { field, message: format!("{value:?} is not between 100ms and 60m") });
+    }
+    Ok(d)
 }
 
 pub fn parse_listen(field: &'static str, value: &str) -> Result<Listen, ConfigError> {
@@ -192,6 +241,17 @@ impl FileConfig {
         if !(1..=65_536).contains(&check_concurrency) {
             return Err(ConfigError::Invalid { field: "check_concurrency", message: format!("{check_concurrency} is not in 1..=65536") });
         }
+        let max_connections = self.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
+        if !(1..=1_000_000).contains(&max_connections) {
+            return Err(ConfigError::Invalid { field: "max_connections", message: format!("{max_connections} is not in 1..=1000000") });
+        }
+        let timeout = |field, v: Option<String>, default| v.map_or(Ok(default), |v| parse_timeout(field, &v));
+        let idle_timeout = timeout("idle_timeout", self.idle_timeout, DEFAULT_IDLE_TIMEOUT)?;
+        let read_timeout = timeout("read_timeout", self.read_timeout, DEFAULT_READ_TIMEOUT)?;
+        let write_timeout = timeout("write_timeout", self.write_timeout, DEFAULT_WRITE_TIMEOUT)?;
+        if self.dns_token.as_deref().is_some_and(str::is_empty) {
+            return Err(ConfigError::Invalid { field: "dns_token", message: "must not be empty; leave it out for anonymous DNS".into() });
+        }
         let data_dir = self.data_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
         if data_dir.as_os_str().is_empty() {
             return Err(ConfigError::Invalid { field: "data_dir", message: "must not be empty".into() });
@@ -213,6 +273,11 @@ impl FileConfig {
             log_format,
             log_level: self.log_level.unwrap_or_else(|| DEFAULT_LOG_LEVEL.into()),
             check_concurrency,
+            max_connections,
+            idle_timeout,
+            read_timeout,
+            write_timeout,
+            dns_token: self.dns_token,
         })
     }
 }
@@ -254,6 +319,14 @@ mod tests {
         assert!(e.to_string().contains("node_name"), "{e}");
         let e = FileConfig { log_format: Some("xml".into()), ..Default::default() }.validate().unwrap_err();
         assert!(e.to_string().contains("log_format"), "{e}");
+        for bad in ["10", "s", "10h", "-1s", "0s", "2h", "1.5s"] {
+            let e = FileConfig { idle_timeout: Some(bad.into()), ..Default::default() }.validate().unwrap_err();
+            assert!(e.to_string().contains("idle_timeout"), "{bad}: {e}");
+        }
+        let e = FileConfig { max_connections: Some(0), ..Default::default() }.validate().unwrap_err();
+        assert!(e.to_string().contains("max_connections"), "{e}");
+        let cfg = FileConfig { read_timeout: Some("500ms".into()), write_timeout: Some("2m".into()), ..Default::default() }.validate().unwrap();
+        assert_eq!((cfg.read_timeout, cfg.write_timeout, cfg.idle_timeout), (Duration::from_millis(500), Duration::from_secs(120), DEFAULT_IDLE_TIMEOUT));
     }
 
     #[test]

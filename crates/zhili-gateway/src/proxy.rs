@@ -27,8 +27,6 @@ use crate::Gateway;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
 
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// The pooled h2c client for gRPC upstreams (HTTP/1.1 connections are pooled per endpoint).
 pub struct Upstreams {
     h2c: Client<HttpConnector, Body>,
@@ -72,8 +70,9 @@ pub struct Peer {
     pub client_cn: Option<Arc<str>>,
 }
 
-/// Serves the gateway on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, tls: Option<TlsAcceptor>) {
+/// Serves the gateway on `listener` until the task is dropped. `gate` caps the connections and
+/// holds the idle, read and write deadlines every client connection is held to.
+pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, tls: Option<TlsAcceptor>, gate: Arc<zhili_net::Admission>) {
     loop {
         let (stream, addr) = match listener.accept().await {
             Ok(s) => s,
@@ -83,16 +82,17 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, tls: Option<TlsAccep
                 continue;
             }
         };
+        let Some((stream, conn)) = gate.admit(stream, tls.is_none()) else { continue };
         let _ = stream.set_nodelay(true);
         let gw = gw.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
             match tls {
-                None => connection(TokioIo::new(stream), Peer { addr, ip: addr.ip().to_string().into(), tls: false, client_cn: None }, gw).await,
+                None => connection(conn.wrap(stream), Peer { addr, ip: addr.ip().to_string().into(), tls: false, client_cn: None }, gw, conn).await,
                 Some(acceptor) => {
-                    if let Ok(Ok(s)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    if let Ok(Ok(s)) = tokio::time::timeout(conn.limits().handshake_timeout, acceptor.accept(stream)).await {
                         let client_cn = s.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| crate::auth::common_name(c)).map(Arc::from);
-                        connection(TokioIo::new(s), Peer { addr, ip: addr.ip().to_string().into(), tls: true, client_cn }, gw).await;
+                        connection(conn.wrap(s), Peer { addr, ip: addr.ip().to_string().into(), tls: true, client_cn }, gw, conn).await;
                     }
                 }
             }
@@ -100,9 +100,9 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, tls: Option<TlsAccep
     }
 }
 
-async fn connection<I>(io: I, peer: Peer, gw: Arc<Gateway>)
+async fn connection<I>(io: I, peer: Peer, gw: Arc<Gateway>, conn: Arc<zhili_net::Conn>)
 where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let o = gw.options.clone();
     let svc = hyper::service::service_fn(move |req| {
@@ -110,10 +110,14 @@ where
         let peer = peer.clone();
         async move { Ok::<_, std::convert::Infallible>(handle(gw, req, &peer).await) }
     });
+    let read_timeout = o.header_read_timeout.min(conn.limits().read_timeout);
     let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    b.http1().timer(TokioTimer::new()).header_read_timeout(o.header_read_timeout).max_buf_size(o.max_header_bytes.max(8192));
+    b.http1().timer(TokioTimer::new()).header_read_timeout(read_timeout).max_buf_size(o.max_header_bytes.max(8192));
     b.http2().timer(TokioTimer::new()).max_header_list_size(o.max_header_bytes as u32).keep_alive_interval(Duration::from_secs(30));
-    let _ = b.serve_connection_with_upgrades(io, svc).await;
+    // Boxed as `Send` here, where the body's error type is concrete: proving `Send` through the
+    // spawned future instead trips the compiler's higher-ranked lifetime check.
+    let serving: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>> = Box::pin(b.serve_connection_with_upgrades(TokioIo::new(io), conn.service(svc)));
+    conn.run(serving).await;
 }
 
 fn host_of(req: &Request<Incoming>) -> String {

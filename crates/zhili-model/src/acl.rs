@@ -20,6 +20,23 @@ pub enum Resource {
     Route,
     /// Gateway consumers (callers with API keys and scopes).
     Consumer,
+    /// Consul nodes by name: node listings, node lookups in the catalog and DNS (Consul's
+    /// `node_prefix` rules).
+    Node,
+}
+
+impl Resource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Service => "service",
+            Self::Kv => "kv",
+            Self::Acl => "acl",
+            Self::Operator => "operator",
+            Self::Route => "route",
+            Self::Consumer => "consumer",
+            Self::Node => "node",
+        }
+    }
 }
 
 /// Access levels are ordered: write implies read; deny beats nothing (it is an explicit "no").
@@ -137,6 +154,22 @@ impl Authority {
             Some((_, have)) => have >= need,
         }
     }
+
+    /// Whether `need` is allowed on every name that starts with `prefix` (a recursive delete, a
+    /// tree read that must not be filtered). The names under `prefix` are decided by the rules
+    /// that match `prefix` itself plus the longer rules inside it, so it is enough that the
+    /// prefix is allowed and no rule inside it grants less.
+    pub fn allows_all_under(&self, resource: Resource, prefix: &str, need: Access) -> bool {
+        if self.management {
+            return true;
+        }
+        self.allows(resource, prefix, need)
+            && self
+                .rules
+                .iter()
+                .filter(|r| r.resource == resource && r.prefix.len() > prefix.len() && r.prefix.starts_with(prefix))
+                .all(|r| r.access != Access::Deny && r.access >= need)
+    }
 }
 
 #[cfg(test)]
@@ -161,5 +194,36 @@ mod tests {
         assert!(!a.allows(Resource::Service, "web", Access::Read));
         assert!(Authority::management().allows(Resource::Acl, "", Access::Write));
         assert!(!Authority::default().allows(Resource::Kv, "x", Access::Read));
+    }
+
+    #[test]
+    fn all_under_a_prefix_sees_the_rules_inside_it() {
+        let a = Authority::from_rules([rule(Resource::Kv, "app/", Access::Write), rule(Resource::Kv, "app/secret/", Access::Deny)]);
+        assert!(a.allows(Resource::Kv, "app/", Access::Write));
+        assert!(!a.allows_all_under(Resource::Kv, "app/", Access::Write), "a deny inside the prefix");
+        assert!(!a.allows_all_under(Resource::Kv, "app", Access::Read));
+        assert!(!a.allows_all_under(Resource::Kv, "", Access::Write));
+        assert!(a.allows_all_under(Resource::Kv, "app/public/", Access::Write));
+        assert!(!a.allows_all_under(Resource::Kv, "app/secret/x", Access::Read));
+        let r = Authority::from_rules([rule(Resource::Kv, "", Access::Write), rule(Resource::Kv, "ro/", Access::Read)]);
+        assert!(r.allows_all_under(Resource::Kv, "", Access::Read));
+        assert!(!r.allows_all_under(Resource::Kv, "", Access::Write), "a read-only rule inside");
+        assert!(Authority::management().allows_all_under(Resource::Kv, "", Access::Write));
+    }
+
+    proptest::proptest! {
+        /// Against the definition: "allowed for every name under the prefix" is checked on
+        /// names built from the rules' own prefixes (the only places the answer can change).
+        #[test]
+        fn all_under_agrees_with_every_name(rules in proptest::collection::vec(("[ab]{0,3}", 0u8..3), 0..6), prefix in "[ab]{0,2}", need in 1u8..3) {
+            let access = |n: u8| [Access::Deny, Access::Read, Access::Write][n as usize];
+            let a = Authority::from_rules(rules.iter().map(|(p, n)| rule(Resource::Kv, p, access(*n))));
+            let need = access(need);
+            let mut names: Vec<String> = rules.iter().map(|(p, _)| p.clone()).filter(|p| p.starts_with(&prefix)).collect();
+            names.push(prefix.clone());
+            names.extend(names.clone().into_iter().flat_map(|n| [format!("{n}a"), format!("{n}b"), format!("{n}z")]));
+            let every = names.iter().filter(|n| n.starts_with(&prefix)).all(|n| a.allows(Resource::Kv, n, need));
+            proptest::prop_assert_eq!(a.allows_all_under(Resource::Kv, &prefix, need), every);
+        }
     }
 }

@@ -416,6 +416,13 @@ impl Registry {
         state.services.iter().filter(|((n, _), _)| n == ns).find_map(|(_, e)| e.instances.get(id).map(|i| i.view(&e.def)))
     }
 
+    /// Every instance with this id in the namespace, whatever its service: ids are unique per
+    /// service, so APIs that address instances by id alone (Consul's) must consider them all.
+    pub fn find_instances(&self, ns: &str, id: &str) -> Vec<Instance> {
+        let state = self.state.read();
+        state.services.iter().filter(|((n, _), _)| n == ns).filter_map(|(_, e)| e.instances.get(id).map(|i| i.view(&e.def))).collect()
+    }
+
     /// Finds the instance that owns a check id, returning (service, instance id).
     pub fn find_check(&self, ns: &str, check: &str) -> Option<(String, String)> {
         let state = self.state.read();

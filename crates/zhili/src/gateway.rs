@@ -267,7 +267,7 @@ pub fn run_standalone(args: GatewayArgs) -> ExitCode {
             }
         }
         tokio::select! {
-            _ = zhili_gateway::serve(listener, gw, tls) => {}
+            _ = zhili_gateway::serve(listener, gw, tls, zhili_net::Admission::new("gateway", zhili_net::Limits::default())) => {}
             _ = crate::server::shutdown_signal() => {}
         }
         ExitCode::SUCCESS

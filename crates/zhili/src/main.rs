@@ -93,6 +93,22 @@ pub struct ServerArgs {
     /// Active health checks allowed to run at once [default: 256]
     #[arg(long, env = "ZHILI_CHECK_CONCURRENCY")]
     pub check_concurrency: Option<String>,
+    /// Connections served at once on each TCP listener; more get a 503 [default: 4096]
+    #[arg(long, env = "ZHILI_MAX_CONNECTIONS")]
+    pub max_connections: Option<String>,
+    /// Close connections with no request in flight after this long [default: 30s]
+    #[arg(long, env = "ZHILI_IDLE_TIMEOUT")]
+    pub idle_timeout: Option<String>,
+    /// Deadline for a request head from its first byte, and the longest pause in a request
+    /// body [default: 10s]
+    #[arg(long, env = "ZHILI_READ_TIMEOUT")]
+    pub read_timeout: Option<String>,
+    /// Close a connection whose client has not read an answer for this long [default: 30s]
+    #[arg(long, env = "ZHILI_WRITE_TIMEOUT")]
+    pub write_timeout: Option<String>,
+    /// ACL token whose rights DNS answers with; without one DNS has anonymous rights
+    #[arg(long, env = "ZHILI_DNS_TOKEN", hide_env_values = true)]
+    pub dns_token: Option<String>,
 }
 
 fn main() -> ExitCode {

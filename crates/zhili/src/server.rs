@@ -25,15 +25,30 @@ const DNS_TTL: Duration = Duration::from_secs(5);
 /// Health transitions waiting for the registry; when full, check tasks wait (nothing is lost).
 const TRANSITION_QUEUE: usize = 4096;
 
-/// DNS's view of the registry: serving instances of the default namespace, and nodes.
+/// DNS's view of the registry: serving instances of the default namespace, and nodes, as far as
+/// the DNS token may read them (DNS carries no token of its own, as with Consul's agent DNS
+/// token). A name the token may not read answers exactly like a name that does not exist.
 struct RegistryCatalog {
     registry: Arc<Registry>,
+    acl: Arc<zhili_acl::Acl>,
+    /// The secret of `--dns-token`; None: anonymous rights (nothing while ACLs are on).
+    token: Option<String>,
     node: String,
     node_address: String,
 }
 
+impl RegistryCatalog {
+    /// Resolved per query, so a revoked or changed token takes effect at once.
+    fn may_read(&self, resource: zhili_model::acl::Resource, name: &str) -> bool {
+        self.acl.resolve(self.token.as_deref()).is_ok_and(|a| a.allows(resource, name, zhili_model::acl::Access::Read))
+    }
+}
+
 impl zhili_dns::Catalog for RegistryCatalog {
     fn service(&self, name: &str, tag: Option<&str>) -> Option<Vec<zhili_dns::Endpoint>> {
+        if !self.may_read(zhili_model::acl::Resource::Service, name) {
+            return None;
+        }
         let filter = zhili_registry::InstanceFilter { healthy_only: true, tags: tag.map(|t| vec![t.to_string()]).unwrap_or_default(), ..Default::default() };
         let list = self.registry.instances(zhili_model::DEFAULT_NAMESPACE, name, &filter)?;
         Some(
@@ -45,6 +60,9 @@ impl zhili_dns::Catalog for RegistryCatalog {
     }
 
     fn node(&self, name: &str) -> Option<String> {
+        if !self.may_read(zhili_model::acl::Resource::Node, name) {
+            return None;
+        }
         if name == self.node {
             return Some(self.node_address.clone());
         }
@@ -70,12 +88,11 @@ fn config_from(args: ServerArgs) -> Result<ServerConfig, zhili_config::ConfigErr
         Some(path) => FileConfig::load(path)?,
         None => FileConfig::default(),
     };
-    let check_concurrency = match args.check_concurrency {
-        Some(v) => {
-            Some(v.parse::<usize>().map_err(|_| zhili_config::ConfigError::Invalid { field: "check_concurrency", message: format!("{v:?} is not a number") })?)
-        }
-        None => None,
+    let number = |field: &'static str, v: Option<String>| {
+        v.map(|v| v.parse::<usize>().map_err(|_| zhili_config::ConfigError::Invalid { field, message: format!("{v:?} is not a number") })).transpose()
     };
+    let check_concurrency = number("check_concurrency", args.check_concurrency)?;
+    let max_connections = number("max_connections", args.max_connections)?;
     let flags = FileConfig {
         data_dir: args.data_dir,
         dev: args.dev.then_some(true),
@@ -95,6 +112,11 @@ fn config_from(args: ServerArgs) -> Result<ServerConfig, zhili_config::ConfigErr
         log_format: args.log_format,
         log_level: args.log_level,
         check_concurrency,
+        max_connections,
+        idle_timeout: args.idle_timeout,
+        read_timeout: args.read_timeout,
+        write_timeout: args.write_timeout,
+        dns_token: args.dns_token,
     };
     file.overlay(flags).validate()
 }
@@ -132,6 +154,7 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
         eprintln!("\n  *** ZHILI DEV MODE: ACLs are OFF. Every caller can read and change everything. ***\n  *** Never run --dev where anyone else can reach the API.                           ***\n");
         tracing::warn!("dev mode: ACLs disabled");
     }
+    let limits = connection_limits(&cfg);
     let metrics = Metrics::new();
     let store: Arc<dyn Store> =
         Arc::new(zhili_store_fjall::FjallStore::open(&cfg.data_dir).with_context(|| format!("opening the store in {}", cfg.data_dir.display()))?);
@@ -164,7 +187,16 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
     tokio::spawn(kv.clone().run_session_reaper());
     let consul = zhili_api::consul::ConsulIdentity { node: cfg.node_name.clone(), datacenter: cfg.datacenter.clone(), address: advertised_ip(cfg.api_addr) };
     if let Some(dns_addr) = cfg.dns_addr {
-        let catalog = RegistryCatalog { registry: registry.clone(), node: consul.node.clone(), node_address: consul.address.clone() };
+        if !cfg.dev && cfg.dns_token.is_none() {
+            tracing::info!("DNS answers with anonymous rights (nothing while ACLs are on); set --dns-token to serve names");
+        }
+        let catalog = RegistryCatalog {
+            registry: registry.clone(),
+            acl: acl.clone(),
+            token: cfg.dns_token.clone(),
+            node: consul.node.clone(),
+            node_address: consul.address.clone(),
+        };
         let dns = zhili_dns::DnsServer::new(Arc::new(catalog), &consul.datacenter, DNS_TTL);
         let local = zhili_dns::listen(dns, dns_addr).await.with_context(|| format!("binding the DNS listener on {dns_addr}"))?;
         // Printed before the API line, which tools wait for last.
@@ -193,12 +225,12 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
     if let Some(addr) = cfg.nacos_addr {
         let listener = TcpListener::bind(addr).await.with_context(|| format!("binding the Nacos listener on {addr}"))?;
         println!("zhili nacos listening on {scheme}://{}", listener.local_addr()?);
-        tokio::spawn(listen::serve(listener, tls.clone(), zhili_api::nacos::http_router(state.clone())));
+        tokio::spawn(listen::serve(listener, tls.clone(), zhili_api::nacos::http_router(state.clone()), zhili_net::Admission::new("nacos", limits)));
     }
     if let Some(addr) = cfg.nacos_grpc_addr {
         let listener = TcpListener::bind(addr).await.with_context(|| format!("binding the Nacos gRPC listener on {addr}"))?;
         println!("zhili nacos-grpc listening on {}", listener.local_addr()?);
-        tokio::spawn(listen::serve(listener, tls.clone(), zhili_api::nacos::grpc_router(state.clone())));
+        tokio::spawn(listen::serve(listener, tls.clone(), zhili_api::nacos::grpc_router(state.clone()), zhili_net::Admission::new("nacos-grpc", limits)));
     }
     if let Some(addr) = cfg.gateway_addr {
         let listener = TcpListener::bind(addr).await.with_context(|| format!("binding the gateway on {addr}"))?;
@@ -212,7 +244,7 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
         state.metrics.register_collector(Box::new(zhili_gateway::GatewayCollector(gw.clone())));
         let discover = Arc::new(crate::gateway::Local { registry: registry.clone(), store: state.store.clone() });
         tokio::spawn(zhili_gateway::follow(gw.clone(), discover));
-        tokio::spawn(zhili_gateway::serve(listener, gw, gw_tls));
+        tokio::spawn(zhili_gateway::serve(listener, gw, gw_tls, zhili_net::Admission::new("gateway", limits)));
     }
     let app = zhili_api::router(state);
 
@@ -228,12 +260,37 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
     // Tools and tests read this line to find the port when started with port 0.
     println!("zhili api listening on {scheme}://{local}");
     tracing::info!(addr = %local, tls = tls.is_some(), ready_ms = started.elapsed().as_millis() as u64, "API listener up");
-    match tls {
-        None => axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).with_graceful_shutdown(shutdown_signal()).await?,
-        Some(acceptor) => listen::serve(listener, Some(acceptor), app).await,
-    }
+    listen::serve(listener, tls, app, zhili_net::Admission::new("api", limits)).await;
     tracing::info!("shut down");
     Ok(())
+}
+
+/// Raises the open-file limit (each connection is a descriptor) and sizes each listener's
+/// connection cap to fit in it, leaving room for the store's files and outgoing sockets.
+fn connection_limits(cfg: &ServerConfig) -> zhili_net::Limits {
+    /// Descriptors kept for the store, health probes, upstream connections and the like.
+    const RESERVED_FDS: u64 = 256;
+    /// TCP listeners that share the limit: API, Nacos HTTP, Nacos gRPC, gateway.
+    const LISTENERS: u64 = 4;
+    let mut max = cfg.max_connections;
+    match zhili_net::raise_open_file_limit() {
+        Ok((before, soft, hard)) => {
+            let fit = (soft.saturating_sub(RESERVED_FDS) / LISTENERS).max(16) as usize;
+            if fit < max {
+                tracing::warn!(max_connections = max, fit, "max_connections lowered to fit the open-file limit");
+                max = fit;
+            }
+            tracing::info!(soft_before = before, soft, hard, max_connections = max, "open-file limit");
+        }
+        Err(e) => tracing::warn!(error = %e, "could not read or raise the open-file limit"),
+    }
+    zhili_net::Limits {
+        max_connections: max,
+        handshake_timeout: zhili_net::DEFAULT_HANDSHAKE_TIMEOUT,
+        idle_timeout: cfg.idle_timeout,
+        read_timeout: cfg.read_timeout,
+        write_timeout: cfg.write_timeout,
+    }
 }
 
 /// The address clients should use for this node: the API listener's IP, or loopback when it
@@ -274,11 +331,13 @@ mod tls {
 }
 
 mod listen {
-    //! The accept loop of the HTTP listeners that need more than `axum::serve`: optional TLS,
-    //! the peer address on every request, HTTP/2 keep-alive pings (so a vanished gRPC client is
-    //! noticed and its connection-bound state released), bounded handshakes.
+    //! The accept loop of the API and Nacos listeners: the listener's connection cap, optional
+    //! TLS under a handshake deadline, the peer address on every request, HTTP/2 keep-alive
+    //! pings (so a vanished gRPC client is noticed and its connection-bound state released),
+    //! and zhili-net's idle, read and write deadlines on every connection.
 
     use std::net::SocketAddr;
+    use std::sync::Arc;
     use std::time::Duration;
 
     use axum::extract::ConnectInfo;
@@ -289,14 +348,12 @@ mod listen {
     use tokio::net::TcpListener;
     use tokio_rustls::TlsAcceptor;
     use tower::ServiceExt;
+    use zhili_net::{Admission, Conn, TimedBody};
 
-    /// A handshake that takes longer than this is dropped, so idle sockets cannot pile up.
-    const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
     const H2_PING_INTERVAL: Duration = Duration::from_secs(10);
     const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
-    const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
-    pub async fn serve(listener: TcpListener, tls: Option<TlsAcceptor>, app: axum::Router) {
+    pub async fn serve(listener: TcpListener, tls: Option<TlsAcceptor>, app: axum::Router, gate: Arc<Admission>) {
         let shutdown = super::shutdown_signal();
         tokio::pin!(shutdown);
         loop {
@@ -311,15 +368,16 @@ mod listen {
                 },
                 _ = &mut shutdown => return,
             };
+            let Some((stream, conn)) = gate.admit(stream, tls.is_none()) else { continue };
             let _ = stream.set_nodelay(true);
             let app = app.clone();
             let tls = tls.clone();
             tokio::spawn(async move {
                 match tls {
-                    None => connection(stream, peer, app).await,
+                    None => connection(stream, peer, app, conn).await,
                     Some(acceptor) => {
-                        if let Ok(Ok(s)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                            connection(s, peer, app).await;
+                        if let Ok(Ok(s)) = tokio::time::timeout(conn.limits().handshake_timeout, acceptor.accept(stream)).await {
+                            connection(s, peer, app, conn).await;
                         }
                     }
                 }
@@ -327,14 +385,17 @@ mod listen {
         }
     }
 
-    async fn connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(io: S, peer: SocketAddr, app: axum::Router) {
-        let svc = app.map_request(move |mut req: axum::http::Request<hyper::body::Incoming>| {
+    async fn connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(io: S, peer: SocketAddr, app: axum::Router, conn: Arc<Conn>) {
+        let limits = conn.limits();
+        let svc = app.map_request(move |req: axum::http::Request<hyper::body::Incoming>| {
+            let mut req = req.map(|b| TimedBody::new(b, limits.read_timeout));
             req.extensions_mut().insert(ConnectInfo(peer));
             req
         });
         let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+        builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.read_timeout);
         builder.http2().timer(TokioTimer::new()).keep_alive_interval(H2_PING_INTERVAL).keep_alive_timeout(H2_PING_TIMEOUT);
-        let _ = builder.serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(svc)).await;
+        let svc = conn.service(TowerToHyperService::new(svc));
+        conn.run(builder.serve_connection_with_upgrades(TokioIo::new(conn.wrap(io)), svc)).await;
     }
 }

@@ -227,12 +227,17 @@ pub(super) fn convert(mut svc: Value, node: NodeRef, status_only: bool) -> CResu
 }
 
 /// Registers a converted definition: an id that moved to another service name replaces the old
-/// one (Consul keys instances by id alone), then initial TTL statuses apply.
-pub(super) async fn apply(s: &AppState, ns: &str, c: Converted) -> CResult<u64> {
-    if let Some(old) = s.registry.find_instance(ns, &c.reg.id) {
-        if old.service != c.service {
-            s.registry.deregister(ns, &old.service, &old.id).await?;
-        }
+/// one (Consul keys instances by id alone), then initial TTL statuses apply. Replacing needs
+/// write on every service that holds the id now, not only on the new one: otherwise a token
+/// for one service could take over another's instance by registering its id.
+pub(super) async fn apply(s: &AppState, caller: &Caller, ns: &str, c: Converted) -> CResult<u64> {
+    caller.require(Resource::Service, &c.service, Access::Write)?;
+    let holders = s.registry.find_instances(ns, &c.reg.id);
+    for old in &holders {
+        caller.require(Resource::Service, &old.service, Access::Write)?;
+    }
+    for old in holders.iter().filter(|old| old.service != c.service) {
+        s.registry.deregister(ns, &old.service, &old.id).await?;
     }
     let id = c.reg.id.clone();
     let mut index = s.registry.register(ns, &c.service, c.reg).await?;
@@ -245,21 +250,42 @@ pub(super) async fn apply(s: &AppState, ns: &str, c: Converted) -> CResult<u64> 
 async fn register(State(s): State<AppState>, caller: Caller, q: QueryPairs, body: Bytes) -> CResult<Response> {
     let ns = namespace(&q)?;
     let c = convert(decode(&body)?, s.consul.node_ref(), false)?;
-    caller.require(Resource::Service, &c.service, Access::Write)?;
-    apply(&s, &ns, c).await?;
+    apply(&s, &caller, &ns, c).await?;
     Ok(().into_response())
 }
 
+/// The instances an id names, each of which the caller must have `access` to. An id nobody
+/// holds is 404 only to a caller who may `access` every service; anyone else gets 403, so
+/// answers never tell a caller which ids exist outside its rights.
+pub(super) fn owned(s: &AppState, caller: &Caller, ns: &str, id: &str, access: Access) -> CResult<Vec<zhili_model::Instance>> {
+    let found = s.registry.find_instances(ns, id);
+    if found.is_empty() {
+        return Err(unknown(caller, access, format!("Unknown service ID {id:?}")));
+    }
+    for inst in &found {
+        caller.require(Resource::Service, &inst.service, access)?;
+    }
+    Ok(found)
+}
+
+/// 404 for a caller entitled to know, 403 for anyone else.
+fn unknown(caller: &Caller, access: Access, not_found: String) -> ConsulError {
+    match caller.require_all(Resource::Service, "", access) {
+        Ok(()) => ConsulError(ApiError::NotFound(not_found)),
+        Err(denied) => ConsulError(denied),
+    }
+}
+
 fn own(s: &AppState, caller: &Caller, ns: &str, id: &str, access: Access) -> CResult<zhili_model::Instance> {
-    let inst = s.registry.find_instance(ns, id).ok_or_else(|| ConsulError(ApiError::NotFound(format!("Unknown service ID {id:?}"))))?;
-    caller.require(Resource::Service, &inst.service, access)?;
-    Ok(inst)
+    let mut found = owned(s, caller, ns, id, access)?;
+    Ok(found.swap_remove(0))
 }
 
 async fn deregister(State(s): State<AppState>, caller: Caller, Path(id): Path<String>, q: QueryPairs) -> CResult<Response> {
     let ns = namespace(&q)?;
-    let inst = own(&s, &caller, &ns, &id, Access::Write)?;
-    s.registry.deregister(&ns, &inst.service, &id).await?;
+    for inst in owned(&s, &caller, &ns, &id, Access::Write)? {
+        s.registry.deregister(&ns, &inst.service, &id).await?;
+    }
     Ok(().into_response())
 }
 
@@ -275,7 +301,7 @@ async fn maintenance(State(s): State<AppState>, caller: Caller, Path(id): Path<S
 
 async fn set_check(s: &AppState, caller: &Caller, ns: &str, check: &str, status: HealthStatus, output: &str) -> CResult<Response> {
     zhili_model::validate::text("output", output)?;
-    let (service, id) = s.registry.find_check(ns, check).ok_or_else(|| ConsulError(ApiError::NotFound(format!("Unknown check ID {check:?}"))))?;
+    let (service, id) = s.registry.find_check(ns, check).ok_or_else(|| unknown(caller, Access::Write, format!("Unknown check ID {check:?}")))?;
     caller.require(Resource::Service, &service, Access::Write)?;
     s.registry.update_ttl_check(ns, &service, &id, check, status, output)?;
     Ok(().into_response())

@@ -100,8 +100,7 @@ async fn register(State(s): State<AppState>, caller: Caller, q: QueryPairs, body
         m.insert("Checks".into(), Value::Array(checks));
     }
     let c = convert(svc, NodeRef { name: node, address }, true)?;
-    caller.require(Resource::Service, &c.service, Access::Write)?;
-    apply(&s, &ns, c).await?;
+    apply(&s, &caller, &ns, c).await?;
     Ok(boolean(true))
 }
 
@@ -112,10 +111,15 @@ async fn deregister(State(s): State<AppState>, caller: Caller, q: QueryPairs, bo
     let node = v["Node"].as_str().filter(|n| !n.is_empty()).ok_or_else(|| bad("Node", "Must provide node"))?.to_string();
     let on_node = |i: &Instance| node_of(&s, i).name == node;
     let targets: Vec<Instance> = match v["ServiceID"].as_str().filter(|x| !x.is_empty()) {
-        Some(id) => s.registry.find_instance(&ns, id).filter(on_node).into_iter().collect(),
+        Some(id) => s.registry.find_instances(&ns, id).into_iter().filter(on_node).collect(),
         None if !v["CheckID"].is_null() => return Err(bad("CheckID", "deregistering a single check is not supported; re-register the service")),
         None => s.registry.all_instances(Some(&ns)).1.into_iter().filter(on_node).collect(),
     };
+    if targets.is_empty() && v["ServiceID"].as_str().is_some_and(|x| !x.is_empty()) {
+        // Nothing to remove: say so only to a caller who may write every service, so that the
+        // answer does not tell others which ids exist.
+        caller.require_all(Resource::Service, "", Access::Write)?;
+    }
     for i in &targets {
         caller.require(Resource::Service, &i.service, Access::Write)?;
     }
@@ -196,10 +200,10 @@ fn all_nodes(s: &AppState, instances: &[Instance]) -> Vec<NodeRef> {
 async fn nodes(State(s): State<AppState>, caller: Caller, q: QueryPairs) -> CResult<Response> {
     check_dc(&s, &q)?;
     let ns = namespace(&q)?;
-    caller.require(Resource::Service, "", Access::Read)?;
     block(&s, &q, &ns, None).await?;
     let (index, all) = s.registry.all_instances(Some(&ns));
-    let nodes = if node_meta_filter(&q)?.is_empty() { all_nodes(&s, &all) } else { Vec::new() };
+    let mut nodes = if node_meta_filter(&q)?.is_empty() { all_nodes(&s, &all) } else { Vec::new() };
+    nodes.retain(|n| caller.can(Resource::Node, &n.name, Access::Read));
     let out = apply_filter(&q, nodes.iter().map(|n| node_json(&s, n)).collect())?;
     Ok(reply(index, Json(out)))
 }
@@ -207,6 +211,8 @@ async fn nodes(State(s): State<AppState>, caller: Caller, q: QueryPairs) -> CRes
 async fn node(State(s): State<AppState>, caller: Caller, Path(node): Path<String>, q: QueryPairs) -> CResult<Response> {
     check_dc(&s, &q)?;
     let ns = namespace(&q)?;
+    // Refused whether or not the node exists, so node names cannot be probed.
+    caller.require(Resource::Node, &node, Access::Read)?;
     block(&s, &q, &ns, None).await?;
     let (index, all) = s.registry.all_instances(Some(&ns));
     let Some(n) = all_nodes(&s, &all).into_iter().find(|n| n.name == node) else {
@@ -267,7 +273,7 @@ async fn health_state(State(s): State<AppState>, caller: Caller, Path(state): Pa
     let (index, all) = s.registry.all_instances(Some(&ns));
     let mut checks: Vec<Value> = Vec::new();
     // Each node's serfHealth once, then every service check.
-    for n in all_nodes(&s, &all) {
+    for n in all_nodes(&s, &all).into_iter().filter(|n| caller.can(Resource::Node, &n.name, Access::Read)) {
         checks.push(serf_check(&n.name));
     }
     for i in readable(&caller, all) {
@@ -280,6 +286,7 @@ async fn health_state(State(s): State<AppState>, caller: Caller, Path(state): Pa
 async fn health_node(State(s): State<AppState>, caller: Caller, Path(node): Path<String>, q: QueryPairs) -> CResult<Response> {
     check_dc(&s, &q)?;
     let ns = namespace(&q)?;
+    caller.require(Resource::Node, &node, Access::Read)?;
     block(&s, &q, &ns, None).await?;
     let (index, all) = s.registry.all_instances(Some(&ns));
     let mine: Vec<Instance> = readable(&caller, all).into_iter().filter(|i| node_of(&s, i).name == node).collect();

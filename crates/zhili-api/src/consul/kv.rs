@@ -14,7 +14,7 @@ use zhili_kv::{Behavior, Entry, KvOp, OpResult, Session, SessionSpec};
 use zhili_model::acl::{Access, Resource};
 use zhili_model::{parse_duration, validate};
 
-use super::{bad, boolean, canon, check_dc, decode, reply, CResult, ConsulError};
+use super::{bad, boolean, canon, check_dc, decode, decode_any, reply, CResult, ConsulError};
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::extract::QueryPairs;
@@ -150,7 +150,7 @@ async fn delete(State(s): State<AppState>, caller: Caller, key: String, q: Query
     if recurse {
         validate::kv_prefix("key", &key)?;
         // A recursive delete needs write on everything it could remove.
-        caller.require(Resource::Kv, &key, Access::Write)?;
+        caller.require_all(Resource::Kv, &key, Access::Write)?;
     } else {
         validate::kv_key("key", &key)?;
         caller.require(Resource::Kv, &key, Access::Write)?;
@@ -258,6 +258,9 @@ async fn session_node(State(s): State<AppState>, caller: Caller, Path(node): Pat
 // ---- transactions ----------------------------------------------------------------------------
 
 fn txn_op(i: usize, mut op: Value) -> CResult<(KvOp, bool)> {
+    if !op.is_object() {
+        return Err(bad(&format!("[{i}]"), "must be an object such as {\"KV\": {...}}"));
+    }
     canon(&mut op, &["KV", "Node", "Service", "Check", "Session"]);
     let mut kv = op["KV"].take();
     if kv.is_null() {
@@ -296,11 +299,16 @@ fn txn_op(i: usize, mut op: Value) -> CResult<(KvOp, bool)> {
 
 async fn txn(State(s): State<AppState>, caller: Caller, q: QueryPairs, body: Bytes) -> CResult<Response> {
     check_dc(&s, &q)?;
-    let Value::Array(raw) = decode(&body)? else { return Err(bad("body", "must be a list of operations")) };
+    let Value::Array(raw) = decode_any(&body)? else { return Err(bad("body", "must be a list of operations")) };
     let mut ops = Vec::with_capacity(raw.len());
     for (i, op) in raw.into_iter().enumerate() {
         let (op, write) = txn_op(i, op)?;
-        caller.require(Resource::Kv, op.key(), if write { Access::Write } else { Access::Read })?;
+        let access = if write { Access::Write } else { Access::Read };
+        match op {
+            // A tree delete removes every key under the prefix: each must be writable.
+            KvOp::DeleteTree { .. } => caller.require_all(Resource::Kv, op.key(), access)?,
+            _ => caller.require(Resource::Kv, op.key(), access)?,
+        }
         ops.push(op);
     }
     match s.kv.txn(&ops).await? {
@@ -309,7 +317,10 @@ async fn txn(State(s): State<AppState>, caller: Caller, q: QueryPairs, body: Byt
                 .iter()
                 .flat_map(|r| match r {
                     OpResult::Entry(Some(e)) => vec![json!({ "KV": entry_json(e) })],
-                    OpResult::Entries(es) => es.iter().map(|e| json!({ "KV": entry_json(e) })).collect(),
+                    // A tree read shows only the keys the caller may read, as Consul filters it.
+                    OpResult::Entries(es) => {
+                        es.iter().filter(|e| caller.can(Resource::Kv, &e.key, Access::Read)).map(|e| json!({ "KV": entry_json(e) })).collect()
+                    }
                     OpResult::Entry(None) | OpResult::Nothing => vec![],
                 })
                 .collect();

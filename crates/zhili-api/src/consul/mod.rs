@@ -133,9 +133,18 @@ fn check_dc(s: &AppState, q: &QueryPairs) -> CResult<()> {
     }
 }
 
-/// Parses a JSON body, renaming keys to Consul's canonical spelling. Consul (Go's decoder)
-/// matches field names case-insensitively and accepts snake_case, so clients vary.
+/// Parses a JSON body that must be an object. Handlers then rename keys to Consul's canonical
+/// spelling ([`canon`]) and read fields by name: reading a missing field of an object gives
+/// `null`, and only objects are ever written into, so no body shape can panic a handler.
 fn decode(bytes: &[u8]) -> CResult<Value> {
+    match decode_any(bytes)? {
+        v @ Value::Object(_) => Ok(v),
+        _ => Err(bad("body", "must be a JSON object")),
+    }
+}
+
+/// Parses a JSON body of any shape (the transaction endpoint takes a list).
+fn decode_any(bytes: &[u8]) -> CResult<Value> {
     if bytes.is_empty() {
         return Err(bad("body", "a JSON object is required"));
     }

@@ -71,10 +71,11 @@ async fn authorize(State(state): State<AppState>, mut req: Request, next: Next) 
         .or_else(|| req.headers().get("accesstoken").and_then(|v| v.to_str().ok()).map(str::to_string))
         .or_else(|| crate::auth::token_from(req.headers()))
         .filter(|t| !t.is_empty());
+    let changes = state.acl.changes();
     match state.acl.resolve(token.as_deref()) {
         Ok(authority) => {
-            req.extensions_mut().insert(Caller { authority, token });
-            next.run(req).await
+            req.extensions_mut().insert(Caller { authority: authority.clone(), token: token.clone() });
+            crate::auth::until_revoked(&state.acl, changes, token, authority, next.run(req), || (StatusCode::FORBIDDEN, "token invalid!").into_response()).await
         }
         Err(_) => (StatusCode::FORBIDDEN, "token invalid!").into_response(),
     }
@@ -369,6 +370,10 @@ pub fn md5_hex(data: &[u8]) -> String {
 pub fn login(s: &AppState, username: &str, password: &str) -> Result<Value, ApiError> {
     if username.is_empty() {
         return Err(ApiError::BadRequest("Param 'username' is required".into()));
+    }
+    // An empty password is no credential (Nacos refuses it too): never hand out an empty token.
+    if password.is_empty() {
+        return Err(ApiError::Forbidden("unknown user!".into()));
     }
     let global_admin = if s.acl.enabled() {
         let authority = s.acl.resolve(Some(password)).map_err(|_| ApiError::Forbidden("unknown user!".into()))?;

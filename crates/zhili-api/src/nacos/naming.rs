@@ -326,10 +326,14 @@ async fn service_list(s: &AppState, caller: &Caller, p: &Params) -> NResult<Repl
     Ok(Reply::Json(json!({"count": names.len(), "doms": page, "services": page})))
 }
 
-/// Zhili namespaces are implicit: every namespace with a service or a config is listed.
-async fn namespaces(State(s): State<AppState>) -> Response {
-    let mut names: Vec<String> = s.registry.namespaces();
-    let configs = s.kv.list(super::CONFIG_PREFIX).unwrap_or_default();
+/// Zhili namespaces are implicit: every namespace with a service or a config is listed, as far
+/// as the caller may read one of them (the public namespace always); counts are of readable
+/// configs only.
+async fn namespaces(State(s): State<AppState>, caller: Caller) -> Response {
+    let mut names: Vec<String> =
+        s.registry.namespaces().into_iter().filter(|ns| s.registry.list_services(ns).1.iter().any(|x| caller.can(Resource::Service, &x.name, Access::Read))).collect();
+    let mut configs = s.kv.list(super::CONFIG_PREFIX).unwrap_or_default();
+    configs.retain(|e| caller.can(Resource::Kv, &e.key, Access::Read));
     for e in &configs {
         if let Some((tenant, _, _)) = super::config_ref(&e.key) {
             let ns = if tenant == super::PUBLIC { DEFAULT_NAMESPACE.to_string() } else { tenant };

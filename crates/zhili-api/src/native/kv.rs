@@ -161,7 +161,12 @@ async fn delete_key(State(s): State<AppState>, caller: Caller, Path(key): Path<S
     } else {
         validate::kv_key("key", &key)?;
     }
-    caller.require(Resource::Kv, &key, Access::Write)?;
+    if recurse {
+        // Every key the delete could remove must be writable, not only the prefix in the URL.
+        caller.require_all(Resource::Kv, &key, Access::Write)?;
+    } else {
+        caller.require(Resource::Kv, &key, Access::Write)?;
+    }
     let cas = q.u64("cas")?;
     if recurse && cas.is_some() {
         return Err(ApiError::field("cas", "cannot be combined with recurse"));
