@@ -16,6 +16,8 @@ use zhili_store::{Compare, Op, Store, StoreError, Txn};
 const TOKENS: &str = "acl/tokens/";
 const POLICIES: &str = "acl/policies/";
 const BOOTSTRAP: &str = "acl/bootstrap";
+/// The secret DNS answers with (Consul's agent DNS token), when set through the API.
+const DNS_TOKEN: &str = "acl/agent-tokens/dns";
 
 #[derive(Debug, thiserror::Error)]
 pub enum AclError {
@@ -51,6 +53,8 @@ pub struct Acl {
     /// Bumped after every reload: open streams and blocking reads re-resolve their token on it,
     /// so a deleted token or a narrowed policy takes effect on them too.
     generation: tokio::sync::watch::Sender<u64>,
+    /// The secret whose rights DNS answers with; None: anonymous.
+    dns_token: arc_swap::ArcSwapOption<String>,
 }
 
 fn hash(secret: &str) -> [u8; 32] {
@@ -72,8 +76,13 @@ impl Acl {
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
             writes: tokio::sync::Mutex::new(()),
             generation: tokio::sync::watch::Sender::new(0),
+            dns_token: arc_swap::ArcSwapOption::empty(),
         });
         acl.reload()?;
+        if let Some(kv) = acl.store.get(DNS_TOKEN)? {
+            let secret = String::from_utf8(kv.value.to_vec()).map_err(|_| AclError::Corrupt(DNS_TOKEN.into()))?;
+            acl.dns_token.store(Some(Arc::new(secret)));
+        }
         Ok(acl)
     }
 
@@ -138,6 +147,35 @@ impl Acl {
         }
         let rules: Vec<Rule> = token.policies.iter().filter_map(|p| snap.policies.get(p)).flat_map(|p| p.rules.iter().cloned()).collect();
         Ok(Authority::from_rules(rules))
+    }
+
+    /// The secret DNS answers with (None: anonymous rights).
+    pub fn dns_token(&self) -> Option<Arc<String>> {
+        self.dns_token.load_full()
+    }
+
+    /// Sets the DNS token for this run only (the `--dns-token` flag); wins over a stored one.
+    pub fn use_dns_token(&self, secret: Option<String>) {
+        if let Some(secret) = secret {
+            self.dns_token.store(Some(Arc::new(secret)));
+        }
+    }
+
+    /// Sets (or, with None or "", clears) the DNS token and keeps it across restarts (Consul's
+    /// `PUT /v1/agent/token/dns`).
+    pub async fn set_dns_token(&self, secret: Option<String>) -> Result<(), AclError> {
+        let secret = secret.filter(|s| !s.is_empty());
+        let _w = self.writes.lock().await;
+        match &secret {
+            Some(s) => {
+                zhili_store::put(&*self.store, DNS_TOKEN, s.clone().into_bytes()).await?;
+            }
+            None => {
+                zhili_store::delete(&*self.store, DNS_TOKEN).await?;
+            }
+        }
+        self.dns_token.store(secret.map(Arc::new));
+        Ok(())
     }
 
     /// Creates the first management token, once.

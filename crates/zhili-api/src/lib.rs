@@ -73,8 +73,22 @@ pub fn router(state: AppState) -> Router {
         .fallback(fallback)
         .layer(middleware::from_fn_with_state(state.clone(), auth::authorize))
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::from_fn(refuse_oversized))
         .layer(middleware::from_fn_with_state(state.clone(), record_metrics))
         .with_state(state)
+}
+
+/// Answers 413 at once when the announced body is larger than any route takes, before a byte of
+/// it is read (and before any handler waits on it).
+pub(crate) async fn refuse_oversized(req: Request, next: Next) -> Response {
+    let announced = req.headers().get(axum::http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > MAX_BODY as u64) {
+        return axum::response::IntoResponse::into_response(error::ApiError::PayloadTooLarge(format!(
+            "body: Content-Length {} is over the limit of {MAX_BODY} bytes",
+            announced.unwrap_or_default()
+        )));
+    }
+    next.run(req).await
 }
 
 async fn fallback(uri: axum::http::Uri) -> error::ApiError {

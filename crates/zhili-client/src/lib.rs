@@ -165,6 +165,11 @@ impl Client {
         &self.base
     }
 
+    /// The ACL token this client sends, if any.
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
     /// Sends one request and returns the response whatever its status. `timeout` bounds the
     /// whole exchange.
     pub async fn send(&self, method: Method, path_and_query: &str, body: Option<Bytes>, timeout: Duration) -> Result<RawResponse, ClientError> {

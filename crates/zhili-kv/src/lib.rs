@@ -26,8 +26,8 @@ const MAX_ATTEMPTS: usize = 16;
 pub const MAX_TXN_OPS: usize = 128;
 pub const DEFAULT_LOCK_DELAY: Duration = Duration::from_secs(15);
 const MAX_LOCK_DELAY: Duration = Duration::from_secs(60);
-const MIN_SESSION_TTL: Duration = Duration::from_secs(10);
-const MAX_SESSION_TTL: Duration = Duration::from_secs(86_400);
+pub const MIN_SESSION_TTL: Duration = Duration::from_secs(10);
+pub const MAX_SESSION_TTL: Duration = Duration::from_secs(86_400);
 
 #[derive(Debug, thiserror::Error)]
 pub enum KvError {

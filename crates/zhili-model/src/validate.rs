@@ -46,7 +46,8 @@ pub fn name(field: &str, value: &str) -> Result<(), ValidationError> {
     Ok(())
 }
 
-/// Instance ids: printable ASCII without '/', so they can travel in a URL path segment.
+/// Instance and check ids: any text without control characters, as Consul accepts (HA tools
+/// register `scope/name`). In native URLs a '/' travels percent-encoded (`%2F`).
 pub fn instance_id(field: &str, value: &str) -> Result<(), ValidationError> {
     if value.is_empty() {
         return Err(ValidationError::new(field, "must not be empty"));
@@ -54,7 +55,7 @@ pub fn instance_id(field: &str, value: &str) -> Result<(), ValidationError> {
     if value.len() > MAX_INSTANCE_ID_LEN {
         return Err(ValidationError::new(field, format!("must be at most {MAX_INSTANCE_ID_LEN} bytes")));
     }
-    if let Some(c) = value.chars().find(|c| !c.is_ascii_graphic() || *c == '/' || *c == '?' || *c == '#' || *c == '%') {
+    if let Some(c) = value.chars().find(|c| c.is_control()) {
         return Err(ValidationError::new(field, format!("contains invalid character {c:?}")));
     }
     Ok(())
@@ -228,9 +229,9 @@ mod tests {
         }
 
         #[test]
-        fn instance_ids_are_url_safe(s in "\\PC{0,300}") {
+        fn instance_ids_have_no_control_characters(s in "\\PC{0,300}|[a-z/\\x00-\\x1f]{0,20}") {
             if instance_id("id", &s).is_ok() {
-                prop_assert!(!s.contains('/') && !s.contains('?'));
+                prop_assert!(!s.is_empty() && !s.chars().any(char::is_control) && s.len() <= MAX_INSTANCE_ID_LEN);
             }
         }
     }

@@ -141,4 +141,11 @@ pub fn init_logging(format: LogFormat, filter: &str) {
         LogFormat::Pretty => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
+    // A panic is one structured log line (where and why), not a backtrace per request: request
+    // handlers catch their panics and answer 500, so the process goes on.
+    std::panic::set_hook(Box::new(|info| {
+        let cause = info.payload().downcast_ref::<&str>().copied().or_else(|| info.payload().downcast_ref::<String>().map(String::as_str)).unwrap_or("(no message)");
+        let at = info.location().map(|l| format!("{}:{}", l.file(), l.line())).unwrap_or_default();
+        tracing::error!(%at, cause, "panic");
+    }));
 }

@@ -30,9 +30,9 @@ const TRANSITION_QUEUE: usize = 4096;
 /// token). A name the token may not read answers exactly like a name that does not exist.
 struct RegistryCatalog {
     registry: Arc<Registry>,
+    /// Holds the DNS token (`--dns-token` or `PUT /v1/agent/token/dns`); without one DNS has
+    /// the anonymous rights (nothing while ACLs are on).
     acl: Arc<zhili_acl::Acl>,
-    /// The secret of `--dns-token`; None: anonymous rights (nothing while ACLs are on).
-    token: Option<String>,
     node: String,
     node_address: String,
 }
@@ -40,7 +40,8 @@ struct RegistryCatalog {
 impl RegistryCatalog {
     /// Resolved per query, so a revoked or changed token takes effect at once.
     fn may_read(&self, resource: zhili_model::acl::Resource, name: &str) -> bool {
-        self.acl.resolve(self.token.as_deref()).is_ok_and(|a| a.allows(resource, name, zhili_model::acl::Access::Read))
+        let token = self.acl.dns_token();
+        self.acl.resolve(token.as_ref().map(|t| t.as_str())).is_ok_and(|a| a.allows(resource, name, zhili_model::acl::Access::Read))
     }
 }
 
@@ -187,13 +188,13 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
     tokio::spawn(kv.clone().run_session_reaper());
     let consul = zhili_api::consul::ConsulIdentity { node: cfg.node_name.clone(), datacenter: cfg.datacenter.clone(), address: advertised_ip(cfg.api_addr) };
     if let Some(dns_addr) = cfg.dns_addr {
-        if !cfg.dev && cfg.dns_token.is_none() {
-            tracing::info!("DNS answers with anonymous rights (nothing while ACLs are on); set --dns-token to serve names");
+        acl.use_dns_token(cfg.dns_token.clone());
+        if !cfg.dev && acl.dns_token().is_none() {
+            tracing::info!("DNS answers with anonymous rights (nothing while ACLs are on); set --dns-token or PUT /v1/agent/token/dns to serve names");
         }
         let catalog = RegistryCatalog {
             registry: registry.clone(),
             acl: acl.clone(),
-            token: cfg.dns_token.clone(),
             node: consul.node.clone(),
             node_address: consul.address.clone(),
         };

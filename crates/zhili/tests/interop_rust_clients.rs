@@ -122,6 +122,8 @@ async fn rs_consul_catalog_health_blocking_kv_and_nacos_view() {
     use rs_consul::types::*;
     let s = ServerProcess::start(bin(), &[]);
     let token = bootstrap(&s).await;
+    // DNS carries no token: it answers with the DNS token's rights (here the management token).
+    set_dns_token(&s, &token).await;
     let consul = Arc::new(rs_consul::Consul::new(rs_consul::Config {
         address: format!("http://{}", s.api),
         token: Some(token.clone()),
@@ -214,6 +216,8 @@ async fn rs_consul_catalog_health_blocking_kv_and_nacos_view() {
 async fn every_protocol_sees_what_every_other_registered() {
     let s = ServerProcess::start(bin(), &[]);
     let token = bootstrap(&s).await;
+    // DNS carries no token: it answers with the DNS token's rights (here the management token).
+    set_dns_token(&s, &token).await;
     let api = client(&s, Some(&token));
     let n = zhili_client::Client::new(&format!("http://{}", s.nacos.unwrap()), Some(token.clone())).unwrap();
     let want: Vec<String> = (1..=5).map(|i| format!("10.20.0.{i}")).collect();

@@ -22,15 +22,30 @@ pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/v1/agent/self", get(agent_self))
         .route("/v1/agent/services", get(services))
-        .route("/v1/agent/service/{id}", get(service))
+        .route("/v1/agent/service/{*id}", get(service))
         .route("/v1/agent/checks", get(checks))
         .route("/v1/agent/service/register", put(register))
-        .route("/v1/agent/service/deregister/{id}", put(deregister))
-        .route("/v1/agent/service/maintenance/{id}", put(maintenance))
-        .route("/v1/agent/check/pass/{id}", put(pass))
-        .route("/v1/agent/check/warn/{id}", put(warn))
-        .route("/v1/agent/check/fail/{id}", put(fail))
-        .route("/v1/agent/check/update/{id}", put(update))
+        .route("/v1/agent/service/deregister/{*id}", put(deregister))
+        .route("/v1/agent/service/maintenance/{*id}", put(maintenance))
+        .route("/v1/agent/check/pass/{*id}", put(pass))
+        .route("/v1/agent/check/warn/{*id}", put(warn))
+        .route("/v1/agent/check/fail/{*id}", put(fail))
+        .route("/v1/agent/check/update/{*id}", put(update))
+        .route("/v1/agent/token/dns", put(dns_token))
+}
+
+/// `PUT /v1/agent/token/dns {"Token"}`: the token whose rights DNS answers with (kept across
+/// restarts; `--dns-token` wins for the run it is given to). Needs `acl` write.
+async fn dns_token(State(s): State<AppState>, caller: Caller, body: Bytes) -> CResult<Response> {
+    caller.require(Resource::Acl, "", Access::Write)?;
+    let mut v = decode(&body)?;
+    canon(&mut v, &["Token"]);
+    let token = str_field(&v["Token"], "Token")?.map(str::to_string);
+    if let Some(t) = &token {
+        s.acl.resolve(Some(t)).map_err(|_| bad("Token", "is not the secret of an existing token"))?;
+    }
+    s.acl.set_dns_token(token).await.map_err(ApiError::from)?;
+    Ok(().into_response())
 }
 
 const SERVICE_FIELDS: &[&str] =

@@ -215,7 +215,15 @@ async fn session_create(State(s): State<AppState>, caller: Caller, q: QueryPairs
     };
     let ttl = match v["TTL"].as_str() {
         None | Some("") => None,
-        Some(t) => Some(parse_duration("TTL", t)?),
+        Some(t) => match parse_duration("TTL", t)? {
+            d if d.is_zero() => None,
+            d if !(zhili_kv::MIN_SESSION_TTL..=zhili_kv::MAX_SESSION_TTL).contains(&d) => {
+                // Consul's own answer, word for word: its RPC error, a 500 with the TTL in ns.
+                let text = format!("Invalid Session TTL '{}', must be between [10s=24h0m0s]", d.as_nanos());
+                return Ok((StatusCode::INTERNAL_SERVER_ERROR, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response());
+            }
+            d => Some(d),
+        },
     };
     let spec =
         SessionSpec { name: v["Name"].as_str().unwrap_or_default().to_string(), node, lock_delay: lock_delay(&v["LockDelay"])?, behavior: Some(behavior), ttl };

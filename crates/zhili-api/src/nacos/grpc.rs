@@ -191,6 +191,9 @@ async fn handle(s: &AppState, addr: SocketAddr, p: Payload) -> (String, Value) {
         Ok(authority) => Caller { authority, token },
         Err(_) => return error("ErrorResponse", 403, "token invalid!".into(), &request_id),
     };
+    if conn.token.lock().as_deref() != caller.token.as_deref() {
+        *conn.token.lock() = caller.token.clone();
+    }
     let ctx = Ctx { s, caller, conn };
     let resp_kind = response_kind(kind);
     let result = match kind {

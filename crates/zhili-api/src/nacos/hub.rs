@@ -11,6 +11,8 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use tokio::sync::{broadcast, mpsc};
 
+use zhili_model::acl::{Access, Resource};
+
 use super::grpc::{self, Payload};
 use super::{config_ref, service_info, ServiceRef};
 use crate::AppState;
@@ -37,8 +39,12 @@ pub struct Conn {
     pub subscriptions: Mutex<HashSet<Subscription>>,
     /// KV keys of the configs this connection listens on.
     pub listening: Mutex<HashSet<String>>,
-    /// Wakes the connection's task to end the stream (a client too slow to take its pushes).
+    /// Wakes the connection's task to end the stream (a client too slow to take its pushes, or
+    /// one whose token was deleted).
     pub kill: tokio::sync::Notify,
+    /// The token of the connection's latest request: its subscriptions and listens are
+    /// re-authorized with it whenever ACLs change.
+    pub token: Mutex<Option<String>>,
     push_seq: AtomicU64,
 }
 
@@ -52,6 +58,7 @@ impl Conn {
             subscriptions: Mutex::default(),
             listening: Mutex::default(),
             kill: tokio::sync::Notify::new(),
+            token: Mutex::default(),
             push_seq: AtomicU64::new(1),
         }
     }
@@ -173,12 +180,41 @@ impl NacosHub {
     }
 }
 
-/// Starts the dispatchers that push registry and config changes to Nacos clients.
+/// Starts the dispatchers that push registry and config changes to Nacos clients, and the
+/// task that re-authorizes open connections when ACLs change.
 pub fn start(s: AppState) {
     s.nacos.epoch_ms.store(zhili_registry::unix_ms(), Ordering::Relaxed);
     let _ = s.nacos.config_changes.set(broadcast::channel(4096).0);
     tokio::spawn(naming_dispatcher(s.clone()));
-    tokio::spawn(config_dispatcher(s));
+    tokio::spawn(config_dispatcher(s.clone()));
+    tokio::spawn(reauthorize(s));
+}
+
+/// On every ACL change: a connection whose token no longer resolves is closed (its client
+/// reconnects and must present a valid token); a connection whose rights narrowed loses the
+/// subscriptions and config listens it may no longer read, so no push reaches it after that.
+async fn reauthorize(s: AppState) {
+    if !s.acl.enabled() {
+        return;
+    }
+    let mut changes = s.acl.changes();
+    while changes.changed().await.is_ok() {
+        let conns: Vec<Arc<Conn>> = s.nacos.conns.lock().values().cloned().collect();
+        for conn in conns {
+            let token = conn.token.lock().clone();
+            let Some(token) = token else { continue };
+            match s.acl.resolve(Some(&token)) {
+                Err(_) => {
+                    tracing::info!(conn = %conn.id, "nacos connection closed: its token was deleted");
+                    conn.kill.notify_one();
+                }
+                Ok(a) => {
+                    conn.subscriptions.lock().retain(|sub| a.allows(Resource::Service, &sub.service.name, Access::Read));
+                    conn.listening.lock().retain(|key| a.allows(Resource::Kv, key, Access::Read));
+                }
+            }
+        }
+    }
 }
 
 /// Registry events → `NotifySubscriberRequest` to every connection subscribed to the service.

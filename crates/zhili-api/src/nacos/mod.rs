@@ -49,6 +49,7 @@ pub fn http_router(state: AppState) -> Router {
         .fallback(|uri: axum::http::Uri| async move { NacosError::v1(ApiError::NotFound(format!("no route for {}", uri.path()))) })
         .layer(middleware::from_fn_with_state(state.clone(), authorize))
         .layer(axum::extract::DefaultBodyLimit::max(crate::MAX_BODY))
+        .layer(middleware::from_fn(crate::refuse_oversized))
         .with_state(state)
 }
 

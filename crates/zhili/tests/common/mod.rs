@@ -97,6 +97,13 @@ pub async fn bootstrap(s: &ServerProcess) -> String {
     root["secret_id"].as_str().expect("secret_id").to_string()
 }
 
+/// Makes `token` the one DNS answers with (Consul's `PUT /v1/agent/token/dns`).
+pub async fn set_dns_token(s: &ServerProcess, token: &str) {
+    let body = serde_json::json!({ "Token": token }).to_string();
+    let (st, r, _) = call(&client(s, Some(token)), Method::PUT, "/v1/agent/token/dns", Some(&body)).await;
+    assert_eq!(st, StatusCode::OK, "{}", String::from_utf8_lossy(&r.body));
+}
+
 /// `dig` (Debian dnsutils, installed by scripts/test) against the server's DNS listener.
 pub fn dig(s: &ServerProcess, args: &[&str]) -> String {
     let dns = s.dns.expect("dns listener");
