@@ -116,7 +116,8 @@ where
     b.http2().timer(TokioTimer::new()).max_header_list_size(o.max_header_bytes as u32).keep_alive_interval(Duration::from_secs(30));
     // Boxed as `Send` here, where the body's error type is concrete: proving `Send` through the
     // spawned future instead trips the compiler's higher-ranked lifetime check.
-    let serving: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>> = Box::pin(b.serve_connection_with_upgrades(TokioIo::new(io), conn.service(svc)));
+    let serving: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>> =
+        Box::pin(b.serve_connection_with_upgrades(TokioIo::new(io), conn.service(svc)));
     conn.run(serving).await;
 }
 

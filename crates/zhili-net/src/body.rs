@@ -88,7 +88,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn stalled_body_errors_after_the_timeout() {
-        let err = TimedBody::new(Stalled, Duration::from_secs(10)).collect().await.err().expect("times out");
+        let err = TimedBody::new(Stalled, Duration::from_secs(10)).collect().await.expect_err("times out");
         assert!(err.to_string().contains("nothing received"), "{err}");
     }
 

@@ -377,6 +377,28 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_panicking_handler_is_answered_500_and_the_request_leaves_flight() {
+        use http_body_util::BodyExt;
+        use hyper::service::Service;
+        let c = conn(limits());
+        let svc = c.service(hyper::service::service_fn(|req: Request<http_body_util::Empty<Bytes>>| async move {
+            if req.uri().path() == "/boom" {
+                panic!("boom");
+            }
+            Ok::<_, std::convert::Infallible>(Response::new(http_body_util::Full::new(Bytes::from_static(b"fine"))))
+        }));
+        let resp = svc.call(Request::get("/boom").body(http_body_util::Empty::new()).unwrap()).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(resp.headers()[http::header::CONTENT_TYPE], "application/problem+json");
+        assert_eq!(c.inflight.load(Ordering::Relaxed), 1, "in flight until the answer is sent");
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert!(std::str::from_utf8(&body).unwrap().contains("\"status\":500"));
+        assert_eq!(c.inflight.load(Ordering::Relaxed), 0);
+        let resp = svc.call(Request::get("/ok").body(http_body_util::Empty::new()).unwrap()).await.unwrap();
+        assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "fine", "the service keeps serving");
+    }
+
+    #[tokio::test]
     async fn admission_refuses_past_the_cap() {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = l.local_addr().expect("addr");

@@ -2,6 +2,8 @@
 //! thousand idle sockets lock every other client out. The soft limit is raised to the hard one.
 
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit; returns (soft before, soft after, hard).
+// rlim_t is u64 on 64-bit Linux but not on every target.
+#[allow(clippy::unnecessary_cast)]
 pub fn raise_open_file_limit() -> std::io::Result<(u64, u64, u64)> {
     let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: getrlimit writes into the struct we own; the resource constant is valid.

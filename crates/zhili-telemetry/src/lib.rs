@@ -144,7 +144,8 @@ pub fn init_logging(format: LogFormat, filter: &str) {
     // A panic is one structured log line (where and why), not a backtrace per request: request
     // handlers catch their panics and answer 500, so the process goes on.
     std::panic::set_hook(Box::new(|info| {
-        let cause = info.payload().downcast_ref::<&str>().copied().or_else(|| info.payload().downcast_ref::<String>().map(String::as_str)).unwrap_or("(no message)");
+        let cause =
+            info.payload().downcast_ref::<&str>().copied().or_else(|| info.payload().downcast_ref::<String>().map(String::as_str)).unwrap_or("(no message)");
         let at = info.location().map(|l| format!("{}:{}", l.file(), l.line())).unwrap_or_default();
         tracing::error!(%at, cause, "panic");
     }));

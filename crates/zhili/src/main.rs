@@ -23,7 +23,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the server (registry, health checks, KV, ACLs) on the embedded store.
-    Server(ServerArgs),
+    Server(Box<ServerArgs>),
     /// Run a gateway node alone, following routes and endpoints from a server.
     Gateway(gateway::GatewayArgs),
     #[command(flatten)]
@@ -137,7 +137,7 @@ fn main() -> ExitCode {
         }
     };
     match cli {
-        Command::Server(args) => runtime.block_on(server::run(args)),
+        Command::Server(args) => runtime.block_on(server::run(*args)),
         Command::Client(cmd) => runtime.block_on(cli::run(cmd)),
         Command::Gateway(_) => unreachable!("handled above"),
     }

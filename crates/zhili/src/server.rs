@@ -192,12 +192,7 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
         if !cfg.dev && acl.dns_token().is_none() {
             tracing::info!("DNS answers with anonymous rights (nothing while ACLs are on); set --dns-token or PUT /v1/agent/token/dns to serve names");
         }
-        let catalog = RegistryCatalog {
-            registry: registry.clone(),
-            acl: acl.clone(),
-            node: consul.node.clone(),
-            node_address: consul.address.clone(),
-        };
+        let catalog = RegistryCatalog { registry: registry.clone(), acl: acl.clone(), node: consul.node.clone(), node_address: consul.address.clone() };
         let dns = zhili_dns::DnsServer::new(Arc::new(catalog), &consul.datacenter, DNS_TTL);
         let local = zhili_dns::listen(dns, dns_addr).await.with_context(|| format!("binding the DNS listener on {dns_addr}"))?;
         // Printed before the API line, which tools wait for last.

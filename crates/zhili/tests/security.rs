@@ -89,9 +89,12 @@ fn evil_token(c: &zhili_client::Client) -> String {
 #[tokio::test]
 async fn deny_rules_hold_for_multi_key_operations() {
     let (s, api) = acl_server().await;
-    let (_, app) =
-        token_with(&api, "app", json!([{"resource": "kv", "prefix": "app/", "access": "write"}, {"resource": "kv", "prefix": "app/secret/", "access": "deny"}]))
-            .await;
+    let (_, app) = token_with(
+        &api,
+        "app",
+        json!([{"resource": "kv", "prefix": "app/", "access": "write"}, {"resource": "kv", "prefix": "app/secret/", "access": "deny"}]),
+    )
+    .await;
     let app = client(&s, Some(&app));
     api.kv_put("app/public", "p", None).await.unwrap();
     api.kv_put("app/secret/pw", "hunter2", None).await.unwrap();
@@ -139,7 +142,8 @@ async fn dns_answers_with_the_rights_of_the_dns_token() {
     assert!(dig(&first, &["web.service.consul", "SRV"]).contains("NXDOMAIN"));
     assert!(dig_short(&first, &["zhili.node.consul", "A"]).is_empty());
     let (_, dns) =
-        token_with(&api, "dns", json!([{"resource": "service", "prefix": "web", "access": "read"}, {"resource": "node", "prefix": "", "access": "read"}])).await;
+        token_with(&api, "dns", json!([{"resource": "service", "prefix": "web", "access": "read"}, {"resource": "node", "prefix": "", "access": "read"}]))
+            .await;
     first.terminate();
 
     let s = ServerProcess::start_in(bin(), &data, &["--dns-token", &dns]);
@@ -344,10 +348,7 @@ async fn closed_within(sock: &mut TcpStream, limit: Duration) -> Option<Vec<u8>>
 /// body at once, and refuses connections past its cap with a clear 503.
 #[tokio::test(flavor = "multi_thread")]
 async fn listeners_time_out_hostile_clients() {
-    let s = ServerProcess::start(
-        bin(),
-        &["--dev", "--idle-timeout", "1s", "--read-timeout", "1s", "--write-timeout", "2s", "--max-connections", "24"],
-    );
+    let s = ServerProcess::start(bin(), &["--dev", "--idle-timeout", "1s", "--read-timeout", "1s", "--write-timeout", "2s", "--max-connections", "24"]);
     let listeners = [("api", s.api), ("nacos", s.nacos.unwrap()), ("nacos-grpc", s.nacos_grpc.unwrap()), ("gateway", s.gateway.unwrap())];
     // A connection that never sends a byte, or only the HTTP/2 preface.
     for (name, addr) in listeners {
@@ -428,7 +429,8 @@ async fn anonymous_callers_learn_nothing() {
 
     let nacos = zhili_client::Client::new(&format!("http://{}", s.nacos.unwrap()), None).unwrap();
     let (_, _, v) = call(&nacos, Method::GET, "/nacos/v1/console/namespaces", None).await;
-    let shown: Vec<(&str, u64)> = v["data"].as_array().unwrap().iter().map(|n| (n["namespaceShowName"].as_str().unwrap(), n["configCount"].as_u64().unwrap())).collect();
+    let shown: Vec<(&str, u64)> =
+        v["data"].as_array().unwrap().iter().map(|n| (n["namespaceShowName"].as_str().unwrap(), n["configCount"].as_u64().unwrap())).collect();
     assert_eq!(shown, [("public", 0)], "{v}");
     let root = api.token().unwrap().to_string();
     let (_, _, v) = call(&nacos, Method::GET, &format!("/nacos/v1/console/namespaces?accessToken={root}"), None).await;

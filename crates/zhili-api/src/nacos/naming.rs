@@ -330,8 +330,12 @@ async fn service_list(s: &AppState, caller: &Caller, p: &Params) -> NResult<Repl
 /// as the caller may read one of them (the public namespace always); counts are of readable
 /// configs only.
 async fn namespaces(State(s): State<AppState>, caller: Caller) -> Response {
-    let mut names: Vec<String> =
-        s.registry.namespaces().into_iter().filter(|ns| s.registry.list_services(ns).1.iter().any(|x| caller.can(Resource::Service, &x.name, Access::Read))).collect();
+    let mut names: Vec<String> = s
+        .registry
+        .namespaces()
+        .into_iter()
+        .filter(|ns| s.registry.list_services(ns).1.iter().any(|x| caller.can(Resource::Service, &x.name, Access::Read)))
+        .collect();
     let mut configs = s.kv.list(super::CONFIG_PREFIX).unwrap_or_default();
     configs.retain(|e| caller.can(Resource::Kv, &e.key, Access::Read));
     for e in &configs {
