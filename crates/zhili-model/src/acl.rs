@@ -9,7 +9,7 @@ pub const GLOBAL_MANAGEMENT: &str = "global-management";
 pub const MAX_RULES: usize = 256;
 pub const MAX_POLICIES_PER_TOKEN: usize = 64;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Resource {
     Service,
@@ -40,7 +40,7 @@ impl Resource {
 }
 
 /// Access levels are ordered: write implies read; deny beats nothing (it is an explicit "no").
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Access {
     Deny,
@@ -48,7 +48,7 @@ pub enum Access {
     Write,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Rule {
     pub resource: Resource,
@@ -58,7 +58,7 @@ pub struct Rule {
     pub access: Access,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PolicySpec {
     pub name: String,
@@ -84,7 +84,7 @@ impl PolicySpec {
 }
 
 /// A token as stored. `secret_id` is the bearer credential; `accessor_id` names it publicly.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Token {
     pub accessor_id: String,
     pub secret_id: String,
@@ -93,7 +93,7 @@ pub struct Token {
     pub create_index: u64,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TokenSpec {
     #[serde(default)]

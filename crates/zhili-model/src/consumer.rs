@@ -13,7 +13,7 @@ pub const MAX_SCOPES: usize = 64;
 pub const MIN_API_KEY_LEN: usize = 16;
 const DIGEST_PREFIX: &str = "sha256:";
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ConsumerSpec {
     #[serde(default, skip_serializing_if = "String::is_empty")]

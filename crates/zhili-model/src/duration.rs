@@ -85,6 +85,25 @@ pub fn format_duration(d: Duration) -> String {
     }
 }
 
+/// A duration as it travels in JSON, for schemas (the OpenAPI document): a Go-style string.
+pub struct DurationText;
+
+impl schemars::JsonSchema for DurationText {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Duration".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "description": "A Go-style duration such as \"500ms\", \"15s\" or \"1m30s\" (a bare number is seconds), at most 7 days",
+            "pattern": "^([0-9]{1,6}|([0-9]{1,6}(ns|us|ms|s|m|h|d)){1,4})$",
+            "maxLength": 64,
+            "examples": ["15s"],
+        })
+    }
+}
+
 /// Serde adapter: durations travel as Go-style strings.
 pub mod serde_str {
     use super::*;

@@ -20,14 +20,17 @@ pub const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(10);
 pub const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Heartbeat timing for ephemeral instances (Nacos's defaults: 5 s / 15 s / 30 s).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HealthDefaults {
     #[serde(with = "serde_str")]
+    #[schemars(with = "crate::duration::DurationText")]
     pub heartbeat_interval: Duration,
     #[serde(with = "serde_str")]
+    #[schemars(with = "crate::duration::DurationText")]
     pub unhealthy_after: Duration,
     #[serde(with = "serde_str")]
+    #[schemars(with = "crate::duration::DurationText")]
     pub remove_after: Duration,
 }
 
@@ -38,7 +41,7 @@ impl Default for HealthDefaults {
 }
 
 /// Health of a check or an instance; the order is "better to worse" so `max` gives the worst.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum HealthStatus {
     Passing,
@@ -66,7 +69,7 @@ impl HealthStatus {
 }
 
 /// Body of `PUT /api/v1/services/{service}`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceSpec {
     #[serde(default)]
@@ -87,7 +90,7 @@ pub struct ServiceSpec {
     pub protection_threshold: Option<f64>,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HealthDefaultsSpec {
     pub heartbeat_interval: Option<String>,
@@ -96,7 +99,7 @@ pub struct HealthDefaultsSpec {
 }
 
 /// A service definition as stored and served.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Service {
     pub namespace: String,
     pub name: String,
@@ -187,7 +190,7 @@ impl ServiceSpec {
 }
 
 /// One check as a client writes it; validated into [`CheckDefinition`].
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CheckSpec {
     pub kind: String,
@@ -209,11 +212,12 @@ pub struct CheckSpec {
 }
 
 /// What a check probes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum CheckKind {
     Ttl {
         #[serde(with = "serde_str")]
+        #[schemars(with = "crate::duration::DurationText")]
         ttl: Duration,
     },
     Http {
@@ -254,19 +258,22 @@ impl CheckKind {
 }
 
 /// A validated check.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct CheckDefinition {
     pub id: String,
     pub name: String,
     #[serde(flatten)]
     pub kind: CheckKind,
     #[serde(with = "serde_str")]
+    #[schemars(with = "crate::duration::DurationText")]
     pub interval: Duration,
     #[serde(with = "serde_str")]
+    #[schemars(with = "crate::duration::DurationText")]
     pub timeout: Duration,
     pub success_before_passing: u32,
     pub failures_before_critical: u32,
     #[serde(with = "serde_opt", default)]
+    #[schemars(with = "Option<crate::duration::DurationText>")]
     pub deregister_critical_after: Option<Duration>,
 }
 
@@ -350,7 +357,7 @@ impl CheckSpec {
 }
 
 /// Body of `POST /api/v1/services/{service}/instances`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InstanceSpec {
     pub id: Option<String>,
@@ -370,7 +377,7 @@ pub struct InstanceSpec {
 }
 
 /// A validated registration, ready to apply.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct InstanceRegistration {
     pub id: String,
     pub address: String,
@@ -390,7 +397,7 @@ pub struct InstanceRegistration {
 }
 
 /// A Consul-style node: a named host with an address.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct NodeRef {
     pub name: String,
     pub address: String,
@@ -443,7 +450,7 @@ impl InstanceSpec {
 }
 
 /// The state of one check, as served.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct CheckState {
     pub id: String,
     pub name: String,
@@ -454,14 +461,14 @@ pub struct CheckState {
     pub last_change_ms: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Maintenance {
     pub reason: String,
     pub since_ms: u64,
 }
 
 /// An instance as served by discovery.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Instance {
     pub id: String,
     pub namespace: String,
@@ -489,7 +496,7 @@ pub struct Instance {
 }
 
 /// A gateway's report on an instance it ejected after consecutive failures.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct PassiveHealth {
     /// Unix milliseconds until which the reporting gateway sends it nothing.
     pub ejected_until_ms: u64,
@@ -506,7 +513,7 @@ impl Instance {
 }
 
 /// Identifies one check of one instance.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct CheckKey {
     pub namespace: String,
     pub service: String,
@@ -515,7 +522,7 @@ pub struct CheckKey {
 }
 
 /// A check changed status: the health engine emits these and the registry applies them.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct HealthTransition {
     pub key: CheckKey,
     pub status: HealthStatus,
@@ -523,7 +530,7 @@ pub struct HealthTransition {
 }
 
 /// One change of registry state, as streamed to watchers.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct RegistryEvent {
     pub index: u64,
     pub kind: RegistryEventKind,
@@ -535,7 +542,7 @@ pub struct RegistryEvent {
     pub instance_id: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RegistryEventKind {
     ServiceUpserted,
@@ -546,7 +553,7 @@ pub enum RegistryEventKind {
 }
 
 /// A row of `GET /api/v1/services`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ServiceSummary {
     pub namespace: String,
     pub name: String,
@@ -557,7 +564,7 @@ pub struct ServiceSummary {
 }
 
 /// `GET /api/v1/services/{service}/instances`: the instances plus what discovery decided.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct InstanceList {
     pub namespace: String,
     pub service: String,
@@ -568,7 +575,7 @@ pub struct InstanceList {
 }
 
 /// `GET /api/v1/services/{service}`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct ServiceDetail {
     pub service: Service,
     pub index: u64,
@@ -579,7 +586,7 @@ pub struct ServiceDetail {
 }
 
 /// A gateway's report of its circuit breaker on a service: `open`, `half_open` or `closed`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct BreakerReport {
     pub state: String,
     pub reason: String,

@@ -17,7 +17,7 @@ pub const MAX_HEADER_OPS: usize = 32;
 pub const MAX_DIRECT_BODY: usize = 64 * 1024;
 pub const MAX_RETRIES: u32 = 10;
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RouteSpec {
     /// Exact host names or `*.suffix` wildcards; empty matches any host.
@@ -92,7 +92,7 @@ pub const MIN_HMAC_SECRET: usize = 32;
 /// consumer's API key, a verified client certificate); then `consumers` and `scopes` decide.
 /// Failures answer 401 (no or bad credentials) or 403 (known caller, not allowed) and never reach
 /// the upstream.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AuthSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -116,7 +116,7 @@ pub struct AuthSpec {
 
 /// JWT bearer tokens, checked against static keys and/or a JWKS URL (fetched, cached, refreshed
 /// every `jwks_refresh` and whenever a token names an unknown `kid`).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JwtSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -147,7 +147,7 @@ pub struct JwtSpec {
     pub cookie: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 pub enum JwtAlg {
     HS256,
     RS256,
@@ -155,7 +155,7 @@ pub enum JwtAlg {
 }
 
 /// A static verification key: an HS256 secret, or an RS256/ES256 public key in PEM.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JwtKey {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -169,7 +169,7 @@ pub struct JwtKey {
 
 /// API keys of consumers stored in Zhili, read from a header (default `x-api-key`) or a query
 /// parameter.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ApiKeySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -180,7 +180,7 @@ pub struct ApiKeySpec {
 
 /// Cross-origin requests: preflights are answered by the gateway; other answers get the
 /// `Access-Control-*` headers when the origin is allowed.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CorsSpec {
     /// Exact origins (`https://app.example.com`) or `*`.
@@ -349,7 +349,7 @@ impl CorsSpec {
 /// `min_calls` calls were made and the share of failed (5xx, gateway errors) or slow calls
 /// reaches its threshold; after `open_for` it lets `half_open_probes` calls through and closes
 /// if they all succeed. `max_concurrent` caps calls in flight (fast 503 above it).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BreakerSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -418,7 +418,7 @@ impl BreakerSpec {
 
 /// A token bucket per route or per key: `rate` requests per second on average, bursts of up to
 /// `burst` (default: one second's worth). Over the limit: 429 with `Retry-After`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimitSpec {
     pub rate: f64,
@@ -429,7 +429,7 @@ pub struct RateLimitSpec {
     pub key: Option<RateLimitKey>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum RateLimitKey {
     ClientIp(bool),
@@ -439,7 +439,7 @@ pub enum RateLimitKey {
 }
 
 /// A header or query parameter condition: `value` exact, `regex`, or just `present`.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ValueMatch {
     pub name: String,
@@ -453,7 +453,7 @@ pub struct ValueMatch {
 }
 
 /// Which instances of a service a target covers.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Subset {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -464,7 +464,7 @@ pub struct Subset {
     pub zone: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SplitTarget {
     pub service: String,
@@ -475,7 +475,7 @@ pub struct SplitTarget {
     pub weight: u32,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Redirect {
     /// The full target; or build it from the parts below and the request.
@@ -492,7 +492,7 @@ pub struct Redirect {
     pub status: Option<u16>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DirectResponse {
     pub status: u16,
@@ -502,7 +502,7 @@ pub struct DirectResponse {
     pub content_type: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HeaderOps {
     /// Replaces any value the header had.
@@ -521,7 +521,7 @@ impl HeaderOps {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum LoadBalancer {
     /// Power of two choices by peak-EWMA latency × outstanding requests (the default).
@@ -535,7 +535,7 @@ pub enum LoadBalancer {
     ConsistentHash,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum HashOn {
     Header(String),
@@ -543,7 +543,7 @@ pub enum HashOn {
     ClientIp(bool),
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TimeoutsSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -554,7 +554,7 @@ pub struct TimeoutsSpec {
     pub total: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RetrySpec {
     /// Retries after the first try (default 2; 0 disables).

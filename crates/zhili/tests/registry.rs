@@ -287,14 +287,17 @@ async fn ops_endpoints_and_openapi() {
     let (_, _, doc) = call(&c, Method::GET, "/api/openapi.json", None).await;
     assert_eq!(doc["openapi"], "3.1.0");
     // Every documented route is served: none answers 404 "no route" or 405.
-    for (method, path, _, _) in zhili_api::openapi::ROUTES {
+    for op in zhili_api::openapi::OPERATIONS {
+        let (method, path) = (op.method, op.path);
         let concrete = path
             .replace("{service}", "svc")
             .replace("{id}", "i")
             .replace("{check}", "c")
             .replace("{key}", "k")
             .replace("{name}", "n")
-            .replace("{accessor}", "a");
+            .replace("{accessor}", "a")
+            .replace("{route}", "r")
+            .replace("{consumer}", "c");
         assert!(doc["paths"][path][method].is_object(), "{method} {path} missing from the document");
         if path.contains("events") {
             continue; // streams never end; routing is covered by the SSE tests

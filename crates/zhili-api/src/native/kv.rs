@@ -26,7 +26,7 @@ pub fn routes() -> Router<AppState> {
     Router::new().route("/api/v1/kv", get(get_root)).route("/api/v1/kv/{*key}", get(get_key).put(put_key).delete(delete_key))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, schemars::JsonSchema)]
 pub struct KvEntry {
     pub key: String,
     /// Base64 of the stored bytes.
@@ -151,7 +151,7 @@ async fn put_key(State(s): State<AppState>, caller: Caller, Path(key): Path<Stri
         return Err(ApiError::Conflict(format!("cas: key {key:?} has modify index {current}, not {}", cas.unwrap_or_default())));
     }
     s.metrics.kv_writes.inc();
-    Ok(indexed(revision, Json(serde_json::json!({ "index": revision }))))
+    Ok(indexed(revision, Json(super::Written { index: revision })))
 }
 
 async fn delete_key(State(s): State<AppState>, caller: Caller, Path(key): Path<String>, q: QueryPairs) -> ApiResult<Response> {
@@ -175,5 +175,5 @@ async fn delete_key(State(s): State<AppState>, caller: Caller, Path(key): Path<S
     if !applied {
         return Err(ApiError::Conflict(format!("cas: key {key:?} does not have modify index {}", cas.unwrap_or_default())));
     }
-    Ok(indexed(revision, (StatusCode::OK, Json(serde_json::json!({ "index": revision }))).into_response()))
+    Ok(indexed(revision, (StatusCode::OK, Json(super::Written { index: revision })).into_response()))
 }

@@ -2,10 +2,10 @@
 
 mod acl;
 mod events;
-mod kv;
-mod registry;
+pub mod kv;
+pub mod registry;
 pub mod routes;
-mod sd;
+pub mod sd;
 
 pub(crate) use kv::wait_kv;
 
@@ -17,6 +17,26 @@ use crate::AppState;
 
 pub fn routes() -> Router<AppState> {
     Router::new().merge(registry::routes()).merge(kv::routes()).merge(acl::routes()).merge(events::routes()).merge(sd::routes()).merge(routes::routes())
+}
+
+/// The answer to a write: the index it produced.
+#[derive(serde::Serialize, schemars::JsonSchema)]
+pub struct Written {
+    pub index: u64,
+}
+
+/// The answer to a registration: the instance's id and the index it produced.
+#[derive(serde::Serialize, schemars::JsonSchema)]
+pub struct Registered {
+    pub id: String,
+    pub index: u64,
+}
+
+/// The answer to storing a named resource (a route, a consumer).
+#[derive(serde::Serialize, schemars::JsonSchema)]
+pub struct Stored {
+    pub name: String,
+    pub index: u64,
 }
 
 /// Every read carries the index it reflects, for blocking reads to continue from.

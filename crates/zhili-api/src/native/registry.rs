@@ -96,7 +96,7 @@ async fn register(
     let reg = spec.validate()?;
     let id = reg.id.clone();
     let index = s.registry.register(&ns, &name, reg).await?;
-    Ok(indexed(index, (StatusCode::CREATED, Json(serde_json::json!({ "id": id, "index": index })))))
+    Ok(indexed(index, (StatusCode::CREATED, Json(super::Registered { id, index }))))
 }
 
 async fn list_instances(State(s): State<AppState>, caller: Caller, Path(name): Path<String>, q: QueryPairs) -> ApiResult<Response> {
@@ -144,9 +144,9 @@ async fn heartbeat(State(s): State<AppState>, caller: Caller, Path((name, id)): 
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct CheckUpdate {
+pub struct CheckUpdate {
     status: String,
     #[serde(default)]
     output: String,
@@ -169,9 +169,9 @@ async fn update_check(
     Ok(indexed(index, StatusCode::NO_CONTENT))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct MaintenanceBody {
+pub struct MaintenanceBody {
     enabled: bool,
     #[serde(default)]
     reason: String,
@@ -191,17 +191,17 @@ async fn maintenance(
     Ok(indexed(index, StatusCode::NO_CONTENT))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct PassiveBody {
+pub struct PassiveBody {
     ejected_for: String,
     #[serde(default)]
     reason: String,
 }
 
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
-struct BreakerBody {
+pub struct BreakerBody {
     state: String,
     #[serde(default)]
     reason: String,

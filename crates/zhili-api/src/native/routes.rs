@@ -130,7 +130,7 @@ async fn put_one<T: Kind>(State(s): State<AppState>, caller: Caller, Path(name):
     let stored = spec.admit(&name)?;
     let value = serde_json::to_vec(&stored).expect("gateway resources serialize");
     let revision = zhili_store::put(&*s.store, &key, value).await?;
-    Ok(indexed(revision, Json(json!({"name": name, "index": revision}))))
+    Ok(indexed(revision, Json(super::Stored { name, index: revision })))
 }
 
 async fn delete_one<T: Kind>(State(s): State<AppState>, caller: Caller, Path(name): Path<String>) -> ApiResult<Response> {

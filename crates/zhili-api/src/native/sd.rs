@@ -22,8 +22,9 @@ pub fn routes() -> Router<AppState> {
     Router::new().route("/api/v1/sd/prometheus", get(targets))
 }
 
-#[derive(Serialize)]
-struct TargetGroup {
+/// One Prometheus HTTP SD target group.
+#[derive(Serialize, schemars::JsonSchema)]
+pub struct TargetGroup {
     targets: Vec<String>,
     labels: BTreeMap<String, String>,
 }
