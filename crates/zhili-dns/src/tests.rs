@@ -120,3 +120,31 @@ fn hex_addresses_round_trip() {
     assert_eq!(parse_hex_ip("zz"), None);
     assert_eq!(parse_hex_ip("0a0000"), None);
 }
+
+proptest::proptest! {
+    /// Any bytes, and any one-byte corruption of a real query, get an answer or silence, never a
+    /// panic; an answer is always a parseable DNS message.
+    #[test]
+    fn arbitrary_packets_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..600), udp in proptest::bool::ANY) {
+        if let Some(out) = server(3).answer(&bytes, udp) {
+            proptest::prop_assert!(Message::from_vec(&out).is_ok());
+        }
+    }
+
+    #[test]
+    fn corrupted_questions_never_panic(name in "[a-z0-9._-]{0,80}", at in 0usize..128, byte in proptest::num::u8::ANY, qtype in 0u16..300) {
+        let mut m = Message::query();
+        if let Ok(n) = Name::from_ascii(&name) {
+            m.add_query(Query::query(n, RecordType::from(qtype)));
+        }
+        let mut bytes = m.to_vec().unwrap_or_default();
+        if let Some(b) = bytes.get_mut(at) {
+            *b = byte;
+        }
+        for udp in [true, false] {
+            if let Some(out) = server(3).answer(&bytes, udp) {
+                proptest::prop_assert!(Message::from_vec(&out).is_ok());
+            }
+        }
+    }
+}

@@ -339,6 +339,130 @@ impl Table {
 mod tests {
     use super::*;
 
+    /// Field names of route specs at every depth, so generated specs reach past the top level.
+    const ROUTE_KEYS: &[&str] = &[
+        "add",
+        "alg",
+        "allow_credentials",
+        "allow_headers",
+        "allow_methods",
+        "allow_origins",
+        "api_key",
+        "attempts",
+        "audiences",
+        "auth",
+        "backoff",
+        "body",
+        "budget_min_per_second",
+        "budget_percent",
+        "burst",
+        "circuit_breaker",
+        "claims_to_headers",
+        "connect",
+        "consumer_claim",
+        "consumers",
+        "content_type",
+        "cookie",
+        "cors",
+        "direct_response",
+        "error_ratio",
+        "expose_headers",
+        "half_open_probes",
+        "hash_on",
+        "header",
+        "headers",
+        "hide_credentials",
+        "host",
+        "hosts",
+        "issuer",
+        "jwks_refresh",
+        "jwks_url",
+        "jwt",
+        "key",
+        "keys",
+        "kid",
+        "leeway",
+        "load_balancer",
+        "location",
+        "max_age",
+        "max_concurrent",
+        "methods",
+        "min_calls",
+        "mtls",
+        "name",
+        "namespace",
+        "non_idempotent",
+        "open_for",
+        "path",
+        "path_prefix",
+        "path_regex",
+        "per_try",
+        "present",
+        "priority",
+        "public_key",
+        "query",
+        "rate",
+        "rate_limit",
+        "redirect",
+        "regex",
+        "remove",
+        "request_headers",
+        "response_headers",
+        "retries",
+        "rewrite_prefix",
+        "scheme",
+        "scopes",
+        "secret",
+        "service",
+        "set",
+        "slow_call",
+        "slow_ratio",
+        "split",
+        "status",
+        "strip_prefix",
+        "subset",
+        "tags",
+        "timeouts",
+        "total",
+        "value",
+        "version",
+        "weight",
+        "window",
+        "zone",
+    ];
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+        /// A valid route with one or two fields replaced by anything: parsing and compiling
+        /// either succeed or name what is wrong; never a panic.
+        #[test]
+        fn arbitrary_route_specs_never_panic(
+            changes in proptest::collection::vec((proptest::sample::select(ROUTE_KEYS), zhili_test_support::json::arbitrary_json(ROUTE_KEYS)), 1..3),
+            whole in zhili_test_support::json::arbitrary_json(ROUTE_KEYS),
+        ) {
+            let mut spec = serde_json::json!({"path_prefix": "/", "service": "web"});
+            for (k, v) in changes {
+                spec[k] = v;
+            }
+            for candidate in [spec, whole] {
+                if let Ok(parsed) = serde_json::from_value::<RouteSpec>(candidate) {
+                    if let Err(e) = compile("r", &parsed) {
+                        proptest::prop_assert!(!e.to_string().is_empty());
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn arbitrary_consumer_specs_never_panic(v in zhili_test_support::json::arbitrary_json(&["api_keys", "description", "scopes"])) {
+            if let Ok(c) = serde_json::from_value::<zhili_model::consumer::ConsumerSpec>(v) {
+                if c.validate("c").is_ok() {
+                    let _ = c.hashed();
+                }
+            }
+        }
+    }
+
     fn route(name: &str, json: &str) -> Arc<Route> {
         Arc::new(compile(name, &serde_json::from_str(json).unwrap()).unwrap())
     }

@@ -1,6 +1,8 @@
 //! Test helpers: start the real `zhili` binary on 127.0.0.1 port 0 with a temp data dir, kill it
 //! with SIGKILL, wait for conditions, and run real HTTP and gRPC-health targets for checks.
 
+pub mod json;
+
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;

@@ -404,6 +404,51 @@ mod tests {
     use super::*;
     use zhili_model::CheckKind;
 
+    const CONSUL_KEYS: &[&str] = &[
+        "ID",
+        "Name",
+        "Service",
+        "Tags",
+        "Address",
+        "Port",
+        "Meta",
+        "Weights",
+        "Passing",
+        "Warning",
+        "Check",
+        "Checks",
+        "CheckID",
+        "TTL",
+        "HTTP",
+        "Method",
+        "Header",
+        "TCP",
+        "GRPC",
+        "GRPCUseTLS",
+        "Interval",
+        "Timeout",
+        "DeregisterCriticalServiceAfter",
+        "SuccessBeforePassing",
+        "FailuresBeforeCritical",
+        "Status",
+        "Args",
+        "name",
+        "check",
+        "ttl",
+        "service_id",
+    ];
+
+    proptest::proptest! {
+        /// Any JSON as a service definition (agent or catalog): converted, or a 400 naming the
+        /// field; never a panic, whatever the shape.
+        #[test]
+        fn arbitrary_service_definitions_never_panic(v in zhili_test_support::json::arbitrary_json(CONSUL_KEYS), catalog in proptest::bool::ANY) {
+            if let Err(e) = convert(v, node(), catalog) {
+                proptest::prop_assert_eq!(e.0.status(), axum::http::StatusCode::BAD_REQUEST);
+            }
+        }
+    }
+
     fn node() -> NodeRef {
         NodeRef { name: "zhili".into(), address: "127.0.0.1".into() }
     }

@@ -337,3 +337,31 @@ async fn txn(State(s): State<AppState>, caller: Caller, q: QueryPairs, body: Byt
         Err(f) => Ok((StatusCode::CONFLICT, Json(json!({ "Results": null, "Errors": [{ "OpIndex": f.op_index, "What": f.what }] }))).into_response()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TXN_KEYS: &[&str] = &["KV", "Verb", "Key", "Value", "Flags", "Index", "Session", "Node", "Service", "Check", "verb", "kv"];
+
+    proptest::proptest! {
+        /// Any JSON as a transaction operation: a KV operation, or a 400 naming the operation;
+        /// never a panic (a bare number used to panic the handler).
+        #[test]
+        fn arbitrary_txn_operations_never_panic(v in zhili_test_support::json::arbitrary_json(TXN_KEYS)) {
+            if let Err(e) = txn_op(0, v) {
+                proptest::prop_assert_eq!(e.0.status(), StatusCode::BAD_REQUEST);
+                proptest::prop_assert!(e.0.detail().starts_with("[0]"), "{}", e.0.detail());
+            }
+        }
+    }
+
+    #[test]
+    fn non_object_operations_are_refused() {
+        for v in [json!(1), json!("x"), json!(true), json!([]), json!(null)] {
+            assert!(txn_op(3, v).is_err());
+        }
+        assert!(decode(b"[1]").is_err(), "a body that must be an object");
+        assert!(decode_any(b"[1]").is_ok());
+    }
+}

@@ -218,6 +218,17 @@ async fn listener(State(s): State<AppState>, caller: Caller, headers: HeaderMap,
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        /// `Listening-Configs` in any shape (fields split by \u{2}, entries by \u{1}) parses or
+        /// names the field; never a panic.
+        #[test]
+        fn arbitrary_listening_configs_never_panic(spec in "[a-zA-Z0-9./_\u{1}\u{2}-]{0,80}|\\PC{0,40}") {
+            if let Err(e) = parse_listening(&spec, "") {
+                proptest::prop_assert!(!e.err.detail().is_empty());
+            }
+        }
+    }
+
     #[test]
     fn listening_configs_parse() {
         let l = parse_listening("a.yaml\u{2}G\u{2}abc\u{2}\u{1}b\u{2}DEFAULT_GROUP\u{2}\u{2}ns1\u{1}", "").unwrap();

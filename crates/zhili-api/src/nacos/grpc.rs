@@ -523,6 +523,69 @@ mod tests {
         assert!(parse::<NamingBody>(&json!({"serviceName": 5})).is_err());
     }
 
+    const NACOS_KEYS: &[&str] = &[
+        "namespace",
+        "serviceName",
+        "groupName",
+        "type",
+        "instance",
+        "instances",
+        "clusters",
+        "cluster",
+        "healthOnly",
+        "subscribe",
+        "pageNo",
+        "pageSize",
+        "ip",
+        "port",
+        "weight",
+        "enabled",
+        "ephemeral",
+        "clusterName",
+        "metadata",
+        "dataId",
+        "group",
+        "tenant",
+        "content",
+        "casMd5",
+        "listen",
+        "configListenContexts",
+        "md5",
+        "requestId",
+    ];
+
+    proptest::proptest! {
+        /// Any bytes on the wire decode to a payload or an error, never a panic.
+        #[test]
+        fn arbitrary_payload_bytes_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            use prost::Message;
+            if let Ok(p) = Payload::decode(bytes.as_slice()) {
+                let _ = p.body.map(|b| serde_json::from_slice::<Value>(&b.value));
+            }
+        }
+
+        /// Any JSON body: the typed request bodies, the instance they carry, the service and
+        /// config names they name parse or fail with a message, never panic.
+        #[test]
+        fn arbitrary_bodies_never_panic(v in zhili_test_support::json::arbitrary_json(NACOS_KEYS)) {
+            if let Ok(b) = parse::<NamingBody>(&v) {
+                let _ = super::super::ServiceRef::parse(&b.service_name, b.group_name.as_deref());
+                let _ = super::super::zhili_namespace(b.namespace.as_deref().unwrap_or(""));
+                for i in b.instance.iter().chain(b.instances.iter()) {
+                    let _ = i.nacos(true).registration();
+                }
+            }
+            if let Ok(b) = parse::<ConfigBody>(&v) {
+                let _ = super::super::config_key(&b.tenant, &b.group, &b.data_id);
+                for c in &b.config_listen_contexts {
+                    if let Ok(key) = super::super::config_key(&c.tenant, &c.group, &c.data_id) {
+                        proptest::prop_assert!(super::super::config_ref(&key).is_some(), "{key}");
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn payload_round_trips_through_protobuf() {
         use prost::Message;

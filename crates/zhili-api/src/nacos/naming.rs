@@ -383,6 +383,22 @@ async fn login(State(s): State<AppState>, p: Params) -> NResult<Response> {
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        /// Form fields as Nacos clients send them: metadata in either form, `group@@name`
+        /// service names, numbers; any text parses or fails naming the field.
+        #[test]
+        fn arbitrary_form_fields_never_panic(raw in "\\PC{0,64}|[{}\"a-z=,:@ 0-9.-]{0,40}", group in proptest::option::of("\\PC{0,16}")) {
+            if let Err(e) = metadata(&raw) {
+                proptest::prop_assert!(e.err.detail().contains("metadata"), "{}", e.err.detail());
+            }
+            let _ = ServiceRef::parse(&raw, group.as_deref());
+            let p = Params(vec![("port".into(), raw.clone()), ("weight".into(), raw.clone()), ("enabled".into(), raw.clone())]);
+            let _ = number::<i64>(&p, "port");
+            let _ = number::<f64>(&p, "weight");
+            let _ = p.flag("enabled");
+        }
+    }
+
     #[test]
     fn metadata_forms() {
         let m = metadata(r#"{"a":"1","b":2}"#).unwrap();
