@@ -252,8 +252,10 @@ fn operation(op: &Operation, gens: &mut Generators) -> Value {
     let ok = match &op.answer {
         Answer::Json(s) => json!({"description": "OK", "content": content("application/json", s(a))}),
         Answer::JsonOrRaw(s) => {
-            let mut c = content("application/json", s(a));
-            c["application/octet-stream"] = json!({"schema": {"type": "string", "format": "binary"}});
+            let c = json!({
+                "application/json": {"schema": s(a)},
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+            });
             json!({"description": "OK (the raw value with raw=true)", "content": c})
         }
         Answer::Empty => json!({"description": "Done"}),
@@ -266,18 +268,17 @@ fn operation(op: &Operation, gens: &mut Generators) -> Value {
         "default".into(),
         json!({"description": "An error: problem+json (RFC 9457) whose detail names the field", "content": content("application/problem+json", a.subschema_for::<Problem>())}),
     );
-    let mut o = json!({
-        "tags": [op.tag],
-        "summary": op.summary,
-        "operationId": format!("{}{}", op.method, op.path.replace(['{', '}'], "").replace('/', "_")),
-        "parameters": params,
-        "responses": responses,
-        "security": [{"token": []}, {}],
-    });
+    let mut o = Map::new();
+    o.insert("tags".into(), json!([op.tag]));
+    o.insert("summary".into(), json!(op.summary));
+    o.insert("operationId".into(), json!(format!("{}{}", op.method, op.path.replace(['{', '}'], "").replace('/', "_"))));
+    o.insert("parameters".into(), json!(params));
+    o.insert("responses".into(), Value::Object(responses));
+    o.insert("security".into(), json!([{"token": []}, {}]));
     if let Some(body) = body {
-        o["requestBody"] = body;
+        o.insert("requestBody".into(), body);
     }
-    o
+    Value::Object(o)
 }
 
 /// The document, generated on each call (it is small and asked for rarely).
@@ -294,8 +295,9 @@ pub fn document() -> Value {
     let mut paths = Map::new();
     for op in OPERATIONS {
         let o = operation(op, &mut gens);
-        let entry = paths.entry(op.path.to_string()).or_insert_with(|| json!({}));
-        entry[op.method] = o;
+        if let Value::Object(methods) = paths.entry(op.path.to_string()).or_insert_with(|| json!({})) {
+            methods.insert(op.method.to_string(), o);
+        }
     }
     let mut schemas = gens.reads.take_definitions(true);
     for (name, schema) in gens.answers.take_definitions(true) {

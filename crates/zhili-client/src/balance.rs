@@ -16,10 +16,7 @@ pub struct RoundRobin(AtomicUsize);
 
 impl Balancer for RoundRobin {
     fn pick<'a>(&self, instances: &'a [Instance]) -> Option<&'a Instance> {
-        if instances.is_empty() {
-            return None;
-        }
-        Some(&instances[self.0.fetch_add(1, Ordering::Relaxed) % instances.len()])
+        instances.get(self.0.fetch_add(1, Ordering::Relaxed) % instances.len().max(1))
     }
 }
 

@@ -81,11 +81,11 @@ impl DnsServer {
             resp.metadata.response_code = ResponseCode::NotImp;
             return resp.to_vec().ok();
         }
-        if req.queries.len() != 1 {
+        let [q] = req.queries.as_slice() else {
             resp.metadata.response_code = ResponseCode::FormErr;
             return resp.to_vec().ok();
-        }
-        let q = req.queries[0].clone();
+        };
+        let q = q.clone();
         resp.add_query(q.clone());
         self.resolve(&q, &mut resp);
         let bytes = resp.to_vec().ok()?;
@@ -117,7 +117,7 @@ impl DnsServer {
         let lower = name.to_lowercase();
         let domain = self.domains.iter().find(|d| d.zone_of(&lower))?.clone();
         let labels: Vec<String> = lower.iter().map(|l| String::from_utf8_lossy(l).into_owned()).collect();
-        let mut rest = &labels[..labels.len() - domain.num_labels() as usize];
+        let mut rest = labels.get(..labels.len().saturating_sub(domain.num_labels() as usize))?;
         // An optional datacenter label before the domain.
         if let Some((last, head)) = rest.split_last() {
             if *last == self.datacenter && head.last().is_some_and(|k| matches!(k.as_str(), "service" | "node" | "addr")) {
@@ -224,7 +224,7 @@ impl DnsServer {
                     continue;
                 }
             };
-            if let Some(out) = self.answer(&buf[..n], true) {
+            if let Some(out) = buf.get(..n).and_then(|packet| self.answer(packet, true)) {
                 let _ = socket.send_to(&out, peer).await;
             }
         }
@@ -256,9 +256,10 @@ impl DnsServer {
                 Ok(Ok(_)) => {}
                 _ => return Ok(()),
             }
-            let n = u16::from_be_bytes(len) as usize;
-            tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut buf[..n])).await.map_err(|_| std::io::ErrorKind::TimedOut)??;
-            let Some(out) = self.answer(&buf[..n], false) else { return Ok(()) };
+            // The buffer holds 65,535 bytes, the most a u16 length can announce.
+            let Some(packet) = buf.get_mut(..usize::from(u16::from_be_bytes(len))) else { return Ok(()) };
+            tokio::time::timeout(TCP_IDLE, stream.read_exact(packet)).await.map_err(|_| std::io::ErrorKind::TimedOut)??;
+            let Some(out) = self.answer(packet, false) else { return Ok(()) };
             let mut framed = Vec::with_capacity(out.len() + 2);
             framed.extend_from_slice(&(out.len() as u16).to_be_bytes());
             framed.extend_from_slice(&out);
@@ -301,7 +302,7 @@ fn hex_ip(ip: IpAddr) -> String {
 fn parse_hex_ip(hex: &str) -> Option<IpAddr> {
     let bytes: Option<Vec<u8>> = (0..hex.len()).step_by(2).map(|i| hex.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok())).collect();
     match bytes?.as_slice() {
-        b if b.len() == 4 => Some(IpAddr::from([b[0], b[1], b[2], b[3]])),
+        &[a, b, c, d] => Some(IpAddr::from([a, b, c, d])),
         b if b.len() == 16 => {
             let mut a = [0u8; 16];
             a.copy_from_slice(b);

@@ -220,7 +220,7 @@ impl Pool {
         let chosen = match lb {
             LoadBalancer::P2cEwma => {
                 if c.len() == 1 {
-                    c[0]
+                    c.first().copied()?
                 } else {
                     let mut rng = rand::rng();
                     let a = rng.random_range(0..c.len());
@@ -228,18 +228,19 @@ impl Pool {
                     if b >= a {
                         b += 1;
                     }
-                    if c[a].cost() <= c[b].cost() {
-                        c[a]
+                    let (a, b) = (c.get(a).copied()?, c.get(b).copied()?);
+                    if a.cost() <= b.cost() {
+                        a
                     } else {
-                        c[b]
+                        b
                     }
                 }
             }
-            LoadBalancer::RoundRobin => c[self.rr.fetch_add(1, Ordering::Relaxed) % c.len()],
+            LoadBalancer::RoundRobin => c.get(self.rr.fetch_add(1, Ordering::Relaxed) % c.len()).copied()?,
             LoadBalancer::LeastRequest => {
                 let min = c.iter().map(|e| e.pending.load(Ordering::Relaxed)).min().unwrap_or(0);
                 let least: Vec<&&Arc<EndpointState>> = c.iter().filter(|e| e.pending.load(Ordering::Relaxed) == min).collect();
-                least[self.rr.fetch_add(1, Ordering::Relaxed) % least.len()]
+                least.get(self.rr.fetch_add(1, Ordering::Relaxed) % least.len().max(1)).copied()?
             }
             LoadBalancer::WeightedRoundRobin => {
                 // nginx's smooth weighted round robin over the candidates.
@@ -255,24 +256,25 @@ impl Pool {
                         best = i;
                     }
                 }
-                if let Some(v) = cur.get_mut(&c[best].endpoint.id) {
+                let best = c.get(best).copied()?;
+                if let Some(v) = cur.get_mut(&best.endpoint.id) {
                     *v -= total;
                 }
                 if cur.len() > c.len() * 4 + 16 {
                     cur.retain(|id, _| c.iter().any(|e| &e.endpoint.id == id));
                 }
-                c[best]
+                best
             }
             LoadBalancer::ConsistentHash => {
                 let key = hash_key.unwrap_or_else(|| rand::rng().random());
-                self.ring_pick(&c, key)
+                self.ring_pick(&c, key)?
             }
         };
         Some(chosen.clone())
     }
 
     /// A ring of virtual nodes over `c` (cached per endpoint generation and candidate set).
-    fn ring_pick<'a>(&self, c: &[&'a Arc<EndpointState>], key: u64) -> &'a Arc<EndpointState> {
+    fn ring_pick<'a>(&self, c: &[&'a Arc<EndpointState>], key: u64) -> Option<&'a Arc<EndpointState>> {
         let sig = hash64((self.generation.load(Ordering::Relaxed), c.iter().map(|e| e.endpoint.id.as_str()).collect::<Vec<_>>()));
         let ring = self.ring.load();
         let ring = if ring.0 == sig {
@@ -290,8 +292,8 @@ impl Pool {
         };
         let points = &ring.1;
         let at = points.partition_point(|(h, _)| *h < key);
-        let (_, i) = points[if at == points.len() { 0 } else { at }];
-        c[i.min(c.len() - 1)]
+        let (_, i) = points.get(at).or_else(|| points.first())?;
+        c.get(*i).copied()
     }
 
     /// Records one try's outcome for passive health; returns an ejection when this failure ejected

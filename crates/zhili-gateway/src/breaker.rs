@@ -65,7 +65,9 @@ impl Inner {
         let mut steps = 0;
         while now.duration_since(self.head_at) >= width && steps < BUCKETS {
             self.head = (self.head + 1) % BUCKETS;
-            self.buckets[self.head] = Bucket::default();
+            if let Some(b) = self.buckets.get_mut(self.head) {
+                *b = Bucket::default();
+            }
             self.head_at += width;
             steps += 1;
         }
@@ -125,10 +127,11 @@ impl CircuitBreaker {
             (Admission::Normal, State::Closed) => {
                 s.advance(cfg.window, now);
                 let head = s.head;
-                let b = &mut s.buckets[head];
-                b.calls += 1;
-                b.failures += u32::from(failed);
-                b.slow += u32::from(slow);
+                if let Some(b) = s.buckets.get_mut(head) {
+                    b.calls += 1;
+                    b.failures += u32::from(failed);
+                    b.slow += u32::from(slow);
+                }
                 let t = s.totals();
                 let ratio = |n: u32| f64::from(n) / f64::from(t.calls);
                 let trip = t.calls >= cfg.min_calls && (ratio(t.failures) >= cfg.error_ratio || cfg.slow_ratio.is_some_and(|r| ratio(t.slow) >= r));

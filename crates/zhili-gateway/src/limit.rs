@@ -45,7 +45,8 @@ impl Limiter {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         key.hash(&mut h);
         let k = h.finish();
-        let mut shard = self.shards[(k as usize) % SHARDS].lock();
+        let shard = self.shards.get((k as usize) % SHARDS).expect("new() makes SHARDS shards");
+        let mut shard = shard.lock();
         if shard.len() >= MAX_KEYS / SHARDS && !shard.contains_key(&k) {
             let full_after = Duration::from_secs_f64(self.burst / self.rate);
             shard.retain(|_, b| now.duration_since(b.at) < full_after);

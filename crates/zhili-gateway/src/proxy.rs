@@ -179,7 +179,8 @@ fn idempotent(m: &Method) -> bool {
 /// Writes `v` as `out.len()` lower-case hex digits.
 fn hex(mut v: u128, out: &mut [u8]) {
     for b in out.iter_mut().rev() {
-        *b = b"0123456789abcdef"[(v & 0xf) as usize];
+        let d = (v & 0xf) as u8;
+        *b = if d < 10 { b'0' + d } else { b'a' + d - 10 };
         v >>= 4;
     }
 }
@@ -194,9 +195,10 @@ fn request_id() -> HeaderValue {
 /// W3C trace context: keep the caller's trace id with a new parent id (this hop), or start one.
 fn traceparent(h: &HeaderMap) -> HeaderValue {
     // 00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>
-    let incoming = h.get("traceparent").map(HeaderValue::as_bytes).filter(|v| {
-        v.len() == 55 && v[2] == b'-' && v[35] == b'-' && v[52] == b'-' && v.iter().enumerate().all(|(i, b)| matches!(i, 2 | 35 | 52) || b.is_ascii_hexdigit())
-    });
+    let incoming = h
+        .get("traceparent")
+        .and_then(|v| <&[u8; 55]>::try_from(v.as_bytes()).ok())
+        .filter(|v| v[2] == b'-' && v[35] == b'-' && v[52] == b'-' && v.iter().enumerate().all(|(i, b)| matches!(i, 2 | 35 | 52) || b.is_ascii_hexdigit()));
     let mut out = *b"00-00000000000000000000000000000000-0000000000000000-01";
     let mut rng = rand::rng();
     match incoming {
@@ -211,8 +213,9 @@ fn traceparent(h: &HeaderMap) -> HeaderValue {
 }
 
 fn pick_target(targets: &[(Target, u32)]) -> &Target {
-    if targets.len() == 1 {
-        return &targets[0].0;
+    let ((first, _), rest) = targets.split_first().expect("a compiled route forwards to at least one target");
+    if rest.is_empty() {
+        return first;
     }
     let total: u64 = targets.iter().map(|(_, w)| u64::from(*w)).sum();
     let mut n = rand::rng().random_range(0..total.max(1));
@@ -222,7 +225,7 @@ fn pick_target(targets: &[(Target, u32)]) -> &Target {
         }
         n -= u64::from(*w);
     }
-    &targets[0].0
+    first
 }
 
 fn hash_key(route: &Route, req: &Request<Incoming>, peer: SocketAddr) -> Option<u64> {

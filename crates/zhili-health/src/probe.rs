@@ -88,7 +88,7 @@ impl Probe {
             match stream.frame().await {
                 Some(Ok(f)) => {
                     if let Ok(d) = f.into_data() {
-                        body.extend_from_slice(&d[..d.len().min(MAX_OUTPUT - body.len())]);
+                        body.extend_from_slice(d.get(..d.len().min(MAX_OUTPUT - body.len())).unwrap_or_default());
                     }
                 }
                 _ => break,
@@ -132,7 +132,7 @@ impl Probe {
         }
         body.advance(1);
         let len = body.get_u32() as usize;
-        let status = decode_health_status(&body[..len.min(body.len())]);
+        let status = decode_health_status(body.get(..len.min(body.len())).unwrap_or_default());
         match status {
             Some(1) => ProbeResult::new(HealthStatus::Passing, format!("gRPC {address} service {service:?}: SERVING")),
             Some(s) => ProbeResult::new(HealthStatus::Critical, format!("gRPC {address} service {service:?}: {}", serving_status_name(s))),

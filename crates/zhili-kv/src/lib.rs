@@ -194,7 +194,7 @@ fn entry(kv: &KeyValue, meta: Meta) -> Entry {
 /// A random version-4 UUID, as Consul session ids are.
 pub fn uuid() -> String {
     let b: [u8; 16] = rand::random();
-    let h = |r: std::ops::Range<usize>| b[r].iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let h = |r: std::ops::Range<usize>| b.get(r).unwrap_or_default().iter().map(|x| format!("{x:02x}")).collect::<String>();
     let v = (b[6] & 0x0f) | 0x40;
     let var = (b[8] & 0x3f) | 0x80;
     format!("{}-{}-{:02x}{:02x}-{:02x}{:02x}-{}", h(0..4), h(4..6), v, b[7], var, b[9], h(10..16))

@@ -36,8 +36,7 @@ pub fn name(field: &str, value: &str) -> Result<(), ValidationError> {
     if value.len() > MAX_NAME_LEN {
         return Err(ValidationError::new(field, format!("must be at most {MAX_NAME_LEN} bytes")));
     }
-    let first = value.as_bytes()[0];
-    if !first.is_ascii_alphanumeric() {
+    if !value.as_bytes().first().is_some_and(u8::is_ascii_alphanumeric) {
         return Err(ValidationError::new(field, "must start with a letter or digit"));
     }
     if let Some(c) = value.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'))) {

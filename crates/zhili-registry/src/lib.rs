@@ -109,7 +109,7 @@ impl PersistOrder {
         use std::hash::{Hash, Hasher};
         let mut h = std::collections::hash_map::DefaultHasher::new();
         (ns, service, id).hash(&mut h);
-        self.stripes[h.finish() as usize % PERSIST_STRIPES].lock().await
+        self.stripes.get(h.finish() as usize % PERSIST_STRIPES).expect("new() makes PERSIST_STRIPES stripes").lock().await
     }
 
     /// Every stripe, taken in one order (so two callers cannot deadlock).

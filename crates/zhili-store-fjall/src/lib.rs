@@ -97,7 +97,7 @@ impl FjallStore {
         for item in lease_keys.iter() {
             let k = item.key().map_err(engine)?;
             let id = u64_at(&k, 0).ok_or_else(|| StoreError::Corrupt("lease key index".into()))?;
-            let key = String::from_utf8(k[8..].to_vec()).map_err(|_| StoreError::Corrupt("lease key index".into()))?;
+            let key = k.get(8..).and_then(|b| String::from_utf8(b.to_vec()).ok()).ok_or_else(|| StoreError::Corrupt("lease key index".into()))?;
             if let Some(l) = table.get_mut(&id) {
                 l.keys.insert(key);
             }
@@ -556,7 +556,7 @@ fn decode(key: String, v: &[u8]) -> Result<KeyValue, StoreError> {
         mod_revision: u64_at(v, 8).ok_or_else(bad)?,
         version: u64_at(v, 16).ok_or_else(bad)?,
         lease: (lease != 0).then_some(lease),
-        value: Bytes::copy_from_slice(&v[HEADER_LEN..]),
+        value: Bytes::copy_from_slice(v.get(HEADER_LEN..).ok_or_else(bad)?),
         key,
     })
 }

@@ -438,7 +438,7 @@ async fn gateway_resource(c: Client, plural: &str, cmd: RouteCmd) -> Result<Show
             Shown::Json(c.json_call(Method::PUT, &path(&name), Some(&body)).await?)
         }
         RouteCmd::Get { name } => Shown::Json(c.json_call(Method::GET, &path(&name), None).await?),
-        RouteCmd::List => Shown::Json(c.json_call(Method::GET, &list, None).await?[plural].take()),
+        RouteCmd::List => Shown::Json(c.json_call(Method::GET, &list, None).await?.get_mut(plural).map(Value::take).unwrap_or_default()),
         RouteCmd::Delete { name } => {
             c.json_call(Method::DELETE, &path(&name), None).await?;
             Shown::Nothing
@@ -457,8 +457,8 @@ async fn gateway_resource(c: Client, plural: &str, cmd: RouteCmd) -> Result<Show
             let mut deleted = vec![];
             if prune {
                 let current = c.json_call(Method::GET, &list, None).await?;
-                for r in current[plural].as_array().into_iter().flatten() {
-                    let name = r["name"].as_str().unwrap_or_default().to_string();
+                for r in current.get(plural).and_then(Value::as_array).into_iter().flatten() {
+                    let name = r.get("name").and_then(Value::as_str).unwrap_or_default().to_string();
                     if !routes.contains_key(&name) {
                         c.json_call(Method::DELETE, &path(&name), None).await?;
                         deleted.push(name);
@@ -506,10 +506,14 @@ fn print(v: &Value, output: Output) {
     }
     match v {
         Value::Array(rows) if rows.iter().all(Value::is_object) && !rows.is_empty() => {
-            let cols: Vec<String> = rows[0].as_object().map(|o| o.iter().filter(|(_, v)| is_cell(v)).map(|(k, _)| k.clone()).collect()).unwrap_or_default();
-            let cells: Vec<Vec<String>> = rows.iter().map(|r| cols.iter().map(|c| cell(&r[c])).collect()).collect();
-            let widths: Vec<usize> =
-                cols.iter().enumerate().map(|(i, c)| cells.iter().map(|r| r[i].chars().count()).chain([c.len()]).max().unwrap_or(0)).collect();
+            let cols: Vec<String> =
+                rows.first().and_then(Value::as_object).map(|o| o.iter().filter(|(_, v)| is_cell(v)).map(|(k, _)| k.clone()).collect()).unwrap_or_default();
+            let cells: Vec<Vec<String>> = rows.iter().map(|r| cols.iter().map(|c| cell(r.get(c).unwrap_or(&Value::Null))).collect()).collect();
+            let widths: Vec<usize> = cols
+                .iter()
+                .enumerate()
+                .map(|(i, c)| cells.iter().map(|r| r.get(i).map_or(0, |x| x.chars().count())).chain([c.len()]).max().unwrap_or(0))
+                .collect();
             let line = |vals: Vec<String>| vals.iter().zip(&widths).map(|(v, w)| format!("{v:<w$}")).collect::<Vec<_>>().join("  ").trim_end().to_string();
             println!("{}", line(cols.iter().map(|c| c.to_uppercase()).collect()));
             for r in cells {

@@ -1,5 +1,7 @@
 //! Crash safety: SIGKILL the server in the middle of a stream of acknowledged writes; after a
 //! restart every acknowledged KV write and persistent registration is there.
+// Test code: a panic here is a failed test.
+#![allow(clippy::unwrap_used, clippy::indexing_slicing)]
 
 mod common;
 

@@ -3,6 +3,8 @@
 //! `tests/interop/schemathesis_run.py`: no server errors, no response that breaks its documented
 //! status, content type or schema, no network errors, and (ACLs on) no operation that works
 //! without a token.
+// Test code: a panic here is a failed test.
+#![allow(clippy::unwrap_used, clippy::indexing_slicing)]
 
 mod common;
 

@@ -1,6 +1,8 @@
 //! The gateway through the real binary on real sockets: routing, transforms, direct answers and
 //! redirects, failover when an upstream dies under load, hot route changes under load, the retry
 //! budget, WebSockets across a route change, and a standalone gateway outliving its server.
+// Test code: a panic here is a failed test.
+#![allow(clippy::unwrap_used, clippy::indexing_slicing)]
 
 mod common;
 

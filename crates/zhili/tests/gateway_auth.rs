@@ -3,6 +3,8 @@
 //! and consumers; consumers' API keys with per-consumer rate limits; CORS; TLS with certificates
 //! chosen by SNI, HTTP/2 over TLS, and mTLS client certificates. Keys and certificates are made
 //! with openssl for each run.
+// Test code: a panic here is a failed test.
+#![allow(clippy::unwrap_used, clippy::indexing_slicing)]
 
 mod common;
 

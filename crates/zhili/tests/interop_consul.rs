@@ -1,4 +1,6 @@
 //! Real Consul clients against the real binary: py-consul (PyPI), driven by a Python scenario.
+// Test code: a panic here is a failed test.
+#![allow(clippy::unwrap_used, clippy::indexing_slicing)]
 
 mod common;
 

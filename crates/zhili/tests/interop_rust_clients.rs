@@ -1,5 +1,7 @@
 //! Real Rust clients against the real binary, ACLs on: the `nacos-sdk` crate (Nacos 2.x gRPC) and
 //! `rs-consul` (Consul HTTP), each discovering what the other protocols registered.
+// Test code: a panic here is a failed test.
+#![allow(clippy::unwrap_used, clippy::indexing_slicing)]
 
 mod common;
 

@@ -1,4 +1,6 @@
 //! KV and ACLs through the real binary.
+// Test code: a panic here is a failed test.
+#![allow(clippy::unwrap_used, clippy::indexing_slicing)]
 
 mod common;
 

@@ -3,6 +3,8 @@
 //! `consul_sd_configs` (Debian strips the Consul plugin: "field consul_sd_configs not found"),
 //! so it uses `http_sd_configs` against `/api/v1/sd/prometheus`; the Consul endpoints that
 //! Consul SD calls are covered by the py-consul test.
+// Test code: a panic here is a failed test.
+#![allow(clippy::unwrap_used, clippy::indexing_slicing)]
 
 mod common;
 

@@ -1,4 +1,6 @@
 //! Registry, discovery, health and watches through the real binary on real sockets.
+// Test code: a panic here is a failed test.
+#![allow(clippy::unwrap_used, clippy::indexing_slicing)]
 
 mod common;
 

@@ -1,5 +1,7 @@
 //! The Rust SDK against the real binary: registration with heartbeats and re-registration after a
 //! server restart, cached discovery kept fresh by watches, balancing, KV watch.
+// Test code: a panic here is a failed test.
+#![allow(clippy::unwrap_used, clippy::indexing_slicing)]
 
 mod common;
 

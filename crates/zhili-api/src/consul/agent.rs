@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use zhili_model::acl::{Access, Resource};
 use zhili_model::{CheckSpec, HealthStatus, InstanceRegistration, InstanceSpec, NodeRef};
 
-use super::{apply_filter, bad, canon, checks_json, decode, namespace, object, reply, service_json, CResult, ConsulError};
+use super::{apply_filter, at, bad, canon, checks_json, decode, namespace, object, reply, service_json, set, CResult, ConsulError};
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::extract::QueryPairs;
@@ -40,7 +40,7 @@ async fn dns_token(State(s): State<AppState>, caller: Caller, body: Bytes) -> CR
     caller.require(Resource::Acl, "", Access::Write)?;
     let mut v = decode(&body)?;
     canon(&mut v, &["Token"]);
-    let token = str_field(&v["Token"], "Token")?.map(str::to_string);
+    let token = str_field(at(&v, "Token"), "Token")?.map(str::to_string);
     if let Some(t) = &token {
         s.acl.resolve(Some(t)).map_err(|_| bad("Token", "is not the secret of an existing token"))?;
     }
@@ -105,25 +105,25 @@ fn str_field<'a>(v: &'a Value, field: &str) -> CResult<Option<&'a str>> {
 fn check_spec(mut c: Value, field: &str, default_id: String, service_name: &str, status_only: bool) -> CResult<(CheckSpec, Option<HealthStatus>)> {
     canon(&mut c, CHECK_FIELDS);
     for unsupported in ["Args", "ScriptArgs", "DockerContainerID", "H2PING", "AliasService", "AliasNode"] {
-        if !c[unsupported].is_null() {
+        if !at(&c, unsupported).is_null() {
             return Err(bad(&format!("{field}.{unsupported}"), "this check type is not supported (use TTL, HTTP, TCP or GRPC)"));
         }
     }
     let f = |n: &str| format!("{field}.{n}");
-    let status = match str_field(&c["Status"], &f("Status"))? {
+    let status = match str_field(at(&c, "Status"), &f("Status"))? {
         Some(s) => Some(HealthStatus::parse(&f("Status"), s)?),
         None => None,
     };
-    let id = str_field(&c["CheckID"], &f("CheckID"))?.or(str_field(&c["ID"], &f("ID"))?).map_or(default_id, str::to_string);
-    let name = str_field(&c["Name"], &f("Name"))?.map_or_else(|| format!("Service '{service_name}' check"), str::to_string);
+    let id = str_field(at(&c, "CheckID"), &f("CheckID"))?.or(str_field(at(&c, "ID"), &f("ID"))?).map_or(default_id, str::to_string);
+    let name = str_field(at(&c, "Name"), &f("Name"))?.map_or_else(|| format!("Service '{service_name}' check"), str::to_string);
     let mut spec = CheckSpec {
         id: Some(id),
         name: Some(name),
-        interval: duration_field(&c["Interval"], &f("Interval"))?,
-        timeout: duration_field(&c["Timeout"], &f("Timeout"))?,
-        deregister_critical_after: duration_field(&c["DeregisterCriticalServiceAfter"], &f("DeregisterCriticalServiceAfter"))?,
-        success_before_passing: c["SuccessBeforePassing"].as_u64().map(|n| n.min(1000) as u32),
-        failures_before_critical: c["FailuresBeforeCritical"].as_u64().map(|n| n.min(1000) as u32),
+        interval: duration_field(at(&c, "Interval"), &f("Interval"))?,
+        timeout: duration_field(at(&c, "Timeout"), &f("Timeout"))?,
+        deregister_critical_after: duration_field(at(&c, "DeregisterCriticalServiceAfter"), &f("DeregisterCriticalServiceAfter"))?,
+        success_before_passing: at(&c, "SuccessBeforePassing").as_u64().map(|n| n.min(1000) as u32),
+        failures_before_critical: at(&c, "FailuresBeforeCritical").as_u64().map(|n| n.min(1000) as u32),
         ..Default::default()
     };
     if status_only {
@@ -131,14 +131,14 @@ fn check_spec(mut c: Value, field: &str, default_id: String, service_name: &str,
         spec.kind = "manual".into();
         return Ok((spec, Some(status.unwrap_or(HealthStatus::Critical))));
     }
-    if let Some(ttl) = duration_field(&c["TTL"], &f("TTL"))? {
+    if let Some(ttl) = duration_field(at(&c, "TTL"), &f("TTL"))? {
         spec.kind = "ttl".into();
         spec.ttl = Some(ttl);
-    } else if let Some(url) = str_field(&c["HTTP"], &f("HTTP"))? {
+    } else if let Some(url) = str_field(at(&c, "HTTP"), &f("HTTP"))? {
         spec.kind = "http".into();
         spec.url = Some(url.into());
-        spec.method = str_field(&c["Method"], &f("Method"))?.map(str::to_string);
-        if let Value::Object(h) = &c["Header"] {
+        spec.method = str_field(at(&c, "Method"), &f("Method"))?.map(str::to_string);
+        if let Value::Object(h) = &at(&c, "Header") {
             for (k, v) in h {
                 let joined = match v {
                     Value::Array(vs) => vs.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(", "),
@@ -148,11 +148,11 @@ fn check_spec(mut c: Value, field: &str, default_id: String, service_name: &str,
                 spec.headers.insert(k.clone(), joined);
             }
         }
-    } else if let Some(addr) = str_field(&c["TCP"], &f("TCP"))? {
+    } else if let Some(addr) = str_field(at(&c, "TCP"), &f("TCP"))? {
         spec.kind = "tcp".into();
         spec.address = Some(addr.into());
-    } else if let Some(target) = str_field(&c["GRPC"], &f("GRPC"))? {
-        if c["GRPCUseTLS"].as_bool() == Some(true) {
+    } else if let Some(target) = str_field(at(&c, "GRPC"), &f("GRPC"))? {
+        if at(&c, "GRPCUseTLS").as_bool() == Some(true) {
             return Err(bad(&f("GRPCUseTLS"), "gRPC checks over TLS are not supported yet"));
         }
         let (addr, svc) = target.split_once('/').unwrap_or((target, ""));
@@ -175,35 +175,36 @@ pub(super) struct Converted {
 
 pub(super) fn convert(mut svc: Value, node: NodeRef, status_only: bool) -> CResult<Converted> {
     canon(&mut svc, SERVICE_FIELDS);
-    let name = str_field(&svc["Name"], "Name")?.or(str_field(&svc["Service"], "Service")?).ok_or_else(|| bad("Name", "missing service name"))?.to_string();
+    let name =
+        str_field(at(&svc, "Name"), "Name")?.or(str_field(at(&svc, "Service"), "Service")?).ok_or_else(|| bad("Name", "missing service name"))?.to_string();
     zhili_model::validate::name("Name", &name)?;
-    let id = str_field(&svc["ID"], "ID")?.map_or_else(|| name.clone(), str::to_string);
-    let port = match &svc["Port"] {
+    let id = str_field(at(&svc, "ID"), "ID")?.map_or_else(|| name.clone(), str::to_string);
+    let port = match &at(&svc, "Port") {
         Value::Null => 0,
         v => v.as_u64().filter(|p| *p <= 65535).ok_or_else(|| bad("Port", "must be 0..=65535"))? as u32,
     };
-    let address = str_field(&svc["Address"], "Address")?.map_or_else(|| node.address.clone(), str::to_string);
-    let tags: Vec<String> = match &svc["Tags"] {
+    let address = str_field(at(&svc, "Address"), "Address")?.map_or_else(|| node.address.clone(), str::to_string);
+    let tags: Vec<String> = match at(&svc, "Tags") {
         Value::Null => vec![],
         v => serde_json::from_value(v.clone()).map_err(|_| bad("Tags", "must be a list of strings"))?,
     };
-    let metadata: BTreeMap<String, String> = match &svc["Meta"] {
+    let metadata: BTreeMap<String, String> = match at(&svc, "Meta") {
         Value::Null => BTreeMap::new(),
         v => serde_json::from_value(v.clone()).map_err(|_| bad("Meta", "must be an object of strings"))?,
     };
-    let weight = match &svc["Weights"] {
+    let weight = match at(&svc, "Weights") {
         Value::Null => None,
         w => {
             let mut w = w.clone();
             canon(&mut w, &["Passing", "Warning"]);
-            Some(w["Passing"].as_u64().filter(|p| (1..=10_000).contains(p)).ok_or_else(|| bad("Weights.Passing", "must be 1..=10000"))? as u32)
+            Some(at(&w, "Passing").as_u64().filter(|p| (1..=10_000).contains(p)).ok_or_else(|| bad("Weights.Passing", "must be 1..=10000"))? as u32)
         }
     };
     let mut raw_checks: Vec<(Value, String)> = Vec::new();
-    if !svc["Check"].is_null() {
-        raw_checks.push((svc["Check"].clone(), "Check".into()));
+    if !at(&svc, "Check").is_null() {
+        raw_checks.push((at(&svc, "Check").clone(), "Check".into()));
     }
-    if let Value::Array(cs) = &svc["Checks"] {
+    if let Value::Array(cs) = &at(&svc, "Checks") {
         raw_checks.extend(cs.iter().enumerate().map(|(i, c)| (c.clone(), format!("Checks[{i}]"))));
     }
     let single = raw_checks.len() == 1;
@@ -337,9 +338,9 @@ async fn fail(State(s): State<AppState>, caller: Caller, Path(id): Path<String>,
 async fn update(State(s): State<AppState>, caller: Caller, Path(id): Path<String>, q: QueryPairs, body: Bytes) -> CResult<Response> {
     let mut v = decode(&body)?;
     canon(&mut v, &["Status", "Output"]);
-    let status = str_field(&v["Status"], "Status")?.ok_or_else(|| bad("Status", "must be passing, warning or critical"))?;
+    let status = str_field(at(&v, "Status"), "Status")?.ok_or_else(|| bad("Status", "must be passing, warning or critical"))?;
     let status = HealthStatus::parse("Status", status)?;
-    set_check(&s, &caller, &namespace(&q)?, &id, status, str_field(&v["Output"], "Output")?.unwrap_or("")).await
+    set_check(&s, &caller, &namespace(&q)?, &id, status, str_field(at(&v, "Output"), "Output")?.unwrap_or("")).await
 }
 
 /// Instances registered on this agent's node, readable by the caller.
@@ -356,7 +357,7 @@ async fn services(State(s): State<AppState>, caller: Caller, q: QueryPairs) -> C
     let ns = namespace(&q)?;
     let (index, list) = local_instances(&s, &caller, &ns);
     let rendered = apply_filter(&q, list.iter().map(|i| service_json(&s, i)).collect())?;
-    Ok(reply(index, Json(object(rendered.into_iter().map(|v| (v["ID"].as_str().unwrap_or_default().to_string(), v))))))
+    Ok(reply(index, Json(object(rendered.into_iter().map(|v| (at(&v, "ID").as_str().unwrap_or_default().to_string(), v))))))
 }
 
 async fn service(State(s): State<AppState>, caller: Caller, Path(id): Path<String>, q: QueryPairs) -> CResult<Response> {
@@ -367,7 +368,7 @@ async fn service(State(s): State<AppState>, caller: Caller, Path(id): Path<Strin
     }
     let inst = own(&s, &caller, &ns, &id, Access::Read)?;
     let mut v = service_json(&s, &inst);
-    v["ContentHash"] = json!(format!("{:016x}", inst.modify_index));
+    set(&mut v, "ContentHash", json!(format!("{:016x}", inst.modify_index)));
     Ok(reply(inst.modify_index, Json(v)))
 }
 
@@ -376,7 +377,7 @@ async fn checks(State(s): State<AppState>, caller: Caller, q: QueryPairs) -> CRe
     let (index, list) = local_instances(&s, &caller, &ns);
     let all: Vec<Value> = list.iter().flat_map(|i| checks_json(&s, i).into_iter().skip(1)).collect();
     let rendered = apply_filter(&q, all)?;
-    Ok(reply(index, Json(object(rendered.into_iter().map(|v| (v["CheckID"].as_str().unwrap_or_default().to_string(), v))))))
+    Ok(reply(index, Json(object(rendered.into_iter().map(|v| (at(&v, "CheckID").as_str().unwrap_or_default().to_string(), v))))))
 }
 
 async fn agent_self(State(s): State<AppState>, caller: Caller) -> CResult<Response> {

@@ -15,7 +15,7 @@ use zhili_model::{Instance, NodeRef};
 
 use super::agent::{apply, convert};
 use super::{aggregate, apply_filter, bad, boolean, canon, check_dc, checks_json, decode, namespace, node_json, node_meta_filter, node_of, object, reply};
-use super::{serf_check, service_json, tagged, weights, CResult};
+use super::{at, serf_check, service_json, tagged, take, weights, CResult};
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::extract::QueryPairs;
@@ -73,27 +73,27 @@ async fn register(State(s): State<AppState>, caller: Caller, q: QueryPairs, body
     let ns = namespace(&q)?;
     let mut v = decode(&body)?;
     canon(&mut v, &["Node", "Address", "Datacenter", "Service", "Check", "Checks", "NodeMeta", "TaggedAddresses", "SkipNodeUpdate", "ID"]);
-    let node = v["Node"].as_str().filter(|n| !n.is_empty()).ok_or_else(|| bad("Node", "Must provide node"))?.to_string();
+    let node = at(&v, "Node").as_str().filter(|n| !n.is_empty()).ok_or_else(|| bad("Node", "Must provide node"))?.to_string();
     zhili_model::validate::name("Node", &node)?;
-    let address = v["Address"].as_str().filter(|a| !a.is_empty()).ok_or_else(|| bad("Address", "Must provide address"))?.to_string();
+    let address = at(&v, "Address").as_str().filter(|a| !a.is_empty()).ok_or_else(|| bad("Address", "Must provide address"))?.to_string();
     zhili_model::validate::address("Address", &address)?;
-    let mut svc = v["Service"].take();
+    let mut svc = take(&mut v, "Service");
     if svc.is_null() {
         return Err(bad("Service", "registering a node without a service is not supported; nodes exist through their services"));
     }
     // Node-level checks have no place in this model; service checks move into the service.
     let mut checks: Vec<Value> = Vec::new();
-    if !v["Check"].is_null() {
-        checks.push(v["Check"].take());
+    if !at(&v, "Check").is_null() {
+        checks.push(take(&mut v, "Check"));
     }
-    if let Value::Array(cs) = v["Checks"].take() {
+    if let Value::Array(cs) = take(&mut v, "Checks") {
         checks.extend(cs);
     }
     for c in &mut checks {
         canon(c, &["ServiceID", "CheckID"]);
     }
-    if let Some(c) = checks.iter().find(|c| c["ServiceID"].as_str().is_none_or(str::is_empty)) {
-        return Err(bad("Checks", format!("node-level check {} is not supported; give it a ServiceID", c["CheckID"])));
+    if let Some(c) = checks.iter().find(|c| at(c, "ServiceID").as_str().is_none_or(str::is_empty)) {
+        return Err(bad("Checks", format!("node-level check {} is not supported; give it a ServiceID", at(c, "CheckID"))));
     }
     if let Value::Object(m) = &mut svc {
         m.remove("Check");
@@ -108,14 +108,14 @@ async fn deregister(State(s): State<AppState>, caller: Caller, q: QueryPairs, bo
     let ns = namespace(&q)?;
     let mut v = decode(&body)?;
     canon(&mut v, &["Node", "ServiceID", "CheckID", "Datacenter"]);
-    let node = v["Node"].as_str().filter(|n| !n.is_empty()).ok_or_else(|| bad("Node", "Must provide node"))?.to_string();
+    let node = at(&v, "Node").as_str().filter(|n| !n.is_empty()).ok_or_else(|| bad("Node", "Must provide node"))?.to_string();
     let on_node = |i: &Instance| node_of(&s, i).name == node;
-    let targets: Vec<Instance> = match v["ServiceID"].as_str().filter(|x| !x.is_empty()) {
+    let targets: Vec<Instance> = match at(&v, "ServiceID").as_str().filter(|x| !x.is_empty()) {
         Some(id) => s.registry.find_instances(&ns, id).into_iter().filter(on_node).collect(),
-        None if !v["CheckID"].is_null() => return Err(bad("CheckID", "deregistering a single check is not supported; re-register the service")),
+        None if !at(&v, "CheckID").is_null() => return Err(bad("CheckID", "deregistering a single check is not supported; re-register the service")),
         None => s.registry.all_instances(Some(&ns)).1.into_iter().filter(on_node).collect(),
     };
-    if targets.is_empty() && v["ServiceID"].as_str().is_some_and(|x| !x.is_empty()) {
+    if targets.is_empty() && at(&v, "ServiceID").as_str().is_some_and(|x| !x.is_empty()) {
         // Nothing to remove: say so only to a caller who may write every service, so that the
         // answer does not tell others which ids exist.
         caller.require_all(Resource::Service, "", Access::Write)?;
@@ -279,7 +279,7 @@ async fn health_state(State(s): State<AppState>, caller: Caller, Path(state): Pa
     for i in readable(&caller, all) {
         checks.extend(checks_json(&s, &i).into_iter().skip(1));
     }
-    checks.retain(|c| state == "any" || c["Status"] == state.as_str());
+    checks.retain(|c| state == "any" || at(c, "Status") == state.as_str());
     Ok(reply(index, Json(apply_filter(&q, checks)?)))
 }
 

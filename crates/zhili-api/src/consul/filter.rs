@@ -197,8 +197,8 @@ impl Filter {
         }
         let mut p = Parser { toks: lex(s)?, pos: 0, depth: 0 };
         let f = p.or()?;
-        if p.pos < p.toks.len() {
-            return Err(format!("unexpected {:?}", p.toks[p.pos]));
+        if let Some(t) = p.toks.get(p.pos) {
+            return Err(format!("unexpected {t:?}"));
         }
         Ok(f)
     }

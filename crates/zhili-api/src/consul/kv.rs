@@ -14,7 +14,7 @@ use zhili_kv::{Behavior, Entry, KvOp, OpResult, Session, SessionSpec};
 use zhili_model::acl::{Access, Resource};
 use zhili_model::{parse_duration, validate};
 
-use super::{bad, boolean, canon, check_dc, decode, decode_any, reply, CResult, ConsulError};
+use super::{at, bad, boolean, canon, check_dc, decode, decode_any, reply, set, take, CResult, ConsulError};
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::extract::QueryPairs;
@@ -48,7 +48,7 @@ fn entry_json(e: &Entry) -> Value {
         "ModifyIndex": e.modify_index,
     });
     if let Some(s) = &e.session {
-        v["Session"] = json!(s);
+        set(&mut v, "Session", json!(s));
     }
     v
 }
@@ -108,8 +108,8 @@ async fn read(State(s): State<AppState>, caller: Caller, key: String, q: QueryPa
     if entries.is_empty() {
         return Ok(reply(index, StatusCode::NOT_FOUND));
     }
-    if q.get("raw").is_some() && !recurse {
-        return Ok(reply(index, ([(header::CONTENT_TYPE, "application/octet-stream")], entries[0].value.clone())));
+    if let (Some(e), true) = (entries.first(), q.get("raw").is_some() && !recurse) {
+        return Ok(reply(index, ([(header::CONTENT_TYPE, "application/octet-stream")], e.value.clone())));
     }
     Ok(reply(index, Json(entries.iter().map(entry_json).collect::<Vec<_>>())))
 }
@@ -207,13 +207,13 @@ async fn session_create(State(s): State<AppState>, caller: Caller, q: QueryPairs
     session_access(&caller, Access::Write)?;
     let mut v = if body.is_empty() { json!({}) } else { decode(&body)? };
     canon(&mut v, &["Name", "Node", "LockDelay", "Behavior", "TTL", "Checks", "NodeChecks", "ServiceChecks"]);
-    let node = v["Node"].as_str().filter(|n| !n.is_empty()).map_or_else(|| s.consul.node.clone(), str::to_string);
-    let behavior = match v["Behavior"].as_str() {
+    let node = at(&v, "Node").as_str().filter(|n| !n.is_empty()).map_or_else(|| s.consul.node.clone(), str::to_string);
+    let behavior = match at(&v, "Behavior").as_str() {
         None | Some("") | Some("release") => Behavior::Release,
         Some("delete") => Behavior::Delete,
         Some(other) => return Err(bad("Behavior", format!("{other:?} is not release or delete"))),
     };
-    let ttl = match v["TTL"].as_str() {
+    let ttl = match at(&v, "TTL").as_str() {
         None | Some("") => None,
         Some(t) => match parse_duration("TTL", t)? {
             d if d.is_zero() => None,
@@ -225,8 +225,13 @@ async fn session_create(State(s): State<AppState>, caller: Caller, q: QueryPairs
             d => Some(d),
         },
     };
-    let spec =
-        SessionSpec { name: v["Name"].as_str().unwrap_or_default().to_string(), node, lock_delay: lock_delay(&v["LockDelay"])?, behavior: Some(behavior), ttl };
+    let spec = SessionSpec {
+        name: at(&v, "Name").as_str().unwrap_or_default().to_string(),
+        node,
+        lock_delay: lock_delay(at(&v, "LockDelay"))?,
+        behavior: Some(behavior),
+        ttl,
+    };
     let session = s.kv.session_create(spec).await?;
     Ok(reply(session.create_index, Json(json!({ "ID": session.id }))))
 }
@@ -270,22 +275,22 @@ fn txn_op(i: usize, mut op: Value) -> CResult<(KvOp, bool)> {
         return Err(bad(&format!("[{i}]"), "must be an object such as {\"KV\": {...}}"));
     }
     canon(&mut op, &["KV", "Node", "Service", "Check", "Session"]);
-    let mut kv = op["KV"].take();
+    let mut kv = take(&mut op, "KV");
     if kv.is_null() {
         return Err(bad(&format!("[{i}]"), "only KV operations are supported in transactions"));
     }
     canon(&mut kv, &["Verb", "Key", "Value", "Flags", "Index", "Session"]);
     let f = |n: &str| format!("[{i}].KV.{n}");
-    let key = kv["Key"].as_str().unwrap_or_default().to_string();
-    let value = match &kv["Value"] {
+    let key = at(&kv, "Key").as_str().unwrap_or_default().to_string();
+    let value = match &at(&kv, "Value") {
         Value::Null => Bytes::new(),
         Value::String(v) => base64::engine::general_purpose::STANDARD.decode(v).map_err(|_| bad(&f("Value"), "must be base64"))?.into(),
         _ => return Err(bad(&f("Value"), "must be a base64 string")),
     };
-    let flags = kv["Flags"].as_u64().unwrap_or(0);
-    let index = kv["Index"].as_u64().unwrap_or(0);
-    let session = kv["Session"].as_str().unwrap_or_default().to_string();
-    let verb = kv["Verb"].as_str().unwrap_or_default();
+    let flags = at(&kv, "Flags").as_u64().unwrap_or(0);
+    let index = at(&kv, "Index").as_u64().unwrap_or(0);
+    let session = at(&kv, "Session").as_str().unwrap_or_default().to_string();
+    let verb = at(&kv, "Verb").as_str().unwrap_or_default();
     let write = !matches!(verb, "get" | "get-tree" | "check-index" | "check-session" | "check-not-exists");
     let op = match verb {
         "set" => KvOp::Set { key, value, flags },

@@ -151,6 +151,23 @@ fn decode_any(bytes: &[u8]) -> CResult<Value> {
     serde_json::from_slice(bytes).map_err(|e| ConsulError(ApiError::BadRequest(format!("Request decode failed: {e}"))))
 }
 
+/// A field of a JSON object, or null: reading a body this way never panics, whatever its shape.
+fn at<'a>(v: &'a Value, key: &str) -> &'a Value {
+    v.get(key).unwrap_or(&Value::Null)
+}
+
+/// Takes a field out of a JSON object (null when absent, or when `v` is not an object).
+fn take(v: &mut Value, key: &str) -> Value {
+    v.as_object_mut().and_then(|m| m.remove(key)).unwrap_or(Value::Null)
+}
+
+/// Sets a field of a JSON object; does nothing to other values.
+fn set(v: &mut Value, key: &str, x: Value) {
+    if let Some(m) = v.as_object_mut() {
+        m.insert(key.to_string(), x);
+    }
+}
+
 /// Renames keys of `v` (an object) that match one of `names` ignoring case and underscores.
 fn canon(v: &mut Value, names: &[&str]) {
     let Value::Object(m) = v else { return };
@@ -263,8 +280,12 @@ fn aggregate(checks: &[Value]) -> &'static str {
         "warning" => 1,
         _ => 2,
     };
-    let worst = checks.iter().filter_map(|c| c["Status"].as_str()).map(rank).max().unwrap_or(0);
-    ["passing", "warning", "critical"][worst]
+    let worst = checks.iter().filter_map(|c| at(c, "Status").as_str()).map(rank).max().unwrap_or(0);
+    match worst {
+        0 => "passing",
+        1 => "warning",
+        _ => "critical",
+    }
 }
 
 /// Applies `?filter=` to a list of rendered results.

@@ -129,12 +129,12 @@ fn parse_listening(spec: &str, default_tenant: &str) -> NResult<Vec<Listening>> 
     let mut out = vec![];
     for line in spec.split(LINE).filter(|l| !l.trim().is_empty()) {
         let parts: Vec<&str> = line.split(WORD).collect();
-        if !(3..=4).contains(&parts.len()) {
+        let (&[data_id, group, md5] | &[data_id, group, md5, _]) = parts.as_slice() else {
             return Err(super::bad("Listening-Configs", format!("entry {line:?} is not dataId^2group^2md5[^2tenant]")));
-        }
+        };
         let tenant = parts.get(3).copied().filter(|t| !t.is_empty()).unwrap_or(default_tenant);
-        let key = config_key(tenant, parts[1], parts[0])?;
-        out.push(Listening { key, data_id: parts[0].into(), group: parts[1].into(), tenant: tenant.into(), md5: parts[2].into() });
+        let key = config_key(tenant, group, data_id)?;
+        out.push(Listening { key, data_id: data_id.into(), group: group.into(), tenant: tenant.into(), md5: md5.into() });
         if out.len() > MAX_LISTENING {
             return Err(super::bad("Listening-Configs", format!("at most {MAX_LISTENING} configs per request")));
         }
@@ -200,8 +200,7 @@ async fn listener(State(s): State<AppState>, caller: Caller, headers: HeaderMap,
         }
     }
     let mut body = String::new();
-    for n in found {
-        let l = &list[n];
+    for l in found.into_iter().filter_map(|n| list.get(n)) {
         body.push_str(&l.data_id);
         body.push(WORD);
         body.push_str(&l.group);

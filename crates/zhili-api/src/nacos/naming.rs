@@ -177,7 +177,9 @@ async fn detail(s: &AppState, caller: &Caller, p: &Params) -> NResult<Reply> {
     let port = number(p, "port")?.ok_or_else(|| super::bad("port", "is required"))?;
     let i = find(s, &ns, &svc, p.required("ip")?, port, p.get("clusterName").or_else(|| p.get("cluster")))?;
     let mut v = instance_json(&i, &svc);
-    v["service"] = json!(svc.grouped());
+    if let Some(o) = v.as_object_mut() {
+        o.insert("service".into(), json!(svc.grouped()));
+    }
     Ok(Reply::Json(v))
 }
 
@@ -188,7 +190,9 @@ async fn list(s: &AppState, caller: &Caller, p: &Params) -> NResult<Reply> {
     let mut instances = instances_of(s, &ns, &svc);
     instances.retain(|i| i.enabled && (!healthy_only || i.is_serving()));
     let mut info = service_info(&instances, &svc, p.get("clusters").unwrap_or(""), true, s.nacos.ref_time());
-    info["dom"] = json!(svc.grouped());
+    if let Some(o) = info.as_object_mut() {
+        o.insert("dom".into(), json!(svc.grouped()));
+    }
     Ok(Reply::Json(info))
 }
 

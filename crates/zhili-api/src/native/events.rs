@@ -87,7 +87,9 @@ async fn kv_events(State(s): State<AppState>, caller: Caller, q: QueryPairs) -> 
                         EventKind::Delete => "delete",
                     };
                     let mut body = serde_json::to_value(KvEntry::from_kv(&ev.kv)).unwrap_or_default();
-                    body["kind"] = kind.into();
+                    if let Some(o) = body.as_object_mut() {
+                        o.insert("kind".into(), kind.into());
+                    }
                     let event = Event::default().event("kv").id(ev.revision.to_string()).data(body.to_string());
                     return Some((Ok::<_, Infallible>(event), (Some(w), caller, guard)));
                 }

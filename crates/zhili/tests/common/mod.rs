@@ -1,4 +1,6 @@
 //! Helpers shared by the integration tests: they all start the real `zhili` binary.
+// Test code: a panic here is a failed test.
+#![allow(clippy::unwrap_used, clippy::indexing_slicing)]
 #![allow(dead_code, unused_imports)]
 
 use std::path::Path;
