@@ -659,16 +659,32 @@ fn matchers(field: &str, list: &[ValueMatch], header: bool) -> Result<(), Valida
     Ok(())
 }
 
+/// Headers that frame messages or belong to one hop: the gateway alone computes and strips
+/// them. A route that could set them could make an upstream (or a client) see two framings and
+/// split one message into two; one that could remove `Host` could send a request nowhere in
+/// particular.
+pub const RESERVED_HEADERS: &[&str] =
+    &["content-length", "transfer-encoding", "connection", "keep-alive", "proxy-connection", "upgrade", "te", "trailer", "host", "expect"];
+
 fn header_ops(field: &str, ops: &HeaderOps) -> Result<(), ValidationError> {
     if ops.set.len() + ops.add.len() + ops.remove.len() > MAX_HEADER_OPS {
         return Err(ValidationError::new(field, format!("at most {MAX_HEADER_OPS} operations")));
     }
+    let reserved = |f: &str, k: &str| {
+        if RESERVED_HEADERS.iter().any(|r| r.eq_ignore_ascii_case(k)) {
+            return Err(ValidationError::new(f, format!("{k:?} frames the message or belongs to one hop; only the gateway sets it")));
+        }
+        Ok(())
+    };
     for (k, v) in ops.set.iter().chain(ops.add.iter()) {
-        header_name(&format!("{field}.{k}"), k)?;
-        header_value(&format!("{field}.{k}"), v)?;
+        let f = format!("{field}.{k}");
+        header_name(&f, k)?;
+        header_value(&f, v)?;
+        reserved(&f, k)?;
     }
     for k in &ops.remove {
         header_name(&format!("{field}.remove"), k)?;
+        reserved(&format!("{field}.remove"), k)?;
     }
     Ok(())
 }
@@ -896,6 +912,11 @@ mod tests {
             (r#"{"service": "s", "load_balancer": "consistent_hash"}"#, "hash_on"),
             (r#"{"service": "s", "hosts": ["bad host"]}"#, "hosts[0]"),
             (r#"{"service": "s", "request_headers": {"set": {"x-a": "b\nc"}}}"#, "request_headers.x-a"),
+            (r#"{"service": "s", "request_headers": {"set": {"Transfer-Encoding": "chunked"}}}"#, "request_headers.Transfer-Encoding"),
+            (r#"{"service": "s", "request_headers": {"add": {"connection": "close"}}}"#, "request_headers.connection"),
+            (r#"{"service": "s", "request_headers": {"remove": ["host"]}}"#, "request_headers.remove"),
+            (r#"{"service": "s", "response_headers": {"set": {"content-length": "2"}}}"#, "response_headers.content-length"),
+            (r#"{"direct_response": {"status": 200}, "response_headers": {"set": {"upgrade": "h2c"}}}"#, "response_headers.upgrade"),
             (r#"{"service": "s", "rate_limit": {"rate": 0}}"#, "rate_limit.rate"),
             (r#"{"service": "s", "circuit_breaker": {"error_ratio": 2}}"#, "circuit_breaker.error_ratio"),
             (r#"{"service": "s", "circuit_breaker": {"open_for": "x"}}"#, "circuit_breaker.open_for"),

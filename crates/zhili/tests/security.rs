@@ -72,7 +72,8 @@ async fn scoped_token_cannot_take_over_another_services_instance() {
     let own = r#"{"id":"10.0.0.1:8080","address":"10.66.6.6","port":8080,"ephemeral":false}"#;
     assert_eq!(status(&evil, Method::POST, "/api/v1/services/evil/instances", Some(own)).await, StatusCode::CREATED);
     assert_eq!(status(&evil, Method::PUT, "/v1/agent/service/deregister/10.0.0.1:8080", None).await, StatusCode::FORBIDDEN);
-    assert_eq!(call(&api, Method::GET, "/v1/agent/service/10.0.0.1:8080", None).await.2["Address"], "10.0.0.1");
+    let (_, _, v) = call(&api, Method::GET, "/api/v1/services/web/instances/10.0.0.1:8080", None).await;
+    assert_eq!(v["address"], "10.0.0.1", "web's instance is untouched: {v}");
 
     // Unknown ids: 403 to a scoped caller (no enumeration), 404 to one who may write everything.
     assert_eq!(status(&evil, Method::PUT, "/v1/agent/service/deregister/nope", None).await, StatusCode::FORBIDDEN);
