@@ -124,6 +124,9 @@ pub struct Jwt {
     query: Option<String>,
     cookie: Option<String>,
     leeway: u64,
+    /// Claims the route requires, checked for presence and type on top of the library's checks.
+    issuer: Option<String>,
+    audiences: Vec<String>,
     /// Tokens verified lately, so a client sending the same token again costs a map lookup.
     cache: parking_lot::Mutex<HashMap<Box<str>, Verified>>,
 }
@@ -189,8 +192,23 @@ fn compile_jwt(spec: &JwtSpec) -> Result<Jwt, ValidationError> {
         query: spec.query.clone(),
         cookie: spec.cookie.clone(),
         leeway: leeway.as_secs(),
+        issuer: spec.issuer.clone(),
+        audiences: spec.audiences.clone(),
         cache: Default::default(),
     })
+}
+
+/// RFC 7515 4.1.11: a recipient must refuse a token whose `crit` header names extensions it does
+/// not understand; this verifier understands none.
+fn refuse_critical_extensions(token: &str) -> Result<(), String> {
+    use base64::Engine;
+    let header = token.split('.').next().unwrap_or_default();
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(header.trim_end_matches('=')).map_err(|_| "the token's header is not base64url".to_string())?;
+    let head: Map<String, Value> = serde_json::from_slice(&bytes).map_err(|_| "the token's header is not a JSON object".to_string())?;
+    if head.contains_key("crit") {
+        return Err("the token names critical header extensions (crit) this gateway does not understand".into());
+    }
+    Ok(())
 }
 
 /// Compiles a route's auth (validated with the route by `RouteSpec::validate`).
@@ -407,6 +425,7 @@ impl Jwt {
             return Err(format!("the token is over {MAX_TOKEN_LEN} bytes"));
         }
         let head = jsonwebtoken::decode_header(token).map_err(|e| describe(&e))?;
+        refuse_critical_extensions(token)?;
         let alg = match head.alg {
             Algorithm::HS256 => JwtAlg::HS256,
             Algorithm::RS256 => JwtAlg::RS256,
@@ -421,7 +440,7 @@ impl Jwt {
             for k in keys.filter(|k| fits(k)) {
                 *tried = true;
                 match jsonwebtoken::decode::<Map<String, Value>>(token, &k.key, validation) {
-                    Ok(data) => return Some(Ok(data.claims)),
+                    Ok(data) => return Some(self.required_claims(&data.claims).map(|()| data.claims)),
                     Err(e) if matches!(e.kind(), jsonwebtoken::errors::ErrorKind::InvalidSignature) => last = Some(describe(&e)),
                     Err(e) => return Some(Err(describe(&e))),
                 }
@@ -449,6 +468,36 @@ impl Jwt {
                 None => format!("no {alg:?} key is known"),
             }
         })
+    }
+
+    /// A configured issuer or audience must be present and of the right type: `iss` a string,
+    /// `aud` a string or a list of strings (a missing or null claim is not a pass).
+    fn required_claims(&self, claims: &Map<String, Value>) -> Result<(), String> {
+        if let Some(iss) = &self.issuer {
+            match claims.get("iss") {
+                Some(Value::String(s)) if s == iss => {}
+                Some(Value::String(_)) => return Err("the token's issuer is not accepted".into()),
+                Some(_) => return Err("the token's issuer (iss) is not a string".into()),
+                None => return Err("the token has no issuer (iss)".into()),
+            }
+        }
+        if !self.audiences.is_empty() {
+            let ok = match claims.get("aud") {
+                Some(Value::String(a)) => self.audiences.contains(a),
+                Some(Value::Array(list)) => {
+                    if !list.iter().all(Value::is_string) {
+                        return Err("the token's audience (aud) is not a list of strings".into());
+                    }
+                    list.iter().filter_map(Value::as_str).any(|a| self.audiences.iter().any(|x| x == a))
+                }
+                None | Some(Value::Null) => return Err("the token has no audience (aud)".into()),
+                Some(_) => return Err("the token's audience (aud) is not a string".into()),
+            };
+            if !ok {
+                return Err("the token's audience is not accepted".into());
+            }
+        }
+        Ok(())
     }
 
     fn identity(&self, claims: &Map<String, Value>) -> Identity {
@@ -590,20 +639,25 @@ pub fn common_name(der: &[u8]) -> Option<String> {
     let skip = usize::from(matches!(tbs.first()?, ASN1Block::Explicit(..) | ASN1Block::Unknown(..)));
     let ASN1Block::Sequence(_, subject) = tbs.get(skip + 4)? else { return None };
     let cn = oid!(2, 5, 4, 3);
-    subject.iter().find_map(|rdn| {
-        let ASN1Block::Set(_, attrs) = rdn else { return None };
-        attrs.iter().find_map(|a| match a {
-            ASN1Block::Sequence(_, kv) => match (kv.first()?, kv.get(1)?) {
-                (ASN1Block::ObjectIdentifier(_, o), ASN1Block::UTF8String(_, s) | ASN1Block::PrintableString(_, s) | ASN1Block::IA5String(_, s))
-                    if *o == cn =>
-                {
-                    Some(s.clone())
-                }
-                _ => None,
-            },
-            _ => None,
-        })
-    })
+    // Every CN attribute of the subject: a subject with two is ambiguous and names nobody.
+    let mut names = subject.iter().flat_map(|rdn| match rdn {
+        ASN1Block::Set(_, attrs) => attrs.iter().collect::<Vec<_>>(),
+        _ => Vec::new(),
+    });
+    let mut found = None;
+    for a in names.by_ref() {
+        let ASN1Block::Sequence(_, kv) = a else { continue };
+        let (Some(ASN1Block::ObjectIdentifier(_, o)), Some(value)) = (kv.first(), kv.get(1)) else { continue };
+        if *o != cn {
+            continue;
+        }
+        let (ASN1Block::UTF8String(_, s) | ASN1Block::PrintableString(_, s) | ASN1Block::IA5String(_, s)) = value else { return None };
+        if found.is_some() {
+            return None;
+        }
+        found = Some(s.clone());
+    }
+    found
 }
 
 #[cfg(test)]
@@ -617,6 +671,23 @@ mod tests {
         ))
         .unwrap();
         compile(&spec).unwrap()
+    }
+
+    #[tokio::test]
+    async fn unknown_critical_header_extensions_are_refused() {
+        let a = hs_auth("");
+        let claims = serde_json::json!({"sub": "a", "iss": "me", "aud": "api", "exp": now() + 60});
+        // jsonwebtoken's Header has no `crit`; build the header by hand and sign it.
+        use base64::Engine;
+        let b64 = |v: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
+        let head = b64(br#"{"alg":"HS256","crit":["exp-ext"],"exp-ext":1}"#);
+        let body = b64(claims.to_string().as_bytes());
+        let signing = format!("{head}.{body}");
+        let sig = jsonwebtoken::crypto::sign(signing.as_bytes(), &jsonwebtoken::EncodingKey::from_secret(b"0123456789abcdef0123456789abcdef"), Algorithm::HS256).unwrap();
+        match check(&a, &format!("{signing}.{sig}")).await {
+            Err(Denied::Unauthorized(m)) => assert!(m.contains("crit"), "{m}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     fn token(claims: Value, secret: &str) -> String {
@@ -658,7 +729,12 @@ mod tests {
                 "not valid yet",
             ),
             (serde_json::json!({"sub": "a", "iss": "me", "aud": "api"}), "0123456789abcdef0123456789abcdef", "exp"),
-            (good, "another-secret-another-secret-xx", "signature"),
+            (serde_json::json!({"sub": "a", "iss": "me", "exp": now() + 60}), "0123456789abcdef0123456789abcdef", "no audience"),
+            (serde_json::json!({"sub": "a", "iss": "me", "aud": null, "exp": now() + 60}), "0123456789abcdef0123456789abcdef", "audience"),
+            (serde_json::json!({"sub": "a", "aud": "api", "exp": now() + 60}), "0123456789abcdef0123456789abcdef", "no issuer"),
+            (serde_json::json!({"sub": "a", "iss": ["me"], "aud": "api", "exp": now() + 60}), "0123456789abcdef0123456789abcdef", "issuer"),
+            (serde_json::json!({"sub": "a", "iss": "me", "aud": ["web", 5], "exp": now() + 60}), "0123456789abcdef0123456789abcdef", "audience"),
+            (good.clone(), "another-secret-another-secret-xx", "signature"),
         ] {
             match check(&a, &token(claims, secret)).await {
                 Err(Denied::Unauthorized(m)) => assert!(m.contains(want), "{m} should say {want}"),

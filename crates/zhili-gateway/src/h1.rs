@@ -29,12 +29,17 @@ pub const COLLECT_BELOW: u64 = 64 * 1024;
 const READ_CHUNK: usize = 16 * 1024;
 /// A streamed answer body that sends nothing for this long is cut off.
 pub const BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// A client that takes no part of a streamed answer for this long loses it (and the upstream
+/// connection is closed), so slow readers cannot pin upstream connections.
+pub const CLIENT_TAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// One upstream connection with what was read past the last answer.
+/// One upstream connection with what was read past the last answer. It holds one of its
+/// endpoint's connection slots while it lives.
 #[derive(Debug)]
 pub struct Conn {
     io: TcpStream,
     buf: BytesMut,
+    _slot: Option<crate::balance::ConnSlot>,
 }
 
 enum Framing {
@@ -69,7 +74,18 @@ pub async fn connect_tcp(authority: &str, timeout: Duration) -> Result<TcpStream
 
 impl Conn {
     pub async fn connect(authority: &str, timeout: Duration) -> Result<Conn, UpstreamError> {
-        Ok(Conn { io: connect_tcp(authority, timeout).await?, buf: BytesMut::with_capacity(READ_CHUNK) })
+        Ok(Conn { io: connect_tcp(authority, timeout).await?, buf: BytesMut::with_capacity(READ_CHUNK), _slot: None })
+    }
+
+    /// Whether nothing is waiting to be read: no bytes past the last answer and none readable
+    /// on the socket (an upstream that sent more than it framed, or closed, fails this). A
+    /// connection is reused only when clean, so an answer can never reach another request.
+    fn is_clean(&mut self) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        let mut probe = [0u8; 1];
+        matches!(self.io.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
     }
 
     /// Reads more; `Ok(0)` at end of stream.
@@ -169,18 +185,27 @@ fn parse_head(resp: &httparse::Response<'_, '_>, head: &Bytes, head_request: boo
     let status = StatusCode::from_u16(resp.code.unwrap_or(0)).map_err(|_| "sent an invalid status".to_string())?;
     let mut headers = HeaderMap::with_capacity(resp.headers.len());
     let mut length: Option<u64> = None;
+    let mut transfer_encoding = false;
     let mut chunked = false;
     let mut close = resp.version != Some(1);
     for h in resp.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| format!("sent an invalid header name {:?}", h.name))?;
         let value = HeaderValue::from_maybe_shared(head.slice_ref(h.value)).map_err(|_| format!("sent an invalid value for {}", h.name))?;
         if name == header::CONTENT_LENGTH {
-            let n: u64 = value.to_str().ok().and_then(|v| v.trim().parse().ok()).ok_or("sent an invalid Content-Length")?;
+            // RFC 9110: 1*DIGIT, nothing else ("+5", "0x5" and lists are framing attacks).
+            let digits = value.as_bytes().trim_ascii();
+            if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+                return Err("sent an invalid Content-Length".into());
+            }
+            let n: u64 = std::str::from_utf8(digits).ok().and_then(|v| v.parse().ok()).ok_or("sent an invalid Content-Length")?;
             if length.is_some_and(|l| l != n) {
                 return Err("sent conflicting Content-Length headers".into());
             }
             length = Some(n);
+            // The gateway frames what it forwards itself.
+            continue;
         } else if name == header::TRANSFER_ENCODING {
+            transfer_encoding = true;
             chunked = value.as_bytes().rsplit(|b| *b == b',').next().is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
         } else if name == header::CONNECTION {
             let v = value.as_bytes();
@@ -192,10 +217,21 @@ fn parse_head(resp: &httparse::Response<'_, '_>, head: &Bytes, head_request: boo
         }
         headers.append(name, value);
     }
+    // RFC 9112 6.3: Transfer-Encoding wins over Content-Length, and a message carrying both (or a
+    // final coding other than chunked) is read until close and never reused.
+    if transfer_encoding && (length.is_some() || !chunked) {
+        close = true;
+    }
     let framing = if head_request || status.is_informational() || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+        // A HEAD answer describes the GET body: its length is kept for the client.
+        if let (true, Some(n)) = (head_request, length) {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+        }
         Framing::Empty
     } else if chunked {
         Framing::Chunked
+    } else if transfer_encoding {
+        Framing::UntilClose
     } else if let Some(n) = length {
         if n == 0 {
             Framing::Empty
@@ -238,28 +274,46 @@ pub fn encode(method: &Method, path_q: &str, headers: &HeaderMap, body: &[u8]) -
     out
 }
 
-/// Sends `request` (from [`encode`]) to `ep` on an idle connection or a new one; the answer with
-/// its body read whole (small) or streaming.
-/// `connects` counts the new connections.
-pub async fn send(
-    ep: &Arc<EndpointState>,
-    request: &[u8],
-    head_request: bool,
-    connect_timeout: Duration,
-    connects: &std::sync::atomic::AtomicU64,
-) -> Result<Response<Body>, UpstreamError> {
+/// How one request may be sent: what it is, and what the gateway may do on its own.
+pub struct Exchange<'a> {
+    /// The request bytes from [`encode`].
+    pub request: &'a [u8],
+    pub head_request: bool,
+    /// An idempotent request that a reused connection lost before any answer may go again on a
+    /// fresh one (RFC 9110 9.2.2); any other request is never sent twice by this client.
+    pub idempotent: bool,
+    pub connect_timeout: Duration,
+    /// Live upstream connections an endpoint may have.
+    pub max_connections: usize,
+}
+
+/// Sends the request to `ep` on a clean idle connection or a new one; the answer with its body
+/// read whole (small) or streaming. `connects` counts the new connections.
+pub async fn send(ep: &Arc<EndpointState>, x: &Exchange<'_>, connects: &std::sync::atomic::AtomicU64) -> Result<Response<Body>, UpstreamError> {
     loop {
         let (mut conn, reused) = match ep.take_idle() {
-            Some(c) => (c, true),
+            Some(mut c) => {
+                // Anything readable on an idle connection (bytes past its last answer, or its
+                // close) disqualifies it; nothing was sent on it, so another is taken.
+                if !c.is_clean() {
+                    continue;
+                }
+                (c, true)
+            }
             None => {
+                let slot = ep.connection_slot(x.max_connections).ok_or_else(|| {
+                    UpstreamError::Saturated(format!("has {} open connections from this gateway, its limit; try again shortly", x.max_connections))
+                })?;
                 connects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                (Conn::connect(&ep.authority, connect_timeout).await?, false)
+                let mut c = Conn::connect(&ep.authority, x.connect_timeout).await?;
+                c._slot = Some(slot);
+                (c, false)
             }
         };
-        let (parts, framing, keep_alive) = match conn.head(request, head_request).await {
+        let (parts, framing, keep_alive) = match conn.head(x.request, x.head_request).await {
             Ok(h) => h,
-            // Closed while idle: the upstream never saw the request; send it on another.
-            Err(f) if reused && !f.answered => continue,
+            // Lost before any answer on a reused connection: most likely closed while idle.
+            Err(f) if reused && !f.answered && x.idempotent => continue,
             Err(f) => return Err(f.error),
         };
         let body = match framing {
@@ -282,8 +336,9 @@ pub async fn send(
     }
 }
 
-fn give_back(ep: &EndpointState, conn: Conn, keep_alive: bool) {
-    if keep_alive && conn.buf.is_empty() {
+/// Pools the connection only when its answer was framed exactly and nothing more is readable.
+fn give_back(ep: &EndpointState, mut conn: Conn, keep_alive: bool) {
+    if keep_alive && conn.is_clean() {
         ep.give_back(conn);
     }
 }
@@ -299,7 +354,7 @@ async fn stream_body(ep: Arc<EndpointState>, mut conn: Conn, framing: Framing, k
                         return Err(format!("closed the connection with {left} body bytes to go"));
                     }
                     left -= b.len() as u64;
-                    tx.send(Ok(b)).await.map_err(|_| "the client went away".to_string())?;
+                    deliver(&tx, b).await?;
                 }
             }
             Framing::UntilClose => loop {
@@ -307,7 +362,7 @@ async fn stream_body(ep: Arc<EndpointState>, mut conn: Conn, framing: Framing, k
                 if b.is_empty() {
                     return Ok(());
                 }
-                tx.send(Ok(b)).await.map_err(|_| "the client went away".to_string())?;
+                deliver(&tx, b).await?;
             },
             Framing::Chunked => loop {
                 let line = conn.line().await?;
@@ -325,7 +380,7 @@ async fn stream_body(ep: Arc<EndpointState>, mut conn: Conn, framing: Framing, k
                         return Err("closed the connection inside a chunk".into());
                     }
                     left -= b.len() as u64;
-                    tx.send(Ok(b)).await.map_err(|_| "the client went away".to_string())?;
+                    deliver(&tx, b).await?;
                 }
                 if !conn.line().await?.is_empty() {
                     return Err("sent a chunk without its CRLF".into());
@@ -340,6 +395,16 @@ async fn stream_body(ep: Arc<EndpointState>, mut conn: Conn, framing: Framing, k
         Err(e) => {
             let _ = tx.send(Err(format!("upstream {e}").into())).await;
         }
+    }
+}
+
+/// Hands one chunk to the client's side; a client that takes nothing for [`CLIENT_TAKE_TIMEOUT`]
+/// (not reading, or an HTTP/2 window left at zero) gives up the upstream connection.
+async fn deliver(tx: &mpsc::Sender<Result<Bytes, BoxError>>, b: Bytes) -> Result<(), String> {
+    match tokio::time::timeout(CLIENT_TAKE_TIMEOUT, tx.send(Ok(b))).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err("the client went away".into()),
+        Err(_) => Err(format!("the client took nothing for {CLIENT_TAKE_TIMEOUT:?}")),
     }
 }
 
@@ -396,6 +461,10 @@ mod tests {
         Arc::new(EndpointState::new(e, std::time::Instant::now()))
     }
 
+    fn x(request: &[u8], head_request: bool) -> Exchange<'_> {
+        Exchange { request, head_request, idempotent: true, connect_timeout: Duration::from_secs(1), max_connections: 16 }
+    }
+
     async fn body(r: Response<Body>) -> String {
         String::from_utf8(r.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
     }
@@ -411,17 +480,17 @@ mod tests {
         .await;
         let ep = endpoint(&addr);
         let req = encode(&Method::GET, "/x", &HeaderMap::new(), b"");
-        let r = send(&ep, &req, false, Duration::from_secs(1), &Default::default()).await.unwrap();
+        let r = send(&ep, &x(&req, false), &Default::default()).await.unwrap();
         assert_eq!(r.headers().get("x-a").unwrap(), "1");
         assert_eq!(body(r).await, "hello");
-        let r = send(&ep, &req, false, Duration::from_secs(1), &Default::default()).await.unwrap();
+        let r = send(&ep, &x(&req, false), &Default::default()).await.unwrap();
         assert_eq!(body(r).await, "abcde");
         // The chunked body's task hands the connection back when it ends.
         tokio::time::sleep(Duration::from_millis(20)).await;
-        assert_eq!(send(&ep, &req, false, Duration::from_secs(1), &Default::default()).await.unwrap().status(), StatusCode::NO_CONTENT);
+        assert_eq!(send(&ep, &x(&req, false), &Default::default()).await.unwrap().status(), StatusCode::NO_CONTENT);
         // A HEAD answer has no body even with a Content-Length.
         let head = encode(&Method::HEAD, "/x", &HeaderMap::new(), b"");
-        let r = send(&ep, &head, true, Duration::from_secs(1), &Default::default()).await.unwrap();
+        let r = send(&ep, &x(&head, true), &Default::default()).await.unwrap();
         assert_eq!(body(r).await, "");
         assert_eq!(conns.load(std::sync::atomic::Ordering::Relaxed), 1, "one connection for all four");
     }
@@ -431,26 +500,26 @@ mod tests {
         let (addr, _) = canned(vec![b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil the end"]).await;
         let ep = endpoint(&addr);
         let req = encode(&Method::GET, "/", &HeaderMap::new(), b"");
-        let r = send(&ep, &req, false, Duration::from_secs(1), &Default::default()).await.unwrap();
+        let r = send(&ep, &x(&req, false), &Default::default()).await.unwrap();
         assert_eq!(body(r).await, "until the end");
         assert!(ep.take_idle().is_none(), "a closing connection is not pooled");
 
         let (addr, _) = canned(vec![b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort"]).await;
         let ep = endpoint(&addr);
         // The server task ends after its one answer, so the connection closes mid-body.
-        let e = send(&ep, &req, false, Duration::from_secs(1), &Default::default()).await.unwrap_err();
+        let e = send(&ep, &x(&req, false), &Default::default()).await.unwrap_err();
         assert!(e.to_string().contains("broke off"), "{e}");
 
         // A pooled connection the upstream closed while idle: the request goes on a fresh one.
         let (addr, conns) = canned(vec![b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]).await;
         let ep = endpoint(&addr);
-        assert_eq!(body(send(&ep, &req, false, Duration::from_secs(1), &Default::default()).await.unwrap()).await, "ok");
+        assert_eq!(body(send(&ep, &x(&req, false), &Default::default()).await.unwrap()).await, "ok");
         tokio::time::sleep(Duration::from_millis(20)).await;
-        assert_eq!(body(send(&ep, &req, false, Duration::from_secs(1), &Default::default()).await.unwrap()).await, "ok");
+        assert_eq!(body(send(&ep, &x(&req, false), &Default::default()).await.unwrap()).await, "ok");
         assert_eq!(conns.load(std::sync::atomic::Ordering::Relaxed), 2);
 
         let (addr, _) = canned(vec![b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nok"]).await;
-        let e = send(&endpoint(&addr), &req, false, Duration::from_secs(1), &Default::default()).await.unwrap_err();
+        let e = send(&endpoint(&addr), &x(&req, false), &Default::default()).await.unwrap_err();
         assert!(e.to_string().contains("conflicting"), "{e}");
     }
 

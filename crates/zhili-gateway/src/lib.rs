@@ -13,6 +13,7 @@ mod h1;
 mod limit;
 mod proxy;
 mod table;
+mod target;
 pub mod tls;
 
 use std::collections::{HashMap, HashSet};
@@ -122,6 +123,8 @@ pub struct Options {
     /// Bodies up to this size are buffered so the request can be retried.
     pub max_replay_body: usize,
     pub connect_timeout: Duration,
+    /// Live connections the HTTP/1.1 client keeps to one endpoint; past it, 503.
+    pub max_upstream_connections: usize,
 }
 
 impl Default for Options {
@@ -133,6 +136,7 @@ impl Default for Options {
             header_read_timeout: Duration::from_secs(10),
             max_replay_body: 64 * 1024,
             connect_timeout: Duration::from_secs(2),
+            max_upstream_connections: 1024,
         }
     }
 }

@@ -121,14 +121,6 @@ where
     conn.run(serving).await;
 }
 
-fn host_of(req: &Request<Incoming>) -> String {
-    let raw =
-        req.uri().host().map(str::to_string).or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string)).unwrap_or_default();
-    let host =
-        if raw.starts_with('[') { raw.split(']').next().map(|h| format!("{h}]")).unwrap_or_default() } else { raw.split(':').next().unwrap_or("").to_string() };
-    host.to_ascii_lowercase()
-}
-
 const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
@@ -301,22 +293,61 @@ fn denied(auth: &crate::auth::Auth, d: crate::auth::Denied) -> Response<Body> {
     }
 }
 
-/// Preflights are matched as the request they announce (a route may allow only GET).
-fn find_route(table: &crate::Table, host: &str, req: &Request<Incoming>) -> Option<Arc<Route>> {
+/// Preflights are matched as the request they announce (a route may allow only GET). `path` is
+/// the normalized path.
+fn find_route(table: &crate::Table, host: &str, path: &str, req: &Request<Incoming>) -> Option<Arc<Route>> {
     let (m, u, h) = (req.method(), req.uri(), req.headers());
-    table.find(host, m, u.path(), u.query(), h).cloned().or_else(|| {
+    table.find(host, m, path, u.query(), h).cloned().or_else(|| {
         let announced = (m == Method::OPTIONS).then(|| h.get(header::ACCESS_CONTROL_REQUEST_METHOD)).flatten()?;
         let announced = Method::from_bytes(announced.as_bytes()).ok()?;
-        table.find(host, &announced, u.path(), u.query(), h).filter(|r| r.cors.is_some()).cloned()
+        table.find(host, &announced, path, u.query(), h).filter(|r| r.cors.is_some()).cloned()
     })
+}
+
+/// The request target for routing and forwarding: the normalized authority, the path routes
+/// match, and the path the upstream gets (the same, unless a raw-path route takes it as sent).
+struct RequestTarget {
+    authority: crate::target::Authority,
+    /// The normalized path, or the refusal of it (which only a raw-path route may override).
+    path: Result<String, crate::target::Refusal>,
+    /// Leniently normalized (encoded slashes and dots as data): what raw-path routes match.
+    lenient: String,
 }
 
 pub async fn handle(gw: Arc<Gateway>, mut req: Request<Incoming>, peer: &Peer) -> Response<Body> {
     let start = Instant::now();
     gw.stats.requests.fetch_add(1, Ordering::Relaxed);
-    let host = host_of(&req);
+    let authority = match crate::target::authority(req.version(), req.uri(), req.headers()) {
+        Ok(a) => a,
+        Err(why) => return error_response(StatusCode::BAD_REQUEST, why),
+    };
+    if req.method() == Method::CONNECT {
+        let mut r = error_response(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not forwarded");
+        r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"));
+        return r;
+    }
+    let raw_path = req.uri().path().to_string();
+    let t = RequestTarget {
+        path: crate::target::path(&raw_path, false),
+        lenient: crate::target::path(&raw_path, true).unwrap_or_else(|_| "/".into()),
+        authority,
+    };
+    let host = t.authority.host.clone();
     let table = gw.table();
-    let route = find_route(&table, &host, &req);
+    let route = match &t.path {
+        Ok(p) => find_route(&table, &host, p, &req),
+        // Only a route that asks for raw paths may take what normalization refuses.
+        Err(why) => match find_route(&table, &host, &t.lenient, &req).filter(|r| r.spec.raw_path) {
+            Some(r) => Some(r),
+            None => return error_response(StatusCode::BAD_REQUEST, &format!("refused: {why}")),
+        },
+    };
+    // What the upstream gets: the normalized path, or the path as sent on raw-path routes.
+    let forward_path = match (&route, &t.path) {
+        (Some(r), _) if r.spec.raw_path => raw_path.clone(),
+        (_, Ok(p)) => p.clone(),
+        (_, Err(_)) => t.lenient.clone(),
+    };
     let origin = route.as_ref().and_then(|r| r.cors.as_ref()).and_then(|_| req.headers().get(header::ORIGIN).cloned());
     let matched = route.clone();
     let method = req.method().clone();
@@ -324,7 +355,7 @@ pub async fn handle(gw: Arc<Gateway>, mut req: Request<Incoming>, peer: &Peer) -
     let (resp, upstream) = match route {
         None => {
             gw.stats.no_route.fetch_add(1, Ordering::Relaxed);
-            (error_response(StatusCode::NOT_FOUND, &format!("no route for {host}{}", uri.path())), None)
+            (error_response(StatusCode::NOT_FOUND, &format!("no route for {host}{forward_path}")), None)
         }
         Some(route) => 'answer: {
             if let Some(pre) = route.cors.as_ref().and_then(|c| c.preflight(&method, req.headers())) {
@@ -372,12 +403,14 @@ pub async fn handle(gw: Arc<Gateway>, mut req: Request<Incoming>, peer: &Peer) -
                     let target = pick_target(targets);
                     let key = hash_key(&route, &req, peer.addr);
                     let request_id = req.headers().get("x-request-id").cloned().unwrap_or_else(request_id);
-                    let upgrade = req.headers().contains_key(header::UPGRADE) && method == Method::GET;
+                    let upgrade = crate::target::websocket_upgrade(&method, req.headers());
                     let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
                     let call = Call {
                         gw: &gw,
                         route: &route,
                         target,
+                        authority: &t.authority.authority,
+                        path: &forward_path,
                         client_ip: &peer.ip,
                         tls: peer.tls,
                         hash_key: key,
@@ -473,6 +506,10 @@ struct Call<'a> {
     gw: &'a Gateway,
     route: &'a Route,
     target: &'a Target,
+    /// The normalized authority routing matched: the upstream's Host.
+    authority: &'a str,
+    /// The path the upstream gets (normalized, or as sent on raw-path routes).
+    path: &'a str,
     client_ip: &'a str,
     tls: bool,
     hash_key: Option<u64>,
@@ -526,7 +563,7 @@ async fn forward_inner(
     req: Request<Incoming>,
     on_upgrade: Option<hyper::upgrade::OnUpgrade>,
 ) -> (Response<Body>, Option<String>) {
-    let Call { gw, route, target, client_ip, tls, hash_key, request_id, identity } = call;
+    let Call { gw, route, target, authority, path, client_ip, tls, hash_key, request_id, identity } = call;
     let r = route.resilience;
     let deadline = Instant::now() + r.total;
     let grpc = req.version() == Version::HTTP_2 && req.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
@@ -554,10 +591,17 @@ async fn forward_inner(
         headers.insert("x-forwarded-for", v);
     }
     headers.insert("x-forwarded-proto", HeaderValue::from_static(if tls { "https" } else { "http" }));
-    if let Some(h) = headers.get(header::HOST).cloned().or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok())) {
+    // The authority routing matched is the one the upstream sees (never a second Host header or
+    // a different :authority); `Connection: host` cannot remove it.
+    headers.remove(header::HOST);
+    if let Some(h) = Some(authority).filter(|a| !a.is_empty()).and_then(|a| HeaderValue::from_str(a).ok()) {
         headers.insert("x-forwarded-host", h.clone());
         headers.insert(header::HOST, h);
     }
+    // The gateway answers `100-continue` itself (when it reads the body); the identity header
+    // is the gateway's to assert, on every route.
+    headers.remove(header::EXPECT);
+    headers.remove(&crate::auth::CONSUMER_HEADER);
     headers.insert("x-request-id", request_id.clone());
     headers.insert("traceparent", trace);
     apply_ops(&mut headers, &route.spec.request_headers);
@@ -581,6 +625,8 @@ async fn forward_inner(
     }
 
     let retry_allowed = r.attempts > 0 && (idempotent(&parts.method) || r.non_idempotent) && on_upgrade.is_none();
+    // Set when the client's streamed body fails: the failure is then the client's, not the upstream's.
+    let client_broke = Arc::new(std::sync::Mutex::new(None::<String>));
     // Bodies with a small declared length are read first (so they can be retried, and the
     // request goes upstream in one write); others stream.
     let mut outgoing = if !body_present {
@@ -591,15 +637,15 @@ async fn forward_inner(
         let remaining = deadline.saturating_duration_since(Instant::now());
         match tokio::time::timeout(remaining, Limited::new(body, gw.options.max_replay_body).collect()).await {
             Ok(Ok(c)) => Outgoing::Replayable(c.to_bytes()),
-            Ok(Err(_)) => return (error_response(StatusCode::BAD_REQUEST, "could not read the request body"), None),
+            Ok(Err(e)) => return (error_response(StatusCode::BAD_REQUEST, &format!("could not read the request body: {e}")), None),
             Err(_) => return (error_response(StatusCode::REQUEST_TIMEOUT, "request body not received in time"), None),
         }
     } else {
-        Outgoing::Stream(Some(Limited::new(body, gw.options.max_body).boxed_unsync()))
+        Outgoing::Stream(Some(ClientBody { inner: Limited::new(body, gw.options.max_body).boxed_unsync(), broken: client_broke.clone() }.boxed_unsync()))
     };
     route.budget.deposit();
     let path_q = {
-        let p = route.upstream_path(parts.uri.path());
+        let p = route.upstream_path(path);
         match hidden_query.as_deref().or(parts.uri.query()) {
             Some(q) if !q.is_empty() => format!("{p}?{q}"),
             _ => p,
@@ -643,7 +689,14 @@ async fn forward_inner(
         let sent = Instant::now();
         let result = match &encoded {
             Some(request) => {
-                tokio::time::timeout(per_try, crate::h1::send(&ep, request, head_request, gw.options.connect_timeout, &gw.stats.upstream_connections)).await
+                let x = crate::h1::Exchange {
+                    request,
+                    head_request,
+                    idempotent: idempotent(&parts.method),
+                    connect_timeout: gw.options.connect_timeout,
+                    max_connections: gw.options.max_upstream_connections,
+                };
+                tokio::time::timeout(per_try, crate::h1::send(&ep, &x, &gw.stats.upstream_connections)).await
             }
             None => {
                 let Some(body) = outgoing.take() else {
@@ -688,11 +741,19 @@ async fn forward_inner(
             }
         };
         ep.pending.fetch_sub(1, Ordering::Relaxed);
-        let failed = match &result {
-            Ok(Ok(resp)) => resp.status().is_server_error(),
-            _ => true,
+        // A broken client body shows up as a failed send: it is the client's fault.
+        let result = match (result, client_broke.lock().ok().and_then(|b| b.clone())) {
+            (Ok(Err(_)), Some(why)) => Ok(Err(UpstreamError::Client(why))),
+            (r, _) => r,
         };
-        if let Some(e) = pool.record(&ep, failed) {
+        // Only the upstream's own failures count against it (outlier ejection, and through the
+        // status, the circuit breaker).
+        let failed = match &result {
+            Ok(Ok(resp)) => Some(resp.status().is_server_error()),
+            Ok(Err(e)) => (e.side() == Side::Upstream).then_some(true),
+            Err(_) => Some(true),
+        };
+        if let Some(e) = failed.and_then(|failed| pool.record(&ep, failed)) {
             gw.report(pool, e);
         }
         match result {
@@ -710,9 +771,17 @@ async fn forward_inner(
                 strip_hop_by_hop(resp.headers_mut());
                 return (resp, Some(ep.authority.clone()));
             }
+            Ok(Err(e)) if e.side() == Side::Client => return (error_response(e.status(), &format!("the request {e}")), None),
             Ok(Err(e)) => {
-                gw.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
-                last_error = (StatusCode::BAD_GATEWAY, format!("upstream {} {e}", ep.endpoint.id));
+                if e.side() == Side::Upstream {
+                    gw.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
+                }
+                last_error = (e.status(), format!("upstream {} {e}", ep.endpoint.id));
+                // Nothing reached the upstream: another endpoint may be tried for any method.
+                if e.nothing_sent() && matches!(outgoing, Outgoing::Replayable(_)) && attempt < r.attempts.max(1) && Instant::now() < deadline {
+                    attempt += 1;
+                    continue;
+                }
             }
             Err(_) => {
                 gw.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
@@ -731,19 +800,63 @@ async fn forward_inner(
 /// and body leave in one write, and a body that breaks off is a failed try. gRPC answers keep
 /// their trailers: always streamed.
 async fn finish(resp: Response<Incoming>) -> Result<Response<Body>, UpstreamError> {
-    let (parts, body) = resp.into_parts();
+    let (mut parts, body) = resp.into_parts();
     let grpc = parts.headers.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-    if !grpc && content_length(&parts.headers).is_some_and(|n| n <= crate::h1::COLLECT_BELOW) {
+    let small = content_length(&parts.headers).is_some_and(|n| n <= crate::h1::COLLECT_BELOW);
+    // Re-framed from what is read: the body's own length (or chunks) decides, not the header.
+    parts.headers.remove(header::CONTENT_LENGTH);
+    if !grpc && small {
         let c = body.collect().await.map_err(|e| UpstreamError::Failed(format!("broke off its answer: {e}")))?;
         return Ok(Response::from_parts(parts, full(c.to_bytes())));
     }
     Ok(Response::from_parts(parts, body.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync()))
 }
 
+/// Why a try failed: which side caused it and whether any of the request may have reached the
+/// upstream. Retries, the circuit breaker and outlier ejection read exactly this: only the
+/// upstream's failures count against it, and a request is sent again only when it provably was
+/// not sent (or the route allows retrying it).
 #[derive(Debug)]
 pub(crate) enum UpstreamError {
+    /// No connection was made: nothing was sent (safe to retry for any method).
     Connect(String),
+    /// The upstream failed after the request (or part of it) went out.
     Failed(String),
+    /// The gateway's own limit on connections to the endpoint: nothing was sent.
+    Saturated(String),
+    /// The client's own request could not be read (bad chunking, an abandoned upload).
+    Client(String),
+}
+
+/// Who caused a failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Side {
+    Client,
+    Gateway,
+    Upstream,
+}
+
+impl UpstreamError {
+    pub(crate) fn side(&self) -> Side {
+        match self {
+            Self::Connect(_) | Self::Failed(_) => Side::Upstream,
+            Self::Saturated(_) => Side::Gateway,
+            Self::Client(_) => Side::Client,
+        }
+    }
+
+    /// Whether the upstream provably received nothing of the request.
+    pub(crate) fn nothing_sent(&self) -> bool {
+        matches!(self, Self::Connect(_) | Self::Saturated(_))
+    }
+
+    pub(crate) fn status(&self) -> StatusCode {
+        match self.side() {
+            Side::Client => StatusCode::BAD_REQUEST,
+            Side::Gateway => StatusCode::SERVICE_UNAVAILABLE,
+            Side::Upstream => StatusCode::BAD_GATEWAY,
+        }
+    }
 }
 
 impl std::fmt::Display for UpstreamError {
@@ -751,7 +864,39 @@ impl std::fmt::Display for UpstreamError {
         match self {
             UpstreamError::Connect(e) => write!(f, "refused the connection: {e}"),
             UpstreamError::Failed(e) => write!(f, "failed: {e}"),
+            UpstreamError::Saturated(e) => write!(f, "{e}"),
+            UpstreamError::Client(e) => write!(f, "could not be sent: the request body is broken: {e}"),
         }
+    }
+}
+
+/// A streamed client body that notes why it broke (malformed chunking, an abandoned upload), so
+/// the failed send is put down to the client.
+struct ClientBody {
+    inner: Body,
+    broken: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+impl hyper::body::Body for ClientBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Err(e))) = &r {
+            if let Ok(mut b) = self.broken.lock() {
+                *b = Some(e.to_string());
+            }
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

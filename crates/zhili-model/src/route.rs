@@ -59,6 +59,11 @@ pub struct RouteSpec {
     /// Replaces the matched `path_prefix` with this.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rewrite_prefix: Option<String>,
+    /// Forward the path exactly as the client sent it, and accept encoded slashes and encoded
+    /// dot-segments in it (for upstreams that need them). Matching still uses the normalized
+    /// path. Off by default: paths are normalized and such requests are refused.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub raw_path: bool,
     #[serde(default, skip_serializing_if = "HeaderOps::is_empty")]
     pub request_headers: HeaderOps,
     #[serde(default, skip_serializing_if = "HeaderOps::is_empty")]

@@ -1,0 +1,236 @@
+//! The request target as routing sees it and as the upstream receives it: one normalized
+//! authority and one normalized path, so that what a route matched is exactly what is forwarded.
+//!
+//! Authority: absolute-form (`GET http://host/x`) or HTTP/2 `:authority` wins over `Host`; a
+//! missing, duplicate or malformed `Host`, userinfo (`x@host`), and an `:authority` that disagrees
+//! with `host` are refused. Lower-cased, a trailing dot removed, the port kept.
+//!
+//! Path (RFC 3986): escapes of unreserved characters decoded (`%61` → `a`), other escapes kept
+//! with upper-case hex, empty segments merged (`//` → `/`), dot-segments resolved (`/a/../b` →
+//! `/b`). Encoded slashes or backslashes (`%2F`, `%5C`), encoded dot-segments (`%2e%2e`) and
+//! dot-segments with parameters (`..;`) are refused unless a route asks for raw paths. Matching is
+//! case-sensitive, as paths are.
+
+use http::header::{self, HeaderMap};
+use http::{Method, Uri, Version};
+
+/// The normalized authority: `host` for routing (no port), `authority` for the upstream's Host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Authority {
+    pub host: String,
+    pub authority: String,
+}
+
+/// Why a request target is refused (answered 400).
+pub type Refusal = &'static str;
+
+/// The authority of a request, normalized; see the module doc.
+pub fn authority(version: Version, uri: &Uri, headers: &HeaderMap) -> Result<Authority, Refusal> {
+    let mut hosts = headers.get_all(header::HOST).iter();
+    let host_header = hosts.next();
+    if hosts.next().is_some() {
+        return Err("more than one Host header");
+    }
+    let host_header = match host_header {
+        Some(v) => Some(v.to_str().map_err(|_| "the Host header is not text")?),
+        None => None,
+    };
+    if let Some(a) = uri.authority() {
+        // HTTP/2 `:authority` (or an absolute-form target) must agree with a `host` header.
+        if let Some(h) = host_header {
+            if version == Version::HTTP_2 && normalize(h)? != normalize(a.as_str())? {
+                return Err(":authority and host disagree");
+            }
+        }
+        return normalize(a.as_str());
+    }
+    match host_header {
+        Some(h) => normalize(h),
+        None if version == Version::HTTP_10 => Ok(Authority { host: String::new(), authority: String::new() }),
+        None => Err("the Host header is missing"),
+    }
+}
+
+fn normalize(raw: &str) -> Result<Authority, Refusal> {
+    if raw.contains('@') {
+        return Err("userinfo is not allowed in the authority");
+    }
+    let raw = raw.trim();
+    let (host, port) = if let Some(rest) = raw.strip_prefix('[') {
+        let (ip, after) = rest.split_once(']').ok_or("a malformed IPv6 authority")?;
+        if ip.is_empty() || !ip.bytes().all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.') {
+            return Err("a malformed IPv6 authority");
+        }
+        let port = match after {
+            "" => None,
+            p => Some(p.strip_prefix(':').ok_or("a malformed authority")?),
+        };
+        (format!("[{}]", ip.to_ascii_lowercase()), port)
+    } else {
+        let (h, p) = match raw.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (raw, None),
+        };
+        let h = h.strip_suffix('.').unwrap_or(h).to_ascii_lowercase();
+        if h.is_empty() || h.len() > 253 || !h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_') || h.contains("..") {
+            return Err("a malformed Host");
+        }
+        (h, p)
+    };
+    let authority = match port {
+        None => host.clone(),
+        Some(p) if !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u16>().is_ok() => format!("{host}:{p}"),
+        Some(_) => return Err("a malformed port in the Host"),
+    };
+    Ok(Authority { host, authority })
+}
+
+/// The normalized path of `raw` (see the module doc). `raw_ok`: encoded slashes and dot-segments
+/// are data, not refused (routes for upstreams that need raw paths).
+pub fn path(raw: &str, raw_ok: bool) -> Result<String, Refusal> {
+    if raw.is_empty() || raw == "*" {
+        return Ok("/".into());
+    }
+    if !raw.starts_with('/') {
+        return Err("the path must start with '/'");
+    }
+    let mut out: Vec<String> = Vec::new();
+    let segments: Vec<&str> = raw.split('/').skip(1).collect();
+    let last = segments.len().saturating_sub(1);
+    let mut trailing_slash = false;
+    for (i, seg) in segments.iter().enumerate() {
+        let decoded = decode_unreserved(seg)?;
+        let bare = decoded.split(';').next().unwrap_or("");
+        let encoded_dot = decoded != *seg && (bare == "." || bare == "..");
+        if !raw_ok {
+            let lower = decoded.to_ascii_lowercase();
+            if lower.contains("%2f") || lower.contains("%5c") {
+                return Err("an encoded slash in the path");
+            }
+            if encoded_dot {
+                return Err("an encoded dot-segment in the path");
+            }
+            if decoded.contains(';') && (bare == "." || bare == "..") {
+                return Err("a dot-segment with parameters in the path");
+            }
+        }
+        match decoded.as_str() {
+            "" => trailing_slash = i == last,
+            "." => trailing_slash = i == last,
+            ".." => {
+                out.pop();
+                trailing_slash = i == last;
+            }
+            _ => {
+                out.push(decoded);
+                trailing_slash = false;
+            }
+        }
+    }
+    let mut p = String::with_capacity(raw.len());
+    for s in &out {
+        p.push('/');
+        p.push_str(s);
+    }
+    if p.is_empty() || trailing_slash {
+        p.push('/');
+    }
+    Ok(p)
+}
+
+/// Decodes `%XX` of unreserved characters (ALPHA DIGIT - . _ ~); keeps other escapes with
+/// upper-case hex; refuses a malformed escape.
+fn decode_unreserved(seg: &str) -> Result<String, Refusal> {
+    let b = seg.as_bytes();
+    let mut out = String::with_capacity(seg.len());
+    let mut i = 0;
+    while let Some(&c) = b.get(i) {
+        if c != b'%' {
+            out.push(char::from(c));
+            i += 1;
+            continue;
+        }
+        let hex = |j: usize| b.get(j).and_then(|h| char::from(*h).to_digit(16));
+        let (Some(h), Some(l)) = (hex(i + 1), hex(i + 2)) else { return Err("a malformed percent-escape in the path") };
+        let v = (h * 16 + l) as u8;
+        if v.is_ascii_alphanumeric() || matches!(v, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(v));
+        } else {
+            out.push_str(&format!("%{v:02X}"));
+        }
+        i += 3;
+    }
+    Ok(out)
+}
+
+/// Whether the request is a WebSocket upgrade, the only upgrade forwarded (an `h2c` upgrade would
+/// turn the connection into a tunnel past routing).
+pub fn websocket_upgrade(method: &Method, headers: &HeaderMap) -> bool {
+    method == Method::GET && headers.get(header::UPGRADE).is_some_and(|u| u.as_bytes().eq_ignore_ascii_case(b"websocket"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    fn auth(version: Version, uri: &str, hosts: &[&str]) -> Result<Authority, Refusal> {
+        let mut h = HeaderMap::new();
+        for v in hosts {
+            h.append(header::HOST, HeaderValue::from_str(v).unwrap());
+        }
+        authority(version, &uri.parse().unwrap(), &h)
+    }
+
+    #[test]
+    fn authorities() {
+        let a = auth(Version::HTTP_11, "/x", &["Admin.Internal."]).unwrap();
+        assert_eq!((a.host.as_str(), a.authority.as_str()), ("admin.internal", "admin.internal"));
+        let a = auth(Version::HTTP_11, "http://public.example/x", &["admin.internal"]).unwrap();
+        assert_eq!(a.host, "public.example", "absolute-form wins, and is what goes upstream");
+        assert_eq!(auth(Version::HTTP_11, "/x", &["h:8080"]).unwrap().authority, "h:8080");
+        assert_eq!(auth(Version::HTTP_11, "/x", &["[::1]:80"]).unwrap().host, "[::1]");
+        for bad in [&["x@admin.internal"][..], &["a", "b"], &[], &["h:99999"], &["h:"], &["bad host"], &["a..b"]] {
+            assert!(auth(Version::HTTP_11, "/x", bad).is_err(), "{bad:?}");
+        }
+        assert!(auth(Version::HTTP_2, "http://a.example/x", &["b.example"]).is_err(), ":authority vs host");
+        assert!(auth(Version::HTTP_2, "http://a.example/x", &["A.example."]).is_ok());
+    }
+
+    #[test]
+    fn paths() {
+        for (raw, want) in [
+            ("/pub/../admin/secret", "/admin/secret"),
+            ("/./admin/x", "/admin/x"),
+            ("/%61dmin/x", "/admin/x"),
+            ("//admin/secret", "/admin/secret"),
+            ("/a/b/", "/a/b/"),
+            ("/a/b/..", "/a/"),
+            ("/../..", "/"),
+            ("/a%20b", "/a%20b"),
+            ("/a%7e", "/a~"),
+            ("/a%3f", "/a%3F"),
+            ("", "/"),
+        ] {
+            assert_eq!(path(raw, false).as_deref(), Ok(want), "{raw}");
+        }
+        for raw in ["/admin%2fsecret", "/pub/%2e%2e/admin/secret", "/pub/..%2fadmin/secret", "/pub/..;/admin/secret", "/a%zz", "x", "/a%5Cb", "/%2E/x"] {
+            assert!(path(raw, false).is_err(), "{raw}");
+        }
+        assert_eq!(path("/a%2Fb", true).as_deref(), Ok("/a%2Fb"), "raw paths keep encoded slashes");
+    }
+
+    proptest::proptest! {
+        /// A normalized path has no dot-segments or empty segments, and normalizing it again
+        /// changes nothing (so what routing matched is what the upstream resolves).
+        #[test]
+        fn normalization_is_idempotent(raw in "/[a-z./%0-9A-F;]{0,40}") {
+            if let Ok(p) = path(&raw, false) {
+                proptest::prop_assert!(p.starts_with('/'));
+                proptest::prop_assert!(!p.contains("//"));
+                proptest::prop_assert!(!p.split('/').any(|s| s == "." || s == ".."), "{}", p);
+                proptest::prop_assert_eq!(path(&p, false), Ok(p.clone()));
+            }
+        }
+    }
+}
