@@ -203,7 +203,8 @@ fn compile_jwt(spec: &JwtSpec) -> Result<Jwt, ValidationError> {
 fn refuse_critical_extensions(token: &str) -> Result<(), String> {
     use base64::Engine;
     let header = token.split('.').next().unwrap_or_default();
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(header.trim_end_matches('=')).map_err(|_| "the token's header is not base64url".to_string())?;
+    let bytes =
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(header.trim_end_matches('=')).map_err(|_| "the token's header is not base64url".to_string())?;
     let head: Map<String, Value> = serde_json::from_slice(&bytes).map_err(|_| "the token's header is not a JSON object".to_string())?;
     if head.contains_key("crit") {
         return Err("the token names critical header extensions (crit) this gateway does not understand".into());
@@ -683,7 +684,9 @@ mod tests {
         let head = b64(br#"{"alg":"HS256","crit":["exp-ext"],"exp-ext":1}"#);
         let body = b64(claims.to_string().as_bytes());
         let signing = format!("{head}.{body}");
-        let sig = jsonwebtoken::crypto::sign(signing.as_bytes(), &jsonwebtoken::EncodingKey::from_secret(b"0123456789abcdef0123456789abcdef"), Algorithm::HS256).unwrap();
+        let sig =
+            jsonwebtoken::crypto::sign(signing.as_bytes(), &jsonwebtoken::EncodingKey::from_secret(b"0123456789abcdef0123456789abcdef"), Algorithm::HS256)
+                .unwrap();
         match check(&a, &format!("{signing}.{sig}")).await {
             Err(Denied::Unauthorized(m)) => assert!(m.contains("crit"), "{m}"),
             other => panic!("{other:?}"),

@@ -327,11 +327,8 @@ pub async fn handle(gw: Arc<Gateway>, mut req: Request<Incoming>, peer: &Peer) -
         return r;
     }
     let raw_path = req.uri().path().to_string();
-    let t = RequestTarget {
-        path: crate::target::path(&raw_path, false),
-        lenient: crate::target::path(&raw_path, true).unwrap_or_else(|_| "/".into()),
-        authority,
-    };
+    let t =
+        RequestTarget { path: crate::target::path(&raw_path, false), lenient: crate::target::path(&raw_path, true).unwrap_or_else(|_| "/".into()), authority };
     let host = t.authority.host.clone();
     let table = gw.table();
     let route = match &t.path {

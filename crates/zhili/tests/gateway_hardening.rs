@@ -125,8 +125,10 @@ async fn raw(gw: SocketAddr, request: &str) -> String {
 }
 
 async fn until_forwarding(gw: SocketAddr, path: &str) {
-    assert_eventually(Duration::from_secs(10), "the gateway forwards", || async move { raw(gw, &format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n")).await.starts_with("HTTP/1.1 200") })
-        .await;
+    assert_eventually(Duration::from_secs(10), "the gateway forwards", || async move {
+        raw(gw, &format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n")).await.starts_with("HTTP/1.1 200")
+    })
+    .await;
 }
 
 const SMUGGLED: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 25\r\n\r\nSMUGGLED-FOR-SOMEONE-ELSE";
@@ -287,6 +289,18 @@ async fn routing_sees_exactly_what_the_upstream_sees() {
         let r = raw(gw, bad).await;
         assert!(r.starts_with("HTTP/1.1 400"), "{bad:?}: {r}");
     }
+
+    // HTTP/2: :authority and a host header that disagree are refused; agreeing ones route.
+    let h2 = |authority: &'static str, host: &'static str| async move {
+        let io = hyper_util::rt::TokioIo::new(TcpStream::connect(gw).await.unwrap());
+        let (mut send, conn) = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io).await.unwrap();
+        tokio::spawn(conn);
+        let req = http::Request::get(format!("http://{authority}/x")).header("host", host).body(http_body_util::Empty::<bytes::Bytes>::new()).unwrap();
+        send.send_request(req).await.unwrap().status()
+    };
+    assert_eq!(h2("public.example", "admin.internal").await, StatusCode::BAD_REQUEST);
+    assert_eq!(h2("public.example", "Public.Example.").await, StatusCode::OK);
+    assert_eq!(h2("admin.internal", "admin.internal").await, StatusCode::UNAUTHORIZED);
 
     // Paths: normalized before matching (so the admin route's auth applies), or refused.
     for sneaky in ["/pub/../admin/secret", "/./admin/x", "/%61dmin/x", "//admin/secret"] {
