@@ -195,6 +195,11 @@ pub fn run_standalone(args: GatewayArgs) -> ExitCode {
         return ExitCode::from(crate::EXIT_USAGE);
     }
     zhili_telemetry::init_logging(zhili_telemetry::LogFormat::Json, &args.log_level);
+    // Each client connection is a descriptor: take the hard limit (zhili-net caps connections).
+    match zhili_net::raise_open_file_limit() {
+        Ok((before, soft, hard)) => tracing::info!(soft_before = before, soft, hard, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "could not read or raise the open-file limit"),
+    }
     // One thread: a current-thread runtime (no work-stealing bookkeeping on the hot path).
     let built = if args.threads <= 1 {
         tokio::runtime::Builder::new_current_thread().enable_all().build()
