@@ -29,6 +29,8 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// An answer the client does not read for this long closes the connection.
 pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// On SIGTERM, requests and streams in flight get this long to finish.
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -77,6 +79,8 @@ pub struct FileConfig {
     /// The ACL token whose rights DNS answers with (as Consul's agent DNS token); without one,
     /// DNS has the anonymous rights (nothing, while ACLs are on).
     pub dns_token: Option<String>,
+    /// On SIGTERM: how long requests and streams in flight get to finish (default "10s").
+    pub shutdown_timeout: Option<String>,
 }
 
 impl FileConfig {
@@ -111,6 +115,7 @@ impl FileConfig {
             read_timeout: over.read_timeout.or(self.read_timeout),
             write_timeout: over.write_timeout.or(self.write_timeout),
             dns_token: over.dns_token.or(self.dns_token),
+            shutdown_timeout: over.shutdown_timeout.or(self.shutdown_timeout),
         }
     }
 }
@@ -155,6 +160,7 @@ pub struct ServerConfig {
     pub read_timeout: Duration,
     pub write_timeout: Duration,
     pub dns_token: Option<String>,
+    pub shutdown_timeout: Duration,
 }
 
 /// A timeout: a whole number with a unit, `ms`, `s` or `m` (e.g. "500ms", "30s", "2m"),
@@ -249,6 +255,7 @@ impl FileConfig {
         let idle_timeout = timeout("idle_timeout", self.idle_timeout, DEFAULT_IDLE_TIMEOUT)?;
         let read_timeout = timeout("read_timeout", self.read_timeout, DEFAULT_READ_TIMEOUT)?;
         let write_timeout = timeout("write_timeout", self.write_timeout, DEFAULT_WRITE_TIMEOUT)?;
+        let shutdown_timeout = timeout("shutdown_timeout", self.shutdown_timeout, DEFAULT_SHUTDOWN_TIMEOUT)?;
         if self.dns_token.as_deref().is_some_and(str::is_empty) {
             return Err(ConfigError::Invalid { field: "dns_token", message: "must not be empty; leave it out for anonymous DNS".into() });
         }
@@ -278,6 +285,7 @@ impl FileConfig {
             read_timeout,
             write_timeout,
             dns_token: self.dns_token,
+            shutdown_timeout,
         })
     }
 }

@@ -70,15 +70,31 @@ pub struct Peer {
     pub client_cn: Option<Arc<str>>,
 }
 
-/// Serves the gateway on `listener` until the task is dropped. `gate` caps the connections and
+/// Serves the gateway on `listener` until `stop` turns true; then stops accepting and returns
+/// once every connection has finished what it had in flight. `gate` caps the connections and
 /// holds the idle, read and write deadlines every client connection is held to.
-pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, tls: Option<TlsAcceptor>, gate: Arc<zhili_net::Admission>) {
+pub async fn serve(
+    listener: TcpListener,
+    gw: Arc<Gateway>,
+    tls: Option<TlsAcceptor>,
+    gate: Arc<zhili_net::Admission>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
-        let (stream, addr) = match listener.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "gateway accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+        let (stream, addr) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "gateway accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            changed = stop.changed() => {
+                if changed.is_err() || *stop.borrow() {
+                    break;
+                }
                 continue;
             }
         };
@@ -86,21 +102,25 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, tls: Option<TlsAccep
         let _ = stream.set_nodelay(true);
         let gw = gw.clone();
         let tls = tls.clone();
+        let watcher = graceful.watcher();
         tokio::spawn(async move {
             match tls {
-                None => connection(conn.wrap(stream), Peer { addr, ip: addr.ip().to_string().into(), tls: false, client_cn: None }, gw, conn).await,
+                None => connection(conn.wrap(stream), Peer { addr, ip: addr.ip().to_string().into(), tls: false, client_cn: None }, gw, conn, watcher).await,
                 Some(acceptor) => {
                     if let Ok(Ok(s)) = tokio::time::timeout(conn.limits().handshake_timeout, acceptor.accept(stream)).await {
                         let client_cn = s.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| crate::auth::common_name(c)).map(Arc::from);
-                        connection(conn.wrap(s), Peer { addr, ip: addr.ip().to_string().into(), tls: true, client_cn }, gw, conn).await;
+                        connection(conn.wrap(s), Peer { addr, ip: addr.ip().to_string().into(), tls: true, client_cn }, gw, conn, watcher).await;
                     }
                 }
             }
         });
     }
+    // New connections are refused from here; the ones we have finish their requests.
+    drop(listener);
+    graceful.shutdown().await;
 }
 
-async fn connection<I>(io: I, peer: Peer, gw: Arc<Gateway>, conn: Arc<zhili_net::Conn>)
+async fn connection<I>(io: I, peer: Peer, gw: Arc<Gateway>, conn: Arc<zhili_net::Conn>, watcher: hyper_util::server::graceful::Watcher)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -117,7 +137,7 @@ where
     // Boxed as `Send` here, where the body's error type is concrete: proving `Send` through the
     // spawned future instead trips the compiler's higher-ranked lifetime check.
     let serving: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>> =
-        Box::pin(b.serve_connection_with_upgrades(TokioIo::new(io), conn.service(svc)));
+        Box::pin(watcher.watch(b.serve_connection_with_upgrades(TokioIo::new(io), conn.service(svc))));
     conn.run(serving).await;
 }
 

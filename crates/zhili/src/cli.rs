@@ -75,19 +75,18 @@ pub enum ClientCommand {
 
 #[derive(Subcommand, Debug)]
 pub enum ServiceCmd {
+    /// List services with instance and passing counts.
     List,
-    Get {
-        name: String,
-    },
+    /// Show a service's definition and instances.
+    Get { name: String },
     /// Define or update a service from a JSON spec (see the API docs), e.g. '{"owner":"team-a"}'.
     Put {
         name: String,
         #[arg(default_value = "{}")]
         spec: String,
     },
-    Delete {
-        name: String,
-    },
+    /// Delete a service and all its instances.
+    Delete { name: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -127,14 +126,10 @@ pub enum InstanceCmd {
         #[arg(long)]
         zone: Option<String>,
     },
-    Deregister {
-        service: String,
-        id: String,
-    },
-    Heartbeat {
-        service: String,
-        id: String,
-    },
+    /// Deregister an instance.
+    Deregister { service: String, id: String },
+    /// Send one heartbeat for an ephemeral instance.
+    Heartbeat { service: String, id: String },
     /// Enter (or with --off leave) maintenance mode.
     Maintenance {
         service: String,
@@ -157,12 +152,14 @@ pub enum InstanceCmd {
 
 #[derive(Subcommand, Debug)]
 pub enum KvCmd {
+    /// Read a key.
     Get {
         key: String,
         /// Print only the value bytes.
         #[arg(long)]
         raw: bool,
     },
+    /// Write a key.
     Put {
         key: String,
         value: String,
@@ -170,6 +167,7 @@ pub enum KvCmd {
         #[arg(long)]
         cas: Option<u64>,
     },
+    /// Delete a key (or every key under it with --recurse).
     Delete {
         key: String,
         #[arg(long)]
@@ -201,13 +199,12 @@ pub enum RouteCmd {
         #[arg(long, short)]
         file: Option<std::path::PathBuf>,
     },
-    Get {
-        name: String,
-    },
+    /// Show one by name.
+    Get { name: String },
+    /// List them all.
     List,
-    Delete {
-        name: String,
-    },
+    /// Delete one by name.
+    Delete { name: String },
     /// Declarative: make the server's routes (consumers) those of a JSON file
     /// `{"routes": {"name": {...}}}` (`{"consumers": {...}}`).
     Apply {
@@ -223,14 +220,17 @@ pub enum RouteCmd {
 pub enum AclCmd {
     /// Create the first management token (once).
     Bootstrap,
+    /// Manage policies (rules: resource, name prefix, access).
     #[command(subcommand)]
     Policy(PolicyCmd),
+    /// Manage tokens (each holds policies).
     #[command(subcommand)]
     Token(TokenCmd),
 }
 
 #[derive(Subcommand, Debug)]
 pub enum PolicyCmd {
+    /// List policies.
     List,
     /// Create or replace a policy; rules as JSON, e.g. '[{"resource":"kv","prefix":"app/","access":"write"}]'.
     Create {
@@ -240,23 +240,23 @@ pub enum PolicyCmd {
         #[arg(long, default_value = "")]
         description: String,
     },
-    Delete {
-        name: String,
-    },
+    /// Delete a policy.
+    Delete { name: String },
 }
 
 #[derive(Subcommand, Debug)]
 pub enum TokenCmd {
+    /// List tokens (secrets shown to ACL writers only).
     List,
+    /// Create a token holding the given policies; prints its secret.
     Create {
         #[arg(long = "policy")]
         policies: Vec<String>,
         #[arg(long, default_value = "")]
         description: String,
     },
-    Delete {
-        accessor: String,
-    },
+    /// Delete a token by accessor id (its streams end at once).
+    Delete { accessor: String },
     /// The token in use.
     #[command(name = "self")]
     Current,

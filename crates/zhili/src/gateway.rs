@@ -271,10 +271,12 @@ pub fn run_standalone(args: GatewayArgs) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         }
-        tokio::select! {
-            _ = zhili_gateway::serve(listener, gw, tls, zhili_net::Admission::new("gateway", zhili_net::Limits::default())) => {}
-            _ = crate::server::shutdown_signal() => {}
-        }
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let serving = tokio::spawn(zhili_gateway::serve(listener, gw, tls, zhili_net::Admission::new("gateway", zhili_net::Limits::default()), stopped));
+        crate::server::shutdown_signal().await;
+        // Requests in flight get a few seconds to finish.
+        let _ = stop.send(true);
+        let _ = tokio::time::timeout(zhili_config::DEFAULT_SHUTDOWN_TIMEOUT, serving).await;
         ExitCode::SUCCESS
     })
 }

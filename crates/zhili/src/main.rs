@@ -109,6 +109,10 @@ pub struct ServerArgs {
     /// ACL token whose rights DNS answers with; without one DNS has anonymous rights
     #[arg(long, env = "ZHILI_DNS_TOKEN", hide_env_values = true)]
     pub dns_token: Option<String>,
+    /// On SIGTERM: stop accepting, let requests and streams in flight finish for this long, then
+    /// exit [default: 10s]
+    #[arg(long, env = "ZHILI_SHUTDOWN_TIMEOUT")]
+    pub shutdown_timeout: Option<String>,
 }
 
 fn main() -> ExitCode {

@@ -118,6 +118,7 @@ fn config_from(args: ServerArgs) -> Result<ServerConfig, zhili_config::ConfigErr
         read_timeout: args.read_timeout,
         write_timeout: args.write_timeout,
         dns_token: args.dns_token,
+        shutdown_timeout: args.shutdown_timeout,
     };
     file.overlay(flags).validate()
 }
@@ -167,14 +168,17 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
         tracing::warn!("ACLs are on and not bootstrapped: run `zhili acl bootstrap` to create the management token");
     }
 
+    // Every long-lived subsystem runs under one supervisor: on SIGTERM the listeners stop
+    // accepting and drain; a subsystem that ends on its own takes the server down.
+    let mut sup = Supervisor::new(cfg.shutdown_timeout);
     let reg = registry.clone();
-    tokio::spawn(async move {
+    sup.spawn("health transitions", async move {
         while let Some(t) = transitions.recv().await {
             reg.apply_transition(&t);
         }
     });
     let reg = registry.clone();
-    tokio::spawn(async move {
+    sup.spawn("registry reaper", async move {
         let mut tick = tokio::time::interval(REAP_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -185,7 +189,7 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
 
     let ready = Arc::new(AtomicBool::new(false));
     let kv = zhili_kv::Kv::new(store.clone());
-    tokio::spawn(kv.clone().run_session_reaper());
+    sup.spawn("session reaper", kv.clone().run_session_reaper());
     let consul = zhili_api::consul::ConsulIdentity { node: cfg.node_name.clone(), datacenter: cfg.datacenter.clone(), address: advertised_ip(cfg.api_addr) };
     if let Some(dns_addr) = cfg.dns_addr {
         acl.use_dns_token(cfg.dns_token.clone());
@@ -221,12 +225,18 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
     if let Some(addr) = cfg.nacos_addr {
         let listener = TcpListener::bind(addr).await.with_context(|| format!("binding the Nacos listener on {addr}"))?;
         println!("zhili nacos listening on {scheme}://{}", listener.local_addr()?);
-        tokio::spawn(listen::serve(listener, tls.clone(), zhili_api::nacos::http_router(state.clone()), zhili_net::Admission::new("nacos", limits)));
+        sup.listener(
+            "nacos listener",
+            listen::serve(listener, tls.clone(), zhili_api::nacos::http_router(state.clone()), zhili_net::Admission::new("nacos", limits), sup.stop()),
+        );
     }
     if let Some(addr) = cfg.nacos_grpc_addr {
         let listener = TcpListener::bind(addr).await.with_context(|| format!("binding the Nacos gRPC listener on {addr}"))?;
         println!("zhili nacos-grpc listening on {}", listener.local_addr()?);
-        tokio::spawn(listen::serve(listener, tls.clone(), zhili_api::nacos::grpc_router(state.clone()), zhili_net::Admission::new("nacos-grpc", limits)));
+        sup.listener(
+            "nacos grpc listener",
+            listen::serve(listener, tls.clone(), zhili_api::nacos::grpc_router(state.clone()), zhili_net::Admission::new("nacos-grpc", limits), sup.stop()),
+        );
     }
     if let Some(addr) = cfg.gateway_addr {
         let listener = TcpListener::bind(addr).await.with_context(|| format!("binding the gateway on {addr}"))?;
@@ -239,16 +249,15 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
         let gw = zhili_gateway::Gateway::new(zhili_gateway::Options { access_log: cfg.gateway_access_log, ..Default::default() });
         state.metrics.register_collector(Box::new(zhili_gateway::GatewayCollector(gw.clone())));
         let discover = Arc::new(crate::gateway::Local { registry: registry.clone(), store: state.store.clone() });
-        tokio::spawn(zhili_gateway::follow(gw.clone(), discover));
-        tokio::spawn(zhili_gateway::serve(listener, gw, gw_tls, zhili_net::Admission::new("gateway", limits)));
+        sup.spawn("gateway follower", zhili_gateway::follow(gw.clone(), discover));
+        sup.listener("gateway listener", zhili_gateway::serve(listener, gw, gw_tls, zhili_net::Admission::new("gateway", limits), sup.stop()));
     }
     let app = zhili_api::router(state);
 
     let Some(addr) = cfg.api_addr else {
         tracing::warn!("API listener is off; nothing to serve");
         ready.store(true, Ordering::Release);
-        shutdown_signal().await;
-        return Ok(());
+        return sup.run().await;
     };
     let listener = TcpListener::bind(addr).await.with_context(|| format!("binding the API listener on {addr}"))?;
     let local = listener.local_addr()?;
@@ -256,9 +265,84 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
     // Tools and tests read this line to find the port when started with port 0.
     println!("zhili api listening on {scheme}://{local}");
     tracing::info!(addr = %local, tls = tls.is_some(), ready_ms = started.elapsed().as_millis() as u64, "API listener up");
-    listen::serve(listener, tls, app, zhili_net::Admission::new("api", limits)).await;
-    tracing::info!("shut down");
-    Ok(())
+    sup.listener("api listener", listen::serve(listener, tls, app, zhili_net::Admission::new("api", limits), sup.stop()));
+    sup.run().await
+}
+
+/// Runs the server's subsystems and stops them together. Listeners watch the stop signal: on
+/// SIGTERM (or Ctrl-C) they stop accepting and let the connections they have finish what is in
+/// flight, up to the shutdown deadline. Acknowledged writes are already durable (the store
+/// fsyncs before acknowledging), so nothing else needs flushing. Any subsystem that ends by
+/// itself (a panic, a listener that died) is logged and takes the whole server down, rather than
+/// leaving a half-working process.
+struct Supervisor {
+    tasks: tokio::task::JoinSet<&'static str>,
+    /// The listeners, which end only when told to.
+    listeners: usize,
+    stop: tokio::sync::watch::Sender<bool>,
+    deadline: Duration,
+}
+
+impl Supervisor {
+    fn new(deadline: Duration) -> Self {
+        Self { tasks: tokio::task::JoinSet::new(), listeners: 0, stop: tokio::sync::watch::Sender::new(false), deadline }
+    }
+
+    /// The signal listeners watch.
+    fn stop(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.stop.subscribe()
+    }
+
+    /// A background subsystem: it never ends while the server runs.
+    fn spawn(&mut self, name: &'static str, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.tasks.spawn(async move {
+            task.await;
+            name
+        });
+    }
+
+    /// A listener: it ends once it has drained after the stop signal.
+    fn listener(&mut self, name: &'static str, task: impl std::future::Future<Output = ()> + Send + 'static) {
+        self.listeners += 1;
+        self.spawn(name, task);
+    }
+
+    async fn run(mut self) -> anyhow::Result<()> {
+        let failed = tokio::select! {
+            () = shutdown_signal() => None,
+            ended = self.tasks.join_next() => Some(match ended {
+                Some(Ok(name)) => format!("{name} stopped unexpectedly"),
+                Some(Err(e)) if e.is_panic() => "a subsystem panicked".to_string(),
+                Some(Err(e)) => format!("a subsystem failed: {e}"),
+                None => "no subsystem is running".to_string(),
+            }),
+        };
+        if let Some(why) = &failed {
+            tracing::error!(reason = %why, "shutting down: a subsystem ended");
+        } else {
+            tracing::info!(deadline_ms = self.deadline.as_millis() as u64, "shutting down: draining requests in flight");
+        }
+        let _ = self.stop.send(true);
+        let drained = tokio::time::timeout(self.deadline, async {
+            let mut left = self.listeners;
+            while left > 0 {
+                match self.tasks.join_next().await {
+                    Some(_) => left -= 1,
+                    None => break,
+                }
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(deadline_ms = self.deadline.as_millis() as u64, "shutdown deadline passed with requests still in flight; closing them");
+        }
+        self.tasks.abort_all();
+        tracing::info!("shut down");
+        match failed {
+            Some(why) => Err(anyhow::anyhow!(why)),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Raises the open-file limit (each connection is a descriptor) and sizes each listener's
@@ -339,9 +423,11 @@ mod listen {
     use axum::extract::ConnectInfo;
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
     use hyper_util::server::conn::auto;
+    use hyper_util::server::graceful::{GracefulShutdown, Watcher};
     use hyper_util::service::TowerToHyperService;
     use tokio::io::{AsyncRead, AsyncWrite};
     use tokio::net::TcpListener;
+    use tokio::sync::watch;
     use tokio_rustls::TlsAcceptor;
     use tower::ServiceExt;
     use zhili_net::{Admission, Conn, TimedBody};
@@ -349,9 +435,10 @@ mod listen {
     const H2_PING_INTERVAL: Duration = Duration::from_secs(10);
     const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 
-    pub async fn serve(listener: TcpListener, tls: Option<TlsAcceptor>, app: axum::Router, gate: Arc<Admission>) {
-        let shutdown = super::shutdown_signal();
-        tokio::pin!(shutdown);
+    /// Serves until `stop` turns true, then stops accepting and returns once every connection
+    /// has finished what it had in flight (the supervisor bounds how long that may take).
+    pub async fn serve(listener: TcpListener, tls: Option<TlsAcceptor>, app: axum::Router, gate: Arc<Admission>, mut stop: watch::Receiver<bool>) {
+        let graceful = GracefulShutdown::new();
         loop {
             let (stream, peer) = tokio::select! {
                 r = listener.accept() => match r {
@@ -362,26 +449,35 @@ mod listen {
                         continue;
                     }
                 },
-                _ = &mut shutdown => return,
+                changed = stop.changed() => {
+                if changed.is_err() || *stop.borrow() {
+                    break;
+                }
+                continue;
+            }
             };
             let Some((stream, conn)) = gate.admit(stream, tls.is_none()) else { continue };
             let _ = stream.set_nodelay(true);
             let app = app.clone();
             let tls = tls.clone();
+            let watcher = graceful.watcher();
             tokio::spawn(async move {
                 match tls {
-                    None => connection(stream, peer, app, conn).await,
+                    None => connection(stream, peer, app, conn, watcher).await,
                     Some(acceptor) => {
                         if let Ok(Ok(s)) = tokio::time::timeout(conn.limits().handshake_timeout, acceptor.accept(stream)).await {
-                            connection(s, peer, app, conn).await;
+                            connection(s, peer, app, conn, watcher).await;
                         }
                     }
                 }
             });
         }
+        // New connections are refused from here; the ones we have finish their requests.
+        drop(listener);
+        graceful.shutdown().await;
     }
 
-    async fn connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(io: S, peer: SocketAddr, app: axum::Router, conn: Arc<Conn>) {
+    async fn connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(io: S, peer: SocketAddr, app: axum::Router, conn: Arc<Conn>, watcher: Watcher) {
         let limits = conn.limits();
         let svc = app.map_request(move |req: axum::http::Request<hyper::body::Incoming>| {
             let mut req = req.map(|b| TimedBody::new(b, limits.read_timeout));
@@ -392,6 +488,6 @@ mod listen {
         builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.read_timeout);
         builder.http2().timer(TokioTimer::new()).keep_alive_interval(H2_PING_INTERVAL).keep_alive_timeout(H2_PING_TIMEOUT);
         let svc = conn.service(TowerToHyperService::new(svc));
-        conn.run(builder.serve_connection_with_upgrades(TokioIo::new(conn.wrap(io)), svc)).await;
+        conn.run(watcher.watch(builder.serve_connection_with_upgrades(TokioIo::new(conn.wrap(io)), svc))).await;
     }
 }

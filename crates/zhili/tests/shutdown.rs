@@ -1,0 +1,64 @@
+//! SIGTERM through the real binary: the server stops accepting at once, lets every request in
+//! flight finish (up to `--shutdown-timeout`), and exits 0.
+
+// Test code: a panic here is a failed test.
+#![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use http::{Method, StatusCode};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_under_load_completes_every_accepted_request() {
+    let mut s = ServerProcess::start(bin(), &["--dev", "--shutdown-timeout", "8s"]);
+    let api = s.api;
+    let c = client(&s, None);
+    let index = c.kv_put("held", "v", None).await.unwrap();
+
+    // Twenty blocking reads in flight (each answers when its 1.5 s wait runs out), and a stream
+    // of writes on keep-alive connections.
+    let mut held = Vec::new();
+    for _ in 0..20 {
+        let c = client(&s, None);
+        held.push(tokio::spawn(async move { call(&c, Method::GET, &format!("/api/v1/kv/held?index={index}&wait=1500ms"), None).await.0 }));
+    }
+    let writer = {
+        let c = client(&s, None);
+        tokio::spawn(async move {
+            let mut ok = 0;
+            for i in 0..10_000 {
+                match c.send(Method::PUT, &format!("/api/v1/kv/w/{i}"), Some(bytes::Bytes::from_static(b"x")), Duration::from_secs(10)).await {
+                    Ok(r) => {
+                        assert!(r.status.is_success(), "an accepted write failed: {}", r.status);
+                        ok += 1;
+                    }
+                    // Once the listener is closed, new requests are refused: the load ends.
+                    Err(_) => break,
+                }
+            }
+            ok
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let started = Instant::now();
+    let exit = tokio::task::spawn_blocking(move || {
+        let code = s.terminate();
+        (s, code)
+    });
+    // New connections are refused soon after the signal.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(tokio::net::TcpStream::connect(api).await.is_err(), "the listener still accepts during the drain");
+
+    for h in held {
+        assert_eq!(h.await.unwrap(), StatusCode::OK, "a request in flight was cut off by the shutdown");
+    }
+    let written = writer.await.unwrap();
+    assert!(written > 0, "the write load ran");
+    let (_s, code) = exit.await.unwrap();
+    assert_eq!(code, Some(0), "clean exit");
+    assert!(started.elapsed() < Duration::from_secs(8), "drained well within the deadline: {:?}", started.elapsed());
+}
