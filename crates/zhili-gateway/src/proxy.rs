@@ -81,23 +81,7 @@ pub async fn serve(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    loop {
-        let (stream, addr) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "gateway accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            changed = stop.changed() => {
-                if changed.is_err() || *stop.borrow() {
-                    break;
-                }
-                continue;
-            }
-        };
+    while let Some((stream, addr)) = zhili_net::accept(&listener, &mut stop, "gateway").await {
         let Some((stream, conn)) = gate.admit(stream, tls.is_none()) else { continue };
         let _ = stream.set_nodelay(true);
         let gw = gw.clone();

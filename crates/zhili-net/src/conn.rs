@@ -32,6 +32,35 @@ const PANIC_BODY: &str = r#"{"type":"about:blank","title":"Internal Server Error
 /// How long a refused client gets to take its 503.
 const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// The listener's next connection, or None once `stop` turns true (the listener then stops
+/// accepting). Accept errors (out of descriptors, say) are logged and retried after a pause
+/// rather than ending the listener.
+pub async fn accept(
+    listener: &tokio::net::TcpListener,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+    name: &'static str,
+) -> Option<(TcpStream, std::net::SocketAddr)> {
+    loop {
+        tokio::select! {
+            r = listener.accept() => match r {
+                Ok(s) => return Some(s),
+                Err(e) => {
+                    tracing::warn!(listener = name, error = %e, "accept failed");
+                    tokio::time::sleep(ACCEPT_RETRY).await;
+                }
+            },
+            changed = stop.changed() => {
+                if changed.is_err() || *stop.borrow() {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+/// Pause after a failed accept (typically EMFILE), so a full descriptor table is not spun on.
+const ACCEPT_RETRY: Duration = Duration::from_millis(50);
+
 /// A listener's gate: at most `max_connections` served at once.
 pub struct Admission {
     name: &'static str,
@@ -48,6 +77,10 @@ impl Admission {
 
     pub fn limits(&self) -> Limits {
         self.limits
+    }
+
+    pub fn name(&self) -> &'static str {
+        self.name
     }
 
     /// Connections refused so far because the listener was full.

@@ -439,23 +439,7 @@ mod listen {
     /// has finished what it had in flight (the supervisor bounds how long that may take).
     pub async fn serve(listener: TcpListener, tls: Option<TlsAcceptor>, app: axum::Router, gate: Arc<Admission>, mut stop: watch::Receiver<bool>) {
         let graceful = GracefulShutdown::new();
-        loop {
-            let (stream, peer) = tokio::select! {
-                r = listener.accept() => match r {
-                    Ok(s) => s,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-                changed = stop.changed() => {
-                if changed.is_err() || *stop.borrow() {
-                    break;
-                }
-                continue;
-            }
-            };
+        while let Some((stream, peer)) = zhili_net::accept(&listener, &mut stop, gate.name()).await {
             let Some((stream, conn)) = gate.admit(stream, tls.is_none()) else { continue };
             let _ = stream.set_nodelay(true);
             let app = app.clone();
