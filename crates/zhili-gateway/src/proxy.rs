@@ -308,16 +308,6 @@ fn find_route(table: &crate::Table, host: &str, path: &str, req: &Request<Incomi
     })
 }
 
-/// The request target for routing and forwarding: the normalized authority, the path routes
-/// match, and the path the upstream gets (the same, unless a raw-path route takes it as sent).
-struct RequestTarget {
-    authority: crate::target::Authority,
-    /// The normalized path, or the refusal of it (which only a raw-path route may override).
-    path: Result<String, crate::target::Refusal>,
-    /// Leniently normalized (encoded slashes and dots as data): what raw-path routes match.
-    lenient: String,
-}
-
 pub async fn handle(gw: Arc<Gateway>, mut req: Request<Incoming>, peer: &Peer) -> Response<Body> {
     let start = Instant::now();
     gw.stats.requests.fetch_add(1, Ordering::Relaxed);
@@ -330,24 +320,25 @@ pub async fn handle(gw: Arc<Gateway>, mut req: Request<Incoming>, peer: &Peer) -
         r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"));
         return r;
     }
-    let raw_path = req.uri().path().to_string();
-    let t =
-        RequestTarget { path: crate::target::path(&raw_path, false), lenient: crate::target::path(&raw_path, true).unwrap_or_else(|_| "/".into()), authority };
-    let host = t.authority.host.clone();
+    let host = authority.host.clone();
     let table = gw.table();
-    let route = match &t.path {
-        Ok(p) => find_route(&table, &host, p, &req),
-        // Only a route that asks for raw paths may take what normalization refuses.
-        Err(why) => match find_route(&table, &host, &t.lenient, &req).filter(|r| r.spec.raw_path) {
-            Some(r) => Some(r),
-            None => return error_response(StatusCode::BAD_REQUEST, &format!("refused: {why}")),
-        },
+    // Routes match the normalized path. What normalization refuses (encoded slashes or
+    // dot-segments) only a route that asks for raw paths may take, matched on the path with
+    // those escapes kept as data.
+    let (route, normalized) = match crate::target::path(req.uri().path(), false) {
+        Ok(p) => (find_route(&table, &host, &p, &req), p),
+        Err(why) => {
+            let lenient = crate::target::path(req.uri().path(), true).unwrap_or_else(|_| "/".into());
+            match find_route(&table, &host, &lenient, &req).filter(|r| r.spec.raw_path) {
+                Some(r) => (Some(r), lenient),
+                None => return error_response(StatusCode::BAD_REQUEST, &format!("refused: {why}")),
+            }
+        }
     };
     // What the upstream gets: the normalized path, or the path as sent on raw-path routes.
-    let forward_path = match (&route, &t.path) {
-        (Some(r), _) if r.spec.raw_path => raw_path.clone(),
-        (_, Ok(p)) => p.clone(),
-        (_, Err(_)) => t.lenient.clone(),
+    let forward_path = match &route {
+        Some(r) if r.spec.raw_path => req.uri().path().to_string(),
+        _ => normalized,
     };
     let origin = route.as_ref().and_then(|r| r.cors.as_ref()).and_then(|_| req.headers().get(header::ORIGIN).cloned());
     let matched = route.clone();
@@ -410,7 +401,7 @@ pub async fn handle(gw: Arc<Gateway>, mut req: Request<Incoming>, peer: &Peer) -
                         gw: &gw,
                         route: &route,
                         target,
-                        authority: &t.authority.authority,
+                        authority: &authority.authority,
                         path: &forward_path,
                         client_ip: &peer.ip,
                         tls: peer.tls,
