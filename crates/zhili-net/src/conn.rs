@@ -309,15 +309,17 @@ where
 
     fn call(&self, req: Request<R>) -> Self::Future {
         let guard = InFlight::new(self.conn.clone());
+        // Kept for the log line of a panic: clones that share the request's memory.
         let method = req.method().clone();
-        let path = req.uri().path().to_string();
+        let uri = req.uri().clone();
         let fut = self.inner.call(req);
         Box::pin(async move {
             match AssertUnwindSafe(fut).catch_unwind().await {
                 Ok(Ok(resp)) => Ok(resp.map(|body| GuardedBody { kind: Kind::Inner(body), _guard: guard })),
                 Ok(Err(e)) => Err(e),
                 Err(panic) => {
-                    tracing::error!(%method, path = %path.chars().take(256).collect::<String>(), cause = panic_message(&*panic), "handler panicked; answered 500");
+                    let path: String = uri.path().chars().take(256).collect();
+                    tracing::error!(%method, %path, cause = panic_message(&*panic), "handler panicked; answered 500");
                     let mut resp = Response::new(GuardedBody { kind: Kind::Fixed(Some(Bytes::from_static(PANIC_BODY.as_bytes()))), _guard: guard });
                     *resp.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
                     resp.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/problem+json"));
