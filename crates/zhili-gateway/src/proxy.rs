@@ -235,13 +235,15 @@ fn hash_key(route: &Route, req: &Request<Incoming>, peer: SocketAddr) -> Option<
     Some(h.finish())
 }
 
-fn redirect(r: &zhili_model::route::Redirect, req: &Request<Incoming>, host: &str, tls: bool) -> Response<Body> {
+/// A redirect; unless the route names them, the host and path are the request's normalized ones
+/// (what routing matched), never a raw Host header that disagreed with the request target.
+fn redirect(r: &zhili_model::route::Redirect, req: &Request<Incoming>, authority: &str, path: &str, tls: bool) -> Response<Body> {
     let location = match &r.location {
         Some(l) => l.clone(),
         None => {
             let scheme = r.scheme.clone().unwrap_or_else(|| if tls { "https".into() } else { "http".into() });
-            let host = r.host.clone().unwrap_or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or(host).to_string());
-            let path = r.path.clone().unwrap_or_else(|| req.uri().path().to_string());
+            let host = r.host.clone().unwrap_or_else(|| authority.to_string());
+            let path = r.path.clone().unwrap_or_else(|| path.to_string());
             let query = req.uri().query().map(|q| format!("?{q}")).unwrap_or_default();
             format!("{scheme}://{host}{path}{query}")
         }
@@ -320,16 +322,16 @@ pub async fn handle(gw: Arc<Gateway>, mut req: Request<Incoming>, peer: &Peer) -
         r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"));
         return r;
     }
-    let host = authority.host.clone();
+    let host: &str = &authority.host;
     let table = gw.table();
     // Routes match the normalized path. What normalization refuses (encoded slashes or
     // dot-segments) only a route that asks for raw paths may take, matched on the path with
     // those escapes kept as data.
     let (route, normalized) = match crate::target::path(req.uri().path(), false) {
-        Ok(p) => (find_route(&table, &host, &p, &req), p),
+        Ok(p) => (find_route(&table, host, &p, &req), p),
         Err(why) => {
             let lenient = crate::target::path(req.uri().path(), true).unwrap_or_else(|_| "/".into());
-            match find_route(&table, &host, &lenient, &req).filter(|r| r.spec.raw_path) {
+            match find_route(&table, host, &lenient, &req).filter(|r| r.spec.raw_path) {
                 Some(r) => (Some(r), lenient),
                 None => return error_response(StatusCode::BAD_REQUEST, &format!("refused: {why}")),
             }
@@ -390,7 +392,7 @@ pub async fn handle(gw: Arc<Gateway>, mut req: Request<Incoming>, peer: &Peer) -
                     apply_ops(r.headers_mut(), &route.spec.response_headers);
                     (r, None)
                 }
-                Action::Redirect(r) => (redirect(r, &req, &host, peer.tls), None),
+                Action::Redirect(r) => (redirect(r, &req, &authority.authority, &forward_path, peer.tls), None),
                 Action::Forward(targets) => {
                     let target = pick_target(targets);
                     let key = hash_key(&route, &req, peer.addr);
