@@ -229,6 +229,12 @@ impl Plan {
 }
 
 impl Kv {
+    /// Blocks until the key (exact) or anything under it (`prefix`) changes after `index`, or
+    /// `wait` passes (blocking reads of both KV APIs and the Nacos config listeners).
+    pub async fn wait(&self, key: &str, prefix: bool, index: u64, wait: Duration) {
+        zhili_store::wait_for_change(&*self.store, &format!("{KV_PREFIX}{key}"), prefix, index, wait).await
+    }
+
     pub fn new(store: Arc<dyn Store>) -> Arc<Self> {
         Arc::new(Self { store, lock_delays: Mutex::new(HashMap::new()) })
     }

@@ -152,6 +152,26 @@ pub async fn put(store: &dyn Store, key: &str, value: impl Into<Bytes>) -> Resul
     Ok(store.txn(Txn::put(key, value)).await?.revision)
 }
 
+/// Blocks until the key `key` (exact) or anything under it (`prefix`) changes after `index`, or
+/// `wait` passes: the blocking read of every API. Uses the store's watch history, so unrelated
+/// writes do not wake the reader; an index of 0 or ahead of the store answers at once.
+pub async fn wait_for_change(store: &dyn Store, key: &str, prefix: bool, index: u64, wait: Duration) {
+    if index == 0 || index > store.revision() {
+        return;
+    }
+    let Ok(mut watcher) = store.watch(key, index + 1) else { return };
+    let _ = tokio::time::timeout(wait, async {
+        loop {
+            match watcher.next().await {
+                Ok(ev) if prefix || ev.kv.key == key => return,
+                Ok(_) => continue,
+                Err(_) => return,
+            }
+        }
+    })
+    .await;
+}
+
 pub async fn delete(store: &dyn Store, key: &str) -> Result<TxnResponse, StoreError> {
     store.txn(Txn { success: vec![Op::Delete { key: key.into() }], ..Default::default() }).await
 }

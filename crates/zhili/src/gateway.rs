@@ -31,13 +31,13 @@ pub struct Local {
 #[async_trait]
 impl Discover for Local {
     async fn routes(&self, version: u64, wait: Duration) -> Result<(u64, Vec<(String, RouteSpec)>), String> {
-        zhili_api::native::routes::wait_routes(&*self.store, version, wait).await;
-        zhili_api::native::routes::load_routes(&*self.store).map_err(|e| e.to_string())
+        zhili_routes::wait_routes(&*self.store, version, wait).await;
+        zhili_routes::load_routes(&*self.store).map_err(|e| e.to_string())
     }
 
     async fn consumers(&self, version: u64, wait: Duration) -> Result<(u64, Vec<(String, ConsumerSpec)>), String> {
-        zhili_api::native::routes::wait_consumers(&*self.store, version, wait).await;
-        zhili_api::native::routes::load_consumers(&*self.store).map_err(|e| e.to_string())
+        zhili_routes::wait_consumers(&*self.store, version, wait).await;
+        zhili_routes::load_consumers(&*self.store).map_err(|e| e.to_string())
     }
 
     async fn endpoints(&self, ns: &str, service: &str, version: u64, wait: Duration) -> Result<(u64, Vec<Endpoint>), String> {

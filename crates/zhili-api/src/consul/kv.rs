@@ -18,7 +18,6 @@ use super::{at, bad, boolean, canon, check_dc, decode, decode_any, reply, set, t
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::extract::QueryPairs;
-use crate::native::wait_kv;
 use crate::AppState;
 
 pub fn routes() -> Router<AppState> {
@@ -77,7 +76,7 @@ async fn read(State(s): State<AppState>, caller: Caller, key: String, q: QueryPa
     }
     if let Some((index, wait)) = q.blocking()? {
         let _g = zhili_telemetry::WatcherGuard::new(&s.metrics);
-        wait_kv(&*s.store, &key, tree, index, wait).await;
+        s.kv.wait(&key, tree, index, wait).await;
     }
     let index = s.store.revision();
     if keys {

@@ -1,8 +1,6 @@
 //! The KV/config store: get, recursive get, key listing, put with CAS, delete (recursive, CAS),
 //! and blocking reads that wake only when something under the key or prefix changed.
 
-use std::time::Duration;
-
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
@@ -14,7 +12,6 @@ use serde::Serialize;
 use zhili_kv::Entry;
 use zhili_model::acl::{Access, Resource};
 use zhili_model::validate;
-use zhili_store::Store;
 
 use super::indexed;
 use crate::auth::Caller;
@@ -75,12 +72,6 @@ fn store_key(key: &str) -> String {
     format!("{KV_PREFIX}{key}")
 }
 
-/// Blocks until something at KV `key` (exact) or under it (`prefix`) changes after `index`, or
-/// `wait` passes.
-pub async fn wait_kv(store: &dyn Store, key: &str, prefix: bool, index: u64, wait: Duration) {
-    super::wait_store(store, &store_key(key), prefix, index, wait).await
-}
-
 async fn get_root(state: State<AppState>, caller: Caller, q: QueryPairs) -> ApiResult<Response> {
     if !q.flag("recurse")?.unwrap_or(false) && !q.flag("keys")?.unwrap_or(false) {
         return Err(ApiError::field("key", "is required unless recurse or keys is set"));
@@ -104,7 +95,7 @@ async fn read(State(s): State<AppState>, caller: Caller, key: String, q: QueryPa
     caller.require(Resource::Kv, &key, Access::Read).or_else(|e| if recurse || keys { Ok(()) } else { Err(e) })?;
     if let Some((index, wait)) = q.blocking()? {
         let _g = zhili_telemetry::WatcherGuard::new(&s.metrics);
-        wait_kv(&*s.store, &key, recurse || keys, index, wait).await;
+        s.kv.wait(&key, recurse || keys, index, wait).await;
     }
     let index = s.store.revision();
     if keys {

@@ -4,10 +4,8 @@ mod acl;
 mod events;
 pub mod kv;
 pub mod registry;
-pub mod routes;
+mod routes;
 pub mod sd;
-
-pub(crate) use kv::wait_kv;
 
 use axum::http::HeaderValue;
 use axum::response::{IntoResponse, Response};
@@ -44,24 +42,4 @@ pub(crate) fn indexed(index: u64, body: impl IntoResponse) -> Response {
     let mut resp = body.into_response();
     resp.headers_mut().insert("x-zhili-index", HeaderValue::from(index));
     resp
-}
-
-/// Blocks until the store key `key` (exact) or anything under it (`prefix`) changes after
-/// `index`, or `wait` passes. Uses the store's watch history, so unrelated writes do not wake
-/// the reader; an index of 0 or ahead of the store answers at once.
-pub(crate) async fn wait_store(store: &dyn zhili_store::Store, key: &str, prefix: bool, index: u64, wait: std::time::Duration) {
-    if index == 0 || index > store.revision() {
-        return;
-    }
-    let Ok(mut watcher) = store.watch(key, index + 1) else { return };
-    let _ = tokio::time::timeout(wait, async {
-        loop {
-            match watcher.next().await {
-                Ok(ev) if prefix || ev.kv.key == key => return,
-                Ok(_) => continue,
-                Err(_) => return,
-            }
-        }
-    })
-    .await;
 }
