@@ -221,6 +221,8 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
     let scheme = if tls.is_some() { "https" } else { "http" };
     if cfg.nacos_addr.is_some() || cfg.nacos_grpc_addr.is_some() {
         zhili_api::nacos::start(state.clone());
+        let st = state.clone();
+        sup.on_stop(move || st.nacos.close_all());
     }
     if let Some(addr) = cfg.nacos_addr {
         let listener = TcpListener::bind(addr).await.with_context(|| format!("binding the Nacos listener on {addr}"))?;
@@ -277,6 +279,8 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
 /// leaving a half-working process.
 struct Supervisor {
     tasks: tokio::task::JoinSet<&'static str>,
+    /// Run once the stop signal is sent: ends what graceful shutdown alone would wait on.
+    on_stop: Vec<Box<dyn FnOnce() + Send>>,
     /// The listeners, which end only when told to.
     listeners: usize,
     stop: tokio::sync::watch::Sender<bool>,
@@ -285,7 +289,7 @@ struct Supervisor {
 
 impl Supervisor {
     fn new(deadline: Duration) -> Self {
-        Self { tasks: tokio::task::JoinSet::new(), listeners: 0, stop: tokio::sync::watch::Sender::new(false), deadline }
+        Self { tasks: tokio::task::JoinSet::new(), on_stop: Vec::new(), listeners: 0, stop: tokio::sync::watch::Sender::new(false), deadline }
     }
 
     /// The signal listeners watch.
@@ -299,6 +303,11 @@ impl Supervisor {
             task.await;
             name
         });
+    }
+
+    /// Something to do when the server stops (ending open-ended streams).
+    fn on_stop(&mut self, f: impl FnOnce() + Send + 'static) {
+        self.on_stop.push(Box::new(f));
     }
 
     /// A listener: it ends once it has drained after the stop signal.
@@ -323,6 +332,9 @@ impl Supervisor {
             tracing::info!(deadline_ms = self.deadline.as_millis() as u64, "shutting down: draining requests in flight");
         }
         let _ = self.stop.send(true);
+        for f in self.on_stop.drain(..) {
+            f();
+        }
         let drained = tokio::time::timeout(self.deadline, async {
             let mut left = self.listeners;
             while left > 0 {

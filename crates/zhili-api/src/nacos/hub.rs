@@ -103,6 +103,14 @@ impl NacosHub {
         self.conns.lock().len()
     }
 
+    /// Ends every connection's stream (the server is shutting down): a bidirectional stream
+    /// never ends by itself, so without this it would hold its connection until the deadline.
+    pub fn close_all(&self) {
+        for conn in self.conns.lock().values() {
+            conn.kill.notify_one();
+        }
+    }
+
     pub fn add(&self, conn: Arc<Conn>) {
         self.conns.lock().insert(conn.id.clone(), conn);
     }
