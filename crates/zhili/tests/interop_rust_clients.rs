@@ -67,16 +67,7 @@ async fn nacos_sdk_rust_grpc_register_discover_push_config() {
     let token = bootstrap(&s).await;
     let api = client(&s, Some(&token));
     let cache = tempfile::tempdir().unwrap();
-    let props = ClientProps::new()
-        .server_addr(format!("127.0.0.1:{}", s.nacos.unwrap().port()))
-        .remote_grpc_port(s.nacos_grpc.unwrap().port())
-        .namespace("")
-        .app_name("zhili-interop")
-        .cache_dir(cache.path().to_path_buf())
-        .load_cache_at_start(false)
-        .env_first(false)
-        .auth_username("zhili")
-        .auth_password(token.clone());
+    let props = nacos_props(&s, "zhili-interop", cache.path(), Some(&token));
     let naming = NamingServiceBuilder::new(props.clone()).enable_auth_plugin_http().build().await.expect("naming service");
 
     naming.register_instance("rust-demo".into(), None, instance("10.6.0.1", 8080)).await.expect("register");

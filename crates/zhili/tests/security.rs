@@ -280,7 +280,6 @@ async fn revoked_tokens_lose_their_streams() {
 #[tokio::test(flavor = "multi_thread")]
 async fn revoked_token_stops_nacos_grpc_pushes() {
     use nacos_sdk::api::naming::{NamingChangeEvent, NamingEventListener, NamingServiceBuilder};
-    use nacos_sdk::api::props::ClientProps;
 
     struct Events(tokio::sync::mpsc::UnboundedSender<usize>);
     impl NamingEventListener for Events {
@@ -292,16 +291,7 @@ async fn revoked_token_stops_nacos_grpc_pushes() {
     let (s, api) = acl_server().await;
     let (accessor, secret) = token_with(&api, "sub", json!([{"resource": "service", "prefix": "", "access": "read"}])).await;
     let cache = tempfile::tempdir().unwrap();
-    let props = ClientProps::new()
-        .server_addr(format!("127.0.0.1:{}", s.nacos.unwrap().port()))
-        .remote_grpc_port(s.nacos_grpc.unwrap().port())
-        .namespace("")
-        .app_name("zhili-security")
-        .cache_dir(cache.path().to_path_buf())
-        .load_cache_at_start(false)
-        .env_first(false)
-        .auth_username("zhili")
-        .auth_password(secret);
+    let props = nacos_props(&s, "zhili-security", cache.path(), Some(&secret));
     let naming = NamingServiceBuilder::new(props).enable_auth_plugin_http().build().await.expect("naming service");
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     naming.subscribe("pushed".into(), None, vec![], Arc::new(Events(tx))).await.expect("subscribe");

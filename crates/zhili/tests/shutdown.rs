@@ -68,18 +68,10 @@ async fn sigterm_under_load_completes_every_accepted_request() {
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_ends_nacos_grpc_streams() {
     use nacos_sdk::api::naming::NamingServiceBuilder;
-    use nacos_sdk::api::props::ClientProps;
 
     let mut s = ServerProcess::start(bin(), &["--dev", "--shutdown-timeout", "20s"]);
     let cache = tempfile::tempdir().unwrap();
-    let props = ClientProps::new()
-        .server_addr(format!("127.0.0.1:{}", s.nacos.unwrap().port()))
-        .remote_grpc_port(s.nacos_grpc.unwrap().port())
-        .namespace("")
-        .app_name("zhili-shutdown")
-        .cache_dir(cache.path().to_path_buf())
-        .load_cache_at_start(false)
-        .env_first(false);
+    let props = nacos_props(&s, "zhili-shutdown", cache.path(), None);
     let naming = NamingServiceBuilder::new(props).build().await.expect("naming service");
     let instance = nacos_sdk::api::naming::ServiceInstance { ip: "10.7.0.1".into(), port: 80, ..Default::default() };
     naming.register_instance("held".into(), None, instance).await.expect("register over gRPC");

@@ -99,6 +99,23 @@ pub async fn bootstrap(s: &ServerProcess) -> String {
     root["secret_id"].as_str().expect("secret_id").to_string()
 }
 
+/// Client settings for the `nacos-sdk` crate against `s`: its HTTP and gRPC ports, a cache dir
+/// of its own, nothing loaded from cache; with a token, logged in with it as the password.
+pub fn nacos_props(s: &ServerProcess, app: &str, cache: &Path, token: Option<&str>) -> nacos_sdk::api::props::ClientProps {
+    let props = nacos_sdk::api::props::ClientProps::new()
+        .server_addr(format!("127.0.0.1:{}", s.nacos.expect("nacos listener").port()))
+        .remote_grpc_port(s.nacos_grpc.expect("nacos grpc listener").port())
+        .namespace("")
+        .app_name(app)
+        .cache_dir(cache.to_path_buf())
+        .load_cache_at_start(false)
+        .env_first(false);
+    match token {
+        Some(t) => props.auth_username("zhili").auth_password(t),
+        None => props,
+    }
+}
+
 /// Makes `token` the one DNS answers with (Consul's `PUT /v1/agent/token/dns`).
 pub async fn set_dns_token(s: &ServerProcess, token: &str) {
     let body = serde_json::json!({ "Token": token }).to_string();
