@@ -557,7 +557,7 @@ struct NacosConn {
 
 fn grpc_frame(kind: &str, body: &Value) -> Bytes {
     use prost::Message;
-    let msg = zhili_api::nacos::grpc::payload(kind, body).encode_to_vec();
+    let msg = zhili_nacos::grpc::payload(kind, body).encode_to_vec();
     let mut framed = Vec::with_capacity(msg.len() + 5);
     framed.push(0);
     framed.extend_from_slice(&(msg.len() as u32).to_be_bytes());

@@ -285,12 +285,11 @@ impl Acl {
 mod tests {
     use super::*;
     use zhili_model::acl::{Access, Resource};
-    use zhili_store_fjall::FjallStore;
+    use zhili_store::memory::MemoryStore;
 
     #[tokio::test]
     async fn bootstrap_once_policies_and_tokens() {
-        let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Store> = Arc::new(FjallStore::open(dir.path()).unwrap());
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
         let acl = Acl::load(store.clone(), true).unwrap();
         assert!(!acl.resolve(None).unwrap().allows(Resource::Kv, "x", Access::Read), "anonymous is denied");
         let root = acl.bootstrap().await.unwrap();
@@ -336,8 +335,7 @@ mod tests {
 
     #[tokio::test]
     async fn disabled_acl_allows_everything() {
-        let dir = tempfile::tempdir().unwrap();
-        let acl = Acl::load(Arc::new(FjallStore::open(dir.path()).unwrap()), false).unwrap();
+        let acl = Acl::load(Arc::new(MemoryStore::new()), false).unwrap();
         assert!(acl.resolve(None).unwrap().allows(Resource::Acl, "", Access::Write));
     }
 }

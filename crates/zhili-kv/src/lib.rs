@@ -192,6 +192,15 @@ fn entry(kv: &KeyValue, meta: Meta) -> Entry {
 }
 
 /// A random version-4 UUID, as Consul session ids are.
+/// `key` up to and including the first `separator` after `prefix`, or all of it.
+fn fold<'a>(key: &'a str, prefix: &str, separator: Option<&str>) -> &'a str {
+    let Some(sep) = separator.filter(|s| !s.is_empty()) else { return key };
+    match key.get(prefix.len()..).and_then(|rest| rest.find(sep)) {
+        Some(i) => key.get(..prefix.len() + i + sep.len()).unwrap_or(key),
+        None => key,
+    }
+}
+
 pub fn uuid() -> String {
     let b: [u8; 16] = rand::random();
     let h = |r: std::ops::Range<usize>| b.get(r).unwrap_or_default().iter().map(|x| format!("{x:02x}")).collect::<String>();
@@ -261,6 +270,24 @@ impl Kv {
                 Ok(entry(kv, meta))
             })
             .collect()
+    }
+
+    /// The keys under `prefix` that `visible` admits, sorted; with a `separator`, everything
+    /// below the next separator after the prefix folds into one entry ending in it (Consul's
+    /// and etcd's "directory" listing: `a/` for `a/b` and `a/c` under prefix ``).
+    pub fn keys(&self, prefix: &str, separator: Option<&str>, visible: impl Fn(&str) -> bool) -> Result<Vec<String>, KvError> {
+        let mut out: Vec<String> = Vec::new();
+        for kv in self.store.range(&kv_key(prefix), None)? {
+            let Some(key) = kv.key.get(KV_PREFIX.len()..) else { continue };
+            if !visible(key) {
+                continue;
+            }
+            let shown = fold(key, prefix, separator);
+            if out.last().map(String::as_str) != Some(shown) {
+                out.push(shown.to_string());
+            }
+        }
+        Ok(out)
     }
 
     /// A plain, CAS, acquire or release write, Consul's `PUT /v1/kv/<key>`. Returns whether it

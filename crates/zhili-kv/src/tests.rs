@@ -1,10 +1,8 @@
 use super::*;
-use zhili_store_fjall::FjallStore;
+use zhili_store::memory::MemoryStore;
 
-fn open() -> (tempfile::TempDir, Arc<Kv>) {
-    let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn Store> = Arc::new(FjallStore::open(dir.path()).unwrap());
-    (dir, Kv::new(store))
+fn open() -> Arc<Kv> {
+    Kv::new(Arc::new(MemoryStore::new()))
 }
 
 fn b(s: &str) -> Bytes {
@@ -17,7 +15,7 @@ async fn session(kv: &Kv, behavior: Behavior, lock_delay: Duration) -> Session {
 
 #[tokio::test]
 async fn flags_cas_and_meta_cleanup() {
-    let (_d, kv) = open();
+    let kv = open();
     let (ok, rev) = kv.put("a/b", b("1"), 42, None, None, None).await.unwrap();
     assert!(ok);
     let e = kv.get("a/b").unwrap().unwrap();
@@ -41,7 +39,7 @@ async fn flags_cas_and_meta_cleanup() {
 
 #[tokio::test]
 async fn locks_follow_sessions() {
-    let (_d, kv) = open();
+    let kv = open();
     let s1 = session(&kv, Behavior::Release, Duration::ZERO).await;
     let s2 = session(&kv, Behavior::Release, Duration::ZERO).await;
     assert!(kv.put("lock", b("me"), 0, None, Some(s1.id.clone()), None).await.unwrap().0);
@@ -66,7 +64,7 @@ async fn locks_follow_sessions() {
 
 #[tokio::test]
 async fn delete_behavior_and_lock_delay() {
-    let (_d, kv) = open();
+    let kv = open();
     let del = session(&kv, Behavior::Delete, Duration::ZERO).await;
     assert!(kv.put("eph", b("v"), 0, None, Some(del.id.clone()), None).await.unwrap().0);
     kv.session_destroy(&del.id).await.unwrap();
@@ -82,7 +80,7 @@ async fn delete_behavior_and_lock_delay() {
 
 #[tokio::test]
 async fn ttl_sessions_expire_and_free_their_locks() {
-    let (_d, kv) = open();
+    let kv = open();
     tokio::spawn(kv.clone().run_session_reaper());
     let s = kv
         .session_create(SessionSpec { name: "t".into(), node: "zhili".into(), lock_delay: Some(Duration::ZERO), behavior: None, ttl: Some(MIN_SESSION_TTL) })
@@ -104,7 +102,7 @@ async fn ttl_sessions_expire_and_free_their_locks() {
 
 #[tokio::test]
 async fn transactions_apply_whole_or_name_the_failure() {
-    let (_d, kv) = open();
+    let kv = open();
     kv.put("t/a", b("1"), 0, None, None, None).await.unwrap();
     let a = kv.get("t/a").unwrap().unwrap();
     let ok = kv
@@ -130,4 +128,19 @@ fn uuids_look_like_uuids() {
     assert_eq!(u.len(), 36);
     assert_eq!(u.as_bytes()[14], b'4');
     assert_ne!(u, uuid());
+}
+
+#[tokio::test]
+async fn keys_fold_at_the_separator_and_respect_visibility() {
+    let kv = open();
+    for k in ["a/b/1", "a/b/2", "a/c", "a/d/x/y", "a/secret/pw", "b"] {
+        kv.put(k, b("v"), 0, None, None, None).await.unwrap();
+    }
+    let all = |_: &str| true;
+    assert_eq!(kv.keys("a/", None, all).unwrap(), ["a/b/1", "a/b/2", "a/c", "a/d/x/y", "a/secret/pw"]);
+    assert_eq!(kv.keys("a/", Some("/"), all).unwrap(), ["a/b/", "a/c", "a/d/", "a/secret/"]);
+    assert_eq!(kv.keys("", Some("/"), all).unwrap(), ["a/", "b"]);
+    assert_eq!(kv.keys("a/", Some(""), all).unwrap().len(), 5, "an empty separator folds nothing");
+    let hidden = |k: &str| !k.starts_with("a/secret/");
+    assert_eq!(kv.keys("a/", Some("/"), hidden).unwrap(), ["a/b/", "a/c", "a/d/"], "a folder only of hidden keys is not shown");
 }

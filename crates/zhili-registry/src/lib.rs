@@ -88,7 +88,7 @@ pub struct Registry {
     events: broadcast::Sender<Arc<RegistryEvent>>,
     checks: Arc<dyn CheckScheduler>,
     metrics: Arc<Metrics>,
-    epoch: Instant,
+    time: Arc<dyn Clock>,
     /// Circuit-breaker transitions reported by gateways, per (namespace, service); informational.
     breakers: parking_lot::Mutex<HashMap<(String, String), zhili_model::BreakerReport>>,
 }
@@ -122,6 +122,43 @@ impl PersistOrder {
     }
 }
 
+/// Where the registry reads elapsed time for heartbeats, TTLs and expiry. Production uses
+/// [`MonotonicClock`]; tests inject [`TokioClock`] and drive it with tokio's paused time.
+pub trait Clock: Send + Sync + 'static {
+    /// Milliseconds since the clock started.
+    fn elapsed_ms(&self) -> u64;
+}
+
+/// The process's monotonic clock.
+pub struct MonotonicClock(Instant);
+
+impl Default for MonotonicClock {
+    fn default() -> Self {
+        Self(Instant::now())
+    }
+}
+
+impl Clock for MonotonicClock {
+    fn elapsed_ms(&self) -> u64 {
+        self.0.elapsed().as_millis() as u64
+    }
+}
+
+/// tokio's clock: frozen and advanced by hand under `tokio::time::pause`.
+pub struct TokioClock(tokio::time::Instant);
+
+impl Default for TokioClock {
+    fn default() -> Self {
+        Self(tokio::time::Instant::now())
+    }
+}
+
+impl Clock for TokioClock {
+    fn elapsed_ms(&self) -> u64 {
+        self.0.elapsed().as_millis() as u64
+    }
+}
+
 pub fn unix_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
@@ -137,6 +174,16 @@ fn instance_key(ns: &str, service: &str, id: &str) -> String {
 impl Registry {
     /// Builds the registry and loads persisted services and instances from the store.
     pub fn load(store: Arc<dyn Store>, checks: Arc<dyn CheckScheduler>, metrics: Arc<Metrics>) -> Result<Arc<Self>, RegistryError> {
+        Self::load_with_clock(store, checks, metrics, Arc::new(MonotonicClock::default()))
+    }
+
+    /// [`Self::load`] with the clock heartbeats and TTLs are measured on.
+    pub fn load_with_clock(
+        store: Arc<dyn Store>,
+        checks: Arc<dyn CheckScheduler>,
+        metrics: Arc<Metrics>,
+        time: Arc<dyn Clock>,
+    ) -> Result<Arc<Self>, RegistryError> {
         let clock = store.clock();
         let (index, _) = watch::channel(clock.current());
         let (events, _) = broadcast::channel(EVENT_BUFFER);
@@ -149,7 +196,7 @@ impl Registry {
             events,
             checks,
             metrics,
-            epoch: Instant::now(),
+            time,
             breakers: Default::default(),
         });
         let corrupt = |key: &str, e: serde_json::Error| RegistryError::Corrupt { key: key.into(), message: e.to_string() };
@@ -182,7 +229,7 @@ impl Registry {
     }
 
     fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
+        self.time.elapsed_ms()
     }
 
     /// The registry's current index (the revision of its latest change).

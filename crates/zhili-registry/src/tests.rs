@@ -1,7 +1,7 @@
 use std::sync::Mutex;
 
 use zhili_model::{InstanceSpec, ServiceSpec};
-use zhili_store_fjall::FjallStore;
+use zhili_store::memory::MemoryStore;
 
 use super::*;
 
@@ -17,10 +17,15 @@ impl CheckScheduler for Recorder {
     }
 }
 
-fn registry(dir: &std::path::Path) -> (Arc<Registry>, Arc<Recorder>) {
-    let store: Arc<dyn Store> = Arc::new(FjallStore::open(dir).unwrap());
+/// A registry on an in-memory store, timed by tokio's clock (tests run with paused time, so
+/// heartbeat and TTL deadlines pass exactly when the test advances time, not by wall-clock).
+fn registry_on(store: &Arc<dyn Store>) -> (Arc<Registry>, Arc<Recorder>) {
     let rec = Arc::new(Recorder::default());
-    (Registry::load(store, rec.clone(), Metrics::new()).unwrap(), rec)
+    (Registry::load_with_clock(store.clone(), rec.clone(), Metrics::new(), Arc::new(TokioClock::default())).unwrap(), rec)
+}
+
+fn registry() -> (Arc<Registry>, Arc<Recorder>) {
+    registry_on(&(Arc::new(MemoryStore::new()) as Arc<dyn Store>))
 }
 
 fn inst(json: &str) -> InstanceRegistration {
@@ -31,10 +36,9 @@ fn healthy() -> InstanceFilter {
     InstanceFilter { healthy_only: true, ..Default::default() }
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn register_discover_filter_deregister() {
-    let dir = tempfile::tempdir().unwrap();
-    let (r, _) = registry(dir.path());
+    let (r, _) = registry();
     let i1 = r.register("default", "web", inst(r#"{"address":"10.0.0.1","port":80,"tags":["v1"],"zone":"a"}"#)).await.unwrap();
     let i2 = r.register("default", "web", inst(r#"{"address":"10.0.0.2","port":80,"tags":["v2"],"zone":"b","metadata":{"env":"prod"}}"#)).await.unwrap();
     assert!(i2 > i1);
@@ -52,10 +56,9 @@ async fn register_discover_filter_deregister() {
     assert!(matches!(r.deregister("default", "web", "x").await, Err(RegistryError::InstanceNotFound(_))));
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn heartbeats_keep_ephemeral_instances_alive() {
-    let dir = tempfile::tempdir().unwrap();
-    let (r, _) = registry(dir.path());
+    let (r, _) = registry();
     let spec: ServiceSpec = serde_json::from_str(r#"{"health":{"heartbeat_interval":"100ms","unhealthy_after":"300ms","remove_after":"600ms"}}"#).unwrap();
     r.put_service(spec.validate("default", "hb").unwrap()).await.unwrap();
     r.register("default", "hb", inst(r#"{"address":"10.0.0.1","port":1}"#)).await.unwrap();
@@ -77,11 +80,11 @@ async fn heartbeats_keep_ephemeral_instances_alive() {
     assert!(matches!(r.heartbeat("default", "hb", "10.0.0.2:1"), Err(RegistryError::InstanceNotFound(_))));
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn persistent_instances_and_services_survive_reload() {
-    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
     {
-        let (r, _) = registry(dir.path());
+        let (r, _) = registry_on(&store);
         r.put_service(ServiceSpec { owner: Some("team-a".into()), ..Default::default() }.validate("default", "db").unwrap()).await.unwrap();
         r.register(
             "default",
@@ -93,14 +96,9 @@ async fn persistent_instances_and_services_survive_reload() {
         r.register("default", "db", inst(r#"{"address":"10.0.0.8","port":5432}"#)).await.unwrap();
         r.set_maintenance("default", "db", "10.0.0.9:5432", true, "upgrade").await.unwrap();
     }
-    // fjall releases its lock once its background threads notice the drop.
-    let (r, rec) = loop {
-        if let Ok(s) = FjallStore::open(dir.path()) {
-            let rec = Arc::new(Recorder::default());
-            break (Registry::load(Arc::new(s), rec.clone(), Metrics::new()).unwrap(), rec);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    // A new registry over the same store: what was persisted comes back, what lived only in
+    // memory (ephemeral instances) does not.
+    let (r, rec) = registry_on(&store);
     let detail = r.service("default", "db").unwrap();
     assert_eq!(detail.service.owner.as_deref(), Some("team-a"));
     assert_eq!(detail.instances.len(), 1, "only the persistent instance comes back");
@@ -110,10 +108,9 @@ async fn persistent_instances_and_services_survive_reload() {
     assert_eq!(rec.0.lock().unwrap().len(), 1, "its active check is rescheduled");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn ttl_checks_and_transitions() {
-    let dir = tempfile::tempdir().unwrap();
-    let (r, rec) = registry(dir.path());
+    let (r, rec) = registry();
     r.register("default", "api", inst(r#"{"address":"10.0.0.1","port":1,"checks":[{"kind":"ttl","id":"ttl","ttl":"200ms"},{"kind":"http","id":"web","url":"http://10.0.0.1:1/health","interval":"1s"}]}"#)).await.unwrap();
     assert_eq!(rec.0.lock().unwrap().len(), 1, "only the http check is scheduled");
     let key = CheckKey { namespace: "default".into(), service: "api".into(), instance: "10.0.0.1:1".into(), check: "web".into() };
@@ -130,10 +127,9 @@ async fn ttl_checks_and_transitions() {
     assert_eq!(rec.0.lock().unwrap().last().unwrap(), &(false, key));
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn protection_threshold_returns_all_when_too_few_are_healthy() {
-    let dir = tempfile::tempdir().unwrap();
-    let (r, _) = registry(dir.path());
+    let (r, _) = registry();
     r.put_service(ServiceSpec { protection_threshold: Some(0.5), ..Default::default() }.validate("default", "p").unwrap()).await.unwrap();
     for i in 1..=4 {
         r.register("default", "p", inst(&format!(r#"{{"address":"10.0.0.{i}","port":1,"checks":[{{"kind":"ttl","id":"t","ttl":"1m"}}]}}"#))).await.unwrap();
@@ -148,15 +144,14 @@ async fn protection_threshold_returns_all_when_too_few_are_healthy() {
     assert_eq!(list.instances.len(), 2);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn blocking_wait_wakes_on_change_and_times_out() {
-    let dir = tempfile::tempdir().unwrap();
-    let (r, _) = registry(dir.path());
+    let (r, _) = registry();
     r.register("default", "w", inst(r#"{"address":"10.0.0.1","port":1}"#)).await.unwrap();
     let idx = r.service_index("default", "w");
-    let start = Instant::now();
+    let start = tokio::time::Instant::now();
     r.wait_for(idx, Duration::from_millis(200), || r.service_index("default", "w")).await;
-    assert!(start.elapsed() >= Duration::from_millis(190), "nothing changed, so it waited");
+    assert_eq!(start.elapsed(), Duration::from_millis(200), "nothing changed, so it waited exactly the wait");
     let r2 = r.clone();
     let waiter = tokio::spawn(async move {
         r2.wait_for(idx, Duration::from_secs(10), || r2.service_index("default", "w")).await;

@@ -110,8 +110,7 @@ mod tests {
 
     #[tokio::test]
     async fn put_get_list_wait_delete() {
-        let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn Store> = Arc::new(zhili_store_fjall::FjallStore::open(dir.path()).unwrap());
+        let store: Arc<dyn Store> = Arc::new(zhili_store::memory::MemoryStore::new());
         let spec: RouteSpec = serde_json::from_str(r#"{"path_prefix": "/a/", "service": "a"}"#).unwrap();
         assert!(put(&*store, "bad name", &spec).await.is_err(), "names follow the name rule");
         let rev = put(&*store, "a", &spec).await.unwrap();

@@ -2,6 +2,8 @@
 //! transactions, watches from a revision, and leases. Backends live in sibling leaf crates
 //! (zhili-store-fjall today); nothing above this level knows which one runs.
 
+pub mod memory;
+
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

@@ -190,7 +190,7 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
     let ready = Arc::new(AtomicBool::new(false));
     let kv = zhili_kv::Kv::new(store.clone());
     sup.spawn("session reaper", kv.clone().run_session_reaper());
-    let consul = zhili_api::consul::ConsulIdentity { node: cfg.node_name.clone(), datacenter: cfg.datacenter.clone(), address: advertised_ip(cfg.api_addr) };
+    let consul = zhili_consul::ConsulIdentity { node: cfg.node_name.clone(), datacenter: cfg.datacenter.clone(), address: advertised_ip(cfg.api_addr) };
     if let Some(dns_addr) = cfg.dns_addr {
         acl.use_dns_token(cfg.dns_token.clone());
         if !cfg.dev && acl.dns_token().is_none() {
@@ -203,41 +203,29 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
         println!("zhili dns listening on {local}");
         tracing::info!(addr = %local, "DNS listener up (udp+tcp)");
     }
-    let state = zhili_api::AppState::new(zhili_api::Services {
-        store,
-        registry: registry.clone(),
-        acl,
-        kv,
-        consul,
-        consul_health: Default::default(),
-        nacos: Default::default(),
-        metrics,
-        ready: ready.clone(),
-    });
+    let state = zhili_api::AppState::new(zhili_api::Services { store, registry: registry.clone(), acl, kv, metrics, ready: ready.clone() });
     let tls = match &cfg.tls {
         Some(files) => Some(tls::acceptor(&files.cert, &files.key)?),
         None => None,
     };
     let scheme = if tls.is_some() { "https" } else { "http" };
+    let nacos = zhili_nacos::NacosState::new(state.clone());
     if cfg.nacos_addr.is_some() || cfg.nacos_grpc_addr.is_some() {
-        zhili_api::nacos::start(state.clone());
-        let st = state.clone();
-        sup.on_stop(move || st.nacos.close_all());
+        sup.spawn("nacos hub", nacos.clone().run());
+        let hub = nacos.clone();
+        sup.on_stop(move || hub.close_all());
     }
     if let Some(addr) = cfg.nacos_addr {
         let listener = TcpListener::bind(addr).await.with_context(|| format!("binding the Nacos listener on {addr}"))?;
         println!("zhili nacos listening on {scheme}://{}", listener.local_addr()?);
-        sup.listener(
-            "nacos listener",
-            listen::serve(listener, tls.clone(), zhili_api::nacos::http_router(state.clone()), zhili_net::Admission::new("nacos", limits), sup.stop()),
-        );
+        sup.listener("nacos listener", listen::serve(listener, tls.clone(), nacos.http_router(), zhili_net::Admission::new("nacos", limits), sup.stop()));
     }
     if let Some(addr) = cfg.nacos_grpc_addr {
         let listener = TcpListener::bind(addr).await.with_context(|| format!("binding the Nacos gRPC listener on {addr}"))?;
         println!("zhili nacos-grpc listening on {}", listener.local_addr()?);
         sup.listener(
             "nacos grpc listener",
-            listen::serve(listener, tls.clone(), zhili_api::nacos::grpc_router(state.clone()), zhili_net::Admission::new("nacos-grpc", limits), sup.stop()),
+            listen::serve(listener, tls.clone(), nacos.grpc_router(), zhili_net::Admission::new("nacos-grpc", limits), sup.stop()),
         );
     }
     if let Some(addr) = cfg.gateway_addr {
@@ -254,7 +242,7 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
         sup.spawn("gateway follower", zhili_gateway::follow(gw.clone(), discover));
         sup.listener("gateway listener", zhili_gateway::serve(listener, gw, gw_tls, zhili_net::Admission::new("gateway", limits), sup.stop()));
     }
-    let app = zhili_api::router(state);
+    let app = zhili_api::router(state.clone(), [zhili_consul::router(state, consul)]);
 
     let Some(addr) = cfg.api_addr else {
         tracing::warn!("API listener is off; nothing to serve");

@@ -68,10 +68,6 @@ impl KvEntry {
     }
 }
 
-fn store_key(key: &str) -> String {
-    format!("{KV_PREFIX}{key}")
-}
-
 async fn get_root(state: State<AppState>, caller: Caller, q: QueryPairs) -> ApiResult<Response> {
     if !q.flag("recurse")?.unwrap_or(false) && !q.flag("keys")?.unwrap_or(false) {
         return Err(ApiError::field("key", "is required unless recurse or keys is set"));
@@ -99,22 +95,7 @@ async fn read(State(s): State<AppState>, caller: Caller, key: String, q: QueryPa
     }
     let index = s.store.revision();
     if keys {
-        let sep = q.get("separator").filter(|s| !s.is_empty());
-        let mut out: Vec<String> = Vec::new();
-        for kv in s.store.range(&store_key(&key), None)? {
-            let k = &kv.key[KV_PREFIX.len()..];
-            if !caller.can(Resource::Kv, k, Access::Read) {
-                continue;
-            }
-            // With a separator, collapse everything below the next separator into one entry.
-            let shown = match sep.and_then(|sep| k[key.len()..].find(sep).map(|i| &k[..key.len() + i + sep.len()])) {
-                Some(folder) => folder,
-                None => k,
-            };
-            if out.last().map(String::as_str) != Some(shown) {
-                out.push(shown.to_string());
-            }
-        }
+        let out = s.kv.keys(&key, q.get("separator"), |k| caller.can(Resource::Kv, k, Access::Read))?;
         return Ok(indexed(index, Json(out)));
     }
     if recurse {

@@ -7,8 +7,6 @@ pub mod registry;
 mod routes;
 pub mod sd;
 
-use axum::http::HeaderValue;
-use axum::response::{IntoResponse, Response};
 use axum::Router;
 
 use crate::AppState;
@@ -37,9 +35,4 @@ pub struct Stored {
     pub index: u64,
 }
 
-/// Every read carries the index it reflects, for blocking reads to continue from.
-pub(crate) fn indexed(index: u64, body: impl IntoResponse) -> Response {
-    let mut resp = body.into_response();
-    resp.headers_mut().insert("x-zhili-index", HeaderValue::from(index));
-    resp
-}
+pub(crate) use zhili_http::indexed;

@@ -11,7 +11,7 @@ use serde_json::json;
 use zhili_model::acl::{Access, Resource};
 use zhili_model::consumer::ConsumerSpec;
 use zhili_model::route::RouteSpec;
-use zhili_routes::{RoutesError, Stored};
+use zhili_routes::Stored;
 
 use super::indexed;
 use crate::auth::Caller;
@@ -53,16 +53,6 @@ pub fn routes() -> Router<AppState> {
         .route("/api/v1/routes/{route}", get(get_one::<RouteSpec>).put(put_one::<RouteSpec>).delete(delete_one::<RouteSpec>))
         .route("/api/v1/consumers", get(list::<ConsumerSpec>))
         .route("/api/v1/consumers/{consumer}", get(get_one::<ConsumerSpec>).put(put_one::<ConsumerSpec>).delete(delete_one::<ConsumerSpec>))
-}
-
-impl From<RoutesError> for ApiError {
-    fn from(e: RoutesError) -> Self {
-        match e {
-            RoutesError::Invalid(v) => v.into(),
-            RoutesError::Store(s) => s.into(),
-            RoutesError::Corrupt(what, why) => ApiError::Internal(format!("stored {what}: {why}")),
-        }
-    }
 }
 
 async fn list<T: Kind>(State(s): State<AppState>, caller: Caller, q: QueryPairs) -> ApiResult<Response> {

@@ -21,9 +21,9 @@ use axum::Router;
 use serde_json::{json, Map, Value};
 use zhili_model::{HealthStatus, Instance, NodeRef, DEFAULT_NAMESPACE};
 
-use crate::error::ApiError;
-use crate::extract::QueryPairs;
-use crate::AppState;
+use zhili_http::error::ApiError;
+use zhili_http::extract::QueryPairs;
+use zhili_http::AppState;
 
 /// Who this server is to Consul clients.
 #[derive(Debug, Clone)]
@@ -68,8 +68,36 @@ impl ConsulIdentity {
     }
 }
 
-pub fn routes() -> Router<AppState> {
-    Router::new().merge(agent::routes()).merge(catalog::routes()).merge(kv::routes())
+/// What Consul handlers see: the shared services plus who this node is and the rendered-answer
+/// cache. Field access reaches the shared [`zhili_http::Services`] through `Deref`.
+#[derive(Clone)]
+pub struct ConsulState(std::sync::Arc<Consul>);
+
+pub struct Consul {
+    core: AppState,
+    pub consul: ConsulIdentity,
+    pub consul_health: HealthCache,
+}
+
+impl std::ops::Deref for ConsulState {
+    type Target = Consul;
+    fn deref(&self) -> &Consul {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for Consul {
+    type Target = AppState;
+    fn deref(&self) -> &AppState {
+        &self.core
+    }
+}
+
+/// Consul's `/v1` routes, with their state; the API listener merges them under its one
+/// authorization layer (Consul clients share the API port, as they would a Consul agent's).
+pub fn router(core: AppState, identity: ConsulIdentity) -> Router {
+    let state = ConsulState(std::sync::Arc::new(Consul { core, consul: identity, consul_health: HealthCache::default() }));
+    Router::new().merge(agent::routes()).merge(catalog::routes()).merge(kv::routes()).with_state(state)
 }
 
 /// Errors on `/v1` are plain text, as Consul answers them; the status codes are Consul's.
@@ -126,7 +154,7 @@ fn namespace(q: &QueryPairs) -> CResult<String> {
 }
 
 /// `?dc=` must name our datacenter when given.
-fn check_dc(s: &AppState, q: &QueryPairs) -> CResult<()> {
+fn check_dc(s: &ConsulState, q: &QueryPairs) -> CResult<()> {
     match q.get("dc") {
         Some(dc) if !dc.is_empty() && dc != s.consul.datacenter => Err(ConsulError(ApiError::NotFound(format!("No path to datacenter {dc:?}")))),
         _ => Ok(()),
@@ -186,11 +214,11 @@ fn tagged(address: &str) -> Value {
 }
 
 /// The node an instance lives on.
-fn node_of(s: &AppState, i: &Instance) -> NodeRef {
+fn node_of(s: &ConsulState, i: &Instance) -> NodeRef {
     i.node.clone().unwrap_or_else(|| s.consul.node_ref())
 }
 
-fn node_json(s: &AppState, node: &NodeRef) -> Value {
+fn node_json(s: &ConsulState, node: &NodeRef) -> Value {
     json!({
         "ID": "",
         "Node": node.name,
@@ -208,7 +236,7 @@ fn weights(i: &Instance) -> Value {
 }
 
 /// A service instance as the agent and health endpoints show it.
-fn service_json(s: &AppState, i: &Instance) -> Value {
+fn service_json(s: &ConsulState, i: &Instance) -> Value {
     json!({
         "ID": i.id,
         "Service": i.service,
@@ -228,7 +256,7 @@ fn service_json(s: &AppState, i: &Instance) -> Value {
 
 /// The instance's checks in Consul's shape, synthetic ones included, so that "every check
 /// passing" means exactly "the registry would serve this instance".
-fn checks_json(s: &AppState, i: &Instance) -> Vec<Value> {
+fn checks_json(s: &ConsulState, i: &Instance) -> Vec<Value> {
     let node = node_of(s, i);
     let check = |id: &str, name: &str, status: &str, notes: &str, output: &str, kind: &str, service: bool| {
         json!({

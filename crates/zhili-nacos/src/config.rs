@@ -15,9 +15,9 @@ use tokio::sync::broadcast;
 use zhili_model::acl::{Access, Resource};
 
 use super::{config_key, header_str, md5_hex, text, v2_ok, NResult, NacosError, Params};
-use crate::auth::Caller;
-use crate::error::ApiError;
-use crate::AppState;
+use crate::NacosState;
+use zhili_http::auth::Caller;
+use zhili_http::error::ApiError;
 
 /// `Long-Pulling-Timeout` is capped so a client cannot park a request for ever.
 const MAX_LONG_POLL: Duration = Duration::from_secs(120);
@@ -27,7 +27,7 @@ const MAX_LISTENING: usize = 3000;
 const WORD: char = '\u{2}';
 const LINE: char = '\u{1}';
 
-pub(super) fn routes() -> Router<AppState> {
+pub(super) fn routes() -> Router<NacosState> {
     Router::new()
         .route("/nacos/v1/cs/configs", get(get_v1).post(publish_v1).delete(delete_v1))
         .route("/nacos/v1/cs/configs/listener", post(listener))
@@ -40,13 +40,13 @@ pub(super) struct ConfigItem {
     pub last_modified: u64,
 }
 
-pub(super) fn read(s: &AppState, caller: &Caller, key: &str) -> Result<Option<ConfigItem>, ApiError> {
+pub(super) fn read(s: &NacosState, caller: &Caller, key: &str) -> Result<Option<ConfigItem>, ApiError> {
     caller.require(Resource::Kv, key, Access::Read)?;
     Ok(s.kv.get(key)?.map(|e| ConfigItem { md5: md5_hex(&e.value), content: String::from_utf8_lossy(&e.value).into_owned(), last_modified: e.modify_index }))
 }
 
 /// Publishes a config; with `cas_md5`, only when the current content still has that md5.
-pub(super) async fn publish(s: &AppState, caller: &Caller, key: &str, content: &str, cas_md5: Option<&str>) -> Result<bool, ApiError> {
+pub(super) async fn publish(s: &NacosState, caller: &Caller, key: &str, content: &str, cas_md5: Option<&str>) -> Result<bool, ApiError> {
     caller.require(Resource::Kv, key, Access::Write)?;
     if content.is_empty() {
         return Err(ApiError::BadRequest("Param 'content' is required".into()));
@@ -62,7 +62,7 @@ pub(super) async fn publish(s: &AppState, caller: &Caller, key: &str, content: &
     Ok(applied)
 }
 
-pub(super) async fn remove(s: &AppState, caller: &Caller, key: &str) -> Result<(), ApiError> {
+pub(super) async fn remove(s: &NacosState, caller: &Caller, key: &str) -> Result<(), ApiError> {
     caller.require(Resource::Kv, key, Access::Write)?;
     s.kv.delete(key, false, None).await?;
     Ok(())
@@ -73,7 +73,7 @@ fn key_of(p: &Params) -> NResult<String> {
     config_key(tenant, p.get("group").unwrap_or(""), p.required("dataId")?)
 }
 
-async fn get_v1(State(s): State<AppState>, caller: Caller, p: Params) -> NResult<Response> {
+async fn get_v1(State(s): State<NacosState>, caller: Caller, p: Params) -> NResult<Response> {
     match read(&s, &caller, &key_of(&p)?)? {
         Some(c) => Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8".to_string()), (header::HeaderName::from_static("content-md5"), c.md5)], c.content)
             .into_response()),
@@ -81,13 +81,13 @@ async fn get_v1(State(s): State<AppState>, caller: Caller, p: Params) -> NResult
     }
 }
 
-async fn publish_v1(State(s): State<AppState>, caller: Caller, p: Params) -> NResult<Response> {
+async fn publish_v1(State(s): State<NacosState>, caller: Caller, p: Params) -> NResult<Response> {
     let key = key_of(&p)?;
     let ok = publish(&s, &caller, &key, p.get("content").unwrap_or(""), p.get("casMd5")).await?;
     Ok(text(ok.to_string()))
 }
 
-async fn delete_v1(State(s): State<AppState>, caller: Caller, p: Params) -> NResult<Response> {
+async fn delete_v1(State(s): State<NacosState>, caller: Caller, p: Params) -> NResult<Response> {
     remove(&s, &caller, &key_of(&p)?).await?;
     Ok(text("true"))
 }
@@ -96,7 +96,7 @@ fn v2<T>(r: NResult<T>) -> NResult<T> {
     r.map_err(|e| NacosError { v2: true, ..e })
 }
 
-async fn get_v2(State(s): State<AppState>, caller: Caller, p: Params) -> NResult<Response> {
+async fn get_v2(State(s): State<NacosState>, caller: Caller, p: Params) -> NResult<Response> {
     let key = v2(key_of(&p))?;
     match v2(read(&s, &caller, &key).map_err(NacosError::v1))? {
         Some(c) => Ok(v2_ok(Value::String(c.content))),
@@ -104,13 +104,13 @@ async fn get_v2(State(s): State<AppState>, caller: Caller, p: Params) -> NResult
     }
 }
 
-async fn publish_v2(State(s): State<AppState>, caller: Caller, p: Params) -> NResult<Response> {
+async fn publish_v2(State(s): State<NacosState>, caller: Caller, p: Params) -> NResult<Response> {
     let key = v2(key_of(&p))?;
     let ok = v2(publish(&s, &caller, &key, p.get("content").unwrap_or(""), p.get("casMd5")).await.map_err(NacosError::v1))?;
     Ok(v2_ok(json!(ok)))
 }
 
-async fn delete_v2(State(s): State<AppState>, caller: Caller, p: Params) -> NResult<Response> {
+async fn delete_v2(State(s): State<NacosState>, caller: Caller, p: Params) -> NResult<Response> {
     let key = v2(key_of(&p))?;
     v2(remove(&s, &caller, &key).await.map_err(NacosError::v1))?;
     Ok(v2_ok(json!(true)))
@@ -155,7 +155,7 @@ fn url_encode(s: &str) -> String {
     out
 }
 
-fn changed(s: &AppState, caller: &Caller, list: &[Listening]) -> NResult<Vec<usize>> {
+fn changed(s: &NacosState, caller: &Caller, list: &[Listening]) -> NResult<Vec<usize>> {
     let mut out = vec![];
     for (n, l) in list.iter().enumerate() {
         let current = read(s, caller, &l.key)?.map(|c| c.md5).unwrap_or_default();
@@ -168,7 +168,7 @@ fn changed(s: &AppState, caller: &Caller, list: &[Listening]) -> NResult<Vec<usi
 
 /// `POST /nacos/v1/cs/configs/listener`: answers at once when a config differs from the client's
 /// md5, else holds the request until one changes or `Long-Pulling-Timeout` runs out.
-async fn listener(State(s): State<AppState>, caller: Caller, headers: HeaderMap, p: Params) -> NResult<Response> {
+async fn listener(State(s): State<NacosState>, caller: Caller, headers: HeaderMap, p: Params) -> NResult<Response> {
     let list = parse_listening(p.required("Listening-Configs")?, p.get("tenant").unwrap_or(""))?;
     let timeout = match header_str(&headers, "long-pulling-timeout") {
         None => DEFAULT_LONG_POLL,

@@ -15,13 +15,13 @@ use zhili_model::{Instance, NodeRef};
 
 use super::agent::{apply, convert};
 use super::{aggregate, apply_filter, bad, boolean, canon, check_dc, checks_json, decode, namespace, node_json, node_meta_filter, node_of, object, reply};
-use super::{at, serf_check, service_json, tagged, take, weights, CResult};
-use crate::auth::Caller;
-use crate::error::ApiError;
-use crate::extract::QueryPairs;
-use crate::AppState;
+use super::{at, serf_check, service_json, take, weights, CResult};
+use crate::ConsulState;
+use zhili_http::auth::Caller;
+use zhili_http::error::ApiError;
+use zhili_http::extract::QueryPairs;
 
-pub fn routes() -> Router<AppState> {
+pub fn routes() -> Router<ConsulState> {
     Router::new()
         .route("/v1/catalog/register", put(register))
         .route("/v1/catalog/deregister", put(deregister))
@@ -39,7 +39,7 @@ pub fn routes() -> Router<AppState> {
 }
 
 /// Waits for a blocking query, on one service's index or the whole registry's.
-async fn block(s: &AppState, q: &QueryPairs, ns: &str, service: Option<&str>) -> CResult<()> {
+async fn block(s: &ConsulState, q: &QueryPairs, ns: &str, service: Option<&str>) -> CResult<()> {
     if let Some((index, wait)) = q.blocking()? {
         let _g = zhili_telemetry::WatcherGuard::new(&s.metrics);
         match service {
@@ -56,7 +56,7 @@ fn readable(caller: &Caller, list: Vec<Instance>) -> Vec<Instance> {
 
 /// Instances of one service, all of them (Consul's health endpoint filters by check status,
 /// not by the registry's serving rules), after `tag` filters.
-fn service_instances(s: &AppState, q: &QueryPairs, ns: &str, name: &str) -> CResult<(u64, Vec<Instance>)> {
+fn service_instances(s: &ConsulState, q: &QueryPairs, ns: &str, name: &str) -> CResult<(u64, Vec<Instance>)> {
     let index = s.registry.service_index(ns, name);
     // Nodes carry no metadata here, so any node-meta filter matches nothing.
     if !node_meta_filter(q)?.is_empty() {
@@ -69,7 +69,7 @@ fn service_instances(s: &AppState, q: &QueryPairs, ns: &str, name: &str) -> CRes
     Ok((index, list))
 }
 
-async fn register(State(s): State<AppState>, caller: Caller, q: QueryPairs, body: Bytes) -> CResult<Response> {
+async fn register(State(s): State<ConsulState>, caller: Caller, q: QueryPairs, body: Bytes) -> CResult<Response> {
     let ns = namespace(&q)?;
     let mut v = decode(&body)?;
     canon(&mut v, &["Node", "Address", "Datacenter", "Service", "Check", "Checks", "NodeMeta", "TaggedAddresses", "SkipNodeUpdate", "ID"]);
@@ -104,7 +104,7 @@ async fn register(State(s): State<AppState>, caller: Caller, q: QueryPairs, body
     Ok(boolean(true))
 }
 
-async fn deregister(State(s): State<AppState>, caller: Caller, q: QueryPairs, body: Bytes) -> CResult<Response> {
+async fn deregister(State(s): State<ConsulState>, caller: Caller, q: QueryPairs, body: Bytes) -> CResult<Response> {
     let ns = namespace(&q)?;
     let mut v = decode(&body)?;
     canon(&mut v, &["Node", "ServiceID", "CheckID", "Datacenter"]);
@@ -132,11 +132,11 @@ async fn deregister(State(s): State<AppState>, caller: Caller, q: QueryPairs, bo
     Ok(boolean(true))
 }
 
-async fn datacenters(State(s): State<AppState>) -> Response {
+async fn datacenters(State(s): State<ConsulState>) -> Response {
     Json(vec![s.consul.datacenter.clone()]).into_response()
 }
 
-async fn services(State(s): State<AppState>, caller: Caller, q: QueryPairs) -> CResult<Response> {
+async fn services(State(s): State<ConsulState>, caller: Caller, q: QueryPairs) -> CResult<Response> {
     check_dc(&s, &q)?;
     let ns = namespace(&q)?;
     block(&s, &q, &ns, None).await?;
@@ -151,16 +151,11 @@ async fn services(State(s): State<AppState>, caller: Caller, q: QueryPairs) -> C
     Ok(reply(index, Json(tags)))
 }
 
-/// The flat record `/v1/catalog/service/:name` returns per instance.
-fn catalog_entry(s: &AppState, i: &Instance) -> Value {
-    let node = node_of(s, i);
-    json!({
-        "ID": "",
-        "Node": node.name,
-        "Address": node.address,
-        "Datacenter": s.consul.datacenter,
-        "TaggedAddresses": tagged(&node.address),
-        "NodeMeta": {},
+/// The flat record `/v1/catalog/service/:name` returns per instance: the node's fields (its
+/// `Meta` named `NodeMeta`) followed by the service's, prefixed `Service`.
+fn catalog_entry(s: &ConsulState, i: &Instance) -> Value {
+    let mut entry = node_json(s, &node_of(s, i));
+    let service = json!({
         "ServiceKind": "",
         "ServiceID": i.id,
         "ServiceName": i.service,
@@ -173,10 +168,16 @@ fn catalog_entry(s: &AppState, i: &Instance) -> Value {
         "Namespace": i.namespace,
         "CreateIndex": i.create_index,
         "ModifyIndex": i.modify_index,
-    })
+    });
+    if let (Some(out), Value::Object(fields)) = (entry.as_object_mut(), service) {
+        let node_meta = out.remove("Meta").unwrap_or_else(|| json!({}));
+        out.insert("NodeMeta".into(), node_meta);
+        out.extend(fields);
+    }
+    entry
 }
 
-async fn service(State(s): State<AppState>, caller: Caller, Path(name): Path<String>, q: QueryPairs) -> CResult<Response> {
+async fn service(State(s): State<ConsulState>, caller: Caller, Path(name): Path<String>, q: QueryPairs) -> CResult<Response> {
     check_dc(&s, &q)?;
     let ns = namespace(&q)?;
     caller.require(Resource::Service, &name, Access::Read)?;
@@ -187,7 +188,7 @@ async fn service(State(s): State<AppState>, caller: Caller, Path(name): Path<Str
 }
 
 /// Every node: this server's own, plus those named by catalog registrations.
-fn all_nodes(s: &AppState, instances: &[Instance]) -> Vec<NodeRef> {
+fn all_nodes(s: &ConsulState, instances: &[Instance]) -> Vec<NodeRef> {
     let mut nodes: BTreeMap<String, NodeRef> = BTreeMap::new();
     nodes.insert(s.consul.node.clone(), s.consul.node_ref());
     for i in instances {
@@ -197,7 +198,7 @@ fn all_nodes(s: &AppState, instances: &[Instance]) -> Vec<NodeRef> {
     nodes.into_values().collect()
 }
 
-async fn nodes(State(s): State<AppState>, caller: Caller, q: QueryPairs) -> CResult<Response> {
+async fn nodes(State(s): State<ConsulState>, caller: Caller, q: QueryPairs) -> CResult<Response> {
     check_dc(&s, &q)?;
     let ns = namespace(&q)?;
     block(&s, &q, &ns, None).await?;
@@ -208,7 +209,7 @@ async fn nodes(State(s): State<AppState>, caller: Caller, q: QueryPairs) -> CRes
     Ok(reply(index, Json(out)))
 }
 
-async fn node(State(s): State<AppState>, caller: Caller, Path(node): Path<String>, q: QueryPairs) -> CResult<Response> {
+async fn node(State(s): State<ConsulState>, caller: Caller, Path(node): Path<String>, q: QueryPairs) -> CResult<Response> {
     check_dc(&s, &q)?;
     let ns = namespace(&q)?;
     // Refused whether or not the node exists, so node names cannot be probed.
@@ -222,7 +223,7 @@ async fn node(State(s): State<AppState>, caller: Caller, Path(node): Path<String
     Ok(reply(index, Json(json!({ "Node": node_json(&s, &n), "Services": object(services) }))))
 }
 
-async fn health_service(State(s): State<AppState>, caller: Caller, Path(name): Path<String>, q: QueryPairs) -> CResult<Response> {
+async fn health_service(State(s): State<ConsulState>, caller: Caller, Path(name): Path<String>, q: QueryPairs) -> CResult<Response> {
     check_dc(&s, &q)?;
     let ns = namespace(&q)?;
     caller.require(Resource::Service, &name, Access::Read)?;
@@ -253,7 +254,7 @@ async fn health_service(State(s): State<AppState>, caller: Caller, Path(name): P
     Ok(reply(index, ([(header::CONTENT_TYPE, "application/json")], body)))
 }
 
-async fn health_checks(State(s): State<AppState>, caller: Caller, Path(name): Path<String>, q: QueryPairs) -> CResult<Response> {
+async fn health_checks(State(s): State<ConsulState>, caller: Caller, Path(name): Path<String>, q: QueryPairs) -> CResult<Response> {
     check_dc(&s, &q)?;
     let ns = namespace(&q)?;
     caller.require(Resource::Service, &name, Access::Read)?;
@@ -263,7 +264,7 @@ async fn health_checks(State(s): State<AppState>, caller: Caller, Path(name): Pa
     Ok(reply(index, Json(apply_filter(&q, checks)?)))
 }
 
-async fn health_state(State(s): State<AppState>, caller: Caller, Path(state): Path<String>, q: QueryPairs) -> CResult<Response> {
+async fn health_state(State(s): State<ConsulState>, caller: Caller, Path(state): Path<String>, q: QueryPairs) -> CResult<Response> {
     check_dc(&s, &q)?;
     if !matches!(state.as_str(), "any" | "passing" | "warning" | "critical") {
         return Err(bad("state", format!("{state:?} is not any, passing, warning or critical")));
@@ -283,7 +284,7 @@ async fn health_state(State(s): State<AppState>, caller: Caller, Path(state): Pa
     Ok(reply(index, Json(apply_filter(&q, checks)?)))
 }
 
-async fn health_node(State(s): State<AppState>, caller: Caller, Path(node): Path<String>, q: QueryPairs) -> CResult<Response> {
+async fn health_node(State(s): State<ConsulState>, caller: Caller, Path(node): Path<String>, q: QueryPairs) -> CResult<Response> {
     check_dc(&s, &q)?;
     let ns = namespace(&q)?;
     caller.require(Resource::Node, &node, Access::Read)?;
@@ -301,14 +302,14 @@ async fn health_node(State(s): State<AppState>, caller: Caller, Path(node): Path
 }
 
 /// Consul's Raft address of the leader; this server is the only (and so leading) one.
-fn raft_addr(s: &AppState) -> String {
+fn raft_addr(s: &ConsulState) -> String {
     format!("{}:8300", s.consul.address)
 }
 
-async fn leader(State(s): State<AppState>) -> Response {
+async fn leader(State(s): State<ConsulState>) -> Response {
     Json(raft_addr(&s)).into_response()
 }
 
-async fn peers(State(s): State<AppState>) -> Response {
+async fn peers(State(s): State<ConsulState>) -> Response {
     Json(vec![raft_addr(&s)]).into_response()
 }

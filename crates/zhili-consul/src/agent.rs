@@ -13,12 +13,12 @@ use zhili_model::acl::{Access, Resource};
 use zhili_model::{CheckSpec, HealthStatus, InstanceRegistration, InstanceSpec, NodeRef};
 
 use super::{apply_filter, at, bad, canon, checks_json, decode, namespace, object, reply, service_json, set, CResult, ConsulError};
-use crate::auth::Caller;
-use crate::error::ApiError;
-use crate::extract::QueryPairs;
-use crate::AppState;
+use crate::ConsulState;
+use zhili_http::auth::Caller;
+use zhili_http::error::ApiError;
+use zhili_http::extract::QueryPairs;
 
-pub fn routes() -> Router<AppState> {
+pub fn routes() -> Router<ConsulState> {
     Router::new()
         .route("/v1/agent/self", get(agent_self))
         .route("/v1/agent/services", get(services))
@@ -36,7 +36,7 @@ pub fn routes() -> Router<AppState> {
 
 /// `PUT /v1/agent/token/dns {"Token"}`: the token whose rights DNS answers with (kept across
 /// restarts; `--dns-token` wins for the run it is given to). Needs `acl` write.
-async fn dns_token(State(s): State<AppState>, caller: Caller, body: Bytes) -> CResult<Response> {
+async fn dns_token(State(s): State<ConsulState>, caller: Caller, body: Bytes) -> CResult<Response> {
     caller.require(Resource::Acl, "", Access::Write)?;
     let mut v = decode(&body)?;
     canon(&mut v, &["Token"]);
@@ -246,7 +246,7 @@ pub(super) fn convert(mut svc: Value, node: NodeRef, status_only: bool) -> CResu
 /// one (Consul keys instances by id alone), then initial TTL statuses apply. Replacing needs
 /// write on every service that holds the id now, not only on the new one: otherwise a token
 /// for one service could take over another's instance by registering its id.
-pub(super) async fn apply(s: &AppState, caller: &Caller, ns: &str, c: Converted) -> CResult<u64> {
+pub(super) async fn apply(s: &ConsulState, caller: &Caller, ns: &str, c: Converted) -> CResult<u64> {
     caller.require(Resource::Service, &c.service, Access::Write)?;
     let holders = s.registry.find_instances(ns, &c.reg.id);
     for old in &holders {
@@ -263,7 +263,7 @@ pub(super) async fn apply(s: &AppState, caller: &Caller, ns: &str, c: Converted)
     Ok(index)
 }
 
-async fn register(State(s): State<AppState>, caller: Caller, q: QueryPairs, body: Bytes) -> CResult<Response> {
+async fn register(State(s): State<ConsulState>, caller: Caller, q: QueryPairs, body: Bytes) -> CResult<Response> {
     let ns = namespace(&q)?;
     let c = convert(decode(&body)?, s.consul.node_ref(), false)?;
     apply(&s, &caller, &ns, c).await?;
@@ -273,7 +273,7 @@ async fn register(State(s): State<AppState>, caller: Caller, q: QueryPairs, body
 /// The instances an id names, each of which the caller must have `access` to. An id nobody
 /// holds is 404 only to a caller who may `access` every service; anyone else gets 403, so
 /// answers never tell a caller which ids exist outside its rights.
-pub(super) fn owned(s: &AppState, caller: &Caller, ns: &str, id: &str, access: Access) -> CResult<Vec<zhili_model::Instance>> {
+pub(super) fn owned(s: &ConsulState, caller: &Caller, ns: &str, id: &str, access: Access) -> CResult<Vec<zhili_model::Instance>> {
     let found = s.registry.find_instances(ns, id);
     if found.is_empty() {
         return Err(unknown(caller, access, format!("Unknown service ID {id:?}")));
@@ -292,12 +292,12 @@ fn unknown(caller: &Caller, access: Access, not_found: String) -> ConsulError {
     }
 }
 
-fn own(s: &AppState, caller: &Caller, ns: &str, id: &str, access: Access) -> CResult<zhili_model::Instance> {
+fn own(s: &ConsulState, caller: &Caller, ns: &str, id: &str, access: Access) -> CResult<zhili_model::Instance> {
     let mut found = owned(s, caller, ns, id, access)?;
     Ok(found.swap_remove(0))
 }
 
-async fn deregister(State(s): State<AppState>, caller: Caller, Path(id): Path<String>, q: QueryPairs) -> CResult<Response> {
+async fn deregister(State(s): State<ConsulState>, caller: Caller, Path(id): Path<String>, q: QueryPairs) -> CResult<Response> {
     let ns = namespace(&q)?;
     for inst in owned(&s, &caller, &ns, &id, Access::Write)? {
         s.registry.deregister(&ns, &inst.service, &id).await?;
@@ -305,7 +305,7 @@ async fn deregister(State(s): State<AppState>, caller: Caller, Path(id): Path<St
     Ok(().into_response())
 }
 
-async fn maintenance(State(s): State<AppState>, caller: Caller, Path(id): Path<String>, q: QueryPairs) -> CResult<Response> {
+async fn maintenance(State(s): State<ConsulState>, caller: Caller, Path(id): Path<String>, q: QueryPairs) -> CResult<Response> {
     let ns = namespace(&q)?;
     let enable = q.flag("enable")?.ok_or_else(|| bad("enable", "missing value for enable"))?;
     let inst = own(&s, &caller, &ns, &id, Access::Write)?;
@@ -315,7 +315,7 @@ async fn maintenance(State(s): State<AppState>, caller: Caller, Path(id): Path<S
     Ok(().into_response())
 }
 
-async fn set_check(s: &AppState, caller: &Caller, ns: &str, check: &str, status: HealthStatus, output: &str) -> CResult<Response> {
+async fn set_check(s: &ConsulState, caller: &Caller, ns: &str, check: &str, status: HealthStatus, output: &str) -> CResult<Response> {
     zhili_model::validate::text("output", output)?;
     let (service, id) = s.registry.find_check(ns, check).ok_or_else(|| unknown(caller, Access::Write, format!("Unknown check ID {check:?}")))?;
     caller.require(Resource::Service, &service, Access::Write)?;
@@ -323,19 +323,19 @@ async fn set_check(s: &AppState, caller: &Caller, ns: &str, check: &str, status:
     Ok(().into_response())
 }
 
-async fn pass(State(s): State<AppState>, caller: Caller, Path(id): Path<String>, q: QueryPairs) -> CResult<Response> {
+async fn pass(State(s): State<ConsulState>, caller: Caller, Path(id): Path<String>, q: QueryPairs) -> CResult<Response> {
     set_check(&s, &caller, &namespace(&q)?, &id, HealthStatus::Passing, q.get("note").unwrap_or("")).await
 }
 
-async fn warn(State(s): State<AppState>, caller: Caller, Path(id): Path<String>, q: QueryPairs) -> CResult<Response> {
+async fn warn(State(s): State<ConsulState>, caller: Caller, Path(id): Path<String>, q: QueryPairs) -> CResult<Response> {
     set_check(&s, &caller, &namespace(&q)?, &id, HealthStatus::Warning, q.get("note").unwrap_or("")).await
 }
 
-async fn fail(State(s): State<AppState>, caller: Caller, Path(id): Path<String>, q: QueryPairs) -> CResult<Response> {
+async fn fail(State(s): State<ConsulState>, caller: Caller, Path(id): Path<String>, q: QueryPairs) -> CResult<Response> {
     set_check(&s, &caller, &namespace(&q)?, &id, HealthStatus::Critical, q.get("note").unwrap_or("")).await
 }
 
-async fn update(State(s): State<AppState>, caller: Caller, Path(id): Path<String>, q: QueryPairs, body: Bytes) -> CResult<Response> {
+async fn update(State(s): State<ConsulState>, caller: Caller, Path(id): Path<String>, q: QueryPairs, body: Bytes) -> CResult<Response> {
     let mut v = decode(&body)?;
     canon(&mut v, &["Status", "Output"]);
     let status = str_field(at(&v, "Status"), "Status")?.ok_or_else(|| bad("Status", "must be passing, warning or critical"))?;
@@ -344,7 +344,7 @@ async fn update(State(s): State<AppState>, caller: Caller, Path(id): Path<String
 }
 
 /// Instances registered on this agent's node, readable by the caller.
-fn local_instances(s: &AppState, caller: &Caller, ns: &str) -> (u64, Vec<zhili_model::Instance>) {
+fn local_instances(s: &ConsulState, caller: &Caller, ns: &str) -> (u64, Vec<zhili_model::Instance>) {
     let (index, all) = s.registry.all_instances(Some(ns));
     let mine = all
         .into_iter()
@@ -353,14 +353,14 @@ fn local_instances(s: &AppState, caller: &Caller, ns: &str) -> (u64, Vec<zhili_m
     (index, mine)
 }
 
-async fn services(State(s): State<AppState>, caller: Caller, q: QueryPairs) -> CResult<Response> {
+async fn services(State(s): State<ConsulState>, caller: Caller, q: QueryPairs) -> CResult<Response> {
     let ns = namespace(&q)?;
     let (index, list) = local_instances(&s, &caller, &ns);
     let rendered = apply_filter(&q, list.iter().map(|i| service_json(&s, i)).collect())?;
     Ok(reply(index, Json(object(rendered.into_iter().map(|v| (at(&v, "ID").as_str().unwrap_or_default().to_string(), v))))))
 }
 
-async fn service(State(s): State<AppState>, caller: Caller, Path(id): Path<String>, q: QueryPairs) -> CResult<Response> {
+async fn service(State(s): State<ConsulState>, caller: Caller, Path(id): Path<String>, q: QueryPairs) -> CResult<Response> {
     let ns = namespace(&q)?;
     if let Some((index, wait)) = q.blocking()? {
         let _g = zhili_telemetry::WatcherGuard::new(&s.metrics);
@@ -372,7 +372,7 @@ async fn service(State(s): State<AppState>, caller: Caller, Path(id): Path<Strin
     Ok(reply(inst.modify_index, Json(v)))
 }
 
-async fn checks(State(s): State<AppState>, caller: Caller, q: QueryPairs) -> CResult<Response> {
+async fn checks(State(s): State<ConsulState>, caller: Caller, q: QueryPairs) -> CResult<Response> {
     let ns = namespace(&q)?;
     let (index, list) = local_instances(&s, &caller, &ns);
     let all: Vec<Value> = list.iter().flat_map(|i| checks_json(&s, i).into_iter().skip(1)).collect();
@@ -380,7 +380,7 @@ async fn checks(State(s): State<AppState>, caller: Caller, q: QueryPairs) -> CRe
     Ok(reply(index, Json(object(rendered.into_iter().map(|v| (at(&v, "CheckID").as_str().unwrap_or_default().to_string(), v))))))
 }
 
-async fn agent_self(State(s): State<AppState>, caller: Caller) -> CResult<Response> {
+async fn agent_self(State(s): State<ConsulState>, caller: Caller) -> CResult<Response> {
     caller.require(Resource::Operator, "", Access::Read)?;
     let c = &s.consul;
     let body = json!({

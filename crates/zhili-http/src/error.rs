@@ -133,4 +133,14 @@ impl From<zhili_kv::KvError> for ApiError {
     }
 }
 
+impl From<zhili_routes::RoutesError> for ApiError {
+    fn from(e: zhili_routes::RoutesError) -> Self {
+        match e {
+            zhili_routes::RoutesError::Invalid(v) => v.into(),
+            zhili_routes::RoutesError::Store(s) => s.into(),
+            zhili_routes::RoutesError::Corrupt(what, why) => Self::Internal(format!("stored {what}: {why}")),
+        }
+    }
+}
+
 pub type ApiResult<T> = Result<T, ApiError>;

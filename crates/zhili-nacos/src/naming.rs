@@ -15,9 +15,9 @@ use super::{
     cluster_of, instance_json, instances_of, nacos_namespace, service_info, text, v2_ok, NResult, NacosError, NacosInstance, Params, ServiceRef,
     BEAT_INTERVAL_MS,
 };
-use crate::auth::Caller;
-use crate::error::ApiError;
-use crate::AppState;
+use crate::NacosState;
+use zhili_http::auth::Caller;
+use zhili_http::error::ApiError;
 
 /// What an operation answers: v1 says `ok` or sends the JSON; v2 wraps either in `data`.
 enum Reply {
@@ -38,10 +38,10 @@ fn render(v2: bool, r: NResult<Reply>) -> Response {
 /// Declares the v1 and v2 handlers of one operation.
 macro_rules! both {
     ($($v1:ident, $v2:ident => $op:ident;)*) => {$(
-        async fn $v1(State(s): State<AppState>, caller: Caller, p: Params) -> Response {
+        async fn $v1(State(s): State<NacosState>, caller: Caller, p: Params) -> Response {
             render(false, $op(&s, &caller, &p).await)
         }
-        async fn $v2(State(s): State<AppState>, caller: Caller, p: Params) -> Response {
+        async fn $v2(State(s): State<NacosState>, caller: Caller, p: Params) -> Response {
             render(true, $op(&s, &caller, &p).await)
         }
     )*};
@@ -61,7 +61,7 @@ both! {
     service_list_v1, service_list_v2 => service_list;
 }
 
-pub(super) fn routes() -> Router<AppState> {
+pub(super) fn routes() -> Router<NacosState> {
     Router::new()
         .route("/nacos/v1/ns/instance", get(detail_v1).post(register_v1).delete(deregister_v1).put(modify_v1))
         .route("/nacos/v1/ns/instance/list", get(list_v1))
@@ -117,7 +117,7 @@ fn instance_params(p: &Params) -> NResult<NacosInstance> {
     })
 }
 
-async fn register(s: &AppState, caller: &Caller, p: &Params) -> NResult<Reply> {
+async fn register(s: &NacosState, caller: &Caller, p: &Params) -> NResult<Reply> {
     let (ns, svc) = target(p)?;
     p.flag("healthy")?;
     super::register(s, caller, &ns, &svc, &instance_params(p)?).await?;
@@ -125,7 +125,7 @@ async fn register(s: &AppState, caller: &Caller, p: &Params) -> NResult<Reply> {
 }
 
 /// Removing an instance that is not there is not an error, as in Nacos.
-async fn deregister(s: &AppState, caller: &Caller, p: &Params) -> NResult<Reply> {
+async fn deregister(s: &NacosState, caller: &Caller, p: &Params) -> NResult<Reply> {
     let (ns, svc) = target(p)?;
     caller.require(Resource::Service, &svc.name, Access::Write)?;
     let id = NacosInstance {
@@ -141,7 +141,7 @@ async fn deregister(s: &AppState, caller: &Caller, p: &Params) -> NResult<Reply>
     Ok(Reply::Ok)
 }
 
-fn find(s: &AppState, ns: &str, svc: &ServiceRef, ip: &str, port: i64, cluster: Option<&str>) -> NResult<Instance> {
+fn find(s: &NacosState, ns: &str, svc: &ServiceRef, ip: &str, port: i64, cluster: Option<&str>) -> NResult<Instance> {
     let id = NacosInstance { ip: ip.into(), port, cluster: cluster.map(str::to_string), ..Default::default() }.id();
     instances_of(s, ns, svc)
         .into_iter()
@@ -149,7 +149,7 @@ fn find(s: &AppState, ns: &str, svc: &ServiceRef, ip: &str, port: i64, cluster: 
         .ok_or_else(|| NacosError::v1(ApiError::NotFound(format!("no matched ip found: {ip}:{port} in {}", svc.grouped()))))
 }
 
-async fn modify(s: &AppState, caller: &Caller, p: &Params) -> NResult<Reply> {
+async fn modify(s: &NacosState, caller: &Caller, p: &Params) -> NResult<Reply> {
     let (ns, svc) = target(p)?;
     caller.require(Resource::Service, &svc.name, Access::Write)?;
     let port = number(p, "port")?.ok_or_else(|| super::bad("port", "is required"))?;
@@ -171,7 +171,7 @@ async fn modify(s: &AppState, caller: &Caller, p: &Params) -> NResult<Reply> {
     Ok(Reply::Ok)
 }
 
-async fn detail(s: &AppState, caller: &Caller, p: &Params) -> NResult<Reply> {
+async fn detail(s: &NacosState, caller: &Caller, p: &Params) -> NResult<Reply> {
     let (ns, svc) = target(p)?;
     caller.require(Resource::Service, &svc.name, Access::Read)?;
     let port = number(p, "port")?.ok_or_else(|| super::bad("port", "is required"))?;
@@ -183,7 +183,7 @@ async fn detail(s: &AppState, caller: &Caller, p: &Params) -> NResult<Reply> {
     Ok(Reply::Json(v))
 }
 
-async fn list(s: &AppState, caller: &Caller, p: &Params) -> NResult<Reply> {
+async fn list(s: &NacosState, caller: &Caller, p: &Params) -> NResult<Reply> {
     let (ns, svc) = target(p)?;
     caller.require(Resource::Service, &svc.name, Access::Read)?;
     let healthy_only = p.flag("healthyOnly")?.unwrap_or(false);
@@ -197,7 +197,7 @@ async fn list(s: &AppState, caller: &Caller, p: &Params) -> NResult<Reply> {
 }
 
 /// `PUT instance/beat`: `code` 10200 when the instance is known, 20404 so the client re-registers.
-async fn beat(s: &AppState, caller: &Caller, p: &Params) -> NResult<Reply> {
+async fn beat(s: &NacosState, caller: &Caller, p: &Params) -> NResult<Reply> {
     #[derive(serde::Deserialize, Default)]
     #[serde(default)]
     struct Beat {
@@ -233,7 +233,7 @@ fn threshold(p: &Params) -> NResult<Option<f64>> {
     number::<f64>(p, "protectThreshold")
 }
 
-async fn create_service(s: &AppState, caller: &Caller, p: &Params) -> NResult<Reply> {
+async fn create_service(s: &NacosState, caller: &Caller, p: &Params) -> NResult<Reply> {
     let (ns, svc) = target(p)?;
     caller.require(Resource::Service, &svc.name, Access::Write)?;
     if s.registry.service(&ns, &svc.name).is_some_and(|d| d.service.defined) {
@@ -249,7 +249,7 @@ async fn create_service(s: &AppState, caller: &Caller, p: &Params) -> NResult<Re
     Ok(Reply::Ok)
 }
 
-async fn update_service(s: &AppState, caller: &Caller, p: &Params) -> NResult<Reply> {
+async fn update_service(s: &NacosState, caller: &Caller, p: &Params) -> NResult<Reply> {
     let (ns, svc) = target(p)?;
     caller.require(Resource::Service, &svc.name, Access::Write)?;
     let mut def = match s.registry.service(&ns, &svc.name) {
@@ -272,7 +272,7 @@ async fn update_service(s: &AppState, caller: &Caller, p: &Params) -> NResult<Re
     Ok(Reply::Ok)
 }
 
-async fn delete_service(s: &AppState, caller: &Caller, p: &Params) -> NResult<Reply> {
+async fn delete_service(s: &NacosState, caller: &Caller, p: &Params) -> NResult<Reply> {
     let (ns, svc) = target(p)?;
     caller.require(Resource::Service, &svc.name, Access::Write)?;
     match s.registry.service(&ns, &svc.name) {
@@ -290,7 +290,7 @@ async fn delete_service(s: &AppState, caller: &Caller, p: &Params) -> NResult<Re
     Ok(Reply::Ok)
 }
 
-async fn get_service(s: &AppState, caller: &Caller, p: &Params) -> NResult<Reply> {
+async fn get_service(s: &NacosState, caller: &Caller, p: &Params) -> NResult<Reply> {
     let (ns, svc) = target(p)?;
     caller.require(Resource::Service, &svc.name, Access::Read)?;
     let d = match s.registry.service(&ns, &svc.name) {
@@ -312,7 +312,7 @@ async fn get_service(s: &AppState, caller: &Caller, p: &Params) -> NResult<Reply
 }
 
 /// The names of the services of `group` the caller may read, sorted.
-pub(super) fn service_names(s: &AppState, caller: &Caller, ns: &str, group: &str) -> Vec<String> {
+pub(super) fn service_names(s: &NacosState, caller: &Caller, ns: &str, group: &str) -> Vec<String> {
     let (_, services) = s.registry.list_services(ns);
     let mut names: Vec<String> =
         services.into_iter().filter(|x| x.group == group && caller.can(Resource::Service, &x.name, Access::Read)).map(|x| x.name).collect();
@@ -320,7 +320,7 @@ pub(super) fn service_names(s: &AppState, caller: &Caller, ns: &str, group: &str
     names
 }
 
-async fn service_list(s: &AppState, caller: &Caller, p: &Params) -> NResult<Reply> {
+async fn service_list(s: &NacosState, caller: &Caller, p: &Params) -> NResult<Reply> {
     let ns = p.namespace()?;
     let group = p.get("groupName").unwrap_or(zhili_model::DEFAULT_GROUP);
     let page_no = number::<u64>(p, "pageNo")?.unwrap_or(1).max(1);
@@ -333,7 +333,7 @@ async fn service_list(s: &AppState, caller: &Caller, p: &Params) -> NResult<Repl
 /// Zhili namespaces are implicit: every namespace with a service or a config is listed, as far
 /// as the caller may read one of them (the public namespace always); counts are of readable
 /// configs only.
-async fn namespaces(State(s): State<AppState>, caller: Caller) -> Response {
+async fn namespaces(State(s): State<NacosState>, caller: Caller) -> Response {
     let mut names: Vec<String> = s
         .registry
         .namespaces()
@@ -378,7 +378,7 @@ async fn create_namespace(p: Params) -> NResult<Response> {
     Ok(text("true"))
 }
 
-async fn login(State(s): State<AppState>, p: Params) -> NResult<Response> {
+async fn login(State(s): State<NacosState>, p: Params) -> NResult<Response> {
     let v = super::login(&s, p.get("username").unwrap_or(""), p.get("password").unwrap_or(""))?;
     Ok(axum::Json(v).into_response())
 }

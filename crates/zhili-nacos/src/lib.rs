@@ -16,6 +16,7 @@ mod hub;
 mod naming;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use axum::extract::{FromRequest, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -27,11 +28,11 @@ use serde_json::{json, Value};
 use zhili_model::acl::{Access, Resource};
 use zhili_model::{Instance, InstanceRegistration, InstanceSpec, ValidationError, DEFAULT_GROUP, DEFAULT_NAMESPACE, MAX_WEIGHT};
 
-use crate::auth::Caller;
-use crate::error::ApiError;
-use crate::AppState;
+use zhili_http::auth::Caller;
+use zhili_http::error::ApiError;
+use zhili_http::AppState;
 
-pub use hub::{start, NacosHub};
+pub use hub::NacosHub;
 
 /// Nacos's name for the default namespace.
 pub const PUBLIC: &str = "public";
@@ -41,28 +42,70 @@ pub const CONFIG_PREFIX: &str = "config/";
 /// Heartbeat interval Nacos clients are told to use (ms).
 const BEAT_INTERVAL_MS: u64 = 5000;
 
-/// The Nacos HTTP listener's router.
-pub fn http_router(state: AppState) -> Router {
-    Router::new()
-        .merge(naming::routes())
-        .merge(config::routes())
-        .fallback(|uri: axum::http::Uri| async move { NacosError::v1(ApiError::NotFound(format!("no route for {}", uri.path()))) })
-        .layer(middleware::from_fn_with_state(state.clone(), authorize))
-        .layer(axum::extract::DefaultBodyLimit::max(crate::MAX_BODY))
-        .layer(middleware::from_fn(crate::refuse_oversized))
-        .with_state(state)
+/// The Nacos subsystem: its two listeners' routers share this state, and its connection hub
+/// (gRPC connections, pushes, long-poll wake-ups) runs under the binary's supervisor: started
+/// with [`Self::run`], stopped with [`Self::close_all`]. Field access reaches the shared
+/// [`zhili_http::Services`] through `Deref`.
+#[derive(Clone)]
+pub struct NacosState(Arc<Nacos>);
+
+pub struct Nacos {
+    core: AppState,
+    pub nacos: NacosHub,
 }
 
-/// The Nacos gRPC listener's router: the two methods of the `Payload` protocol.
-pub fn grpc_router(state: AppState) -> Router {
-    Router::new()
-        .route_service("/Request/request", grpc::GrpcMethod { state: state.clone(), bidirectional: false })
-        .route_service("/BiRequestStream/requestBiStream", grpc::GrpcMethod { state, bidirectional: true })
-        .fallback(|| async { ([(header::CONTENT_TYPE, "application/grpc"), (header::HeaderName::from_static("grpc-status"), "12")], ()) })
+impl std::ops::Deref for NacosState {
+    type Target = Nacos;
+    fn deref(&self) -> &Nacos {
+        &self.0
+    }
 }
 
-/// Nacos clients send the token from `auth/login` as `accessToken` (query parameter or header).
-async fn authorize(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+impl std::ops::Deref for Nacos {
+    type Target = AppState;
+    fn deref(&self) -> &AppState {
+        &self.core
+    }
+}
+
+impl NacosState {
+    pub fn new(core: AppState) -> Self {
+        Self(Arc::new(Nacos { core, nacos: NacosHub::new() }))
+    }
+
+    /// The hub's work, until the server stops: pushes registry and config changes to clients,
+    /// wakes HTTP long-polls, and re-authorizes open connections when ACLs change.
+    pub async fn run(self) {
+        tokio::join!(hub::naming_dispatcher(self.clone()), hub::config_dispatcher(self.clone()), hub::reauthorize(self));
+    }
+
+    /// Ends every open gRPC stream (the server is stopping).
+    pub fn close_all(&self) {
+        self.nacos.close_all();
+    }
+
+    /// The Nacos HTTP listener's router.
+    pub fn http_router(&self) -> Router {
+        let routes = Router::new()
+            .merge(naming::routes())
+            .merge(config::routes())
+            .fallback(|uri: axum::http::Uri| async move { NacosError::v1(ApiError::NotFound(format!("no route for {}", uri.path()))) })
+            .layer(middleware::from_fn_with_state(self.clone(), authorize));
+        zhili_http::limit_bodies(routes).with_state(self.clone())
+    }
+
+    /// The Nacos gRPC listener's router: the two methods of the `Payload` protocol.
+    pub fn grpc_router(&self) -> Router {
+        Router::new()
+            .route_service("/Request/request", grpc::GrpcMethod { state: self.clone(), bidirectional: false })
+            .route_service("/BiRequestStream/requestBiStream", grpc::GrpcMethod { state: self.clone(), bidirectional: true })
+            .fallback(|| async { ([(header::CONTENT_TYPE, "application/grpc"), (header::HeaderName::from_static("grpc-status"), "12")], ()) })
+    }
+}
+
+/// Nacos clients send the token from `auth/login` as `accessToken` (query parameter or header);
+/// every refusal is Nacos's `403 token invalid!`.
+async fn authorize(State(state): State<NacosState>, req: Request, next: Next) -> Response {
     let from_query = req
         .uri()
         .query()
@@ -70,16 +113,9 @@ async fn authorize(State(state): State<AppState>, mut req: Request, next: Next) 
         .and_then(|pairs| pairs.into_iter().find(|(k, _)| k == "accessToken").map(|(_, v)| v));
     let token = from_query
         .or_else(|| req.headers().get("accesstoken").and_then(|v| v.to_str().ok()).map(str::to_string))
-        .or_else(|| crate::auth::token_from(req.headers()))
+        .or_else(|| zhili_http::auth::token_from(req.headers()))
         .filter(|t| !t.is_empty());
-    let changes = state.acl.changes();
-    match state.acl.resolve(token.as_deref()) {
-        Ok(authority) => {
-            req.extensions_mut().insert(Caller { authority: authority.clone(), token: token.clone() });
-            crate::auth::until_revoked(&state.acl, changes, token, authority, next.run(req), || (StatusCode::FORBIDDEN, "token invalid!").into_response()).await
-        }
-        Err(_) => (StatusCode::FORBIDDEN, "token invalid!").into_response(),
-    }
+    zhili_http::auth::authorize_with(&state.acl, token, req, next, |_| (StatusCode::FORBIDDEN, "token invalid!").into_response()).await
 }
 
 /// A Nacos error: v1 answers `caused: <detail>` as text, v2 a `{code, message, data}` body.
@@ -221,7 +257,7 @@ impl ServiceRef {
 
 /// The Zhili service `name` as a Nacos client sees it under `group`: its instances, or none when
 /// the service belongs to another group. Also the service index for change detection.
-pub fn instances_of(s: &AppState, ns: &str, svc: &ServiceRef) -> Vec<Instance> {
+pub fn instances_of(s: &NacosState, ns: &str, svc: &ServiceRef) -> Vec<Instance> {
     match s.registry.service(ns, &svc.name) {
         Some(d) if d.service.group == svc.group => d.instances,
         _ => vec![],
@@ -318,7 +354,7 @@ impl NacosInstance {
 }
 
 /// Registers `inst` into `svc`, creating the service in its Nacos group when it does not exist yet.
-pub async fn register(s: &AppState, caller: &Caller, ns: &str, svc: &ServiceRef, inst: &NacosInstance) -> Result<InstanceRegistration, ApiError> {
+pub async fn register(s: &NacosState, caller: &Caller, ns: &str, svc: &ServiceRef, inst: &NacosInstance) -> Result<InstanceRegistration, ApiError> {
     caller.require(Resource::Service, &svc.name, Access::Write)?;
     let reg = inst.registration()?;
     ensure_service(s, ns, svc).await?;
@@ -327,7 +363,7 @@ pub async fn register(s: &AppState, caller: &Caller, ns: &str, svc: &ServiceRef,
 }
 
 /// Makes sure `svc` exists in its group: a group other than the default needs an explicit service.
-pub async fn ensure_service(s: &AppState, ns: &str, svc: &ServiceRef) -> Result<(), ApiError> {
+pub async fn ensure_service(s: &NacosState, ns: &str, svc: &ServiceRef) -> Result<(), ApiError> {
     match s.registry.service_definition(ns, &svc.name) {
         Some(d) if d.group != svc.group => Err(ApiError::Conflict(format!("service {:?} belongs to group {:?}, not {:?}", svc.name, d.group, svc.group))),
         Some(_) => Ok(()),
@@ -368,7 +404,7 @@ pub fn md5_hex(data: &[u8]) -> String {
 }
 
 /// The Nacos client-facing login answer: the password is a Zhili ACL token secret.
-pub fn login(s: &AppState, username: &str, password: &str) -> Result<Value, ApiError> {
+pub fn login(s: &NacosState, username: &str, password: &str) -> Result<Value, ApiError> {
     if username.is_empty() {
         return Err(ApiError::BadRequest("Param 'username' is required".into()));
     }

@@ -22,9 +22,9 @@ use zhili_model::acl::{Access, Resource};
 
 use super::hub::{Conn, Subscription, PUSH_QUEUE};
 use super::{instances_of, service_info, zhili_namespace, NacosInstance, ServiceRef};
-use crate::auth::Caller;
-use crate::error::ApiError;
-use crate::AppState;
+use crate::NacosState;
+use zhili_http::auth::Caller;
+use zhili_http::error::ApiError;
 
 /// Largest gRPC message accepted or sent.
 pub const MAX_MESSAGE: usize = 4 * 1024 * 1024;
@@ -77,7 +77,7 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 /// The two methods of the protocol, as one tower service for the router.
 #[derive(Clone)]
 pub struct GrpcMethod {
-    pub state: AppState,
+    pub state: NacosState,
     /// `/BiRequestStream/requestBiStream` when true, `/Request/request` otherwise.
     pub bidirectional: bool,
 }
@@ -106,7 +106,7 @@ fn peer<T>(req: &tonic::Request<T>) -> Result<SocketAddr, tonic::Status> {
     req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0).ok_or_else(|| tonic::Status::internal("peer address unknown"))
 }
 
-struct Unary(AppState);
+struct Unary(NacosState);
 
 impl tonic::server::UnaryService<Payload> for Unary {
     type Response = Payload;
@@ -122,7 +122,7 @@ impl tonic::server::UnaryService<Payload> for Unary {
     }
 }
 
-struct Bi(AppState);
+struct Bi(NacosState);
 
 impl tonic::server::StreamingService<Payload> for Bi {
     type Response = Payload;
@@ -142,7 +142,7 @@ impl tonic::server::StreamingService<Payload> for Bi {
 }
 
 /// Serves one client's bidirectional stream until it ends, then removes what the client owned.
-async fn run_connection(s: AppState, conn: Arc<Conn>, mut incoming: tonic::Streaming<Payload>) {
+async fn run_connection(s: NacosState, conn: Arc<Conn>, mut incoming: tonic::Streaming<Payload>) {
     let mut registered = false;
     let setup_deadline = tokio::time::sleep(SETUP_TIMEOUT);
     tokio::pin!(setup_deadline);
@@ -171,7 +171,7 @@ async fn run_connection(s: AppState, conn: Arc<Conn>, mut incoming: tonic::Strea
 }
 
 /// Answers one unary request: returns the response type and its JSON body.
-async fn handle(s: &AppState, addr: SocketAddr, p: Payload) -> (String, Value) {
+async fn handle(s: &NacosState, addr: SocketAddr, p: Payload) -> (String, Value) {
     let meta = p.metadata.unwrap_or_default();
     let body: Value = match p.body.map(|b| serde_json::from_slice(&b.value)) {
         Some(Ok(v @ Value::Object(_))) => v,
@@ -349,7 +349,7 @@ fn parse<T: serde::de::DeserializeOwned>(body: &Value) -> Result<T, ApiError> {
 }
 
 struct Ctx<'a> {
-    s: &'a AppState,
+    s: &'a NacosState,
     caller: Caller,
     conn: Arc<Conn>,
 }
@@ -569,17 +569,17 @@ mod tests {
         #[test]
         fn arbitrary_bodies_never_panic(v in zhili_test_support::json::arbitrary_json(NACOS_KEYS)) {
             if let Ok(b) = parse::<NamingBody>(&v) {
-                let _ = super::super::ServiceRef::parse(&b.service_name, b.group_name.as_deref());
-                let _ = super::super::zhili_namespace(b.namespace.as_deref().unwrap_or(""));
+                let _ = crate::ServiceRef::parse(&b.service_name, b.group_name.as_deref());
+                let _ = crate::zhili_namespace(b.namespace.as_deref().unwrap_or(""));
                 for i in b.instance.iter().chain(b.instances.iter()) {
                     let _ = i.nacos(true).registration();
                 }
             }
             if let Ok(b) = parse::<ConfigBody>(&v) {
-                let _ = super::super::config_key(&b.tenant, &b.group, &b.data_id);
+                let _ = crate::config_key(&b.tenant, &b.group, &b.data_id);
                 for c in &b.config_listen_contexts {
-                    if let Ok(key) = super::super::config_key(&c.tenant, &c.group, &c.data_id) {
-                        proptest::prop_assert!(super::super::config_ref(&key).is_some(), "{key}");
+                    if let Ok(key) = crate::config_key(&c.tenant, &c.group, &c.data_id) {
+                        proptest::prop_assert!(crate::config_ref(&key).is_some(), "{key}");
                     }
                 }
             }

@@ -15,12 +15,12 @@ use zhili_model::acl::{Access, Resource};
 use zhili_model::{parse_duration, validate};
 
 use super::{at, bad, boolean, canon, check_dc, decode, decode_any, reply, set, take, CResult, ConsulError};
-use crate::auth::Caller;
-use crate::error::ApiError;
-use crate::extract::QueryPairs;
-use crate::AppState;
+use crate::ConsulState;
+use zhili_http::auth::Caller;
+use zhili_http::error::ApiError;
+use zhili_http::extract::QueryPairs;
 
-pub fn routes() -> Router<AppState> {
+pub fn routes() -> Router<ConsulState> {
     Router::new()
         .route("/v1/kv/", get(get_root).delete(delete_root))
         .route("/v1/kv/{*key}", get(get_key).put(put_key).delete(delete_key))
@@ -52,15 +52,15 @@ fn entry_json(e: &Entry) -> Value {
     v
 }
 
-async fn get_root(s: State<AppState>, caller: Caller, q: QueryPairs) -> CResult<Response> {
+async fn get_root(s: State<ConsulState>, caller: Caller, q: QueryPairs) -> CResult<Response> {
     read(s, caller, String::new(), q).await
 }
 
-async fn get_key(s: State<AppState>, caller: Caller, Path(key): Path<String>, q: QueryPairs) -> CResult<Response> {
+async fn get_key(s: State<ConsulState>, caller: Caller, Path(key): Path<String>, q: QueryPairs) -> CResult<Response> {
     read(s, caller, key, q).await
 }
 
-async fn read(State(s): State<AppState>, caller: Caller, key: String, q: QueryPairs) -> CResult<Response> {
+async fn read(State(s): State<ConsulState>, caller: Caller, key: String, q: QueryPairs) -> CResult<Response> {
     check_dc(&s, &q)?;
     let recurse = q.get("recurse").is_some();
     let keys = q.get("keys").is_some();
@@ -80,20 +80,7 @@ async fn read(State(s): State<AppState>, caller: Caller, key: String, q: QueryPa
     }
     let index = s.store.revision();
     if keys {
-        let sep = q.get("separator").filter(|s| !s.is_empty());
-        let mut out: Vec<String> = Vec::new();
-        for e in s.kv.list(&key)? {
-            if !caller.can(Resource::Kv, &e.key, Access::Read) {
-                continue;
-            }
-            let shown = match sep.and_then(|sep| e.key[key.len()..].find(sep).map(|i| e.key[..key.len() + i + sep.len()].to_string())) {
-                Some(folder) => folder,
-                None => e.key,
-            };
-            if out.last() != Some(&shown) {
-                out.push(shown);
-            }
-        }
+        let out = s.kv.keys(&key, q.get("separator"), |k| caller.can(Resource::Kv, k, Access::Read))?;
         if out.is_empty() {
             return Ok(reply(index, StatusCode::NOT_FOUND));
         }
@@ -113,7 +100,7 @@ async fn read(State(s): State<AppState>, caller: Caller, key: String, q: QueryPa
     Ok(reply(index, Json(entries.iter().map(entry_json).collect::<Vec<_>>())))
 }
 
-async fn put_key(State(s): State<AppState>, caller: Caller, Path(key): Path<String>, q: QueryPairs, body: Bytes) -> CResult<Response> {
+async fn put_key(State(s): State<ConsulState>, caller: Caller, Path(key): Path<String>, q: QueryPairs, body: Bytes) -> CResult<Response> {
     check_dc(&s, &q)?;
     validate::kv_key("key", &key)?;
     validate::kv_value("value", &body).map_err(|e| ConsulError(ApiError::PayloadTooLarge(e.to_string())))?;
@@ -132,18 +119,18 @@ async fn put_key(State(s): State<AppState>, caller: Caller, Path(key): Path<Stri
     Ok(boolean(ok))
 }
 
-async fn delete_root(s: State<AppState>, caller: Caller, q: QueryPairs) -> CResult<Response> {
+async fn delete_root(s: State<ConsulState>, caller: Caller, q: QueryPairs) -> CResult<Response> {
     if q.get("recurse").is_none() {
         return Err(bad("key", "missing key name"));
     }
     delete(s, caller, String::new(), q).await
 }
 
-async fn delete_key(s: State<AppState>, caller: Caller, Path(key): Path<String>, q: QueryPairs) -> CResult<Response> {
+async fn delete_key(s: State<ConsulState>, caller: Caller, Path(key): Path<String>, q: QueryPairs) -> CResult<Response> {
     delete(s, caller, key, q).await
 }
 
-async fn delete(State(s): State<AppState>, caller: Caller, key: String, q: QueryPairs) -> CResult<Response> {
+async fn delete(State(s): State<ConsulState>, caller: Caller, key: String, q: QueryPairs) -> CResult<Response> {
     check_dc(&s, &q)?;
     let recurse = q.get("recurse").is_some();
     if recurse {
@@ -201,7 +188,7 @@ fn session_access(caller: &Caller, access: Access) -> CResult<()> {
     Ok(())
 }
 
-async fn session_create(State(s): State<AppState>, caller: Caller, q: QueryPairs, body: Bytes) -> CResult<Response> {
+async fn session_create(State(s): State<ConsulState>, caller: Caller, q: QueryPairs, body: Bytes) -> CResult<Response> {
     check_dc(&s, &q)?;
     session_access(&caller, Access::Write)?;
     let mut v = if body.is_empty() { json!({}) } else { decode(&body)? };
@@ -235,13 +222,13 @@ async fn session_create(State(s): State<AppState>, caller: Caller, q: QueryPairs
     Ok(reply(session.create_index, Json(json!({ "ID": session.id }))))
 }
 
-async fn session_destroy(State(s): State<AppState>, caller: Caller, Path(id): Path<String>) -> CResult<Response> {
+async fn session_destroy(State(s): State<ConsulState>, caller: Caller, Path(id): Path<String>) -> CResult<Response> {
     session_access(&caller, Access::Write)?;
     s.kv.session_destroy(&id).await?;
     Ok(boolean(true))
 }
 
-async fn session_renew(State(s): State<AppState>, caller: Caller, Path(id): Path<String>) -> CResult<Response> {
+async fn session_renew(State(s): State<ConsulState>, caller: Caller, Path(id): Path<String>) -> CResult<Response> {
     session_access(&caller, Access::Write)?;
     match s.kv.session_renew(&id)? {
         Some(session) => Ok(reply(session.modify_index, Json(vec![session_json(&session)]))),
@@ -249,19 +236,19 @@ async fn session_renew(State(s): State<AppState>, caller: Caller, Path(id): Path
     }
 }
 
-async fn session_info(State(s): State<AppState>, caller: Caller, Path(id): Path<String>) -> CResult<Response> {
+async fn session_info(State(s): State<ConsulState>, caller: Caller, Path(id): Path<String>) -> CResult<Response> {
     session_access(&caller, Access::Read)?;
     let list: Vec<Value> = s.kv.session(&id)?.iter().map(session_json).collect();
     Ok(reply(s.store.revision(), Json(list)))
 }
 
-async fn session_list(State(s): State<AppState>, caller: Caller) -> CResult<Response> {
+async fn session_list(State(s): State<ConsulState>, caller: Caller) -> CResult<Response> {
     session_access(&caller, Access::Read)?;
     let list: Vec<Value> = s.kv.sessions()?.iter().map(session_json).collect();
     Ok(reply(s.store.revision(), Json(list)))
 }
 
-async fn session_node(State(s): State<AppState>, caller: Caller, Path(node): Path<String>) -> CResult<Response> {
+async fn session_node(State(s): State<ConsulState>, caller: Caller, Path(node): Path<String>) -> CResult<Response> {
     session_access(&caller, Access::Read)?;
     let list: Vec<Value> = s.kv.sessions()?.iter().filter(|x| x.node == node).map(session_json).collect();
     Ok(reply(s.store.revision(), Json(list)))
@@ -309,7 +296,7 @@ fn txn_op(i: usize, mut op: Value) -> CResult<(KvOp, bool)> {
     Ok((op, write))
 }
 
-async fn txn(State(s): State<AppState>, caller: Caller, q: QueryPairs, body: Bytes) -> CResult<Response> {
+async fn txn(State(s): State<ConsulState>, caller: Caller, q: QueryPairs, body: Bytes) -> CResult<Response> {
     check_dc(&s, &q)?;
     let Value::Array(raw) = decode_any(&body)? else { return Err(bad("body", "must be a list of operations")) };
     let mut ops = Vec::with_capacity(raw.len());

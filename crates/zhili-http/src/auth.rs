@@ -14,7 +14,7 @@ use axum::http::HeaderMap;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use http_body::Body as _;
-use zhili_acl::Acl;
+use zhili_acl::{Acl, AclError};
 use zhili_model::acl::{Access, Authority, Resource};
 
 use crate::error::ApiError;
@@ -86,15 +86,29 @@ fn query_token(req: &Request) -> Option<String> {
     serde_urlencoded::from_str::<Vec<(String, String)>>(q).ok()?.into_iter().find(|(k, _)| k == "token").map(|(_, v)| v).filter(|v| !v.is_empty())
 }
 
-pub async fn authorize(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
+/// The API listener's layer: the token from the headers (or Consul's `?token=`), resolved once.
+pub async fn authorize(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let token = token_from(req.headers()).or_else(|| query_token(&req));
-    let changes = state.acl.changes();
-    match state.acl.resolve(token.as_deref()) {
+    authorize_with(&state.acl, token, req, next, |e| e.map_or_else(|| ApiError::Forbidden(REVOKED.into()), ApiError::from).into_response()).await
+}
+
+/// Token to caller, for every surface: resolves `token` against the ACL snapshot, leaves the
+/// [`Caller`] on the request and runs it [`until_revoked`]. `refused` answers an unknown token
+/// (`Some(error)`) or one revoked while the request waited (`None`), in the surface's own shape.
+pub async fn authorize_with(
+    acl: &Arc<Acl>,
+    token: Option<String>,
+    mut req: Request,
+    next: Next,
+    refused: impl FnOnce(Option<AclError>) -> Response,
+) -> Response {
+    let changes = acl.changes();
+    match acl.resolve(token.as_deref()) {
         Ok(authority) => {
             req.extensions_mut().insert(Caller { authority: authority.clone(), token: token.clone() });
-            until_revoked(&state.acl, changes, token, authority, next.run(req), || ApiError::Forbidden(REVOKED.into()).into_response()).await
+            until_revoked(acl, changes, token, authority, next.run(req), || refused(None)).await
         }
-        Err(e) => ApiError::from(e).into_response(),
+        Err(e) => refused(Some(e)),
     }
 }
 

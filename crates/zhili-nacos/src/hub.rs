@@ -15,7 +15,7 @@ use zhili_model::acl::{Access, Resource};
 
 use super::grpc::{self, Payload};
 use super::{config_ref, service_info, ServiceRef};
-use crate::AppState;
+use crate::NacosState;
 
 /// Server pushes queued per connection; a client this far behind is disconnected (it reconnects
 /// and resynchronises), so a slow client never holds memory without bound.
@@ -75,7 +75,6 @@ impl Conn {
     }
 }
 
-#[derive(Default)]
 pub struct NacosHub {
     conns: Mutex<HashMap<String, Arc<Conn>>>,
     /// Which connection owns each gRPC-registered ephemeral instance (namespace, service, id), so
@@ -83,12 +82,28 @@ pub struct NacosHub {
     /// through a new connection.
     owners: Mutex<HashMap<(String, String, String), String>>,
     /// Changed config KV keys, for HTTP long-polls.
-    config_changes: std::sync::OnceLock<broadcast::Sender<Arc<str>>>,
+    config_changes: broadcast::Sender<Arc<str>>,
     last_ref_time: AtomicU64,
     epoch_ms: AtomicU64,
 }
 
+impl Default for NacosHub {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl NacosHub {
+    pub fn new() -> Self {
+        Self {
+            conns: Mutex::default(),
+            owners: Mutex::default(),
+            config_changes: broadcast::channel(4096).0,
+            last_ref_time: AtomicU64::new(0),
+            epoch_ms: AtomicU64::new(zhili_registry::unix_ms()),
+        }
+    }
+
     /// The connection id a gRPC peer address gets (stable for the life of the TCP connection).
     pub fn conn_id(&self, addr: SocketAddr) -> String {
         let epoch = self.epoch_ms.load(Ordering::Relaxed);
@@ -146,11 +161,11 @@ impl NacosHub {
     }
 
     pub fn config_changes(&self) -> broadcast::Receiver<Arc<str>> {
-        self.config_changes.get_or_init(|| broadcast::channel(4096).0).subscribe()
+        self.config_changes.subscribe()
     }
 
     /// Forgets a connection and removes the ephemeral instances it still owns.
-    pub async fn close(&self, s: &AppState, conn: &Arc<Conn>) {
+    pub async fn close(&self, s: &NacosState, conn: &Arc<Conn>) {
         {
             // Only this stream's entry: a second stream on the same connection may have replaced it.
             let mut conns = self.conns.lock();
@@ -179,7 +194,7 @@ impl NacosHub {
     }
 
     /// Keeps the connection's instances alive: they live as long as the connection does.
-    pub fn beat(&self, s: &AppState, conn: &Conn) {
+    pub fn beat(&self, s: &NacosState, conn: &Conn) {
         let owned: Vec<(String, String, String)> =
             conn.instances.lock().iter().flat_map(|((ns, svc), ids)| ids.iter().map(move |id| (ns.clone(), svc.clone(), id.clone()))).collect();
         for (ns, svc, id) in owned {
@@ -188,20 +203,10 @@ impl NacosHub {
     }
 }
 
-/// Starts the dispatchers that push registry and config changes to Nacos clients, and the
-/// task that re-authorizes open connections when ACLs change.
-pub fn start(s: AppState) {
-    s.nacos.epoch_ms.store(zhili_registry::unix_ms(), Ordering::Relaxed);
-    let _ = s.nacos.config_changes.set(broadcast::channel(4096).0);
-    tokio::spawn(naming_dispatcher(s.clone()));
-    tokio::spawn(config_dispatcher(s.clone()));
-    tokio::spawn(reauthorize(s));
-}
-
 /// On every ACL change: a connection whose token no longer resolves is closed (its client
 /// reconnects and must present a valid token); a connection whose rights narrowed loses the
 /// subscriptions and config listens it may no longer read, so no push reaches it after that.
-async fn reauthorize(s: AppState) {
+pub(crate) async fn reauthorize(s: NacosState) {
     if !s.acl.enabled() {
         return;
     }
@@ -227,7 +232,7 @@ async fn reauthorize(s: AppState) {
 
 /// Registry events → `NotifySubscriberRequest` to every connection subscribed to the service.
 /// Events that arrive together are coalesced: each service is rendered once per batch.
-async fn naming_dispatcher(s: AppState) {
+pub(crate) async fn naming_dispatcher(s: NacosState) {
     let mut events = s.registry.subscribe_events();
     loop {
         let mut dirty: HashSet<(String, String)> = HashSet::new();
@@ -277,7 +282,7 @@ async fn naming_dispatcher(s: AppState) {
 }
 
 /// KV changes under `config/` → long-poll wake-ups and `ConfigChangeNotifyRequest` pushes.
-async fn config_dispatcher(s: AppState) {
+pub(crate) async fn config_dispatcher(s: NacosState) {
     let prefix = format!("{}{}", zhili_kv::KV_PREFIX, super::CONFIG_PREFIX);
     loop {
         let mut watcher = match s.store.watch(&prefix, 0) {
@@ -288,7 +293,7 @@ async fn config_dispatcher(s: AppState) {
                 continue;
             }
         };
-        let tx = s.nacos.config_changes.get_or_init(|| broadcast::channel(4096).0).clone();
+        let tx = s.nacos.config_changes.clone();
         loop {
             let ev = match watcher.next().await {
                 Ok(ev) => ev,

@@ -1,0 +1,92 @@
+//! What every HTTP surface (native, Consul, Nacos, and later DTM and the console) shares: the
+//! state handlers see ([`AppState`]), the one token-to-caller layer ([`auth`]), problem+json
+//! errors ([`error`]), extractors that name the bad field ([`extract`]), body limits and request
+//! metrics. A surface crate builds its router on these and never on another surface.
+
+pub mod auth;
+pub mod error;
+pub mod extract;
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::HeaderValue;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use zhili_acl::Acl;
+use zhili_kv::Kv;
+use zhili_registry::Registry;
+use zhili_store::Store;
+use zhili_telemetry::{HttpLabels, Metrics};
+
+/// Largest request body on any route: a 512 KiB KV value plus headroom for JSON bodies.
+pub const MAX_BODY: usize = 640 * 1024;
+
+/// Shared by every handler. One `Arc`, because axum clones the state for each layer and route on
+/// every request: one atomic increment instead of one per field.
+#[derive(Clone)]
+pub struct AppState(Arc<Services>);
+
+impl AppState {
+    pub fn new(services: Services) -> Self {
+        Self(Arc::new(services))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Services;
+    fn deref(&self) -> &Services {
+        &self.0
+    }
+}
+
+/// The domain services behind every surface.
+pub struct Services {
+    pub store: Arc<dyn Store>,
+    pub registry: Arc<Registry>,
+    pub acl: Arc<Acl>,
+    pub kv: Arc<Kv>,
+    pub metrics: Arc<Metrics>,
+    /// Set once persisted state is loaded and listeners are up; `/health/ready` reports it.
+    pub ready: Arc<AtomicBool>,
+}
+
+/// Bounds every request body of a router: 413 at once when the announced length is over
+/// [`MAX_BODY`] (before a byte is read), and a hard cap on what extractors read.
+pub fn limit_bodies<S: Clone + Send + Sync + 'static>(router: Router<S>) -> Router<S> {
+    router.layer(DefaultBodyLimit::max(MAX_BODY)).layer(middleware::from_fn(refuse_oversized))
+}
+
+async fn refuse_oversized(req: Request, next: Next) -> Response {
+    let announced = req.headers().get(axum::http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if let Some(n) = announced.filter(|n| *n > MAX_BODY as u64) {
+        return error::ApiError::PayloadTooLarge(format!("body: Content-Length {n} is over the limit of {MAX_BODY} bytes")).into_response();
+    }
+    next.run(req).await
+}
+
+/// Times every request of a router into `http_requests` (outermost, so auth refusals count).
+pub fn record_metrics<S: Clone + Send + Sync + 'static>(router: Router<S>, state: &AppState) -> Router<S> {
+    router.layer(middleware::from_fn_with_state(state.clone(), observe))
+}
+
+async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let method = req.method().to_string();
+    // The route template keeps label cardinality bounded; unmatched paths share one label.
+    let route = req.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_string(), |m| m.as_str().to_string());
+    let resp = next.run(req).await;
+    let labels = HttpLabels { method, route, status: resp.status().as_u16() };
+    state.metrics.http_requests.get_or_create(&labels).observe(start.elapsed().as_secs_f64());
+    resp
+}
+
+/// Every read carries the index it reflects, for blocking reads to continue from.
+pub fn indexed(index: u64, body: impl IntoResponse) -> Response {
+    let mut resp = body.into_response();
+    resp.headers_mut().insert("x-zhili-index", HeaderValue::from(index));
+    resp
+}
