@@ -234,7 +234,7 @@ pub fn compile(spec: &AuthSpec) -> Result<Auth, ValidationError> {
 
 /// A query parameter's value, percent-decoded.
 fn query_param(uri: &Uri, name: &str) -> Option<String> {
-    crate::table::form_pairs(uri.query()?).into_iter().find_map(|(k, v)| (k == name).then_some(v))
+    crate::target::form_pairs(uri.query()?).into_iter().find_map(|(k, v)| (k == name).then_some(v))
 }
 
 /// The value of cookie `name`.
@@ -301,7 +301,7 @@ impl Auth {
         let q = query?;
         // Names compared decoded, as `query_param` reads them.
         let kept: Vec<&str> =
-            q.split('&').filter(|kv| !params.contains(&crate::table::percent_decode(kv.split_once('=').map_or(*kv, |(k, _)| k)).as_str())).collect();
+            q.split('&').filter(|kv| !params.contains(&crate::target::percent_decode(kv.split_once('=').map_or(*kv, |(k, _)| k)).as_str())).collect();
         Some(kept.join("&"))
     }
 
@@ -779,7 +779,7 @@ mod tests {
         assert_eq!(q.as_deref(), Some("x=1&y=2"));
         assert!(!h.contains_key(header::AUTHORIZATION) && !h.contains_key("x-api-key"));
         assert_eq!(h.get(header::COOKIE).unwrap(), "a=1; b=2");
-        assert_eq!(crate::table::percent_decode("a%2Bb+c%zz%4"), "a+b c%zz%4");
+        assert_eq!(crate::target::percent_decode("a%2Bb+c%zz%4"), "a+b c%zz%4");
     }
 
     #[test]

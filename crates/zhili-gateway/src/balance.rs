@@ -49,57 +49,18 @@ pub struct EndpointState {
     ejected_until_ms: AtomicU64,
     times_ejected: AtomicU32,
     epoch: Instant,
-    /// Idle keep-alive HTTP/1.1 connections to this endpoint.
-    idle: Mutex<Vec<crate::h1::Conn>>,
-    /// Live upstream connections of the gateway's own HTTP/1.1 client (pooled or in use).
-    connections: Arc<std::sync::atomic::AtomicUsize>,
+    /// Connections of the gateway's own HTTP/1.1 client to this endpoint.
+    pub conns: Arc<crate::h1::Upstream>,
 }
-
-/// One of an endpoint's connection slots, given back when the connection is dropped.
-#[derive(Debug)]
-pub(crate) struct ConnSlot(Arc<std::sync::atomic::AtomicUsize>);
-
-impl Drop for ConnSlot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// Idle upstream connections kept per endpoint.
-const MAX_IDLE_PER_ENDPOINT: usize = 256;
 
 impl EndpointState {
-    pub(crate) fn take_idle(&self) -> Option<crate::h1::Conn> {
-        self.idle.lock().pop()
-    }
-
-    /// A slot for a new connection, or None when the endpoint already has `max`.
-    pub(crate) fn connection_slot(&self, max: usize) -> Option<ConnSlot> {
-        let mut n = self.connections.load(Ordering::Relaxed);
-        loop {
-            if n >= max {
-                return None;
-            }
-            match self.connections.compare_exchange_weak(n, n + 1, Ordering::AcqRel, Ordering::Relaxed) {
-                Ok(_) => return Some(ConnSlot(self.connections.clone())),
-                Err(seen) => n = seen,
-            }
-        }
-    }
-
-    pub(crate) fn give_back(&self, conn: crate::h1::Conn) {
-        let mut idle = self.idle.lock();
-        if idle.len() < MAX_IDLE_PER_ENDPOINT {
-            idle.push(conn);
-        }
-    }
-
     pub(crate) fn new(endpoint: Endpoint, epoch: Instant) -> Self {
         let authority = if endpoint.address.contains(':') {
             format!("[{}]:{}", endpoint.address, endpoint.port)
         } else {
             format!("{}:{}", endpoint.address, endpoint.port)
         };
+        let conns = Arc::new(crate::h1::Upstream::new(authority.clone()));
         Self {
             endpoint,
             authority,
@@ -110,8 +71,7 @@ impl EndpointState {
             ejected_until_ms: AtomicU64::new(0),
             times_ejected: AtomicU32::new(0),
             epoch,
-            idle: Mutex::default(),
-            connections: Arc::default(),
+            conns,
         }
     }
 

@@ -16,9 +16,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-use crate::balance::EndpointState;
-use crate::proxy::{BoxError, UpstreamError};
-use crate::Body;
+use crate::body::{empty, full, Body, BoxError};
+use crate::error::UpstreamError;
 
 /// Largest response head accepted from an upstream.
 const MAX_HEAD: usize = 64 * 1024;
@@ -39,7 +38,7 @@ pub const CLIENT_TAKE_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct Conn {
     io: TcpStream,
     buf: BytesMut,
-    _slot: Option<crate::balance::ConnSlot>,
+    _slot: Option<ConnSlot>,
 }
 
 enum Framing {
@@ -287,9 +286,67 @@ pub struct Exchange<'a> {
     pub max_connections: usize,
 }
 
+/// One endpoint's connections: the idle keep-alive ones, and a count of all live ones (pooled
+/// or in use) that caps how many the gateway opens to it.
+#[derive(Debug)]
+pub struct Upstream {
+    /// `address:port` to connect to.
+    authority: String,
+    idle: parking_lot::Mutex<Vec<Conn>>,
+    connections: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// One of an endpoint's connection slots, given back when the connection is dropped.
+#[derive(Debug)]
+struct ConnSlot(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// Idle upstream connections kept per endpoint.
+const MAX_IDLE_PER_ENDPOINT: usize = 256;
+
+impl Upstream {
+    pub fn new(authority: String) -> Self {
+        Self { authority, idle: parking_lot::Mutex::default(), connections: Arc::default() }
+    }
+
+    fn take_idle(&self) -> Option<Conn> {
+        self.idle.lock().pop()
+    }
+
+    /// A slot for a new connection, or None when the endpoint already has `max`.
+    fn connection_slot(&self, max: usize) -> Option<ConnSlot> {
+        use std::sync::atomic::Ordering;
+        let mut n = self.connections.load(Ordering::Relaxed);
+        loop {
+            if n >= max {
+                return None;
+            }
+            match self.connections.compare_exchange_weak(n, n + 1, Ordering::AcqRel, Ordering::Relaxed) {
+                Ok(_) => return Some(ConnSlot(self.connections.clone())),
+                Err(seen) => n = seen,
+            }
+        }
+    }
+
+    /// Pools the connection only when its answer was framed exactly and nothing more is readable.
+    fn give_back(&self, mut conn: Conn, keep_alive: bool) {
+        if keep_alive && conn.is_clean() {
+            let mut idle = self.idle.lock();
+            if idle.len() < MAX_IDLE_PER_ENDPOINT {
+                idle.push(conn);
+            }
+        }
+    }
+}
+
 /// Sends the request to `ep` on a clean idle connection or a new one; the answer with its body
 /// read whole (small) or streaming. `connects` counts the new connections.
-pub async fn send(ep: &Arc<EndpointState>, x: &Exchange<'_>, connects: &std::sync::atomic::AtomicU64) -> Result<Response<Body>, UpstreamError> {
+pub async fn send(ep: &Arc<Upstream>, x: &Exchange<'_>, connects: &std::sync::atomic::AtomicU64) -> Result<Response<Body>, UpstreamError> {
     loop {
         let (mut conn, reused) = match ep.take_idle() {
             Some(mut c) => {
@@ -318,13 +375,13 @@ pub async fn send(ep: &Arc<EndpointState>, x: &Exchange<'_>, connects: &std::syn
         };
         let body = match framing {
             Framing::Empty => {
-                give_back(ep, conn, keep_alive);
-                crate::proxy::empty()
+                ep.give_back(conn, keep_alive);
+                empty()
             }
             Framing::Length(n) if n <= COLLECT_BELOW => {
                 let b = conn.read_exact_body(n as usize).await.map_err(|e| UpstreamError::Failed(format!("broke off its answer: {e}")))?;
-                give_back(ep, conn, keep_alive);
-                crate::proxy::full(b)
+                ep.give_back(conn, keep_alive);
+                full(b)
             }
             framing => {
                 let (tx, rx) = mpsc::channel(4);
@@ -336,14 +393,7 @@ pub async fn send(ep: &Arc<EndpointState>, x: &Exchange<'_>, connects: &std::syn
     }
 }
 
-/// Pools the connection only when its answer was framed exactly and nothing more is readable.
-fn give_back(ep: &EndpointState, mut conn: Conn, keep_alive: bool) {
-    if keep_alive && conn.is_clean() {
-        ep.give_back(conn);
-    }
-}
-
-async fn stream_body(ep: Arc<EndpointState>, mut conn: Conn, framing: Framing, keep_alive: bool, tx: mpsc::Sender<Result<Bytes, BoxError>>) {
+async fn stream_body(ep: Arc<Upstream>, mut conn: Conn, framing: Framing, keep_alive: bool, tx: mpsc::Sender<Result<Bytes, BoxError>>) {
     let result: Result<(), String> = async {
         match framing {
             Framing::Empty => {}
@@ -391,7 +441,7 @@ async fn stream_body(ep: Arc<EndpointState>, mut conn: Conn, framing: Framing, k
     }
     .await;
     match result {
-        Ok(()) => give_back(&ep, conn, keep_alive),
+        Ok(()) => ep.give_back(conn, keep_alive),
         Err(e) => {
             let _ = tx.send(Err(format!("upstream {e}").into())).await;
         }
@@ -455,10 +505,8 @@ mod tests {
         (addr, conns)
     }
 
-    fn endpoint(authority: &str) -> Arc<EndpointState> {
-        let (host, port) = authority.rsplit_once(':').unwrap();
-        let e = crate::Endpoint { id: "e".into(), address: host.into(), port: port.parse().unwrap(), weight: 1, tags: vec![], version: None, zone: None };
-        Arc::new(EndpointState::new(e, std::time::Instant::now()))
+    fn endpoint(authority: &str) -> Arc<Upstream> {
+        Arc::new(Upstream::new(authority.to_string()))
     }
 
     fn x(request: &[u8], head_request: bool) -> Exchange<'_> {

@@ -10,6 +10,7 @@ use zhili_model::ValidationError;
 
 use crate::balance::RetryBudget;
 use crate::limit::Limiter;
+use crate::target::form_pairs;
 
 #[derive(Debug)]
 enum Host {
@@ -253,12 +254,15 @@ impl Route {
     }
 
     /// The request latency histogram of this route for `service` and a status class.
-    pub fn latency(&self, family: &crate::Latencies, service: &str, class: &'static str) -> prometheus_client::metrics::histogram::Histogram {
+    pub fn latency(&self, family: &crate::stats::Latencies, service: &str, class: &'static str) -> prometheus_client::metrics::histogram::Histogram {
         let mut cache = self.latency.lock();
         if let Some((_, _, h)) = cache.iter().find(|(s, c, _)| s == service && *c == class) {
             return h.clone();
         }
-        let h = family.requests.get_or_create(&crate::RouteLabels { route: self.name.clone(), service: service.to_string(), class: class.to_string() }).clone();
+        let h = family
+            .requests
+            .get_or_create(&crate::stats::RouteLabels { route: self.name.clone(), service: service.to_string(), class: class.to_string() })
+            .clone();
         cache.push((service.to_string(), class, h.clone()));
         h
     }
@@ -282,40 +286,6 @@ impl Route {
             None => path.to_string(),
         }
     }
-}
-
-/// Minimal `application/x-www-form-urlencoded` decoding of a query string.
-/// `%XX` and `+` decoded (invalid escapes kept as they are).
-pub(crate) fn percent_decode(s: &str) -> String {
-    fn hex(b: u8) -> Option<u8> {
-        (b as char).to_digit(16).map(|d| d as u8)
-    }
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while let Some(&b) = bytes.get(i) {
-        match b {
-            b'+' => out.push(b' '),
-            b'%' => match (bytes.get(i + 1).copied().and_then(hex), bytes.get(i + 2).copied().and_then(hex)) {
-                (Some(h), Some(l)) => {
-                    out.push(h << 4 | l);
-                    i += 2;
-                }
-                _ => out.push(b'%'),
-            },
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// A query string's pairs, decoded.
-pub(crate) fn form_pairs(q: &str) -> Vec<(String, String)> {
-    q.split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| p.split_once('=').map_or_else(|| (percent_decode(p), String::new()), |(k, v)| (percent_decode(k), percent_decode(v))))
-        .collect()
 }
 
 /// All routes, in match order.

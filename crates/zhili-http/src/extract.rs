@@ -34,7 +34,17 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
         if bytes.is_empty() {
             return Err(ApiError::field("body", "a JSON object is required"));
         }
-        serde_json::from_slice(&bytes).map(JsonBody).map_err(|e| ApiError::field("body", e))
+        // The error names the field it is about (`port: invalid type: ...`), not only a position.
+        let de = &mut serde_json::Deserializer::from_slice(&bytes);
+        serde_path_to_error::deserialize(de).map(JsonBody).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            if path.is_empty() || path == "." {
+                ApiError::field("body", inner)
+            } else {
+                ApiError::field(&path, inner)
+            }
+        })
     }
 }
 

@@ -158,7 +158,7 @@ impl Authority {
     /// Whether `need` is allowed on every name that starts with `prefix` (a recursive delete, a
     /// tree read that must not be filtered). The names under `prefix` are decided by the rules
     /// that match `prefix` itself plus the longer rules inside it, so it is enough that the
-    /// prefix is allowed and no rule inside it grants less.
+    /// prefix is allowed and so is the prefix of every rule inside it.
     pub fn allows_all_under(&self, resource: Resource, prefix: &str, need: Access) -> bool {
         if self.management {
             return true;
@@ -168,7 +168,9 @@ impl Authority {
                 .rules
                 .iter()
                 .filter(|r| r.resource == resource && r.prefix.len() > prefix.len() && r.prefix.starts_with(prefix))
-                .all(|r| r.access != Access::Deny && r.access >= need)
+                // The decision at each inner rule's prefix, not the rule alone: several policies
+                // may name the same prefix, and their merge is what applies.
+                .all(|r| self.allows(resource, &r.prefix, need))
     }
 }
 
@@ -209,6 +211,10 @@ mod tests {
         assert!(r.allows_all_under(Resource::Kv, "", Access::Read));
         assert!(!r.allows_all_under(Resource::Kv, "", Access::Write), "a read-only rule inside");
         assert!(Authority::management().allows_all_under(Resource::Kv, "", Access::Write));
+        // Two policies naming one prefix merge (the greater grant applies), inside a tree too.
+        let merged =
+            Authority::from_rules([rule(Resource::Kv, "", Access::Write), rule(Resource::Kv, "b", Access::Write), rule(Resource::Kv, "b", Access::Read)]);
+        assert!(merged.allows_all_under(Resource::Kv, "", Access::Write));
     }
 
     proptest::proptest! {

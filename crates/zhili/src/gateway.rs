@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use clap::Args;
-use zhili_gateway::{Discover, Endpoint, Observed};
+use zhili_gateway::{Discover, DiscoverError, Endpoint, Observed};
 
 const BREAKER_REASON: &str = "circuit breaker of a gateway (error or slow-call ratio over its window)";
 use zhili_model::consumer::ConsumerSpec;
@@ -30,17 +30,17 @@ pub struct Local {
 
 #[async_trait]
 impl Discover for Local {
-    async fn routes(&self, version: u64, wait: Duration) -> Result<(u64, Vec<(String, RouteSpec)>), String> {
+    async fn routes(&self, version: u64, wait: Duration) -> Result<(u64, Vec<(String, RouteSpec)>), DiscoverError> {
         zhili_routes::wait_routes(&*self.store, version, wait).await;
-        zhili_routes::load_routes(&*self.store).map_err(|e| e.to_string())
+        zhili_routes::load_routes(&*self.store).map_err(|e| DiscoverError::Unavailable(e.to_string()))
     }
 
-    async fn consumers(&self, version: u64, wait: Duration) -> Result<(u64, Vec<(String, ConsumerSpec)>), String> {
+    async fn consumers(&self, version: u64, wait: Duration) -> Result<(u64, Vec<(String, ConsumerSpec)>), DiscoverError> {
         zhili_routes::wait_consumers(&*self.store, version, wait).await;
-        zhili_routes::load_consumers(&*self.store).map_err(|e| e.to_string())
+        zhili_routes::load_consumers(&*self.store).map_err(|e| DiscoverError::Unavailable(e.to_string()))
     }
 
-    async fn endpoints(&self, ns: &str, service: &str, version: u64, wait: Duration) -> Result<(u64, Vec<Endpoint>), String> {
+    async fn endpoints(&self, ns: &str, service: &str, version: u64, wait: Duration) -> Result<(u64, Vec<Endpoint>), DiscoverError> {
         self.registry.wait_for(version, wait, || self.registry.service_index(ns, service)).await;
         let filter = InstanceFilter { healthy_only: true, ..Default::default() };
         let index = self.registry.service_index(ns, service);
@@ -48,14 +48,15 @@ impl Discover for Local {
         Ok((index, list.into_iter().filter(Instance::is_serving).map(endpoint).collect()))
     }
 
-    async fn report(&self, p: &zhili_gateway::PassiveHealth) -> Result<(), String> {
+    async fn report(&self, p: &zhili_gateway::PassiveHealth) -> Result<(), DiscoverError> {
         let done = match &p.observed {
             Observed::Ejected { instance, for_ } => {
                 self.registry.report_passive(&p.namespace, &p.service, instance, *for_, "ejected by the gateway after consecutive failures").map(|_| ())
             }
             Observed::Breaker(t) => self.registry.report_breaker(&p.namespace, &p.service, t.state(), BREAKER_REASON),
         };
-        done.map_err(|e| e.to_string())
+        // The registry forgot the instance (or service) in between: nothing to report on.
+        done.map_err(|e| DiscoverError::Invalid(e.to_string()))
     }
 }
 
@@ -65,9 +66,19 @@ pub struct Remote {
 }
 
 impl Remote {
-    async fn get<T: serde::de::DeserializeOwned>(&self, path: &str, wait: Duration) -> Result<T, String> {
-        let resp = self.client.raw(http::Method::GET, path, None, wait + Duration::from_secs(10)).await.map_err(|e| e.to_string())?;
-        serde_json::from_slice(&resp.body).map_err(|e| format!("{path}: {e}"))
+    async fn get<T: serde::de::DeserializeOwned>(&self, path: &str, wait: Duration) -> Result<T, DiscoverError> {
+        let resp = self.client.raw(http::Method::GET, path, None, wait + Duration::from_secs(10)).await.map_err(|e| discover_error(path, e))?;
+        serde_json::from_slice(&resp.body).map_err(|e| DiscoverError::Invalid(format!("{path}: {e}")))
+    }
+}
+
+/// What a failed call to the server means for the gateway: a refusal (401/403) needs a better
+/// token; anything else is the server being away or failing, retried.
+fn discover_error(path: &str, e: zhili_client::ClientError) -> DiscoverError {
+    match e.status() {
+        Some(s) if s == http::StatusCode::UNAUTHORIZED || s == http::StatusCode::FORBIDDEN => DiscoverError::Refused(format!("{path}: {e}")),
+        Some(s) if s.is_client_error() => DiscoverError::Invalid(format!("{path}: {e}")),
+        _ => DiscoverError::Unavailable(format!("{path}: {e}")),
     }
 }
 
@@ -105,24 +116,24 @@ fn wait_param(version: u64, wait: Duration) -> String {
 
 #[async_trait]
 impl Discover for Remote {
-    async fn routes(&self, version: u64, wait: Duration) -> Result<(u64, Vec<(String, RouteSpec)>), String> {
+    async fn routes(&self, version: u64, wait: Duration) -> Result<(u64, Vec<(String, RouteSpec)>), DiscoverError> {
         let list: RouteList = self.get(&format!("/api/v1/routes?{}", wait_param(version, wait)), wait).await?;
         Ok((list.index, list.routes.into_iter().map(|r| (r.name, r.route)).collect()))
     }
 
-    async fn consumers(&self, version: u64, wait: Duration) -> Result<(u64, Vec<(String, ConsumerSpec)>), String> {
+    async fn consumers(&self, version: u64, wait: Duration) -> Result<(u64, Vec<(String, ConsumerSpec)>), DiscoverError> {
         let list: ConsumerList = self.get(&format!("/api/v1/consumers?{}", wait_param(version, wait)), wait).await?;
         Ok((list.index, list.consumers.into_iter().map(|c| (c.name, c.consumer)).collect()))
     }
 
-    async fn endpoints(&self, ns: &str, service: &str, version: u64, wait: Duration) -> Result<(u64, Vec<Endpoint>), String> {
+    async fn endpoints(&self, ns: &str, service: &str, version: u64, wait: Duration) -> Result<(u64, Vec<Endpoint>), DiscoverError> {
         let path =
             format!("/api/v1/services/{}/instances?{}ns={}&healthy=true", zhili_client::encode(service), wait_param(version, wait), zhili_client::encode(ns));
         let list: InstanceList = self.get(&path, wait).await?;
         Ok((list.index, list.instances.into_iter().filter(Instance::is_serving).map(endpoint).collect()))
     }
 
-    async fn report(&self, p: &zhili_gateway::PassiveHealth) -> Result<(), String> {
+    async fn report(&self, p: &zhili_gateway::PassiveHealth) -> Result<(), DiscoverError> {
         let (service, ns) = (zhili_client::encode(&p.service), zhili_client::encode(&p.namespace));
         let (path, body) = match &p.observed {
             Observed::Ejected { instance, for_ } => (
@@ -131,10 +142,7 @@ impl Discover for Remote {
             ),
             Observed::Breaker(t) => (format!("/api/v1/services/{service}/breaker?ns={ns}"), serde_json::json!({"state": t.state(), "reason": BREAKER_REASON})),
         };
-        let resp = self.client.raw(http::Method::PUT, &path, Some(body.to_string().into()), Duration::from_secs(10)).await.map_err(|e| e.to_string())?;
-        if !resp.status.is_success() {
-            return Err(format!("{path}: {} {}", resp.status, String::from_utf8_lossy(&resp.body)));
-        }
+        self.client.raw(http::Method::PUT, &path, Some(body.to_string().into()), Duration::from_secs(10)).await.map_err(|e| discover_error(&path, e))?;
         Ok(())
     }
 }
@@ -279,4 +287,22 @@ pub fn run_standalone(args: GatewayArgs) -> ExitCode {
         let _ = tokio::time::timeout(zhili_config::DEFAULT_SHUTDOWN_TIMEOUT, serving).await;
         ExitCode::SUCCESS
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use zhili_client::ClientError;
+
+    #[test]
+    fn server_answers_map_to_what_an_operator_should_do() {
+        let api = |code: u16| ClientError::Api { status: http::StatusCode::from_u16(code).unwrap(), detail: "x".into() };
+        assert!(matches!(discover_error("/p", api(403)), DiscoverError::Refused(_)));
+        assert!(matches!(discover_error("/p", api(401)), DiscoverError::Refused(_)));
+        assert!(matches!(discover_error("/p", api(400)), DiscoverError::Invalid(_)));
+        assert!(matches!(discover_error("/p", api(503)), DiscoverError::Unavailable(_)));
+        assert!(matches!(discover_error("/p", ClientError::Transport("refused".into())), DiscoverError::Unavailable(_)));
+        assert!(discover_error("/p", api(403)).needs_operator());
+        assert!(!discover_error("/p", api(502)).needs_operator());
+    }
 }

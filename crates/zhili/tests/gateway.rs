@@ -110,9 +110,13 @@ async fn routes_match_forward_transform_redirect_and_answer_directly() {
         assert!(Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let (st, _, body) = get(&gw, "/nowhere", &[]).await;
+    let (st, h, body) = get(&gw, "/nowhere", &[]).await;
     assert_eq!(st, StatusCode::NOT_FOUND, "{body}");
-    assert!(body.contains("no route"), "{body}");
+    // The gateway's own errors are problem+json, like the API's.
+    assert_eq!(h.get("content-type").unwrap(), "application/problem+json");
+    let problem: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!((problem["status"].as_u64(), problem["title"].as_str()), (Some(404), Some("Not Found")));
+    assert!(problem["detail"].as_str().unwrap().contains("no route"), "{body}");
     put_route(&api, "empty", r#"{"path_prefix": "/empty/", "service": "nobody"}"#).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {

@@ -1,0 +1,94 @@
+//! Body types of the request path: the boxed body both directions use, the outgoing request
+//! body (replayable bytes or a one-shot stream), and the client body that notes why it broke.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap};
+use http::Version;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+
+pub fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).map_err(|never| match never {}).boxed_unsync()
+}
+
+pub fn empty() -> Body {
+    Empty::new().map_err(|never| match never {}).boxed_unsync()
+}
+
+/// The request body as it will be sent upstream: replayable bytes, or a one-shot stream.
+pub enum Outgoing {
+    Replayable(Bytes),
+    Stream(Option<Body>),
+}
+
+impl Outgoing {
+    pub fn take(&mut self) -> Option<Body> {
+        match self {
+            Outgoing::Replayable(b) => Some(if b.is_empty() { empty() } else { full(b.clone()) }),
+            Outgoing::Stream(s) => s.take(),
+        }
+    }
+}
+
+pub fn has_body(parts: &http::request::Parts, body: &Incoming) -> bool {
+    let h = &parts.headers;
+    h.contains_key(header::TRANSFER_ENCODING)
+        || h.get(header::CONTENT_LENGTH).is_some_and(|v| v.as_bytes() != b"0")
+        || (parts.version == Version::HTTP_2 && !hyper::body::Body::is_end_stream(body))
+}
+
+pub fn content_length(h: &HeaderMap) -> Option<u64> {
+    h.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok())
+}
+
+/// A streamed client body that notes why it broke (malformed chunking, an abandoned upload), so
+/// the failed send is put down to the client.
+pub struct ClientBody {
+    inner: Body,
+    broken: Broken,
+}
+
+/// Why a client body broke, once it has.
+pub type Broken = Arc<std::sync::Mutex<Option<String>>>;
+
+impl ClientBody {
+    /// `inner` as a body to send upstream, and the cell that tells whether (and why) it broke.
+    pub fn watch(inner: Body) -> (Body, Broken) {
+        let broken = Broken::default();
+        (Self { inner, broken: broken.clone() }.boxed_unsync(), broken)
+    }
+
+    /// Why the client's body broke, if it did.
+    pub fn why(broken: &Broken) -> Option<String> {
+        broken.lock().ok().and_then(|b| b.clone())
+    }
+}
+
+impl hyper::body::Body for ClientBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(Some(Err(e))) = &r {
+            if let Ok(mut b) = self.broken.lock() {
+                *b = Some(e.to_string());
+            }
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
