@@ -30,6 +30,7 @@ fn state(acl: bool) -> AppState {
         registry: Registry::load(store.clone(), Arc::new(NoChecks), metrics.clone()).unwrap(),
         acl: zhili_acl::Acl::load(store.clone(), acl).unwrap(),
         kv: zhili_kv::Kv::new(store.clone()),
+        events: Arc::new(zhili_store::memory::MemoryEventLog::new()),
         store,
         metrics,
         ready: Arc::new(AtomicBool::new(true)),

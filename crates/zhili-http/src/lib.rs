@@ -49,21 +49,24 @@ pub struct Services {
     pub registry: Arc<Registry>,
     pub acl: Arc<Acl>,
     pub kv: Arc<Kv>,
+    /// The durable event log (streams, `$registry`, ...).
+    pub events: Arc<dyn zhili_store::events::EventLog>,
     pub metrics: Arc<Metrics>,
     /// Set once persisted state is loaded and listeners are up; `/health/ready` reports it.
     pub ready: Arc<AtomicBool>,
 }
 
-/// Bounds every request body of a router: 413 at once when the announced length is over
-/// [`MAX_BODY`] (before a byte is read), and a hard cap on what extractors read.
-pub fn limit_bodies<S: Clone + Send + Sync + 'static>(router: Router<S>) -> Router<S> {
-    router.layer(DefaultBodyLimit::max(MAX_BODY)).layer(middleware::from_fn(refuse_oversized))
+/// Bounds every request body of a router to `max` bytes: 413 at once when the announced length
+/// is over it (before a byte is read), and a hard cap on what extractors read. Apply it to a
+/// router before merging it, so each surface keeps its own limit ([`MAX_BODY`] for most).
+pub fn limit_bodies<S: Clone + Send + Sync + 'static>(router: Router<S>, max: usize) -> Router<S> {
+    router.layer(DefaultBodyLimit::max(max)).layer(middleware::from_fn(move |req: Request, next: Next| refuse_oversized(max, req, next)))
 }
 
-async fn refuse_oversized(req: Request, next: Next) -> Response {
+async fn refuse_oversized(max: usize, req: Request, next: Next) -> Response {
     let announced = req.headers().get(axum::http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-    if let Some(n) = announced.filter(|n| *n > MAX_BODY as u64) {
-        return error::ApiError::PayloadTooLarge(format!("body: Content-Length {n} is over the limit of {MAX_BODY} bytes")).into_response();
+    if let Some(n) = announced.filter(|n| *n > max as u64) {
+        return error::ApiError::PayloadTooLarge(format!("body: Content-Length {n} is over the limit of {max} bytes")).into_response();
     }
     next.run(req).await
 }

@@ -23,6 +23,11 @@ pub enum Resource {
     /// Consul nodes by name: node listings, node lookups in the catalog and DNS (Consul's
     /// `node_prefix` rules).
     Node,
+    /// Event streams by name. System and derived streams (`$registry`, `$all`, `$ce-order`)
+    /// need a rule whose prefix starts with `$`: a rule for every name ("") does not reach them.
+    Stream,
+    /// Persistent subscriptions (consumer groups, webhooks) by name.
+    Subscription,
 }
 
 impl Resource {
@@ -35,6 +40,8 @@ impl Resource {
             Self::Route => "route",
             Self::Consumer => "consumer",
             Self::Node => "node",
+            Self::Stream => "stream",
+            Self::Subscription => "subscription",
         }
     }
 }
@@ -135,13 +142,15 @@ impl Authority {
         self.management
     }
 
-    /// Longest prefix wins; among equally long prefixes, deny wins over any grant.
+    /// Longest prefix wins; among equally long prefixes, deny wins over any grant. Names
+    /// starting with `$` are reached only by rules whose prefix starts with `$` (stream names).
     pub fn allows(&self, resource: Resource, name: &str, need: Access) -> bool {
         if self.management {
             return true;
         }
+        let reserved = resource == Resource::Stream && name.starts_with('$');
         let mut best: Option<(usize, Access)> = None;
-        for r in self.rules.iter().filter(|r| r.resource == resource && name.starts_with(r.prefix.as_str())) {
+        for r in self.rules.iter().filter(|r| r.resource == resource && name.starts_with(r.prefix.as_str()) && (!reserved || r.prefix.starts_with('$'))) {
             let len = r.prefix.len();
             best = match best {
                 Some((l, _)) if l > len => best,
@@ -215,6 +224,17 @@ mod tests {
         let merged =
             Authority::from_rules([rule(Resource::Kv, "", Access::Write), rule(Resource::Kv, "b", Access::Write), rule(Resource::Kv, "b", Access::Read)]);
         assert!(merged.allows_all_under(Resource::Kv, "", Access::Write));
+    }
+
+    #[test]
+    fn system_streams_need_a_grant_of_their_own() {
+        let everything = Authority::from_rules([rule(Resource::Stream, "", Access::Write)]);
+        assert!(everything.allows(Resource::Stream, "order-1", Access::Write));
+        assert!(!everything.allows(Resource::Stream, "$registry", Access::Read), "\"\" does not reach system streams");
+        let system = Authority::from_rules([rule(Resource::Stream, "$registry", Access::Read)]);
+        assert!(system.allows(Resource::Stream, "$registry", Access::Read));
+        assert!(!system.allows(Resource::Stream, "$audit", Access::Read));
+        assert!(Authority::management().allows(Resource::Stream, "$all", Access::Read));
     }
 
     proptest::proptest! {

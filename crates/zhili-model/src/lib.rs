@@ -4,6 +4,7 @@
 pub mod acl;
 pub mod consumer;
 pub mod duration;
+pub mod event;
 pub mod registry;
 pub mod route;
 pub mod validate;

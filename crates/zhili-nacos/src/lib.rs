@@ -91,7 +91,7 @@ impl NacosState {
             .merge(config::routes())
             .fallback(|uri: axum::http::Uri| async move { NacosError::v1(ApiError::NotFound(format!("no route for {}", uri.path()))) })
             .layer(middleware::from_fn_with_state(self.clone(), authorize));
-        zhili_http::limit_bodies(routes).with_state(self.clone())
+        zhili_http::limit_bodies(routes, zhili_http::MAX_BODY).with_state(self.clone())
     }
 
     /// The Nacos gRPC listener's router: the two methods of the `Payload` protocol.

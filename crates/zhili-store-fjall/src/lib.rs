@@ -14,6 +14,9 @@ use bytes::Bytes;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use parking_lot::Mutex;
 use tokio::sync::{broadcast, oneshot, watch};
+pub mod events;
+
+pub use events::FjallEventLog;
 use zhili_store::{Compare, EventKind, KeyValue, LeaseId, Op, RevisionClock, Store, StoreError, Txn, TxnResponse, WatchEvent, Watcher};
 
 /// How many past events a watcher can resume from; older requests get `Compacted`.

@@ -2,6 +2,7 @@
 //! transactions, watches from a revision, and leases. Backends live in sibling leaf crates
 //! (zhili-store-fjall today); nothing above this level knows which one runs.
 
+pub mod events;
 pub mod memory;
 
 use std::collections::VecDeque;

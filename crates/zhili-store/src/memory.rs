@@ -291,6 +291,11 @@ mod tests {
         assert_eq!((ev.kind, ev.kv.key.as_str()), (EventKind::Delete, "w/a"));
     }
 
+    #[tokio::test]
+    async fn event_log_behaves_as_the_contract_says() {
+        crate::events::conformance(&MemoryEventLog::new()).await;
+    }
+
     #[tokio::test(start_paused = true)]
     async fn leases_expire_unless_kept_alive() {
         let s = MemoryStore::new();
@@ -305,5 +310,156 @@ mod tests {
         assert!(matches!(s.lease_keep_alive(lease), Err(StoreError::LeaseNotFound(_))));
         let missing = s.txn(Txn { success: vec![Op::Put { key: "m".into(), value: Bytes::new(), lease: Some(lease) }], ..Default::default() }).await;
         assert!(matches!(missing, Err(StoreError::LeaseNotFound(_))));
+    }
+}
+
+/// An in-memory [`EventLog`](crate::events::EventLog) with the embedded log's semantics
+/// (expected revisions, idempotent ids, categories, soft delete), minus durability.
+#[derive(Default)]
+pub struct MemoryEventLog {
+    inner: Mutex<Log>,
+    head: watch::Sender<u64>,
+}
+
+#[derive(Default)]
+struct Log {
+    all: Vec<crate::events::RecordedEvent>,
+    /// Per stream: its info and the positions of its events by revision.
+    streams: BTreeMap<String, (crate::events::StreamInfo, Vec<u64>)>,
+    ids: HashMap<(String, String), (u64, u64)>,
+    categories: HashMap<String, Vec<u64>>,
+}
+
+impl MemoryEventLog {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Log> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn page<T: Clone>(items: &[T], from: u64, direction: crate::events::Direction, limit: usize) -> Vec<(u64, T)> {
+    let numbered = items.iter().cloned().enumerate().map(|(i, x)| (i as u64, x));
+    match direction {
+        crate::events::Direction::Forwards => numbered.skip_while(|(i, _)| *i < from).take(limit).collect(),
+        crate::events::Direction::Backwards => numbered.rev().skip_while(|(i, _)| *i > from).take(limit).collect(),
+    }
+}
+
+#[async_trait]
+impl crate::events::EventLog for MemoryEventLog {
+    async fn append(
+        &self,
+        stream: &str,
+        expected: crate::events::ExpectedRevision,
+        events: Vec<crate::events::NewEvent>,
+    ) -> Result<crate::events::Appended, crate::events::EventLogError> {
+        use crate::events::{Appended, EventLogError, RecordedEvent};
+        let mut g = self.lock();
+        let key = |id: &str| (stream.to_string(), id.to_string());
+        if let Some(&(rev, pos)) = events.first().and_then(|e| g.ids.get(&key(&e.id))) {
+            let all_there = events.iter().enumerate().all(|(i, e)| g.ids.get(&key(&e.id)) == Some(&(rev + i as u64, pos + i as u64)));
+            if !all_there {
+                return Err(EventLogError::PartialDuplicate(stream.to_string()));
+            }
+            let n = events.len() as u64 - 1;
+            return Ok(Appended { first_revision: rev, last_revision: rev + n, first_position: pos, last_position: pos + n, duplicate: true });
+        }
+        if events.iter().any(|e| g.ids.contains_key(&key(&e.id))) {
+            return Err(EventLogError::PartialDuplicate(stream.to_string()));
+        }
+        let (info, _) = g.streams.get(stream).cloned().unwrap_or_default();
+        let visible = info.last_revision.filter(|_| !info.deleted);
+        if !expected.holds(visible) {
+            return Err(EventLogError::WrongExpectedRevision { expected: expected.to_string(), actual: visible });
+        }
+        let first_revision = info.last_revision.map_or(0, |r| r + 1);
+        let first_position = g.all.len() as u64;
+        let cat = crate::events::category(stream).map(str::to_string);
+        for (i, e) in events.iter().enumerate() {
+            let (revision, position) = (first_revision + i as u64, first_position + i as u64);
+            g.all.push(RecordedEvent { stream: stream.to_string(), revision, position, id: e.id.clone(), body: e.body.clone() });
+            g.ids.insert(key(&e.id), (revision, position));
+            let entry = g.streams.entry(stream.to_string()).or_default();
+            if entry.0.deleted {
+                entry.0.deleted = false;
+                entry.0.truncate_before = revision;
+            }
+            entry.0.last_revision = Some(revision);
+            entry.1.resize(revision as usize, u64::MAX);
+            entry.1.push(position);
+            if let Some(c) = &cat {
+                g.categories.entry(c.clone()).or_default().push(position);
+            }
+        }
+        let next = g.all.len() as u64;
+        drop(g);
+        self.head.send_replace(next);
+        let n = events.len() as u64 - 1;
+        Ok(Appended { first_revision, last_revision: first_revision + n, first_position, last_position: first_position + n, duplicate: false })
+    }
+
+    fn read_stream(
+        &self,
+        stream: &str,
+        from: u64,
+        direction: crate::events::Direction,
+        limit: usize,
+    ) -> Result<Vec<crate::events::RecordedEvent>, crate::events::EventLogError> {
+        let g = self.lock();
+        let Some((info, positions)) = g.streams.get(stream).filter(|(i, _)| !i.deleted) else { return Ok(vec![]) };
+        let visible = page(positions, from, direction, limit).into_iter().filter(|(r, _)| *r >= info.truncate_before);
+        Ok(visible.filter_map(|(_, p)| g.all.get(p as usize).cloned()).collect())
+    }
+
+    fn read_all(
+        &self,
+        from: u64,
+        direction: crate::events::Direction,
+        limit: usize,
+    ) -> Result<Vec<crate::events::RecordedEvent>, crate::events::EventLogError> {
+        Ok(page(&self.lock().all, from, direction, limit).into_iter().map(|(_, e)| e).collect())
+    }
+
+    fn read_category(
+        &self,
+        category: &str,
+        from: u64,
+        direction: crate::events::Direction,
+        limit: usize,
+    ) -> Result<Vec<(u64, crate::events::RecordedEvent)>, crate::events::EventLogError> {
+        let g = self.lock();
+        let positions = g.categories.get(category).map(Vec::as_slice).unwrap_or_default();
+        Ok(page(positions, from, direction, limit).into_iter().filter_map(|(n, p)| Some((n, g.all.get(p as usize)?.clone()))).collect())
+    }
+
+    fn stream_info(&self, stream: &str) -> Result<Option<crate::events::StreamInfo>, crate::events::EventLogError> {
+        Ok(self.lock().streams.get(stream).map(|(i, _)| *i))
+    }
+
+    fn list_streams(&self, prefix: &str, after: Option<&str>, limit: usize) -> Result<Vec<(String, crate::events::StreamInfo)>, crate::events::EventLogError> {
+        let g = self.lock();
+        let names = g.streams.iter().filter(|(n, (i, _))| n.starts_with(prefix) && after.is_none_or(|a| n.as_str() > a) && !i.deleted);
+        Ok(names.take(limit).map(|(n, (i, _))| (n.clone(), *i)).collect())
+    }
+
+    async fn delete_stream(&self, stream: &str, expected: crate::events::ExpectedRevision) -> Result<(), crate::events::EventLogError> {
+        let mut g = self.lock();
+        let Some((info, _)) = g.streams.get_mut(stream) else {
+            return Err(crate::events::EventLogError::WrongExpectedRevision { expected: expected.to_string(), actual: None });
+        };
+        let visible = info.last_revision.filter(|_| !info.deleted);
+        if visible.is_none() || !expected.holds(visible) {
+            return Err(crate::events::EventLogError::WrongExpectedRevision { expected: expected.to_string(), actual: visible });
+        }
+        info.deleted = true;
+        info.truncate_before = info.last_revision.map_or(0, |r| r + 1);
+        Ok(())
+    }
+
+    fn head(&self) -> watch::Receiver<u64> {
+        self.head.subscribe()
     }
 }

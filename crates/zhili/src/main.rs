@@ -2,6 +2,7 @@
 //! subcommands are a CLI over the HTTP API.
 
 mod cli;
+mod feedback;
 mod gateway;
 mod server;
 

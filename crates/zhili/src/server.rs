@@ -160,6 +160,9 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
     let metrics = Metrics::new();
     let store: Arc<dyn Store> =
         Arc::new(zhili_store_fjall::FjallStore::open(&cfg.data_dir).with_context(|| format!("opening the store in {}", cfg.data_dir.display()))?);
+    let events_dir = cfg.data_dir.join("events");
+    let events: Arc<dyn zhili_store::events::EventLog> =
+        Arc::new(zhili_store_fjall::FjallEventLog::open(&events_dir).with_context(|| format!("opening the event log in {}", events_dir.display()))?);
     let (transitions_tx, mut transitions) = mpsc::channel(TRANSITION_QUEUE);
     let engine = Arc::new(HealthEngine::new(transitions_tx, cfg.check_concurrency, metrics.clone()));
     let registry = Registry::load(store.clone(), Arc::new(EngineScheduler(engine.clone())), metrics.clone()).context("loading the registry")?;
@@ -203,7 +206,8 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
         println!("zhili dns listening on {local}");
         tracing::info!(addr = %local, "DNS listener up (udp+tcp)");
     }
-    let state = zhili_api::AppState::new(zhili_api::Services { store, registry: registry.clone(), acl, kv, metrics, ready: ready.clone() });
+    sup.spawn("$registry publisher", crate::feedback::publish_registry(registry.clone(), events.clone(), cfg.node_name.clone()));
+    let state = zhili_api::AppState::new(zhili_api::Services { store, registry: registry.clone(), acl, kv, events, metrics, ready: ready.clone() });
     let tls = match &cfg.tls {
         Some(files) => Some(tls::acceptor(&files.cert, &files.key)?),
         None => None,

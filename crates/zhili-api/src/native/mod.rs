@@ -6,6 +6,7 @@ pub mod kv;
 pub mod registry;
 mod routes;
 pub mod sd;
+pub mod streams;
 
 use axum::Router;
 

@@ -1,0 +1,308 @@
+//! The event store API (`/api/v1/streams`): append CloudEvents with an expected revision
+//! (structured, batch or binary mode), read a stream, `$all` or a category (`$ce-order`) either
+//! way, subscribe (catch-up then live, over SSE, resumable with `Last-Event-ID`), list and
+//! soft-delete streams. Semantics follow KurrentDB; the storage is [`zhili_store::events`].
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use base64::Engine;
+use futures_util::stream;
+use serde_json::{json, Value};
+use zhili_model::acl::{Access, Resource};
+use zhili_model::event::{self as ce, MAX_BATCH_EVENTS, MAX_EVENT_BYTES};
+use zhili_store::events::{Direction, EventLogError, ExpectedRevision, NewEvent, RecordedEvent};
+
+use crate::auth::Caller;
+use crate::error::{ApiError, ApiResult};
+use crate::extract::QueryPairs;
+use crate::AppState;
+
+/// Events one read returns at most (and the default).
+const MAX_READ: usize = 4096;
+const DEFAULT_READ: usize = 100;
+/// Events a subscription reads per catch-up step.
+const SUBSCRIBE_BATCH: usize = 256;
+const KEEP_ALIVE: Duration = Duration::from_secs(15);
+pub const ALL: &str = "$all";
+const CATEGORY: &str = "$ce-";
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/api/v1/streams", get(list))
+        .route("/api/v1/streams/{stream}", get(read).post(append).delete(delete))
+        .route("/api/v1/streams/{stream}/subscribe", get(subscribe))
+}
+
+fn log_error(e: EventLogError) -> ApiError {
+    match e {
+        EventLogError::WrongExpectedRevision { .. } | EventLogError::PartialDuplicate(_) => ApiError::Conflict(e.to_string()),
+        EventLogError::Closed => ApiError::Unavailable(e.to_string()),
+        EventLogError::Engine(_) | EventLogError::Corrupt(_) => ApiError::Internal(e.to_string()),
+    }
+}
+
+/// 409 problem+json carrying the stream's actual revision (null: no stream).
+fn wrong_revision(detail: String, actual: Option<u64>) -> Response {
+    let body = json!({"type": "about:blank", "title": "Conflict", "status": 409, "detail": detail, "actual_revision": actual});
+    (StatusCode::CONFLICT, [(header::CONTENT_TYPE, "application/problem+json")], body.to_string()).into_response()
+}
+
+fn expected(q: &QueryPairs) -> ApiResult<ExpectedRevision> {
+    Ok(match q.get("expected_revision") {
+        None | Some("any") => ExpectedRevision::Any,
+        Some("no_stream") => ExpectedRevision::NoStream,
+        Some("exists") => ExpectedRevision::Exists,
+        Some(n) => ExpectedRevision::Exact(
+            n.parse().map_err(|_| ApiError::field("expected_revision", format!("{n:?} is not any, no_stream, exists or a revision number")))?,
+        ),
+    })
+}
+
+/// Who may read what: a stream by its name; `$all` and `$ce-x` are system names of their own.
+fn require(caller: &Caller, stream: &str, access: Access) -> ApiResult<()> {
+    caller.require(Resource::Stream, stream, access)
+}
+
+/// The events of an append body, each checked, as (id, structured JSON bytes).
+fn parse_events(headers: &HeaderMap, body: &Bytes) -> ApiResult<Vec<NewEvent>> {
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let media = content_type.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    if headers.contains_key("ce-specversion") {
+        // Binary mode: the attributes in ce-* headers, the body is the data.
+        if body.len() > MAX_EVENT_BYTES {
+            return Err(ApiError::PayloadTooLarge(format!("body: an event is at most {MAX_EVENT_BYTES} bytes")));
+        }
+        let attrs = headers.iter().filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string()))).filter(|(k, _)| k.starts_with("ce-"));
+        let event = ce::from_binary(attrs, Some(content_type).filter(|c| !c.is_empty()), body, |b| base64::engine::general_purpose::STANDARD.encode(b))?;
+        return one(&event, "event").map(|e| vec![e]);
+    }
+    let parsed: Value = serde_json::from_slice(body).map_err(|e| ApiError::field("body", format!("is not JSON: {e}")))?;
+    match (media.as_str(), parsed) {
+        ("application/cloudevents-batch+json" | "application/json", Value::Array(list)) => {
+            if list.is_empty() || list.len() > MAX_BATCH_EVENTS {
+                return Err(ApiError::field("body", format!("a batch has 1 to {MAX_BATCH_EVENTS} events")));
+            }
+            let events = list.iter().enumerate().map(|(i, e)| one(e, &format!("events[{i}]"))).collect::<ApiResult<Vec<_>>>()?;
+            let mut seen = std::collections::HashSet::new();
+            if let Some((i, e)) = events.iter().enumerate().find(|(_, e)| !seen.insert(e.id.as_str())) {
+                return Err(ApiError::field(&format!("events[{i}].id"), format!("{:?} appears twice in the batch", e.id)));
+            }
+            Ok(events)
+        }
+        ("application/cloudevents-batch+json", _) => Err(ApiError::field("body", "a batch is a JSON array of CloudEvents")),
+        ("application/cloudevents+json" | "application/json", event @ Value::Object(_)) => Ok(vec![one(&event, "event")?]),
+        (other, _) => Err(ApiError::field(
+            "content-type",
+            format!("{other:?}: send application/cloudevents+json, application/cloudevents-batch+json, or binary mode (ce-* headers)"),
+        )),
+    }
+}
+
+fn one(event: &Value, field: &str) -> ApiResult<NewEvent> {
+    let id = ce::cloudevent(field, event)?.to_string();
+    let body = serde_json::to_vec(event).map_err(|e| ApiError::Internal(e.to_string()))?;
+    if body.len() > MAX_EVENT_BYTES {
+        return Err(ApiError::PayloadTooLarge(format!("{field}: an event is at most {MAX_EVENT_BYTES} bytes")));
+    }
+    Ok(NewEvent { id, body: body.into() })
+}
+
+/// `POST /api/v1/streams/{stream}?expected_revision=`: 201 with where the events landed.
+async fn append(State(s): State<AppState>, caller: Caller, Path(stream): Path<String>, q: QueryPairs, headers: HeaderMap, body: Bytes) -> ApiResult<Response> {
+    ce::stream_name("stream", &stream, false)?;
+    require(&caller, &stream, Access::Write)?;
+    let expected = expected(&q)?;
+    let events = parse_events(&headers, &body)?;
+    match s.events.append(&stream, expected, events).await {
+        Ok(a) => Ok((
+            StatusCode::CREATED,
+            Json(json!({"revision": a.first_revision, "last_revision": a.last_revision, "position": a.first_position, "last_position": a.last_position})),
+        )
+            .into_response()),
+        Err(e @ EventLogError::WrongExpectedRevision { actual, .. }) => Ok(wrong_revision(e.to_string(), actual)),
+        Err(e) => Err(log_error(e)),
+    }
+}
+
+fn direction(q: &QueryPairs) -> ApiResult<Direction> {
+    match q.get("direction") {
+        None | Some("forwards") => Ok(Direction::Forwards),
+        Some("backwards") => Ok(Direction::Backwards),
+        Some(d) => Err(ApiError::field("direction", format!("{d:?} is not forwards or backwards"))),
+    }
+}
+
+/// One event as reads and subscriptions show it; `number` is what `from` counts in this read
+/// (the revision in a stream, the position in `$all`, the sequence in a category).
+fn shown(number: u64, e: &RecordedEvent) -> Value {
+    let event: Value = serde_json::from_slice(&e.body).unwrap_or(Value::Null);
+    json!({"revision": number, "position": e.position, "stream": e.stream, "stream_revision": e.revision, "event": event})
+}
+
+/// What a read names: one stream, every stream, or a category.
+enum Source<'a> {
+    Stream(&'a str),
+    All,
+    Category(&'a str),
+}
+
+fn source(stream: &str) -> ApiResult<Source<'_>> {
+    if stream == ALL {
+        return Ok(Source::All);
+    }
+    if let Some(c) = stream.strip_prefix(CATEGORY) {
+        ce::stream_name("stream", c, false)?;
+        return Ok(Source::Category(c));
+    }
+    ce::stream_name("stream", stream, true)?;
+    Ok(Source::Stream(stream))
+}
+
+fn read_from(s: &AppState, src: &Source<'_>, from: u64, dir: Direction, limit: usize) -> ApiResult<Vec<(u64, RecordedEvent)>> {
+    Ok(match src {
+        Source::Stream(name) => s.events.read_stream(name, from, dir, limit).map_err(log_error)?.into_iter().map(|e| (e.revision, e)).collect(),
+        Source::All => s.events.read_all(from, dir, limit).map_err(log_error)?.into_iter().map(|e| (e.position, e)).collect(),
+        Source::Category(c) => s.events.read_category(c, from, dir, limit).map_err(log_error)?,
+    })
+}
+
+/// `GET /api/v1/streams/{stream}?from=&direction=&limit=` → `{"events": [...], "next"}`.
+async fn read(State(s): State<AppState>, caller: Caller, Path(stream): Path<String>, q: QueryPairs) -> ApiResult<Response> {
+    let src = source(&stream)?;
+    require(&caller, &stream, Access::Read)?;
+    let dir = direction(&q)?;
+    let limit = q.u64("limit")?.map_or(DEFAULT_READ, |l| (l as usize).clamp(1, MAX_READ));
+    let from = q.u64("from")?.unwrap_or(match dir {
+        Direction::Forwards => 0,
+        Direction::Backwards => u64::MAX,
+    });
+    if let Source::Stream(name) = src {
+        let info = s.events.stream_info(name).map_err(log_error)?;
+        if info.is_none_or(|i| i.deleted || i.last_revision.is_none()) {
+            return Err(ApiError::NotFound(format!("stream {name:?} not found")));
+        }
+    }
+    let events = read_from(&s, &src, from, dir, limit)?;
+    // More may follow when the page is full; `next` is where the following read starts.
+    let next = match (events.last(), events.len() == limit, dir) {
+        (Some((n, _)), true, Direction::Forwards) => Some(n + 1),
+        (Some((n, _)), true, Direction::Backwards) => n.checked_sub(1),
+        _ => None,
+    };
+    let shown: Vec<Value> = events.iter().map(|(n, e)| shown(*n, e)).collect();
+    Ok(Json(json!({"events": shown, "next": next})).into_response())
+}
+
+/// `GET /api/v1/streams/{stream}/subscribe?from=`: SSE, catch-up then live; each message's id
+/// is its number (revision, position or sequence), so `Last-Event-ID` resumes after it.
+async fn subscribe(State(s): State<AppState>, caller: Caller, Path(stream): Path<String>, q: QueryPairs, headers: HeaderMap) -> ApiResult<Response> {
+    source(&stream)?;
+    require(&caller, &stream, Access::Read)?;
+    let s_metrics = s.metrics.clone();
+    let resume = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.trim().parse::<u64>().map_err(|_| ApiError::field("Last-Event-ID", format!("{v:?} is not an event number"))));
+    let from = match resume {
+        Some(r) => r?.saturating_add(1),
+        None => q.u64("from")?.unwrap_or(0),
+    };
+    let sub = Subscription {
+        head: s.events.head(),
+        s,
+        name: stream,
+        from,
+        pending: std::collections::VecDeque::new(),
+        done: false,
+        _guard: zhili_telemetry::WatcherGuard::new(&s_metrics),
+    };
+    let stream = stream::unfold(sub, |mut sub| async move {
+        let event = sub.next().await?;
+        Some((Ok::<_, Infallible>(event), sub))
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)).into_response())
+}
+
+/// One SSE subscriber: where its next read starts, and events read but not yet sent. Reads
+/// are bounded (one batch at a time), so a slow subscriber costs the server nothing more.
+struct Subscription {
+    s: AppState,
+    name: String,
+    from: u64,
+    head: tokio::sync::watch::Receiver<u64>,
+    pending: std::collections::VecDeque<(u64, RecordedEvent)>,
+    done: bool,
+    _guard: zhili_telemetry::WatcherGuard,
+}
+
+impl Subscription {
+    async fn next(&mut self) -> Option<Event> {
+        loop {
+            if let Some((n, e)) = self.pending.pop_front() {
+                return Some(Event::default().id(n.to_string()).event("event").data(String::from_utf8_lossy(&e.body)));
+            }
+            if self.done {
+                return None;
+            }
+            self.head.borrow_and_update();
+            let src = source(&self.name).ok()?;
+            match read_from(&self.s, &src, self.from, Direction::Forwards, SUBSCRIBE_BATCH) {
+                Ok(batch) if !batch.is_empty() => {
+                    self.from = batch.last().map_or(self.from, |(n, _)| n + 1);
+                    self.pending.extend(batch);
+                }
+                // Caught up: wait for the next durable append anywhere.
+                Ok(_) => self.head.changed().await.ok()?,
+                Err(e) => {
+                    self.done = true;
+                    return Some(Event::default().event("error").data(json!({"detail": e.detail()}).to_string()));
+                }
+            }
+        }
+    }
+}
+
+/// `GET /api/v1/streams?prefix=&after=&limit=`: streams the caller may read.
+async fn list(State(s): State<AppState>, caller: Caller, q: QueryPairs) -> ApiResult<Response> {
+    let prefix = q.get("prefix").unwrap_or("");
+    let limit = q.u64("limit")?.map_or(DEFAULT_READ, |l| (l as usize).clamp(1, MAX_READ));
+    let mut out = Vec::new();
+    let mut after = q.get("after").map(str::to_string);
+    // Reads past names the caller may not see, so a page is full when more visible ones exist.
+    loop {
+        let page = s.events.list_streams(prefix, after.as_deref(), limit).map_err(log_error)?;
+        let done = page.len() < limit;
+        after = page.last().map(|(n, _)| n.clone());
+        out.extend(
+            page.into_iter()
+                .filter(|(n, _)| caller.can(Resource::Stream, n, Access::Read))
+                .map(|(n, i)| json!({"stream": n, "last_revision": i.last_revision})),
+        );
+        if done || out.len() >= limit {
+            break;
+        }
+    }
+    out.truncate(limit);
+    Ok(Json(json!({"streams": out})).into_response())
+}
+
+/// `DELETE /api/v1/streams/{stream}?expected_revision=`: soft delete (reads answer 404 until
+/// the stream is appended to again, continuing its revisions).
+async fn delete(State(s): State<AppState>, caller: Caller, Path(stream): Path<String>, q: QueryPairs) -> ApiResult<Response> {
+    ce::stream_name("stream", &stream, false)?;
+    require(&caller, &stream, Access::Write)?;
+    match s.events.delete_stream(&stream, expected(&q)?).await {
+        Ok(()) => Ok(StatusCode::NO_CONTENT.into_response()),
+        Err(EventLogError::WrongExpectedRevision { actual: None, .. }) => Err(ApiError::NotFound(format!("stream {stream:?} not found"))),
+        Err(e @ EventLogError::WrongExpectedRevision { actual, .. }) => Ok(wrong_revision(e.to_string(), actual)),
+        Err(e) => Err(log_error(e)),
+    }
+}

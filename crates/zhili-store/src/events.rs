@@ -1,0 +1,165 @@
+//! The event log contract: named streams of immutable events, each with a gapless per-stream
+//! revision (0-based) and one global position across all streams (0-based). Appends are atomic
+//! per call, checked against an expected revision, idempotent by event id, and acknowledged only
+//! once durable. Shaped so that a NATS JetStream backend can implement it later (a stream per
+//! Zhili stream subject, the global position as the JetStream sequence of one `$all` stream).
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use tokio::sync::watch;
+
+/// What the stream's current revision must be for an append to apply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpectedRevision {
+    Any,
+    /// The stream has no events (never written, or soft-deleted).
+    NoStream,
+    /// The stream has at least one event.
+    Exists,
+    /// The stream's last event has exactly this revision.
+    Exact(u64),
+}
+
+/// One event to append: its id (idempotency key within the stream) and its body (the
+/// structured CloudEvent, stored and returned byte for byte).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEvent {
+    pub id: String,
+    pub body: Bytes,
+}
+
+/// Where an append landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    pub first_revision: u64,
+    pub last_revision: u64,
+    pub first_position: u64,
+    pub last_position: u64,
+    /// The same event ids were appended before: this is the original answer, nothing was written.
+    pub duplicate: bool,
+}
+
+/// An event as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordedEvent {
+    pub stream: String,
+    pub revision: u64,
+    pub position: u64,
+    pub id: String,
+    pub body: Bytes,
+}
+
+/// A stream's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StreamInfo {
+    /// The revision of its last event; None when it has none.
+    pub last_revision: Option<u64>,
+    /// Reads start here: events below it are gone (soft delete, truncate-before).
+    pub truncate_before: u64,
+    pub deleted: bool,
+}
+
+/// Which way a read goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Forwards,
+    Backwards,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EventLogError {
+    #[error("expected revision {expected} but the stream is at {}", actual.map_or_else(|| "no stream".to_string(), |r| r.to_string()))]
+    WrongExpectedRevision { expected: String, actual: Option<u64> },
+    #[error("event ids {0}: part of this batch was appended before, part was not; send the events that are new on their own")]
+    PartialDuplicate(String),
+    #[error("event log engine failed: {0}")]
+    Engine(String),
+    #[error("stored event is corrupt: {0}")]
+    Corrupt(String),
+    #[error("the event log is shutting down")]
+    Closed,
+}
+
+#[async_trait]
+pub trait EventLog: Send + Sync + 'static {
+    /// Appends `events` to `stream` atomically (all or none) if `expected` holds. Returns once
+    /// durable. The same event ids again (the first one already in the stream) answer the
+    /// original revisions and positions with `duplicate: true`, writing nothing.
+    async fn append(&self, stream: &str, expected: ExpectedRevision, events: Vec<NewEvent>) -> Result<Appended, EventLogError>;
+    /// Up to `limit` events of `stream` from revision `from` (inclusive) in `direction`
+    /// (`from = u64::MAX` backwards means from the end).
+    fn read_stream(&self, stream: &str, from: u64, direction: Direction, limit: usize) -> Result<Vec<RecordedEvent>, EventLogError>;
+    /// Up to `limit` events of every stream from global position `from` (inclusive).
+    fn read_all(&self, from: u64, direction: Direction, limit: usize) -> Result<Vec<RecordedEvent>, EventLogError>;
+    /// Up to `limit` events of the category `category` (streams named `category-...`) from its
+    /// sequence number `from`; each comes with that sequence number.
+    fn read_category(&self, category: &str, from: u64, direction: Direction, limit: usize) -> Result<Vec<(u64, RecordedEvent)>, EventLogError>;
+    fn stream_info(&self, stream: &str) -> Result<Option<StreamInfo>, EventLogError>;
+    /// Stream names starting with `prefix`, after `after` (exclusive), at most `limit`.
+    fn list_streams(&self, prefix: &str, after: Option<&str>, limit: usize) -> Result<Vec<(String, StreamInfo)>, EventLogError>;
+    /// Soft delete: the stream reads as empty (404) until it is appended to again, which
+    /// continues its revisions.
+    async fn delete_stream(&self, stream: &str, expected: ExpectedRevision) -> Result<(), EventLogError>;
+    /// The global position the next append gets (ticks after every durable append).
+    fn head(&self) -> watch::Receiver<u64>;
+}
+
+/// The category of a stream: its name up to the first `-` (`order-17` → `order`).
+pub fn category(stream: &str) -> Option<&str> {
+    stream.split_once('-').map(|(c, _)| c).filter(|c| !c.is_empty() && !c.starts_with('$'))
+}
+
+impl ExpectedRevision {
+    /// Whether a stream at `actual` (None: no events) satisfies it.
+    pub fn holds(self, actual: Option<u64>) -> bool {
+        match self {
+            Self::Any => true,
+            Self::NoStream => actual.is_none(),
+            Self::Exists => actual.is_some(),
+            Self::Exact(n) => actual == Some(n),
+        }
+    }
+}
+
+impl std::fmt::Display for ExpectedRevision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Any => f.write_str("any"),
+            Self::NoStream => f.write_str("no_stream"),
+            Self::Exists => f.write_str("exists"),
+            Self::Exact(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+/// The behaviour every [`EventLog`] must show, run by each implementation's tests (embedded and
+/// in-memory today; a JetStream backend would run it too).
+#[doc(hidden)]
+pub async fn conformance(log: &dyn EventLog) {
+    let ev = |id: &str| NewEvent { id: id.into(), body: Bytes::from(format!("{{\"id\":\"{id}\"}}")) };
+    let a = log.append("order-1", ExpectedRevision::NoStream, vec![ev("a"), ev("b")]).await.expect("conformance");
+    assert_eq!((a.first_revision, a.last_revision, a.first_position, a.last_position, a.duplicate), (0, 1, 0, 1, false));
+    let again = log.append("order-1", ExpectedRevision::NoStream, vec![ev("a"), ev("b")]).await.expect("conformance");
+    assert_eq!((again.first_position, again.last_revision, again.duplicate), (0, 1, true), "same ids: the original answer");
+    assert!(matches!(log.append("order-1", ExpectedRevision::Any, vec![ev("b"), ev("c")]).await, Err(EventLogError::PartialDuplicate(_))));
+    let wrong = log.append("order-1", ExpectedRevision::Exact(0), vec![ev("c")]).await.expect_err("conformance");
+    assert!(matches!(wrong, EventLogError::WrongExpectedRevision { actual: Some(1), .. }), "{wrong}");
+    log.append("order-2", ExpectedRevision::Any, vec![ev("x")]).await.expect("conformance");
+    log.append("order-1", ExpectedRevision::Exact(1), vec![ev("c")]).await.expect("conformance");
+    let fwd: Vec<String> = log.read_stream("order-1", 0, Direction::Forwards, 10).expect("conformance").into_iter().map(|e| e.id).collect();
+    assert_eq!(fwd, ["a", "b", "c"]);
+    let back: Vec<u64> = log.read_stream("order-1", u64::MAX, Direction::Backwards, 2).expect("conformance").into_iter().map(|e| e.revision).collect();
+    assert_eq!(back, [2, 1]);
+    let all: Vec<(String, u64)> = log.read_all(0, Direction::Forwards, 10).expect("conformance").into_iter().map(|e| (e.stream, e.position)).collect();
+    assert_eq!(all, [("order-1".into(), 0), ("order-1".into(), 1), ("order-2".into(), 2), ("order-1".into(), 3)]);
+    let cat: Vec<(u64, String)> = log.read_category("order", 0, Direction::Forwards, 10).expect("conformance").into_iter().map(|(s, e)| (s, e.id)).collect();
+    assert_eq!(cat, [(0, "a".into()), (1, "b".into()), (2, "x".into()), (3, "c".into())]);
+    assert_eq!(*log.head().borrow(), 4);
+
+    log.delete_stream("order-2", ExpectedRevision::Any).await.expect("conformance");
+    assert!(log.read_stream("order-2", 0, Direction::Forwards, 10).expect("conformance").is_empty());
+    assert!(log.list_streams("order-", None, 10).expect("conformance").iter().all(|(n, _)| n != "order-2"));
+    let re = log.append("order-2", ExpectedRevision::NoStream, vec![ev("y")]).await.expect("conformance");
+    assert_eq!(re.first_revision, 1, "a recreated stream continues its revisions");
+    assert_eq!(log.read_stream("order-2", 0, Direction::Forwards, 10).expect("conformance").len(), 1, "only what came after the delete");
+}

@@ -1,0 +1,85 @@
+//! Zhili's own changes as events: registry changes go to the `$registry` stream as CloudEvents
+//! (`io.zhili.registry.*`), so services and operators can subscribe to what happens to the
+//! services they depend on, with the same reads, subscriptions and ACLs as any stream.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::sync::broadcast::error::RecvError;
+use zhili_model::{RegistryEvent, RegistryEventKind};
+use zhili_registry::Registry;
+use zhili_store::events::{EventLog, ExpectedRevision, NewEvent};
+
+pub const REGISTRY_STREAM: &str = "$registry";
+/// Registry events appended in one batch at most.
+const BATCH: usize = 512;
+
+/// The CloudEvent `type` of a registry change.
+pub fn registry_type(kind: RegistryEventKind) -> &'static str {
+    match kind {
+        RegistryEventKind::ServiceUpserted => "io.zhili.registry.service.updated",
+        RegistryEventKind::ServiceDeleted => "io.zhili.registry.service.deleted",
+        RegistryEventKind::InstanceRegistered => "io.zhili.registry.instance.registered",
+        RegistryEventKind::InstanceUpdated => "io.zhili.registry.instance.updated",
+        RegistryEventKind::InstanceDeregistered => "io.zhili.registry.instance.deregistered",
+    }
+}
+
+/// One registry change as a structured CloudEvent. `n` orders events that share a registry
+/// index (one change can cause several), so the id is unique and stable.
+fn cloudevent(node: &str, ev: &RegistryEvent, n: usize) -> NewEvent {
+    let id = format!("registry-{}-{n}", ev.index);
+    let subject = match &ev.instance_id {
+        Some(i) => format!("{}/{}/{i}", ev.namespace, ev.service),
+        None => format!("{}/{}", ev.namespace, ev.service),
+    };
+    let body = json!({
+        "specversion": "1.0",
+        "id": id,
+        "source": format!("zhili://{node}/registry"),
+        "type": registry_type(ev.kind),
+        "subject": subject,
+        "time": zhili_model::event::timestamp(zhili_registry::unix_ms()),
+        "datacontenttype": "application/json",
+        "data": ev,
+    });
+    NewEvent { id, body: serde_json::to_vec(&body).unwrap_or_default().into() }
+}
+
+/// Appends every registry change to `$registry` until the registry closes. Changes that arrive
+/// together go in one append; a failed append is retried (the ids make it idempotent).
+pub async fn publish_registry(registry: Arc<Registry>, log: Arc<dyn EventLog>, node: String) {
+    let mut rx = registry.subscribe_events();
+    loop {
+        let first = match rx.recv().await {
+            Ok(ev) => ev,
+            Err(RecvError::Lagged(n)) => {
+                tracing::warn!(missed = n, "the $registry publisher fell behind; {n} registry changes are not in the stream");
+                continue;
+            }
+            Err(RecvError::Closed) => return,
+        };
+        let mut batch = vec![first];
+        while batch.len() < BATCH {
+            match rx.try_recv() {
+                Ok(ev) => batch.push(ev),
+                Err(_) => break,
+            }
+        }
+        let mut last_index = 0;
+        let mut n = 0;
+        let events: Vec<NewEvent> = batch
+            .iter()
+            .map(|ev| {
+                n = if ev.index == last_index { n + 1 } else { 0 };
+                last_index = ev.index;
+                cloudevent(&node, ev, n)
+            })
+            .collect();
+        while let Err(e) = log.append(REGISTRY_STREAM, ExpectedRevision::Any, events.clone()).await {
+            tracing::warn!(error = %e, "appending to $registry failed; retrying");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+}

@@ -1,0 +1,325 @@
+//! The event store through the binary: appends with expected revisions and idempotent ids,
+//! CloudEvents in structured, batch and binary mode, reads of a stream, `$all` and a category,
+//! SSE subscriptions (catch-up, live, Last-Event-ID), soft delete, `$registry`, stream ACLs,
+//! and acknowledged appends surviving kill -9.
+#![allow(clippy::unwrap_used, clippy::indexing_slicing)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use http::{Method, StatusCode};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn event(id: &str) -> Value {
+    json!({"specversion": "1.0", "id": id, "source": "/shop", "type": "order.paid", "subject": "17", "myext": "kept", "data": {"n": id}})
+}
+
+async fn post(c: &zhili_client::Client, path: &str, body: &Value) -> (StatusCode, Value) {
+    let (st, _, v) = call(c, Method::POST, path, Some(&body.to_string())).await;
+    (st, v)
+}
+
+/// One HTTP/1.1 request on its own connection, for what the SDK does not send (custom
+/// content types, ce-* headers); returns the status and body.
+async fn raw(s: &ServerProcess, head: &str, body: &[u8]) -> (u16, String) {
+    let mut conn = tokio::net::TcpStream::connect(s.api).await.unwrap();
+    let req = format!("{head}\r\nHost: zhili\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+    conn.write_all(req.as_bytes()).await.unwrap();
+    conn.write_all(body).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut out)).await.unwrap().unwrap();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
+
+fn ids(v: &Value) -> Vec<String> {
+    v["events"].as_array().unwrap().iter().map(|e| e["event"]["id"].as_str().unwrap().to_string()).collect()
+}
+
+#[tokio::test]
+async fn append_read_and_expected_revisions() {
+    let s = dev_server();
+    let c = client(&s, None);
+    let (st, a) = post(&c, "/api/v1/streams/order-17?expected_revision=no_stream", &event("e1")).await;
+    assert_eq!(st, StatusCode::CREATED, "{a}");
+    assert_eq!((a["revision"].as_u64(), a["position"].as_u64()), (Some(0), Some(0)));
+    // A wrong expected revision: 409 with the actual one, nothing written.
+    let (st, v) = post(&c, "/api/v1/streams/order-17?expected_revision=5", &event("e2")).await;
+    assert_eq!((st, v["actual_revision"].as_u64()), (StatusCode::CONFLICT, Some(0)), "{v}");
+    let (st, v) = post(&c, "/api/v1/streams/order-new?expected_revision=exists", &event("e2")).await;
+    assert_eq!(st, StatusCode::CONFLICT);
+    assert!(v["actual_revision"].is_null(), "{v}");
+    // The same id again: the original answer, nothing written.
+    let (st, again) = post(&c, "/api/v1/streams/order-17?expected_revision=no_stream", &event("e1")).await;
+    assert_eq!((st, &again), (StatusCode::CREATED, &a));
+    // A batch is all or nothing: one bad event and none is appended.
+    let mut bad = event("e3");
+    bad["time"] = json!("noon");
+    expect_problem(&c, Method::POST, "/api/v1/streams/order-17", Some(&json!([event("e2"), bad]).to_string()), StatusCode::BAD_REQUEST, "events[1].time").await;
+    let (st, b) = post(&c, "/api/v1/streams/order-17?expected_revision=0", &json!([event("e2"), event("e3")])).await;
+    assert_eq!((st, b["revision"].as_u64(), b["last_revision"].as_u64()), (StatusCode::CREATED, Some(1), Some(2)), "{b}");
+    for (body, field) in [
+        (json!({"specversion": "1.0", "id": "x", "type": "t"}), "event.source"),
+        (json!({"specversion": "2.0", "id": "x", "source": "/", "type": "t"}), "event.specversion"),
+        (json!([event("d"), event("d")]), "events[1].id"),
+        (json!([]), "body"),
+        (json!({"specversion": "1.0", "id": "x", "source": "/", "type": "t", "Bad": 1}), "event.Bad"),
+    ] {
+        expect_problem(&c, Method::POST, "/api/v1/streams/order-17", Some(&body.to_string()), StatusCode::BAD_REQUEST, field).await;
+    }
+    expect_problem(
+        &c,
+        Method::POST,
+        "/api/v1/streams/order-17?expected_revision=soon",
+        Some(&event("z").to_string()),
+        StatusCode::BAD_REQUEST,
+        "expected_revision",
+    )
+    .await;
+    expect_problem(&c, Method::POST, "/api/v1/streams/$registry", Some(&event("z").to_string()), StatusCode::BAD_REQUEST, "stream").await;
+    expect_problem(&c, Method::POST, "/api/v1/streams/a%2Fb", Some(&event("z").to_string()), StatusCode::BAD_REQUEST, "stream").await;
+
+    // Reads: forwards, backwards, paging; the CloudEvent comes back with every attribute.
+    let (_, _, v) = call(&c, Method::GET, "/api/v1/streams/order-17", None).await;
+    assert_eq!(ids(&v), ["e1", "e2", "e3"]);
+    assert_eq!(v["events"][0]["event"], event("e1"), "attributes and extensions kept");
+    let (_, _, v) = call(&c, Method::GET, "/api/v1/streams/order-17?direction=backwards&limit=2", None).await;
+    assert_eq!((ids(&v), v["next"].as_u64()), (vec!["e3".to_string(), "e2".into()], Some(0)));
+    let (_, _, v) = call(&c, Method::GET, "/api/v1/streams/order-17?from=1&limit=1", None).await;
+    assert_eq!((ids(&v), v["next"].as_u64()), (vec!["e2".to_string()], Some(2)));
+
+    // Binary mode, into another stream of the same category.
+    let (st, body) = raw(&s, "POST /api/v1/streams/order-18 HTTP/1.1\r\nce-specversion: 1.0\r\nce-id: b1\r\nce-source: /pos\r\nce-type: order.placed\r\nce-traceparent: 00-abc\r\ncontent-type: application/json", br#"{"total": 12}"#).await;
+    assert_eq!(st, 201, "{body}");
+    let (_, _, v) = call(&c, Method::GET, "/api/v1/streams/order-18", None).await;
+    let e = &v["events"][0]["event"];
+    assert_eq!((e["data"]["total"].as_u64(), e["traceparent"].as_str(), e["datacontenttype"].as_str()), (Some(12), Some("00-abc"), Some("application/json")));
+    let (st, _) =
+        raw(&s, "POST /api/v1/streams/order-18 HTTP/1.1\r\ncontent-type: application/cloudevents-batch+json", event("q").to_string().as_bytes()).await;
+    assert_eq!(st, 400, "a batch must be an array");
+    let (st, _) = raw(&s, "POST /api/v1/streams/order-18 HTTP/1.1\r\ncontent-type: text/plain", b"hi").await;
+    assert_eq!(st, 400);
+
+    // $ce-order reads both streams in append order; $all has everything with positions.
+    let (_, _, v) = call(&c, Method::GET, "/api/v1/streams/$ce-order", None).await;
+    assert_eq!(ids(&v), ["e1", "e2", "e3", "b1"]);
+    let (_, _, v) = call(&c, Method::GET, "/api/v1/streams/$all?from=3", None).await;
+    assert_eq!(v["events"][0]["event"]["id"], "b1");
+    assert_eq!(v["events"][0]["position"], 3);
+    let (_, _, v) = call(&c, Method::GET, "/api/v1/streams?prefix=order-", None).await;
+    let names: Vec<&str> = v["streams"].as_array().unwrap().iter().map(|s| s["stream"].as_str().unwrap()).collect();
+    assert_eq!(names, ["order-17", "order-18"]);
+
+    // Soft delete: 404 until appended to again, which continues the revisions.
+    let (st, _, _) = call(&c, Method::DELETE, "/api/v1/streams/order-18", None).await;
+    assert_eq!(st, StatusCode::NO_CONTENT);
+    let (st, _, _) = call(&c, Method::GET, "/api/v1/streams/order-18", None).await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+    let (st, v) = post(&c, "/api/v1/streams/order-18?expected_revision=no_stream", &event("b2")).await;
+    assert_eq!((st, v["revision"].as_u64()), (StatusCode::CREATED, Some(1)), "{v}");
+    let (_, _, v) = call(&c, Method::GET, "/api/v1/streams/order-18", None).await;
+    assert_eq!(ids(&v), ["b2"]);
+    let (st, _, _) = call(&c, Method::GET, "/api/v1/streams/never", None).await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+}
+
+/// Reads SSE messages until `n` events arrived; returns their (id, CloudEvent id).
+async fn sse(s: &ServerProcess, path: &str, last_event_id: Option<u64>, n: usize, during: impl std::future::Future<Output = ()>) -> Vec<(u64, String)> {
+    let mut conn = tokio::net::TcpStream::connect(s.api).await.unwrap();
+    let resume = last_event_id.map(|i| format!("Last-Event-ID: {i}\r\n")).unwrap_or_default();
+    conn.write_all(format!("GET {path} HTTP/1.1\r\nHost: zhili\r\nAccept: text/event-stream\r\n{resume}\r\n").as_bytes()).await.unwrap();
+    let reader = async {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 8192];
+        loop {
+            let text = String::from_utf8_lossy(&buf).into_owned();
+            let got: Vec<(u64, String)> = text
+                .split("\n\n")
+                .filter_map(|m| {
+                    let id = m.lines().find_map(|l| l.strip_prefix("id: "))?.parse().ok()?;
+                    let data: Value = serde_json::from_str(m.lines().find_map(|l| l.strip_prefix("data: "))?).ok()?;
+                    Some((id, data["id"].as_str()?.to_string()))
+                })
+                .collect();
+            if got.len() >= n {
+                return got;
+            }
+            let k = conn.read(&mut chunk).await.unwrap();
+            assert!(k > 0, "stream ended early: {text}");
+            buf.extend_from_slice(&chunk[..k]);
+        }
+    };
+    let (got, ()) = tokio::time::timeout(Duration::from_secs(20), async { tokio::join!(reader, during) }).await.expect("subscription delivered in time");
+    got
+}
+
+#[tokio::test]
+async fn subscriptions_catch_up_then_follow_and_resume() {
+    let s = dev_server();
+    let c = client(&s, None);
+    for i in 0..3 {
+        post(&c, "/api/v1/streams/cart-1", &event(&format!("c{i}"))).await;
+    }
+    // Catch-up (3 stored) then live (2 appended while subscribed).
+    let live = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        post(&c, "/api/v1/streams/other", &event("o1")).await;
+        post(&c, "/api/v1/streams/cart-1", &json!([event("c3"), event("c4")])).await;
+    };
+    let got = sse(&s, "/api/v1/streams/cart-1/subscribe?from=0", None, 5, live).await;
+    assert_eq!(got.iter().map(|(i, e)| (*i, e.as_str())).collect::<Vec<_>>(), [(0, "c0"), (1, "c1"), (2, "c2"), (3, "c3"), (4, "c4")]);
+    // Last-Event-ID resumes after the given revision.
+    let got = sse(&s, "/api/v1/streams/cart-1/subscribe", Some(2), 2, async {}).await;
+    assert_eq!(got.iter().map(|(_, e)| e.as_str()).collect::<Vec<_>>(), ["c3", "c4"]);
+    // $all by position.
+    let got = sse(&s, "/api/v1/streams/$all/subscribe?from=3", None, 3, async {}).await;
+    assert_eq!(got.iter().map(|(i, e)| (*i, e.as_str())).collect::<Vec<_>>(), [(3, "o1"), (4, "c3"), (5, "c4")]);
+}
+
+#[tokio::test]
+async fn registry_changes_are_events_and_system_streams_need_their_own_grant() {
+    let s = ServerProcess::start(bin(), &[]);
+    let root = bootstrap(&s).await;
+    let admin = client(&s, Some(&root));
+    let rules = |name: &str, rules: Value| json!({"name": name, "rules": rules}).to_string();
+    for (name, body) in [
+        ("streams-all", rules("streams-all", json!([{"resource": "stream", "prefix": "", "access": "write"}]))),
+        ("registry-feed", rules("registry-feed", json!([{"resource": "stream", "prefix": "$registry", "access": "read"}]))),
+    ] {
+        let (st, _, v) = call(&admin, Method::POST, "/api/v1/acl/policies", Some(&body)).await;
+        assert!(st.is_success(), "{name}: {v}");
+    }
+    let token = |policy: &str| {
+        let admin = admin.clone();
+        let policy = policy.to_string();
+        async move {
+            let (_, _, v) = call(&admin, Method::POST, "/api/v1/acl/tokens", Some(&json!({"policies": [policy]}).to_string())).await;
+            v["secret_id"].as_str().unwrap().to_string()
+        }
+    };
+    let writer = client(&s, Some(&token("streams-all").await));
+    let feed = client(&s, Some(&token("registry-feed").await));
+    let (st, _) = post(&writer, "/api/v1/streams/order-1", &event("a")).await;
+    assert_eq!(st, StatusCode::CREATED);
+    let (st, _) = post(&client(&s, None), "/api/v1/streams/order-1", &event("b")).await;
+    assert_eq!(st, StatusCode::FORBIDDEN, "anonymous may not append");
+    let (st, _) = post(&feed, "/api/v1/streams/order-1", &event("b")).await;
+    assert_eq!(st, StatusCode::FORBIDDEN, "a read grant on $registry does not write other streams");
+
+    let (st, _, _) = call(&admin, Method::POST, "/api/v1/services/web/instances", Some(r#"{"address":"10.0.0.1","port":80}"#)).await;
+    assert_eq!(st, StatusCode::CREATED);
+    let registered = Arc::new(Mutex::new(Value::Null));
+    assert_eventually(Duration::from_secs(10), "the registration reaches $registry", || {
+        let feed = feed.clone();
+        let found = registered.clone();
+        async move {
+            let (st, _, v) = call(&feed, Method::GET, "/api/v1/streams/$registry", None).await;
+            assert_eq!(st, StatusCode::OK, "{v}");
+            let hit = v["events"].as_array().unwrap().iter().find(|e| e["event"]["type"] == "io.zhili.registry.instance.registered").cloned();
+            let ok = hit.is_some();
+            *found.lock().unwrap() = hit.unwrap_or(Value::Null);
+            ok
+        }
+    })
+    .await;
+    let registered = registered.lock().unwrap().clone();
+    let e = &registered["event"];
+    assert_eq!(
+        (e["subject"].as_str(), e["source"].as_str(), e["data"]["service"].as_str()),
+        (Some("default/web/10.0.0.1:80"), Some("zhili://zhili/registry"), Some("web"))
+    );
+    assert!(zhili_model::event::cloudevent("event", e).is_ok(), "a valid CloudEvent: {e}");
+    // A grant on every name does not reach system streams; $all is a system stream too.
+    for path in ["/api/v1/streams/$registry", "/api/v1/streams/$all", "/api/v1/streams/$registry/subscribe"] {
+        let (st, _, _) = call(&writer, Method::GET, path, None).await;
+        assert_eq!(st, StatusCode::FORBIDDEN, "{path}");
+    }
+    let (st, _, _) = call(&feed, Method::GET, "/api/v1/streams/order-1", None).await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
+    let (_, _, v) = call(&writer, Method::GET, "/api/v1/streams", None).await;
+    let names: Vec<&str> = v["streams"].as_array().unwrap().iter().map(|s| s["stream"].as_str().unwrap()).collect();
+    assert_eq!(names, ["order-1"], "listings show only readable streams");
+}
+
+/// Per stream, the events acknowledged: (revision, id).
+type Acked = HashMap<String, Vec<(u64, String)>>;
+
+#[tokio::test]
+async fn acknowledged_appends_survive_kill_9_exactly_once_in_order() {
+    let mut s = dev_server();
+    let c = client(&s, None);
+    let acked: Arc<Mutex<Acked>> = Arc::default();
+    let mut appenders = vec![];
+    for w in 0..32 {
+        let c = c.clone();
+        let acked = acked.clone();
+        appenders.push(tokio::spawn(async move {
+            let stream = format!("crash-{}", w % 8);
+            // Bounded: at most 2,000 appends each, ended early by the kill.
+            for i in 0..2_000 {
+                let id = format!("w{w}-{i}");
+                let batch = if i % 4 == 0 { json!([event(&id), event(&format!("{id}-b"))]) } else { event(&id) };
+                let r = c.send(Method::POST, &format!("/api/v1/streams/{stream}"), Some(batch.to_string().into()), Duration::from_secs(10)).await;
+                let Ok(r) = r else { return };
+                if r.status != StatusCode::CREATED {
+                    return;
+                }
+                let v: Value = serde_json::from_slice(&r.body).unwrap();
+                let mut a = acked.lock().unwrap();
+                let list = a.entry(stream.clone()).or_default();
+                list.push((v["revision"].as_u64().unwrap(), id.clone()));
+                if i % 4 == 0 {
+                    list.push((v["last_revision"].as_u64().unwrap(), format!("{id}-b")));
+                }
+            }
+        }));
+    }
+    assert_eventually(Duration::from_secs(30), "appends were acknowledged", || {
+        let n: usize = acked.lock().unwrap().values().map(Vec::len).sum();
+        async move { n >= 2_000 }
+    })
+    .await;
+    s.kill9();
+    for a in appenders {
+        let _ = a.await;
+    }
+    s.restart_after_kill9();
+    let c = client(&s, None);
+    let acked = acked.lock().unwrap().clone();
+    let mut total = 0;
+    for (stream, list) in &acked {
+        let mut stored: Vec<(u64, String)> = Vec::new();
+        let mut from = 0;
+        loop {
+            let (st, _, v) = call(&c, Method::GET, &format!("/api/v1/streams/{stream}?from={from}&limit=4096"), None).await;
+            assert_eq!(st, StatusCode::OK, "{v}");
+            stored.extend(v["events"].as_array().unwrap().iter().map(|e| (e["revision"].as_u64().unwrap(), e["event"]["id"].as_str().unwrap().to_string())));
+            match v["next"].as_u64() {
+                Some(n) => from = n,
+                None => break,
+            }
+        }
+        // Gapless revisions from 0, each id once.
+        assert!(stored.iter().enumerate().all(|(i, (r, _))| *r == i as u64), "{stream}: revisions have gaps");
+        let unique: std::collections::HashSet<&String> = stored.iter().map(|(_, id)| id).collect();
+        assert_eq!(unique.len(), stored.len(), "{stream}: an event is stored twice");
+        let by_revision: HashMap<u64, &String> = stored.iter().map(|(r, id)| (*r, id)).collect();
+        for (rev, id) in list {
+            assert_eq!(by_revision.get(rev), Some(&id), "{stream}: acknowledged {id} at revision {rev} lost");
+        }
+        total += list.len();
+    }
+    assert!(total >= 2_000);
+    // $all positions are gapless too, and a new append continues after them.
+    let (_, _, v) = call(&c, Method::GET, "/api/v1/streams/$all?direction=backwards&limit=1", None).await;
+    let last = v["events"][0]["position"].as_u64().unwrap();
+    let (st, a) = post(&c, "/api/v1/streams/after-crash", &event("after")).await;
+    assert_eq!((st, a["position"].as_u64()), (StatusCode::CREATED, Some(last + 1)));
+}
