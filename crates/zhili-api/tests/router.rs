@@ -26,11 +26,13 @@ impl CheckScheduler for NoChecks {
 fn state(acl: bool) -> AppState {
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
     let metrics = zhili_telemetry::Metrics::new();
+    let events: Arc<dyn zhili_store::events::EventLog> = Arc::new(zhili_store::memory::MemoryEventLog::new());
     AppState::new(Services {
         registry: Registry::load(store.clone(), Arc::new(NoChecks), metrics.clone()).unwrap(),
         acl: zhili_acl::Acl::load(store.clone(), acl).unwrap(),
         kv: zhili_kv::Kv::new(store.clone()),
-        events: Arc::new(zhili_store::memory::MemoryEventLog::new()),
+        events: events.clone(),
+        subscriptions: zhili_events::Subscriptions::load(store.clone(), events).unwrap(),
         store,
         metrics,
         ready: Arc::new(AtomicBool::new(true)),

@@ -590,7 +590,7 @@ impl Jwks {
 
     async fn fetch_now(&self) -> Arc<Vec<Key>> {
         self.fetches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let result = tokio::time::timeout(JWKS_FETCH_TIMEOUT, crate::fetch::get(&self.url, JWKS_MAX_BYTES)).await;
+        let result = tokio::time::timeout(JWKS_FETCH_TIMEOUT, zhili_net::client::get(&self.url, JWKS_MAX_BYTES)).await;
         *self.fetched.lock() = Some(Instant::now());
         match result.map_err(|_| format!("no answer within {JWKS_FETCH_TIMEOUT:?}")).and_then(|r| r).and_then(|b| parse_jwks(&b)) {
             Ok(keys) => {

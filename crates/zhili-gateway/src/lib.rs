@@ -17,7 +17,6 @@ mod breaker;
 mod cors;
 mod discover;
 mod error;
-mod fetch;
 mod forward;
 mod gateway;
 mod h1;

@@ -143,4 +143,17 @@ impl From<zhili_routes::RoutesError> for ApiError {
     }
 }
 
+impl From<zhili_events::SubscriptionError> for ApiError {
+    fn from(e: zhili_events::SubscriptionError) -> Self {
+        use zhili_events::SubscriptionError as E;
+        match e {
+            E::NotFound(_) => Self::NotFound(e.to_string()),
+            E::Invalid(v) => v.into(),
+            E::Store(s) => s.into(),
+            E::Log(l) => Self::Internal(l.to_string()),
+            E::Corrupt(..) => Self::Internal(e.to_string()),
+        }
+    }
+}
+
 pub type ApiResult<T> = Result<T, ApiError>;

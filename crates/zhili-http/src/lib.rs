@@ -51,6 +51,8 @@ pub struct Services {
     pub kv: Arc<Kv>,
     /// The durable event log (streams, `$registry`, ...).
     pub events: Arc<dyn zhili_store::events::EventLog>,
+    /// Persistent subscriptions (consumer groups, webhooks) on the event log.
+    pub subscriptions: Arc<zhili_events::Subscriptions>,
     pub metrics: Arc<Metrics>,
     /// Set once persisted state is loaded and listeners are up; `/health/ready` reports it.
     pub ready: Arc<AtomicBool>,

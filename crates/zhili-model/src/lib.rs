@@ -7,6 +7,7 @@ pub mod duration;
 pub mod event;
 pub mod registry;
 pub mod route;
+pub mod subscription;
 pub mod validate;
 
 pub use duration::{format_duration, parse_duration};

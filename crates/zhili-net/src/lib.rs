@@ -10,6 +10,7 @@
 //! → [`Conn::watch`] (closes the connection when a deadline passes).
 
 mod body;
+pub mod client;
 mod conn;
 mod fd;
 

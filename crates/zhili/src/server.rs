@@ -207,7 +207,10 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
         tracing::info!(addr = %local, "DNS listener up (udp+tcp)");
     }
     sup.spawn("$registry publisher", crate::feedback::publish_registry(registry.clone(), events.clone(), cfg.node_name.clone()));
-    let state = zhili_api::AppState::new(zhili_api::Services { store, registry: registry.clone(), acl, kv, events, metrics, ready: ready.clone() });
+    let subscriptions = zhili_events::Subscriptions::load(store.clone(), events.clone()).context("loading subscriptions")?;
+    sup.spawn("webhook deliveries", subscriptions.clone().run_webhooks());
+    let state =
+        zhili_api::AppState::new(zhili_api::Services { store, registry: registry.clone(), acl, kv, events, subscriptions, metrics, ready: ready.clone() });
     let tls = match &cfg.tls {
         Some(files) => Some(tls::acceptor(&files.cert, &files.key)?),
         None => None,

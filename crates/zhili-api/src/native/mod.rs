@@ -7,13 +7,21 @@ pub mod registry;
 mod routes;
 pub mod sd;
 pub mod streams;
+mod subscriptions;
 
 use axum::Router;
 
 use crate::AppState;
 
 pub fn routes() -> Router<AppState> {
-    Router::new().merge(registry::routes()).merge(kv::routes()).merge(acl::routes()).merge(events::routes()).merge(sd::routes()).merge(routes::routes())
+    Router::new()
+        .merge(registry::routes())
+        .merge(kv::routes())
+        .merge(acl::routes())
+        .merge(events::routes())
+        .merge(sd::routes())
+        .merge(routes::routes())
+        .merge(subscriptions::routes())
 }
 
 /// The answer to a write: the index it produced.

@@ -16,6 +16,7 @@ use axum::{Json, Router};
 use base64::Engine;
 use futures_util::stream;
 use serde_json::{json, Value};
+use zhili_events::Source;
 use zhili_model::acl::{Access, Resource};
 use zhili_model::event::{self as ce, MAX_BATCH_EVENTS, MAX_EVENT_BYTES};
 use zhili_store::events::{Direction, EventLogError, ExpectedRevision, NewEvent, RecordedEvent};
@@ -31,8 +32,6 @@ const DEFAULT_READ: usize = 100;
 /// Events a subscription reads per catch-up step.
 const SUBSCRIBE_BATCH: usize = 256;
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
-pub const ALL: &str = "$all";
-const CATEGORY: &str = "$ce-";
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -41,7 +40,7 @@ pub fn routes() -> Router<AppState> {
         .route("/api/v1/streams/{stream}/subscribe", get(subscribe))
 }
 
-fn log_error(e: EventLogError) -> ApiError {
+pub(crate) fn log_error(e: EventLogError) -> ApiError {
     match e {
         EventLogError::WrongExpectedRevision { .. } | EventLogError::PartialDuplicate(_) => ApiError::Conflict(e.to_string()),
         EventLogError::Closed => ApiError::Unavailable(e.to_string()),
@@ -55,7 +54,7 @@ fn wrong_revision(detail: String, actual: Option<u64>) -> Response {
     (StatusCode::CONFLICT, [(header::CONTENT_TYPE, "application/problem+json")], body.to_string()).into_response()
 }
 
-fn expected(q: &QueryPairs) -> ApiResult<ExpectedRevision> {
+pub(crate) fn expected(q: &QueryPairs) -> ApiResult<ExpectedRevision> {
     Ok(match q.get("expected_revision") {
         None | Some("any") => ExpectedRevision::Any,
         Some("no_stream") => ExpectedRevision::NoStream,
@@ -147,31 +146,12 @@ fn shown(number: u64, e: &RecordedEvent) -> Value {
     json!({"revision": number, "position": e.position, "stream": e.stream, "stream_revision": e.revision, "event": event})
 }
 
-/// What a read names: one stream, every stream, or a category.
-enum Source<'a> {
-    Stream(&'a str),
-    All,
-    Category(&'a str),
+fn source(stream: &str) -> ApiResult<Source> {
+    Ok(Source::parse(stream)?)
 }
 
-fn source(stream: &str) -> ApiResult<Source<'_>> {
-    if stream == ALL {
-        return Ok(Source::All);
-    }
-    if let Some(c) = stream.strip_prefix(CATEGORY) {
-        ce::stream_name("stream", c, false)?;
-        return Ok(Source::Category(c));
-    }
-    ce::stream_name("stream", stream, true)?;
-    Ok(Source::Stream(stream))
-}
-
-fn read_from(s: &AppState, src: &Source<'_>, from: u64, dir: Direction, limit: usize) -> ApiResult<Vec<(u64, RecordedEvent)>> {
-    Ok(match src {
-        Source::Stream(name) => s.events.read_stream(name, from, dir, limit).map_err(log_error)?.into_iter().map(|e| (e.revision, e)).collect(),
-        Source::All => s.events.read_all(from, dir, limit).map_err(log_error)?.into_iter().map(|e| (e.position, e)).collect(),
-        Source::Category(c) => s.events.read_category(c, from, dir, limit).map_err(log_error)?,
-    })
+fn read_from(s: &AppState, src: &Source, from: u64, dir: Direction, limit: usize) -> ApiResult<Vec<(u64, RecordedEvent)>> {
+    src.read(&*s.events, from, dir, limit).map_err(log_error)
 }
 
 /// `GET /api/v1/streams/{stream}?from=&direction=&limit=` → `{"events": [...], "next"}`.
@@ -184,7 +164,7 @@ async fn read(State(s): State<AppState>, caller: Caller, Path(stream): Path<Stri
         Direction::Forwards => 0,
         Direction::Backwards => u64::MAX,
     });
-    if let Source::Stream(name) = src {
+    if let Source::Stream(name) = &src {
         let info = s.events.stream_info(name).map_err(log_error)?;
         if info.is_none_or(|i| i.deleted || i.last_revision.is_none()) {
             return Err(ApiError::NotFound(format!("stream {name:?} not found")));

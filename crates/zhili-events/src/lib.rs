@@ -1,0 +1,503 @@
+//! The feedback bus on top of the event log: what a stream name reads ([`Source`]: a stream,
+//! `$all` or a category), persistent subscriptions (consumer groups) with at-least-once
+//! delivery, ack/nack, ack timeouts, parking after too many deliveries, and webhook delivery
+//! signed per Standard Webhooks ([`webhook`]).
+//!
+//! A group's state: its definition and checkpoint live in the store (`subscriptions/`,
+//! `subscription-checkpoints/`), so a restart resumes from the last acknowledged event; what is
+//! in flight lives in memory and is handed out again after a restart (at-least-once).
+
+pub mod webhook;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use parking_lot::Mutex;
+use serde::Serialize;
+use zhili_model::subscription::{Named, StartFrom, SubscriptionSpec, MAX_IN_FLIGHT};
+use zhili_store::events::{Direction, EventLog, EventLogError, ExpectedRevision, NewEvent, RecordedEvent};
+use zhili_store::{Store, StoreError, Txn};
+
+pub const ALL: &str = "$all";
+pub const CATEGORY: &str = "$ce-";
+const DEFS: &str = "subscriptions/";
+const CHECKPOINTS: &str = "subscription-checkpoints/";
+/// Events read from the source per step.
+const READ_BATCH: usize = 256;
+
+/// What a stream name reads. Numbers count revisions in a stream, positions in `$all`, and
+/// sequence numbers in a category.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    Stream(String),
+    All,
+    Category(String),
+}
+
+impl Source {
+    pub fn parse(name: &str) -> Result<Self, zhili_model::ValidationError> {
+        if name == ALL {
+            return Ok(Self::All);
+        }
+        if let Some(c) = name.strip_prefix(CATEGORY) {
+            zhili_model::event::stream_name("stream", c, false)?;
+            return Ok(Self::Category(c.to_string()));
+        }
+        zhili_model::event::stream_name("stream", name, true)?;
+        Ok(Self::Stream(name.to_string()))
+    }
+
+    /// Up to `limit` events from number `from`, each with its number.
+    pub fn read(&self, log: &dyn EventLog, from: u64, direction: Direction, limit: usize) -> Result<Vec<(u64, RecordedEvent)>, EventLogError> {
+        Ok(match self {
+            Self::Stream(name) => log.read_stream(name, from, direction, limit)?.into_iter().map(|e| (e.revision, e)).collect(),
+            Self::All => log.read_all(from, direction, limit)?.into_iter().map(|e| (e.position, e)).collect(),
+            Self::Category(c) => log.read_category(c, from, direction, limit)?,
+        })
+    }
+
+    /// The number the next event will get.
+    pub fn end(&self, log: &dyn EventLog) -> Result<u64, EventLogError> {
+        Ok(self.read(log, u64::MAX, Direction::Backwards, 1)?.first().map_or(0, |(n, _)| n + 1))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SubscriptionError {
+    #[error("subscription {0:?} not found")]
+    NotFound(String),
+    #[error(transparent)]
+    Invalid(#[from] zhili_model::ValidationError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Log(#[from] EventLogError),
+    #[error("stored subscription {0} is unreadable: {1}")]
+    Corrupt(String, String),
+}
+
+/// An event handed to a consumer: acknowledge it by `ack_id`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Delivery {
+    pub ack_id: String,
+    /// Its number in the subscription's source (see [`Source`]).
+    pub number: u64,
+    pub revision: u64,
+    pub position: u64,
+    pub stream: String,
+    /// How many times it has been handed out, this one included.
+    pub deliveries: u32,
+    #[serde(skip)]
+    pub body: bytes::Bytes,
+}
+
+/// What to do with events a consumer gives back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Nack {
+    /// Deliver again (counts a delivery).
+    Retry,
+    /// Move to `$parked-{name}`, out of the way.
+    Park,
+    /// Drop: as if acknowledged.
+    Skip,
+}
+
+/// A group's status as `GET /api/v1/subscriptions/{name}` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub name: String,
+    pub spec: SubscriptionSpec,
+    /// Every event below this number is acknowledged (or passed over by the filter).
+    pub checkpoint: u64,
+    pub in_flight: usize,
+    /// Events in the source not yet handed out.
+    pub lag: u64,
+    pub parked: u64,
+    pub disabled: Option<String>,
+    pub deliveries: Vec<webhook::Attempt>,
+}
+
+struct InFlight {
+    event: RecordedEvent,
+    deliveries: u32,
+    deadline: Instant,
+}
+
+/// One group's live state.
+struct Group {
+    name: String,
+    spec: SubscriptionSpec,
+    source: Source,
+    /// Next number to read from the source.
+    cursor: u64,
+    /// Persisted: every number below is done.
+    checkpoint: u64,
+    in_flight: BTreeMap<u64, InFlight>,
+    /// Given back or timed out, to hand out again before new ones.
+    redeliver: VecDeque<u64>,
+    parked: u64,
+    disabled: Option<String>,
+    attempts: VecDeque<webhook::Attempt>,
+}
+
+impl Group {
+    /// The smallest number not yet done.
+    fn low_water(&self) -> u64 {
+        self.in_flight.keys().next().copied().unwrap_or(self.cursor).min(self.cursor)
+    }
+
+    fn wanted(&self, e: &RecordedEvent) -> bool {
+        let Some(f) = &self.spec.filter else { return true };
+        let v: serde_json::Value = serde_json::from_slice(&e.body).unwrap_or_default();
+        let starts =
+            |attr: &str, p: &Option<String>| p.as_ref().is_none_or(|p| v.get(attr).and_then(|x| x.as_str()).is_some_and(|s| s.starts_with(p.as_str())));
+        starts("type", &f.type_prefix) && starts("subject", &f.subject_prefix)
+    }
+}
+
+/// Every persistent subscription of the server.
+pub struct Subscriptions {
+    store: Arc<dyn Store>,
+    log: Arc<dyn EventLog>,
+    groups: Mutex<HashMap<String, Arc<Mutex<Group>>>>,
+}
+
+fn def_key(name: &str) -> String {
+    format!("{DEFS}{name}")
+}
+
+fn checkpoint_key(name: &str) -> String {
+    format!("{CHECKPOINTS}{name}")
+}
+
+/// The stored definition: the spec and, for webhooks, the signing secret.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Stored {
+    spec: SubscriptionSpec,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    secret: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    disabled: Option<String>,
+}
+
+impl Subscriptions {
+    /// Loads every stored subscription; webhooks are started by [`Self::run_webhooks`].
+    pub fn load(store: Arc<dyn Store>, log: Arc<dyn EventLog>) -> Result<Arc<Self>, SubscriptionError> {
+        let subs = Arc::new(Self { store: store.clone(), log, groups: Mutex::new(HashMap::new()) });
+        for kv in store.range(DEFS, None)? {
+            let name = kv.key.get(DEFS.len()..).unwrap_or_default().to_string();
+            let stored: Stored = serde_json::from_slice(&kv.value).map_err(|e| SubscriptionError::Corrupt(name.clone(), e.to_string()))?;
+            let checkpoint = match store.get(&checkpoint_key(&name))? {
+                Some(v) => std::str::from_utf8(&v.value)
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .ok_or_else(|| SubscriptionError::Corrupt(name.clone(), "checkpoint".into()))?,
+                None => 0,
+            };
+            let group = subs.group(&name, stored.spec, checkpoint)?;
+            group.lock().disabled = stored.disabled;
+        }
+        Ok(subs)
+    }
+
+    fn group(&self, name: &str, spec: SubscriptionSpec, checkpoint: u64) -> Result<Arc<Mutex<Group>>, SubscriptionError> {
+        let source = Source::parse(&spec.stream)?;
+        let group = Arc::new(Mutex::new(Group {
+            name: name.to_string(),
+            spec,
+            source,
+            cursor: checkpoint,
+            checkpoint,
+            in_flight: BTreeMap::new(),
+            redeliver: VecDeque::new(),
+            parked: 0,
+            disabled: None,
+            attempts: VecDeque::new(),
+        }));
+        self.groups.lock().insert(name.to_string(), group.clone());
+        Ok(group)
+    }
+
+    fn get_group(&self, name: &str) -> Result<Arc<Mutex<Group>>, SubscriptionError> {
+        self.groups.lock().get(name).cloned().ok_or_else(|| SubscriptionError::NotFound(name.to_string()))
+    }
+
+    /// Creates or replaces a subscription. A new webhook subscription gets a signing secret,
+    /// returned once. A replaced one keeps its checkpoint and secret.
+    pub async fn put(&self, name: &str, spec: SubscriptionSpec) -> Result<Option<String>, SubscriptionError> {
+        spec.validate()?;
+        zhili_model::validate::name("name", name)?;
+        let existing = self.store.get(&def_key(name))?.and_then(|kv| serde_json::from_slice::<Stored>(&kv.value).ok());
+        let fresh_secret = spec.webhook.is_some() && existing.as_ref().is_none_or(|e| e.secret.is_none());
+        let secret = match (&existing, fresh_secret) {
+            (_, true) => Some(webhook::new_secret()),
+            (Some(e), false) => e.secret.clone(),
+            (None, false) => None,
+        };
+        let checkpoint = match (&existing, spec.from) {
+            (Some(_), _) => self.get_group(name).map(|g| g.lock().checkpoint).unwrap_or(0),
+            (None, Some(StartFrom::Number(n))) => n,
+            (None, Some(StartFrom::Named(Named::End))) => Source::parse(&spec.stream)?.end(&*self.log)?,
+            (None, _) => 0,
+        };
+        let stored = Stored { spec: spec.clone(), secret: secret.clone(), disabled: None };
+        let value = serde_json::to_vec(&stored).map_err(|e| SubscriptionError::Corrupt(name.into(), e.to_string()))?;
+        let mut txn = Txn::put(def_key(name), value);
+        txn.success.push(zhili_store::Op::Put { key: checkpoint_key(name), value: checkpoint.to_string().into(), lease: None });
+        self.store.txn(txn).await?;
+        self.group(name, spec, checkpoint)?;
+        Ok(secret.filter(|_| fresh_secret))
+    }
+
+    pub async fn delete(&self, name: &str) -> Result<(), SubscriptionError> {
+        if self.groups.lock().remove(name).is_none() {
+            return Err(SubscriptionError::NotFound(name.to_string()));
+        }
+        self.store
+            .txn(zhili_store::Txn {
+                success: vec![zhili_store::Op::Delete { key: def_key(name) }, zhili_store::Op::Delete { key: checkpoint_key(name) }],
+                ..Default::default()
+            })
+            .await?;
+        Ok(())
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.groups.lock().keys().cloned().collect();
+        names.sort();
+        names
+    }
+
+    pub fn spec(&self, name: &str) -> Result<SubscriptionSpec, SubscriptionError> {
+        Ok(self.get_group(name)?.lock().spec.clone())
+    }
+
+    pub fn status(&self, name: &str) -> Result<Status, SubscriptionError> {
+        let g = self.get_group(name)?;
+        let g = g.lock();
+        let end = g.source.end(&*self.log).unwrap_or(g.cursor);
+        Ok(Status {
+            name: g.name.clone(),
+            spec: g.spec.clone(),
+            checkpoint: g.checkpoint,
+            in_flight: g.in_flight.len(),
+            lag: end.saturating_sub(g.cursor) + g.redeliver.len() as u64,
+            parked: g.parked,
+            disabled: g.disabled.clone(),
+            deliveries: g.attempts.iter().cloned().collect(),
+        })
+    }
+
+    /// Up to `max` events for a consumer of group `name`, waiting up to `wait` for some: first
+    /// those given back or timed out, then new ones. Bounded by [`MAX_IN_FLIGHT`] per group.
+    pub async fn next(&self, name: &str, max: usize, wait: Duration) -> Result<Vec<Delivery>, SubscriptionError> {
+        let group = self.get_group(name)?;
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut head = self.log.head();
+        loop {
+            head.borrow_and_update();
+            let (out, parked) = self.take(&group, max)?;
+            self.park(&group, parked).await?;
+            if !out.is_empty() || tokio::time::Instant::now() >= deadline {
+                return Ok(out);
+            }
+            // Nothing now: wake on a new append, or when the earliest in-flight event times out.
+            let timeout_at = group.lock().in_flight.values().map(|f| f.deadline).min();
+            let until = timeout_at.map_or(deadline, |t| t.min(deadline));
+            let _ = tokio::time::timeout_at(until, head.changed()).await;
+        }
+    }
+
+    /// Hands out what is due; returns the deliveries and the events that ran out of deliveries.
+    fn take(&self, group: &Mutex<Group>, max: usize) -> Result<(Vec<Delivery>, Vec<RecordedEvent>), SubscriptionError> {
+        let mut guard = group.lock();
+        // Through a plain reference, so its fields can be borrowed apart.
+        let g = &mut *guard;
+        let now = Instant::now();
+        let timeout = g.spec.ack_timeout();
+        let max_deliveries = g.spec.max_deliveries();
+        let expired: Vec<u64> = g.in_flight.iter().filter(|(n, f)| f.deadline <= now && !g.redeliver.contains(n)).map(|(n, _)| *n).collect();
+        g.redeliver.extend(expired);
+        let mut out = Vec::new();
+        let mut parked = Vec::new();
+        while out.len() < max {
+            let Some(n) = g.redeliver.pop_front() else { break };
+            let Some(f) = g.in_flight.get_mut(&n) else { continue };
+            if f.deliveries >= max_deliveries {
+                if let Some(f) = g.in_flight.remove(&n) {
+                    parked.push(f.event);
+                }
+                continue;
+            }
+            f.deliveries += 1;
+            f.deadline = now + timeout;
+            out.push(delivery(&g.name, n, &f.event, f.deliveries));
+        }
+        while out.len() < max && g.in_flight.len() < MAX_IN_FLIGHT {
+            let want = (max - out.len()).min(READ_BATCH).min(MAX_IN_FLIGHT - g.in_flight.len());
+            let batch = g.source.read(&*self.log, g.cursor, Direction::Forwards, want)?;
+            if batch.is_empty() {
+                break;
+            }
+            for (n, e) in batch {
+                g.cursor = n + 1;
+                if !g.wanted(&e) {
+                    continue;
+                }
+                out.push(delivery(&g.name, n, &e, 1));
+                g.in_flight.insert(n, InFlight { event: e, deliveries: 1, deadline: now + timeout });
+            }
+        }
+        Ok((out, parked))
+    }
+
+    /// Moves events that ran out of deliveries to `$parked-{name}`, then records progress.
+    async fn park(&self, group: &Mutex<Group>, events: Vec<RecordedEvent>) -> Result<(), SubscriptionError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let name = group.lock().name.clone();
+        let n = events.len() as u64;
+        let parked: Vec<NewEvent> = events.into_iter().map(|e| NewEvent { id: e.id, body: e.body }).collect();
+        self.log.append(&format!("$parked-{name}"), ExpectedRevision::Any, parked).await?;
+        group.lock().parked += n;
+        self.save_checkpoint(group).await
+    }
+
+    async fn save_checkpoint(&self, group: &Mutex<Group>) -> Result<(), SubscriptionError> {
+        let (name, low, changed) = {
+            let mut g = group.lock();
+            let low = g.low_water();
+            let changed = low != g.checkpoint;
+            g.checkpoint = low;
+            (g.name.clone(), low, changed)
+        };
+        if changed {
+            zhili_store::put(&*self.store, &checkpoint_key(&name), low.to_string()).await?;
+        }
+        Ok(())
+    }
+
+    /// Acknowledges events; unknown ids (already acknowledged, or from before a restart) are
+    /// ignored, as acks are idempotent. Returns how many were in flight.
+    pub async fn ack(&self, name: &str, ack_ids: &[String]) -> Result<usize, SubscriptionError> {
+        let group = self.get_group(name)?;
+        let done = {
+            let mut g = group.lock();
+            ack_ids.iter().filter_map(|id| parse_ack_id(name, id)).filter(|n| g.in_flight.remove(n).is_some()).count()
+        };
+        self.save_checkpoint(&group).await?;
+        Ok(done)
+    }
+
+    pub async fn nack(&self, name: &str, ack_ids: &[String], action: Nack) -> Result<usize, SubscriptionError> {
+        let group = self.get_group(name)?;
+        let (count, parked) = {
+            let mut g = group.lock();
+            let numbers: Vec<u64> = ack_ids.iter().filter_map(|id| parse_ack_id(name, id)).filter(|n| g.in_flight.contains_key(n)).collect();
+            let mut parked = Vec::new();
+            for n in &numbers {
+                match action {
+                    Nack::Retry => {
+                        if !g.redeliver.contains(n) {
+                            g.redeliver.push_back(*n);
+                        }
+                    }
+                    Nack::Park => parked.extend(g.in_flight.remove(n).map(|f| f.event)),
+                    Nack::Skip => {
+                        g.in_flight.remove(n);
+                    }
+                }
+            }
+            (numbers.len(), parked)
+        };
+        self.park(&group, parked).await?;
+        self.save_checkpoint(&group).await?;
+        Ok(count)
+    }
+
+    /// Hands every event of `$parked-{name}` to the group's consumers again, before new ones.
+    /// The queue is in memory: a restart before they are acknowledged drops them from it (they
+    /// stay in the parked stream, and can be replayed again). Returns how many.
+    pub async fn replay_parked(&self, name: &str) -> Result<usize, SubscriptionError> {
+        let group = self.get_group(name)?;
+        let parked = Source::Stream(format!("$parked-{name}")).read(&*self.log, 0, Direction::Forwards, MAX_IN_FLIGHT)?;
+        let mut g = group.lock();
+        let now = Instant::now();
+        let mut n = 0;
+        for (_, e) in parked {
+            // Numbers far past the source's, so they never hold the checkpoint back.
+            let number = u64::MAX / 2 + e.position;
+            if g.in_flight.contains_key(&number) {
+                continue;
+            }
+            g.in_flight.insert(number, InFlight { event: e, deliveries: 0, deadline: now });
+            g.redeliver.push_back(number);
+            n += 1;
+        }
+        g.parked = g.parked.saturating_sub(n as u64);
+        Ok(n)
+    }
+
+    pub(crate) fn record_attempt(&self, name: &str, a: webhook::Attempt) {
+        if let Ok(g) = self.get_group(name) {
+            let mut g = g.lock();
+            if g.attempts.len() == webhook::ATTEMPTS_KEPT {
+                g.attempts.pop_front();
+            }
+            g.attempts.push_back(a);
+        }
+    }
+
+    pub(crate) async fn disable(&self, name: &str, why: String) -> Result<(), SubscriptionError> {
+        let g = self.get_group(name)?;
+        let spec = {
+            let mut g = g.lock();
+            g.disabled = Some(why.clone());
+            g.spec.clone()
+        };
+        let secret = self.store.get(&def_key(name))?.and_then(|kv| serde_json::from_slice::<Stored>(&kv.value).ok()).and_then(|s| s.secret);
+        let value = serde_json::to_vec(&Stored { spec, secret, disabled: Some(why) }).map_err(|e| SubscriptionError::Corrupt(name.into(), e.to_string()))?;
+        zhili_store::put(&*self.store, &def_key(name), value).await?;
+        Ok(())
+    }
+
+    pub(crate) fn secret(&self, name: &str) -> Option<String> {
+        self.store.get(&def_key(name)).ok().flatten().and_then(|kv| serde_json::from_slice::<Stored>(&kv.value).ok()).and_then(|s| s.secret)
+    }
+
+    pub(crate) fn is_disabled(&self, name: &str) -> bool {
+        self.get_group(name).map(|g| g.lock().disabled.is_some()).unwrap_or(true)
+    }
+
+    pub fn log(&self) -> &Arc<dyn EventLog> {
+        &self.log
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+fn delivery(group: &str, number: u64, e: &RecordedEvent, deliveries: u32) -> Delivery {
+    Delivery {
+        ack_id: format!("{group}:{number}"),
+        number,
+        revision: e.revision,
+        position: e.position,
+        stream: e.stream.clone(),
+        deliveries,
+        body: e.body.clone(),
+    }
+}
+
+fn parse_ack_id(group: &str, id: &str) -> Option<u64> {
+    id.strip_prefix(group)?.strip_prefix(':')?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests;
