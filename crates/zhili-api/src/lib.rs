@@ -14,17 +14,14 @@ pub use zhili_kv::KV_PREFIX;
 /// The API listener's router, layers applied outermost-last:
 /// - metrics: outermost, so it times everything including auth rejections;
 /// - authorize: resolves the token once per request for every route, `others` included;
+/// - audit: successful writes go to `$audit` with the caller's accessor id;
 /// - body limits, per surface: before any handler reads a body.
 pub fn router(state: AppState, others: impl IntoIterator<Item = Router>) -> Router {
     let own = zhili_http::limit_bodies(Router::new().merge(native::routes()).merge(ops::routes()), MAX_BODY).with_state(state.clone());
     // Event batches are larger than any other body.
     let streams = zhili_http::limit_bodies(native::streams::routes(), zhili_model::event::MAX_BATCH_BYTES).with_state(state.clone());
-    let app = others
-        .into_iter()
-        .map(|r| zhili_http::limit_bodies(r, MAX_BODY))
-        .fold(own.merge(streams), Router::merge)
-        .fallback(fallback)
-        .layer(axum::middleware::from_fn_with_state(state.clone(), auth::authorize));
+    let app = others.into_iter().map(|r| zhili_http::limit_bodies(r, MAX_BODY)).fold(own.merge(streams), Router::merge).fallback(fallback);
+    let app = zhili_http::audit_writes(app, &state, "api").layer(axum::middleware::from_fn_with_state(state.clone(), auth::authorize));
     zhili_http::record_metrics(app, &state)
 }
 

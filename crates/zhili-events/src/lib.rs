@@ -501,3 +501,76 @@ fn parse_ack_id(group: &str, id: &str) -> Option<u64> {
 
 #[cfg(test)]
 mod tests;
+
+/// The `$audit` stream: one CloudEvent per successful write through any HTTP surface, naming
+/// the caller by token accessor id (never the secret). Records are queued and appended in
+/// batches by [`Audit::run`] right after the answer, so auditing adds no fsync to a write; a
+/// crash can lose the last few milliseconds of records, and a full queue drops (and counts).
+#[derive(Clone)]
+pub struct Audit {
+    tx: tokio::sync::mpsc::Sender<AuditRecord>,
+    dropped: Arc<std::sync::atomic::AtomicU64>,
+}
+
+pub const AUDIT_STREAM: &str = "$audit";
+const AUDIT_QUEUE: usize = 65_536;
+
+/// One audited write.
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditRecord {
+    pub surface: &'static str,
+    pub method: String,
+    /// The path only: query strings can carry tokens.
+    pub path: String,
+    pub status: u16,
+    /// The token's accessor id; None for anonymous callers (ACLs off or no token).
+    pub accessor: Option<String>,
+}
+
+impl Audit {
+    /// The handle writers use, and the task that appends what they queue.
+    pub fn new(log: Arc<dyn EventLog>) -> (Self, impl std::future::Future<Output = ()>) {
+        let (tx, rx) = tokio::sync::mpsc::channel(AUDIT_QUEUE);
+        let dropped = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        (Self { tx, dropped: dropped.clone() }, Self::run(log, rx, dropped))
+    }
+
+    pub fn record(&self, r: AuditRecord) {
+        if self.tx.try_send(r).is_err() {
+            let n = self.dropped.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+            if n.is_power_of_two() {
+                tracing::warn!(dropped = n, "audit queue full; records dropped");
+            }
+        }
+    }
+
+    async fn run(log: Arc<dyn EventLog>, mut rx: tokio::sync::mpsc::Receiver<AuditRecord>, _dropped: Arc<std::sync::atomic::AtomicU64>) {
+        let mut seq: u64 = 0;
+        let boot = unix_ms();
+        while let Some(first) = rx.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < 1024 {
+                match rx.try_recv() {
+                    Ok(r) => batch.push(r),
+                    Err(_) => break,
+                }
+            }
+            let events: Vec<NewEvent> = batch
+                .into_iter()
+                .map(|r| {
+                    seq += 1;
+                    let id = format!("audit-{boot}-{seq}");
+                    let body = serde_json::json!({
+                        "specversion": "1.0", "id": id, "source": format!("zhili://{}", r.surface), "type": "io.zhili.audit.write",
+                        "subject": r.path, "time": zhili_model::event::timestamp(unix_ms()), "datacontenttype": "application/json", "data": r,
+                    });
+                    NewEvent { id, body: serde_json::to_vec(&body).unwrap_or_default().into() }
+                })
+                .collect();
+            while let Err(e) = log.append(AUDIT_STREAM, ExpectedRevision::Any, events.clone()).await {
+                tracing::warn!(error = %e, "appending to $audit failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+}

@@ -53,6 +53,8 @@ pub struct Services {
     pub events: Arc<dyn zhili_store::events::EventLog>,
     /// Persistent subscriptions (consumer groups, webhooks) on the event log.
     pub subscriptions: Arc<zhili_events::Subscriptions>,
+    /// Successful writes of every surface, to `$audit`.
+    pub audit: zhili_events::Audit,
     pub metrics: Arc<Metrics>,
     /// Set once persisted state is loaded and listeners are up; `/health/ready` reports it.
     pub ready: Arc<AtomicBool>,
@@ -87,6 +89,31 @@ async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Res
     let labels = HttpLabels { method, route, status: resp.status().as_u16() };
     state.metrics.http_requests.get_or_create(&labels).observe(start.elapsed().as_secs_f64());
     resp
+}
+
+/// Records every successful write of a router in `$audit` (`surface` names the API), with the
+/// caller's token accessor id. Reads, heartbeats and other liveness traffic are not audited.
+pub fn audit_writes<S: Clone + Send + Sync + 'static>(router: Router<S>, state: &AppState, surface: &'static str) -> Router<S> {
+    router.layer(middleware::from_fn_with_state(state.clone(), move |st: State<AppState>, req: Request, next: Next| audit(st, req, next, surface)))
+}
+
+async fn audit(State(state): State<AppState>, req: Request, next: Next, surface: &'static str) -> Response {
+    let method = req.method().clone();
+    if matches!(method, axum::http::Method::GET | axum::http::Method::HEAD | axum::http::Method::OPTIONS) || is_liveness(req.uri().path()) {
+        return next.run(req).await;
+    }
+    let path = req.uri().path().to_string();
+    let accessor = req.extensions().get::<auth::Caller>().and_then(|c| c.token.as_deref()).and_then(|t| state.acl.token_by_secret(t)).map(|t| t.accessor_id);
+    let resp = next.run(req).await;
+    if resp.status().is_success() {
+        state.audit.record(zhili_events::AuditRecord { surface, method: method.to_string(), path, status: resp.status().as_u16(), accessor });
+    }
+    resp
+}
+
+/// Heartbeats and TTL check updates: frequent, and not changes anyone audits.
+fn is_liveness(path: &str) -> bool {
+    path.ends_with("/heartbeat") || path.ends_with("/instance/beat") || path.starts_with("/v1/agent/check/") || path.starts_with("/v1/session/renew/")
 }
 
 /// Every read carries the index it reflects, for blocking reads to continue from.

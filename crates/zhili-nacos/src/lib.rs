@@ -89,8 +89,8 @@ impl NacosState {
         let routes = Router::new()
             .merge(naming::routes())
             .merge(config::routes())
-            .fallback(|uri: axum::http::Uri| async move { NacosError::v1(ApiError::NotFound(format!("no route for {}", uri.path()))) })
-            .layer(middleware::from_fn_with_state(self.clone(), authorize));
+            .fallback(|uri: axum::http::Uri| async move { NacosError::v1(ApiError::NotFound(format!("no route for {}", uri.path()))) });
+        let routes = zhili_http::audit_writes(routes, &self.core, "nacos").layer(middleware::from_fn_with_state(self.clone(), authorize));
         zhili_http::limit_bodies(routes, zhili_http::MAX_BODY).with_state(self.clone())
     }
 

@@ -209,8 +209,19 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
     sup.spawn("$registry publisher", crate::feedback::publish_registry(registry.clone(), events.clone(), cfg.node_name.clone()));
     let subscriptions = zhili_events::Subscriptions::load(store.clone(), events.clone()).context("loading subscriptions")?;
     sup.spawn("webhook deliveries", subscriptions.clone().run_webhooks());
-    let state =
-        zhili_api::AppState::new(zhili_api::Services { store, registry: registry.clone(), acl, kv, events, subscriptions, metrics, ready: ready.clone() });
+    let (audit, audit_publisher) = zhili_events::Audit::new(events.clone());
+    sup.spawn("$audit publisher", audit_publisher);
+    let state = zhili_api::AppState::new(zhili_api::Services {
+        store,
+        registry: registry.clone(),
+        acl,
+        kv,
+        events,
+        subscriptions,
+        audit,
+        metrics,
+        ready: ready.clone(),
+    });
     let tls = match &cfg.tls {
         Some(files) => Some(tls::acceptor(&files.cert, &files.key)?),
         None => None,

@@ -96,8 +96,9 @@ async fn append_read_and_expected_revisions() {
     assert_eq!((ids(&v), v["next"].as_u64()), (vec!["e2".to_string()], Some(2)));
 
     // Binary mode, into another stream of the same category.
-    let (st, body) = raw(&s, "POST /api/v1/streams/order-18 HTTP/1.1\r\nce-specversion: 1.0\r\nce-id: b1\r\nce-source: /pos\r\nce-type: order.placed\r\nce-traceparent: 00-abc\r\ncontent-type: application/json", br#"{"total": 12}"#).await;
-    assert_eq!(st, 201, "{body}");
+    let (st, binary) = raw(&s, "POST /api/v1/streams/order-18 HTTP/1.1\r\nce-specversion: 1.0\r\nce-id: b1\r\nce-source: /pos\r\nce-type: order.placed\r\nce-traceparent: 00-abc\r\ncontent-type: application/json", br#"{"total": 12}"#).await;
+    assert_eq!(st, 201, "{binary}");
+    let b1_position = serde_json::from_str::<Value>(&binary).unwrap()["position"].as_u64().unwrap();
     let (_, _, v) = call(&c, Method::GET, "/api/v1/streams/order-18", None).await;
     let e = &v["events"][0]["event"];
     assert_eq!((e["data"]["total"].as_u64(), e["traceparent"].as_str(), e["datacontenttype"].as_str()), (Some(12), Some("00-abc"), Some("application/json")));
@@ -110,9 +111,9 @@ async fn append_read_and_expected_revisions() {
     // $ce-order reads both streams in append order; $all has everything with positions.
     let (_, _, v) = call(&c, Method::GET, "/api/v1/streams/$ce-order", None).await;
     assert_eq!(ids(&v), ["e1", "e2", "e3", "b1"]);
-    let (_, _, v) = call(&c, Method::GET, "/api/v1/streams/$all?from=3", None).await;
-    assert_eq!(v["events"][0]["event"]["id"], "b1");
-    assert_eq!(v["events"][0]["position"], 3);
+    // ($audit records of these writes are in $all too.)
+    let (_, _, v) = call(&c, Method::GET, &format!("/api/v1/streams/$all?from={b1_position}&limit=1"), None).await;
+    assert_eq!((v["events"][0]["event"]["id"].as_str(), v["events"][0]["stream"].as_str()), (Some("b1"), Some("order-18")));
     let (_, _, v) = call(&c, Method::GET, "/api/v1/streams?prefix=order-", None).await;
     let names: Vec<&str> = v["streams"].as_array().unwrap().iter().map(|s| s["stream"].as_str().unwrap()).collect();
     assert_eq!(names, ["order-17", "order-18"]);
@@ -130,7 +131,8 @@ async fn append_read_and_expected_revisions() {
     assert_eq!(st, StatusCode::NOT_FOUND);
 }
 
-/// Reads SSE messages until `n` events arrived; returns their (id, CloudEvent id).
+/// Reads SSE messages until `n` events arrived; returns their (id, CloudEvent id). Zhili's own
+/// `$audit` records (of the test's writes) are passed over.
 async fn sse(s: &ServerProcess, path: &str, last_event_id: Option<u64>, n: usize, during: impl std::future::Future<Output = ()>) -> Vec<(u64, String)> {
     let mut conn = tokio::net::TcpStream::connect(s.api).await.unwrap();
     let resume = last_event_id.map(|i| format!("Last-Event-ID: {i}\r\n")).unwrap_or_default();
@@ -147,6 +149,7 @@ async fn sse(s: &ServerProcess, path: &str, last_event_id: Option<u64>, n: usize
                     let data: Value = serde_json::from_str(m.lines().find_map(|l| l.strip_prefix("data: "))?).ok()?;
                     Some((id, data["id"].as_str()?.to_string()))
                 })
+                .filter(|(_, e)| !e.starts_with("audit-"))
                 .collect();
             if got.len() >= n {
                 return got;
@@ -178,9 +181,13 @@ async fn subscriptions_catch_up_then_follow_and_resume() {
     // Last-Event-ID resumes after the given revision.
     let got = sse(&s, "/api/v1/streams/cart-1/subscribe", Some(2), 2, async {}).await;
     assert_eq!(got.iter().map(|(_, e)| e.as_str()).collect::<Vec<_>>(), ["c3", "c4"]);
-    // $all by position.
-    let got = sse(&s, "/api/v1/streams/$all/subscribe?from=3", None, 3, async {}).await;
-    assert_eq!(got.iter().map(|(i, e)| (*i, e.as_str())).collect::<Vec<_>>(), [(3, "o1"), (4, "c3"), (5, "c4")]);
+    // $all by position (skipping the $audit records of these writes).
+    let (_, _, v) = call(&c, Method::GET, "/api/v1/streams/other", None).await;
+    let o1 = v["events"][0]["position"].as_u64().unwrap();
+    let got = sse(&s, &format!("/api/v1/streams/$all/subscribe?from={o1}"), None, 3, async {}).await;
+    let mine: Vec<(u64, &str)> = got.iter().map(|(i, e)| (*i, e.as_str())).take(3).collect();
+    assert_eq!(mine.iter().map(|(_, e)| *e).collect::<Vec<_>>(), ["o1", "c3", "c4"]);
+    assert!(mine[0].0 == o1 && mine.windows(2).all(|w| w[0].0 < w[1].0), "by position: {mine:?}");
 }
 
 #[tokio::test]
@@ -196,7 +203,7 @@ async fn registry_changes_are_events_and_system_streams_need_their_own_grant() {
         let (st, _, v) = call(&admin, Method::POST, "/api/v1/acl/policies", Some(&body)).await;
         assert!(st.is_success(), "{name}: {v}");
     }
-    let token = |policy: &str| {
+    let token = |policy: &'static str| {
         let admin = admin.clone();
         let policy = policy.to_string();
         async move {
@@ -204,7 +211,9 @@ async fn registry_changes_are_events_and_system_streams_need_their_own_grant() {
             v["secret_id"].as_str().unwrap().to_string()
         }
     };
-    let writer = client(&s, Some(&token("streams-all").await));
+    let (_, _, created) = call(&admin, Method::POST, "/api/v1/acl/tokens", Some(&json!({"policies": ["streams-all"]}).to_string())).await;
+    let writer_accessor = created["accessor_id"].as_str().unwrap().to_string();
+    let writer = client(&s, Some(created["secret_id"].as_str().unwrap()));
     let feed = client(&s, Some(&token("registry-feed").await));
     let (st, _) = post(&writer, "/api/v1/streams/order-1", &event("a")).await;
     assert_eq!(st, StatusCode::CREATED);
@@ -247,6 +256,29 @@ async fn registry_changes_are_events_and_system_streams_need_their_own_grant() {
     let (_, _, v) = call(&writer, Method::GET, "/api/v1/streams", None).await;
     let names: Vec<&str> = v["streams"].as_array().unwrap().iter().map(|s| s["stream"].as_str().unwrap()).collect();
     assert_eq!(names, ["order-1"], "listings show only readable streams");
+
+    // $audit: every successful write, with the caller's accessor id and no query string.
+    let (st, _, _) = call(&writer, Method::POST, "/api/v1/streams/order-1?expected_revision=any&token=not-logged", Some(&event("c").to_string())).await;
+    assert_eq!(st, StatusCode::CREATED);
+    let audit = Arc::new(Mutex::new(Value::Null));
+    assert_eventually(Duration::from_secs(10), "the writes reach $audit", || {
+        let admin = admin.clone();
+        let audit = audit.clone();
+        let writer_accessor = writer_accessor.clone();
+        async move {
+            let (st, _, v) = call(&admin, Method::GET, "/api/v1/streams/$audit?limit=1000", None).await;
+            *audit.lock().unwrap() = v.clone();
+            st == StatusCode::OK && v["events"].as_array().unwrap().iter().filter(|e| e["event"]["data"]["accessor"] == writer_accessor.as_str()).count() >= 2
+        }
+    })
+    .await;
+    let audit = audit.lock().unwrap().clone();
+    let records: Vec<&Value> = audit["events"].as_array().unwrap().iter().map(|e| &e["event"]["data"]).collect();
+    let mine: Vec<&&Value> = records.iter().filter(|r| r["accessor"] == writer_accessor.as_str()).collect();
+    assert!(mine.iter().all(|r| r["path"] == "/api/v1/streams/order-1" && r["method"] == "POST" && r["status"] == 201), "{mine:?}");
+    assert!(records.iter().any(|r| r["path"] == "/api/v1/services/web/instances" && r["accessor"].is_string()), "the admin's registration");
+    assert!(records.iter().all(|r| r["method"] != "GET"), "reads are not audited");
+    assert!(!audit.to_string().contains("not-logged") && !audit.to_string().contains(&root), "no query strings, no secrets");
 }
 
 /// Per stream, the events acknowledged: (revision, id).
