@@ -3,6 +3,7 @@
 //! it, a [`ServiceCache`] kept fresh by blocking reads, and client-side [`Balancer`]s.
 
 mod balance;
+pub mod events;
 mod registration;
 
 use std::time::Duration;
@@ -18,6 +19,7 @@ use serde::{Deserialize, Serialize};
 pub use zhili_model::{Instance, InstanceList, InstanceSpec, ServiceDetail, ServiceSpec, ServiceSummary};
 
 pub use balance::{Balancer, RoundRobin, SmoothWeighted};
+pub use events::{Appended, Expected, GroupEvent, NackAction, ReadEvent, ReadPage, Subscription};
 pub use registration::{Registration, RegistrationOptions, ServiceCache};
 
 /// A response larger than this is refused rather than buffered without bound.
@@ -135,6 +137,15 @@ struct Problem {
     detail: String,
 }
 
+/// A non-2xx answer as [`ClientError::Api`] with its problem detail.
+pub(crate) fn check(resp: RawResponse) -> Result<RawResponse, ClientError> {
+    if !resp.status.is_success() {
+        let detail = serde_json::from_slice::<Problem>(&resp.body).map(|p| p.detail).unwrap_or_else(|_| String::from_utf8_lossy(&resp.body).into_owned());
+        return Err(ClientError::Api { status: resp.status, detail });
+    }
+    Ok(resp)
+}
+
 /// A handle to one Zhili server. Cheap to clone; connections are pooled.
 #[derive(Clone)]
 pub struct Client {
@@ -208,12 +219,7 @@ impl Client {
 
     /// Like [`Client::send`], but a non-2xx answer becomes [`ClientError::Api`] with its detail.
     pub async fn raw(&self, method: Method, path_and_query: &str, body: Option<Bytes>, timeout: Duration) -> Result<RawResponse, ClientError> {
-        let resp = self.send(method, path_and_query, body, timeout).await?;
-        if !resp.status.is_success() {
-            let detail = serde_json::from_slice::<Problem>(&resp.body).map(|p| p.detail).unwrap_or_else(|_| String::from_utf8_lossy(&resp.body).into_owned());
-            return Err(ClientError::Api { status: resp.status, detail });
-        }
-        Ok(resp)
+        check(self.send(method, path_and_query, body, timeout).await?)
     }
 
     async fn call(&self, method: Method, path: &str, body: Option<Bytes>) -> Result<RawResponse, ClientError> {

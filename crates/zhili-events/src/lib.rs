@@ -163,6 +163,7 @@ pub struct Subscriptions {
     store: Arc<dyn Store>,
     log: Arc<dyn EventLog>,
     groups: Mutex<HashMap<String, Arc<Mutex<Group>>>>,
+    metrics: Option<Arc<zhili_telemetry::Metrics>>,
 }
 
 fn def_key(name: &str) -> String {
@@ -186,7 +187,16 @@ struct Stored {
 impl Subscriptions {
     /// Loads every stored subscription; webhooks are started by [`Self::run_webhooks`].
     pub fn load(store: Arc<dyn Store>, log: Arc<dyn EventLog>) -> Result<Arc<Self>, SubscriptionError> {
-        let subs = Arc::new(Self { store: store.clone(), log, groups: Mutex::new(HashMap::new()) });
+        Self::load_with_metrics(store, log, None)
+    }
+
+    /// [`Self::load`], counting webhook deliveries and parked events into `metrics`.
+    pub fn load_with_metrics(
+        store: Arc<dyn Store>,
+        log: Arc<dyn EventLog>,
+        metrics: Option<Arc<zhili_telemetry::Metrics>>,
+    ) -> Result<Arc<Self>, SubscriptionError> {
+        let subs = Arc::new(Self { store: store.clone(), log, groups: Mutex::new(HashMap::new()), metrics });
         for kv in store.range(DEFS, None)? {
             let name = kv.key.get(DEFS.len()..).unwrap_or_default().to_string();
             let stored: Stored = serde_json::from_slice(&kv.value).map_err(|e| SubscriptionError::Corrupt(name.clone(), e.to_string()))?;
@@ -364,6 +374,9 @@ impl Subscriptions {
         let parked: Vec<NewEvent> = events.into_iter().map(|e| NewEvent { id: e.id, body: e.body }).collect();
         self.log.append(&format!("$parked-{name}"), ExpectedRevision::Any, parked).await?;
         group.lock().parked += n;
+        if let Some(m) = &self.metrics {
+            m.events_parked.inc_by(n);
+        }
         self.save_checkpoint(group).await
     }
 
@@ -443,6 +456,10 @@ impl Subscriptions {
     }
 
     pub(crate) fn record_attempt(&self, name: &str, a: webhook::Attempt) {
+        if let Some(m) = &self.metrics {
+            let outcome = if a.error.is_none() { "delivered" } else { "failed" };
+            m.webhook_deliveries.get_or_create(&zhili_telemetry::OutcomeLabel { outcome }).inc();
+        }
         if let Ok(g) = self.get_group(name) {
             let mut g = g.lock();
             if g.attempts.len() == webhook::ATTEMPTS_KEPT {
@@ -572,5 +589,79 @@ impl Audit {
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
+    }
+}
+
+pub const GATEWAY_STREAM: &str = "$gateway";
+
+/// What a gateway observed about a service, for `$gateway`.
+#[derive(Debug, Clone, Copy)]
+pub enum GatewayChange<'a> {
+    /// The service's circuit breaker moved to `open`, `half_open` or `closed`.
+    Breaker(&'a str),
+    /// Outlier detection ejected an instance.
+    Ejected { instance: &'a str, for_: Duration },
+}
+
+/// Appends a gateway observation to `$gateway` (`io.zhili.gateway.breaker.opened`,
+/// `...half_opened`, `...closed`, `io.zhili.gateway.endpoint.ejected`), subject
+/// `{namespace}/{service}[/{instance}]`.
+pub async fn publish_gateway(log: &dyn EventLog, namespace: &str, service: &str, change: GatewayChange<'_>, reason: &str) -> Result<(), EventLogError> {
+    let now = unix_ms();
+    let (kind, subject, data) = match change {
+        GatewayChange::Breaker(state) => {
+            let kind = match state {
+                "open" => "io.zhili.gateway.breaker.opened",
+                "half_open" => "io.zhili.gateway.breaker.half_opened",
+                _ => "io.zhili.gateway.breaker.closed",
+            };
+            (kind, format!("{namespace}/{service}"), serde_json::json!({"namespace": namespace, "service": service, "state": state, "reason": reason}))
+        }
+        GatewayChange::Ejected { instance, for_ } => (
+            "io.zhili.gateway.endpoint.ejected",
+            format!("{namespace}/{service}/{instance}"),
+            serde_json::json!({"namespace": namespace, "service": service, "instance": instance, "ejected_for_ms": for_.as_millis() as u64, "reason": reason}),
+        ),
+    };
+    let id = format!("gateway-{now}-{}", rand_suffix());
+    let body = serde_json::json!({
+        "specversion": "1.0", "id": id, "source": "zhili://gateway", "type": kind, "subject": subject,
+        "time": zhili_model::event::timestamp(now), "datacontenttype": "application/json", "data": data,
+    });
+    log.append(GATEWAY_STREAM, ExpectedRevision::Any, vec![NewEvent { id, body: serde_json::to_vec(&body).unwrap_or_default().into() }]).await.map(|_| ())
+}
+
+fn rand_suffix() -> u64 {
+    use rand::Rng;
+    rand::rng().random()
+}
+
+/// Each group's lag and in-flight count as Prometheus gauges (registered by whoever serves
+/// `/metrics`).
+#[derive(Debug)]
+pub struct SubscriptionsCollector(pub Arc<Subscriptions>);
+
+impl std::fmt::Debug for Subscriptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Subscriptions")
+    }
+}
+
+impl prometheus_client::collector::Collector for SubscriptionsCollector {
+    fn encode(&self, mut encoder: prometheus_client::encoding::DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::gauge::ConstGauge;
+        use prometheus_client::metrics::MetricType;
+        let statuses: Vec<Status> = self.0.names().iter().filter_map(|n| self.0.status(n).ok()).collect();
+        for (name, help, value) in [
+            ("subscription_lag", "Events of the source not yet handed out, per subscription", (|s: &Status| s.lag) as fn(&Status) -> u64),
+            ("subscription_in_flight", "Events handed out and not yet acknowledged, per subscription", |s: &Status| s.in_flight as u64),
+        ] {
+            let mut fam = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for s in &statuses {
+                ConstGauge::new(value(s) as i64).encode(fam.encode_family(&vec![("subscription".to_string(), s.name.clone())])?)?;
+            }
+        }
+        Ok(())
     }
 }

@@ -53,6 +53,7 @@ struct Shared {
     state: Mutex<State>,
     head: watch::Sender<u64>,
     failed: AtomicBool,
+    metrics: Option<Arc<zhili_telemetry::Metrics>>,
 }
 
 #[derive(Default, Clone)]
@@ -142,6 +143,11 @@ impl FjallEventLog {
     /// Opens (or creates) the event log in `dir`, cutting any record at the tail that fails its
     /// checksum.
     pub fn open(dir: &Path) -> Result<Self, EventLogError> {
+        Self::open_with_metrics(dir, None)
+    }
+
+    /// [`Self::open`], counting appends, bytes, fsync time and group sizes into `metrics`.
+    pub fn open_with_metrics(dir: &Path, metrics: Option<Arc<zhili_telemetry::Metrics>>) -> Result<Self, EventLogError> {
         std::fs::create_dir_all(dir).map_err(engine)?;
         let db = Database::builder(dir).open().map_err(engine)?;
         let ks = |name: &str| db.keyspace(name, KeyspaceCreateOptions::default).map_err(engine);
@@ -172,6 +178,7 @@ impl FjallEventLog {
             head: watch::Sender::new(state.next_position),
             state: Mutex::new(state),
             failed: AtomicBool::new(false),
+            metrics,
         });
         shared.check_tail()?;
         let (requests, rx) = mpsc::sync_channel(QUEUE_LEN);
@@ -268,8 +275,16 @@ impl Shared {
                     Err(_) => break,
                 }
             }
-            let mut group =
-                Group { shared: self, batch: self.db.batch(), state: self.state.lock().clone(), ids: HashMap::new(), touched: Vec::new(), wrote: false };
+            let mut group = Group {
+                shared: self,
+                batch: self.db.batch(),
+                state: self.state.lock().clone(),
+                ids: HashMap::new(),
+                touched: Vec::new(),
+                wrote: false,
+                events: 0,
+                bytes: 0,
+            };
             let failed = self.failed.load(Ordering::Acquire);
             let mut appends = Vec::with_capacity(reqs.len());
             let mut deletes = Vec::new();
@@ -282,6 +297,9 @@ impl Shared {
                         deletes.push((reply, if failed { Err(engine("event log failed earlier")) } else { group.delete(&stream, expected) }))
                     }
                 }
+            }
+            if let Some(m) = &self.metrics {
+                m.event_group_size.observe((appends.len() + deletes.len()) as f64);
             }
             let outcome = group.commit();
             if let Err(e) = &outcome {
@@ -324,6 +342,8 @@ struct Group<'a> {
     ids: HashMap<(String, String), (u64, u64)>,
     touched: Vec<String>,
     wrote: bool,
+    events: u64,
+    bytes: u64,
 }
 
 impl Group<'_> {
@@ -385,6 +405,8 @@ impl Group<'_> {
             }
         }
         let n = events.len() as u64;
+        self.events += n;
+        self.bytes += events.iter().map(|e| e.body.len() as u64).sum::<u64>();
         head.last_revision = Some(first_revision + n - 1);
         self.state.heads.insert(stream.to_string(), head);
         self.state.next_position += n;
@@ -425,7 +447,13 @@ impl Group<'_> {
             batch.insert(&self.shared.meta, k, self.state.categories.get(c).copied().unwrap_or(0).to_be_bytes());
         }
         batch.commit().map_err(engine)?;
+        let started = std::time::Instant::now();
         self.shared.db.persist(PersistMode::SyncData).map_err(engine)?;
+        if let Some(m) = &self.shared.metrics {
+            m.event_fsync.observe(started.elapsed().as_secs_f64());
+            m.events_appended.inc_by(self.events);
+            m.events_appended_bytes.inc_by(self.bytes);
+        }
         let next = self.state.next_position;
         *self.shared.state.lock() = self.state;
         self.shared.head.send_replace(next);

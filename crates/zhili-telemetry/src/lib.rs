@@ -28,6 +28,11 @@ pub struct KindLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HttpLabels {
     pub method: String,
     /// The matched route template (e.g. `/api/v1/kv/{*key}`), never the raw path.
@@ -47,6 +52,14 @@ pub struct Metrics {
     pub watchers: Gauge<i64, AtomicI64>,
     pub http_requests: Family<HttpLabels, Histogram>,
     pub kv_writes: Counter,
+    /// Events appended durably, and their bytes.
+    pub events_appended: Counter,
+    pub events_appended_bytes: Counter,
+    /// The event log's fsync per group commit, and how many appends each group carried.
+    pub event_fsync: Histogram,
+    pub event_group_size: Histogram,
+    pub webhook_deliveries: Family<OutcomeLabel, Counter>,
+    pub events_parked: Counter,
 }
 
 fn latency_buckets() -> impl Iterator<Item = f64> {
@@ -74,8 +87,26 @@ impl Metrics {
         registry.register("http_request_duration_seconds", "HTTP request latency by route template", http_requests.clone());
         let kv_writes = Counter::default();
         registry.register("kv_writes", "Durable KV writes acknowledged", kv_writes.clone());
+        let events_appended = Counter::default();
+        registry.register("events_appended", "Events appended durably to the event log", events_appended.clone());
+        let events_appended_bytes = Counter::default();
+        registry.register("events_appended_bytes", "Bytes of events appended durably", events_appended_bytes.clone());
+        let event_fsync = Histogram::new(latency_buckets());
+        registry.register("event_log_fsync_seconds", "Event log fsync per group commit", event_fsync.clone());
+        let event_group_size = Histogram::new(exponential_buckets(1.0, 2.0, 12));
+        registry.register("event_log_group_appends", "Appends per event log group commit", event_group_size.clone());
+        let webhook_deliveries = Family::<OutcomeLabel, Counter>::default();
+        registry.register("webhook_deliveries", "Webhook delivery attempts by outcome", webhook_deliveries.clone());
+        let events_parked = Counter::default();
+        registry.register("events_parked", "Events parked after too many deliveries or by a nack", events_parked.clone());
         Arc::new(Self {
             registry: Mutex::new(registry),
+            events_appended,
+            events_appended_bytes,
+            event_fsync,
+            event_group_size,
+            webhook_deliveries,
+            events_parked,
             instances,
             services,
             heartbeats,

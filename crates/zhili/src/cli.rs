@@ -64,6 +64,20 @@ pub enum ClientCommand {
         #[command(subcommand)]
         cmd: RouteCmd,
     },
+    /// Event streams: append CloudEvents, read, tail (live), list, delete.
+    Stream {
+        #[command(flatten)]
+        opts: ClientOpts,
+        #[command(subcommand)]
+        cmd: StreamCmd,
+    },
+    /// Persistent subscriptions (consumer groups, webhooks): create, list, get, delete, replay parked events.
+    Subscription {
+        #[command(flatten)]
+        opts: ClientOpts,
+        #[command(subcommand)]
+        cmd: SubscriptionCmd,
+    },
     /// Bootstrap ACLs; manage policies and tokens.
     Acl {
         #[command(flatten)]
@@ -217,6 +231,76 @@ pub enum RouteCmd {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum StreamCmd {
+    /// Append one CloudEvent built from flags, or every event of a JSON file (an object or an array).
+    Append {
+        stream: String,
+        /// The event's type (with --source; or give --file).
+        #[arg(long = "type", required_unless_present = "file")]
+        kind: Option<String>,
+        #[arg(long, default_value = "zhili-cli")]
+        source: String,
+        /// Defaults to a fresh unique id.
+        #[arg(long)]
+        id: Option<String>,
+        #[arg(long)]
+        subject: Option<String>,
+        /// JSON data.
+        #[arg(long)]
+        data: Option<String>,
+        #[arg(long, short)]
+        file: Option<std::path::PathBuf>,
+        /// any (default), no_stream, exists, or a revision number.
+        #[arg(long, default_value = "any")]
+        expected_revision: String,
+    },
+    /// Read events (a stream, $all, or a $ce- category).
+    Read {
+        stream: String,
+        #[arg(long)]
+        from: Option<u64>,
+        #[arg(long)]
+        backwards: bool,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Print stored events, then new ones as they arrive (one JSON line each) until interrupted.
+    Tail {
+        stream: String,
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+    },
+    /// Streams whose names start with a prefix.
+    List {
+        #[arg(default_value = "")]
+        prefix: String,
+    },
+    /// Soft-delete a stream.
+    Delete { stream: String },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SubscriptionCmd {
+    /// Create or replace one: '{"stream": "$ce-order", "webhook": {"url": "http://..."}}'
+    /// (a new webhook's signing secret is printed once).
+    Create {
+        name: String,
+        spec: String,
+    },
+    List,
+    Get {
+        name: String,
+    },
+    Delete {
+        name: String,
+    },
+    /// Deliver the events parked by this subscription again.
+    ReplayParked {
+        name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 pub enum AclCmd {
     /// Create the first management token (once).
     Bootstrap,
@@ -268,6 +352,8 @@ pub async fn run(cmd: ClientCommand) -> ExitCode {
         ClientCommand::Instance { opts, cmd } => (opts.clone(), with_client(&opts, |c| instance(c, cmd)).await),
         ClientCommand::Kv { opts, cmd } => (opts.clone(), with_client(&opts, |c| kv(c, cmd)).await),
         ClientCommand::Acl { opts, cmd } => (opts.clone(), with_client(&opts, |c| acl(c, cmd)).await),
+        ClientCommand::Stream { opts, cmd } => (opts.clone(), with_client(&opts, |c| stream(c, cmd)).await),
+        ClientCommand::Subscription { opts, cmd } => (opts.clone(), with_client(&opts, |c| subscription(c, cmd)).await),
         ClientCommand::Route { opts, cmd } => (opts.clone(), with_client(&opts, |c| gateway_resource(c, "routes", cmd)).await),
         ClientCommand::Consumer { opts, cmd } => (opts.clone(), with_client(&opts, |c| gateway_resource(c, "consumers", cmd)).await),
     };
@@ -414,6 +500,81 @@ async fn kv(c: Client, cmd: KvCmd) -> Result<Shown, CliError> {
             Shown::Json(Value::Array(rows))
         }
         KvCmd::Keys { prefix, separator } => to_json(&c.kv_keys(&prefix, separator.as_deref()).await?),
+    })
+}
+
+async fn stream(c: Client, cmd: StreamCmd) -> Result<Shown, CliError> {
+    use zhili_client::Expected;
+    Ok(match cmd {
+        StreamCmd::Append { stream, kind, source, id, subject, data, file, expected_revision } => {
+            let expected = match expected_revision.as_str() {
+                "any" => Expected::Any,
+                "no_stream" => Expected::NoStream,
+                "exists" => Expected::Exists,
+                n => Expected::Revision(n.parse().map_err(|_| CliError::Usage(format!("--expected-revision {n:?}: any, no_stream, exists or a number")))?),
+            };
+            let events = match (file, kind) {
+                (Some(f), _) => match serde_json::from_str::<Value>(&read_file(&f)?).map_err(|e| CliError::Usage(format!("{}: {e}", f.display())))? {
+                    Value::Array(list) => list,
+                    one => vec![one],
+                },
+                (None, Some(kind)) => {
+                    let id = id.unwrap_or_else(|| {
+                        format!("cli-{}-{}", std::process::id(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()))
+                    });
+                    let mut e = serde_json::Map::new();
+                    for (k, v) in [("specversion", "1.0".to_string()), ("id", id), ("source", source), ("type", kind)] {
+                        e.insert(k.into(), Value::String(v));
+                    }
+                    if let Some(sub) = subject {
+                        e.insert("subject".into(), Value::String(sub));
+                    }
+                    if let Some(d) = data {
+                        e.insert("data".into(), serde_json::from_str(&d).map_err(|err| CliError::Usage(format!("--data is not JSON: {err}")))?);
+                        e.insert("datacontenttype".into(), Value::String("application/json".into()));
+                    }
+                    vec![Value::Object(e)]
+                }
+                (None, None) => return Err(CliError::Usage("give --type (and --source) or --file".into())),
+            };
+            let a = c.append(&stream, expected, &events).await?;
+            Shown::Json(json!({"revision": a.revision, "last_revision": a.last_revision, "position": a.position}))
+        }
+        StreamCmd::Read { stream, from, backwards, limit } => {
+            let page = c.read_stream(&stream, from, backwards, limit).await?;
+            let rows: Vec<Value> =
+                page.events.into_iter().map(|e| json!({"revision": e.revision, "position": e.position, "stream": e.stream, "event": e.event})).collect();
+            Shown::Json(Value::Array(rows))
+        }
+        StreamCmd::Tail { stream, from } => {
+            let mut sub = c.subscribe(&stream, from);
+            loop {
+                let (n, event) = sub.next().await?;
+                println!("{}", json!({"revision": n, "event": event}));
+            }
+        }
+        StreamCmd::List { prefix } => Shown::Json(c.list_streams(&prefix).await?.get("streams").cloned().unwrap_or(Value::Null)),
+        StreamCmd::Delete { stream } => {
+            c.delete_stream(&stream).await?;
+            Shown::Nothing
+        }
+    })
+}
+
+async fn subscription(c: Client, cmd: SubscriptionCmd) -> Result<Shown, CliError> {
+    Ok(match cmd {
+        SubscriptionCmd::Create { name, spec } => {
+            let spec: Value = serde_json::from_str(&spec).map_err(|e| CliError::Usage(format!("the spec is not JSON: {e}")))?;
+            let secret = c.put_subscription(&name, &spec).await?;
+            Shown::Json(json!({"name": name, "secret": secret}))
+        }
+        SubscriptionCmd::List => Shown::Json(c.subscriptions().await?.get("subscriptions").cloned().unwrap_or(Value::Null)),
+        SubscriptionCmd::Get { name } => Shown::Json(c.subscription(&name).await?),
+        SubscriptionCmd::Delete { name } => {
+            c.delete_subscription(&name).await?;
+            Shown::Nothing
+        }
+        SubscriptionCmd::ReplayParked { name } => Shown::Json(json!({"replayed": c.replay_parked(&name).await?})),
     })
 }
 

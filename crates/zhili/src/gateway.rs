@@ -26,6 +26,8 @@ fn endpoint(i: Instance) -> Endpoint {
 pub struct Local {
     pub registry: Arc<Registry>,
     pub store: Arc<dyn Store>,
+    /// Where observations also go, as `$gateway` events.
+    pub events: Arc<dyn zhili_store::events::EventLog>,
 }
 
 #[async_trait]
@@ -55,6 +57,12 @@ impl Discover for Local {
             }
             Observed::Breaker(t) => self.registry.report_breaker(&p.namespace, &p.service, t.state(), BREAKER_REASON),
         };
+        let change = match &p.observed {
+            Observed::Ejected { instance, for_ } => zhili_events::GatewayChange::Ejected { instance, for_: *for_ },
+            Observed::Breaker(t) => zhili_events::GatewayChange::Breaker(t.state()),
+        };
+        let reason = if matches!(p.observed, Observed::Breaker(_)) { BREAKER_REASON } else { "ejected by the gateway after consecutive failures" };
+        zhili_events::publish_gateway(&*self.events, &p.namespace, &p.service, change, reason).await.map_err(|e| DiscoverError::Unavailable(e.to_string()))?;
         // The registry forgot the instance (or service) in between: nothing to report on.
         done.map_err(|e| DiscoverError::Invalid(e.to_string()))
     }

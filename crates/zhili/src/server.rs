@@ -161,8 +161,10 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
     let store: Arc<dyn Store> =
         Arc::new(zhili_store_fjall::FjallStore::open(&cfg.data_dir).with_context(|| format!("opening the store in {}", cfg.data_dir.display()))?);
     let events_dir = cfg.data_dir.join("events");
-    let events: Arc<dyn zhili_store::events::EventLog> =
-        Arc::new(zhili_store_fjall::FjallEventLog::open(&events_dir).with_context(|| format!("opening the event log in {}", events_dir.display()))?);
+    let events: Arc<dyn zhili_store::events::EventLog> = Arc::new(
+        zhili_store_fjall::FjallEventLog::open_with_metrics(&events_dir, Some(metrics.clone()))
+            .with_context(|| format!("opening the event log in {}", events_dir.display()))?,
+    );
     let (transitions_tx, mut transitions) = mpsc::channel(TRANSITION_QUEUE);
     let engine = Arc::new(HealthEngine::new(transitions_tx, cfg.check_concurrency, metrics.clone()));
     let registry = Registry::load(store.clone(), Arc::new(EngineScheduler(engine.clone())), metrics.clone()).context("loading the registry")?;
@@ -207,7 +209,9 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
         tracing::info!(addr = %local, "DNS listener up (udp+tcp)");
     }
     sup.spawn("$registry publisher", crate::feedback::publish_registry(registry.clone(), events.clone(), cfg.node_name.clone()));
-    let subscriptions = zhili_events::Subscriptions::load(store.clone(), events.clone()).context("loading subscriptions")?;
+    let subscriptions =
+        zhili_events::Subscriptions::load_with_metrics(store.clone(), events.clone(), Some(metrics.clone())).context("loading subscriptions")?;
+    metrics.register_collector(Box::new(zhili_events::SubscriptionsCollector(subscriptions.clone())));
     sup.spawn("webhook deliveries", subscriptions.clone().run_webhooks());
     let (audit, audit_publisher) = zhili_events::Audit::new(events.clone());
     sup.spawn("$audit publisher", audit_publisher);
@@ -256,7 +260,7 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
         println!("zhili gateway listening on {scheme}://{}", listener.local_addr()?);
         let gw = zhili_gateway::Gateway::new(zhili_gateway::Options { access_log: cfg.gateway_access_log, ..Default::default() });
         state.metrics.register_collector(Box::new(zhili_gateway::GatewayCollector(gw.clone())));
-        let discover = Arc::new(crate::gateway::Local { registry: registry.clone(), store: state.store.clone() });
+        let discover = Arc::new(crate::gateway::Local { registry: registry.clone(), store: state.store.clone(), events: state.events.clone() });
         sup.spawn("gateway follower", zhili_gateway::follow(gw.clone(), discover));
         sup.listener("gateway listener", zhili_gateway::serve(listener, gw, gw_tls, zhili_net::Admission::new("gateway", limits), sup.stop()));
     }

@@ -231,6 +231,12 @@ async fn failover_and_hot_route_change_under_load_fail_no_request() {
     assert!(until > unix_ms(), "{v}");
     let (_, _, v) = call(&api, Method::GET, "/api/v1/services/web/instances/b", None).await;
     assert!(v.get("passive_health").is_none(), "a live upstream was reported: {v}");
+    // ... and appended to $gateway for subscribers.
+    let (_, _, v) = call(&api, Method::GET, "/api/v1/streams/$gateway", None).await;
+    let ejected: Vec<&serde_json::Value> =
+        v["events"].as_array().unwrap().iter().map(|e| &e["event"]).filter(|e| e["type"] == "io.zhili.gateway.endpoint.ejected").collect();
+    assert!(ejected.iter().any(|e| e["subject"] == "default/web/a"), "{v}");
+    assert!(ejected.iter().all(|e| e["subject"] != "default/web/b"), "{v}");
 }
 
 fn unix_ms() -> u64 {
@@ -452,6 +458,13 @@ async fn circuit_breaker_opens_then_closes_through_half_open_and_limits_concurre
     let (st, _, _) = call(&api, Method::PUT, "/api/v1/services/fragile/breaker", Some(r#"{"state": "half_open", "reason": "probe"}"#)).await;
     assert_eq!(st, StatusCode::NO_CONTENT);
     assert_eq!(breaker_state().await, "half_open");
+    // Every transition is also an event on $gateway: the embedded gateway's and the reported one.
+    let (_, _, v) = call(&api, Method::GET, "/api/v1/streams/$gateway?limit=100", None).await;
+    let seen: Vec<(&str, &str)> =
+        v["events"].as_array().unwrap().iter().map(|e| (e["event"]["type"].as_str().unwrap(), e["event"]["subject"].as_str().unwrap())).collect();
+    for kind in ["io.zhili.gateway.breaker.opened", "io.zhili.gateway.breaker.half_opened", "io.zhili.gateway.breaker.closed"] {
+        assert!(seen.contains(&(kind, "default/fragile")), "{kind} missing from {seen:?}");
+    }
     expect_problem(&api, Method::PUT, "/api/v1/services/fragile/breaker", Some(r#"{"state": "ajar"}"#), StatusCode::BAD_REQUEST, "state").await;
     let (st, _, _) = call(&api, Method::PUT, "/api/v1/services/nobody/breaker", Some(r#"{"state": "open"}"#)).await;
     assert_eq!(st, StatusCode::NOT_FOUND);

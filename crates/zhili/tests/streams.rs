@@ -365,3 +365,64 @@ fn cloudevents_sdk_standard_webhooks_and_competing_consumers() {
     let out = run_interop("events_clients.py", &[&format!("http://{}", s.api), "10000"], Duration::from_secs(240));
     assert!(out.contains("ok: 4 signed webhook deliveries verified; 10000 events"), "{out}");
 }
+
+/// The Rust SDK (append, read, catch-up + live subscription, a consumer group) and the CLI
+/// (`zhili stream ...`, `zhili subscription ...`) against the binary.
+#[tokio::test]
+async fn sdk_and_cli() {
+    use zhili_client::Expected;
+    let s = dev_server();
+    let c = client(&s, None);
+    let a = c.append("inv-1", Expected::NoStream, &[event("i1"), event("i2")]).await.unwrap();
+    assert_eq!((a.revision, a.last_revision), (0, 1));
+    let err = c.append("inv-1", Expected::NoStream, &[event("i3")]).await.unwrap_err();
+    assert_eq!(err.status(), Some(StatusCode::CONFLICT));
+    let page = c.read_stream("inv-1", None, true, 1).await.unwrap();
+    assert_eq!((page.events[0].event["id"].as_str(), page.next), (Some("i2"), Some(0)));
+    // Catch-up, then live.
+    let mut sub = c.subscribe("inv-1", 1);
+    assert_eq!(sub.next().await.unwrap().1["id"], "i2");
+    let live = tokio::spawn(async move { sub.next().await.unwrap() });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    c.append("inv-1", Expected::Revision(1), &[event("i3")]).await.unwrap();
+    let (n, e) = tokio::time::timeout(Duration::from_secs(10), live).await.unwrap().unwrap();
+    assert_eq!((n, e["id"].as_str()), (2, Some("i3")));
+    // A consumer group: pull, nack one (it comes back), ack all.
+    assert_eq!(c.put_subscription("inv", &json!({"stream": "inv-1"})).await.unwrap(), None, "no webhook, no secret");
+    let got = c.next_events("inv", 10, Duration::from_secs(1)).await.unwrap();
+    assert_eq!(got.len(), 3);
+    c.nack("inv", &[got[0].ack_id.clone()], zhili_client::NackAction::Retry).await.unwrap();
+    c.ack("inv", &got[1..].iter().map(|g| g.ack_id.clone()).collect::<Vec<_>>()).await.unwrap();
+    let again = c.next_events("inv", 10, Duration::from_secs(1)).await.unwrap();
+    assert_eq!((again.len(), again[0].deliveries, again[0].event["id"].as_str()), (1, 2, Some("i1")));
+    c.ack("inv", &[again[0].ack_id.clone()]).await.unwrap();
+    assert_eq!(c.subscription("inv").await.unwrap()["checkpoint"], 3);
+    // Metrics: appends, fsyncs, group sizes and the group's lag.
+    let (_, r, _) = call(&c, Method::GET, "/metrics", None).await;
+    let metrics = String::from_utf8_lossy(&r.body).into_owned();
+    let value = |prefix: &str| metrics.lines().find(|l| l.starts_with(prefix)).and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+    assert!(value("zhili_events_appended_total").is_some_and(|v| v >= 3.0), "{metrics}");
+    assert!(value("zhili_event_log_fsync_seconds_count").is_some_and(|v| v >= 1.0));
+    assert!(value("zhili_event_log_group_appends_count").is_some_and(|v| v >= 1.0));
+    assert_eq!(value("zhili_subscription_lag{subscription=\"inv\"}"), Some(0.0));
+
+    let zhili = |args: &[&str]| {
+        let out = std::process::Command::new(bin()).args(args).env("ZHILI_ADDR", format!("http://{}", s.api)).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    zhili(&["stream", "append", "cli-1", "--type", "demo.created", "--source", "/cli", "--data", r#"{"x": 1}"#, "--expected-revision", "no_stream"]);
+    let read: Value = serde_json::from_str(&zhili(&["stream", "read", "cli-1", "-o", "json"])).unwrap();
+    assert_eq!((read[0]["event"]["type"].as_str(), read[0]["event"]["data"]["x"].as_u64()), (Some("demo.created"), Some(1)));
+    let listed = zhili(&["stream", "list", "cli-", "-o", "json"]);
+    assert!(listed.contains("cli-1"), "{listed}");
+    let created: Value =
+        serde_json::from_str(&zhili(&["subscription", "create", "hook", r#"{"stream": "cli-1", "webhook": {"url": "http://127.0.0.1:9/x"}}"#, "-o", "json"]))
+            .unwrap();
+    assert!(created["secret"].as_str().unwrap().starts_with("whsec_"), "{created}");
+    assert!(zhili(&["subscription", "list", "-o", "json"]).contains("hook"));
+    zhili(&["subscription", "delete", "hook"]);
+    zhili(&["stream", "delete", "cli-1"]);
+    let (st, _, _) = call(&c, Method::GET, "/api/v1/streams/cli-1", None).await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+}

@@ -221,7 +221,11 @@ async fn breaker(
         return Err(zhili_model::ValidationError::new("state", format!("{:?} is not open, half_open or closed", body.state)).into());
     }
     validate::text("reason", &body.reason)?;
-    s.registry.report_breaker(&q.namespace()?, &name, &body.state, &body.reason)?;
+    let ns = q.namespace()?;
+    s.registry.report_breaker(&ns, &name, &body.state, &body.reason)?;
+    zhili_events::publish_gateway(&*s.events, &ns, &name, zhili_events::GatewayChange::Breaker(&body.state), &body.reason)
+        .await
+        .map_err(super::streams::log_error)?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -237,6 +241,9 @@ async fn passive(
     caller.require(Resource::Service, &name, Access::Write)?;
     validate::text("reason", &body.reason)?;
     let d = zhili_model::parse_duration("ejected_for", &body.ejected_for)?;
-    let index = s.registry.report_passive(&q.namespace()?, &name, &id, d, &body.reason)?;
+    let ns = q.namespace()?;
+    let index = s.registry.report_passive(&ns, &name, &id, d, &body.reason)?;
+    let change = zhili_events::GatewayChange::Ejected { instance: &id, for_: d };
+    zhili_events::publish_gateway(&*s.events, &ns, &name, change, &body.reason).await.map_err(super::streams::log_error)?;
     Ok(indexed(index, StatusCode::NO_CONTENT))
 }
