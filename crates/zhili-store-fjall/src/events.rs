@@ -26,7 +26,7 @@ use bytes::Bytes;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 use parking_lot::Mutex;
 use tokio::sync::{oneshot, watch};
-use zhili_store::events::{category, Appended, Direction, EventLog, EventLogError, ExpectedRevision, NewEvent, RecordedEvent, StreamInfo};
+use zhili_store::events::{category, now_ms, Appended, Direction, EventLog, EventLogError, ExpectedRevision, NewEvent, RecordedEvent, Retention, StreamInfo};
 
 /// Appends one group commit may take.
 const MAX_GROUP: usize = 1024;
@@ -35,10 +35,19 @@ const QUEUE_LEN: usize = 8192;
 const TAIL_CHECK: usize = 1024;
 const NEXT_POSITION: &[u8] = b"next_position";
 const CATEGORY_PREFIX: &[u8] = b"cat\0";
+const SCAVENGE_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
 
 pub struct FjallEventLog {
     shared: Arc<Shared>,
     requests: mpsc::SyncSender<Request>,
+    /// Set on drop: the scavenger thread ends, so the writer (and the database) can close.
+    closed: Arc<AtomicBool>,
+}
+
+impl Drop for FjallEventLog {
+    fn drop(&mut self) {
+        self.closed.store(true, Ordering::Release);
+    }
 }
 
 struct Shared {
@@ -64,8 +73,24 @@ struct State {
 }
 
 enum Request {
-    Append { stream: String, expected: ExpectedRevision, events: Vec<NewEvent>, reply: oneshot::Sender<Result<Appended, EventLogError>> },
-    Delete { stream: String, expected: ExpectedRevision, reply: oneshot::Sender<Result<(), EventLogError>> },
+    Append {
+        stream: String,
+        expected: ExpectedRevision,
+        events: Vec<NewEvent>,
+        reply: oneshot::Sender<Result<Appended, EventLogError>>,
+    },
+    Delete {
+        stream: String,
+        expected: ExpectedRevision,
+        reply: oneshot::Sender<Result<(), EventLogError>>,
+    },
+    Retain {
+        stream: String,
+        retention: Retention,
+        reply: oneshot::Sender<Result<StreamInfo, EventLogError>>,
+    },
+    /// Reclaims the space of events retention or truncation hides.
+    Scavenge,
 }
 
 fn engine(e: impl std::fmt::Display) -> EventLogError {
@@ -92,23 +117,36 @@ fn id_key(stream: &str, id: &str) -> Vec<u8> {
     k
 }
 
-fn encode_head(h: &StreamInfo) -> [u8; 17] {
-    let mut out = [0u8; 17];
+/// `next revision | truncate-before | deleted | flags (bit 0: max count, bit 1: max age) |
+/// max count | max age ms`.
+fn encode_head(h: &StreamInfo) -> [u8; 34] {
+    let mut out = [0u8; 34];
     out[..8].copy_from_slice(&h.last_revision.map_or(0, |r| r + 1).to_be_bytes());
     out[8..16].copy_from_slice(&h.truncate_before.to_be_bytes());
     out[16] = u8::from(h.deleted);
+    out[17] = u8::from(h.max_count.is_some()) | (u8::from(h.max_age_ms.is_some()) << 1);
+    out[18..26].copy_from_slice(&h.max_count.unwrap_or(0).to_be_bytes());
+    out[26..34].copy_from_slice(&h.max_age_ms.unwrap_or(0).to_be_bytes());
     out
 }
 
 fn decode_head(v: &[u8]) -> Option<StreamInfo> {
     let next = u64_at(v, 0)?;
-    Some(StreamInfo { last_revision: next.checked_sub(1), truncate_before: u64_at(v, 8)?, deleted: *v.get(16)? != 0 })
+    let flags = *v.get(17)?;
+    Some(StreamInfo {
+        last_revision: next.checked_sub(1),
+        truncate_before: u64_at(v, 8)?,
+        deleted: *v.get(16)? != 0,
+        max_count: (flags & 1 != 0).then(|| u64_at(v, 18)).flatten(),
+        max_age_ms: (flags & 2 != 0).then(|| u64_at(v, 26)).flatten(),
+    })
 }
 
-fn encode_record(stream: &str, revision: u64, e: &NewEvent) -> Vec<u8> {
-    let mut out = Vec::with_capacity(4 + 8 + 2 + stream.len() + 2 + e.id.len() + e.body.len());
+fn encode_record(stream: &str, revision: u64, appended_ms: u64, e: &NewEvent) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + 16 + 2 + stream.len() + 2 + e.id.len() + e.body.len());
     out.extend_from_slice(&[0; 4]);
     out.extend_from_slice(&revision.to_be_bytes());
+    out.extend_from_slice(&appended_ms.to_be_bytes());
     out.extend_from_slice(&(stream.len() as u16).to_be_bytes());
     out.extend_from_slice(stream.as_bytes());
     out.extend_from_slice(&(e.id.len() as u16).to_be_bytes());
@@ -129,14 +167,15 @@ fn decode_record(position: u64, v: &[u8]) -> Result<RecordedEvent, EventLogError
         return Err(EventLogError::Corrupt(format!("record at position {position}: checksum mismatch")));
     }
     let revision = u64_at(rest, 0).ok_or_else(corrupt)?;
+    let appended_ms = u64_at(rest, 8).ok_or_else(corrupt)?;
     let len16 = |at: usize| rest.get(at..at + 2).and_then(|s| <[u8; 2]>::try_from(s).ok()).map(|b| usize::from(u16::from_be_bytes(b)));
-    let slen = len16(8).ok_or_else(corrupt)?;
-    let stream = rest.get(10..10 + slen).and_then(|s| std::str::from_utf8(s).ok()).ok_or_else(corrupt)?;
-    let ilen = len16(10 + slen).ok_or_else(corrupt)?;
-    let id_at = 12 + slen;
+    let slen = len16(16).ok_or_else(corrupt)?;
+    let stream = rest.get(18..18 + slen).and_then(|s| std::str::from_utf8(s).ok()).ok_or_else(corrupt)?;
+    let ilen = len16(18 + slen).ok_or_else(corrupt)?;
+    let id_at = 20 + slen;
     let id = rest.get(id_at..id_at + ilen).and_then(|s| std::str::from_utf8(s).ok()).ok_or_else(corrupt)?;
     let body = rest.get(id_at + ilen..).ok_or_else(corrupt)?;
-    Ok(RecordedEvent { stream: stream.to_string(), revision, position, id: id.to_string(), body: Bytes::copy_from_slice(body) })
+    Ok(RecordedEvent { stream: stream.to_string(), revision, position, id: id.to_string(), body: Bytes::copy_from_slice(body), appended_ms })
 }
 
 impl FjallEventLog {
@@ -184,7 +223,28 @@ impl FjallEventLog {
         let (requests, rx) = mpsc::sync_channel(QUEUE_LEN);
         let writer = shared.clone();
         std::thread::Builder::new().name("zhili-events-writer".into()).spawn(move || writer.writer_loop(&rx)).map_err(engine)?;
-        Ok(Self { shared, requests })
+        // Space hidden by retention is reclaimed in the background, in line with appends.
+        let scavenger = requests.clone();
+        let closed = Arc::new(AtomicBool::new(false));
+        let stop = closed.clone();
+        std::thread::Builder::new()
+            .name("zhili-events-scavenger".into())
+            .spawn(move || {
+                let tick = std::time::Duration::from_millis(100);
+                let mut waited = std::time::Duration::ZERO;
+                while !stop.load(Ordering::Acquire) {
+                    std::thread::sleep(tick);
+                    waited += tick;
+                    if waited >= SCAVENGE_EVERY {
+                        waited = std::time::Duration::ZERO;
+                        if scavenger.try_send(Request::Scavenge).is_err() {
+                            continue;
+                        }
+                    }
+                }
+            })
+            .map_err(engine)?;
+        Ok(Self { shared, requests, closed })
     }
 
     async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T, EventLogError>>) -> Request) -> Result<T, EventLogError> {
@@ -288,6 +348,7 @@ impl Shared {
             let failed = self.failed.load(Ordering::Acquire);
             let mut appends = Vec::with_capacity(reqs.len());
             let mut deletes = Vec::new();
+            let mut retains = Vec::new();
             for req in reqs {
                 match req {
                     Request::Append { stream, expected, events, reply } => {
@@ -296,6 +357,15 @@ impl Shared {
                     Request::Delete { stream, expected, reply } => {
                         deletes.push((reply, if failed { Err(engine("event log failed earlier")) } else { group.delete(&stream, expected) }))
                     }
+                    Request::Retain { stream, retention, reply } => {
+                        retains.push((reply, if failed { Err(engine("event log failed earlier")) } else { group.retain(&stream, retention) }))
+                    }
+                    Request::Scavenge if !failed => {
+                        if let Err(e) = group.scavenge() {
+                            tracing::warn!(error = %e, "event log scavenge failed");
+                        }
+                    }
+                    Request::Scavenge => {}
                 }
             }
             if let Some(m) = &self.metrics {
@@ -319,6 +389,12 @@ impl Shared {
                     Err(e) => Err(engine(e)),
                 });
             }
+            for (reply, r) in retains {
+                let _ = reply.send(match &outcome {
+                    Ok(()) => r,
+                    Err(e) => Err(engine(e)),
+                });
+            }
         }
     }
 
@@ -326,7 +402,8 @@ impl Shared {
         let mut out = Vec::new();
         for p in positions {
             let p = p?;
-            let v = self.log.get(p.to_be_bytes()).map_err(engine)?.ok_or_else(|| EventLogError::Corrupt(format!("index names missing position {p}")))?;
+            // A position an index still names may have been scavenged (retention): skipped.
+            let Some(v) = self.log.get(p.to_be_bytes()).map_err(engine)? else { continue };
             out.push(decode_record(p, &v)?);
         }
         Ok(out)
@@ -388,10 +465,11 @@ impl Group<'_> {
         }
         let first_revision = head.last_revision.map_or(0, |r| r + 1);
         let first_position = self.state.next_position;
+        let now = now_ms();
         let cat = category(stream).map(str::to_string);
         for (i, e) in events.iter().enumerate() {
             let (revision, position) = (first_revision + i as u64, first_position + i as u64);
-            self.batch.insert(&self.shared.log, position.to_be_bytes(), encode_record(stream, revision, e));
+            self.batch.insert(&self.shared.log, position.to_be_bytes(), encode_record(stream, revision, now, e));
             self.batch.insert(&self.shared.streams, stream_key(stream, revision), position.to_be_bytes());
             let mut v = [0u8; 16];
             v[..8].copy_from_slice(&revision.to_be_bytes());
@@ -434,6 +512,59 @@ impl Group<'_> {
         Ok(())
     }
 
+    fn retain(&mut self, stream: &str, r: Retention) -> Result<StreamInfo, EventLogError> {
+        let mut head = self.state.heads.get(stream).copied().ok_or_else(|| EventLogError::StreamNotFound(stream.to_string()))?;
+        head.max_count = r.max_count;
+        head.max_age_ms = r.max_age_ms;
+        head.truncate_before = head.truncate_before.max(r.truncate_before.unwrap_or(0));
+        self.state.heads.insert(stream.to_string(), head);
+        self.batch.insert(&self.shared.heads, stream.as_bytes(), encode_head(&head));
+        self.wrote = true;
+        Ok(head)
+    }
+
+    /// Deletes what retention hides: for each stream with a limit, its events below the first
+    /// visible revision (and, by age, the old ones at the front), from the log and the indexes.
+    /// Categories keep no entries for them either: a category read skips missing positions.
+    fn scavenge(&mut self) -> Result<(), EventLogError> {
+        let now = now_ms();
+        let limited: Vec<(String, StreamInfo)> = self
+            .state
+            .heads
+            .iter()
+            .filter(|(_, h)| h.truncate_before > 0 || h.max_count.is_some() || h.max_age_ms.is_some())
+            .map(|(n, h)| (n.clone(), *h))
+            .collect();
+        for (stream, head) in limited {
+            let cut = head.first_visible();
+            let start = stream_key(&stream, 0);
+            for item in self.shared.streams.range(start..stream_key(&stream, u64::MAX)) {
+                let (k, v) = item.into_inner().map_err(engine)?;
+                let revision = k.len().checked_sub(8).and_then(|at| u64_at(&k, at)).unwrap_or(0);
+                let position = u64_at(&v, 0).ok_or_else(|| EventLogError::Corrupt("stream index".into()))?;
+                if revision >= cut {
+                    // Past the count and truncation limits: only age can still cut, from the front.
+                    let young = match self.shared.log.get(position.to_be_bytes()).map_err(engine)? {
+                        Some(rec) => head.young_enough(decode_record(position, &rec)?.appended_ms, now),
+                        None => true,
+                    };
+                    if young || head.last_revision == Some(revision) {
+                        break;
+                    }
+                }
+                if let Some(rec) = self.shared.log.get(position.to_be_bytes()).map_err(engine)? {
+                    if let Ok(e) = decode_record(position, &rec) {
+                        self.batch.remove(&self.shared.ids, id_key(&stream, &e.id));
+                    }
+                }
+                self.batch.remove(&self.shared.log, position.to_be_bytes());
+                self.batch.remove(&self.shared.streams, k);
+                self.wrote = true;
+            }
+        }
+        Ok(())
+    }
+
     /// Makes the group durable, then visible: state, head position, waiters.
     fn commit(self) -> Result<(), EventLogError> {
         if !self.wrote {
@@ -473,7 +604,7 @@ impl EventLog for FjallEventLog {
     fn read_stream(&self, stream: &str, from: u64, direction: Direction, limit: usize) -> Result<Vec<RecordedEvent>, EventLogError> {
         let Some(head) = self.shared.state.lock().heads.get(stream).copied() else { return Ok(vec![]) };
         let Some(last) = head.last_revision.filter(|_| !head.deleted) else { return Ok(vec![]) };
-        let lo = head.truncate_before;
+        let lo = head.first_visible();
         let (a, b) = match direction {
             Direction::Forwards => (from.max(lo), last),
             Direction::Backwards => (lo, from.min(last)),
@@ -482,14 +613,29 @@ impl EventLog for FjallEventLog {
             return Ok(vec![]);
         }
         let range = self.shared.streams.range(stream_key(stream, a)..=stream_key(stream, b));
-        let position = |item: fjall::Guard| -> Result<u64, EventLogError> {
-            let v = item.value().map_err(engine)?;
-            u64_at(&v, 0).ok_or_else(|| EventLogError::Corrupt("stream index".into()))
+        let now = now_ms();
+        let mut out = Vec::new();
+        let iter: Box<dyn Iterator<Item = fjall::Guard>> = match direction {
+            Direction::Forwards => Box::new(range),
+            Direction::Backwards => Box::new(range.rev()),
         };
-        match direction {
-            Direction::Forwards => self.shared.read_positions(range.take(limit).map(position)),
-            Direction::Backwards => self.shared.read_positions(range.rev().take(limit).map(position)),
+        for item in iter {
+            let v = item.value().map_err(engine)?;
+            let p = u64_at(&v, 0).ok_or_else(|| EventLogError::Corrupt("stream index".into()))?;
+            let Some(e) = self.shared.read_positions(std::iter::once(Ok(p)))?.pop() else { continue };
+            if !head.young_enough(e.appended_ms, now) {
+                // Older events come first: forwards, skip them; backwards, nothing older is kept.
+                if direction == Direction::Backwards {
+                    break;
+                }
+                continue;
+            }
+            out.push(e);
+            if out.len() == limit {
+                break;
+            }
         }
+        Ok(out)
     }
 
     fn read_all(&self, from: u64, direction: Direction, limit: usize) -> Result<Vec<RecordedEvent>, EventLogError> {
@@ -517,18 +663,18 @@ impl EventLog for FjallEventLog {
             return Ok(vec![]);
         }
         let range = self.shared.categories.range(stream_key(category, a)..=stream_key(category, b));
-        let entry = |item: fjall::Guard| -> Result<(u64, RecordedEvent), EventLogError> {
+        let entry = |item: fjall::Guard| -> Result<Option<(u64, RecordedEvent)>, EventLogError> {
             let (k, v) = item.into_inner().map_err(engine)?;
             let seq = k.len().checked_sub(8).and_then(|at| u64_at(&k, at)).ok_or_else(|| EventLogError::Corrupt("category key".into()))?;
             let p = u64_at(&v, 0).ok_or_else(|| EventLogError::Corrupt("category index".into()))?;
-            let event = self.shared.read_positions(std::iter::once(Ok(p)))?.pop().ok_or_else(|| EventLogError::Corrupt("category index".into()))?;
-            Ok((seq, event))
+            Ok(self.shared.read_positions(std::iter::once(Ok(p)))?.pop().map(|event| (seq, event)))
         };
         // Events of deleted streams stay in their category, as in KurrentDB's `$ce-` projections.
-        match direction {
+        let found: Result<Vec<Option<(u64, RecordedEvent)>>, EventLogError> = match direction {
             Direction::Forwards => range.take(limit).map(entry).collect(),
             Direction::Backwards => range.rev().take(limit).map(entry).collect(),
-        }
+        };
+        Ok(found?.into_iter().flatten().collect())
     }
 
     fn stream_info(&self, stream: &str) -> Result<Option<StreamInfo>, EventLogError> {
@@ -545,6 +691,10 @@ impl EventLog for FjallEventLog {
 
     async fn delete_stream(&self, stream: &str, expected: ExpectedRevision) -> Result<(), EventLogError> {
         self.call(|reply| Request::Delete { stream: stream.to_string(), expected, reply }).await
+    }
+
+    async fn set_retention(&self, stream: &str, retention: Retention) -> Result<StreamInfo, EventLogError> {
+        self.call(|reply| Request::Retain { stream: stream.to_string(), retention, reply }).await
     }
 
     fn head(&self) -> watch::Receiver<u64> {
@@ -564,6 +714,29 @@ mod tests {
     async fn behaves_as_the_contract_says() {
         let dir = tempfile::tempdir().unwrap();
         zhili_store::events::conformance(&FjallEventLog::open(dir.path()).unwrap()).await;
+        let dir = tempfile::tempdir().unwrap();
+        zhili_store::events::conformance_retention(&FjallEventLog::open(dir.path()).unwrap()).await;
+    }
+
+    #[tokio::test]
+    async fn scavenging_reclaims_what_retention_hides() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = FjallEventLog::open(dir.path()).unwrap();
+        for i in 0..10 {
+            log.append("order-1", ExpectedRevision::Any, vec![ev(&format!("e{i}"))]).await.unwrap();
+        }
+        log.set_retention("order-1", Retention { max_count: Some(3), ..Retention::default() }).await.unwrap();
+        let (tx, rx) = oneshot::channel();
+        log.requests.send(Request::Scavenge).unwrap();
+        // A delete after it in the queue: when it answers, the scavenge is done.
+        log.requests.send(Request::Delete { stream: "none".into(), expected: ExpectedRevision::Any, reply: tx }).unwrap();
+        let _ = rx.await;
+        assert_eq!(log.shared.log.iter().count(), 3, "only the kept events remain on disk");
+        assert_eq!(log.read_stream("order-1", 0, Direction::Forwards, 10).unwrap().len(), 3);
+        assert_eq!(log.read_all(0, Direction::Forwards, 10).unwrap().len(), 3);
+        assert_eq!(log.read_category("order", 0, Direction::Forwards, 10).unwrap().len(), 3, "categories skip what is gone");
+        // The ids of scavenged events are forgotten: the same id appends anew.
+        assert!(!log.append("order-1", ExpectedRevision::Any, vec![ev("e0")]).await.unwrap().duplicate);
     }
 
     #[tokio::test]

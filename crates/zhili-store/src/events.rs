@@ -47,6 +47,8 @@ pub struct RecordedEvent {
     pub position: u64,
     pub id: String,
     pub body: Bytes,
+    /// When it was appended (Unix ms); retention by age reads it.
+    pub appended_ms: u64,
 }
 
 /// A stream's state.
@@ -57,6 +59,41 @@ pub struct StreamInfo {
     /// Reads start here: events below it are gone (soft delete, truncate-before).
     pub truncate_before: u64,
     pub deleted: bool,
+    /// Retention: keep at most this many of the newest events.
+    pub max_count: Option<u64>,
+    /// Retention: events older than this many milliseconds are gone.
+    pub max_age_ms: Option<u64>,
+}
+
+/// A stream's retention settings (`PUT /api/v1/streams/{stream}/metadata`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Retention {
+    pub max_count: Option<u64>,
+    pub max_age_ms: Option<u64>,
+    /// Events below this revision are gone (it only moves forwards).
+    pub truncate_before: Option<u64>,
+}
+
+impl StreamInfo {
+    /// The lowest revision readers may see at `now_ms`, before the age limit (which needs each
+    /// event's time): the truncation point, moved up by `max_count`.
+    pub fn first_visible(&self) -> u64 {
+        let by_count = match (self.last_revision, self.max_count) {
+            (Some(last), Some(n)) => (last + 1).saturating_sub(n),
+            _ => 0,
+        };
+        self.truncate_before.max(by_count)
+    }
+
+    /// Whether an event appended at `appended_ms` is still kept at `now_ms`.
+    pub fn young_enough(&self, appended_ms: u64, now_ms: u64) -> bool {
+        self.max_age_ms.is_none_or(|age| appended_ms.saturating_add(age) > now_ms)
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Which way a read goes.
@@ -72,6 +109,8 @@ pub enum EventLogError {
     WrongExpectedRevision { expected: String, actual: Option<u64> },
     #[error("event ids {0}: part of this batch was appended before, part was not; send the events that are new on their own")]
     PartialDuplicate(String),
+    #[error("stream {0:?} not found")]
+    StreamNotFound(String),
     #[error("event log engine failed: {0}")]
     Engine(String),
     #[error("stored event is corrupt: {0}")]
@@ -100,6 +139,8 @@ pub trait EventLog: Send + Sync + 'static {
     /// Soft delete: the stream reads as empty (404) until it is appended to again, which
     /// continues its revisions.
     async fn delete_stream(&self, stream: &str, expected: ExpectedRevision) -> Result<(), EventLogError>;
+    /// Sets a stream's retention; reads honour it at once, and space is reclaimed later.
+    async fn set_retention(&self, stream: &str, retention: Retention) -> Result<StreamInfo, EventLogError>;
     /// The global position the next append gets (ticks after every durable append).
     fn head(&self) -> watch::Receiver<u64>;
 }
@@ -130,6 +171,29 @@ impl std::fmt::Display for ExpectedRevision {
             Self::Exact(n) => write!(f, "{n}"),
         }
     }
+}
+
+/// Retention, as every [`EventLog`] must apply it to stream reads.
+#[doc(hidden)]
+pub async fn conformance_retention(log: &dyn EventLog) {
+    let ev = |id: &str| NewEvent { id: id.into(), body: Bytes::from(format!("{{\"id\":\"{id}\"}}")) };
+    for i in 0..5 {
+        log.append("kept", ExpectedRevision::Any, vec![ev(&format!("k{i}"))]).await.expect("conformance");
+    }
+    let ids = |log: &dyn EventLog| log.read_stream("kept", 0, Direction::Forwards, 10).expect("conformance").into_iter().map(|e| e.id).collect::<Vec<_>>();
+    let info = log.set_retention("kept", Retention { max_count: Some(2), ..Retention::default() }).await.expect("conformance");
+    assert_eq!(info.max_count, Some(2));
+    assert_eq!(ids(log), ["k3", "k4"], "max_count keeps the newest");
+    let back: Vec<String> = log.read_stream("kept", u64::MAX, Direction::Backwards, 10).expect("conformance").into_iter().map(|e| e.id).collect();
+    assert_eq!(back, ["k4", "k3"]);
+    log.set_retention("kept", Retention { max_count: None, truncate_before: Some(4), ..Retention::default() }).await.expect("conformance");
+    assert_eq!(ids(log), ["k4"], "truncate-before");
+    log.set_retention("kept", Retention { truncate_before: Some(1), ..Retention::default() }).await.expect("conformance");
+    assert_eq!(ids(log), ["k4"], "truncation only moves forwards");
+    log.set_retention("kept", Retention { max_age_ms: Some(1), ..Retention::default() }).await.expect("conformance");
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    assert!(ids(log).is_empty(), "max_age: nothing is young enough");
+    assert!(log.set_retention("never", Retention::default()).await.is_err(), "a stream must exist");
 }
 
 /// The behaviour every [`EventLog`] must show, run by each implementation's tests (embedded and

@@ -294,6 +294,7 @@ mod tests {
     #[tokio::test]
     async fn event_log_behaves_as_the_contract_says() {
         crate::events::conformance(&MemoryEventLog::new()).await;
+        crate::events::conformance_retention(&MemoryEventLog::new()).await;
     }
 
     #[tokio::test(start_paused = true)]
@@ -380,7 +381,14 @@ impl crate::events::EventLog for MemoryEventLog {
         let cat = crate::events::category(stream).map(str::to_string);
         for (i, e) in events.iter().enumerate() {
             let (revision, position) = (first_revision + i as u64, first_position + i as u64);
-            g.all.push(RecordedEvent { stream: stream.to_string(), revision, position, id: e.id.clone(), body: e.body.clone() });
+            g.all.push(RecordedEvent {
+                stream: stream.to_string(),
+                revision,
+                position,
+                id: e.id.clone(),
+                body: e.body.clone(),
+                appended_ms: crate::events::now_ms(),
+            });
             g.ids.insert(key(&e.id), (revision, position));
             let entry = g.streams.entry(stream.to_string()).or_default();
             if entry.0.deleted {
@@ -410,8 +418,10 @@ impl crate::events::EventLog for MemoryEventLog {
     ) -> Result<Vec<crate::events::RecordedEvent>, crate::events::EventLogError> {
         let g = self.lock();
         let Some((info, positions)) = g.streams.get(stream).filter(|(i, _)| !i.deleted) else { return Ok(vec![]) };
-        let visible = page(positions, from, direction, limit).into_iter().filter(|(r, _)| *r >= info.truncate_before);
-        Ok(visible.filter_map(|(_, p)| g.all.get(p as usize).cloned()).collect())
+        let (low, now) = (info.first_visible(), crate::events::now_ms());
+        let visible = page(positions, from, direction, usize::MAX).into_iter().filter(|(r, _)| *r >= low);
+        let events = visible.filter_map(|(_, p)| g.all.get(p as usize).cloned()).filter(|e| info.young_enough(e.appended_ms, now));
+        Ok(events.take(limit).collect())
     }
 
     fn read_all(
@@ -457,6 +467,15 @@ impl crate::events::EventLog for MemoryEventLog {
         info.deleted = true;
         info.truncate_before = info.last_revision.map_or(0, |r| r + 1);
         Ok(())
+    }
+
+    async fn set_retention(&self, stream: &str, r: crate::events::Retention) -> Result<crate::events::StreamInfo, crate::events::EventLogError> {
+        let mut g = self.lock();
+        let (info, _) = g.streams.get_mut(stream).ok_or_else(|| crate::events::EventLogError::StreamNotFound(stream.to_string()))?;
+        info.max_count = r.max_count;
+        info.max_age_ms = r.max_age_ms;
+        info.truncate_before = info.truncate_before.max(r.truncate_before.unwrap_or(0));
+        Ok(*info)
     }
 
     fn head(&self) -> watch::Receiver<u64> {

@@ -129,6 +129,26 @@ async fn append_read_and_expected_revisions() {
     assert_eq!(ids(&v), ["b2"]);
     let (st, _, _) = call(&c, Method::GET, "/api/v1/streams/never", None).await;
     assert_eq!(st, StatusCode::NOT_FOUND);
+
+    // Retention: reads honour it at once.
+    for i in 0..5 {
+        post(&c, "/api/v1/streams/ret-1", &event(&format!("r{i}"))).await;
+    }
+    let (st, _, m) = call(&c, Method::PUT, "/api/v1/streams/ret-1/metadata", Some(r#"{"max_count": 2, "max_age": "7d"}"#)).await;
+    assert_eq!((st, m["max_count"].as_u64(), m["max_age"].as_str()), (StatusCode::OK, Some(2), Some("168h")), "{m}");
+    let (_, _, v) = call(&c, Method::GET, "/api/v1/streams/ret-1", None).await;
+    assert_eq!(ids(&v), ["r3", "r4"]);
+    let (_, _, v) = call(&c, Method::PUT, "/api/v1/streams/ret-1/metadata", Some(r#"{"truncate_before": 4}"#)).await;
+    assert_eq!(v["max_count"], Value::Null, "a PUT replaces the limits: {v}");
+    let (_, _, v) = call(&c, Method::GET, "/api/v1/streams/ret-1", None).await;
+    assert_eq!(ids(&v), ["r4"]);
+    let (_, _, v) = call(&c, Method::GET, "/api/v1/streams/ret-1/metadata", None).await;
+    assert_eq!((v["truncate_before"].as_u64(), v["last_revision"].as_u64()), (Some(4), Some(4)));
+    expect_problem(&c, Method::PUT, "/api/v1/streams/ret-1/metadata", Some(r#"{"max_count": 0}"#), StatusCode::BAD_REQUEST, "max_count").await;
+    expect_problem(&c, Method::PUT, "/api/v1/streams/ret-1/metadata", Some(r#"{"max_age": "soon"}"#), StatusCode::BAD_REQUEST, "max_age").await;
+    expect_problem(&c, Method::PUT, "/api/v1/streams/ret-1/metadata", Some(r#"{"keep": 1}"#), StatusCode::BAD_REQUEST, "keep").await;
+    let (st, _, _) = call(&c, Method::PUT, "/api/v1/streams/nope/metadata", Some("{}")).await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
 }
 
 /// Reads SSE messages until `n` events arrived; returns their (id, CloudEvent id). Zhili's own

@@ -38,12 +38,14 @@ pub fn routes() -> Router<AppState> {
         .route("/api/v1/streams", get(list))
         .route("/api/v1/streams/{stream}", get(read).post(append).delete(delete))
         .route("/api/v1/streams/{stream}/subscribe", get(subscribe))
+        .route("/api/v1/streams/{stream}/metadata", get(metadata).put(put_metadata))
 }
 
 pub(crate) fn log_error(e: EventLogError) -> ApiError {
     match e {
         EventLogError::WrongExpectedRevision { .. } | EventLogError::PartialDuplicate(_) => ApiError::Conflict(e.to_string()),
         EventLogError::Closed => ApiError::Unavailable(e.to_string()),
+        EventLogError::StreamNotFound(_) => ApiError::NotFound(e.to_string()),
         EventLogError::Engine(_) | EventLogError::Corrupt(_) => ApiError::Internal(e.to_string()),
     }
 }
@@ -285,4 +287,55 @@ async fn delete(State(s): State<AppState>, caller: Caller, Path(stream): Path<St
         Err(e @ EventLogError::WrongExpectedRevision { actual, .. }) => Ok(wrong_revision(e.to_string(), actual)),
         Err(e) => Err(log_error(e)),
     }
+}
+
+/// A stream's retention as `GET/PUT /api/v1/streams/{stream}/metadata` show it.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Metadata {
+    #[serde(default)]
+    max_count: Option<u64>,
+    #[serde(default, with = "zhili_model::duration::serde_opt")]
+    max_age: Option<Duration>,
+    #[serde(default)]
+    truncate_before: Option<u64>,
+}
+
+fn shown_metadata(stream: &str, i: &zhili_store::events::StreamInfo) -> Value {
+    json!({
+        "stream": stream,
+        "last_revision": i.last_revision,
+        "max_count": i.max_count,
+        "max_age": i.max_age_ms.map(|ms| zhili_model::format_duration(Duration::from_millis(ms))),
+        "truncate_before": i.truncate_before,
+    })
+}
+
+async fn metadata(State(s): State<AppState>, caller: Caller, Path(stream): Path<String>) -> ApiResult<Response> {
+    ce::stream_name("stream", &stream, true)?;
+    require(&caller, &stream, Access::Read)?;
+    let info =
+        s.events.stream_info(&stream).map_err(log_error)?.filter(|i| !i.deleted).ok_or_else(|| ApiError::NotFound(format!("stream {stream:?} not found")))?;
+    Ok(Json(shown_metadata(&stream, &info)).into_response())
+}
+
+/// `PUT /api/v1/streams/{stream}/metadata {"max_count"?, "max_age"?, "truncate_before"?}`:
+/// retention, applied to reads at once; the space is reclaimed in the background.
+async fn put_metadata(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path(stream): Path<String>,
+    crate::extract::JsonBody(m): crate::extract::JsonBody<Metadata>,
+) -> ApiResult<Response> {
+    ce::stream_name("stream", &stream, true)?;
+    require(&caller, &stream, Access::Write)?;
+    if m.max_count == Some(0) {
+        return Err(ApiError::field("max_count", "must be at least 1 (delete the stream to drop everything)"));
+    }
+    if m.max_age.is_some_and(|a| a < Duration::from_secs(1)) {
+        return Err(ApiError::field("max_age", "must be at least 1s"));
+    }
+    let r = zhili_store::events::Retention { max_count: m.max_count, max_age_ms: m.max_age.map(|a| a.as_millis() as u64), truncate_before: m.truncate_before };
+    let info = s.events.set_retention(&stream, r).await.map_err(log_error)?;
+    Ok(Json(shown_metadata(&stream, &info)).into_response())
 }
