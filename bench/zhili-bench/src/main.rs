@@ -30,7 +30,7 @@ enum Cmd {
     Load {
         #[arg(long)]
         target: SocketAddr,
-        /// register | heartbeat | discover | kv-put | consul-register | consul-health | consul-health-blocking | nacos-register | nacos-beat | etcd-put-lease | etcd-keepalive | etcd-put
+        /// register | heartbeat | discover | kv-put | events-append | events-batch | consul-register | consul-health | consul-health-blocking | nacos-register | nacos-beat | etcd-put-lease | etcd-keepalive | etcd-put
         #[arg(long)]
         scenario: String,
         #[arg(long, default_value_t = 64)]
@@ -198,6 +198,13 @@ struct Scenario {
     expect_body: Option<&'static str>,
 }
 
+/// A CloudEvent of 256 bytes as JSON, unique per (worker, n).
+fn bench_event(w: usize, n: usize) -> String {
+    let head = format!(r#"{{"specversion":"1.0","id":"w{w}-{n}","source":"/bench","type":"bench.event","data":""#);
+    let pad = 256usize.saturating_sub(head.len() + 2);
+    format!("{head}{}\"}}", "x".repeat(pad))
+}
+
 fn ip(i: usize) -> String {
     format!("10.{}.{}.{}", (i >> 16) & 255, (i >> 8) & 255, i & 255)
 }
@@ -281,6 +288,20 @@ async fn setup(target: SocketAddr, scenario: &str, instances: usize) -> anyhow::
                 }
             }
         }
+        // Event log: one 256-byte CloudEvent per append, or batches of 100 (one fsync each).
+        "events-append" => Scenario {
+            next: Box::new(|w, n| (Method::POST, format!("/api/v1/streams/bench-{}", w % 64), Some(Bytes::from(bench_event(w, n))))),
+            expect: 201,
+            expect_body: None,
+        },
+        "events-batch" => Scenario {
+            next: Box::new(|w, n| {
+                let batch: Vec<String> = (0..100).map(|k| bench_event(w, n * 100 + k)).collect();
+                (Method::POST, format!("/api/v1/streams/bench-{}", w % 64), Some(Bytes::from(format!("[{}]", batch.join(",")))))
+            }),
+            expect: 201,
+            expect_body: None,
+        },
         "consul-register" => Scenario {
             next: Box::new(|w, n| {
                 let i = w * 10_000_000 + n;

@@ -242,3 +242,116 @@ impl Subscription {
         Ok(None)
     }
 }
+
+/// A durable acknowledgement from a [`Publisher`].
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct PublishAck {
+    #[serde(default)]
+    pub id: Option<String>,
+    #[serde(default)]
+    pub revision: Option<u64>,
+    #[serde(default)]
+    pub position: Option<u64>,
+    /// Why the event was refused (it was not appended).
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+type Frames = http_body_util::StreamBody<tokio_stream_shim::Frames>;
+
+/// A streaming append over one connection: [`Publisher::send`] queues CloudEvents without
+/// waiting; [`Publisher::ack`] yields each one's durable revision and position as the server
+/// confirms them. Events sent together are appended together (one fsync), so a producer that
+/// keeps many in flight gets the log's full group-commit rate.
+pub struct Publisher {
+    lines: tokio::sync::mpsc::Sender<Result<http_body::Frame<Bytes>, std::convert::Infallible>>,
+    acks: tokio::sync::mpsc::Receiver<Result<PublishAck, ClientError>>,
+}
+
+impl Client {
+    /// Opens a streaming append to `stream`.
+    pub async fn publisher(&self, stream: &str) -> Result<Publisher, ClientError> {
+        let (lines, rx) = tokio::sync::mpsc::channel(1024);
+        let body = http_body_util::StreamBody::new(tokio_stream_shim::Frames(rx));
+        let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        connector.set_nodelay(true);
+        let http: hyper_util::client::legacy::Client<_, Frames> =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(connector);
+        let mut req = Request::builder()
+            .method(Method::POST)
+            .uri(format!("{}/api/v1/streams/{}/publish", self.base, encode(stream)))
+            .header("content-type", "application/x-ndjson");
+        if let Some(t) = &self.token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let req = req.body(body).map_err(|e| ClientError::Config(e.to_string()))?;
+        let (ack_tx, acks) = tokio::sync::mpsc::channel(4096);
+        tokio::spawn(async move {
+            let resp = match http.request(req).await {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = ack_tx.send(Err(ClientError::Transport(zhili_model::error_chain(&e)))).await;
+                    return;
+                }
+            };
+            if !resp.status().is_success() {
+                let status = resp.status();
+                let body = resp.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+                let _ = ack_tx.send(Err(ClientError::Api { status, detail: String::from_utf8_lossy(&body).into_owned() })).await;
+                return;
+            }
+            let mut body = resp.into_body();
+            let mut buf: Vec<u8> = Vec::new();
+            while let Some(frame) = body.frame().await {
+                let Ok(data) = frame.map_err(|_| ()).and_then(|f| f.into_data().map_err(|_| ())) else { continue };
+                buf.extend_from_slice(&data);
+                while let Some(i) = buf.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = buf.drain(..=i).collect();
+                    let ack = serde_json::from_slice::<PublishAck>(&line).map_err(|e| ClientError::Decode(e.to_string()));
+                    if ack_tx.send(ack).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Publisher { lines, acks })
+    }
+}
+
+impl Publisher {
+    /// Queues one CloudEvent (a structured JSON object); waits only when 1,024 are queued.
+    pub async fn send(&self, event: &Value) -> Result<(), ClientError> {
+        let mut line = serde_json::to_vec(event).map_err(|e| ClientError::Config(e.to_string()))?;
+        line.push(b'\n');
+        self.lines.send(Ok(http_body::Frame::data(Bytes::from(line)))).await.map_err(|_| ClientError::Transport("the publishing connection closed".into()))
+    }
+
+    /// The next acknowledgement (in the order the server made them durable); None once the
+    /// connection is closed and every ack was read.
+    pub async fn ack(&mut self) -> Option<Result<PublishAck, ClientError>> {
+        self.acks.recv().await
+    }
+
+    /// Ends the request body: the server answers what is left, then the acks end.
+    pub fn finish(&mut self) {
+        let (closed, _) = tokio::sync::mpsc::channel(1);
+        self.lines = closed;
+    }
+}
+
+/// A receiver of body frames as a `Stream`, without another dependency.
+mod tokio_stream_shim {
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use bytes::Bytes;
+
+    pub struct Frames(pub tokio::sync::mpsc::Receiver<Result<http_body::Frame<Bytes>, std::convert::Infallible>>);
+
+    impl futures_core::Stream for Frames {
+        type Item = Result<http_body::Frame<Bytes>, std::convert::Infallible>;
+        fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+            self.0.poll_recv(cx)
+        }
+    }
+}

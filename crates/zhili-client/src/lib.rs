@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 pub use zhili_model::{Instance, InstanceList, InstanceSpec, ServiceDetail, ServiceSpec, ServiceSummary};
 
 pub use balance::{Balancer, RoundRobin, SmoothWeighted};
-pub use events::{Appended, Expected, GroupEvent, NackAction, ReadEvent, ReadPage, Subscription};
+pub use events::{Appended, Expected, GroupEvent, NackAction, PublishAck, Publisher, ReadEvent, ReadPage, Subscription};
 pub use registration::{Registration, RegistrationOptions, ServiceCache};
 
 /// A response larger than this is refused rather than buffered without bound.

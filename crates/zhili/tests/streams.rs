@@ -446,3 +446,53 @@ async fn sdk_and_cli() {
     let (st, _, _) = call(&c, Method::GET, "/api/v1/streams/cli-1", None).await;
     assert_eq!(st, StatusCode::NOT_FOUND);
 }
+
+/// The streaming append: one connection, events pipelined, each acknowledged with its
+/// revision and position once durable; a bad line is refused without ending the stream.
+#[tokio::test]
+async fn publisher_pipelines_and_acknowledges_each_event() {
+    let s = dev_server();
+    let c = client(&s, None);
+    let mut p = c.publisher("fast-1").await.unwrap();
+    const N: usize = 5_000;
+    let sender = {
+        let events: Vec<Value> = (0..N).map(|i| event(&format!("p{i}"))).collect();
+        async move {
+            for (i, e) in events.iter().enumerate() {
+                p.send(e).await.unwrap();
+                if i == 10 {
+                    p.send(&json!({"specversion": "1.0", "id": "broken"})).await.unwrap();
+                }
+            }
+            p.finish();
+            p
+        }
+    };
+    let mut p = sender.await;
+    let mut acked: HashMap<String, (u64, u64)> = HashMap::new();
+    let mut refused = Vec::new();
+    while let Some(ack) = tokio::time::timeout(Duration::from_secs(30), p.ack()).await.expect("acks keep coming") {
+        let ack = ack.unwrap();
+        match (ack.error, ack.revision, ack.position) {
+            (Some(e), _, _) => refused.push(e),
+            (None, Some(r), Some(pos)) => {
+                acked.insert(ack.id.unwrap(), (r, pos));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(acked.len(), N, "every event acknowledged");
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert!(refused[0].contains("event.source"), "{refused:?}");
+    let mut revisions: Vec<u64> = acked.values().map(|(r, _)| *r).collect();
+    revisions.sort_unstable();
+    assert_eq!(revisions, (0..N as u64).collect::<Vec<_>>(), "gapless revisions");
+    assert_eq!(acked["p0"].0, 0);
+    // What was acknowledged is what the stream holds, in order.
+    let page = c.read_stream("fast-1", Some(0), false, 4096).await.unwrap();
+    for e in &page.events {
+        let id = e.event["id"].as_str().unwrap();
+        assert_eq!(acked[id], (e.revision, e.position), "{id}");
+    }
+    assert_eq!(page.events[0].event["id"], "p0");
+}

@@ -39,6 +39,7 @@ pub fn routes() -> Router<AppState> {
         .route("/api/v1/streams/{stream}", get(read).post(append).delete(delete))
         .route("/api/v1/streams/{stream}/subscribe", get(subscribe))
         .route("/api/v1/streams/{stream}/metadata", get(metadata).put(put_metadata))
+        .route("/api/v1/streams/{stream}/publish", axum::routing::post(publish))
 }
 
 pub(crate) fn log_error(e: EventLogError) -> ApiError {
@@ -338,4 +339,81 @@ async fn put_metadata(
     let r = zhili_store::events::Retention { max_count: m.max_count, max_age_ms: m.max_age.map(|a| a.as_millis() as u64), truncate_before: m.truncate_before };
     let info = s.events.set_retention(&stream, r).await.map_err(log_error)?;
     Ok(Json(shown_metadata(&stream, &info)).into_response())
+}
+
+/// Lines taken from a publishing connection per append at most.
+const PUBLISH_BATCH_BYTES: usize = 4 * 1024 * 1024;
+
+/// `POST /api/v1/streams/{stream}/publish`: a streaming append for high-rate producers. The
+/// request body is NDJSON, one CloudEvent per line, sent for as long as the producer likes; the
+/// answer streams one NDJSON line per event as soon as it is durable: `{"id", "revision",
+/// "position"}`, or `{"id", "error"}` for one that was refused. Lines that arrive together go
+/// in one append (one fsync), so throughput grows with the producer's pipelining.
+async fn publish(State(s): State<AppState>, caller: Caller, Path(stream): Path<String>, body: axum::body::Body) -> ApiResult<Response> {
+    ce::stream_name("stream", &stream, false)?;
+    require(&caller, &stream, Access::Write)?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(64);
+    tokio::spawn(async move {
+        use futures_util::{FutureExt, StreamExt};
+        let mut data = body.into_data_stream();
+        let mut buf: Vec<u8> = Vec::new();
+        let mut ended = false;
+        while !ended {
+            // Wait for some bytes, then take whatever else has already arrived.
+            match data.next().await {
+                Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
+                _ => ended = true,
+            }
+            while buf.len() < PUBLISH_BATCH_BYTES {
+                match data.next().now_or_never() {
+                    Some(Some(Ok(chunk))) => buf.extend_from_slice(&chunk),
+                    Some(_) => {
+                        ended = true;
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            let cut = if ended { buf.len() } else { buf.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1) };
+            let lines: Vec<u8> = buf.drain(..cut).collect();
+            if buf.len() > MAX_EVENT_BYTES {
+                let _ = tx.send(Ok(Bytes::from(json!({"error": format!("a line is over {MAX_EVENT_BYTES} bytes")}).to_string() + "\n"))).await;
+                return;
+            }
+            let mut answers = Vec::new();
+            let mut events = Vec::new();
+            for line in lines.split(|b| *b == b'\n').filter(|l| !l.iter().all(u8::is_ascii_whitespace)) {
+                let parsed =
+                    serde_json::from_slice::<Value>(line).map_err(|e| ApiError::field("event", format!("is not JSON: {e}"))).and_then(|v| one(&v, "event"));
+                match parsed {
+                    Ok(e) => events.push(e),
+                    Err(e) => answers.push(json!({"error": e.detail()})),
+                }
+            }
+            if !events.is_empty() {
+                let ids: Vec<String> = events.iter().map(|e| e.id.clone()).collect();
+                match s.events.append(&stream, ExpectedRevision::Any, events).await {
+                    Ok(a) => answers.extend(
+                        ids.iter()
+                            .enumerate()
+                            .map(|(i, id)| json!({"id": id, "revision": a.first_revision + i as u64, "position": a.first_position + i as u64})),
+                    ),
+                    Err(e) => answers.extend(ids.iter().map(|id| json!({"id": id, "error": e.to_string()}))),
+                }
+            }
+            if answers.is_empty() {
+                continue;
+            }
+            let mut out = String::new();
+            for a in answers {
+                out.push_str(&a.to_string());
+                out.push('\n');
+            }
+            if tx.send(Ok(Bytes::from(out))).await.is_err() {
+                return;
+            }
+        }
+    });
+    let body = axum::body::Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
+    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response())
 }
