@@ -2,6 +2,8 @@
 //! back to back (closed loop); latencies are recorded per request. Scenarios cover Zhili's native
 //! API and, for comparison in the same run, etcd's v3 JSON gateway.
 
+mod nats;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -26,6 +28,18 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// NATS JetStream publishes with acks (the event-log peer): each connection keeps
+    /// `inflight` publishes of 256-byte messages outstanding; prints one JSON line like `load`.
+    NatsPublish {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 1)]
+        inflight: usize,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
     /// Closed-loop load of one scenario; prints one JSON line of results.
     Load {
         #[arg(long)]
@@ -168,6 +182,7 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
+        Cmd::NatsPublish { target, concurrency, inflight, seconds } => nats::publish(target, concurrency, inflight, Duration::from_secs(seconds)).await,
         Cmd::Load { target, scenario, concurrency, seconds, instances } => load(target, &scenario, concurrency, Duration::from_secs(seconds), instances).await,
         Cmd::Wake { target, watchers, rounds } => wake(target, watchers, rounds).await,
         Cmd::FillInstances { target, count } => {
@@ -198,9 +213,12 @@ struct Scenario {
     expect_body: Option<&'static str>,
 }
 
-/// A CloudEvent of 256 bytes as JSON, unique per (worker, n).
+/// A CloudEvent of 256 bytes as JSON, unique per (run, worker, n): the log answers a repeated
+/// id from its idempotency index without writing, which would flatter the numbers.
 fn bench_event(w: usize, n: usize) -> String {
-    let head = format!(r#"{{"specversion":"1.0","id":"w{w}-{n}","source":"/bench","type":"bench.event","data":""#);
+    static RUN: std::sync::OnceLock<u128> = std::sync::OnceLock::new();
+    let run = RUN.get_or_init(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+    let head = format!(r#"{{"specversion":"1.0","id":"{run:x}-w{w}-{n}","source":"/bench","type":"bench.event","data":""#);
     let pad = 256usize.saturating_sub(head.len() + 2);
     format!("{head}{}\"}}", "x".repeat(pad))
 }
@@ -395,16 +413,16 @@ async fn load(target: SocketAddr, scenario: &str, concurrency: usize, duration: 
 }
 
 /// A closed-loop run in progress: workers push their latencies until `stop`.
-struct Run {
-    start: Instant,
-    duration: Duration,
-    stop: Arc<AtomicBool>,
-    errors: Arc<AtomicU64>,
-    tasks: Vec<tokio::task::JoinHandle<Vec<u64>>>,
+pub(crate) struct Run {
+    pub(crate) start: Instant,
+    pub(crate) duration: Duration,
+    pub(crate) stop: Arc<AtomicBool>,
+    pub(crate) errors: Arc<AtomicU64>,
+    pub(crate) tasks: Vec<tokio::task::JoinHandle<Vec<u64>>>,
 }
 
 /// Lets the run go for its duration, stops it and prints one JSON line of results.
-async fn report(scenario: &str, concurrency: usize, run: Run) -> anyhow::Result<()> {
+pub(crate) async fn report(scenario: &str, concurrency: usize, run: Run) -> anyhow::Result<()> {
     tokio::time::sleep(run.duration).await;
     run.stop.store(true, Ordering::Relaxed);
     let mut all = Vec::new();

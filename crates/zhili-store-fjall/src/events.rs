@@ -249,16 +249,7 @@ impl FjallEventLog {
 
     async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T, EventLogError>>) -> Request) -> Result<T, EventLogError> {
         let (tx, rx) = oneshot::channel();
-        let req = make(tx);
-        let sender = self.requests.clone();
-        match sender.try_send(req) {
-            Ok(()) => {}
-            // Full: the caller waits for room (backpressure), never drops the append.
-            Err(mpsc::TrySendError::Full(req)) => {
-                tokio::task::spawn_blocking(move || sender.send(req)).await.map_err(engine)?.map_err(|_| EventLogError::Closed)?
-            }
-            Err(mpsc::TrySendError::Disconnected(_)) => return Err(EventLogError::Closed),
-        }
+        crate::enqueue(&self.requests, make(tx)).await.map_err(|()| EventLogError::Closed)?;
         rx.await.map_err(|_| EventLogError::Closed)?
     }
 }

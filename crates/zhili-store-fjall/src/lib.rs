@@ -158,17 +158,21 @@ impl FjallStore {
 
     async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Request) -> Result<T, StoreError> {
         let (tx, rx) = oneshot::channel();
-        let req = make(tx);
-        let sender = self.requests.clone();
-        // The queue is bounded; when it is full the caller waits here rather than dropping writes.
-        match sender.try_send(req) {
-            Ok(()) => {}
-            Err(mpsc::TrySendError::Full(req)) => {
-                tokio::task::spawn_blocking(move || sender.send(req)).await.map_err(engine)?.map_err(|_| StoreError::Closed)?
-            }
-            Err(mpsc::TrySendError::Disconnected(_)) => return Err(StoreError::Closed),
-        }
+        enqueue(&self.requests, make(tx)).await.map_err(|()| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+/// Queues `req` for a writer thread. The queue is bounded: when it is full the caller waits
+/// for room (backpressure) rather than dropping the write. Fails when the writer is gone.
+pub(crate) async fn enqueue<R: Send + 'static>(sender: &mpsc::SyncSender<R>, req: R) -> Result<(), ()> {
+    match sender.try_send(req) {
+        Ok(()) => Ok(()),
+        Err(mpsc::TrySendError::Full(req)) => {
+            let sender = sender.clone();
+            tokio::task::spawn_blocking(move || sender.send(req)).await.map_err(|_| ())?.map_err(|_| ())
+        }
+        Err(mpsc::TrySendError::Disconnected(_)) => Err(()),
     }
 }
 

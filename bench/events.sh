@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Event log benchmark: Zhili's appends (single events and batches of 100) against NATS
+# JetStream publishes with acks, in the same run, through the same generator (zhili-bench).
+# 256-byte events. Not part of CI. Usage: bench/events.sh [seconds-per-scenario]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. bench/common.sh
+SECS=${1:-5}
+PORT=18700
+NATS_PORT=14222
+
+command -v nats-server >/dev/null || { apt-get update -qq && apt-get install -y -qq nats-server >/dev/null; }
+cargo build --release -q -p zhili -p zhili-bench
+echo "# machine: $(machine); nats-server $(nats-server --version | awk '{print $NF}')"
+
+out=$($GEN ready --bin $BIN --data-dir "$WORK/zhili" --addr 127.0.0.1:$PORT --keep)
+pids+=("$(echo "$out" | field pid)")
+# JetStream on file storage. nats-server 2.9 has no per-message fsync setting: it writes each
+# message to its block file at once and fsyncs every 2 minutes (sync_interval arrived in 2.10).
+nats-server -js -sd "$WORK/nats" -a 127.0.0.1 -p $NATS_PORT >"$WORK/nats.log" 2>&1 &
+pids+=("$!")
+sleep 1
+
+echo "## Zhili: one event per HTTP append (fsync before the answer, group commit)"
+for c in 1 16 64; do $GEN load --target 127.0.0.1:$PORT --scenario events-append --concurrency $c --seconds "$SECS"; done
+echo "## Zhili: batches of 100 events per append (per_second counts appends; events = x100)"
+for c in 1 16 64; do $GEN load --target 127.0.0.1:$PORT --scenario events-batch --concurrency $c --seconds "$SECS"; done
+echo "## NATS JetStream: one publish at a time per connection, acked"
+for c in 1 16 64; do $GEN nats-publish --target 127.0.0.1:$NATS_PORT --concurrency $c --inflight 1 --seconds "$SECS"; done
+echo "## NATS JetStream: 100 publishes in flight per connection, acked"
+for c in 1 16 64; do $GEN nats-publish --target 127.0.0.1:$NATS_PORT --concurrency $c --inflight 100 --seconds "$SECS"; done
