@@ -86,26 +86,38 @@ fn parse_events(headers: &HeaderMap, body: &Bytes) -> ApiResult<Vec<NewEvent>> {
         let event = ce::from_binary(attrs, Some(content_type).filter(|c| !c.is_empty()), body, |b| base64::engine::general_purpose::STANDARD.encode(b))?;
         return one(&event, "event").map(|e| vec![e]);
     }
-    let parsed: Value = serde_json::from_slice(body).map_err(|e| ApiError::field("body", format!("is not JSON: {e}")))?;
-    match (media.as_str(), parsed) {
-        ("application/cloudevents-batch+json" | "application/json", Value::Array(list)) => {
+    // Each event is kept as the client's own bytes (attribute order and all), not re-encoded.
+    let is_array = body.trim_ascii_start().first() == Some(&b'[');
+    match (media.as_str(), is_array) {
+        ("application/cloudevents-batch+json" | "application/json", true) => {
+            let list: Vec<&serde_json::value::RawValue> = serde_json::from_slice(body).map_err(|e| ApiError::field("body", format!("is not JSON: {e}")))?;
             if list.is_empty() || list.len() > MAX_BATCH_EVENTS {
                 return Err(ApiError::field("body", format!("a batch has 1 to {MAX_BATCH_EVENTS} events")));
             }
-            let events = list.iter().enumerate().map(|(i, e)| one(e, &format!("events[{i}]"))).collect::<ApiResult<Vec<_>>>()?;
+            let events = list.iter().enumerate().map(|(i, e)| one_raw(e.get().as_bytes(), &format!("events[{i}]"))).collect::<ApiResult<Vec<_>>>()?;
             let mut seen = std::collections::HashSet::new();
             if let Some((i, e)) = events.iter().enumerate().find(|(_, e)| !seen.insert(e.id.as_str())) {
                 return Err(ApiError::field(&format!("events[{i}].id"), format!("{:?} appears twice in the batch", e.id)));
             }
             Ok(events)
         }
-        ("application/cloudevents-batch+json", _) => Err(ApiError::field("body", "a batch is a JSON array of CloudEvents")),
-        ("application/cloudevents+json" | "application/json", event @ Value::Object(_)) => Ok(vec![one(&event, "event")?]),
+        ("application/cloudevents-batch+json", false) => Err(ApiError::field("body", "a batch is a JSON array of CloudEvents")),
+        ("application/cloudevents+json" | "application/json", false) => Ok(vec![one_raw(body.trim_ascii(), "event")?]),
         (other, _) => Err(ApiError::field(
             "content-type",
             format!("{other:?}: send application/cloudevents+json, application/cloudevents-batch+json, or binary mode (ce-* headers)"),
         )),
     }
+}
+
+/// One structured event given as JSON text: checked, and kept as sent.
+fn one_raw(bytes: &[u8], field: &str) -> ApiResult<NewEvent> {
+    if bytes.len() > MAX_EVENT_BYTES {
+        return Err(ApiError::PayloadTooLarge(format!("{field}: an event is at most {MAX_EVENT_BYTES} bytes")));
+    }
+    let v: Value = serde_json::from_slice(bytes).map_err(|e| ApiError::field(field, format!("is not JSON: {e}")))?;
+    let id = ce::cloudevent(field, &v)?.to_string();
+    Ok(NewEvent { id, body: Bytes::copy_from_slice(bytes) })
 }
 
 fn one(event: &Value, field: &str) -> ApiResult<NewEvent> {
