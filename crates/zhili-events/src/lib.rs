@@ -329,7 +329,8 @@ impl Subscriptions {
         let now = Instant::now();
         let timeout = g.spec.ack_timeout();
         let max_deliveries = g.spec.max_deliveries();
-        let expired: Vec<u64> = g.in_flight.iter().filter(|(n, f)| f.deadline <= now && !g.redeliver.contains(n)).map(|(n, _)| *n).collect();
+        let queued: std::collections::HashSet<u64> = g.redeliver.iter().copied().collect();
+        let expired: Vec<u64> = g.in_flight.iter().filter(|(n, f)| f.deadline <= now && !queued.contains(n)).map(|(n, _)| *n).collect();
         g.redeliver.extend(expired);
         let mut out = Vec::new();
         let mut parked = Vec::new();
@@ -412,10 +413,11 @@ impl Subscriptions {
             let mut g = group.lock();
             let numbers: Vec<u64> = ack_ids.iter().filter_map(|id| parse_ack_id(name, id)).filter(|n| g.in_flight.contains_key(n)).collect();
             let mut parked = Vec::new();
+            let mut queued: std::collections::HashSet<u64> = g.redeliver.iter().copied().collect();
             for n in &numbers {
                 match action {
                     Nack::Retry => {
-                        if !g.redeliver.contains(n) {
+                        if queued.insert(*n) {
                             g.redeliver.push_back(*n);
                         }
                     }
