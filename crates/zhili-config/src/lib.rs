@@ -81,6 +81,8 @@ pub struct FileConfig {
     pub dns_token: Option<String>,
     /// On SIGTERM: how long requests and streams in flight get to finish (default "10s").
     pub shutdown_timeout: Option<String>,
+    /// KV prefixes whose changes are appended to the `$kv` stream ("" for every key).
+    pub publish_kv: Option<Vec<String>>,
 }
 
 impl FileConfig {
@@ -116,6 +118,7 @@ impl FileConfig {
             write_timeout: over.write_timeout.or(self.write_timeout),
             dns_token: over.dns_token.or(self.dns_token),
             shutdown_timeout: over.shutdown_timeout.or(self.shutdown_timeout),
+            publish_kv: over.publish_kv.or(self.publish_kv),
         }
     }
 }
@@ -161,6 +164,7 @@ pub struct ServerConfig {
     pub write_timeout: Duration,
     pub dns_token: Option<String>,
     pub shutdown_timeout: Duration,
+    pub publish_kv: Vec<String>,
 }
 
 /// A timeout: a whole number with a unit, `ms`, `s` or `m` (e.g. "500ms", "30s", "2m"),
@@ -259,6 +263,13 @@ impl FileConfig {
         if self.dns_token.as_deref().is_some_and(str::is_empty) {
             return Err(ConfigError::Invalid { field: "dns_token", message: "must not be empty; leave it out for anonymous DNS".into() });
         }
+        let publish_kv = self.publish_kv.unwrap_or_default();
+        if publish_kv.len() > 64 {
+            return Err(ConfigError::Invalid { field: "publish_kv", message: "at most 64 prefixes".into() });
+        }
+        if let Some(bad) = publish_kv.iter().find(|p| p.len() > 512 || p.starts_with('/') || p.chars().any(char::is_control)) {
+            return Err(ConfigError::Invalid { field: "publish_kv", message: format!("{bad:?} is not a KV prefix") });
+        }
         let data_dir = self.data_dir.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
         if data_dir.as_os_str().is_empty() {
             return Err(ConfigError::Invalid { field: "data_dir", message: "must not be empty".into() });
@@ -286,6 +297,7 @@ impl FileConfig {
             write_timeout,
             dns_token: self.dns_token,
             shutdown_timeout,
+            publish_kv,
         })
     }
 }

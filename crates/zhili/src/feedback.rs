@@ -10,6 +10,7 @@ use tokio::sync::broadcast::error::RecvError;
 use zhili_model::{RegistryEvent, RegistryEventKind};
 use zhili_registry::Registry;
 use zhili_store::events::{EventLog, ExpectedRevision, NewEvent};
+use zhili_store::{EventKind, Store};
 
 pub const REGISTRY_STREAM: &str = "$registry";
 /// Registry events appended in one batch at most.
@@ -80,6 +81,60 @@ pub async fn publish_registry(registry: Arc<Registry>, log: Arc<dyn EventLog>, n
         while let Err(e) = log.append(REGISTRY_STREAM, ExpectedRevision::Any, events.clone()).await {
             tracing::warn!(error = %e, "appending to $registry failed; retrying");
             tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+}
+
+pub const KV_STREAM: &str = "$kv";
+/// Values up to this size travel in the event (base64); larger ones only by size.
+const KV_VALUE_INLINE: usize = 64 * 1024;
+
+/// Appends every change of a KV key under `prefix` to `$kv` (`io.zhili.kv.put` /
+/// `io.zhili.kv.deleted`, subject = the key, data = key, revision and the value when small),
+/// in revision order, until the store closes. A watcher that falls behind the store's history
+/// re-watches from now and logs how it lost track.
+pub async fn publish_kv(store: Arc<dyn Store>, log: Arc<dyn EventLog>, prefix: String) {
+    use base64::Engine;
+    let watched = format!("{}{prefix}", zhili_kv::KV_PREFIX);
+    loop {
+        let mut watcher = match store.watch(&watched, 0) {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(error = %e, prefix = %prefix, "$kv watch failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        loop {
+            let ev = match watcher.next().await {
+                Ok(ev) => ev,
+                Err(zhili_store::StoreError::Closed) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, prefix = %prefix, "$kv publisher fell behind the store; changes were missed, watching again from now");
+                    break;
+                }
+            };
+            let Some(key) = ev.kv.key.strip_prefix(zhili_kv::KV_PREFIX) else { continue };
+            let (kind, id) = match ev.kind {
+                EventKind::Put => ("io.zhili.kv.put", format!("kv-{}-{key}", ev.revision)),
+                EventKind::Delete => ("io.zhili.kv.deleted", format!("kv-{}-{key}-deleted", ev.revision)),
+            };
+            let mut data = json!({"key": key, "revision": ev.revision, "size": ev.kv.value.len()});
+            if ev.kind == EventKind::Put && ev.kv.value.len() <= KV_VALUE_INLINE {
+                if let Some(o) = data.as_object_mut() {
+                    o.insert("value_base64".into(), base64::engine::general_purpose::STANDARD.encode(&ev.kv.value).into());
+                }
+            }
+            let id: String = id.chars().take(zhili_model::event::MAX_ID).collect();
+            let body = json!({
+                "specversion": "1.0", "id": id, "source": "zhili://kv", "type": kind, "subject": key,
+                "time": zhili_model::event::timestamp(zhili_registry::unix_ms()), "datacontenttype": "application/json", "data": data,
+            });
+            let event = NewEvent { id, body: serde_json::to_vec(&body).unwrap_or_default().into() };
+            while let Err(e) = log.append(KV_STREAM, ExpectedRevision::Any, vec![event.clone()]).await {
+                tracing::warn!(error = %e, "appending to $kv failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
         }
     }
 }

@@ -114,6 +114,10 @@ pub struct ServerArgs {
     /// exit [default: 10s]
     #[arg(long, env = "ZHILI_SHUTDOWN_TIMEOUT")]
     pub shutdown_timeout: Option<String>,
+    /// Append changes of the KV keys under this prefix to the `$kv` stream (repeat or
+    /// comma-separate; "" for every key)
+    #[arg(long, env = "ZHILI_PUBLISH_KV", value_delimiter = ',')]
+    pub publish_kv: Option<Vec<String>>,
 }
 
 fn main() -> ExitCode {

@@ -119,6 +119,7 @@ fn config_from(args: ServerArgs) -> Result<ServerConfig, zhili_config::ConfigErr
         write_timeout: args.write_timeout,
         dns_token: args.dns_token,
         shutdown_timeout: args.shutdown_timeout,
+        publish_kv: args.publish_kv,
     };
     file.overlay(flags).validate()
 }
@@ -213,6 +214,9 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
         zhili_events::Subscriptions::load_with_metrics(store.clone(), events.clone(), Some(metrics.clone())).context("loading subscriptions")?;
     metrics.register_collector(Box::new(zhili_events::SubscriptionsCollector(subscriptions.clone())));
     sup.spawn("webhook deliveries", subscriptions.clone().run_webhooks());
+    for prefix in &cfg.publish_kv {
+        sup.spawn("$kv publisher", crate::feedback::publish_kv(store.clone(), events.clone(), prefix.clone()));
+    }
     let (audit, audit_publisher) = zhili_events::Audit::new(events.clone());
     sup.spawn("$audit publisher", audit_publisher);
     let state = zhili_api::AppState::new(zhili_api::Services {

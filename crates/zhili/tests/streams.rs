@@ -496,3 +496,35 @@ async fn publisher_pipelines_and_acknowledges_each_event() {
     }
     assert_eq!(page.events[0].event["id"], "p0");
 }
+
+/// `--publish-kv app/`: changes under the prefix become `$kv` events; others do not.
+#[tokio::test]
+async fn kv_changes_under_published_prefixes_are_events() {
+    let s = ServerProcess::start(bin(), &["--dev", "--publish-kv", "app/"]);
+    let c = client(&s, None);
+    c.kv_put("app/db", "postgres://db", None).await.unwrap();
+    c.kv_put("other/x", "1", None).await.unwrap();
+    c.kv_delete("app/db", false).await.unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    assert_eventually(Duration::from_secs(10), "$kv has the put and the delete", || {
+        let c = c.clone();
+        let seen = seen.clone();
+        async move {
+            let (_, _, v) = call(&c, Method::GET, "/api/v1/streams/$kv", None).await;
+            let got: Vec<(String, String)> = v["events"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|e| (e["event"]["type"].as_str().unwrap_or_default().to_string(), e["event"]["subject"].as_str().unwrap_or_default().to_string()))
+                .collect();
+            let done = got.len() >= 2;
+            *seen.lock().unwrap() = got;
+            done
+        }
+    })
+    .await;
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen, [("io.zhili.kv.put".to_string(), "app/db".to_string()), ("io.zhili.kv.deleted".to_string(), "app/db".to_string())]);
+    let (_, _, v) = call(&c, Method::GET, "/api/v1/streams/$kv?limit=1", None).await;
+    assert_eq!(v["events"][0]["event"]["data"]["value_base64"], "cG9zdGdyZXM6Ly9kYg==");
+}
