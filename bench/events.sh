@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Event log benchmark: Zhili's appends (single events and batches of 100) against NATS
-# JetStream publishes with acks, in the same run, through the same generator (zhili-bench).
+# JetStream publishes with acks and PostgreSQL INSERTs (synchronous_commit=on), in the same
+# run, through the same generator (zhili-bench).
 # 256-byte events. Not part of CI. Usage: bench/events.sh [seconds-per-scenario]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,6 +9,8 @@ cd "$(dirname "$0")/.."
 SECS=${1:-5}
 PORT=18700
 NATS_PORT=14222
+PG_PORT=15432
+PG_BIN=$(ls -d /usr/lib/postgresql/*/bin | tail -1)
 
 command -v nats-server >/dev/null || { apt-get update -qq && apt-get install -y -qq nats-server >/dev/null; }
 cargo build --release -q -p zhili -p zhili-bench
@@ -19,7 +22,13 @@ pids+=("$(echo "$out" | field pid)")
 # message to its block file at once and fsyncs every 2 minutes (sync_interval arrived in 2.10).
 nats-server -js -sd "$WORK/nats" -a 127.0.0.1 -p $NATS_PORT >"$WORK/nats.log" 2>&1 &
 pids+=("$!")
-sleep 1
+# PostgreSQL: a private cluster (trust auth on 127.0.0.1), default durability (fsync on,
+# synchronous_commit on).
+chmod 755 "$WORK"; mkdir -p "$WORK/pg"; chown postgres "$WORK/pg"
+runuser -u postgres -- "$PG_BIN/initdb" -A trust -D "$WORK/pg/data" >/dev/null
+runuser -u postgres -- "$PG_BIN/postgres" -D "$WORK/pg/data" -p $PG_PORT -k "$WORK/pg" -c listen_addresses=127.0.0.1 -c max_connections=200 >"$WORK/pg.log" 2>&1 &
+pids+=("$!")
+sleep 2
 
 echo "## Zhili: one event per HTTP append (fsync before the answer, group commit)"
 for c in 1 16 64; do $GEN load --target 127.0.0.1:$PORT --scenario events-append --concurrency $c --seconds "$SECS"; done
@@ -29,3 +38,7 @@ echo "## NATS JetStream: one publish at a time per connection, acked"
 for c in 1 16 64; do $GEN nats-publish --target 127.0.0.1:$NATS_PORT --concurrency $c --inflight 1 --seconds "$SECS"; done
 echo "## NATS JetStream: 100 publishes in flight per connection, acked"
 for c in 1 16 64; do $GEN nats-publish --target 127.0.0.1:$NATS_PORT --concurrency $c --inflight 100 --seconds "$SECS"; done
+echo "## PostgreSQL: one INSERT of one event per statement (committed, synchronous_commit=on)"
+for c in 1 16 64; do $GEN pg-insert --target 127.0.0.1:$PG_PORT --concurrency $c --batch 1 --seconds "$SECS"; done
+echo "## PostgreSQL: INSERTs of 100 events per statement (per_second counts statements; events = x100)"
+for c in 1 16 64; do $GEN pg-insert --target 127.0.0.1:$PG_PORT --concurrency $c --batch 100 --seconds "$SECS"; done

@@ -3,6 +3,7 @@
 //! API and, for comparison in the same run, etcd's v3 JSON gateway.
 
 mod nats;
+mod pg;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -37,6 +38,17 @@ enum Cmd {
         concurrency: usize,
         #[arg(long, default_value_t = 1)]
         inflight: usize,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
+    /// PostgreSQL INSERTs of 256-byte events (the other event-log peer), `batch` rows each.
+    PgInsert {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
         #[arg(long, default_value_t = 5)]
         seconds: u64,
     },
@@ -182,6 +194,7 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
+        Cmd::PgInsert { target, concurrency, batch, seconds } => pg::insert(target, concurrency, batch, Duration::from_secs(seconds)).await,
         Cmd::NatsPublish { target, concurrency, inflight, seconds } => nats::publish(target, concurrency, inflight, Duration::from_secs(seconds)).await,
         Cmd::Load { target, scenario, concurrency, seconds, instances } => load(target, &scenario, concurrency, Duration::from_secs(seconds), instances).await,
         Cmd::Wake { target, watchers, rounds } => wake(target, watchers, rounds).await,
@@ -215,7 +228,7 @@ struct Scenario {
 
 /// A CloudEvent of 256 bytes as JSON, unique per (run, worker, n): the log answers a repeated
 /// id from its idempotency index without writing, which would flatter the numbers.
-fn bench_event(w: usize, n: usize) -> String {
+pub(crate) fn bench_event(w: usize, n: usize) -> String {
     static RUN: std::sync::OnceLock<u128> = std::sync::OnceLock::new();
     let run = RUN.get_or_init(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
     let head = format!(r#"{{"specversion":"1.0","id":"{run:x}-w{w}-{n}","source":"/bench","type":"bench.event","data":""#);
