@@ -52,13 +52,18 @@ impl Pg {
         Ok((kind, payload))
     }
 
-    /// Runs one simple query; Err on an ErrorResponse.
-    async fn query(&mut self, sql: &str) -> anyhow::Result<()> {
+    /// Sends a simple-protocol Query message.
+    async fn send_query(&mut self, sql: &str) -> anyhow::Result<()> {
         let mut msg = vec![b'Q'];
         msg.extend_from_slice(&((sql.len() + 5) as u32).to_be_bytes());
         msg.extend_from_slice(sql.as_bytes());
         msg.push(0);
-        self.s.write_all(&msg).await?;
+        Ok(self.s.write_all(&msg).await?)
+    }
+
+    /// Runs one simple query; Err on an ErrorResponse.
+    async fn query(&mut self, sql: &str) -> anyhow::Result<()> {
+        self.send_query(sql).await?;
         let mut failed = None;
         loop {
             let (kind, payload) = self.message().await?;
@@ -115,12 +120,7 @@ pub async fn insert(target: SocketAddr, concurrency: usize, batch: usize, durati
 
 /// Rows in the events table, read back with the server's own count.
 async fn count(c: &mut Pg) -> anyhow::Result<u64> {
-    let sql = "SELECT count(*) FROM events";
-    let mut msg = vec![b'Q'];
-    msg.extend_from_slice(&((sql.len() + 5) as u32).to_be_bytes());
-    msg.extend_from_slice(sql.as_bytes());
-    msg.push(0);
-    c.s.write_all(&msg).await?;
+    c.send_query("SELECT count(*) FROM events").await?;
     let mut n = None;
     loop {
         let (kind, payload) = c.message().await?;

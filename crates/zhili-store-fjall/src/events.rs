@@ -318,14 +318,7 @@ impl Shared {
     }
 
     fn writer_loop(&self, rx: &mpsc::Receiver<Request>) {
-        while let Ok(first) = rx.recv() {
-            let mut reqs = vec![first];
-            while reqs.len() < MAX_GROUP {
-                match rx.try_recv() {
-                    Ok(r) => reqs.push(r),
-                    Err(_) => break,
-                }
-            }
+        while let Some(reqs) = crate::next_group(rx, MAX_GROUP) {
             let mut group = Group {
                 shared: self,
                 batch: self.db.batch(),

@@ -163,6 +163,19 @@ impl FjallStore {
     }
 }
 
+/// A writer thread's next group: waits for one request, then takes what else is already queued,
+/// up to `max` (group commit). None once every sender is gone.
+pub(crate) fn next_group<R>(rx: &mpsc::Receiver<R>, max: usize) -> Option<Vec<R>> {
+    let mut reqs = vec![rx.recv().ok()?];
+    while reqs.len() < max {
+        match rx.try_recv() {
+            Ok(r) => reqs.push(r),
+            Err(_) => break,
+        }
+    }
+    Some(reqs)
+}
+
 /// Queues `req` for a writer thread. The queue is bounded: when it is full the caller waits
 /// for room (backpressure) rather than dropping the write. Fails when the writer is gone.
 pub(crate) async fn enqueue<R: Send + 'static>(sender: &mpsc::SyncSender<R>, req: R) -> Result<(), ()> {
@@ -271,14 +284,7 @@ enum Reply {
 }
 
 fn writer_loop(shared: &Shared, rx: mpsc::Receiver<Request>) {
-    while let Ok(first) = rx.recv() {
-        let mut reqs = vec![first];
-        while reqs.len() < MAX_GROUP {
-            match rx.try_recv() {
-                Ok(r) => reqs.push(r),
-                Err(_) => break,
-            }
-        }
+    while let Some(reqs) = next_group(&rx, MAX_GROUP) {
         let mut group = Group { shared, batch: shared.db.batch(), overlay: HashMap::new(), events: Vec::new(), last_revision: None, lease_ops: Vec::new() };
         let failed = shared.failed.load(Ordering::Acquire);
         let mut replies = Vec::with_capacity(reqs.len());
