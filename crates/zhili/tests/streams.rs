@@ -277,6 +277,41 @@ async fn registry_changes_are_events_and_system_streams_need_their_own_grant() {
     let names: Vec<&str> = v["streams"].as_array().unwrap().iter().map(|s| s["stream"].as_str().unwrap()).collect();
     assert_eq!(names, ["order-1"], "listings show only readable streams");
 
+    // Subscriptions as a narrowly scoped caller: subscription rights by name, and following a
+    // stream needs read on it (a system stream needs a `$` grant of its own).
+    let body = rules(
+        "team-subs",
+        json!([{"resource": "subscription", "prefix": "team-", "access": "write"}, {"resource": "stream", "prefix": "order-", "access": "read"}]),
+    );
+    let (st, _, v) = call(&admin, Method::POST, "/api/v1/acl/policies", Some(&body)).await;
+    assert!(st.is_success(), "{v}");
+    let team = client(&s, Some(&token("team-subs").await));
+    for (who, name, spec, want) in [
+        (&writer, "team-a", json!({"stream": "order-1"}), StatusCode::FORBIDDEN),
+        (&team, "team-a", json!({"stream": "$registry"}), StatusCode::FORBIDDEN),
+        (&team, "team-a", json!({"stream": "$all"}), StatusCode::FORBIDDEN),
+        (&team, "other", json!({"stream": "order-1"}), StatusCode::FORBIDDEN),
+        (&team, "team-a", json!({"stream": "order-1"}), StatusCode::CREATED),
+    ] {
+        let (st, _, v) = call(who, Method::PUT, &format!("/api/v1/subscriptions/{name}"), Some(&spec.to_string())).await;
+        assert_eq!(st, want, "{name} {spec}: {v}");
+    }
+    let (st, _, v) = call(&team, Method::GET, "/api/v1/subscriptions/team-a/next?max=10", None).await;
+    assert_eq!((st, v["events"][0]["event"]["id"].as_str()), (StatusCode::OK, Some("a")), "{v}");
+    for path in ["/api/v1/subscriptions/team-a/next", "/api/v1/subscriptions/team-a"] {
+        let (st, _, _) = call(&writer, Method::GET, path, None).await;
+        assert_eq!(st, StatusCode::FORBIDDEN, "{path} without subscription rights");
+    }
+    let (st, _, _) = call(&writer, Method::POST, "/api/v1/subscriptions/team-a/ack", Some(r#"{"ack_ids": ["team-a:0"]}"#)).await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
+    let (_, _, v) = call(&writer, Method::GET, "/api/v1/subscriptions", None).await;
+    assert_eq!(v["subscriptions"], json!([]), "listings show only readable subscriptions");
+    // The streaming append is a write like any other.
+    let (st, _, _) = call(&feed, Method::POST, "/api/v1/streams/order-1/publish", Some(&event("p").to_string())).await;
+    assert_eq!(st, StatusCode::FORBIDDEN);
+    let (st, _, _) = call(&writer, Method::POST, "/api/v1/streams/$registry/publish", Some(&event("p").to_string())).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "system streams take no client appends");
+
     // $audit: every successful write, with the caller's accessor id and no query string.
     let (st, _, _) = call(&writer, Method::POST, "/api/v1/streams/order-1?expected_revision=any&token=not-logged", Some(&event("c").to_string())).await;
     assert_eq!(st, StatusCode::CREATED);
