@@ -2,6 +2,7 @@
 //! back to back (closed loop); latencies are recorded per request. Scenarios cover Zhili's native
 //! API and, for comparison in the same run, etcd's v3 JSON gateway.
 
+mod events;
 mod nats;
 mod pg;
 
@@ -50,6 +51,56 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         batch: usize,
         #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
+    /// Catch-up reads of a stream of `events` events (pages, by 1 and by `readers` readers, and
+    /// SSE from the start).
+    EventsRead {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long, default_value_t = 200_000)]
+        events: usize,
+        #[arg(long, default_value_t = 2)]
+        readers: usize,
+    },
+    /// Consumer-group delivery: `consumers` competing consumers pull and ack `events` events.
+    EventsGroup {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long, default_value_t = 100_000)]
+        events: usize,
+        #[arg(long, default_value_t = 4)]
+        consumers: usize,
+    },
+    /// Webhook delivery of `events` events to a local receiver, `window` in flight.
+    EventsWebhook {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long, default_value_t = 20_000)]
+        events: usize,
+        #[arg(long, default_value_t = 1)]
+        window: u32,
+    },
+    /// The NDJSON streaming append (`/publish`): acknowledged events per second.
+    EventsPublish {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 1000)]
+        inflight: usize,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
+    /// End-to-end latency from an append to an SSE subscriber at a fixed rate (open loop).
+    EventsLatency {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long, default_value_t = 10_000.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 32)]
+        conns: usize,
+        #[arg(long, default_value_t = 10)]
         seconds: u64,
     },
     /// Closed-loop load of one scenario; prints one JSON line of results.
@@ -194,6 +245,11 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
+        Cmd::EventsRead { target, events: n, readers } => events::read(target, n, readers).await,
+        Cmd::EventsGroup { target, events: n, consumers } => events::group(target, n, consumers).await,
+        Cmd::EventsWebhook { target, events: n, window } => events::webhook(target, n, window).await,
+        Cmd::EventsPublish { target, concurrency, inflight, seconds } => events::publish(target, concurrency, inflight, Duration::from_secs(seconds)).await,
+        Cmd::EventsLatency { target, rate, conns, seconds } => events::latency(target, rate, conns, Duration::from_secs(seconds)).await,
         Cmd::PgInsert { target, concurrency, batch, seconds } => pg::insert(target, concurrency, batch, Duration::from_secs(seconds)).await,
         Cmd::NatsPublish { target, concurrency, inflight, seconds } => nats::publish(target, concurrency, inflight, Duration::from_secs(seconds)).await,
         Cmd::Load { target, scenario, concurrency, seconds, instances } => load(target, &scenario, concurrency, Duration::from_secs(seconds), instances).await,

@@ -133,8 +133,12 @@ struct Group {
     source: Source,
     /// Next number to read from the source.
     cursor: u64,
-    /// Persisted: every number below is done.
+    /// Every number below is done (in memory; see `persisted`).
     checkpoint: u64,
+    /// The checkpoint last written to the store.
+    persisted: u64,
+    /// A checkpoint write is under way (it writes again if the checkpoint moved meanwhile).
+    saving: bool,
     in_flight: BTreeMap<u64, InFlight>,
     /// Given back or timed out, to hand out again before new ones.
     redeliver: VecDeque<u64>,
@@ -221,6 +225,8 @@ impl Subscriptions {
             source,
             cursor: checkpoint,
             checkpoint,
+            persisted: checkpoint,
+            saving: false,
             in_flight: BTreeMap::new(),
             redeliver: VecDeque::new(),
             parked: 0,
@@ -381,18 +387,33 @@ impl Subscriptions {
         self.save_checkpoint(group).await
     }
 
+    /// Moves the checkpoint to the low-water mark and writes it. Writes of one group are
+    /// coalesced: while one is under way, others return at once and the writer under way writes
+    /// again with the newest value, so a busy group costs one store write at a time.
     async fn save_checkpoint(&self, group: &Mutex<Group>) -> Result<(), SubscriptionError> {
-        let (name, low, changed) = {
-            let mut g = group.lock();
-            let low = g.low_water();
-            let changed = low != g.checkpoint;
-            g.checkpoint = low;
-            (g.name.clone(), low, changed)
-        };
-        if changed {
-            zhili_store::put(&*self.store, &checkpoint_key(&name), low.to_string()).await?;
+        /// Clears `saving` even when the write is abandoned (its caller went away).
+        struct Saving<'a>(&'a Mutex<Group>);
+        impl Drop for Saving<'_> {
+            fn drop(&mut self) {
+                self.0.lock().saving = false;
+            }
         }
-        Ok(())
+        loop {
+            let (name, low) = {
+                let mut g = group.lock();
+                let low = g.low_water();
+                g.checkpoint = low;
+                if low == g.persisted || g.saving {
+                    return Ok(());
+                }
+                g.saving = true;
+                (g.name.clone(), low)
+            };
+            let saving = Saving(group);
+            zhili_store::put(&*self.store, &checkpoint_key(&name), low.to_string()).await?;
+            group.lock().persisted = low;
+            drop(saving);
+        }
     }
 
     /// Acknowledges events; unknown ids (already acknowledged, or from before a restart) are

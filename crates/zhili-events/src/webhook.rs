@@ -1,5 +1,5 @@
 //! Webhook delivery: each webhook subscription has a worker that takes its group's events in
-//! order and POSTs each as a CloudEvent (binary mode by default, structured on request), signed
+//! order and POSTs each (up to the webhook's `window` at once, on kept-alive connections) as a CloudEvent (binary mode by default, structured on request), signed
 //! per the Standard Webhooks spec: `webhook-id`, `webhook-timestamp` and `webhook-signature` =
 //! `v1,` + base64(HMAC-SHA256(secret, "{id}.{timestamp}.{body}")). A non-2xx answer or a
 //! timeout is retried with exponential backoff and jitter; a subscription failing without a
@@ -12,11 +12,15 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use bytes::Bytes;
+use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt, StreamExt};
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
+use parking_lot::Mutex;
 use rand::Rng;
 use serde::Serialize;
 use serde_json::Value;
-use zhili_model::subscription::{Mode, DEFAULT_DISABLE_AFTER, DEFAULT_WEBHOOK_TIMEOUT};
+use zhili_model::subscription::{Mode, Webhook, DEFAULT_DISABLE_AFTER, DEFAULT_WEBHOOK_TIMEOUT};
+use zhili_net::client::Connection;
 use zhili_store::events::{ExpectedRevision, NewEvent};
 
 use crate::Subscriptions;
@@ -95,6 +99,51 @@ pub fn request(event: &[u8], mode: Mode) -> (HeaderMap, Bytes) {
     (h, body)
 }
 
+/// What a subscription's delivery worker shares between its deliveries in flight.
+struct Worker<'a> {
+    subs: &'a Arc<Subscriptions>,
+    name: &'a str,
+    hook: &'a Webhook,
+    /// Kept-alive connections to the receiver, one per delivery in flight at most.
+    connections: Mutex<Vec<Connection>>,
+    /// When the current run of failures began (any delivery's success ends it).
+    failing_since: Mutex<Option<Instant>>,
+}
+
+impl Worker<'_> {
+    /// Delivers one event, retrying with backoff and jitter; its ack id once delivered, None
+    /// when the worker must stop (the subscription changed, or was disabled for failing).
+    async fn one(&self, d: crate::Delivery) -> Option<String> {
+        let mut backoff = FIRST_BACKOFF;
+        let mut conn = self.connections.lock().pop().unwrap_or_default();
+        loop {
+            let result = self.subs.post(self.name, self.hook, &d, &mut conn).await;
+            match result {
+                Ok(()) => {
+                    *self.failing_since.lock() = None;
+                    self.connections.lock().push(conn);
+                    return Some(d.ack_id);
+                }
+                Err(why) => {
+                    let since = *self.failing_since.lock().get_or_insert_with(Instant::now);
+                    if since.elapsed() >= self.hook.disable_after.unwrap_or(DEFAULT_DISABLE_AFTER) {
+                        if !self.subs.is_disabled(self.name) {
+                            self.subs.disable_announced(self.name, why).await;
+                        }
+                        return None;
+                    }
+                    let jitter = rand::rng().random_range(0.5..1.5);
+                    tokio::time::sleep(backoff.mul_f64(jitter)).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    if self.subs.spec(self.name).ok().and_then(|s| s.webhook).as_ref() != Some(self.hook) {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+}
+
 impl Subscriptions {
     /// Runs a delivery worker for every webhook subscription, starting new ones as they are
     /// created, until the server stops.
@@ -113,48 +162,47 @@ impl Subscriptions {
         }
     }
 
-    /// One subscription's worker: in order, each event until delivered (or the subscription is
-    /// deleted, changed or disabled).
+    /// One subscription's worker: events taken in order, up to the webhook's `window` in flight
+    /// (one by default: strictly in order), each retried until delivered; stops when the
+    /// subscription is deleted, changed or disabled (a changed one is restarted by
+    /// [`Self::run_webhooks`]).
     async fn deliver(self: Arc<Self>, name: String) {
-        let mut failing_since: Option<Instant> = None;
+        let Ok(spec) = self.spec(&name) else { return };
+        let Some(hook) = spec.webhook else { return };
+        let window = hook.window();
+        let worker = Worker { subs: &self, name: &name, hook: &hook, connections: Mutex::new(Vec::new()), failing_since: Mutex::new(None) };
+        let mut pending = FuturesUnordered::new();
+        let mut head = self.log().head();
         loop {
-            let Ok(spec) = self.spec(&name) else { return };
-            let Some(hook) = spec.webhook.clone() else { return };
-            if self.is_disabled(&name) {
+            if self.spec(&name).ok().and_then(|s| s.webhook).as_ref() != Some(&hook) || self.is_disabled(&name) {
                 return;
             }
-            let Ok(batch) = self.next(&name, 16, Duration::from_secs(5)).await else { return };
-            for d in batch {
-                let mut backoff = FIRST_BACKOFF;
-                loop {
-                    match self.post(&name, &hook, &d).await {
-                        Ok(()) => {
-                            failing_since = None;
-                            if self.ack(&name, std::slice::from_ref(&d.ack_id)).await.is_err() {
-                                return;
-                            }
-                            break;
-                        }
-                        Err(why) => {
-                            let since = *failing_since.get_or_insert_with(Instant::now);
-                            if since.elapsed() >= hook.disable_after.unwrap_or(DEFAULT_DISABLE_AFTER) {
-                                self.disable_announced(&name, why).await;
-                                return;
-                            }
-                            let jitter = rand::rng().random_range(0.5..1.5);
-                            tokio::time::sleep(backoff.mul_f64(jitter)).await;
-                            backoff = (backoff * 2).min(MAX_BACKOFF);
-                            if self.spec(&name).ok().and_then(|s| s.webhook) != Some(hook.clone()) {
-                                return;
-                            }
-                        }
+            head.borrow_and_update();
+            if pending.len() < window {
+                let Ok(batch) = self.next(&name, window - pending.len(), Duration::ZERO).await else { return };
+                pending.extend(batch.into_iter().map(|d| worker.one(d)));
+            }
+            tokio::select! {
+                Some(done) = pending.next() => {
+                    let Some(first) = done else { return };
+                    let mut acked = vec![first];
+                    while let Some(Some(more)) = pending.next().now_or_never() {
+                        let Some(id) = more else { return };
+                        acked.push(id);
                     }
+                    // The checkpoint is saved off the loop, so deliveries in flight keep moving.
+                    let subs = self.clone();
+                    let name = name.clone();
+                    tokio::spawn(async move { subs.ack(&name, &acked).await });
                 }
+                _ = head.changed(), if pending.len() < window => {}
+                // Ack timeouts and replays are due without an append.
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
             }
         }
     }
 
-    async fn post(&self, name: &str, hook: &zhili_model::subscription::Webhook, d: &crate::Delivery) -> Result<(), String> {
+    async fn post(&self, name: &str, hook: &Webhook, d: &crate::Delivery, conn: &mut Connection) -> Result<(), String> {
         let (mut headers, body) = request(&d.body, hook.mode.unwrap_or_default());
         let id: String =
             serde_json::from_slice::<Value>(&d.body).ok().and_then(|v| v.get("id")?.as_str().map(str::to_string)).unwrap_or_else(|| d.ack_id.clone());
@@ -169,7 +217,7 @@ impl Subscriptions {
         }
         let started = Instant::now();
         let timeout = hook.timeout.unwrap_or(DEFAULT_WEBHOOK_TIMEOUT);
-        let result = tokio::time::timeout(timeout, zhili_net::client::request(Method::POST, &hook.url, headers, body, ANSWER_LIMIT)).await;
+        let result = tokio::time::timeout(timeout, conn.request(Method::POST, &hook.url, headers, body, ANSWER_LIMIT)).await;
         let (status, error) = match result {
             Ok(Ok(a)) if a.status.is_success() => (Some(a.status.as_u16()), None),
             Ok(Ok(a)) => (Some(a.status.as_u16()), Some(format!("answered {}", a.status))),

@@ -99,7 +99,7 @@ pub fn audit_writes<S: Clone + Send + Sync + 'static>(router: Router<S>, state: 
 
 async fn audit(State(state): State<AppState>, req: Request, next: Next, surface: &'static str) -> Response {
     let method = req.method().clone();
-    if matches!(method, axum::http::Method::GET | axum::http::Method::HEAD | axum::http::Method::OPTIONS) || is_liveness(req.uri().path()) {
+    if matches!(method, axum::http::Method::GET | axum::http::Method::HEAD | axum::http::Method::OPTIONS) || unaudited(&method, req.uri().path()) {
         return next.run(req).await;
     }
     let path = req.uri().path().to_string();
@@ -111,9 +111,16 @@ async fn audit(State(state): State<AppState>, req: Request, next: Next, surface:
     resp
 }
 
-/// Heartbeats and TTL check updates: frequent, and not changes anyone audits.
-fn is_liveness(path: &str) -> bool {
-    path.ends_with("/heartbeat") || path.ends_with("/instance/beat") || path.starts_with("/v1/agent/check/") || path.starts_with("/v1/session/renew/")
+/// Writes not audited: heartbeats and TTL check updates (frequent, and not changes anyone
+/// audits), and the event log's data traffic: appends and streaming publishes (each event is
+/// its own durable record) and consumer acks/nacks (a group's progress, not a change of state).
+/// Stream deletion, metadata and subscription definitions stay audited.
+fn unaudited(method: &axum::http::Method, path: &str) -> bool {
+    let liveness = path.ends_with("/heartbeat") || path.ends_with("/instance/beat") || path.starts_with("/v1/agent/check/") || path.starts_with("/v1/session/renew/");
+    let event_data = *method == axum::http::Method::POST
+        && (path.strip_prefix("/api/v1/streams/").is_some_and(|rest| !rest.contains('/') || rest.ends_with("/publish"))
+            || path.strip_prefix("/api/v1/subscriptions/").is_some_and(|rest| rest.ends_with("/ack") || rest.ends_with("/nack")));
+    liveness || event_data
 }
 
 /// Every read carries the index it reflects, for blocking reads to continue from.

@@ -71,6 +71,19 @@ pub struct Webhook {
     /// Failing this long without a success disables the subscription.
     #[serde(default, with = "serde_opt", skip_serializing_if = "Option::is_none")]
     pub disable_after: Option<Duration>,
+    /// Deliveries in flight at once (1..=[`MAX_WINDOW`]). 1, the default, delivers strictly in
+    /// order; a wider window sends in order but a retried event can arrive after later ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<u32>,
+}
+
+/// The widest webhook delivery window.
+pub const MAX_WINDOW: u32 = 256;
+
+impl Webhook {
+    pub fn window(&self) -> usize {
+        self.window.unwrap_or(1).clamp(1, MAX_WINDOW) as usize
+    }
 }
 
 /// CloudEvents HTTP binding: attributes in `ce-*` headers (binary, the default) or the whole
@@ -110,6 +123,9 @@ impl SubscriptionSpec {
             }
             if w.timeout.is_some_and(|t| t < Duration::from_millis(100) || t > Duration::from_secs(60)) {
                 return Err(ValidationError::new("webhook.timeout", "must be between 100ms and 60s"));
+            }
+            if w.window.is_some_and(|n| n == 0 || n > MAX_WINDOW) {
+                return Err(ValidationError::new("webhook.window", format!("must be between 1 and {MAX_WINDOW}")));
             }
             if w.disable_after.is_some_and(|t| t < Duration::from_secs(1)) {
                 return Err(ValidationError::new("webhook.disable_after", "must be at least 1s"));
@@ -168,6 +184,8 @@ mod tests {
             (r#"{"stream": "s", "webhook": {"url": "ftp://x"}}"#, "webhook.url:"),
             (r#"{"stream": "s", "webhook": {"url": "http://"}}"#, "webhook.url:"),
             (r#"{"stream": "s", "webhook": {"url": "http://x", "timeout": "5m"}}"#, "webhook.timeout:"),
+            (r#"{"stream": "s", "webhook": {"url": "http://x", "window": 0}}"#, "webhook.window:"),
+            (r#"{"stream": "s", "webhook": {"url": "http://x", "window": 257}}"#, "webhook.window:"),
         ] {
             let e = spec(json).unwrap_err();
             assert!(e.starts_with(field), "{json}: {e}");

@@ -1,6 +1,6 @@
 //! A small HTTP(S) client for Zhili's own outbound calls: the gateway's JWKS fetches and
-//! webhook deliveries. One request per connection (these calls are rare or already paced);
-//! HTTPS trusts the system's CA bundle (`SSL_CERT_FILE`, else
+//! webhook deliveries. [`request`] makes one call on a connection of its own; a
+//! [`Connection`] keeps one alive for repeated calls to the same origin. HTTPS trusts the system's CA bundle (`SSL_CERT_FILE`, else
 //! `/etc/ssl/certs/ca-certificates.crt`).
 
 use std::sync::{Arc, OnceLock};
@@ -43,24 +43,94 @@ pub struct Answer {
     pub body: Bytes,
 }
 
-async fn exchange<S>(io: S, uri: &Uri, method: Method, headers: HeaderMap, body: Bytes, limit: usize) -> Result<Answer, String>
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+/// Where a URL points: its parsed form, host, port and whether it is HTTPS.
+struct Target {
+    uri: Uri,
+    host: String,
+    port: u16,
+    https: bool,
+}
+
+impl Target {
+    fn parse(url: &str) -> Result<Self, String> {
+        let uri: Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
+        let host = uri.host().ok_or_else(|| format!("{url}: no host"))?.trim_start_matches('[').trim_end_matches(']').to_string();
+        let https = uri.scheme_str() == Some("https");
+        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+        Ok(Self { uri, host, port, https })
+    }
+
+    fn origin(&self) -> (bool, &str, u16) {
+        (self.https, &self.host, self.port)
+    }
+
+    /// A new HTTP/1.1 connection (TLS for https), its driver spawned.
+    async fn connect(&self) -> Result<Sender, String> {
+        let (host, port) = (self.host.as_str(), self.port);
+        let tcp = tokio::net::TcpStream::connect((host, port)).await.map_err(|e| format!("connecting to {host}:{port}: {e}"))?;
+        let _ = tcp.set_nodelay(true);
+        if !self.https {
+            return handshake(tcp).await;
+        }
+        let name = rustls::pki_types::ServerName::try_from(host.to_string()).map_err(|e| format!("{host}: {e}"))?;
+        let tls = tokio_rustls::TlsConnector::from(roots()).connect(name, tcp).await.map_err(|e| format!("TLS with {host}: {e}"))?;
+        handshake(tls).await
+    }
+}
+
+async fn handshake<S>(io: S) -> Result<Sender, String>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await.map_err(|e| e.to_string())?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await.map_err(|e| e.to_string())?;
     tokio::spawn(conn);
-    let host = uri.authority().map(|a| a.as_str().to_string()).unwrap_or_default();
-    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    Ok(sender)
+}
+
+async fn exchange(sender: &mut Sender, target: &Target, method: Method, headers: HeaderMap, body: Bytes, limit: usize) -> Result<Answer, String> {
+    let host = target.uri.authority().map(|a| a.as_str().to_string()).unwrap_or_default();
+    let path = target.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let mut req = Request::builder().method(method).uri(path).body(Full::new(body)).map_err(|e| e.to_string())?;
     *req.headers_mut() = headers;
     let h = req.headers_mut();
     h.insert(http::header::HOST, http::HeaderValue::from_str(&host).map_err(|e| e.to_string())?);
     h.entry(http::header::USER_AGENT).or_insert(http::HeaderValue::from_static("zhili"));
+    sender.ready().await.map_err(|e| e.to_string())?;
     let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
     let status = resp.status();
     let body =
         Limited::new(resp.into_body(), limit).collect().await.map(|c| c.to_bytes()).map_err(|e| format!("reading the body (limit {limit} bytes): {e}"))?;
     Ok(Answer { status, body })
+}
+
+/// A kept-alive connection for repeated calls to one origin (a webhook receiver): opened on
+/// first use, reopened when the origin changes or the peer closed it. A call on a reused
+/// connection that fails is made once more on a fresh one (the peer may have closed it while
+/// idle), so callers must tolerate a repeated request, as at-least-once delivery does.
+#[derive(Default)]
+pub struct Connection {
+    open: Option<((bool, String, u16), Sender)>,
+}
+
+impl Connection {
+    pub async fn request(&mut self, method: Method, url: &str, headers: HeaderMap, body: Bytes, limit: usize) -> Result<Answer, String> {
+        let target = Target::parse(url)?;
+        let (https, host, port) = target.origin();
+        let reusable = self.open.take().filter(|((s, h, p), sender)| (*s, h.as_str(), *p) == (https, host, port) && !sender.is_closed());
+        let origin = (https, host.to_string(), port);
+        if let Some((_, mut sender)) = reusable {
+            if let Ok(a) = exchange(&mut sender, &target, method.clone(), headers.clone(), body.clone(), limit).await {
+                self.open = Some((origin, sender));
+                return Ok(a);
+            }
+        }
+        let mut sender = target.connect().await?;
+        let a = exchange(&mut sender, &target, method, headers, body, limit).await?;
+        self.open = Some((origin, sender));
+        Ok(a)
+    }
 }
 
 /// GETs `url` (http or https) and returns a 2xx body of at most `limit` bytes.
@@ -74,18 +144,10 @@ pub async fn get(url: &str, limit: usize) -> Result<Bytes, String> {
     Ok(a.body)
 }
 
-/// Sends one request to `url` (http or https) and returns whatever status came back.
+/// Sends one request to `url` (http or https) on a connection of its own and returns
+/// whatever status came back.
 pub async fn request(method: Method, url: &str, headers: HeaderMap, body: Bytes, limit: usize) -> Result<Answer, String> {
-    let uri: Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
-    let host = uri.host().ok_or_else(|| format!("{url}: no host"))?.trim_start_matches('[').trim_end_matches(']').to_string();
-    let https = uri.scheme_str() == Some("https");
-    let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-    let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await.map_err(|e| format!("connecting to {host}:{port}: {e}"))?;
-    let _ = tcp.set_nodelay(true);
-    if !https {
-        return exchange(tcp, &uri, method, headers, body, limit).await;
-    }
-    let name = rustls::pki_types::ServerName::try_from(host.clone()).map_err(|e| format!("{host}: {e}"))?;
-    let tls = tokio_rustls::TlsConnector::from(roots()).connect(name, tcp).await.map_err(|e| format!("TLS with {host}: {e}"))?;
-    exchange(tls, &uri, method, headers, body, limit).await
+    let target = Target::parse(url)?;
+    let mut sender = target.connect().await?;
+    exchange(&mut sender, &target, method, headers, body, limit).await
 }

@@ -322,7 +322,8 @@ impl Shared {
             let mut group = Group {
                 shared: self,
                 batch: self.db.batch(),
-                state: self.state.lock().clone(),
+                // Only what the group changes: the rest is read through from `shared.state`.
+                state: State { next_position: self.state.lock().next_position, ..State::default() },
                 ids: HashMap::new(),
                 touched: Vec::new(),
                 wrote: false,
@@ -394,7 +395,8 @@ impl Shared {
     }
 }
 
-/// One group commit in the making: a copy of the state it changes, applied only once durable.
+/// One group commit in the making: the state it changes (stream heads and category counts it
+/// touched, the next position) on top of the shared state, applied only once durable.
 struct Group<'a> {
     shared: &'a Shared,
     batch: fjall::OwnedWriteBatch,
@@ -408,6 +410,11 @@ struct Group<'a> {
 }
 
 impl Group<'_> {
+    /// A stream's head as this group sees it.
+    fn head(&self, stream: &str) -> Option<StreamInfo> {
+        self.state.heads.get(stream).copied().or_else(|| self.shared.state.lock().heads.get(stream).copied())
+    }
+
     fn lookup_id(&self, stream: &str, id: &str) -> Result<Option<(u64, u64)>, EventLogError> {
         if let Some(hit) = self.ids.get(&(stream.to_string(), id.to_string())) {
             return Ok(Some(*hit));
@@ -437,7 +444,7 @@ impl Group<'_> {
         if let Some(original) = self.duplicate(stream, &events)? {
             return Ok(original);
         }
-        let mut head = self.state.heads.get(stream).copied().unwrap_or_default();
+        let mut head = self.head(stream).unwrap_or_default();
         let visible = head.last_revision.filter(|_| !head.deleted);
         if !expected.holds(visible) {
             return Err(EventLogError::WrongExpectedRevision { expected: expected.to_string(), actual: visible });
@@ -461,6 +468,10 @@ impl Group<'_> {
             self.batch.insert(&self.shared.ids, id_key(stream, &e.id), v);
             self.ids.insert((stream.to_string(), e.id.clone()), (revision, position));
             if let Some(c) = &cat {
+                if !self.state.categories.contains_key(c) {
+                    let known = self.shared.state.lock().categories.get(c).copied().unwrap_or(0);
+                    self.state.categories.insert(c.clone(), known);
+                }
                 let seq = self.state.categories.entry(c.clone()).or_insert(0);
                 self.batch.insert(&self.shared.categories, stream_key(c, *seq), position.to_be_bytes());
                 *seq += 1;
@@ -481,7 +492,7 @@ impl Group<'_> {
     }
 
     fn delete(&mut self, stream: &str, expected: ExpectedRevision) -> Result<(), EventLogError> {
-        let Some(mut head) = self.state.heads.get(stream).copied() else {
+        let Some(mut head) = self.head(stream) else {
             return Err(EventLogError::WrongExpectedRevision { expected: expected.to_string(), actual: None });
         };
         let visible = head.last_revision.filter(|_| !head.deleted);
@@ -497,7 +508,7 @@ impl Group<'_> {
     }
 
     fn retain(&mut self, stream: &str, r: Retention) -> Result<StreamInfo, EventLogError> {
-        let mut head = self.state.heads.get(stream).copied().ok_or_else(|| EventLogError::StreamNotFound(stream.to_string()))?;
+        let mut head = self.head(stream).ok_or_else(|| EventLogError::StreamNotFound(stream.to_string()))?;
         head.max_count = r.max_count;
         head.max_age_ms = r.max_age_ms;
         head.truncate_before = head.truncate_before.max(r.truncate_before.unwrap_or(0));
@@ -512,13 +523,16 @@ impl Group<'_> {
     /// Categories keep no entries for them either: a category read skips missing positions.
     fn scavenge(&mut self) -> Result<(), EventLogError> {
         let now = now_ms();
-        let limited: Vec<(String, StreamInfo)> = self
-            .state
-            .heads
-            .iter()
-            .filter(|(_, h)| h.truncate_before > 0 || h.max_count.is_some() || h.max_age_ms.is_some())
-            .map(|(n, h)| (n.clone(), *h))
-            .collect();
+        let limits = |h: &StreamInfo| h.truncate_before > 0 || h.max_count.is_some() || h.max_age_ms.is_some();
+        let mut limited: HashMap<String, StreamInfo> =
+            self.shared.state.lock().heads.iter().filter(|(_, h)| limits(h)).map(|(n, h)| (n.clone(), *h)).collect();
+        // This group's changes win over the shared state.
+        for (n, h) in &self.state.heads {
+            match limits(h) {
+                true => limited.insert(n.clone(), *h),
+                false => limited.remove(n),
+            };
+        }
         for (stream, head) in limited {
             let cut = head.first_visible();
             let start = stream_key(&stream, 0);
@@ -570,7 +584,11 @@ impl Group<'_> {
             m.events_appended_bytes.inc_by(self.bytes);
         }
         let next = self.state.next_position;
-        *self.shared.state.lock() = self.state;
+        let mut shared = self.shared.state.lock();
+        shared.next_position = next;
+        shared.heads.extend(self.state.heads);
+        shared.categories.extend(self.state.categories);
+        drop(shared);
         self.shared.head.send_replace(next);
         Ok(())
     }

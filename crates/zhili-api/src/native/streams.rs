@@ -154,11 +154,43 @@ fn direction(q: &QueryPairs) -> ApiResult<Direction> {
     }
 }
 
-/// One event as reads and subscriptions show it; `number` is what `from` counts in this read
-/// (the revision in a stream, the position in `$all`, the sequence in a category).
-fn shown(number: u64, e: &RecordedEvent) -> Value {
-    let event: Value = serde_json::from_slice(&e.body).unwrap_or(Value::Null);
-    json!({"revision": number, "position": e.position, "stream": e.stream, "stream_revision": e.revision, "event": event})
+/// One event as reads show it; `revision` is what `from` counts in this read (the revision in
+/// a stream, the position in `$all`, the sequence in a category).
+#[derive(serde::Serialize)]
+struct Shown<'a> {
+    revision: u64,
+    position: u64,
+    stream: &'a str,
+    stream_revision: u64,
+}
+
+/// Writes `head` as a JSON object with `"event": body` added. The body is the stored
+/// CloudEvent, checked as JSON when it was appended, so it is copied, not parsed again.
+pub(crate) fn push_with_event<T: serde::Serialize>(out: &mut Vec<u8>, head: &T, body: &[u8]) {
+    if serde_json::to_writer(&mut *out, head).is_ok() && out.last() == Some(&b'}') {
+        out.pop();
+        out.extend_from_slice(b",\"event\":");
+        out.extend_from_slice(body);
+        out.push(b'}');
+    }
+}
+
+/// `{"<key>": [items...]` with each item written by `item`; the caller closes the object.
+pub(crate) fn json_list<I>(key: &str, items: impl IntoIterator<Item = I>, mut item: impl FnMut(&mut Vec<u8>, I)) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4096);
+    out.extend_from_slice(format!("{{\"{key}\":[").as_bytes());
+    for (i, x) in items.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        item(&mut out, x);
+    }
+    out.push(b']');
+    out
+}
+
+pub(crate) fn json_response(body: Vec<u8>) -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 
 fn source(stream: &str) -> ApiResult<Source> {
@@ -192,8 +224,11 @@ async fn read(State(s): State<AppState>, caller: Caller, Path(stream): Path<Stri
         (Some((n, _)), true, Direction::Backwards) => n.checked_sub(1),
         _ => None,
     };
-    let shown: Vec<Value> = events.iter().map(|(n, e)| shown(*n, e)).collect();
-    Ok(Json(json!({"events": shown, "next": next})).into_response())
+    let mut out = json_list("events", &events, |out, (n, e)| {
+        push_with_event(out, &Shown { revision: *n, position: e.position, stream: &e.stream, stream_revision: e.revision }, &e.body)
+    });
+    out.extend_from_slice(format!(",\"next\":{}}}", next.map_or("null".to_string(), |n| n.to_string())).as_bytes());
+    Ok(json_response(out))
 }
 
 /// `GET /api/v1/streams/{stream}/subscribe?from=`: SSE, catch-up then live; each message's id
@@ -395,9 +430,7 @@ async fn publish(State(s): State<AppState>, caller: Caller, Path(stream): Path<S
             let mut answers = Vec::new();
             let mut events = Vec::new();
             for line in lines.split(|b| *b == b'\n').filter(|l| !l.iter().all(u8::is_ascii_whitespace)) {
-                let parsed =
-                    serde_json::from_slice::<Value>(line).map_err(|e| ApiError::field("event", format!("is not JSON: {e}"))).and_then(|v| one(&v, "event"));
-                match parsed {
+                match one_raw(line.trim_ascii(), "event") {
                     Ok(e) => events.push(e),
                     Err(e) => answers.push(json!({"error": e.detail()})),
                 }

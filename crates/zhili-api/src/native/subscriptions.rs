@@ -85,14 +85,20 @@ async fn next(State(s): State<AppState>, caller: Caller, Path(name): Path<String
         None => Duration::ZERO,
     };
     let deliveries = s.subscriptions.next(&name, max, wait).await?;
-    let events: Vec<Value> = deliveries
-        .iter()
-        .map(|d| {
-            let event: Value = serde_json::from_slice(&d.body).unwrap_or(Value::Null);
-            json!({"ack_id": d.ack_id, "revision": d.number, "position": d.position, "stream": d.stream, "deliveries": d.deliveries, "event": event})
-        })
-        .collect();
-    Ok(Json(json!({"events": events})).into_response())
+    #[derive(serde::Serialize)]
+    struct Shown<'a> {
+        ack_id: &'a str,
+        revision: u64,
+        position: u64,
+        stream: &'a str,
+        deliveries: u32,
+    }
+    let mut out = super::streams::json_list("events", &deliveries, |out, d| {
+        let head = Shown { ack_id: &d.ack_id, revision: d.number, position: d.position, stream: &d.stream, deliveries: d.deliveries };
+        super::streams::push_with_event(out, &head, &d.body)
+    });
+    out.push(b'}');
+    Ok(super::streams::json_response(out))
 }
 
 #[derive(Deserialize)]
