@@ -26,7 +26,8 @@ fn unique(prefix: &str) -> String {
 }
 
 fn line(scenario: &str, events: u64, secs: f64, extra: Value) {
-    let mut out = json!({"scenario": scenario, "events": events, "seconds": (secs * 100.0).round() / 100.0, "events_per_second": (events as f64 / secs).round()});
+    let mut out =
+        json!({"scenario": scenario, "events": events, "seconds": (secs * 100.0).round() / 100.0, "events_per_second": (events as f64 / secs).round()});
     if let (Some(o), Value::Object(e)) = (out.as_object_mut(), extra) {
         o.extend(e);
     }
@@ -179,7 +180,8 @@ pub async fn group(target: SocketAddr, n: usize, consumers: usize) -> anyhow::Re
                 if ids.is_empty() {
                     continue;
                 }
-                let (st, _) = c.send(Method::POST, &format!("/api/v1/subscriptions/{name}/ack"), Some(Bytes::from(json!({"ack_ids": ids}).to_string()))).await?;
+                let (st, _) =
+                    c.send(Method::POST, &format!("/api/v1/subscriptions/{name}/ack"), Some(Bytes::from(json!({"ack_ids": ids}).to_string()))).await?;
                 if st != 200 {
                     bail!("ack: {st}");
                 }
@@ -216,7 +218,9 @@ pub async fn webhook(target: SocketAddr, n: usize, window: u32) -> anyhow::Resul
                     async move {
                         let _ = req.into_body().collect().await;
                         counter.fetch_add(1, Ordering::Relaxed);
-                        Ok::<_, std::convert::Infallible>(hyper::Response::builder().status(204).body(http_body_util::Empty::<Bytes>::new()).unwrap_or_default())
+                        Ok::<_, std::convert::Infallible>(
+                            hyper::Response::builder().status(204).body(http_body_util::Empty::<Bytes>::new()).unwrap_or_default(),
+                        )
                     }
                 });
                 let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), service).await;

@@ -272,7 +272,8 @@ impl Client {
     /// Opens a streaming append to `stream`.
     pub async fn publisher(&self, stream: &str) -> Result<Publisher, ClientError> {
         let (lines, rx) = tokio::sync::mpsc::channel(1024);
-        let body = http_body_util::StreamBody::new(tokio_stream_shim::Frames(rx));
+        let quiet = Box::pin(tokio::time::sleep(tokio_stream_shim::KEEP_ALIVE));
+        let body = http_body_util::StreamBody::new(tokio_stream_shim::Frames { lines: rx, quiet });
         let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
         connector.set_nodelay(true);
         let http: hyper_util::client::legacy::Client<_, Frames> =
@@ -341,17 +342,36 @@ impl Publisher {
 
 /// A receiver of body frames as a `Stream`, without another dependency.
 mod tokio_stream_shim {
+    use std::future::Future;
     use std::pin::Pin;
     use std::task::{Context, Poll};
 
     use bytes::Bytes;
 
-    pub struct Frames(pub tokio::sync::mpsc::Receiver<Result<http_body::Frame<Bytes>, std::convert::Infallible>>);
+    /// A publisher quiet this long sends an empty line (ignored by the server), so the server's
+    /// stalled-body timeout (10 s) never cuts a connection that is merely idle.
+    pub const KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(3);
+
+    pub struct Frames {
+        pub lines: tokio::sync::mpsc::Receiver<Result<http_body::Frame<Bytes>, std::convert::Infallible>>,
+        pub quiet: Pin<Box<tokio::time::Sleep>>,
+    }
 
     impl futures_core::Stream for Frames {
         type Item = Result<http_body::Frame<Bytes>, std::convert::Infallible>;
         fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-            self.0.poll_recv(cx)
+            let next = match self.lines.poll_recv(cx) {
+                Poll::Ready(item) => Poll::Ready(item),
+                Poll::Pending => match self.quiet.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from_static(b"\n"))))),
+                    Poll::Pending => Poll::Pending,
+                },
+            };
+            if next.is_ready() {
+                let at = tokio::time::Instant::now() + KEEP_ALIVE;
+                self.quiet.as_mut().reset(at);
+            }
+            next
         }
     }
 }

@@ -25,6 +25,11 @@ pub const ALL: &str = "$all";
 pub const CATEGORY: &str = "$ce-";
 const DEFS: &str = "subscriptions/";
 const CHECKPOINTS: &str = "subscription-checkpoints/";
+/// A replay of parked events under way: the parked stream's revision it runs up to.
+const REPLAYS: &str = "subscription-replays/";
+/// Replayed events are numbered from here (plus their revision in the parked stream), far past
+/// any source number, so they never hold the checkpoint back.
+const REPLAY_BASE: u64 = u64::MAX / 2;
 /// Events read from the source per step.
 const READ_BATCH: usize = 256;
 
@@ -142,7 +147,9 @@ struct Group {
     in_flight: BTreeMap<u64, InFlight>,
     /// Given back or timed out, to hand out again before new ones.
     redeliver: VecDeque<u64>,
-    parked: u64,
+    /// A replay of parked events runs up to this revision of the parked stream (exclusive);
+    /// the parked stream is truncated behind the replayed events as they are done.
+    replay_end: u64,
     disabled: Option<String>,
     attempts: VecDeque<webhook::Attempt>,
 }
@@ -176,6 +183,14 @@ fn def_key(name: &str) -> String {
 
 fn checkpoint_key(name: &str) -> String {
     format!("{CHECKPOINTS}{name}")
+}
+
+fn replay_key(name: &str) -> String {
+    format!("{REPLAYS}{name}")
+}
+
+fn parked_stream(name: &str) -> String {
+    format!("$parked-{name}")
 }
 
 /// The stored definition: the spec and, for webhooks, the signing secret.
@@ -213,6 +228,10 @@ impl Subscriptions {
             };
             let group = subs.group(&name, stored.spec, checkpoint)?;
             group.lock().disabled = stored.disabled;
+            // A replay that was under way continues with what it had not finished.
+            if let Some(end) = store.get(&replay_key(&name))?.and_then(|v| std::str::from_utf8(&v.value).ok()?.parse().ok()) {
+                subs.queue_replay(&group, end)?;
+            }
         }
         Ok(subs)
     }
@@ -229,7 +248,7 @@ impl Subscriptions {
             saving: false,
             in_flight: BTreeMap::new(),
             redeliver: VecDeque::new(),
-            parked: 0,
+            replay_end: 0,
             disabled: None,
             attempts: VecDeque::new(),
         }));
@@ -274,7 +293,11 @@ impl Subscriptions {
         }
         self.store
             .txn(zhili_store::Txn {
-                success: vec![zhili_store::Op::Delete { key: def_key(name) }, zhili_store::Op::Delete { key: checkpoint_key(name) }],
+                success: vec![
+                    zhili_store::Op::Delete { key: def_key(name) },
+                    zhili_store::Op::Delete { key: checkpoint_key(name) },
+                    zhili_store::Op::Delete { key: replay_key(name) },
+                ],
                 ..Default::default()
             })
             .await?;
@@ -301,7 +324,7 @@ impl Subscriptions {
             checkpoint: g.checkpoint,
             in_flight: g.in_flight.len(),
             lag: end.saturating_sub(g.cursor) + g.redeliver.len() as u64,
-            parked: g.parked,
+            parked: self.parked_count(&g.name),
             disabled: g.disabled.clone(),
             deliveries: g.attempts.iter().cloned().collect(),
         })
@@ -379,12 +402,12 @@ impl Subscriptions {
         let name = group.lock().name.clone();
         let n = events.len() as u64;
         let parked: Vec<NewEvent> = events.into_iter().map(|e| NewEvent { id: e.id, body: e.body }).collect();
-        self.log.append(&format!("$parked-{name}"), ExpectedRevision::Any, parked).await?;
-        group.lock().parked += n;
+        self.log.append(&parked_stream(&name), ExpectedRevision::Any, parked).await?;
         if let Some(m) = &self.metrics {
             m.events_parked.inc_by(n);
         }
-        self.save_checkpoint(group).await
+        self.save_checkpoint(group).await?;
+        self.truncate_replayed(group).await
     }
 
     /// Moves the checkpoint to the low-water mark and writes it. Writes of one group are
@@ -425,6 +448,7 @@ impl Subscriptions {
             ack_ids.iter().filter_map(|id| parse_ack_id(name, id)).filter(|n| g.in_flight.remove(n).is_some()).count()
         };
         self.save_checkpoint(&group).await?;
+        self.truncate_replayed(&group).await?;
         Ok(done)
     }
 
@@ -452,21 +476,32 @@ impl Subscriptions {
         };
         self.park(&group, parked).await?;
         self.save_checkpoint(&group).await?;
+        self.truncate_replayed(&group).await?;
         Ok(count)
     }
 
     /// Hands every event of `$parked-{name}` to the group's consumers again, before new ones.
-    /// The queue is in memory: a restart before they are acknowledged drops them from it (they
-    /// stay in the parked stream, and can be replayed again). Returns how many.
+    /// Durable: the replay's end is stored, and the parked stream is truncated behind the
+    /// replayed events as they are acknowledged (or skipped, or parked again at its end), so a
+    /// restart continues the replay with what was not done, and nothing is replayed twice.
+    /// Returns how many were queued.
     pub async fn replay_parked(&self, name: &str) -> Result<usize, SubscriptionError> {
         let group = self.get_group(name)?;
-        let parked = Source::Stream(format!("$parked-{name}")).read(&*self.log, 0, Direction::Forwards, MAX_IN_FLIGHT)?;
+        let end = self.log.stream_info(&parked_stream(name))?.and_then(|i| i.last_revision).map_or(0, |r| r + 1);
+        zhili_store::put(&*self.store, &replay_key(name), end.to_string()).await?;
+        self.queue_replay(&group, end)
+    }
+
+    /// Queues the parked events below revision `end` that are not out already.
+    fn queue_replay(&self, group: &Mutex<Group>, end: u64) -> Result<usize, SubscriptionError> {
+        let name = group.lock().name.clone();
+        let parked = self.log.read_stream(&parked_stream(&name), 0, Direction::Forwards, MAX_IN_FLIGHT)?;
         let mut g = group.lock();
+        g.replay_end = g.replay_end.max(end);
         let now = Instant::now();
         let mut n = 0;
-        for (_, e) in parked {
-            // Numbers far past the source's, so they never hold the checkpoint back.
-            let number = u64::MAX / 2 + e.position;
+        for e in parked.into_iter().filter(|e| e.revision < end) {
+            let number = REPLAY_BASE + e.revision;
             if g.in_flight.contains_key(&number) {
                 continue;
             }
@@ -474,8 +509,34 @@ impl Subscriptions {
             g.redeliver.push_back(number);
             n += 1;
         }
-        g.parked = g.parked.saturating_sub(n as u64);
         Ok(n)
+    }
+
+    /// Truncates the parked stream behind the replayed events that are done.
+    async fn truncate_replayed(&self, group: &Mutex<Group>) -> Result<(), SubscriptionError> {
+        let (name, done) = {
+            let g = group.lock();
+            if g.replay_end == 0 {
+                return Ok(());
+            }
+            let first_out = g.in_flight.range(REPLAY_BASE..).next().map(|(n, _)| n - REPLAY_BASE);
+            (g.name.clone(), first_out.unwrap_or(g.replay_end).min(g.replay_end))
+        };
+        let stream = parked_stream(&name);
+        let Some(info) = self.log.stream_info(&stream)? else { return Ok(()) };
+        if done > info.truncate_before {
+            let keep = zhili_store::events::Retention { max_count: info.max_count, max_age_ms: info.max_age_ms, truncate_before: Some(done) };
+            self.log.set_retention(&stream, keep).await?;
+        }
+        Ok(())
+    }
+
+    /// Events in the group's parked stream (those being replayed included).
+    fn parked_count(&self, name: &str) -> u64 {
+        match self.log.stream_info(&parked_stream(name)) {
+            Ok(Some(i)) if !i.deleted => i.last_revision.map_or(0, |r| r + 1).saturating_sub(i.first_visible()),
+            _ => 0,
+        }
     }
 
     pub(crate) fn record_attempt(&self, name: &str, a: webhook::Attempt) {

@@ -57,12 +57,23 @@ async fn competing_consumers_ack_nack_and_checkpoints() {
     let status = subs.status("g").unwrap();
     assert_eq!((status.checkpoint, status.in_flight, status.lag), (10, 0, 0));
     // A restart resumes at the checkpoint; the parked event can be replayed.
-    let subs = Subscriptions::load(store, log).unwrap();
+    let subs = Subscriptions::load(store.clone(), log.clone()).unwrap();
     assert_eq!(subs.status("g").unwrap().checkpoint, 10);
     assert_eq!(subs.replay_parked("g").await.unwrap(), 1);
     let replayed = subs.next("g", 10, Duration::ZERO).await.unwrap();
     assert_eq!(replayed.len(), 1);
     assert!(replayed[0].body.starts_with(br#"{"specversion":"1.0","id":"e2""#));
+    // The replay is durable: a restart before the ack hands the event out again.
+    let subs = Subscriptions::load(store.clone(), log.clone()).unwrap();
+    let again = subs.next("g", 10, Duration::ZERO).await.unwrap();
+    assert_eq!(again.iter().map(|d| d.body.clone()).collect::<Vec<_>>(), [replayed[0].body.clone()]);
+    assert_eq!(subs.status("g").unwrap().parked, 1, "still parked until done");
+    subs.ack("g", &[again[0].ack_id.clone()]).await.unwrap();
+    assert_eq!(subs.status("g").unwrap().parked, 0, "the parked stream is truncated behind the replay");
+    // Done is done: neither a restart nor another replay hands it out again.
+    let subs = Subscriptions::load(store, log).unwrap();
+    assert!(subs.next("g", 10, Duration::ZERO).await.unwrap().is_empty());
+    assert_eq!(subs.replay_parked("g").await.unwrap(), 0);
 }
 
 #[tokio::test(start_paused = true)]

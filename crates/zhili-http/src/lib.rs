@@ -116,7 +116,8 @@ async fn audit(State(state): State<AppState>, req: Request, next: Next, surface:
 /// its own durable record) and consumer acks/nacks (a group's progress, not a change of state).
 /// Stream deletion, metadata and subscription definitions stay audited.
 fn unaudited(method: &axum::http::Method, path: &str) -> bool {
-    let liveness = path.ends_with("/heartbeat") || path.ends_with("/instance/beat") || path.starts_with("/v1/agent/check/") || path.starts_with("/v1/session/renew/");
+    let liveness =
+        path.ends_with("/heartbeat") || path.ends_with("/instance/beat") || path.starts_with("/v1/agent/check/") || path.starts_with("/v1/session/renew/");
     let event_data = *method == axum::http::Method::POST
         && (path.strip_prefix("/api/v1/streams/").is_some_and(|rest| !rest.contains('/') || rest.ends_with("/publish"))
             || path.strip_prefix("/api/v1/subscriptions/").is_some_and(|rest| rest.ends_with("/ack") || rest.ends_with("/nack")));

@@ -84,6 +84,21 @@ pub fn cloudevent<'a>(field: &str, event: &'a Value) -> Result<&'a str, Validati
     Ok(id)
 }
 
+/// [`cloudevent`] on JSON text, for appends: the attributes are checked without building the
+/// `data` value (only scanned as valid JSON). Returns the event's id; `Err(None)` when the text
+/// is not a JSON object (the caller reports that with its own wording).
+pub fn cloudevent_json(field: &str, bytes: &[u8]) -> Result<String, Option<ValidationError>> {
+    let attrs: std::collections::BTreeMap<std::borrow::Cow<'_, str>, &serde_json::value::RawValue> = serde_json::from_slice(bytes).map_err(|_| None)?;
+    let mut o = Map::new();
+    for (name, raw) in attrs {
+        // `data` only needs to exist (checked as JSON by the parse above).
+        let v = if name == "data" { Value::Null } else { serde_json::from_str(raw.get()).map_err(|_| None)? };
+        o.insert(name.into_owned(), v);
+    }
+    let event = Value::Object(o);
+    cloudevent(field, &event).map(str::to_string).map_err(Some)
+}
+
 /// A structured CloudEvent from binary mode: `ce-*` headers (lower-case names, values as sent)
 /// and the body with its content type. JSON bodies become `data`, text bodies a string `data`,
 /// anything else `data_base64`.
@@ -197,6 +212,15 @@ mod tests {
             }
             let err = cloudevent("event", &e).unwrap_err().to_string();
             assert!(err.starts_with(&format!("{field}:")), "{err}");
+            // The check on JSON text says the same.
+            let text = cloudevent_json("event", e.to_string().as_bytes()).unwrap_err().expect("an object").to_string();
+            assert_eq!(text, err);
+        }
+        assert_eq!(cloudevent_json("event", ok.to_string().as_bytes()).unwrap(), "1");
+        let escaped = br#"{"specversion":"1.0","id":"a\"b\u00e9","source":"/s","type":"t","data":[1,{"x":"y"}]}"#;
+        assert_eq!(cloudevent_json("event", escaped).unwrap(), "a\"b\u{e9}");
+        for not_an_object in [&b"[1]"[..], b"\"x\"", b"{\"id\":", b"{\"data\": [1,}"] {
+            assert!(cloudevent_json("event", not_an_object).unwrap_err().is_none());
         }
         let mut missing = ok.clone();
         missing.as_object_mut().unwrap().remove("source");

@@ -218,6 +218,9 @@ async fn handle(s: &NacosState, addr: SocketAddr, p: Payload) -> (String, Value)
         "ConfigBatchListenRequest" => ctx.config_listen(&body),
         _ => return error("ErrorResponse", NO_HANDLER, format!("RequestHandler Not Found: {kind:?}"), &request_id),
     };
+    if result.is_ok() {
+        audit(s, kind, &body, ctx.caller.token.as_deref());
+    }
     match result {
         Ok(v) => ok(&resp_kind, v, &request_id),
         Err(e) => {
@@ -233,6 +236,25 @@ async fn handle(s: &NacosState, addr: SocketAddr, p: Payload) -> (String, Value)
             error("ErrorResponse", code, e.detail().to_string(), &request_id)
         }
     }
+}
+
+/// Successful writes go to `$audit` like those of the HTTP surfaces: the request type (and
+/// its operation) as the method, what it touched as the path, and the token's accessor id.
+fn audit(s: &NacosState, kind: &str, body: &Value, token: Option<&str>) {
+    let text = |k: &str| body.get(k).and_then(Value::as_str).unwrap_or("");
+    let path = match kind {
+        "InstanceRequest" | "PersistentInstanceRequest" | "BatchInstanceRequest" => {
+            format!("naming/{}/{}/{}", text("namespace"), text("groupName"), text("serviceName"))
+        }
+        "ConfigPublishRequest" | "ConfigRemoveRequest" => format!("config/{}/{}/{}", text("tenant"), text("group"), text("dataId")),
+        _ => return,
+    };
+    let method = match text("type") {
+        "" => kind.to_string(),
+        op => format!("{kind}.{op}"),
+    };
+    let accessor = token.and_then(|t| s.acl.token_by_secret(t)).map(|t| t.accessor_id);
+    s.audit.record(zhili_events::AuditRecord { surface: "nacos-grpc", method, path, status: 200, accessor });
 }
 
 fn response_kind(request: &str) -> String {

@@ -524,8 +524,7 @@ impl Group<'_> {
     fn scavenge(&mut self) -> Result<(), EventLogError> {
         let now = now_ms();
         let limits = |h: &StreamInfo| h.truncate_before > 0 || h.max_count.is_some() || h.max_age_ms.is_some();
-        let mut limited: HashMap<String, StreamInfo> =
-            self.shared.state.lock().heads.iter().filter(|(_, h)| limits(h)).map(|(n, h)| (n.clone(), *h)).collect();
+        let mut limited: HashMap<String, StreamInfo> = self.shared.state.lock().heads.iter().filter(|(_, h)| limits(h)).map(|(n, h)| (n.clone(), *h)).collect();
         // This group's changes win over the shared state.
         for (n, h) in &self.state.heads {
             match limits(h) {

@@ -17,13 +17,35 @@ use http_body_util::{BodyExt, Full};
 async fn nacos_sdk_python3_grpc_register_discover_push_health_config_acl() {
     let s = ServerProcess::start(bin(), &[]);
     let token = bootstrap(&s).await;
-    let args = [s.nacos.expect("nacos").port().to_string(), s.nacos_grpc.expect("nacos grpc").port().to_string(), s.api.port().to_string(), token];
+    let args = [s.nacos.expect("nacos").port().to_string(), s.nacos_grpc.expect("nacos grpc").port().to_string(), s.api.port().to_string(), token.clone()];
     let out = tokio::task::spawn_blocking(move || {
         run_interop("nacos_grpc_scenario.py", &["127.0.0.1", &args[0], &args[1], &args[2], &args[3]], Duration::from_secs(150))
     })
     .await
     .unwrap();
     assert!(out.contains("nacos grpc scenario passed"), "{out}");
+    // The gRPC writes are audited like the HTTP ones: operation, target and accessor id.
+    let admin = client(&s, Some(&token));
+    let kinds = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    assert_eventually(Duration::from_secs(10), "nacos gRPC writes reach $audit", || {
+        let (admin, kinds) = (admin.clone(), kinds.clone());
+        async move {
+            let (_, _, v) = call(&admin, Method::GET, "/api/v1/streams/$audit?limit=4096", None).await;
+            let found: Vec<String> = v["events"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|e| &e["event"]["data"])
+                .filter(|d| d["surface"] == "nacos-grpc" && d["accessor"].is_string() && d["path"].as_str().is_some_and(|p| p.contains('/')))
+                .map(|d| d["method"].as_str().unwrap_or("").to_string())
+                .collect();
+            let done = found.iter().any(|m| m.starts_with("InstanceRequest.registerInstance")) && found.iter().any(|m| m == "ConfigPublishRequest");
+            *kinds.lock().unwrap() = found;
+            done
+        }
+    })
+    .await;
+    assert!(!kinds.lock().unwrap().iter().any(|m| m.contains("Query")), "reads are not audited: {:?}", kinds.lock().unwrap());
 }
 
 #[tokio::test(flavor = "multi_thread")]

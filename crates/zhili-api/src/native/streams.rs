@@ -68,9 +68,52 @@ pub(crate) fn expected(q: &QueryPairs) -> ApiResult<ExpectedRevision> {
     })
 }
 
-/// Who may read what: a stream by its name; `$all` and `$ce-x` are system names of their own.
-fn require(caller: &Caller, stream: &str, access: Access) -> ApiResult<()> {
-    caller.require(Resource::Stream, stream, access)
+/// A stream's own ACL, set in its metadata and kept in the store beside the log: when `owner`
+/// (a policy) is set, only tokens holding it write, delete or change the metadata; when
+/// `readers` (policies) is set, only tokens holding the owner's policy or one of them read.
+/// Both narrow what the policy rules on the stream's name allow; management tokens pass.
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
+pub(crate) struct StreamAcl {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    owner: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    readers: Vec<String>,
+}
+
+fn acl_key(stream: &str) -> String {
+    format!("stream-acl/{stream}")
+}
+
+fn stream_acl(s: &AppState, stream: &str) -> ApiResult<StreamAcl> {
+    match s.store.get(&acl_key(stream)).map_err(|e| ApiError::Internal(e.to_string()))? {
+        Some(kv) => serde_json::from_slice(&kv.value).map_err(|e| ApiError::Internal(format!("stream ACL of {stream:?}: {e}"))),
+        None => Ok(StreamAcl::default()),
+    }
+}
+
+/// Who may read what: a stream by its name (policy rules), then the stream's own ACL; `$all`
+/// and `$ce-x` are system names of their own.
+pub(crate) fn require(s: &AppState, caller: &Caller, stream: &str, access: Access) -> ApiResult<()> {
+    caller.require(Resource::Stream, stream, access)?;
+    if caller.authority.is_management() || stream.starts_with('$') {
+        return Ok(());
+    }
+    let acl = stream_acl(s, stream)?;
+    if acl.owner.is_none() && acl.readers.is_empty() {
+        return Ok(());
+    }
+    let policies = caller.token.as_deref().and_then(|t| s.acl.token_by_secret(t)).map(|t| t.policies).unwrap_or_default();
+    let holds = |p: &String| policies.contains(p);
+    let owner = acl.owner.as_ref().is_some_and(holds);
+    let allowed = match access {
+        Access::Read => owner || acl.readers.is_empty() || acl.readers.iter().any(holds),
+        _ => owner || acl.owner.is_none(),
+    };
+    if allowed {
+        return Ok(());
+    }
+    let role = if access == Access::Read { "a reader or owner policy" } else { "the owner policy" };
+    Err(ApiError::Forbidden(format!("permission denied: stream {stream:?} needs {role} of its ACL")))
 }
 
 /// The events of an append body, each checked, as (id, structured JSON bytes).
@@ -115,8 +158,15 @@ fn one_raw(bytes: &[u8], field: &str) -> ApiResult<NewEvent> {
     if bytes.len() > MAX_EVENT_BYTES {
         return Err(ApiError::PayloadTooLarge(format!("{field}: an event is at most {MAX_EVENT_BYTES} bytes")));
     }
-    let v: Value = serde_json::from_slice(bytes).map_err(|e| ApiError::field(field, format!("is not JSON: {e}")))?;
-    let id = ce::cloudevent(field, &v)?.to_string();
+    let id = match ce::cloudevent_json(field, bytes) {
+        Ok(id) => id,
+        Err(Some(invalid)) => return Err(invalid.into()),
+        // Not a JSON object: say which, as the full parse does.
+        Err(None) => {
+            let v: Value = serde_json::from_slice(bytes).map_err(|e| ApiError::field(field, format!("is not JSON: {e}")))?;
+            ce::cloudevent(field, &v)?.to_string()
+        }
+    };
     Ok(NewEvent { id, body: Bytes::copy_from_slice(bytes) })
 }
 
@@ -132,7 +182,7 @@ fn one(event: &Value, field: &str) -> ApiResult<NewEvent> {
 /// `POST /api/v1/streams/{stream}?expected_revision=`: 201 with where the events landed.
 async fn append(State(s): State<AppState>, caller: Caller, Path(stream): Path<String>, q: QueryPairs, headers: HeaderMap, body: Bytes) -> ApiResult<Response> {
     ce::stream_name("stream", &stream, false)?;
-    require(&caller, &stream, Access::Write)?;
+    require(&s, &caller, &stream, Access::Write)?;
     let expected = expected(&q)?;
     let events = parse_events(&headers, &body)?;
     match s.events.append(&stream, expected, events).await {
@@ -204,7 +254,7 @@ fn read_from(s: &AppState, src: &Source, from: u64, dir: Direction, limit: usize
 /// `GET /api/v1/streams/{stream}?from=&direction=&limit=` → `{"events": [...], "next"}`.
 async fn read(State(s): State<AppState>, caller: Caller, Path(stream): Path<String>, q: QueryPairs) -> ApiResult<Response> {
     let src = source(&stream)?;
-    require(&caller, &stream, Access::Read)?;
+    require(&s, &caller, &stream, Access::Read)?;
     let dir = direction(&q)?;
     let limit = q.u64("limit")?.map_or(DEFAULT_READ, |l| (l as usize).clamp(1, MAX_READ));
     let from = q.u64("from")?.unwrap_or(match dir {
@@ -235,7 +285,7 @@ async fn read(State(s): State<AppState>, caller: Caller, Path(stream): Path<Stri
 /// is its number (revision, position or sequence), so `Last-Event-ID` resumes after it.
 async fn subscribe(State(s): State<AppState>, caller: Caller, Path(stream): Path<String>, q: QueryPairs, headers: HeaderMap) -> ApiResult<Response> {
     source(&stream)?;
-    require(&caller, &stream, Access::Read)?;
+    require(&s, &caller, &stream, Access::Read)?;
     let s_metrics = s.metrics.clone();
     let resume = headers
         .get("last-event-id")
@@ -328,7 +378,7 @@ async fn list(State(s): State<AppState>, caller: Caller, q: QueryPairs) -> ApiRe
 /// the stream is appended to again, continuing its revisions).
 async fn delete(State(s): State<AppState>, caller: Caller, Path(stream): Path<String>, q: QueryPairs) -> ApiResult<Response> {
     ce::stream_name("stream", &stream, false)?;
-    require(&caller, &stream, Access::Write)?;
+    require(&s, &caller, &stream, Access::Write)?;
     match s.events.delete_stream(&stream, expected(&q)?).await {
         Ok(()) => Ok(StatusCode::NO_CONTENT.into_response()),
         Err(EventLogError::WrongExpectedRevision { actual: None, .. }) => Err(ApiError::NotFound(format!("stream {stream:?} not found"))),
@@ -347,24 +397,32 @@ struct Metadata {
     max_age: Option<Duration>,
     #[serde(default)]
     truncate_before: Option<u64>,
+    /// The stream's own ACL (see [`StreamAcl`]); absent leaves it as it is.
+    #[serde(default)]
+    owner: Option<String>,
+    #[serde(default)]
+    readers: Option<Vec<String>>,
 }
 
-fn shown_metadata(stream: &str, i: &zhili_store::events::StreamInfo) -> Value {
+fn shown_metadata(stream: &str, i: &zhili_store::events::StreamInfo, acl: &StreamAcl) -> Value {
     json!({
         "stream": stream,
         "last_revision": i.last_revision,
         "max_count": i.max_count,
         "max_age": i.max_age_ms.map(|ms| zhili_model::format_duration(Duration::from_millis(ms))),
         "truncate_before": i.truncate_before,
+        "owner": acl.owner,
+        "readers": acl.readers,
     })
 }
 
 async fn metadata(State(s): State<AppState>, caller: Caller, Path(stream): Path<String>) -> ApiResult<Response> {
     ce::stream_name("stream", &stream, true)?;
-    require(&caller, &stream, Access::Read)?;
+    require(&s, &caller, &stream, Access::Read)?;
     let info =
         s.events.stream_info(&stream).map_err(log_error)?.filter(|i| !i.deleted).ok_or_else(|| ApiError::NotFound(format!("stream {stream:?} not found")))?;
-    Ok(Json(shown_metadata(&stream, &info)).into_response())
+    let acl = if stream.starts_with('$') { StreamAcl::default() } else { stream_acl(&s, &stream)? };
+    Ok(Json(shown_metadata(&stream, &info, &acl)).into_response())
 }
 
 /// `PUT /api/v1/streams/{stream}/metadata {"max_count"?, "max_age"?, "truncate_before"?}`:
@@ -376,16 +434,46 @@ async fn put_metadata(
     crate::extract::JsonBody(m): crate::extract::JsonBody<Metadata>,
 ) -> ApiResult<Response> {
     ce::stream_name("stream", &stream, true)?;
-    require(&caller, &stream, Access::Write)?;
+    require(&s, &caller, &stream, Access::Write)?;
     if m.max_count == Some(0) {
         return Err(ApiError::field("max_count", "must be at least 1 (delete the stream to drop everything)"));
     }
     if m.max_age.is_some_and(|a| a < Duration::from_secs(1)) {
         return Err(ApiError::field("max_age", "must be at least 1s"));
     }
+    let mut acl = if stream.starts_with('$') { StreamAcl::default() } else { stream_acl(&s, &stream)? };
+    let changes_acl = m.owner.is_some() || m.readers.is_some();
+    if changes_acl {
+        if stream.starts_with('$') {
+            return Err(ApiError::field("owner", "system streams have no ACL of their own; use policy rules"));
+        }
+        let known: std::collections::HashSet<String> = s.acl.policies().into_iter().map(|p| p.name).collect();
+        let check = |field: String, name: &str| match known.contains(name) {
+            true => Ok(()),
+            false => Err(ApiError::field(&field, format!("{name:?} is not a policy"))),
+        };
+        // An empty owner removes it.
+        if let Some(o) = m.owner.as_deref().filter(|o| !o.is_empty()) {
+            check("owner".into(), o)?;
+        }
+        for (i, r) in m.readers.iter().flatten().enumerate() {
+            check(format!("readers[{i}]"), r)?;
+        }
+        if let Some(o) = m.owner {
+            acl.owner = Some(o).filter(|o| !o.is_empty());
+        }
+        if let Some(r) = m.readers {
+            acl.readers = r;
+        }
+    }
+    // The stream must exist before its ACL is stored.
     let r = zhili_store::events::Retention { max_count: m.max_count, max_age_ms: m.max_age.map(|a| a.as_millis() as u64), truncate_before: m.truncate_before };
     let info = s.events.set_retention(&stream, r).await.map_err(log_error)?;
-    Ok(Json(shown_metadata(&stream, &info)).into_response())
+    if changes_acl {
+        let value = serde_json::to_vec(&acl).map_err(|e| ApiError::Internal(e.to_string()))?;
+        zhili_store::put(&*s.store, &acl_key(&stream), value).await.map_err(|e| ApiError::Internal(e.to_string()))?;
+    }
+    Ok(Json(shown_metadata(&stream, &info, &acl)).into_response())
 }
 
 /// Lines taken from a publishing connection per append at most.
@@ -398,7 +486,7 @@ const PUBLISH_BATCH_BYTES: usize = 4 * 1024 * 1024;
 /// in one append (one fsync), so throughput grows with the producer's pipelining.
 async fn publish(State(s): State<AppState>, caller: Caller, Path(stream): Path<String>, body: axum::body::Body) -> ApiResult<Response> {
     ce::stream_name("stream", &stream, false)?;
-    require(&caller, &stream, Access::Write)?;
+    require(&s, &caller, &stream, Access::Write)?;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(64);
     tokio::spawn(async move {
         use futures_util::{FutureExt, StreamExt};

@@ -43,7 +43,7 @@ async fn put(State(s): State<AppState>, caller: Caller, Path(name): Path<String>
     named(&caller, &name, Access::Write)?;
     spec.validate()?;
     // Following a stream is reading it.
-    caller.require(Resource::Stream, &spec.stream, Access::Read)?;
+    super::streams::require(&s, &caller, &spec.stream, Access::Read)?;
     let secret = s.subscriptions.put(&name, spec).await?;
     let body = match secret {
         Some(secret) => json!({"name": name, "secret": secret}),

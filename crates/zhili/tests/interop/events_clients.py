@@ -33,11 +33,36 @@ def call(method, path, body=None, headers=None):
 received = []
 
 
+burst = {"in_flight": 0, "max_in_flight": 0, "failed": set(), "done": {}}
+burst_lock = threading.Lock()
+
+
 class Receiver(BaseHTTPRequestHandler):
     def do_POST(self):
         body = self.rfile.read(int(self.headers["content-length"]))
-        received.append(({k.lower(): v for k, v in self.headers.items()}, body))
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        if self.path == "/burst":
+            return self.burst(headers, body)
+        received.append((headers, body))
         self.send_response(204)
+        self.end_headers()
+
+    def burst(self, headers, body):
+        # A slow receiver that fails the first attempt of every tenth event.
+        Webhook(secrets["hook-window"]).verify(body, headers)
+        n = int(headers["ce-id"].split("-")[1])
+        with burst_lock:
+            burst["in_flight"] += 1
+            burst["max_in_flight"] = max(burst["max_in_flight"], burst["in_flight"])
+            fail = n % 10 == 0 and n not in burst["failed"]
+            if fail:
+                burst["failed"].add(n)
+        time.sleep(0.02)
+        with burst_lock:
+            burst["in_flight"] -= 1
+            if not fail:
+                burst["done"][n] = burst["done"].get(n, 0) + 1
+        self.send_response(500 if fail else 200)
         self.end_headers()
 
     def log_message(self, *args):
@@ -94,6 +119,28 @@ for e in by_type["order.placed"]:
 st, v = call("GET", "/api/v1/subscriptions/hook-binary")
 assert v["checkpoint"] == 2 and all(a["status"] == 204 for a in v["deliveries"]), v
 
+# A delivery window: up to 8 in flight at once to a slow receiver, every event delivered and
+# signed, failures retried, and the checkpoint at the end.
+st, v = call("PUT", "/api/v1/subscriptions/hook-window", {"stream": "burst-py", "webhook": {"url": hook.replace("/hook", "/burst"), "window": 8}})
+assert st == 201, (st, v)
+secrets["hook-window"] = v["secret"]
+batch = [{"specversion": "1.0", "id": f"b-{i}", "source": "/burst", "type": "burst", "data": {"n": i}} for i in range(200)]
+st, v = call("POST", "/api/v1/streams/burst-py", batch, {"content-type": "application/cloudevents-batch+json"})
+assert st == 201, v
+deadline = time.time() + 60
+while len(burst["done"]) < 200 and time.time() < deadline:
+    time.sleep(0.05)
+assert sorted(burst["done"]) == list(range(200)), f"{len(burst['done'])} of 200 delivered"
+assert len(burst["failed"]) == 20, burst["failed"]
+assert 1 < burst["max_in_flight"] <= 8, burst["max_in_flight"]
+deadline = time.time() + 10
+while time.time() < deadline:
+    st, v = call("GET", "/api/v1/subscriptions/hook-window")
+    if v["checkpoint"] == 200:
+        break
+    time.sleep(0.05)
+assert v["checkpoint"] == 200 and v["in_flight"] == 0, v
+
 # Consumer group: EVENTS events, two competing consumers; each drops (does not ack) its first
 # few deliveries, which must come back after the ack timeout.
 st, v = call("PUT", "/api/v1/subscriptions/workers", {"stream": "jobs-1", "ack_timeout": "1s"})
@@ -145,4 +192,4 @@ shares = {w: list(done.values()).count(w) for w in ("a", "b")}
 assert all(shares.values()), f"both consumers took work: {shares}"
 st, v = call("GET", "/api/v1/subscriptions/workers")
 assert v["checkpoint"] == EVENTS and v["in_flight"] == 0, v
-print(f"ok: 4 signed webhook deliveries verified; {EVENTS} events by two consumers {shares}, {len(redelivered)} redelivered")
+print(f"ok: 4 signed webhook deliveries verified; 200 through a window of 8 (at most {burst['max_in_flight']} at once); {EVENTS} events by two consumers {shares}, {len(redelivered)} redelivered")
