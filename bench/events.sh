@@ -2,6 +2,7 @@
 # Event log benchmark: Zhili's appends (single events and batches of 100) against NATS
 # JetStream publishes with acks and PostgreSQL INSERTs (synchronous_commit=on), in the same
 # run, through the same generator (zhili-bench).
+# Then the streaming append, catch-up reads, consumer groups, webhooks and end-to-end latency.
 # 256-byte events. Not part of CI. Usage: bench/events.sh [seconds-per-scenario]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,3 +43,14 @@ echo "## PostgreSQL: one INSERT of one event per statement (committed, synchrono
 for c in 1 16 64; do $GEN pg-insert --target 127.0.0.1:$PG_PORT --concurrency $c --batch 1 --seconds "$SECS"; done
 echo "## PostgreSQL: INSERTs of 100 events per statement (per_second counts statements; events = x100)"
 for c in 1 16 64; do $GEN pg-insert --target 127.0.0.1:$PG_PORT --concurrency $c --batch 100 --seconds "$SECS"; done
+echo "## Zhili: streaming append (NDJSON over one connection per producer, 1,000 in flight each)"
+for c in 1 16 64; do $GEN events-publish --target 127.0.0.1:$PORT --concurrency $c --inflight 1000 --seconds "$SECS"; done
+echo "## Zhili: catch-up reads of 200,000 events (pages of 4,096; then SSE from the start)"
+$GEN events-read --target 127.0.0.1:$PORT --events 200000 --readers 2
+echo "## Zhili: consumer group, 4 competing consumers pulling 1,000 and acking"
+$GEN events-group --target 127.0.0.1:$PORT --events 200000 --consumers 4
+echo "## Zhili: webhook delivery to a local receiver (window 1 = strictly in order; 64)"
+$GEN events-webhook --target 127.0.0.1:$PORT --events 10000 --window 1
+$GEN events-webhook --target 127.0.0.1:$PORT --events 50000 --window 64
+echo "## Zhili: end-to-end latency, append -> SSE subscriber, 10,000 events/s open loop"
+$GEN events-latency --target 127.0.0.1:$PORT --rate 10000 --conns 32 --seconds 10
