@@ -298,6 +298,13 @@ async fn registry_changes_are_events_and_system_streams_need_their_own_grant() {
     }
     let (st, _, v) = call(&team, Method::GET, "/api/v1/subscriptions/team-a/next?max=10", None).await;
     assert_eq!((st, v["events"][0]["event"]["id"].as_str()), (StatusCode::OK, Some("a")), "{v}");
+    // Rights on the subscription alone do not read the stream it follows: checked on every pull.
+    let body = rules("subs-only", json!([{"resource": "subscription", "prefix": "team-", "access": "write"}]));
+    let (st, _, v) = call(&admin, Method::POST, "/api/v1/acl/policies", Some(&body)).await;
+    assert!(st.is_success(), "{v}");
+    let subs_only = client(&s, Some(&token("subs-only").await));
+    let (st, _, v) = call(&subs_only, Method::GET, "/api/v1/subscriptions/team-a/next?max=10", None).await;
+    assert_eq!(st, StatusCode::FORBIDDEN, "{v}");
     for path in ["/api/v1/subscriptions/team-a/next", "/api/v1/subscriptions/team-a"] {
         let (st, _, _) = call(&writer, Method::GET, path, None).await;
         assert_eq!(st, StatusCode::FORBIDDEN, "{path} without subscription rights");

@@ -77,8 +77,11 @@ async fn delete(State(s): State<AppState>, caller: Caller, Path(name): Path<Stri
 
 /// `GET /api/v1/subscriptions/{name}/next?max=N&wait=D`: a consumer's pull (long-poll).
 async fn next(State(s): State<AppState>, caller: Caller, Path(name): Path<String>, q: QueryPairs) -> ApiResult<Response> {
-    // Consuming moves the group's position: a write on the subscription.
+    // Consuming moves the group's position: a write on the subscription; and it reads the
+    // stream, so read on the stream is checked on every pull (a narrowed token stops here).
     named(&caller, &name, Access::Write)?;
+    let spec = s.subscriptions.spec(&name)?;
+    super::streams::require(&s, &caller, &spec.stream, Access::Read)?;
     let max = q.u64("max")?.map_or(1, |m| (m as usize).clamp(1, MAX_PULL));
     let wait = match q.get("wait") {
         Some(w) => zhili_model::parse_duration("wait", w)?.min(crate::extract::MAX_WAIT),
