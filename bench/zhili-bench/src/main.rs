@@ -629,7 +629,9 @@ async fn ready(bin: PathBuf, data_dir: PathBuf, addr: SocketAddr, keep: bool) ->
         // DNS on the API port + 100, Nacos on + 200 and its gRPC on + 300, so scripts know where.
         .args(["--dns-addr", &SocketAddr::new(addr.ip(), addr.port() + 100).to_string()])
         .args(["--nacos-addr", &SocketAddr::new(addr.ip(), addr.port() + 200).to_string()])
-        .args(["--nacos-grpc-addr", &SocketAddr::new(addr.ip(), addr.port() + 300).to_string(), "--data-dir"])
+        .args(["--nacos-grpc-addr", &SocketAddr::new(addr.ip(), addr.port() + 300).to_string()])
+        // The DTM coordinator on + 400.
+        .args(["--dtm-addr", &SocketAddr::new(addr.ip(), addr.port() + 400).to_string(), "--data-dir"])
         .arg(&data_dir)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())

@@ -12,6 +12,8 @@ pub const DEFAULT_DATA_DIR: &str = "./zhili-data";
 pub const DEFAULT_API_ADDR: &str = "127.0.0.1:8500";
 pub const DEFAULT_DNS_ADDR: &str = "127.0.0.1:8600";
 pub const DEFAULT_NACOS_ADDR: &str = "127.0.0.1:8848";
+/// DTM's default port, so DTM clients find the coordinator where they expect it.
+pub const DEFAULT_DTM_ADDR: &str = "127.0.0.1:36789";
 pub const DEFAULT_GATEWAY_ADDR: &str = "127.0.0.1:8080";
 /// Nacos clients find gRPC at the HTTP port plus this offset.
 pub const NACOS_GRPC_OFFSET: u16 = 1000;
@@ -53,6 +55,8 @@ pub struct FileConfig {
     pub nacos_addr: Option<String>,
     pub nacos_grpc_addr: Option<String>,
     pub gateway_addr: Option<String>,
+    /// DTM's HTTP API (the transaction coordinator), or "off".
+    pub dtm_addr: Option<String>,
     /// One JSON line per gateway request (default true).
     pub gateway_access_log: Option<bool>,
     /// Certificates of the gateway listener (several: chosen by SNI) and their keys, in order.
@@ -101,6 +105,7 @@ impl FileConfig {
             nacos_addr: over.nacos_addr.or(self.nacos_addr),
             nacos_grpc_addr: over.nacos_grpc_addr.or(self.nacos_grpc_addr),
             gateway_addr: over.gateway_addr.or(self.gateway_addr),
+            dtm_addr: over.dtm_addr.or(self.dtm_addr),
             gateway_access_log: over.gateway_access_log.or(self.gateway_access_log),
             gateway_tls_cert: over.gateway_tls_cert.or(self.gateway_tls_cert),
             gateway_tls_key: over.gateway_tls_key.or(self.gateway_tls_key),
@@ -148,6 +153,7 @@ pub struct ServerConfig {
     pub nacos_addr: Listen,
     pub nacos_grpc_addr: Listen,
     pub gateway_addr: Listen,
+    pub dtm_addr: Listen,
     pub gateway_access_log: bool,
     /// Empty: the gateway uses `tls` (if any).
     pub gateway_tls: Vec<TlsFiles>,
@@ -200,6 +206,7 @@ impl FileConfig {
         let api_addr = parse_listen("api_addr", self.api_addr.as_deref().unwrap_or(DEFAULT_API_ADDR))?;
         let dns_addr = parse_listen("dns_addr", self.dns_addr.as_deref().unwrap_or(DEFAULT_DNS_ADDR))?;
         let nacos_addr = parse_listen("nacos_addr", self.nacos_addr.as_deref().unwrap_or(DEFAULT_NACOS_ADDR))?;
+        let dtm_addr = parse_listen("dtm_addr", self.dtm_addr.as_deref().unwrap_or(DEFAULT_DTM_ADDR))?;
         let nacos_grpc_addr = match self.nacos_grpc_addr.as_deref() {
             Some(v) => parse_listen("nacos_grpc_addr", v)?,
             None => match nacos_addr {
@@ -282,6 +289,7 @@ impl FileConfig {
             nacos_addr,
             nacos_grpc_addr,
             gateway_addr,
+            dtm_addr,
             gateway_access_log: self.gateway_access_log.unwrap_or(true),
             gateway_tls,
             gateway_client_ca: self.gateway_client_ca,

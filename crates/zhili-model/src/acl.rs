@@ -28,6 +28,8 @@ pub enum Resource {
     Stream,
     /// Persistent subscriptions (consumer groups, webhooks) by name.
     Subscription,
+    /// Distributed transactions by gid (the DTM API and `/api/v1/transactions`).
+    Transaction,
 }
 
 impl Resource {
@@ -42,6 +44,7 @@ impl Resource {
             Self::Node => "node",
             Self::Stream => "stream",
             Self::Subscription => "subscription",
+            Self::Transaction => "transaction",
         }
     }
 }

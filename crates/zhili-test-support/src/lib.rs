@@ -32,6 +32,8 @@ pub struct ServerProcess {
     pub nacos_grpc: Option<SocketAddr>,
     /// The gateway listener, when on.
     pub gateway: Option<SocketAddr>,
+    /// The DTM-compatible coordinator's listener, when on.
+    pub dtm: Option<SocketAddr>,
     pub data_dir: PathBuf,
     bin: PathBuf,
     args: Vec<String>,
@@ -88,6 +90,7 @@ impl ServerProcess {
             nacos: addrs.nacos,
             nacos_grpc: addrs.nacos_grpc,
             gateway: addrs.gateway,
+            dtm: addrs.dtm,
             data_dir: data_dir.to_path_buf(),
             bin: bin.to_path_buf(),
             args,
@@ -138,7 +141,7 @@ impl ServerProcess {
         if let Some(pos) = self.args.iter().position(|a| a == "--api-addr") {
             self.args[pos + 1] = self.api.to_string();
         }
-        for (flag, addr) in LISTENER_FLAGS.iter().zip([self.dns, self.nacos, self.nacos_grpc, self.gateway]) {
+        for (flag, addr) in LISTENER_FLAGS.iter().zip([self.dns, self.nacos, self.nacos_grpc, self.gateway, self.dtm]) {
             if let (Some(pos), Some(addr)) = (self.args.iter().position(|a| a == flag), addr) {
                 self.args[pos + 1] = addr.to_string();
             }
@@ -150,6 +153,7 @@ impl ServerProcess {
         self.nacos = addrs.nacos;
         self.nacos_grpc = addrs.nacos_grpc;
         self.gateway = addrs.gateway;
+        self.dtm = addrs.dtm;
         self.output = output;
     }
 }
@@ -162,7 +166,7 @@ impl Drop for ServerProcess {
 }
 
 /// Listeners besides the API that tests put on free ports, in the order of [`Addrs`]' options.
-const LISTENER_FLAGS: [&str; 4] = ["--dns-addr", "--nacos-addr", "--nacos-grpc-addr", "--gateway-addr"];
+const LISTENER_FLAGS: [&str; 5] = ["--dns-addr", "--nacos-addr", "--nacos-grpc-addr", "--gateway-addr", "--dtm-addr"];
 
 /// Where a started server listens, as it printed.
 #[derive(Debug, Default, Clone, Copy)]
@@ -172,6 +176,7 @@ struct Addrs {
     nacos: Option<SocketAddr>,
     nacos_grpc: Option<SocketAddr>,
     gateway: Option<SocketAddr>,
+    dtm: Option<SocketAddr>,
 }
 
 type Spawned = (Child, Addrs, Arc<std::sync::Mutex<Vec<String>>>);
@@ -186,6 +191,7 @@ fn listening_line(line: &str, addrs: &mut Addrs) -> bool {
         "nacos" => &mut addrs.nacos,
         "nacos-grpc" => &mut addrs.nacos_grpc,
         "gateway" => &mut addrs.gateway,
+        "dtm" => &mut addrs.dtm,
         _ => return false,
     };
     *slot = addr;

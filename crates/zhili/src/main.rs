@@ -5,6 +5,7 @@ mod cli;
 mod feedback;
 mod gateway;
 mod server;
+mod txn;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -56,6 +57,9 @@ pub struct ServerArgs {
     /// Nacos gRPC listener, or "off" [default: the Nacos port + 1000, as Nacos clients assume]
     #[arg(long, env = "ZHILI_NACOS_GRPC_ADDR")]
     pub nacos_grpc_addr: Option<String>,
+    /// DTM-compatible transaction coordinator (DTM's HTTP API), or "off" [default: 127.0.0.1:36789]
+    #[arg(long, env = "ZHILI_DTM_ADDR")]
+    pub dtm_addr: Option<String>,
     /// Gateway listener (the data plane), or "off" [default: 127.0.0.1:8080]
     #[arg(long, env = "ZHILI_GATEWAY_ADDR")]
     pub gateway_addr: Option<String>,

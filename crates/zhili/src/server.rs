@@ -102,6 +102,7 @@ fn config_from(args: ServerArgs) -> Result<ServerConfig, zhili_config::ConfigErr
         nacos_addr: args.nacos_addr,
         nacos_grpc_addr: args.nacos_grpc_addr,
         gateway_addr: args.gateway_addr,
+        dtm_addr: args.dtm_addr,
         gateway_access_log: args.gateway_access_log,
         gateway_tls_cert: (!args.gateway_tls_cert.is_empty()).then_some(args.gateway_tls_cert),
         gateway_tls_key: (!args.gateway_tls_key.is_empty()).then_some(args.gateway_tls_key),
@@ -267,6 +268,15 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
         let discover = Arc::new(crate::gateway::Local { registry: registry.clone(), store: state.store.clone(), events: state.events.clone() });
         sup.spawn("gateway follower", zhili_gateway::follow(gw.clone(), discover));
         sup.listener("gateway listener", zhili_gateway::serve(listener, gw, gw_tls, zhili_net::Admission::new("gateway", limits), sup.stop()));
+    }
+    if let Some(addr) = cfg.dtm_addr {
+        let resolver = Arc::new(crate::txn::RegistryResolver::new(registry.clone()));
+        let coordinator = zhili_txn::Coordinator::start(state.store.clone(), resolver, Some(state.events.clone()), zhili_txn::Defaults::default())
+            .context("starting the transaction coordinator")?;
+        let listener = TcpListener::bind(addr).await.with_context(|| format!("binding the DTM listener on {addr}"))?;
+        println!("zhili dtm listening on {scheme}://{}", listener.local_addr()?);
+        let router = zhili_dtm::router(zhili_dtm::DtmState { coordinator, acl: state.acl.clone() });
+        sup.listener("dtm listener", listen::serve(listener, tls.clone(), router, zhili_net::Admission::new("dtm", limits), sup.stop()));
     }
     let app = zhili_api::router(state.clone(), [zhili_consul::router(state, consul)]);
 
