@@ -354,3 +354,12 @@ async fn kill_9_during_100_sagas_then_all_finish_consistently() {
         }
     }
 }
+
+/// DTM's own Python SDK (PyPI dtmcli) drives saga, TCC and a 2-phase message against Zhili.
+#[tokio::test(flavor = "multi_thread")]
+async fn dtmcli_python_saga_tcc_and_message() {
+    let s = dev_server();
+    let url = format!("http://{}/api/dtmsvr", s.dtm.expect("dtm listener"));
+    let out = tokio::task::spawn_blocking(move || run_interop("dtm_scenario.py", &[&url], Duration::from_secs(120))).await.unwrap();
+    assert!(out.contains("dtm scenario passed"), "{out}");
+}
