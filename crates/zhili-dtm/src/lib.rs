@@ -114,9 +114,9 @@ async fn version() -> Json<Value> {
     Json(json!({"version": format!("zhili-{}", env!("CARGO_PKG_VERSION"))}))
 }
 
-async fn new_gid(State(s): State<DtmState>, headers: HeaderMap) -> Dtm {
-    let gid = s.coordinator.new_gid();
-    Dtm(require(&s, &headers, &gid, Access::Write).map(|()| json!({"gid": gid, "dtm_result": "SUCCESS"})))
+/// A random gid: handing one out touches nothing, so it needs no rights (using it does).
+async fn new_gid(State(s): State<DtmState>) -> Dtm {
+    Dtm(Ok(json!({"gid": s.coordinator.new_gid(), "dtm_result": "SUCCESS"})))
 }
 
 fn gid_of(req: &TransRequest) -> &str {

@@ -256,15 +256,67 @@ struct Live {
     wake: Notify,
 }
 
-/// Counters for `/metrics`, read by whoever serves them.
-#[derive(Debug, Default)]
+/// Counters for `/metrics` ([`TxnCollector`]).
+#[derive(Debug)]
 pub struct Stats {
     /// Finished transactions by (mode, outcome).
     pub finished: Mutex<BTreeMap<(String, String), u64>>,
     pub branch_calls: std::sync::atomic::AtomicU64,
     pub branch_retries: std::sync::atomic::AtomicU64,
-    /// Sum of branch call latencies in microseconds.
-    pub branch_micros: std::sync::atomic::AtomicU64,
+    /// Branch call latency, seconds.
+    pub branch_latency: prometheus_client::metrics::histogram::Histogram,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Self {
+            finished: Mutex::default(),
+            branch_calls: Default::default(),
+            branch_retries: Default::default(),
+            branch_latency: prometheus_client::metrics::histogram::Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.0005, 2.0, 16)),
+        }
+    }
+}
+
+/// The coordinator's metrics: transactions finished by mode and outcome, in flight, branch
+/// calls, retries and latency (registered by whoever serves `/metrics`).
+#[derive(Debug)]
+pub struct TxnCollector(pub Arc<Coordinator>);
+
+impl std::fmt::Debug for Coordinator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Coordinator")
+    }
+}
+
+impl prometheus_client::collector::Collector for TxnCollector {
+    fn encode(&self, mut encoder: prometheus_client::encoding::DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::counter::ConstCounter;
+        use prometheus_client::metrics::gauge::ConstGauge;
+        use prometheus_client::metrics::MetricType;
+        use std::sync::atomic::Ordering::Relaxed;
+        let stats = &self.0.stats;
+        let finished = stats.finished.lock().clone();
+        let mut fam = encoder.encode_descriptor("transactions_finished", "Transactions finished, by mode and outcome", None, MetricType::Counter)?;
+        for ((mode, outcome), n) in finished {
+            ConstCounter::new(n).encode(fam.encode_family(&vec![("mode".to_string(), mode), ("outcome".to_string(), outcome)])?)?;
+        }
+        ConstGauge::new(self.0.in_flight() as i64).encode(encoder.encode_descriptor(
+            "transactions_in_flight",
+            "Unfinished transactions",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        for (name, help, v) in [
+            ("transaction_branch_calls", "Branch calls made", stats.branch_calls.load(Relaxed)),
+            ("transaction_branch_retries", "Branch calls that failed temporarily and were scheduled again", stats.branch_retries.load(Relaxed)),
+        ] {
+            ConstCounter::new(v).encode(encoder.encode_descriptor(name, help, None, MetricType::Counter)?)?;
+        }
+        stats.branch_latency.encode(encoder.encode_descriptor("transaction_branch_seconds", "Branch call latency", None, MetricType::Histogram)?)?;
+        Ok(())
+    }
 }
 
 pub struct Coordinator {

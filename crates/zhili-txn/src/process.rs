@@ -316,7 +316,7 @@ impl Coordinator {
         let called = branch::call(&c, self.resolver()).await;
         use std::sync::atomic::Ordering::Relaxed;
         self.stats.branch_calls.fetch_add(1, Relaxed);
-        self.stats.branch_micros.fetch_add(called.latency.as_micros() as u64, Relaxed);
+        self.stats.branch_latency.observe(called.latency.as_secs_f64());
         called
     }
 

@@ -273,6 +273,7 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
         let resolver = Arc::new(crate::txn::RegistryResolver::new(registry.clone()));
         let coordinator = zhili_txn::Coordinator::start(state.store.clone(), resolver, Some(state.events.clone()), zhili_txn::Defaults::default())
             .context("starting the transaction coordinator")?;
+        state.metrics.register_collector(Box::new(zhili_txn::TxnCollector(coordinator.clone())));
         let listener = TcpListener::bind(addr).await.with_context(|| format!("binding the DTM listener on {addr}"))?;
         println!("zhili dtm listening on {scheme}://{}", listener.local_addr()?);
         let router = zhili_dtm::router(zhili_dtm::DtmState { coordinator, acl: state.acl.clone() });

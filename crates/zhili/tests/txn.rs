@@ -189,6 +189,18 @@ async fn sagas_commit_compensate_and_retry_by_dtm_results() {
     for want in ["io.zhili.txn.submitted", "io.zhili.txn.branch.failed", "io.zhili.txn.aborting", "io.zhili.txn.failed"] {
         assert!(types.contains(&want), "{want} in {types:?}");
     }
+    // And /metrics counts them.
+    let (_, raw, _) = call(&api, Method::GET, "/metrics", None).await;
+    let text = String::from_utf8_lossy(&raw.body).to_string();
+    for want in [
+        r#"transactions_finished_total{mode="saga",outcome="succeed"} 5"#,
+        r#"transactions_finished_total{mode="saga",outcome="failed"} 3"#,
+        "transaction_branch_seconds_bucket",
+        "transaction_branch_retries_total",
+        "transactions_in_flight",
+    ] {
+        assert!(text.contains(want), "{want} in {text}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -362,4 +374,45 @@ async fn dtmcli_python_saga_tcc_and_message() {
     let url = format!("http://{}/api/dtmsvr", s.dtm.expect("dtm listener"));
     let out = tokio::task::spawn_blocking(move || run_interop("dtm_scenario.py", &[&url], Duration::from_secs(120))).await.unwrap();
     assert!(out.contains("dtm scenario passed"), "{out}");
+}
+
+/// With ACLs on, the DTM listener answers with the rights of the caller's token (Bearer or
+/// X-Zhili-Token), else the anonymous token's: `transaction` rules by gid prefix.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_narrow_token_reaches_only_its_own_transactions() {
+    let s = ServerProcess::start(bin(), &[]);
+    let root = bootstrap(&s).await;
+    let admin = client(&s, Some(&root));
+    let policy = json!({"name": "orders-txn", "rules": [{"resource": "transaction", "prefix": "order-", "access": "write"}]});
+    let (st, _, v) = call(&admin, Method::POST, "/api/v1/acl/policies", Some(&policy.to_string())).await;
+    assert!(st.is_success(), "{v}");
+    let (_, _, t) = call(&admin, Method::POST, "/api/v1/acl/tokens", Some(r#"{"policies": ["orders-txn"]}"#)).await;
+    let url = format!("http://{}/api/dtmsvr", s.dtm.unwrap());
+    let orders = zhili_client::Client::new(&url, Some(t["secret_id"].as_str().unwrap().to_string())).unwrap();
+    let anonymous = zhili_client::Client::new(&url, None).unwrap();
+    let root_dtm = zhili_client::Client::new(&url, Some(root.clone())).unwrap();
+    let (addr, b) = branch_server().await;
+    let base = format!("http://{addr}");
+
+    assert_eq!(call(&anonymous, Method::GET, "/newGid", None).await.0, StatusCode::OK, "a gid costs nothing");
+    assert_eq!(post(&anonymous, "/submit", &saga("order-1", &base, &[("/a", "/b")], json!({}))).await.0, StatusCode::FORBIDDEN);
+    assert_eq!(post(&orders, "/submit", &saga("pay-1", &base, &[("/a", "/b")], json!({}))).await.0, StatusCode::FORBIDDEN);
+    assert_eq!(post(&root_dtm, "/submit", &saga("pay-1", &base, &[("/p", "/q")], json!({}))).await.0, StatusCode::OK);
+    let (st, v) = post(&orders, "/submit", &saga("order-1", &base, &[("/a", "/b")], json!({}))).await;
+    assert_eq!(st, StatusCode::OK, "{v}");
+    assert_eq!(final_status(&orders, "order-1").await["transaction"]["status"], "succeed");
+    // Another's transaction: not readable, not stoppable, not in listings.
+    assert_eq!(call(&orders, Method::GET, "/query?gid=pay-1", None).await.0, StatusCode::FORBIDDEN);
+    assert_eq!(post(&orders, "/forceStop", &json!({"gid": "pay-1"})).await.0, StatusCode::FORBIDDEN);
+    let (_, _, all) = call(&orders, Method::GET, "/all", None).await;
+    let gids: Vec<&str> = all["transactions"].as_array().unwrap().iter().map(|t| t["gid"].as_str().unwrap()).collect();
+    assert_eq!(gids, ["order-1"]);
+    // Topics serve every transaction: they need rights on all of them.
+    assert_eq!(call(&orders, Method::GET, &format!("/subscribe?topic=t&url={base}/x"), None).await.0, StatusCode::FORBIDDEN);
+    // A branch registered under someone else's gid is refused too.
+    let reg = json!({"gid": "pay-2", "branch_id": "01", "trans_type": "tcc", "confirm": format!("{base}/c"), "cancel": format!("{base}/x")});
+    assert_eq!(post(&orders, "/registerBranch", &reg).await.0, StatusCode::FORBIDDEN);
+    let bogus = zhili_client::Client::new(&url, Some("not-a-token".into())).unwrap();
+    assert_eq!(call(&bogus, Method::GET, "/query?gid=order-1", None).await.0, StatusCode::FORBIDDEN);
+    assert_eq!(b.of("order-1"), ["/a action"]);
 }
