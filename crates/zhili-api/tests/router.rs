@@ -34,6 +34,7 @@ fn state(acl: bool) -> AppState {
         events: events.clone(),
         subscriptions: zhili_events::Subscriptions::load(store.clone(), events.clone()).unwrap(),
         audit: zhili_events::Audit::new(events).0,
+        transactions: None,
         store,
         metrics,
         ready: Arc::new(AtomicBool::new(true)),

@@ -55,6 +55,8 @@ pub struct Services {
     pub subscriptions: Arc<zhili_events::Subscriptions>,
     /// Successful writes of every surface, to `$audit`.
     pub audit: zhili_events::Audit,
+    /// The transaction coordinator (None with `--dtm-addr off`).
+    pub transactions: Option<Arc<zhili_txn::Coordinator>>,
     pub metrics: Arc<Metrics>,
     /// Set once persisted state is loaded and listeners are up; `/health/ready` reports it.
     pub ready: Arc<AtomicBool>,

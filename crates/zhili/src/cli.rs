@@ -78,6 +78,13 @@ pub enum ClientCommand {
         #[command(subcommand)]
         cmd: SubscriptionCmd,
     },
+    /// Distributed transactions of the DTM-compatible coordinator: list, show, force-stop.
+    Txn {
+        #[command(flatten)]
+        opts: ClientOpts,
+        #[command(subcommand)]
+        cmd: TxnCmd,
+    },
     /// Bootstrap ACLs; manage policies and tokens.
     Acl {
         #[command(flatten)]
@@ -301,6 +308,24 @@ pub enum SubscriptionCmd {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum TxnCmd {
+    /// Transactions in gid order, optionally only of one status (prepared, submitted, aborting,
+    /// succeed, failed) or mode (saga, tcc, msg, xa).
+    List {
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long)]
+        mode: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// One transaction with its branches.
+    Show { gid: String },
+    /// Marks an unfinished transaction failed; nothing more runs for it.
+    ForceStop { gid: String },
+}
+
+#[derive(Subcommand, Debug)]
 pub enum AclCmd {
     /// Create the first management token (once).
     Bootstrap,
@@ -354,6 +379,7 @@ pub async fn run(cmd: ClientCommand) -> ExitCode {
         ClientCommand::Acl { opts, cmd } => (opts.clone(), with_client(&opts, |c| acl(c, cmd)).await),
         ClientCommand::Stream { opts, cmd } => (opts.clone(), with_client(&opts, |c| stream(c, cmd)).await),
         ClientCommand::Subscription { opts, cmd } => (opts.clone(), with_client(&opts, |c| subscription(c, cmd)).await),
+        ClientCommand::Txn { opts, cmd } => (opts.clone(), with_client(&opts, |c| txn(c, cmd)).await),
         ClientCommand::Route { opts, cmd } => (opts.clone(), with_client(&opts, |c| gateway_resource(c, "routes", cmd)).await),
         ClientCommand::Consumer { opts, cmd } => (opts.clone(), with_client(&opts, |c| gateway_resource(c, "consumers", cmd)).await),
     };
@@ -575,6 +601,26 @@ async fn subscription(c: Client, cmd: SubscriptionCmd) -> Result<Shown, CliError
             Shown::Nothing
         }
         SubscriptionCmd::ReplayParked { name } => Shown::Json(json!({"replayed": c.replay_parked(&name).await?})),
+    })
+}
+
+async fn txn(c: Client, cmd: TxnCmd) -> Result<Shown, CliError> {
+    use http::Method;
+    Ok(match cmd {
+        TxnCmd::List { status, mode, limit } => {
+            let mut path = format!("/api/v1/transactions?limit={limit}");
+            for (k, v) in [("status", status), ("mode", mode)] {
+                if let Some(v) = v {
+                    path.push_str(&format!("&{k}={}", encode(&v)));
+                }
+            }
+            Shown::Json(c.json_call(Method::GET, &path, None).await?.get("transactions").cloned().unwrap_or(Value::Null))
+        }
+        TxnCmd::Show { gid } => Shown::Json(c.json_call(Method::GET, &format!("/api/v1/transactions/{}", encode(&gid)), None).await?),
+        TxnCmd::ForceStop { gid } => {
+            c.json_call(Method::POST, &format!("/api/v1/transactions/{}/force-stop", encode(&gid)), None).await?;
+            Shown::Nothing
+        }
     })
 }
 

@@ -220,6 +220,16 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
     }
     let (audit, audit_publisher) = zhili_events::Audit::new(events.clone());
     sup.spawn("$audit publisher", audit_publisher);
+    let transactions = match cfg.dtm_addr {
+        Some(_) => {
+            let resolver = Arc::new(crate::txn::RegistryResolver::new(registry.clone()));
+            let c = zhili_txn::Coordinator::start(store.clone(), resolver, Some(events.clone()), zhili_txn::Defaults::default())
+                .context("starting the transaction coordinator")?;
+            metrics.register_collector(Box::new(zhili_txn::TxnCollector(c.clone())));
+            Some(c)
+        }
+        None => None,
+    };
     let state = zhili_api::AppState::new(zhili_api::Services {
         store,
         registry: registry.clone(),
@@ -228,6 +238,7 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
         events,
         subscriptions,
         audit,
+        transactions: transactions.clone(),
         metrics,
         ready: ready.clone(),
     });
@@ -269,11 +280,7 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
         sup.spawn("gateway follower", zhili_gateway::follow(gw.clone(), discover));
         sup.listener("gateway listener", zhili_gateway::serve(listener, gw, gw_tls, zhili_net::Admission::new("gateway", limits), sup.stop()));
     }
-    if let Some(addr) = cfg.dtm_addr {
-        let resolver = Arc::new(crate::txn::RegistryResolver::new(registry.clone()));
-        let coordinator = zhili_txn::Coordinator::start(state.store.clone(), resolver, Some(state.events.clone()), zhili_txn::Defaults::default())
-            .context("starting the transaction coordinator")?;
-        state.metrics.register_collector(Box::new(zhili_txn::TxnCollector(coordinator.clone())));
+    if let (Some(addr), Some(coordinator)) = (cfg.dtm_addr, transactions) {
         let listener = TcpListener::bind(addr).await.with_context(|| format!("binding the DTM listener on {addr}"))?;
         println!("zhili dtm listening on {scheme}://{}", listener.local_addr()?);
         let router = zhili_dtm::router(zhili_dtm::DtmState { coordinator, acl: state.acl.clone() });

@@ -318,6 +318,27 @@ async fn bad_input_is_refused_and_discovery_urls_reach_registered_instances() {
     let (_, _, q) = call(&c, Method::GET, "/query?gid=disc-2", None).await;
     assert_eq!(q["transaction"]["status"], "submitted", "{q}");
     assert!(q["branches"][1]["error"].as_str().unwrap().contains("no serving instance"), "{q}");
+
+    // The CLI: list by status, show one with its branches, force-stop the stuck one.
+    let zhili = |args: &[&str]| {
+        let out = std::process::Command::new(bin()).args(args).env("ZHILI_ADDR", format!("http://{}", s.api)).output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (ok, out, err) = zhili(&["txn", "list", "--status", "submitted", "-o", "json"]);
+    assert!(ok, "{err}");
+    let listed: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(listed.as_array().unwrap().iter().map(|t| t["gid"].as_str().unwrap()).collect::<Vec<_>>(), ["disc-2"], "{listed}");
+    let (ok, out, err) = zhili(&["txn", "show", "disc-1", "-o", "json"]);
+    assert!(ok, "{err}");
+    let shown: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((shown["transaction"]["status"].as_str(), shown["branches"].as_array().map(Vec::len)), (Some("succeed"), Some(2)), "{shown}");
+    let (ok, _, err) = zhili(&["txn", "force-stop", "disc-2"]);
+    assert!(ok, "{err}");
+    assert_eq!(final_status(&c, "disc-2").await["transaction"]["status"], "failed");
+    let (ok, _, err) = zhili(&["txn", "force-stop", "disc-2"]);
+    assert!(!ok && err.contains("409"), "a finished one cannot be stopped: {err}");
+    let (ok, _, err) = zhili(&["txn", "show", "nope"]);
+    assert!(!ok && err.contains("404"), "{err}");
 }
 
 /// SIGKILL in the middle of 100 concurrent sagas (half of them failing at their second step):

@@ -8,6 +8,7 @@ mod routes;
 pub mod sd;
 pub mod streams;
 mod subscriptions;
+mod transactions;
 
 use axum::Router;
 
@@ -22,6 +23,7 @@ pub fn routes() -> Router<AppState> {
         .merge(sd::routes())
         .merge(routes::routes())
         .merge(subscriptions::routes())
+        .merge(transactions::routes())
 }
 
 /// The answer to a write: the index it produced.
