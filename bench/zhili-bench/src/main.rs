@@ -5,6 +5,7 @@
 mod events;
 mod nats;
 mod pg;
+mod txn;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -101,6 +102,21 @@ enum Cmd {
         #[arg(long, default_value_t = 32)]
         conns: usize,
         #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
+    /// Transactions through DTM's API (`target` is the DTM listener): saga | tcc | msg, each
+    /// submitted with wait_result against a local branch server; closed loop, or open loop at
+    /// `rate` per second.
+    Txn {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long, default_value = "saga")]
+        mode: String,
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 0.0)]
+        rate: f64,
+        #[arg(long, default_value_t = 5)]
         seconds: u64,
     },
     /// Closed-loop load of one scenario; prints one JSON line of results.
@@ -245,6 +261,7 @@ fn percentile(sorted: &[u64], p: f64) -> u64 {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
+        Cmd::Txn { target, mode, concurrency, rate, seconds } => txn::run(target, &mode, concurrency, rate, Duration::from_secs(seconds)).await,
         Cmd::EventsRead { target, events: n, readers } => events::read(target, n, readers).await,
         Cmd::EventsGroup { target, events: n, consumers } => events::group(target, n, consumers).await,
         Cmd::EventsWebhook { target, events: n, window } => events::webhook(target, n, window).await,

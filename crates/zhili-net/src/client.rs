@@ -144,6 +144,55 @@ pub async fn get(url: &str, limit: usize) -> Result<Bytes, String> {
     Ok(a.body)
 }
 
+/// Kept-alive connections shared by many callers (the transaction coordinator's branch calls):
+/// a request takes an idle connection to its origin or opens one, and gives it back once the
+/// answer is read; at most [`Pool::IDLE_PER_ORIGIN`] idle ones are kept per origin. A call on a
+/// reused connection that fails is made once more on a fresh one (the peer may have closed it
+/// while idle), so callers must tolerate a repeated request.
+#[derive(Default)]
+pub struct Pool {
+    idle: std::sync::Mutex<std::collections::HashMap<(bool, String, u16), Vec<Sender>>>,
+}
+
+impl Pool {
+    pub const IDLE_PER_ORIGIN: usize = 64;
+
+    fn take(&self, origin: &(bool, String, u16)) -> Option<Sender> {
+        let mut idle = self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let list = idle.get_mut(origin)?;
+        while let Some(s) = list.pop() {
+            if !s.is_closed() {
+                return Some(s);
+            }
+        }
+        None
+    }
+
+    fn give_back(&self, origin: (bool, String, u16), sender: Sender) {
+        let mut idle = self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let list = idle.entry(origin).or_default();
+        if list.len() < Self::IDLE_PER_ORIGIN && !sender.is_closed() {
+            list.push(sender);
+        }
+    }
+
+    pub async fn request(&self, method: Method, url: &str, headers: HeaderMap, body: Bytes, limit: usize) -> Result<Answer, String> {
+        let target = Target::parse(url)?;
+        let (https, host, port) = target.origin();
+        let origin = (https, host.to_string(), port);
+        if let Some(mut sender) = self.take(&origin) {
+            if let Ok(a) = exchange(&mut sender, &target, method.clone(), headers.clone(), body.clone(), limit).await {
+                self.give_back(origin, sender);
+                return Ok(a);
+            }
+        }
+        let mut sender = target.connect().await?;
+        let a = exchange(&mut sender, &target, method, headers, body, limit).await?;
+        self.give_back(origin, sender);
+        Ok(a)
+    }
+}
+
 /// Sends one request to `url` (http or https) on a connection of its own and returns
 /// whatever status came back.
 pub async fn request(method: Method, url: &str, headers: HeaderMap, body: Bytes, limit: usize) -> Result<Answer, String> {

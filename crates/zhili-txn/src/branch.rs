@@ -119,7 +119,7 @@ pub fn outcome(status: StatusCode, body: &[u8]) -> Outcome {
 }
 
 /// Makes the call. An empty URL succeeds at once (DTM's rule for absent compensations).
-pub async fn call(c: &Call<'_>, resolve: &dyn Resolve) -> Called {
+pub async fn call(c: &Call<'_>, resolve: &dyn Resolve, pool: &zhili_net::client::Pool) -> Called {
     let started = Instant::now();
     if c.url.is_empty() {
         return Called { outcome: Outcome::Succeed, latency: Duration::ZERO, instance: None };
@@ -145,7 +145,7 @@ pub async fn call(c: &Call<'_>, resolve: &dyn Resolve) -> Called {
     }
     let method = if !c.payload.is_empty() || c.trans_type == "xa" { Method::POST } else { Method::GET };
     let body = Bytes::copy_from_slice(c.payload.as_bytes());
-    let answer = tokio::time::timeout(c.timeout, zhili_net::client::request(method, &url, headers, body, ANSWER_LIMIT)).await;
+    let answer = tokio::time::timeout(c.timeout, pool.request(method, &url, headers, body, ANSWER_LIMIT)).await;
     let outcome = match answer {
         Ok(Ok(a)) => outcome(a.status, &a.body),
         Ok(Err(e)) => Outcome::Temporary(e),

@@ -325,6 +325,8 @@ pub struct Coordinator {
     defaults: Defaults,
     live: Mutex<HashMap<String, Arc<Live>>>,
     events: Option<tokio::sync::mpsc::Sender<NewEvent>>,
+    /// Kept-alive connections to branches.
+    pub(crate) pool: zhili_net::client::Pool,
     pub stats: Stats,
 }
 
@@ -372,7 +374,7 @@ impl Coordinator {
             tokio::spawn(publish(log, rx));
             tx
         });
-        let c = Arc::new(Self { store, resolve, defaults, live: Mutex::new(HashMap::new()), events, stats: Stats::default() });
+        let c = Arc::new(Self { store, resolve, defaults, live: Mutex::new(HashMap::new()), events, pool: Default::default(), stats: Stats::default() });
         let open = c.store.range(OPEN, None)?;
         for kv in open {
             let gid = kv.key.get(OPEN.len()..).unwrap_or_default().to_string();

@@ -117,13 +117,17 @@ impl Coordinator {
                     // Compensations start at once, not after the backoff.
                     rec.next_at_ms = 0;
                 }
-                self.save(rec).await?;
                 if stop || rec.trans.status != status::SUBMITTED {
+                    self.save(rec).await?;
                     break;
                 }
+                // Successes are written with the next step's attempt (or the final status), in
+                // one write, before anything acts on them.
             }
-            if rec.trans.status == status::SUBMITTED && (0..n).all(|i| action(rec, i).0 == status::SUCCEED) {
-                self.set_status(rec, status::SUCCEED, "");
+            if rec.trans.status == status::SUBMITTED {
+                if (0..n).all(|i| action(rec, i).0 == status::SUCCEED) {
+                    self.set_status(rec, status::SUCCEED, "");
+                }
                 self.save(rec).await?;
                 return Ok(());
             }
@@ -313,7 +317,7 @@ impl Coordinator {
             timeout: self.request_timeout(rec),
             avoid,
         };
-        let called = branch::call(&c, self.resolver()).await;
+        let called = branch::call(&c, self.resolver(), &self.pool).await;
         use std::sync::atomic::Ordering::Relaxed;
         self.stats.branch_calls.fetch_add(1, Relaxed);
         self.stats.branch_latency.observe(called.latency.as_secs_f64());
