@@ -437,3 +437,38 @@ async fn a_narrow_token_reaches_only_its_own_transactions() {
     assert_eq!(call(&bogus, Method::GET, "/query?gid=order-1", None).await.0, StatusCode::FORBIDDEN);
     assert_eq!(b.of("order-1"), ["/a action"]);
 }
+
+/// Discovery-aware branches: a temporary failure is retried on another instance, and an
+/// instance in maintenance gets no calls.
+#[tokio::test(flavor = "multi_thread")]
+async fn discovery_branches_retry_elsewhere_and_skip_maintenance() {
+    let s = dev_server();
+    let c = dtm(&s);
+    let api = client(&s, None);
+    let (bad_addr, bad) = branch_server().await;
+    let (good_addr, good) = branch_server().await;
+    let (idle_addr, idle) = branch_server().await;
+    bad.script("/reserve", &[Answer(503, 0); 20]);
+    let mut ids = HashMap::new();
+    for (name, addr) in [("bad", bad_addr), ("good", good_addr), ("idle", idle_addr)] {
+        let inst = json!({"address": "127.0.0.1", "port": addr.port()}).to_string();
+        let (st, _, v) = call(&api, Method::POST, "/api/v1/services/stock/instances", Some(&inst)).await;
+        assert!(st.is_success(), "{v}");
+        ids.insert(name, v["id"].as_str().unwrap().to_string());
+    }
+    let (st, _, v) =
+        call(&api, Method::PUT, &format!("/api/v1/services/stock/instances/{}/maintenance", ids["idle"]), Some(r#"{"enabled": true, "reason": "drain"}"#))
+            .await;
+    assert!(st.is_success(), "{v}");
+    for i in 0..6 {
+        let gid = format!("d-{i}");
+        let body = saga(&gid, "discovery://stock", &[("/reserve", "/release")], json!({"retry_interval": 1}));
+        assert_eq!(post(&c, "/submit", &body).await.0, StatusCode::OK);
+        assert_eq!(final_status(&c, &gid).await["transaction"]["status"], "succeed", "{gid}");
+        // Served by the good instance; the failing one was tried at most once per saga.
+        assert_eq!(good.of(&gid), ["/reserve action"], "{gid}");
+        assert!(bad.of(&gid).len() <= 1, "{gid}: {:?}", bad.of(&gid));
+    }
+    assert!(!bad.calls.lock().unwrap().is_empty(), "round robin reached the failing instance at least once");
+    assert!(idle.calls.lock().unwrap().is_empty(), "no calls to an instance in maintenance");
+}
