@@ -59,6 +59,9 @@ const MAX_INTERVAL: Duration = Duration::from_secs(600);
 /// Largest payload of one branch, and of all of a transaction's payloads together.
 pub const MAX_PAYLOAD: usize = 256 * 1024;
 const MAX_BRANCHES: usize = 256;
+/// Unfinished transactions held at once; past it new ones are refused (each holds a task and
+/// its record in memory until it finishes).
+pub const MAX_IN_FLIGHT: usize = 100_000;
 
 /// Coordinator-wide defaults (DTM's `RequestTimeout`, `RetryInterval`, `TimeoutToFail`).
 #[derive(Debug, Clone)]
@@ -644,6 +647,9 @@ impl Coordinator {
     /// Stores a new record unless the gid exists; returns the existing one if it does.
     async fn create(self: &Arc<Self>, rec: Record) -> Result<Option<Record>, TxnError> {
         let gid = rec.trans.gid.clone();
+        if self.in_flight() >= MAX_IN_FLIGHT {
+            return Err(TxnError::Failure(format!("{MAX_IN_FLIGHT} transactions are in flight; try again later")));
+        }
         let value = serde_json::to_vec(&rec).map_err(|e| TxnError::Corrupt(gid.clone(), e.to_string()))?;
         let txn = Txn {
             compares: vec![Compare::Missing(record_key(&gid))],
