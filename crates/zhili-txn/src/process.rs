@@ -401,3 +401,20 @@ impl Coordinator {
         rec.trans.next_cron_time = Some(zhili_model::event::timestamp(rec.next_at_ms));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn saga_orders_must_not_cycle() {
+        let orders = |pairs: &[(usize, &[usize])]| pairs.iter().map(|(k, v)| (*k, v.to_vec())).collect::<BTreeMap<_, _>>();
+        assert!(check_acyclic(&orders(&[(2, &[0, 1]), (3, &[2])]), 4).is_ok());
+        assert!(check_acyclic(&orders(&[]), 3).is_ok());
+        assert!(check_acyclic(&orders(&[(0, &[1]), (1, &[0])]), 2).is_err());
+        assert!(check_acyclic(&orders(&[(0, &[2]), (1, &[0]), (2, &[1])]), 3).is_err());
+        let (o, concurrent) = saga_options(r#"{"orders": {"2": [0, 1]}, "concurrent": true}"#);
+        assert_eq!((o.get(&2).cloned(), concurrent), (Some(vec![0, 1]), true));
+        assert_eq!(saga_options("").0.len(), 0);
+    }
+}
