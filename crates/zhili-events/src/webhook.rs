@@ -1,6 +1,7 @@
 //! Webhook delivery: each webhook subscription has a worker that takes its group's events in
-//! order and POSTs each (up to the webhook's `window` at once, on kept-alive connections) as a CloudEvent (binary mode by default, structured on request), signed
-//! per the Standard Webhooks spec: `webhook-id`, `webhook-timestamp` and `webhook-signature` =
+//! order and POSTs each (up to the webhook's `window` at once, on kept-alive connections) as a
+//! CloudEvent (binary mode by default, structured on request), signed per the Standard Webhooks
+//! spec: `webhook-id`, `webhook-timestamp` and `webhook-signature` =
 //! `v1,` + base64(HMAC-SHA256(secret, "{id}.{timestamp}.{body}")). A non-2xx answer or a
 //! timeout is retried with exponential backoff and jitter; a subscription failing without a
 //! success for `disable_after` is disabled, and `$subscriptions` gets an event saying so. Each
