@@ -57,6 +57,9 @@ pub struct FileConfig {
     pub gateway_addr: Option<String>,
     /// DTM's HTTP API (the transaction coordinator), or "off".
     pub dtm_addr: Option<String>,
+    /// Where the coordinator POSTs an alert when a transaction keeps failing (DTM's
+    /// `AlertWebHook`).
+    pub txn_alert_webhook: Option<String>,
     /// One JSON line per gateway request (default true).
     pub gateway_access_log: Option<bool>,
     /// Certificates of the gateway listener (several: chosen by SNI) and their keys, in order.
@@ -106,6 +109,7 @@ impl FileConfig {
             nacos_grpc_addr: over.nacos_grpc_addr.or(self.nacos_grpc_addr),
             gateway_addr: over.gateway_addr.or(self.gateway_addr),
             dtm_addr: over.dtm_addr.or(self.dtm_addr),
+            txn_alert_webhook: over.txn_alert_webhook.or(self.txn_alert_webhook),
             gateway_access_log: over.gateway_access_log.or(self.gateway_access_log),
             gateway_tls_cert: over.gateway_tls_cert.or(self.gateway_tls_cert),
             gateway_tls_key: over.gateway_tls_key.or(self.gateway_tls_key),
@@ -154,6 +158,7 @@ pub struct ServerConfig {
     pub nacos_grpc_addr: Listen,
     pub gateway_addr: Listen,
     pub dtm_addr: Listen,
+    pub txn_alert_webhook: Option<String>,
     pub gateway_access_log: bool,
     /// Empty: the gateway uses `tls` (if any).
     pub gateway_tls: Vec<TlsFiles>,
@@ -207,6 +212,12 @@ impl FileConfig {
         let dns_addr = parse_listen("dns_addr", self.dns_addr.as_deref().unwrap_or(DEFAULT_DNS_ADDR))?;
         let nacos_addr = parse_listen("nacos_addr", self.nacos_addr.as_deref().unwrap_or(DEFAULT_NACOS_ADDR))?;
         let dtm_addr = parse_listen("dtm_addr", self.dtm_addr.as_deref().unwrap_or(DEFAULT_DTM_ADDR))?;
+        if let Some(url) = &self.txn_alert_webhook {
+            let ok = (url.starts_with("http://") || url.starts_with("https://")) && url.len() <= 2048 && !url.bytes().any(|b| b <= b' ');
+            if !ok {
+                return Err(ConfigError::Invalid { field: "txn_alert_webhook", message: format!("{url:?} is not an http:// or https:// URL") });
+            }
+        }
         let nacos_grpc_addr = match self.nacos_grpc_addr.as_deref() {
             Some(v) => parse_listen("nacos_grpc_addr", v)?,
             None => match nacos_addr {
@@ -290,6 +301,7 @@ impl FileConfig {
             nacos_grpc_addr,
             gateway_addr,
             dtm_addr,
+            txn_alert_webhook: self.txn_alert_webhook,
             gateway_access_log: self.gateway_access_log.unwrap_or(true),
             gateway_tls,
             gateway_client_ca: self.gateway_client_ca,

@@ -70,8 +70,10 @@ pub struct Defaults {
     pub retry_interval: Duration,
     /// For TCC, XA and messages left prepared (sagas have none unless they set one).
     pub timeout_to_fail: Duration,
-    /// An alert event once a branch has been retried this many times.
+    /// An alert event (and a POST to `alert_webhook`) once a transaction has failed this many
+    /// times in a row.
     pub alert_after_retries: u32,
+    pub alert_webhook: Option<String>,
 }
 
 impl Default for Defaults {
@@ -81,6 +83,7 @@ impl Default for Defaults {
             retry_interval: Duration::from_secs(10),
             timeout_to_fail: Duration::from_secs(35),
             alert_after_retries: 3,
+            alert_webhook: None,
         }
     }
 }

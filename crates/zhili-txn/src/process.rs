@@ -392,6 +392,22 @@ impl Coordinator {
             let mut alert = rec.clone();
             alert.trans.status = "alert".into();
             self.event(&alert, None);
+            if let Some(url) = self.defaults().alert_webhook.clone() {
+                // DTM's alert shape; sent on its own task, bounded, best effort.
+                let failing = rec.branches.iter().rev().find(|b| b.error.is_some());
+                let body = serde_json::json!({
+                    "gid": rec.trans.gid, "status": rec.trans.status, "trans_type": rec.trans.trans_type,
+                    "branch": failing.map(|b| b.url.as_str()), "error": failing.and_then(|b| b.error.as_deref()), "retry_count": rec.failures,
+                });
+                let mut headers = http::HeaderMap::new();
+                headers.insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+                tokio::spawn(async move {
+                    let send = zhili_net::client::request(http::Method::POST, &url, headers, body.to_string().into(), 4096);
+                    if let Ok(Err(e)) | Err(e) = tokio::time::timeout(Duration::from_secs(10), send).await.map_err(|_| "timed out".to_string()) {
+                        tracing::warn!(error = %e, "transaction alert webhook failed");
+                    }
+                });
+            }
         }
     }
 

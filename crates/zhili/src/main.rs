@@ -60,6 +60,9 @@ pub struct ServerArgs {
     /// DTM-compatible transaction coordinator (DTM's HTTP API), or "off" [default: 127.0.0.1:36789]
     #[arg(long, env = "ZHILI_DTM_ADDR")]
     pub dtm_addr: Option<String>,
+    /// URL the coordinator POSTs an alert to when a transaction's retries pass 3 in a row
+    #[arg(long, env = "ZHILI_TXN_ALERT_WEBHOOK")]
+    pub txn_alert_webhook: Option<String>,
     /// Gateway listener (the data plane), or "off" [default: 127.0.0.1:8080]
     #[arg(long, env = "ZHILI_GATEWAY_ADDR")]
     pub gateway_addr: Option<String>,

@@ -146,6 +146,8 @@ async fn config_errors_exit_64_naming_the_field() {
         (vec!["--log-format".into(), "xml".into()], "log_format"),
         (vec!["--check-concurrency".into(), "0".into()], "check_concurrency"),
         (vec!["--tls-cert".into(), "c.pem".into()], "tls_key"),
+        (vec!["--dtm-addr".into(), "nowhere".into()], "dtm_addr"),
+        (vec!["--txn-alert-webhook".into(), "ftp://x".into()], "txn_alert_webhook"),
     ];
     for (args, field) in cases {
         let out = std::process::Command::new(bin()).arg("server").args(&args).output().unwrap();

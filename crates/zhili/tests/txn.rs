@@ -472,3 +472,33 @@ async fn discovery_branches_retry_elsewhere_and_skip_maintenance() {
     assert!(!bad.calls.lock().unwrap().is_empty(), "round robin reached the failing instance at least once");
     assert!(idle.calls.lock().unwrap().is_empty(), "no calls to an instance in maintenance");
 }
+
+/// A transaction failing again and again raises an alert: an `io.zhili.txn.alert` event and a
+/// POST in DTM's shape to `--txn-alert-webhook`.
+#[tokio::test(flavor = "multi_thread")]
+async fn repeated_failures_raise_an_alert() {
+    let (addr, b) = branch_server().await;
+    let base = format!("http://{addr}");
+    let hook = format!("{base}/alert");
+    let s = ServerProcess::start(bin(), &["--dev", "--txn-alert-webhook", &hook]);
+    let c = dtm(&s);
+    b.script("/broken", &[Answer(503, 0); 50]);
+    assert_eq!(post(&c, "/submit", &saga("alarm-1", &base, &[("/broken", "/undo")], json!({"retry_interval": 1}))).await.0, StatusCode::OK);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let alert = loop {
+        let found = b.calls.lock().unwrap().iter().find(|c| c.1 == "/alert").cloned();
+        if let Some(a) = found {
+            break a;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no alert: {:?}", b.of("alarm-1"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let body: Value = serde_json::from_str(&alert.4).unwrap();
+    assert_eq!((body["gid"].as_str(), body["retry_count"].as_u64()), (Some("alarm-1"), Some(3)), "{body}");
+    assert!(body["branch"].as_str().unwrap().ends_with("/broken") && body["error"].as_str().unwrap().contains("503"), "{body}");
+    assert_eq!(b.of("alarm-1").iter().filter(|c| c.starts_with("/broken")).count(), 3);
+    let api = client(&s, None);
+    let (_, _, v) = call(&api, Method::GET, "/api/v1/streams/$txn?limit=1000", None).await;
+    assert!(v["events"].as_array().unwrap().iter().any(|e| e["event"]["type"] == "io.zhili.txn.alert" && e["event"]["subject"] == "alarm-1"), "{v}");
+    assert_eq!(post(&c, "/forceStop", &json!({"gid": "alarm-1"})).await.0, StatusCode::OK);
+}
