@@ -851,9 +851,13 @@ impl Coordinator {
     }
 
     /// A transaction and its branches (`query`).
+    /// While its driver is calling a branch, the last durable state is answered rather than
+    /// waiting for the call.
     pub async fn query(&self, gid: &str) -> Result<Option<Record>, TxnError> {
         if let Some(live) = self.live(gid) {
-            return Ok(Some(live.record.lock().await.clone()));
+            if let Ok(rec) = live.record.try_lock() {
+                return Ok(Some(rec.clone()));
+            }
         }
         self.load(gid)
     }
