@@ -226,6 +226,24 @@ impl Store for FjallStore {
         Ok(out)
     }
 
+    fn range_after(&self, prefix: &str, after: Option<&str>, limit: usize) -> Result<Vec<KeyValue>, StoreError> {
+        use std::ops::Bound;
+        let start: Bound<Vec<u8>> = match after {
+            Some(a) if a >= prefix => Bound::Excluded(a.as_bytes().to_vec()),
+            _ => Bound::Included(prefix.as_bytes().to_vec()),
+        };
+        let mut out = Vec::new();
+        for item in self.shared.kv.range((start, Bound::Unbounded)) {
+            let (k, v) = item.into_inner().map_err(engine)?;
+            if !k.starts_with(prefix.as_bytes()) || out.len() == limit {
+                break;
+            }
+            let key = String::from_utf8(k.to_vec()).map_err(|_| StoreError::Corrupt("non-UTF-8 key".into()))?;
+            out.push(decode(key, &v)?);
+        }
+        Ok(out)
+    }
+
     async fn txn(&self, txn: Txn) -> Result<TxnResponse, StoreError> {
         self.call(|tx| Request::Txn(txn, tx)).await
     }

@@ -24,6 +24,12 @@ async fn put_get_range_and_revisions() {
 }
 
 #[tokio::test]
+async fn range_after_pages_within_the_prefix() {
+    let (_d, s) = open();
+    zhili_store::range_after_conformance(&s).await;
+}
+
+#[tokio::test]
 async fn cas_transactions() {
     let (_d, s) = open();
     let create = Txn::put("k", "v1").when(Compare::ModRevision("k".into(), 0));

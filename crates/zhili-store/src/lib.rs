@@ -140,6 +140,9 @@ pub trait Store: Send + Sync + 'static {
     fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError>;
     /// Keys starting with `prefix`, in key order, at most `limit` of them.
     fn range(&self, prefix: &str, limit: Option<usize>) -> Result<Vec<KeyValue>, StoreError>;
+    /// Keys starting with `prefix` and after `after` (all of them when None), in key order, at
+    /// most `limit`: a page of a listing, read without touching the keys before it.
+    fn range_after(&self, prefix: &str, after: Option<&str>, limit: usize) -> Result<Vec<KeyValue>, StoreError>;
     async fn txn(&self, txn: Txn) -> Result<TxnResponse, StoreError>;
     /// Events under `prefix` with revision ≥ `from_revision` (0 = from now on).
     fn watch(&self, prefix: &str, from_revision: u64) -> Result<Watcher, StoreError>;
@@ -215,4 +218,22 @@ impl Watcher {
             return Ok(ev);
         }
     }
+}
+
+/// What every [`Store`] must do with [`Store::range_after`]: pages in key order, within the
+/// prefix, starting after the given key. Run by each backend's tests.
+pub async fn range_after_conformance(store: &dyn Store) {
+    for k in ["p/a", "p/b", "p/c", "p0", "o/x", "q/z"] {
+        put(store, k, "v").await.expect("put");
+    }
+    let keys = |after: Option<&str>, limit: usize| -> Vec<String> {
+        store.range_after("p/", after, limit).expect("range_after").into_iter().map(|kv| kv.key).collect()
+    };
+    assert_eq!(keys(None, 10), ["p/a", "p/b", "p/c"]);
+    assert_eq!(keys(None, 2), ["p/a", "p/b"]);
+    assert_eq!(keys(Some("p/b"), 10), ["p/c"]);
+    assert_eq!(keys(Some("p/aa"), 1), ["p/b"]);
+    assert_eq!(keys(Some("p/c"), 10), Vec::<String>::new());
+    assert_eq!(keys(Some("a"), 10), ["p/a", "p/b", "p/c"], "an `after` before the prefix starts at the prefix");
+    assert_eq!(keys(Some("z"), 10), Vec::<String>::new());
 }

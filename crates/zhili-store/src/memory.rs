@@ -174,6 +174,17 @@ impl Store for MemoryStore {
         Ok(under.take(limit.unwrap_or(usize::MAX)).map(|(_, v)| v.clone()).collect())
     }
 
+    fn range_after(&self, prefix: &str, after: Option<&str>, limit: usize) -> Result<Vec<KeyValue>, StoreError> {
+        use std::ops::Bound;
+        let g = self.lock();
+        let start = match after {
+            Some(a) if a >= prefix => Bound::Excluded(a.to_string()),
+            _ => Bound::Included(prefix.to_string()),
+        };
+        let under = g.keys.range((start, Bound::Unbounded)).take_while(|(k, _)| k.starts_with(prefix));
+        Ok(under.take(limit).map(|(_, v)| v.clone()).collect())
+    }
+
     async fn txn(&self, txn: Txn) -> Result<TxnResponse, StoreError> {
         let mut g = self.lock();
         let ok = txn.compares.iter().all(|c| g.holds(c));
@@ -289,6 +300,11 @@ mod tests {
         crate::delete(&s, "w/a").await.unwrap();
         let ev = w.next().await.unwrap();
         assert_eq!((ev.kind, ev.kv.key.as_str()), (EventKind::Delete, "w/a"));
+    }
+
+    #[tokio::test]
+    async fn range_after_pages_within_the_prefix() {
+        crate::range_after_conformance(&MemoryStore::new()).await;
     }
 
     #[tokio::test]

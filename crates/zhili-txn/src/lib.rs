@@ -863,27 +863,30 @@ impl Coordinator {
     }
 
     /// Transactions in gid order after `position`, at most `limit`, optionally only of one
-    /// status or mode (`all`); the next position, empty at the end.
+    /// status or mode (`all`); the next position, empty at the end. Reads in chunks from the
+    /// position on, never from the start.
     pub fn all(&self, position: &str, limit: usize, status: Option<&str>, trans_type: Option<&str>) -> Result<(Vec<Trans>, String), TxnError> {
-        let mut out = Vec::new();
-        let mut next = String::new();
-        // Scans from the start of the prefix; a key index would avoid it for late pages.
-        for kv in self.store.range(RECORDS, None)? {
-            let gid = kv.key.get(RECORDS.len()..).unwrap_or_default();
-            if !position.is_empty() && gid <= position {
-                continue;
+        const CHUNK: usize = 256;
+        let mut out: Vec<Trans> = Vec::new();
+        let mut cursor = format!("{RECORDS}{position}");
+        loop {
+            let after = if position.is_empty() && cursor.len() == RECORDS.len() { None } else { Some(cursor.as_str()) };
+            let chunk = self.store.range_after(RECORDS, after, CHUNK)?;
+            let Some(last) = chunk.last() else { return Ok((out, String::new())) };
+            let last_key = last.key.clone();
+            for kv in chunk {
+                let gid = kv.key.get(RECORDS.len()..).unwrap_or_default().to_string();
+                let rec: Record = serde_json::from_slice(&kv.value).map_err(|e| TxnError::Corrupt(gid.clone(), e.to_string()))?;
+                if status.is_some_and(|s| rec.trans.status != s) || trans_type.is_some_and(|t| rec.trans.trans_type != t) {
+                    continue;
+                }
+                out.push(rec.trans);
+                if out.len() == limit {
+                    return Ok((out, gid));
+                }
             }
-            let rec: Record = serde_json::from_slice(&kv.value).map_err(|e| TxnError::Corrupt(gid.to_string(), e.to_string()))?;
-            if status.is_some_and(|s| rec.trans.status != s) || trans_type.is_some_and(|t| rec.trans.trans_type != t) {
-                continue;
-            }
-            if out.len() == limit {
-                next = out.last().map(|t: &Trans| t.gid.clone()).unwrap_or_default();
-                break;
-            }
-            out.push(rec.trans);
+            cursor = last_key;
         }
-        Ok((out, next))
     }
 
     /// Unfinished transactions in memory.

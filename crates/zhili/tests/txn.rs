@@ -269,7 +269,26 @@ async fn tcc_xa_and_messages() {
     assert_eq!(final_status(&c, "msg-topic").await["transaction"]["status"], "succeed");
     assert_eq!(b.of("msg-topic"), ["/sub-a action", "/sub-b action"]);
     let (_, _, all) = call(&c, Method::GET, "/all?limit=100", None).await;
-    assert!(all["transactions"].as_array().unwrap().len() >= 7, "{all}");
+    let every: Vec<String> = all["transactions"].as_array().unwrap().iter().map(|t| t["gid"].as_str().unwrap().to_string()).collect();
+    assert!(every.len() >= 7, "{all}");
+    // Paged by position: the same transactions, in gid order, each once.
+    let mut paged = Vec::new();
+    let mut position = String::new();
+    loop {
+        let (_, _, page) = call(&c, Method::GET, &format!("/all?limit=3&position={position}"), None).await;
+        paged.extend(page["transactions"].as_array().unwrap().iter().map(|t| t["gid"].as_str().unwrap().to_string()));
+        position = page["next_position"].as_str().unwrap().to_string();
+        if position.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(paged, every);
+    let mut sorted = every.clone();
+    sorted.sort();
+    assert_eq!(sorted, every);
+    let (_, _, failed) = call(&c, Method::GET, "/all?status=failed", None).await;
+    let failed: Vec<&str> = failed["transactions"].as_array().unwrap().iter().map(|t| t["gid"].as_str().unwrap()).collect();
+    assert_eq!(failed, ["msg-no", "tcc-no", "xa-no"]);
 }
 
 #[tokio::test(flavor = "multi_thread")]
