@@ -66,6 +66,7 @@ pub fn run_interop(script: &str, args: &[&str], timeout: Duration) -> String {
 }
 
 pub fn run_interop_with(python: &Path, script: &str, args: &[&str], timeout: Duration) -> String {
+    use std::io::Read;
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/interop").join(script);
     let mut child = std::process::Command::new(python)
         .arg(&script)
@@ -74,21 +75,34 @@ pub fn run_interop_with(python: &Path, script: &str, args: &[&str], timeout: Dur
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("start python");
+    // Drained while the script runs: a script writing more than a pipe holds would otherwise
+    // block on its own output until the timeout.
+    let drain = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = pipe.read_to_end(&mut buf);
+            buf
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().expect("stdout")));
+    let stderr = drain(Box::new(child.stderr.take().expect("stderr")));
     let deadline = std::time::Instant::now() + timeout;
-    loop {
-        if let Some(_status) = child.try_wait().expect("wait") {
-            break;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break Some(status);
         }
         if std::time::Instant::now() > deadline {
             let _ = child.kill();
-            let out = child.wait_with_output().expect("output");
-            panic!("{} timed out after {timeout:?}\n{}{}", script.display(), String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+            let _ = child.wait();
+            break None;
         }
         std::thread::sleep(Duration::from_millis(50));
-    }
-    let out = child.wait_with_output().expect("output");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "{} failed:\n{text}", script.display());
+    };
+    // After a timeout a process the script started may still hold the pipes: not waited for.
+    let Some(status) = status else { panic!("{} timed out after {timeout:?}", script.display()) };
+    let (out, err) = (stdout.join().unwrap_or_default(), stderr.join().unwrap_or_default());
+    let text = format!("{}{}", String::from_utf8_lossy(&out), String::from_utf8_lossy(&err));
+    assert!(status.success(), "{} failed:\n{text}", script.display());
     text
 }
 
