@@ -148,24 +148,8 @@ impl Coordinator {
             if due.is_empty() {
                 break;
             }
-            let results = self.run(rec, &due.iter().map(|i| 2 * i).collect::<Vec<_>>()).await?;
-            let mut stop = false;
-            for (idx, called) in results {
-                match self.settle(rec, idx, &called, false) {
-                    Outcome::Succeed => self.reset(rec),
-                    Outcome::Ongoing => {
-                        self.keep(rec);
-                        stop = true;
-                    }
-                    // A compensation must succeed: anything else is retried.
-                    Outcome::Failure(_) | Outcome::Temporary(_) => {
-                        self.backoff(rec);
-                        stop = true;
-                    }
-                }
-            }
-            self.save(rec).await?;
-            if stop {
+            // A compensation must succeed: anything else is retried.
+            if !self.run_to_success(rec, &due.iter().map(|i| 2 * i).collect::<Vec<_>>()).await? {
                 return Ok(());
             }
         }
@@ -198,21 +182,8 @@ impl Coordinator {
             pending.reverse();
         }
         for idx in pending {
-            let results = self.run(rec, &[idx]).await?;
-            for (idx, called) in results {
-                match self.settle(rec, idx, &called, false) {
-                    Outcome::Succeed => self.reset(rec),
-                    Outcome::Ongoing => {
-                        self.keep(rec);
-                        self.save(rec).await?;
-                        return Ok(());
-                    }
-                    Outcome::Failure(_) | Outcome::Temporary(_) => {
-                        self.backoff(rec);
-                        self.save(rec).await?;
-                        return Ok(());
-                    }
-                }
+            if !self.run_to_success(rec, &[idx]).await? {
+                return Ok(());
             }
         }
         self.set_status(rec, done, "");
@@ -257,23 +228,7 @@ impl Coordinator {
         let pending: Vec<usize> = (0..rec.branches.len()).filter(|&i| rec.branches.get(i).is_some_and(|b| b.status != status::SUCCEED)).collect();
         let batches: Vec<Vec<usize>> = if rec.trans.options.concurrent { vec![pending] } else { pending.into_iter().map(|i| vec![i]).collect() };
         for batch in batches {
-            let results = self.run(rec, &batch).await?;
-            let mut stop = false;
-            for (idx, called) in results {
-                match self.settle(rec, idx, &called, false) {
-                    Outcome::Succeed => self.reset(rec),
-                    Outcome::Ongoing => {
-                        self.keep(rec);
-                        stop = true;
-                    }
-                    Outcome::Failure(_) | Outcome::Temporary(_) => {
-                        self.backoff(rec);
-                        stop = true;
-                    }
-                }
-            }
-            if stop {
-                self.save(rec).await?;
+            if !self.run_to_success(rec, &batch).await? {
                 return Ok(());
             }
         }
@@ -303,6 +258,31 @@ impl Coordinator {
             (i, self.call(rec, &b.url, &b.branch_id, &b.op, &b.data, avoid).await)
         });
         Ok(futures_util::future::join_all(calls).await)
+    }
+
+    /// Runs branches that must end in success (compensations, confirms, cancels, commits,
+    /// rollbacks, message steps): true when all did; otherwise the retry is scheduled (425 keeps
+    /// the interval, anything else backs off), written, and false. Successes are written with
+    /// the next attempt or the final status.
+    async fn run_to_success(&self, rec: &mut Record, idxs: &[usize]) -> Result<bool, TxnError> {
+        let mut done = true;
+        for (idx, called) in self.run(rec, idxs).await? {
+            match self.settle(rec, idx, &called, false) {
+                Outcome::Succeed => self.reset(rec),
+                Outcome::Ongoing => {
+                    self.keep(rec);
+                    done = false;
+                }
+                Outcome::Failure(_) | Outcome::Temporary(_) => {
+                    self.backoff(rec);
+                    done = false;
+                }
+            }
+        }
+        if !done {
+            self.save(rec).await?;
+        }
+        Ok(done)
     }
 
     async fn call(&self, rec: &Record, url: &str, branch_id: &str, op: &str, payload: &str, avoid: Option<&str>) -> Called {
