@@ -12,7 +12,7 @@ LEVELS = {
     "zhili-dns": 3, "zhili-gateway": 3,
     "zhili-store-fjall": 4, "zhili-http": 4,
     "zhili-api": 5, "zhili-consul": 5, "zhili-nacos": 5, "zhili-dtm": 5,
-    "zhili": 6, "zhili-bench": 6,
+    "zhili": 6, "zhili-bench": 6, "zhili-shop": 6,
 }
 
 meta = json.loads(subprocess.run(["cargo", "metadata", "--format-version", "1", "--no-deps", "--locked"], check=True, capture_output=True, text=True).stdout)

@@ -1,8 +1,11 @@
 //! Zhili's Rust SDK: the native HTTP API as typed calls, plus the pieces a service needs to live
 //! in the registry: a [`Registration`] that heartbeats and re-registers when the server forgets
-//! it, a [`ServiceCache`] kept fresh by blocking reads, and client-side [`Balancer`]s.
+//! it, a [`ServiceCache`] kept fresh by blocking reads, and client-side [`Balancer`]s; DTM-protocol
+//! transactions ([`dtm`]) with the sub-transaction barrier for branch handlers ([`barrier`]).
 
 mod balance;
+pub mod barrier;
+pub mod dtm;
 pub mod events;
 mod registration;
 
