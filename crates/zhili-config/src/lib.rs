@@ -60,6 +60,8 @@ pub struct FileConfig {
     /// Where the coordinator POSTs an alert when a transaction keeps failing (DTM's
     /// `AlertWebHook`).
     pub txn_alert_webhook: Option<String>,
+    /// How long finished transactions are kept ("7d" by default; "0" keeps them).
+    pub txn_retention: Option<String>,
     /// One JSON line per gateway request (default true).
     pub gateway_access_log: Option<bool>,
     /// Certificates of the gateway listener (several: chosen by SNI) and their keys, in order.
@@ -110,6 +112,7 @@ impl FileConfig {
             gateway_addr: over.gateway_addr.or(self.gateway_addr),
             dtm_addr: over.dtm_addr.or(self.dtm_addr),
             txn_alert_webhook: over.txn_alert_webhook.or(self.txn_alert_webhook),
+            txn_retention: over.txn_retention.or(self.txn_retention),
             gateway_access_log: over.gateway_access_log.or(self.gateway_access_log),
             gateway_tls_cert: over.gateway_tls_cert.or(self.gateway_tls_cert),
             gateway_tls_key: over.gateway_tls_key.or(self.gateway_tls_key),
@@ -159,6 +162,8 @@ pub struct ServerConfig {
     pub gateway_addr: Listen,
     pub dtm_addr: Listen,
     pub txn_alert_webhook: Option<String>,
+    /// Zero keeps finished transactions forever.
+    pub txn_retention: Duration,
     pub gateway_access_log: bool,
     /// Empty: the gateway uses `tls` (if any).
     pub gateway_tls: Vec<TlsFiles>,
@@ -194,6 +199,27 @@ pub fn parse_timeout(field: &'static str, value: &str) -> Result<Duration, Confi
         return Err(ConfigError::Invalid { field, message: format!("{value:?} is not between 100ms and 60m") });
     }
     Ok(d)
+}
+
+/// A retention: "0" (keep forever) or a whole number with a unit, `s`, `m`, `h` or `d`
+/// (e.g. "12h", "7d"), at most 365 days.
+pub fn parse_retention(field: &'static str, value: &str) -> Result<Duration, ConfigError> {
+    let bad = || ConfigError::Invalid { field, message: format!("{value:?} is not \"0\" or a duration such as \"30m\", \"12h\" or \"7d\" (at most 365d)") };
+    if value == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let split = value.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+    let (digits, unit) = value.split_at(split);
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    let unit_secs = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(bad()),
+    };
+    let secs = n.checked_mul(unit_secs).filter(|s| (1..=365 * 86_400).contains(s)).ok_or_else(bad)?;
+    Ok(Duration::from_secs(secs))
 }
 
 pub fn parse_listen(field: &'static str, value: &str) -> Result<Listen, ConfigError> {
@@ -302,6 +328,7 @@ impl FileConfig {
             gateway_addr,
             dtm_addr,
             txn_alert_webhook: self.txn_alert_webhook,
+            txn_retention: parse_retention("txn_retention", self.txn_retention.as_deref().unwrap_or("7d"))?,
             gateway_access_log: self.gateway_access_log.unwrap_or(true),
             gateway_tls,
             gateway_client_ca: self.gateway_client_ca,
@@ -335,6 +362,16 @@ mod tests {
         let cfg = file.overlay(FileConfig { api_addr: Some("off".into()), ..Default::default() }).validate().unwrap();
         assert_eq!(cfg.api_addr, None);
         assert!(cfg.dev);
+    }
+
+    #[test]
+    fn retention_takes_days_or_zero() {
+        assert_eq!(FileConfig::default().validate().unwrap().txn_retention, Duration::from_secs(7 * 86_400));
+        assert_eq!(parse_retention("f", "0").unwrap(), Duration::ZERO);
+        assert_eq!(parse_retention("f", "90m").unwrap(), Duration::from_secs(5400));
+        for bad in ["", "7", "7 d", "-1d", "366d", "0s", "99999999999999999999d"] {
+            assert!(parse_retention("txn_retention", bad).unwrap_err().to_string().contains("txn_retention"), "{bad:?}");
+        }
     }
 
     #[test]

@@ -53,6 +53,13 @@ pub mod op {
 const RECORDS: &str = "txn/";
 const OPEN: &str = "txn-open/";
 const TOPICS: &str = "txn-topics/";
+/// `txn-done/{finished ms, 16 hex digits}/{gid}`: finished transactions in the order they
+/// finished, so retention removes the oldest without reading the others.
+const DONE: &str = "txn-done/";
+/// Expired transactions removed per Store transaction.
+const SWEEP_BATCH: usize = 512;
+/// The longest `delay` a message may ask for (DTM's `custom_data`), as the longest duration.
+const MAX_DELAY_SECS: u64 = 7 * 24 * 3600;
 pub const TXN_STREAM: &str = "$txn";
 /// Longest wait between two attempts of a failing branch.
 const MAX_INTERVAL: Duration = Duration::from_secs(600);
@@ -74,6 +81,8 @@ pub struct Defaults {
     /// times in a row.
     pub alert_after_retries: u32,
     pub alert_webhook: Option<String>,
+    /// Finished transactions are removed this long after they finished; zero keeps them.
+    pub retention: Duration,
 }
 
 impl Default for Defaults {
@@ -84,6 +93,7 @@ impl Default for Defaults {
             timeout_to_fail: Duration::from_secs(35),
             alert_after_retries: 3,
             alert_webhook: None,
+            retention: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -353,6 +363,27 @@ fn open_key(gid: &str) -> String {
     format!("{OPEN}{gid}")
 }
 
+fn done_key(finished_ms: u64, gid: &str) -> String {
+    format!("{DONE}{finished_ms:016x}/{gid}")
+}
+
+/// When a submitted message's steps may start: now plus its `delay`, or at once (0).
+fn message_delay(custom_data: &str) -> u64 {
+    match message_delay_ms(custom_data) {
+        0 => 0,
+        ms => unix_ms() + ms,
+    }
+}
+
+/// A message's `delay` (seconds before its steps run once submitted), from DTM's `custom_data`.
+fn message_delay_ms(custom_data: &str) -> u64 {
+    #[derive(serde::Deserialize)]
+    struct Custom {
+        delay: u64,
+    }
+    serde_json::from_str::<Custom>(custom_data).map_or(0, |c| c.delay.min(MAX_DELAY_SECS) * 1000)
+}
+
 /// DTM's gids: letters, digits and `-_.:@`, at most 128 bytes.
 fn check_gid(gid: &str) -> Result<(), ValidationError> {
     if gid.is_empty() || gid.len() > 128 || !gid.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:@".contains(&b)) {
@@ -381,6 +412,9 @@ impl Coordinator {
             tx
         });
         let c = Arc::new(Self { store, resolve, defaults, live: Mutex::new(HashMap::new()), events, pool: Default::default(), stats: Stats::default() });
+        if !c.defaults.retention.is_zero() {
+            tokio::spawn(sweep(Arc::downgrade(&c)));
+        }
         let open = c.store.range(OPEN, None)?;
         for kv in open {
             let gid = kv.key.get(OPEN.len()..).unwrap_or_default().to_string();
@@ -406,10 +440,12 @@ impl Coordinator {
         let value = serde_json::to_vec(rec).map_err(|e| TxnError::Corrupt(rec.trans.gid.clone(), e.to_string()))?;
         let gid = &rec.trans.gid;
         let mut ops = vec![Op::Put { key: record_key(gid), value: value.into(), lease: None }];
-        ops.push(match rec.finished() {
-            true => Op::Delete { key: open_key(gid) },
-            false => Op::Put { key: open_key(gid), value: bytes::Bytes::new(), lease: None },
-        });
+        if rec.finished() {
+            ops.push(Op::Delete { key: open_key(gid) });
+            ops.push(Op::Put { key: done_key(unix_ms(), gid), value: bytes::Bytes::new(), lease: None });
+        } else {
+            ops.push(Op::Put { key: open_key(gid), value: bytes::Bytes::new(), lease: None });
+        }
         self.store.txn(Txn { success: ops, ..Default::default() }).await?;
         Ok(())
     }
@@ -561,6 +597,9 @@ impl Coordinator {
             options,
         };
         let mut rec = Record { trans, branches: vec![], created_ms: unix_ms(), next_at_ms: 0, interval_ms: 0, failures: 0, avoid: BTreeMap::new() };
+        if rec.trans.trans_type == MSG && initial == status::SUBMITTED {
+            rec.next_at_ms = message_delay(&rec.trans.custom_data);
+        }
         rec.interval_ms = self.retry_interval(&rec).as_millis() as u64;
         rec.branches = self.steps_to_branches(&rec);
         Ok(rec)
@@ -718,6 +757,12 @@ impl Coordinator {
                     }
                     self.set_status(&mut rec, status::SUBMITTED, "");
                     rec.next_at_ms = 0;
+                    if rec.trans.trans_type == MSG {
+                        if let Some(custom) = req.custom_data.as_deref().filter(|c| !c.is_empty()) {
+                            rec.trans.custom_data = custom.to_string();
+                        }
+                        rec.next_at_ms = message_delay(&rec.trans.custom_data);
+                    }
                     self.save(&rec).await?;
                 }
                 other => return Err(TxnError::Failure(format!("current status '{other}', cannot submit"))),
@@ -740,7 +785,8 @@ impl Coordinator {
             };
         };
         let mut rec = live.record.lock().await;
-        if !rec.finished() {
+        // A delayed message is not hurried by wait_result.
+        if !rec.finished() && rec.next_at_ms <= unix_ms() {
             self.process(&mut rec).await?;
         }
         live.wake.notify_one();
@@ -1009,6 +1055,55 @@ fn check_topic(topic: &str) -> Result<(), ValidationError> {
 }
 
 /// Appends queued `$txn` events in batches.
+/// Removes finished transactions once they are older than the retention, oldest first, in
+/// batches; runs until the coordinator is dropped.
+async fn sweep(c: std::sync::Weak<Coordinator>) {
+    let Some(retention) = c.upgrade().map(|c| c.defaults.retention) else { return };
+    let every = (retention / 4).clamp(Duration::from_millis(250), Duration::from_secs(60));
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(c) = c.upgrade() else { return };
+        let cutoff = unix_ms().saturating_sub(retention.as_millis() as u64);
+        loop {
+            match c.sweep_once(cutoff).await {
+                Ok(n) if n == SWEEP_BATCH => continue,
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "removing expired transactions failed; will retry");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+impl Coordinator {
+    /// Removes up to [`SWEEP_BATCH`] transactions that finished before `cutoff_ms`; returns how
+    /// many finish markers it went through.
+    async fn sweep_once(&self, cutoff_ms: u64) -> Result<usize, TxnError> {
+        let page = self.store.range(DONE, Some(SWEEP_BATCH))?;
+        let mut ops = Vec::new();
+        let mut seen = 0;
+        for kv in &page {
+            let Some((ms, gid)) = kv.key.get(DONE.len()..).and_then(|k| k.split_once('/')) else { continue };
+            let Ok(ms) = u64::from_str_radix(ms, 16) else { continue };
+            if ms > cutoff_ms {
+                break;
+            }
+            seen += 1;
+            ops.push(Op::Delete { key: kv.key.clone() });
+            // A gid used again after an earlier expiry keeps its newer record.
+            if self.live(gid).is_none() && self.load(gid)?.is_some_and(|r| r.finished() && r.created_ms <= ms) {
+                ops.push(Op::Delete { key: record_key(gid) });
+            }
+        }
+        if !ops.is_empty() {
+            self.store.txn(Txn { success: ops, ..Default::default() }).await?;
+        }
+        Ok(seen)
+    }
+}
+
 async fn publish(log: Arc<dyn EventLog>, mut rx: tokio::sync::mpsc::Receiver<NewEvent>) {
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];

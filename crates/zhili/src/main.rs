@@ -63,6 +63,9 @@ pub struct ServerArgs {
     /// URL the coordinator POSTs an alert to when a transaction's retries pass 3 in a row
     #[arg(long, env = "ZHILI_TXN_ALERT_WEBHOOK")]
     pub txn_alert_webhook: Option<String>,
+    /// How long finished transactions are kept: "0" (forever) or e.g. "12h", "7d" [default: 7d]
+    #[arg(long, env = "ZHILI_TXN_RETENTION")]
+    pub txn_retention: Option<String>,
     /// Gateway listener (the data plane), or "off" [default: 127.0.0.1:8080]
     #[arg(long, env = "ZHILI_GATEWAY_ADDR")]
     pub gateway_addr: Option<String>,

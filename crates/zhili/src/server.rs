@@ -104,6 +104,7 @@ fn config_from(args: ServerArgs) -> Result<ServerConfig, zhili_config::ConfigErr
         gateway_addr: args.gateway_addr,
         dtm_addr: args.dtm_addr,
         txn_alert_webhook: args.txn_alert_webhook,
+        txn_retention: args.txn_retention,
         gateway_access_log: args.gateway_access_log,
         gateway_tls_cert: (!args.gateway_tls_cert.is_empty()).then_some(args.gateway_tls_cert),
         gateway_tls_key: (!args.gateway_tls_key.is_empty()).then_some(args.gateway_tls_key),
@@ -224,7 +225,7 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
     let transactions = match cfg.dtm_addr {
         Some(_) => {
             let resolver = Arc::new(crate::txn::RegistryResolver::new(registry.clone()));
-            let defaults = zhili_txn::Defaults { alert_webhook: cfg.txn_alert_webhook.clone(), ..Default::default() };
+            let defaults = zhili_txn::Defaults { alert_webhook: cfg.txn_alert_webhook.clone(), retention: cfg.txn_retention, ..Default::default() };
             let c = zhili_txn::Coordinator::start(store.clone(), resolver, Some(events.clone()), defaults).context("starting the transaction coordinator")?;
             metrics.register_collector(Box::new(zhili_txn::TxnCollector(c.clone())));
             Some(c)

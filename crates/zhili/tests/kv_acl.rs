@@ -148,6 +148,7 @@ async fn config_errors_exit_64_naming_the_field() {
         (vec!["--tls-cert".into(), "c.pem".into()], "tls_key"),
         (vec!["--dtm-addr".into(), "nowhere".into()], "dtm_addr"),
         (vec!["--txn-alert-webhook".into(), "ftp://x".into()], "txn_alert_webhook"),
+        (vec!["--txn-retention".into(), "7 days".into()], "txn_retention"),
     ];
     for (args, field) in cases {
         let out = std::process::Command::new(bin()).arg("server").args(&args).output().unwrap();

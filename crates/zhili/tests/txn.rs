@@ -521,3 +521,50 @@ async fn repeated_failures_raise_an_alert() {
     assert!(v["events"].as_array().unwrap().iter().any(|e| e["event"]["type"] == "io.zhili.txn.alert" && e["event"]["subject"] == "alarm-1"), "{v}");
     assert_eq!(post(&c, "/forceStop", &json!({"gid": "alarm-1"})).await.0, StatusCode::OK);
 }
+
+/// `--txn-retention`: a finished transaction is removed once it is older than the retention
+/// (query answers null, `all` no longer lists it), an unfinished one stays, and the removal
+/// survives a restart. A message's `delay` (DTM's `custom_data`) holds its steps back.
+#[tokio::test(flavor = "multi_thread")]
+async fn finished_transactions_expire_and_delayed_messages_wait() {
+    let (addr, b) = branch_server().await;
+    let base = format!("http://{addr}");
+    let mut s = ServerProcess::start(bin(), &["--dev", "--txn-retention", "3s"]);
+    let c = dtm(&s);
+    assert_eq!(post(&c, "/submit", &saga("old-1", &base, &[("/a", "/undo")], json!({}))).await.0, StatusCode::OK);
+    assert_eq!(final_status(&c, "old-1").await["transaction"]["status"], "succeed", "kept until the retention passes");
+    // Prepared with a long timeout: unfinished, so never expired.
+    let open = json!({"gid": "open-1", "trans_type": "msg", "query_prepared": format!("{base}/qp"), "timeout_to_fail": 600});
+    assert_eq!(post(&c, "/prepare", &open).await.0, StatusCode::OK);
+
+    let submitted = std::time::Instant::now();
+    let delayed = json!({"gid": "late-1", "trans_type": "msg", "steps": [{"action": format!("{base}/late")}], "payloads": ["{}"],
+        "custom_data": "{\"delay\":2}"});
+    assert_eq!(post(&c, "/submit", &delayed).await.0, StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(b.of("late-1").is_empty(), "a message delayed by 2 s ran after 1.2 s");
+    assert_eq!(final_status(&c, "late-1").await["transaction"]["status"], "succeed");
+    assert!(submitted.elapsed() >= Duration::from_secs(2), "{:?}", submitted.elapsed());
+    assert_eq!(b.of("late-1"), ["/late action"]);
+
+    assert_eventually(Duration::from_secs(15), "old-1 removed after 3 s", || async {
+        let (_, _, q) = call(&c, Method::GET, "/query?gid=old-1", None).await;
+        q["transaction"].is_null()
+    })
+    .await;
+    let (_, _, all) = call(&c, Method::GET, "/all?limit=100", None).await;
+    let gids: Vec<&str> = all["transactions"].as_array().unwrap().iter().map(|t| t["gid"].as_str().unwrap()).collect();
+    assert!(!gids.contains(&"old-1") && gids.contains(&"open-1"), "{all}");
+    // The same gid can start again once its old record is gone.
+    assert_eq!(post(&c, "/submit", &saga("old-1", &base, &[("/a", "/undo")], json!({}))).await.0, StatusCode::OK);
+    assert_eq!(final_status(&c, "old-1").await["transaction"]["status"], "succeed");
+    s.restart_after_kill9();
+    let c = dtm(&s);
+    let (_, _, q) = call(&c, Method::GET, "/query?gid=open-1", None).await;
+    assert_eq!(q["transaction"]["status"], "prepared", "{q}");
+    assert_eventually(Duration::from_secs(15), "late-1 removed after the restart", || async {
+        let (_, _, q) = call(&c, Method::GET, "/query?gid=late-1", None).await;
+        q["transaction"].is_null()
+    })
+    .await;
+}
