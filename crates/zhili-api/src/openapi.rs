@@ -13,7 +13,7 @@ use zhili_model::route::RouteSpec;
 use zhili_model::{Instance, InstanceList, InstanceSpec, Service, ServiceDetail, ServiceSpec, ServiceSummary};
 
 use crate::native::kv::KvEntry;
-use crate::native::registry::{BreakerBody, CheckUpdate, MaintenanceBody, PassiveBody};
+use crate::native::registry::{BreakerBody, CheckUpdate, MaintenanceBody, PassiveBody, ReportList};
 use crate::native::sd::TargetGroup;
 use crate::native::{Registered, Stored, Written};
 
@@ -171,6 +171,8 @@ pub const OPERATIONS: &[Operation] = &[
     op!("put" "/api/v1/services/{service}/instances/{id}/checks/{check}", "registry", "Set a TTL check's status", [NS], Body::Json(of::<CheckUpdate>), 204 => Answer::Empty),
     op!("put" "/api/v1/services/{service}/instances/{id}/maintenance", "registry", "Enter or leave maintenance", [NS], Body::Json(of::<MaintenanceBody>), 204 => Answer::Empty),
     op!("put" "/api/v1/services/{service}/instances/{id}/passive", "registry", "A gateway's passive-health report; shown on the instance", [NS], Body::Json(of::<PassiveBody>), 204 => Answer::Empty),
+    op!("put" "/api/v1/services/{service}/instances/{id}/report", "registry", "The instance reports its state, tasks and planned work (report write)", [NS], Body::Json(of::<zhili_model::report::ReportSpec>), 204 => Answer::Empty),
+    op!("get" "/api/v1/services/{service}/reports", "registry", "Reports of the service's instances (report read); blocking with index and wait", [NS, INDEX, WAIT], Body::None, 200 => Answer::Json(of::<ReportList>)),
     op!("put" "/api/v1/services/{service}/breaker", "registry", "A gateway reports a circuit-breaker transition", [NS], Body::Json(of::<BreakerBody>), 204 => Answer::Empty),
     op!("get" "/api/v1/events/registry", "events", "Server-sent events of registry changes", [NS, SERVICE], Body::None, 200 => Answer::Stream),
     op!("get" "/api/v1/events/kv", "events", "Server-sent events of KV changes under a prefix",

@@ -76,6 +76,7 @@ mod tests {
             modify_index: 1,
             node: None,
             passive_health: None,
+            report: None,
         }
     }
 

@@ -19,6 +19,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+pub use zhili_model::report::{InstanceReport, PlannedWork, ReportSpec, ReportTask};
 pub use zhili_model::{Instance, InstanceList, InstanceSpec, ServiceDetail, ServiceSpec, ServiceSummary};
 
 pub use balance::{Balancer, RoundRobin, SmoothWeighted};
@@ -285,6 +286,12 @@ impl Client {
     pub async fn maintenance(&self, service: &str, id: &str, enabled: bool, reason: &str) -> Result<(), ClientError> {
         let body = serde_json::json!({ "enabled": enabled, "reason": reason });
         self.call(Method::PUT, &format!("/api/v1/services/{}/instances/{}/maintenance", encode(service), encode(id)), Self::body(&body)).await.map(|_| ())
+    }
+
+    /// Reports the instance's own state, tasks and planned work; the server validates it and
+    /// keeps the latest (durably for persistent instances).
+    pub async fn report(&self, service: &str, id: &str, report: &ReportSpec) -> Result<(), ClientError> {
+        self.call(Method::PUT, &format!("/api/v1/services/{}/instances/{}/report", encode(service), encode(id)), Self::body(report)).await.map(|_| ())
     }
 
     /// Discovery. With `block = Some((index, wait))` the call returns once the service changes

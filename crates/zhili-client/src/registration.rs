@@ -69,6 +69,11 @@ impl Registration {
         Ok(Self { client, service: service.to_string(), id, stop, task })
     }
 
+    /// Reports this instance's state, tasks and planned work (see [`Client::report`]).
+    pub async fn report(&self, report: &crate::ReportSpec) -> Result<(), ClientError> {
+        self.client.report(&self.service, &self.id, report).await
+    }
+
     pub fn id(&self) -> &str {
         &self.id
     }

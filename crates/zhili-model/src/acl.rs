@@ -30,6 +30,11 @@ pub enum Resource {
     Subscription,
     /// Distributed transactions by gid (the DTM API and `/api/v1/transactions`).
     Transaction,
+    /// Service reports by service name: write to report for an instance of the service, read
+    /// to list a service's reports.
+    Report,
+    /// Plans (maintenance windows, rollouts, config changes) by plan name.
+    Plan,
 }
 
 impl Resource {
@@ -45,6 +50,8 @@ impl Resource {
             Self::Stream => "stream",
             Self::Subscription => "subscription",
             Self::Transaction => "transaction",
+            Self::Report => "report",
+            Self::Plan => "plan",
         }
     }
 }

@@ -6,6 +6,7 @@ pub mod consumer;
 pub mod duration;
 pub mod event;
 pub mod registry;
+pub mod report;
 pub mod route;
 pub mod subscription;
 pub mod validate;

@@ -493,6 +493,9 @@ pub struct Instance {
     /// What a gateway last observed (outlier ejection). Informational: discovery does not act on it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub passive_health: Option<PassiveHealth>,
+    /// What the instance last reported about itself (state, tasks, planned work).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub report: Option<crate::report::InstanceReport>,
 }
 
 /// A gateway's report on an instance it ejected after consecutive failures.

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use parking_lot::RwLock;
 use tokio::sync::{broadcast, watch};
+use zhili_model::report::{InstanceReport, ReportSpec};
 use zhili_model::{
     CheckDefinition, CheckKey, CheckKind, HealthStatus, HealthTransition, Instance, InstanceList, InstanceRegistration, Maintenance, RegistryEvent,
     RegistryEventKind, Service, ServiceDetail, ServiceSummary,
@@ -73,6 +74,8 @@ impl InstanceFilter {
 struct PersistedInstance {
     registration: InstanceRegistration,
     maintenance: Option<Maintenance>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    report: Option<InstanceReport>,
 }
 
 pub struct Registry {
@@ -217,7 +220,8 @@ impl Registry {
                 return Err(RegistryError::Corrupt { key: kv.key.clone(), message: "bad key".into() });
             };
             let entry = state.services.entry((ns.into(), svc.into())).or_insert_with(|| ServiceEntry::new(Service::implicit(ns, svc), kv.mod_revision));
-            let inst = InstanceEntry::new(p.registration, kv.create_revision, kv.mod_revision, now_ms, p.maintenance);
+            let mut inst = InstanceEntry::new(p.registration, kv.create_revision, kv.mod_revision, now_ms, p.maintenance);
+            inst.report = p.report;
             for c in inst.checks.iter().filter(|c| c.def.kind.is_active()) {
                 reg.checks
                     .schedule(CheckKey { namespace: ns.into(), service: svc.into(), instance: inst.reg.id.clone(), check: c.def.id.clone() }, c.def.clone());
@@ -491,6 +495,13 @@ impl Registry {
         }
     }
 
+    /// A persistent instance's stored form with its current maintenance and report.
+    fn persisted(&self, ns: &str, service: &str, id: &str) -> Option<PersistedInstance> {
+        let state = self.state.read();
+        let i = state.services.get(&(ns.to_string(), service.to_string()))?.instances.get(id)?;
+        Some(PersistedInstance { registration: i.reg.clone(), maintenance: i.maintenance.clone(), report: i.report.clone() })
+    }
+
     /// Registers (or replaces) an instance. Persistent instances are durable before this returns.
     pub async fn register(&self, ns: &str, service: &str, reg: InstanceRegistration) -> Result<u64, RegistryError> {
         let (mut was_persistent, mut maintenance) = self.existing(ns, service, &reg.id);
@@ -503,7 +514,9 @@ impl Registry {
             None
         };
         if !reg.ephemeral {
-            let value = serde_json::to_vec(&PersistedInstance { registration: reg.clone(), maintenance: maintenance.clone() }).expect("instance serializes");
+            let report = self.persisted(ns, service, &reg.id).and_then(|p| p.report);
+            let value =
+                serde_json::to_vec(&PersistedInstance { registration: reg.clone(), maintenance: maintenance.clone(), report }).expect("instance serializes");
             self.store.txn(Txn::put(instance_key(ns, service, &reg.id), value)).await?;
         } else if was_persistent {
             crate::delete_key(&*self.store, instance_key(ns, service, &reg.id)).await?;
@@ -662,26 +675,50 @@ impl Registry {
         });
         let _order = if existing.ephemeral { None } else { Some(self.persist_order.key(ns, service, id).await) };
         if !existing.ephemeral {
-            let reg = self
-                .state
-                .read()
-                .services
-                .get(&(ns.to_string(), service.to_string()))
-                .and_then(|e| e.instances.get(id))
-                .map(|i| i.reg.clone())
-                .ok_or_else(|| RegistryError::InstanceNotFound(id.into()))?;
-            let value = serde_json::to_vec(&PersistedInstance { registration: reg, maintenance: maintenance.clone() }).expect("instance serializes");
-            // Only if still there: a concurrent deregister must not be resurrected.
-            let res = self.store.txn(Txn::put(instance_key(ns, service, id), value).when(Compare::Exists(instance_key(ns, service, id)))).await?;
-            if !res.succeeded {
-                return Err(RegistryError::InstanceNotFound(id.into()));
-            }
+            let p = self.persisted(ns, service, id).ok_or_else(|| RegistryError::InstanceNotFound(id.into()))?;
+            self.persist_existing(ns, service, id, PersistedInstance { maintenance: maintenance.clone(), ..p }).await?;
         }
         self.update_instance(ns, service, id, |inst, _| {
             inst.maintenance = maintenance;
             true
         })
         .ok_or_else(|| RegistryError::InstanceNotFound(id.into()))
+    }
+
+    /// Writes a persistent instance's stored form, only if it is still there: a concurrent
+    /// deregister must not be resurrected.
+    async fn persist_existing(&self, ns: &str, service: &str, id: &str, p: PersistedInstance) -> Result<(), RegistryError> {
+        let value = serde_json::to_vec(&p).expect("instance serializes");
+        let res = self.store.txn(Txn::put(instance_key(ns, service, id), value).when(Compare::Exists(instance_key(ns, service, id)))).await?;
+        if !res.succeeded {
+            return Err(RegistryError::InstanceNotFound(id.into()));
+        }
+        Ok(())
+    }
+
+    /// Records what an instance reports about itself (state, tasks, planned work); durable
+    /// before it answers for a persistent instance, kept with an ephemeral one while it lives.
+    pub async fn set_report(&self, ns: &str, service: &str, id: &str, spec: ReportSpec) -> Result<u64, RegistryError> {
+        let report = InstanceReport { spec, reported_ms: unix_ms() };
+        let persistent = !self.existing_instance(ns, service, id)?;
+        let _order = if persistent { Some(self.persist_order.key(ns, service, id).await) } else { None };
+        if persistent {
+            let p = self.persisted(ns, service, id).ok_or_else(|| RegistryError::InstanceNotFound(id.into()))?;
+            self.persist_existing(ns, service, id, PersistedInstance { report: Some(report.clone()), ..p }).await?;
+        }
+        self.update_instance(ns, service, id, |inst, _| {
+            let changed = inst.report.as_ref().is_none_or(|r| r.spec != report.spec);
+            inst.report = Some(report);
+            changed
+        })
+        .ok_or_else(|| RegistryError::InstanceNotFound(id.into()))
+    }
+
+    /// Whether the instance is ephemeral; an error if it does not exist.
+    fn existing_instance(&self, ns: &str, service: &str, id: &str) -> Result<bool, RegistryError> {
+        let state = self.state.read();
+        let i = state.services.get(&(ns.to_string(), service.to_string())).and_then(|e| e.instances.get(id));
+        i.map(|i| i.reg.ephemeral).ok_or_else(|| RegistryError::InstanceNotFound(id.into()))
     }
 
     /// Applies a result from the health engine. Unknown checks (deregistered meanwhile) are ignored.

@@ -41,6 +41,7 @@ pub(crate) struct InstanceEntry {
     /// Heartbeat-derived health of an ephemeral instance (always passing for persistent ones).
     pub heartbeat_status: HealthStatus,
     pub passive: Option<zhili_model::PassiveHealth>,
+    pub report: Option<zhili_model::report::InstanceReport>,
 }
 
 pub(crate) struct CheckRuntime {
@@ -96,12 +97,23 @@ impl InstanceEntry {
                 critical_since_ms: Some(now),
             })
             .collect();
-        Self { reg, create_index, modify_index, maintenance, checks, last_beat: BeatCell::new(now), heartbeat_status: HealthStatus::Passing, passive: None }
+        Self {
+            reg,
+            create_index,
+            modify_index,
+            maintenance,
+            checks,
+            last_beat: BeatCell::new(now),
+            heartbeat_status: HealthStatus::Passing,
+            passive: None,
+            report: None,
+        }
     }
 
     /// Re-registration keeps the results of checks whose definition did not change.
     pub fn inherit_statuses(&mut self, old: &InstanceEntry) {
         self.passive = old.passive.clone();
+        self.report = old.report.clone();
         for c in &mut self.checks {
             if let Some(o) = old.checks.iter().find(|o| o.def == c.def) {
                 c.status = o.status;
@@ -149,6 +161,7 @@ impl InstanceEntry {
             create_index: self.create_index,
             modify_index: self.modify_index,
             passive_health: self.passive.clone(),
+            report: self.report.clone(),
             node: r.node.clone(),
         }
     }

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Subcommand, ValueEnum};
 use serde_json::{json, Value};
-use zhili_client::{encode, Client, ClientError, InstanceSpec, Query, ServiceSpec};
+use zhili_client::{encode, Client, ClientError, InstanceSpec, PlannedWork, Query, ReportSpec, ReportTask, ServiceSpec};
 
 #[derive(Args, Debug, Clone)]
 pub struct ClientOpts {
@@ -160,6 +160,22 @@ pub enum InstanceCmd {
         #[arg(long, default_value = "")]
         reason: String,
     },
+    /// Report the instance's own state, tasks and planned work (shown with the instance, read
+    /// by plan gates): `--task reindex=40` (name, optional percent), `--planned migrate@2026-12-01T02:00:00Z`.
+    Report {
+        service: String,
+        id: String,
+        #[arg(long)]
+        state: String,
+        #[arg(long)]
+        message: Option<String>,
+        #[arg(long = "task")]
+        tasks: Vec<String>,
+        #[arg(long = "planned")]
+        planned: Vec<String>,
+    },
+    /// The reports of a service's instances.
+    Reports { service: String },
     /// Set a TTL check's status: passing, warning or critical.
     Check {
         service: String,
@@ -496,6 +512,28 @@ async fn instance(c: Client, cmd: InstanceCmd) -> Result<Shown, CliError> {
             c.maintenance(&service, &id, !off, &reason).await?;
             Shown::Nothing
         }
+        InstanceCmd::Report { service, id, state, message, tasks, planned } => {
+            let tasks = tasks
+                .iter()
+                .map(|t| match t.rsplit_once('=') {
+                    Some((name, p)) => p
+                        .parse::<u8>()
+                        .map(|p| ReportTask { name: name.into(), status: None, progress: Some(p) })
+                        .map_err(|_| CliError::Usage(format!("--task {t:?}: the part after '=' is a percent, 0 to 100"))),
+                    None => Ok(ReportTask { name: t.clone(), ..Default::default() }),
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let planned = planned
+                .iter()
+                .map(|p| match p.split_once('@') {
+                    Some((name, at)) => PlannedWork { name: name.into(), at: Some(at.into()), until: None },
+                    None => PlannedWork { name: p.clone(), ..Default::default() },
+                })
+                .collect();
+            c.report(&service, &id, &ReportSpec { state, message, tasks, planned }).await?;
+            Shown::Nothing
+        }
+        InstanceCmd::Reports { service } => Shown::Json(c.json_call(http::Method::GET, &format!("/api/v1/services/{}/reports", encode(&service)), None).await?),
         InstanceCmd::Check { service, id, check, status, output } => {
             c.set_check(&service, &id, &check, &status, &output).await?;
             Shown::Nothing

@@ -7,6 +7,7 @@ use axum::routing::{get, put};
 use axum::{Json, Router};
 use serde::Deserialize;
 use zhili_model::acl::{Access, Resource};
+use zhili_model::report::{InstanceReport, ReportSpec};
 use zhili_model::{validate, HealthStatus, InstanceList, InstanceSpec, ServiceSpec};
 use zhili_registry::InstanceFilter;
 
@@ -27,6 +28,8 @@ pub fn routes() -> axum::Router<AppState> {
         .route("/api/v1/services/{service}/instances/{id}/checks/{check}", put(update_check))
         .route("/api/v1/services/{service}/instances/{id}/maintenance", put(maintenance))
         .route("/api/v1/services/{service}/instances/{id}/passive", put(passive))
+        .route("/api/v1/services/{service}/instances/{id}/report", put(report))
+        .route("/api/v1/services/{service}/reports", get(reports))
         .route("/api/v1/services/{service}/breaker", put(breaker))
 }
 
@@ -189,6 +192,60 @@ async fn maintenance(
     validate::text("reason", &body.reason)?;
     let index = s.registry.set_maintenance(&q.namespace()?, &name, &id, body.enabled, &body.reason).await?;
     Ok(indexed(index, StatusCode::NO_CONTENT))
+}
+
+/// An instance reports its own state, tasks and planned work (`report` write on the service).
+async fn report(
+    State(s): State<AppState>,
+    caller: Caller,
+    Path((name, id)): Path<(String, String)>,
+    q: QueryPairs,
+    JsonBody(spec): JsonBody<ReportSpec>,
+) -> ApiResult<Response> {
+    service_name(&name)?;
+    caller.require(Resource::Report, &name, Access::Write)?;
+    spec.validate()?;
+    let index = s.registry.set_report(&q.namespace()?, &name, &id, spec).await?;
+    Ok(indexed(index, StatusCode::NO_CONTENT))
+}
+
+/// The reports of a service's instances (`report` read), with blocking reads (`index`, `wait`).
+async fn reports(State(s): State<AppState>, caller: Caller, Path(name): Path<String>, q: QueryPairs) -> ApiResult<Response> {
+    service_name(&name)?;
+    caller.require(Resource::Report, &name, Access::Read)?;
+    let ns = q.namespace()?;
+    if let Some((index, wait)) = q.blocking()? {
+        let _g = zhili_telemetry::WatcherGuard::new(&s.metrics);
+        s.registry.wait_for(index, wait, || s.registry.service_index(&ns, &name)).await;
+    }
+    let all = InstanceFilter { healthy_only: false, ..Default::default() };
+    let list = s.registry.instances(&ns, &name, &all);
+    let index = list.as_ref().map_or_else(|| s.registry.service_index(&ns, &name), |l| l.index);
+    let reports: Vec<InstanceReportView> = list
+        .into_iter()
+        .flat_map(|l| l.instances)
+        .filter_map(|i| Some(InstanceReportView { report: i.report?, id: i.id, health: i.health, version: i.version, zone: i.zone }))
+        .collect();
+    Ok(indexed(index, Json(ReportList { namespace: ns, service: name, index, reports })))
+}
+
+#[derive(serde::Serialize, schemars::JsonSchema)]
+pub struct ReportList {
+    namespace: String,
+    service: String,
+    index: u64,
+    reports: Vec<InstanceReportView>,
+}
+
+#[derive(serde::Serialize, schemars::JsonSchema)]
+pub struct InstanceReportView {
+    id: String,
+    health: HealthStatus,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    version: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    zone: Option<String>,
+    report: InstanceReport,
 }
 
 #[derive(Deserialize, schemars::JsonSchema)]
