@@ -76,7 +76,13 @@ impl IntoResponse for ApiError {
             detail: self.detail(),
         })
         .unwrap_or_default();
-        (status, [(header::CONTENT_TYPE, "application/problem+json")], body).into_response()
+        let mut resp = (status, [(header::CONTENT_TYPE, "application/problem+json")], body).into_response();
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            // The rest of the body was never read: the connection cannot carry another request,
+            // and a client that reused it would see it closed under its next request.
+            resp.headers_mut().insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+        }
+        resp
     }
 }
 

@@ -274,6 +274,10 @@ async fn bad_input_is_rejected_naming_the_field_and_changes_nothing() {
     expect_problem(&c, Method::GET, "/api/v1/services/web/instances?healthy=maybe", None, StatusCode::BAD_REQUEST, "healthy").await;
     let huge = format!(r#"{{"address":"10.0.0.1","port":80,"description":"{}"}}"#, "x".repeat(800 * 1024));
     expect_problem(&c, Method::POST, "/api/v1/services/web/instances", Some(&huge), StatusCode::PAYLOAD_TOO_LARGE, "body").await;
+    // The unread rest of the body makes the connection unusable: the answer says so, and the
+    // client's next request (below) goes on a fresh connection instead of a closed one.
+    let (_, r, _) = call(&c, Method::POST, "/api/v1/services/web/instances", Some(&huge)).await;
+    assert_eq!(r.headers.get("connection").map(|v| v.as_bytes()), Some(&b"close"[..]));
     // Nothing was written.
     let (_, _, v) = call(&c, Method::GET, "/api/v1/services", None).await;
     assert_eq!(v, serde_json::json!([]), "no service was half-created");
