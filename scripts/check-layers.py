@@ -8,7 +8,7 @@ LEVELS = {
     "zhili-test-support": 0,
     "zhili-model": 1, "zhili-client": 1.5,  # the SDK: zhili-model only
     "zhili-store": 2, "zhili-telemetry": 2, "zhili-config": 2, "zhili-net": 2,
-    "zhili-registry": 3, "zhili-health": 3, "zhili-acl": 3, "zhili-kv": 3, "zhili-routes": 3, "zhili-events": 3, "zhili-txn": 3,
+    "zhili-registry": 3, "zhili-health": 3, "zhili-acl": 3, "zhili-kv": 3, "zhili-routes": 3, "zhili-events": 3, "zhili-txn": 3, "zhili-plans": 3,
     "zhili-dns": 3, "zhili-gateway": 3,
     "zhili-store-fjall": 4, "zhili-http": 4,
     "zhili-api": 5, "zhili-consul": 5, "zhili-nacos": 5, "zhili-dtm": 5,

@@ -159,6 +159,43 @@ pub fn rfc3339(s: &str) -> bool {
     }
 }
 
+/// An RFC 3339 time (as [`rfc3339`] accepts) as Unix milliseconds; None if it is not one, or
+/// before 1970.
+pub fn parse_rfc3339_ms(s: &str) -> Option<u64> {
+    if !rfc3339(s) {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| s.get(r).and_then(|d| d.parse::<i64>().ok());
+    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (h, m, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) || h > 23 || m > 59 || sec > 60 {
+        return None;
+    }
+    // Days from civil (Howard Hinnant's algorithm), the inverse of `timestamp`.
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let rest = s.get(19..)?;
+    let (frac, zone) = match rest.strip_prefix('.') {
+        Some(r) => r.split_at(r.find(|c: char| !c.is_ascii_digit())?),
+        None => ("", rest),
+    };
+    let millis = frac.get(..frac.len().min(3)).map_or(0, |f| f.parse::<i64>().unwrap_or(0) * 10_i64.pow(3 - f.len() as u32));
+    let offset_min = match zone.as_bytes().first() {
+        Some(b'+' | b'-') => {
+            let sign = if zone.starts_with('-') { -1 } else { 1 };
+            sign * (zone.get(1..3)?.parse::<i64>().ok()? * 60 + zone.get(4..6)?.parse::<i64>().ok()?)
+        }
+        _ => 0,
+    };
+    let ms = ((days * 86_400 + h * 3600 + m * 60 + sec - offset_min * 60) * 1000) + millis;
+    u64::try_from(ms).ok()
+}
+
 /// `unix_ms` as an RFC 3339 UTC timestamp with milliseconds (`2026-11-30T12:00:00.000Z`).
 pub fn timestamp(unix_ms: u64) -> String {
     let (days, ms) = (unix_ms / 86_400_000, unix_ms % 86_400_000);
@@ -237,6 +274,18 @@ mod tests {
         assert_eq!(cloudevent("event", &e).unwrap(), "7");
         let bin = from_binary(headers, Some("application/octet-stream"), b"\x00\x01", |b| format!("{}bytes", b.len())).unwrap();
         assert_eq!(bin["data_base64"], "2bytes");
+    }
+
+    #[test]
+    fn rfc3339_times_parse_back() {
+        for ms in [0, 951_782_400_000, 1_796_041_845_123, 4_102_444_800_000] {
+            assert_eq!(parse_rfc3339_ms(&timestamp(ms)), Some(ms));
+        }
+        assert_eq!(parse_rfc3339_ms("2026-11-30T12:30:45.1+01:00"), Some(1_796_041_845_100 - 3_600_000));
+        assert_eq!(parse_rfc3339_ms("2026-11-30T12:30:45Z"), Some(1_796_041_845_000));
+        for bad in ["1969-12-31T23:59:59Z", "2026-13-01T00:00:00Z", "tomorrow"] {
+            assert_eq!(parse_rfc3339_ms(bad), None, "{bad}");
+        }
     }
 
     #[test]

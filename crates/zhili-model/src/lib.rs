@@ -5,6 +5,7 @@ pub mod acl;
 pub mod consumer;
 pub mod duration;
 pub mod event;
+pub mod plan;
 pub mod registry;
 pub mod report;
 pub mod route;
