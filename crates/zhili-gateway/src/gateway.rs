@@ -10,12 +10,12 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use parking_lot::RwLock;
 use tokio::sync::broadcast;
-use zhili_model::route::RouteSpec;
+use zhili_model::route::{RouteSpec, Subset};
 
 use crate::auth::{self, Consumers};
 use crate::balance::{Ejection, Pool};
 use crate::breaker::{self, Transition};
-use crate::stats::{Latencies, Stats};
+use crate::stats::{Latencies, Stats, TargetTraffic, TrafficWindow};
 use crate::table::{self, compile, Table};
 use crate::upstream::Upstreams;
 
@@ -90,6 +90,8 @@ pub struct Gateway {
     pub(crate) consumers_ready: std::sync::atomic::AtomicBool,
     /// JWKS caches by URL, shared by the routes naming them.
     jwks: parking_lot::Mutex<HashMap<String, Arc<auth::Jwks>>>,
+    /// Per route target traffic windows (plan gates read them), kept while the target exists.
+    windows: parking_lot::Mutex<HashMap<table::WindowKey, Arc<TrafficWindow>>>,
 }
 
 impl Gateway {
@@ -105,7 +107,15 @@ impl Gateway {
             consumers: ArcSwap::from_pointee(Consumers::default()),
             consumers_ready: Default::default(),
             jwks: Default::default(),
+            windows: Default::default(),
         })
+    }
+
+    /// What the gateway saw for `route`'s requests to `service`'s `subset` since `since_ms`;
+    /// None when no such target exists.
+    pub fn traffic(&self, route: &str, namespace: &str, service: &str, subset: &Subset, since_ms: u64) -> Option<TargetTraffic> {
+        let key = (route.to_string(), namespace.to_string(), service.to_string(), subset.clone());
+        self.windows.lock().get(&key).map(|w| w.since(since_ms))
     }
 
     pub fn table(&self) -> Arc<Table> {
@@ -156,6 +166,20 @@ impl Gateway {
             }
         }
         drop(jwks);
+        let mut windows = self.windows.lock();
+        let mut live_keys = HashSet::new();
+        for r in &compiled {
+            if let table::Action::Forward(targets) = &r.action {
+                for (t, _) in targets {
+                    let key = t.window_key(&r.name);
+                    let w = windows.entry(key.clone()).or_default().clone();
+                    let _ = t.window.set(w);
+                    live_keys.insert(key);
+                }
+            }
+        }
+        windows.retain(|k, _| live_keys.contains(k));
+        drop(windows);
         let pools = self.pools.read();
         for r in &compiled {
             if let table::Action::Forward(targets) = &r.action {

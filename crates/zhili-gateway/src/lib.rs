@@ -38,5 +38,5 @@ pub use discover::{follow, Discover, DiscoverError, DISCOVERY_WAIT, NOTHING_YET_
 pub use gateway::{Gateway, GatewayCollector, Observed, Options, PassiveHealth};
 pub use limit::{Decision, Limiter};
 pub use serve::serve;
-pub use stats::{Latencies, RouteLabels, ServiceLabels, Stats};
+pub use stats::{Latencies, RouteLabels, ServiceLabels, Stats, TargetTraffic};
 pub use table::{compile, Route, Table, Target};

@@ -211,6 +211,7 @@ async fn act(
         }
         Action::Redirect(r) => (redirect(r, &req, &routed.authority.authority, &routed.forward_path, peer.tls), None),
         Action::Forward(targets) => {
+            let started = Instant::now();
             let target = pick_target(targets);
             let key = hash_key(route, &req, peer.addr);
             let request_id = req.headers().get("x-request-id").cloned().unwrap_or_else(request_id);
@@ -228,6 +229,10 @@ async fn act(
                 identity,
             };
             let (mut resp, used) = forward(call, req, on_upgrade).await;
+            if let Some(w) = target.window.get() {
+                let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+                w.record(now_ms, started.elapsed().as_secs_f64() * 1000.0, resp.status().is_server_error());
+            }
             resp.headers_mut().insert("x-request-id", request_id);
             apply_ops(resp.headers_mut(), &route.spec.response_headers);
             (resp, used.map(|e| (target.service.clone(), e)))

@@ -55,7 +55,19 @@ pub struct Target {
     /// The service's endpoint pool, attached when the gateway stages the table, so a request
     /// finds it without a map lookup.
     pub pool: std::sync::OnceLock<Arc<crate::balance::Pool>>,
+    /// The target's recent traffic (kept by the gateway across table rebuilds, by route and
+    /// target), attached when the table is staged.
+    pub window: std::sync::OnceLock<Arc<crate::stats::TrafficWindow>>,
 }
+
+impl Target {
+    /// What identifies the target's traffic window: (route, namespace, service, subset).
+    pub fn window_key(&self, route: &str) -> WindowKey {
+        (route.to_string(), self.namespace.clone(), self.service.clone(), self.subset.clone().unwrap_or_default())
+    }
+}
+
+pub type WindowKey = (String, String, String, Subset);
 
 #[derive(Debug)]
 pub enum Action {
@@ -157,7 +169,10 @@ pub fn compile(name: &str, spec: &RouteSpec) -> Result<Route, ValidationError> {
         .collect::<Result<_, ValidationError>>()?;
     let default_ns = || spec.namespace.clone().unwrap_or_else(|| zhili_model::DEFAULT_NAMESPACE.to_string());
     let action = if let Some(service) = &spec.service {
-        Action::Forward(vec![(Target { namespace: default_ns(), service: service.clone(), subset: spec.subset.clone(), pool: Default::default() }, 1)])
+        Action::Forward(vec![(
+            Target { namespace: default_ns(), service: service.clone(), subset: spec.subset.clone(), pool: Default::default(), window: Default::default() },
+            1,
+        )])
     } else if !spec.split.is_empty() {
         Action::Forward(
             spec.split
@@ -169,6 +184,7 @@ pub fn compile(name: &str, spec: &RouteSpec) -> Result<Route, ValidationError> {
                             service: t.service.clone(),
                             subset: t.subset.clone(),
                             pool: Default::default(),
+                            window: Default::default(),
                         },
                         t.weight,
                     )

@@ -57,6 +57,8 @@ pub struct Services {
     pub audit: zhili_events::Audit,
     /// The transaction coordinator (None with `--dtm-addr off`).
     pub transactions: Option<Arc<zhili_txn::Coordinator>>,
+    /// Plans (maintenance windows, rollouts, config changes) gated on feedback.
+    pub plans: Arc<zhili_plans::Plans>,
     pub metrics: Arc<Metrics>,
     /// Set once persisted state is loaded and listeners are up; `/health/ready` reports it.
     pub ready: Arc<AtomicBool>,

@@ -72,7 +72,39 @@ pub trait Environment: Send + Sync + 'static {
     async fn kv_delete(&self, key: &str) -> Result<(), String>;
     /// The gateway's own counters for `route`'s requests sent to `service`'s `subset` since
     /// `since_ms`; None when nothing is known (no gateway, an unknown route).
-    fn traffic(&self, route: &str, service: &str, subset: &Subset, since_ms: u64) -> Option<Traffic>;
+    fn traffic(&self, route: &str, namespace: &str, service: &str, subset: &Subset, since_ms: u64) -> Option<Traffic>;
+}
+
+/// A world with nothing in it (for in-process tests of the API): plans naming services, routes
+/// or keys are refused or fail their gates.
+pub struct EmptyWorld;
+
+#[async_trait::async_trait]
+impl Environment for EmptyWorld {
+    fn instances(&self, _: &str, _: &str) -> Option<Vec<Instance>> {
+        None
+    }
+    async fn set_maintenance(&self, _: &str, _: &str, _: &str, _: bool, _: &str) -> Result<(), String> {
+        Err("no registry".into())
+    }
+    fn route(&self, _: &str) -> Option<RouteSpec> {
+        None
+    }
+    async fn put_route(&self, _: &str, _: &RouteSpec) -> Result<(), String> {
+        Err("no routes".into())
+    }
+    fn kv_get(&self, _: &str) -> Result<Option<Bytes>, String> {
+        Err("no KV".into())
+    }
+    async fn kv_put(&self, _: &str, _: Bytes) -> Result<(), String> {
+        Err("no KV".into())
+    }
+    async fn kv_delete(&self, _: &str) -> Result<(), String> {
+        Err("no KV".into())
+    }
+    fn traffic(&self, _: &str, _: &str, _: &str, _: &Subset, _: u64) -> Option<Traffic> {
+        None
+    }
 }
 
 /// How to take back one change a plan made; written before the change.
@@ -669,7 +701,7 @@ impl Plans {
                     self.decide(p, "weight_set", format!("{pct}% of {route} to {}, {}% to {}", describe(&to), 100 - pct, describe(&from)));
                     self.save(p).await?;
                 }
-                let target = Target { route: &route, service: &service, subset: &to };
+                let target = Target { route: &route, namespace: &ns, service: &service, subset: &to };
                 match self.bake_rollout(p, &bake, &gates, (&ns, &service), target).await? {
                     Baked::Pending(d) => Ok(Some(d)),
                     Baked::Stopped => Ok(Some(Duration::ZERO)),
@@ -760,7 +792,7 @@ impl Plans {
                 return None;
             }
             let Some(t) = target else { return Some("a traffic gate outside a rollout".into()) };
-            let Some(seen) = self.env.traffic(t.route, t.service, t.subset, p.since_ms).filter(|s| s.requests > 0) else {
+            let Some(seen) = self.env.traffic(t.route, t.namespace, t.service, t.subset, p.since_ms).filter(|s| s.requests > 0) else {
                 return Some(format!("no requests reached {} since the weight changed (missing data fails a gate)", describe(t.subset)));
             };
             let max = g.max.unwrap_or(f64::INFINITY);
@@ -859,6 +891,7 @@ impl Plans {
 /// A rollout's target, for traffic gates.
 struct Target<'a> {
     route: &'a str,
+    namespace: &'a str,
     service: &'a str,
     subset: &'a Subset,
 }

@@ -79,7 +79,7 @@ impl Environment for World {
         self.kv.lock().remove(key);
         Ok(())
     }
-    fn traffic(&self, _route: &str, _service: &str, _subset: &Subset, _since_ms: u64) -> Option<Traffic> {
+    fn traffic(&self, _route: &str, _ns: &str, _service: &str, _subset: &Subset, _since_ms: u64) -> Option<Traffic> {
         self.traffic.lock().map(|(requests, errors)| Traffic { requests, errors, p99_ms: Some(5.0) })
     }
 }

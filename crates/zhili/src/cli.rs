@@ -85,6 +85,13 @@ pub enum ClientCommand {
         #[command(subcommand)]
         cmd: TxnCmd,
     },
+    /// Plans: maintenance windows, rollouts and config changes gated on feedback.
+    Plan {
+        #[command(flatten)]
+        opts: ClientOpts,
+        #[command(subcommand)]
+        cmd: PlanCmd,
+    },
     /// Bootstrap ACLs; manage policies and tokens.
     Acl {
         #[command(flatten)]
@@ -324,6 +331,39 @@ pub enum SubscriptionCmd {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum PlanCmd {
+    /// Applies a plan from a JSON file (`-` for stdin): validated in full, then scheduled or started.
+    Apply {
+        name: String,
+        file: std::path::PathBuf,
+    },
+    /// Every plan with its status and step.
+    List,
+    /// A plan: definition, status, step, changes and every decision with its reason.
+    Get {
+        name: String,
+    },
+    Pause {
+        name: String,
+    },
+    Resume {
+        name: String,
+    },
+    /// Stops the plan; drained instances of the current step come back, finished steps stay.
+    Abort {
+        name: String,
+    },
+    /// Lets the plan past its approve step.
+    Approve {
+        name: String,
+    },
+    /// Deletes a finished plan.
+    Delete {
+        name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 pub enum TxnCmd {
     /// Transactions in gid order, optionally only of one status (prepared, submitted, aborting,
     /// succeed, failed) or mode (saga, tcc, msg, xa).
@@ -396,6 +436,7 @@ pub async fn run(cmd: ClientCommand) -> ExitCode {
         ClientCommand::Stream { opts, cmd } => (opts.clone(), with_client(&opts, |c| stream(c, cmd)).await),
         ClientCommand::Subscription { opts, cmd } => (opts.clone(), with_client(&opts, |c| subscription(c, cmd)).await),
         ClientCommand::Txn { opts, cmd } => (opts.clone(), with_client(&opts, |c| txn(c, cmd)).await),
+        ClientCommand::Plan { opts, cmd } => (opts.clone(), with_client(&opts, |c| plan(c, cmd)).await),
         ClientCommand::Route { opts, cmd } => (opts.clone(), with_client(&opts, |c| gateway_resource(c, "routes", cmd)).await),
         ClientCommand::Consumer { opts, cmd } => (opts.clone(), with_client(&opts, |c| gateway_resource(c, "consumers", cmd)).await),
     };
@@ -639,6 +680,34 @@ async fn subscription(c: Client, cmd: SubscriptionCmd) -> Result<Shown, CliError
             Shown::Nothing
         }
         SubscriptionCmd::ReplayParked { name } => Shown::Json(json!({"replayed": c.replay_parked(&name).await?})),
+    })
+}
+
+async fn plan(c: Client, cmd: PlanCmd) -> Result<Shown, CliError> {
+    use http::Method;
+    let path = |name: &str| format!("/api/v1/plans/{}", encode(name));
+    Ok(match cmd {
+        PlanCmd::Apply { name, file } => {
+            let text = if file.as_os_str() == "-" {
+                let mut s = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut s).map_err(|e| CliError::Usage(format!("reading stdin: {e}")))?;
+                s
+            } else {
+                read_file(&file)?
+            };
+            let spec: Value = parse_json("the plan", &text)?;
+            Shown::Json(c.json_call(Method::PUT, &path(&name), Some(&spec)).await?)
+        }
+        PlanCmd::List => Shown::Json(c.json_call(Method::GET, "/api/v1/plans", None).await?.get("plans").cloned().unwrap_or(Value::Null)),
+        PlanCmd::Get { name } => Shown::Json(c.json_call(Method::GET, &path(&name), None).await?),
+        PlanCmd::Delete { name } => {
+            c.json_call(Method::DELETE, &path(&name), None).await?;
+            Shown::Nothing
+        }
+        PlanCmd::Pause { name } => Shown::Json(c.json_call(Method::POST, &format!("{}/pause", path(&name)), None).await?),
+        PlanCmd::Resume { name } => Shown::Json(c.json_call(Method::POST, &format!("{}/resume", path(&name)), None).await?),
+        PlanCmd::Abort { name } => Shown::Json(c.json_call(Method::POST, &format!("{}/abort", path(&name)), None).await?),
+        PlanCmd::Approve { name } => Shown::Json(c.json_call(Method::POST, &format!("{}/approve", path(&name)), None).await?),
     })
 }
 

@@ -4,6 +4,7 @@
 mod cli;
 mod feedback;
 mod gateway;
+mod plans;
 mod server;
 mod txn;
 

@@ -20,6 +20,8 @@ use crate::{ServerArgs, EXIT_USAGE};
 
 /// How often stale heartbeats, expired TTLs and deregister-after deadlines are looked for.
 const REAP_INTERVAL: Duration = Duration::from_millis(250);
+/// How often a baking plan step checks its gates.
+const PLAN_TICK: Duration = Duration::from_millis(500);
 /// TTL of DNS answers: short, so a health change reaches resolvers within seconds.
 const DNS_TTL: Duration = Duration::from_secs(5);
 /// Health transitions waiting for the registry; when full, check tasks wait (nothing is lost).
@@ -232,6 +234,10 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
         }
         None => None,
     };
+    // The embedded gateway's state exists before its listener, so plans can read its counters.
+    let gateway = cfg.gateway_addr.map(|_| zhili_gateway::Gateway::new(zhili_gateway::Options { access_log: cfg.gateway_access_log, ..Default::default() }));
+    let world = crate::plans::World { registry: registry.clone(), store: store.clone(), kv: kv.clone(), gateway: gateway.clone() };
+    let plans = zhili_plans::Plans::start(store.clone(), Arc::new(world), Some(events.clone()), PLAN_TICK).context("loading plans")?;
     let state = zhili_api::AppState::new(zhili_api::Services {
         store,
         registry: registry.clone(),
@@ -241,6 +247,7 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
         subscriptions,
         audit,
         transactions: transactions.clone(),
+        plans,
         metrics,
         ready: ready.clone(),
     });
@@ -268,7 +275,7 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
             listen::serve(listener, tls.clone(), nacos.grpc_router(), zhili_net::Admission::new("nacos-grpc", limits), sup.stop()),
         );
     }
-    if let Some(addr) = cfg.gateway_addr {
+    if let (Some(addr), Some(gw)) = (cfg.gateway_addr, gateway) {
         let listener = TcpListener::bind(addr).await.with_context(|| format!("binding the gateway on {addr}"))?;
         let files = if cfg.gateway_tls.is_empty() { cfg.tls.as_slice() } else { cfg.gateway_tls.as_slice() };
         let pairs: Vec<_> = files.iter().map(|t| (t.cert.clone(), t.key.clone())).collect();
@@ -276,7 +283,6 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
             if pairs.is_empty() { None } else { Some(zhili_gateway::tls::acceptor(&pairs, cfg.gateway_client_ca.as_deref()).map_err(anyhow::Error::msg)?) };
         let scheme = if gw_tls.is_some() { "https" } else { "http" };
         println!("zhili gateway listening on {scheme}://{}", listener.local_addr()?);
-        let gw = zhili_gateway::Gateway::new(zhili_gateway::Options { access_log: cfg.gateway_access_log, ..Default::default() });
         state.metrics.register_collector(Box::new(zhili_gateway::GatewayCollector(gw.clone())));
         let discover = Arc::new(crate::gateway::Local { registry: registry.clone(), store: state.store.clone(), events: state.events.clone() });
         sup.spawn("gateway follower", zhili_gateway::follow(gw.clone(), discover));

@@ -3,6 +3,7 @@
 mod acl;
 mod events;
 pub mod kv;
+mod plans;
 pub mod registry;
 mod routes;
 pub mod sd;
@@ -24,6 +25,7 @@ pub fn routes() -> Router<AppState> {
         .merge(routes::routes())
         .merge(subscriptions::routes())
         .merge(transactions::routes())
+        .merge(plans::routes())
 }
 
 /// The answer to a write: the index it produced.
