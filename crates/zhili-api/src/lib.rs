@@ -3,6 +3,7 @@
 //! served on the same port (Consul's `/v1`) are handed in as routers and share one authorization
 //! layer and one problem+json fallback.
 
+mod console;
 pub mod native;
 pub mod openapi;
 mod ops;
@@ -17,7 +18,7 @@ pub use zhili_kv::KV_PREFIX;
 /// - audit: successful writes go to `$audit` with the caller's accessor id;
 /// - body limits, per surface: before any handler reads a body.
 pub fn router(state: AppState, others: impl IntoIterator<Item = Router>) -> Router {
-    let own = zhili_http::limit_bodies(Router::new().merge(native::routes()).merge(ops::routes()), MAX_BODY).with_state(state.clone());
+    let own = zhili_http::limit_bodies(Router::new().merge(native::routes()).merge(ops::routes()).merge(console::routes()), MAX_BODY).with_state(state.clone());
     // Event batches are larger than any other body.
     let streams = zhili_http::limit_bodies(native::streams::routes(), zhili_model::event::MAX_BATCH_BYTES).with_state(state.clone());
     let app = others.into_iter().map(|r| zhili_http::limit_bodies(r, MAX_BODY)).fold(own.merge(streams), Router::merge).fallback(fallback);

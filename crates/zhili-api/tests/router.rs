@@ -35,6 +35,7 @@ fn state(acl: bool) -> AppState {
         subscriptions: zhili_events::Subscriptions::load(store.clone(), events.clone()).unwrap(),
         audit: zhili_events::Audit::new(events).0,
         transactions: None,
+        gateway: None,
         plans: zhili_plans::Plans::start(store.clone(), Arc::new(zhili_plans::EmptyWorld), None, std::time::Duration::from_millis(100)).unwrap(),
         store,
         metrics,

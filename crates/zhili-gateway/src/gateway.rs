@@ -111,6 +111,12 @@ impl Gateway {
         })
     }
 
+    /// Every route target's traffic since `since_ms`: ((route, namespace, service, subset), seen).
+    pub fn traffic_all(&self, since_ms: u64) -> Vec<(table::WindowKey, TargetTraffic)> {
+        let windows: Vec<(table::WindowKey, Arc<TrafficWindow>)> = self.windows.lock().iter().map(|(k, w)| (k.clone(), w.clone())).collect();
+        windows.into_iter().map(|(k, w)| (k, w.since(since_ms))).collect()
+    }
+
     /// What the gateway saw for `route`'s requests to `service`'s `subset` since `since_ms`;
     /// None when no such target exists.
     pub fn traffic(&self, route: &str, namespace: &str, service: &str, subset: &Subset, since_ms: u64) -> Option<TargetTraffic> {

@@ -59,6 +59,8 @@ pub struct Services {
     pub transactions: Option<Arc<zhili_txn::Coordinator>>,
     /// Plans (maintenance windows, rollouts, config changes) gated on feedback.
     pub plans: Arc<zhili_plans::Plans>,
+    /// The embedded gateway (None with `--gateway-addr off`): its counters feed the topology.
+    pub gateway: Option<Arc<zhili_gateway::Gateway>>,
     pub metrics: Arc<Metrics>,
     /// Set once persisted state is loaded and listeners are up; `/health/ready` reports it.
     pub ready: Arc<AtomicBool>,

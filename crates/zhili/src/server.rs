@@ -248,6 +248,7 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
         audit,
         transactions: transactions.clone(),
         plans,
+        gateway: gateway.clone(),
         metrics,
         ready: ready.clone(),
     });

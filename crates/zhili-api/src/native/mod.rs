@@ -9,6 +9,7 @@ mod routes;
 pub mod sd;
 pub mod streams;
 mod subscriptions;
+mod topology;
 mod transactions;
 
 use axum::Router;
@@ -26,6 +27,7 @@ pub fn routes() -> Router<AppState> {
         .merge(subscriptions::routes())
         .merge(transactions::routes())
         .merge(plans::routes())
+        .merge(topology::routes())
 }
 
 /// The answer to a write: the index it produced.
