@@ -212,6 +212,8 @@ pub const OPERATIONS: &[Operation] = &[
     op!("get" "/api/v1/acl/tokens/{accessor}", "acl", "Read a token", [], Body::None, 200 => Answer::Json(of::<Token>)),
     op!("delete" "/api/v1/acl/tokens/{accessor}", "acl", "Delete a token", [], Body::None, 204 => Answer::Empty),
     op!("get" "/api/v1/acl/token/self", "acl", "The caller's own token", [], Body::None, 200 => Answer::Json(of::<Token>)),
+    op!("post" "/api/v1/acl/authorize", "acl", "What the caller's token may do: answers each {resource, name, access} with allow", [],
+        Body::Json(of::<Vec<crate::native::acl::AuthorizeCheck>>), 200 => Answer::Json(any_object)),
     op!("get" "/metrics", "ops", "Prometheus metrics (OpenMetrics text)", [], Body::None, 200 => Answer::Text("application/openmetrics-text; version=1.0.0; charset=utf-8")),
     op!("get" "/health/live", "ops", "Liveness", [], Body::None, 200 => Answer::Text("text/plain; charset=utf-8")),
     op!("get" "/health/ready", "ops", "Readiness: 200 once state is loaded, 503 before", [], Body::None, 200 => Answer::Text("text/plain; charset=utf-8")),

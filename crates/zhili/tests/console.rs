@@ -59,10 +59,15 @@ async fn the_console_is_served_and_works_in_a_real_browser() {
         {"kind": "config", "key": "config/web/flag", "value": "on"}]});
     assert_eq!(call(&api, Method::PUT, "/api/v1/plans/nightly", Some(&plan.to_string())).await.0, StatusCode::CREATED);
 
+    let reader =
+        json!({"name": "reader", "rules": [{"resource": "service", "prefix": "", "access": "read"}, {"resource": "stream", "prefix": "$", "access": "read"}]});
+    assert!(call(&api, Method::POST, "/api/v1/acl/policies", Some(&reader.to_string())).await.0.is_success());
+    let (_, _, t) = call(&api, Method::POST, "/api/v1/acl/tokens", Some(r#"{"description": "read-only", "policies": ["reader"]}"#)).await;
+    let reader = t["secret_id"].as_str().unwrap().to_string();
     let shots = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/console-screenshots");
     let out = run_interop(
         "console_browser.py",
-        &[&format!("http://{}", s.api), &format!("http://{}", s.gateway.unwrap()), &root, shots.to_str().unwrap()],
+        &[&format!("http://{}", s.api), &format!("http://{}", s.gateway.unwrap()), &root, shots.to_str().unwrap(), &reader],
         Duration::from_secs(240),
     );
     assert!(out.contains("console ok"), "{out}");

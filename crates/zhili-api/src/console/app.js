@@ -29,6 +29,16 @@ async function api(method, path, body, signal, raw) {
   return { json, index: Number(resp.headers.get("X-Zhili-Index") || 0) };
 }
 
+// Whether the token may do each of `checks` ([resource, name, access]); the console offers only
+// what it may (the server checks again anyway).
+async function can(checks) {
+  try {
+    const r = await api("POST", "/api/v1/acl/authorize", checks.map(([resource, name, access]) => ({ resource, name, access })));
+    return r.json.map((a) => a.allow);
+  } catch (_) { return checks.map(() => true); }
+}
+const offer = (allowed) => (allowed ? "" : 'disabled title="this token may not change this"');
+
 const aborted = (e) => e && (e.name === "AbortError" || (view && view.abort.signal.aborted));
 // A click handler on the page for as long as the current view lasts.
 const onMain = (fn) => main.addEventListener("click", fn, { signal: view.abort.signal });
@@ -217,7 +227,18 @@ async function services() {
 
 async function service(name) {
   const namespace = new URLSearchParams(location.search).get("namespace") || "default";
-  showPage(`Service ${name}`, `<p class="muted">namespace ${esc(namespace)} · live</p><div class="table-wrap" id="instances"></div><h2>Reports</h2><div id="reports" class="muted">none</div>`);
+  showPage(`Service ${name}`, `<p class="muted">namespace ${esc(namespace)} · live</p><div id="breaker"></div><div class="table-wrap" id="instances"></div>
+    <h2>Reports</h2><div id="reports" class="muted">none</div><h2>History</h2><div id="history" class="table-wrap"></div>`);
+  const [writable] = await can([["service", name, "write"]]);
+  const history = async () => {
+    try {
+      const r = await api("GET", "/api/v1/streams/%24registry?direction=backwards&limit=500", undefined, view.abort.signal);
+      const mine = (r.json.events || []).filter((e) => (e.event.subject || "").startsWith(`${namespace}/${name}`)).slice(0, 20);
+      document.getElementById("history").innerHTML = `<table><thead><tr><th>time</th><th>change</th><th>instance</th><th>health</th></tr></thead><tbody>${mine.map((e) =>
+        `<tr><td>${esc(e.event.time)}</td><td>${esc(e.event.type.replace("io.zhili.registry.", ""))}</td><td class="mono">${esc((e.event.subject || "").split("/").slice(2).join("/"))}</td>
+        <td>${esc((e.event.data && (e.event.data.health || (e.event.data.instance && e.event.data.instance.health))) || "")}</td></tr>`).join("") || "<tr><td colspan=4 class=muted>no changes recorded</td></tr>"}</tbody></table>`;
+    } catch (e) { if (!aborted(e)) document.getElementById("history").innerHTML = `<p class="muted">${esc(e.status === 403 ? "this token may not read $registry" : e.message)}</p>`; }
+  };
   onMain(async (ev) => {
     const b = ev.target.closest("button[data-maint]");
     if (!b) return;
@@ -232,8 +253,8 @@ async function service(name) {
       const checks = (i.checks || []).map((c) => `<div>${badge(c.status)} ${esc(c.name || c.id)} <span class="muted">since ${esc(when(c.last_change_ms))}</span><div class="mono muted">${esc(c.output)}</div></div>`).join("");
       const passive = i.passive_health ? `<div class="error">ejected: ${esc(i.passive_health.reason)}</div>` : "";
       const maint = i.maintenance
-        ? `<div>in maintenance: ${esc(i.maintenance.reason)}</div><button data-maint="off" data-id="${esc(i.id)}" class="secondary">End maintenance</button>`
-        : `<button data-maint="on" data-id="${esc(i.id)}" class="secondary">Maintenance</button>`;
+        ? `<div>in maintenance: ${esc(i.maintenance.reason)}</div><button data-maint="off" data-id="${esc(i.id)}" class="secondary" ${offer(writable)}>End maintenance</button>`
+        : `<button data-maint="on" data-id="${esc(i.id)}" class="secondary" ${offer(writable)}>Maintenance</button>`;
       return `<tr data-instance="${esc(i.id)}"><td class="mono">${esc(i.id)}</td><td class="mono">${esc(i.address)}:${i.port}</td><td>${esc(i.zone || "")}</td><td>${esc(i.version || "")}</td>
         <td>${i.weight}</td><td class="health">${badge(i.health)}${passive}</td><td>${checks || '<span class="muted">heartbeat</span>'}</td><td>${maint}</td></tr>`;
     });
@@ -242,6 +263,12 @@ async function service(name) {
     const reports = r.json.instances.filter((i) => i.report).map((i) => `<li><b>${esc(i.id)}</b>: ${badge(i.report.state === "ok" ? "passing" : "warning")} ${esc(i.report.state)} ${esc(i.report.message || "")}
       ${(i.report.tasks || []).map((t) => ` · task ${esc(t.name)} ${t.progress ?? ""}%`).join("")}${(i.report.planned || []).map((p) => ` · planned ${esc(p.name)} ${esc(p.at || "")}`).join("")}</li>`);
     document.getElementById("reports").innerHTML = reports.length ? `<ul>${reports.join("")}</ul>` : "none";
+    try {
+      const d = (await api("GET", `/api/v1/services/${enc(name)}?namespace=${enc(namespace)}`, undefined, signal)).json;
+      const b = d.circuit_breaker;
+      document.getElementById("breaker").innerHTML = b ? `<p>circuit breaker ${badge(b.state === "closed" ? "passing" : b.state === "open" ? "critical" : "warning")} ${esc(b.state)} · ${esc(b.reason)} · ${esc(when(b.reported_ms))}</p>` : "";
+    } catch (e) { if (aborted(e)) throw e; }
+    history();
     return r.index;
   });
 }
@@ -298,6 +325,8 @@ async function kv(key) {
     <form id="kvform"><label for="kvvalue">Value</label><textarea id="kvvalue">${esc(value)}</textarea>
     <div class="toolbar"><button type="submit">Save</button><button type="button" class="secondary" id="kvdelete" ${loaded ? "" : "disabled"}>Delete</button>
     <span id="kvresult" role="status" aria-live="polite"></span></div></form>`;
+  const [writable] = await can([["kv", key, "write"]]);
+  if (!writable) document.querySelectorAll("#kvform button").forEach((b) => { b.disabled = true; b.title = "this token may not change this key"; });
   document.getElementById("kvform").onsubmit = async (ev) => {
     ev.preventDefault();
     const out = document.getElementById("kvresult");
@@ -331,6 +360,8 @@ async function routes() {
     <label>Name <input id="edname" required></label><label for="edspec">Definition (JSON)</label>
     <textarea id="edspec">{"path_prefix": "/demo/", "service": "demo", "strip_prefix": true}</textarea>
     <div class="toolbar"><button type="submit">Save</button><span id="edresult" role="status" aria-live="polite"></span></div></form></div></div>`);
+  const [routeWrite, consumerWrite] = await can([["route", "", "write"], ["consumer", "", "write"]]);
+  if (!routeWrite && !consumerWrite) document.querySelector("#edform button[type=submit]").disabled = true;
   const edit = (kind, name, spec) => {
     document.getElementById("edkind").value = kind;
     document.getElementById("edname").value = name;
@@ -444,11 +475,12 @@ async function plans(name) {
     if (!b) return;
     try { await api("POST", `/api/v1/plans/${enc(name)}/${b.dataset.action}`); } catch (e) { showError(e); }
   });
+  const [writable] = await can([["plan", name, "write"]]);
   await poll(1000, async (signal) => {
     const p = (await api("GET", `/api/v1/plans/${enc(name)}`, undefined, signal)).json;
     const running = !["succeeded", "rolled_back", "aborted"].includes(p.status);
     document.getElementById("controls").innerHTML = ["pause", "resume", "approve", "abort"].map((a) => {
-      const enabled = running && (a !== "pause" || p.status === "running") && (a !== "resume" || p.status === "paused") && (a !== "approve" || p.waiting_for_approval);
+      const enabled = writable && running && (a !== "pause" || p.status === "running") && (a !== "resume" || p.status === "paused") && (a !== "approve" || p.waiting_for_approval);
       return `<button data-action="${a}" ${enabled ? "" : "disabled"} class="${a === "abort" ? "secondary" : ""}">${a}</button>`;
     }).join("");
     const steps = p.steps.map((s, i) => `<li ${i === p.step ? 'aria-current="step"' : ""}>${i < p.step ? "✓" : i === p.step && running ? "▶" : "·"} <b>${esc(s.kind)}</b> <span class="mono">${esc(JSON.stringify(s))}</span></li>`);

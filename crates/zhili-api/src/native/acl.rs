@@ -21,6 +21,7 @@ pub fn routes() -> Router<AppState> {
         .route("/api/v1/acl/tokens", get(list_tokens).post(create_token))
         .route("/api/v1/acl/tokens/{accessor}", get(get_token).delete(delete_token))
         .route("/api/v1/acl/token/self", get(token_self))
+        .route("/api/v1/acl/authorize", post(authorize))
 }
 
 /// Secrets are shown only to callers who may write ACLs (as Consul does).
@@ -92,6 +93,32 @@ async fn delete_token(State(s): State<AppState>, caller: Caller, Path(accessor):
         e => e.into(),
     })?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// One question for `POST /api/v1/acl/authorize`: may the caller do `access` on `name`?
+#[derive(serde::Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AuthorizeCheck {
+    resource: Resource,
+    #[serde(default)]
+    name: String,
+    access: Access,
+}
+
+/// Most questions in one call.
+const MAX_CHECKS: usize = 256;
+
+/// What the caller's own token may do (as Consul's `/v1/internal/acl/authorize`): the console
+/// asks before it offers a button. Answers only about the caller, so it needs no rights.
+async fn authorize(caller: Caller, JsonBody(checks): JsonBody<Vec<AuthorizeCheck>>) -> ApiResult<Response> {
+    if checks.len() > MAX_CHECKS {
+        return Err(ApiError::field("body", format!("at most {MAX_CHECKS} checks")));
+    }
+    let answers: Vec<serde_json::Value> = checks
+        .iter()
+        .map(|c| serde_json::json!({"resource": c.resource, "name": c.name, "access": c.access, "allow": caller.can(c.resource, &c.name, c.access)}))
+        .collect();
+    Ok(Json(answers).into_response())
 }
 
 async fn token_self(State(s): State<AppState>, caller: Caller) -> ApiResult<Response> {

@@ -1,6 +1,6 @@
 //! The native REST API, `/api/v1`.
 
-mod acl;
+pub mod acl;
 mod events;
 pub mod kv;
 mod plans;

@@ -4,7 +4,7 @@ reload, meets a KV CAS conflict, sees a topology edge appear after traffic throu
 approves a plan and follows it to the end, saves a screenshot of every view (desktop and phone
 width), and fails on any error in the browser console.
 
-usage: console_browser.py API_URL GATEWAY_URL TOKEN SCREENSHOT_DIR
+usage: console_browser.py API_URL GATEWAY_URL TOKEN SCREENSHOT_DIR READER_TOKEN
 """
 import base64
 import json
@@ -19,7 +19,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as EC
 from selenium.webdriver.support.ui import WebDriverWait
 
-API, GATEWAY, TOKEN, SHOTS = sys.argv[1:5]
+API, GATEWAY, TOKEN, SHOTS, READER = sys.argv[1:6]
 os.environ.setdefault("SE_AVOID_STATS", "true")
 os.makedirs(SHOTS, exist_ok=True)
 WAIT = 20
@@ -139,6 +139,16 @@ try:
     driver.find_element(By.TAG_NAME, "body").send_keys("\ue004")  # Tab: the skip link first
     focused = driver.switch_to.active_element
     assert focused.tag_name == "a", focused.tag_name
+    collect_console()
+
+    # A read-only token sees the service but is not offered maintenance.
+    visit("/ui/login", "#token")
+    driver.find_element(By.ID, "token").send_keys(READER)
+    driver.find_element(By.CSS_SELECTOR, "#login button[type=submit]").click()
+    wait.until(EC.text_to_be_present_in_element((By.ID, "cards"), "services"))
+    visit("/ui/services/web", "tr[data-instance='web-1'] button[data-maint]")
+    assert not driver.find_element(By.CSS_SELECTOR, "tr[data-instance='web-1'] button[data-maint]").is_enabled(), "maintenance offered to a reader"
+    shot("reader-service")
     collect_console()
 
     # Phone width.
