@@ -92,7 +92,12 @@ pub struct Gateway {
     jwks: parking_lot::Mutex<HashMap<String, Arc<auth::Jwks>>>,
     /// Per route target traffic windows (plan gates read them), kept while the target exists.
     windows: parking_lot::Mutex<HashMap<table::WindowKey, Arc<TrafficWindow>>>,
+    /// Traffic by authenticated caller (consumer) and service, for the topology; bounded.
+    callers: parking_lot::Mutex<HashMap<(String, String, String), Arc<TrafficWindow>>>,
 }
+
+/// Distinct (consumer, service) pairs tracked for the topology; pairs past it are not drawn.
+const MAX_CALLER_EDGES: usize = 4096;
 
 impl Gateway {
     pub fn new(options: Options) -> Arc<Self> {
@@ -108,7 +113,28 @@ impl Gateway {
             consumers_ready: Default::default(),
             jwks: Default::default(),
             windows: Default::default(),
+            callers: Default::default(),
         })
+    }
+
+    /// Counts one request of consumer `caller` to a service (the topology's caller edges).
+    pub(crate) fn record_caller(&self, caller: &str, namespace: &str, service: &str, now_ms: u64, latency_ms: f64, error: bool) {
+        let key = (caller.to_string(), namespace.to_string(), service.to_string());
+        let window = {
+            let mut callers = self.callers.lock();
+            match callers.get(&key) {
+                Some(w) => w.clone(),
+                None if callers.len() >= MAX_CALLER_EDGES => return,
+                None => callers.entry(key).or_default().clone(),
+            }
+        };
+        window.record(now_ms, latency_ms, error);
+    }
+
+    /// Every (consumer, namespace, service) edge's traffic since `since_ms`.
+    pub fn caller_traffic(&self, since_ms: u64) -> Vec<((String, String, String), TargetTraffic)> {
+        let callers: Vec<_> = self.callers.lock().iter().map(|(k, w)| (k.clone(), w.clone())).collect();
+        callers.into_iter().map(|(k, w)| (k, w.since(since_ms))).filter(|(_, t)| t.requests > 0).collect()
     }
 
     /// Every route target's traffic since `since_ms`: ((route, namespace, service, subset), seen).

@@ -231,7 +231,11 @@ async fn act(
             let (mut resp, used) = forward(call, req, on_upgrade).await;
             if let Some(w) = target.window.get() {
                 let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-                w.record(now_ms, started.elapsed().as_secs_f64() * 1000.0, resp.status().is_server_error());
+                let (latency_ms, error) = (started.elapsed().as_secs_f64() * 1000.0, resp.status().is_server_error());
+                w.record(now_ms, latency_ms, error);
+                if let Some(consumer) = identity.and_then(|i| i.consumer.as_deref()) {
+                    gw.record_caller(consumer, &target.namespace, &target.service, now_ms, latency_ms, error);
+                }
             }
             resp.headers_mut().insert("x-request-id", request_id);
             apply_ops(resp.headers_mut(), &route.spec.response_headers);

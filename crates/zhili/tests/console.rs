@@ -55,6 +55,22 @@ async fn the_console_is_served_and_works_in_a_real_browser() {
     assert_eq!(call(&api, Method::PUT, "/api/v1/kv/config/web/db", Some("postgres://v1")).await.0, StatusCode::OK);
     let gw = gw_client(&s);
     assert_eventually(Duration::from_secs(10), "the gateway reaches web", || async { get(&gw, "/", &[]).await.0 == StatusCode::OK }).await;
+    // Callers known by name: a consumer's calls draw an edge of their own in the topology.
+    let key = "frontend-key-0123456789abcdef0123";
+    assert!(call(&api, Method::PUT, "/api/v1/consumers/frontend", Some(&json!({"api_keys": [key]}).to_string())).await.0.is_success());
+    put_route(&api, "keyed", &json!({"path_prefix": "/keyed/", "service": "web", "auth": {"api_key": {"query": "apikey"}}}).to_string()).await;
+    assert_eventually(Duration::from_secs(10), "the keyed route answers the consumer", || async {
+        get(&gw, &format!("/keyed/x?apikey={key}"), &[]).await.0 == StatusCode::OK
+    })
+    .await;
+    let (_, _, topo) = call(&api, Method::GET, "/api/v1/topology", None).await;
+    let edge = topo["edges"].as_array().unwrap().iter().find(|e| e["from"] == "consumer/frontend").cloned().unwrap_or_else(|| panic!("{topo}"));
+    assert_eq!(edge["to"], "default/web", "{topo}");
+    assert!(edge["requests"].as_u64().unwrap() >= 1 && edge["p99_ms"].as_f64().is_some(), "{edge}");
+    assert!(topo["nodes"].as_array().unwrap().iter().any(|n| n["id"] == "consumer/frontend" && n["kind"] == "consumer"), "{topo}");
+    // Nodes and edges follow the token's rights: an anonymous caller sees none of them.
+    let (_, _, hidden) = call(&anonymous, Method::GET, "/api/v1/topology", None).await;
+    assert!(hidden["edges"].as_array().unwrap().is_empty(), "{hidden}");
     let plan = json!({"description": "flip the flag after a look", "steps": [{"kind": "approve", "message": "check the dashboards"},
         {"kind": "config", "key": "config/web/flag", "value": "on"}]});
     assert_eq!(call(&api, Method::PUT, "/api/v1/plans/nightly", Some(&plan.to_string())).await.0, StatusCode::CREATED);

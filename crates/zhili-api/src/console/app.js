@@ -277,26 +277,28 @@ async function topology() {
   showPage("Topology", `<p class="muted">Who calls whom through the gateway over the last minute; nodes coloured by health. Updates every 2 s.</p><div id="graph"></div><div class="table-wrap" id="edges"></div>`);
   await poll(2000, async (signal) => {
     const t = (await api("GET", "/api/v1/topology?window=60s", undefined, signal)).json;
-    const services = t.nodes.filter((n) => n.kind === "service");
-    const W = 900, H = 520, cx = W / 2, cy = H / 2, R = Math.min(W, H) / 2 - 70;
+    const services = t.nodes.filter((n) => n.kind === "service"), consumers = t.nodes.filter((n) => n.kind === "consumer");
+    const W = 900, H = 520, cx = W / 2 + 60, cy = H / 2, R = Math.min(W, H) / 2 - 70;
     const pos = { gateway: [cx, cy] };
     services.forEach((n, i) => { const a = (2 * Math.PI * i) / Math.max(services.length, 1) - Math.PI / 2; pos[n.id] = [cx + R * Math.cos(a), cy + R * Math.sin(a)]; });
+    // Callers known by name (consumers) stand in a column on the left.
+    consumers.forEach((n, i) => { pos[n.id] = [70, 60 + ((H - 120) * (i + 0.5)) / consumers.length]; });
     const colour = { passing: "#1f8a3b", warning: "#b77900", critical: "#c62828", empty: "#8a94a3" };
     const edges = t.edges.filter((e) => pos[e.to]).map((e) => {
-      const [x1, y1] = pos.gateway, [x2, y2] = pos[e.to];
+      const [x1, y1] = pos[e.from] || pos.gateway, [x2, y2] = pos[e.to];
       const label = `${e.requests_per_s.toFixed(1)} r/s · ${(e.error_ratio * 100).toFixed(1)}% err · p99 ${e.p99_ms == null ? "-" : e.p99_ms.toFixed(1) + " ms"}`;
-      return `<g class="edge" data-to="${esc(e.to)}"><line x1="${x1}" y1="${y1}" x2="${x2}" y2="${y2}" stroke="${e.error_ratio > 0.05 ? "#c62828" : "#5d6876"}" stroke-width="${1 + Math.min(6, Math.log10(1 + e.requests_per_s) * 2)}"/>
+      return `<g class="edge" data-from="${esc(e.from)}" data-to="${esc(e.to)}"><line x1="${x1}" y1="${y1}" x2="${x2}" y2="${y2}" stroke="${e.error_ratio > 0.05 ? "#c62828" : "#5d6876"}" stroke-width="${1 + Math.min(6, Math.log10(1 + e.requests_per_s) * 2)}"/>
         <text x="${(x1 + x2) / 2}" y="${(y1 + y2) / 2 - 4}" text-anchor="middle">${esc(label)}</text></g>`;
     });
     const nodes = t.nodes.filter((n) => pos[n.id]).map((n) => {
       const [x, y] = pos[n.id];
-      return `<g class="node" data-id="${esc(n.id)}"><circle cx="${x}" cy="${y}" r="${n.kind === "gateway" ? 26 : 20}" fill="${n.kind === "gateway" ? "#14202e" : colour[n.health] || "#8a94a3"}"/>
+      return `<g class="node" data-id="${esc(n.id)}"><circle cx="${x}" cy="${y}" r="${n.kind === "gateway" ? 26 : 20}" fill="${n.kind === "gateway" ? "#14202e" : n.kind === "consumer" ? "#0b5cad" : colour[n.health] || "#8a94a3"}"/>
         <text x="${x}" y="${y + 38}" text-anchor="middle">${esc(n.name)}${n.kind === "service" ? ` (${n.passing}/${n.instances})` : ""}</text></g>`;
     });
     document.getElementById("graph").innerHTML = `<svg class="topology" viewBox="0 0 ${W} ${H}" role="img" aria-label="service topology">${edges.join("")}${nodes.join("")}</svg>`;
-    document.getElementById("edges").innerHTML = `<table><thead><tr><th>route</th><th>to</th><th>requests/s</th><th>error ratio</th><th>p99</th></tr></thead><tbody>${
-      t.edges.map((e) => `<tr><td>${esc(e.route)}</td><td>${esc(e.to)}</td><td>${e.requests_per_s.toFixed(2)}</td><td>${(e.error_ratio * 100).toFixed(2)}%</td><td>${e.p99_ms == null ? "-" : e.p99_ms.toFixed(1) + " ms"}</td></tr>`).join("") ||
-      "<tr><td colspan=5 class=muted>no traffic through the gateway in the last minute</td></tr>"}</tbody></table>`;
+    document.getElementById("edges").innerHTML = `<table><thead><tr><th>from</th><th>route</th><th>to</th><th>requests/s</th><th>error ratio</th><th>p99</th></tr></thead><tbody>${
+      t.edges.map((e) => `<tr><td>${esc(e.from)}</td><td>${esc(e.route)}</td><td>${esc(e.to)}</td><td>${e.requests_per_s.toFixed(2)}</td><td>${(e.error_ratio * 100).toFixed(2)}%</td><td>${e.p99_ms == null ? "-" : e.p99_ms.toFixed(1) + " ms"}</td></tr>`).join("") ||
+      "<tr><td colspan=6 class=muted>no traffic through the gateway in the last minute</td></tr>"}</tbody></table>`;
   });
 }
 

@@ -105,6 +105,15 @@ pub struct AuthorizeCheck {
     access: Access,
 }
 
+/// The answer to one [`AuthorizeCheck`].
+#[derive(serde::Serialize, schemars::JsonSchema)]
+pub struct AuthorizeAnswer {
+    resource: Resource,
+    name: String,
+    access: Access,
+    allow: bool,
+}
+
 /// Most questions in one call.
 const MAX_CHECKS: usize = 256;
 
@@ -114,9 +123,9 @@ async fn authorize(caller: Caller, JsonBody(checks): JsonBody<Vec<AuthorizeCheck
     if checks.len() > MAX_CHECKS {
         return Err(ApiError::field("body", format!("at most {MAX_CHECKS} checks")));
     }
-    let answers: Vec<serde_json::Value> = checks
-        .iter()
-        .map(|c| serde_json::json!({"resource": c.resource, "name": c.name, "access": c.access, "allow": caller.can(c.resource, &c.name, c.access)}))
+    let answers: Vec<AuthorizeAnswer> = checks
+        .into_iter()
+        .map(|c| AuthorizeAnswer { allow: caller.can(c.resource, &c.name, c.access), resource: c.resource, name: c.name, access: c.access })
         .collect();
     Ok(Json(answers).into_response())
 }
