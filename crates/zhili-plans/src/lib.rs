@@ -248,6 +248,8 @@ pub struct Plans {
     store: Arc<dyn Store>,
     env: Arc<dyn Environment>,
     log: Option<Arc<dyn EventLog>>,
+    /// Decisions on their way to `$plans`, appended in order by one task.
+    events: Option<tokio::sync::mpsc::Sender<NewEvent>>,
     live: parking_lot::Mutex<HashMap<String, Arc<Live>>>,
     /// One `apply` at a time, so two plans cannot both pass the overlap check.
     applying: tokio::sync::Mutex<()>,
@@ -259,7 +261,12 @@ pub struct Plans {
 impl Plans {
     /// Loads stored plans and resumes the unfinished ones.
     pub fn start(store: Arc<dyn Store>, env: Arc<dyn Environment>, log: Option<Arc<dyn EventLog>>, tick: Duration) -> Result<Arc<Self>, PlanError> {
-        let plans = Arc::new(Self { store, env, log, live: Default::default(), applying: Default::default(), tick, stopped: Default::default() });
+        let events = log.clone().map(|log| {
+            let (tx, rx) = tokio::sync::mpsc::channel(4096);
+            tokio::spawn(publish(log, rx));
+            tx
+        });
+        let plans = Arc::new(Self { store, env, log, events, live: Default::default(), applying: Default::default(), tick, stopped: Default::default() });
         for kv in plans.store.range(PLANS, None)? {
             let p: Plan = serde_json::from_slice(&kv.value).map_err(|e| PlanError::Corrupt(kv.key.clone(), e.to_string()))?;
             if !p.status.finished() {
@@ -311,19 +318,16 @@ impl Plans {
         if p.history.len() > MAX_HISTORY {
             p.history.drain(..p.history.len() - MAX_HISTORY);
         }
-        if let Some(log) = self.log.clone() {
+        if let Some(events) = &self.events {
             let id = format!("plan-{}-{now}-{}", p.name, p.history.len());
             let body = serde_json::json!({
                 "specversion": "1.0", "id": id, "source": "zhili://plans", "type": format!("io.zhili.plan.{decision}"), "subject": p.name,
                 "time": timestamp(now), "datacontenttype": "application/json",
                 "data": {"plan": p.name, "step": step, "decision": decision, "reason": reason, "status": status_name(p.status)},
             });
-            let event = NewEvent { id, body: serde_json::to_vec(&body).unwrap_or_default().into() };
-            tokio::spawn(async move {
-                if let Err(e) = log.append(PLANS_STREAM, ExpectedRevision::Any, vec![event]).await {
-                    tracing::warn!(error = %e, "appending to $plans failed");
-                }
-            });
+            if events.try_send(NewEvent { id, body: serde_json::to_vec(&body).unwrap_or_default().into() }).is_err() {
+                tracing::warn!(plan = %p.name, "the $plans queue is full; this decision stays in the plan's history only");
+            }
         }
     }
 
@@ -884,6 +888,22 @@ impl Plans {
                 Ok(what) => self.decide(p, "undone", what),
                 Err(e) => self.decide(p, "undo_failed", e),
             }
+        }
+    }
+}
+
+/// Appends decisions to `$plans` in the order they were made, a batch at a time.
+async fn publish(log: Arc<dyn EventLog>, mut rx: tokio::sync::mpsc::Receiver<NewEvent>) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < 256 {
+            match rx.try_recv() {
+                Ok(e) => batch.push(e),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = log.append(PLANS_STREAM, ExpectedRevision::Any, batch).await {
+            tracing::warn!(error = %e, "appending to $plans failed; decisions stay in the plans' history");
         }
     }
 }

@@ -700,7 +700,7 @@ impl Registry {
     /// before it answers for a persistent instance, kept with an ephemeral one while it lives.
     pub async fn set_report(&self, ns: &str, service: &str, id: &str, spec: ReportSpec) -> Result<u64, RegistryError> {
         let report = InstanceReport { spec, reported_ms: unix_ms() };
-        let persistent = !self.existing_instance(ns, service, id)?;
+        let persistent = !self.is_ephemeral(ns, service, id)?;
         let _order = if persistent { Some(self.persist_order.key(ns, service, id).await) } else { None };
         if persistent {
             let p = self.persisted(ns, service, id).ok_or_else(|| RegistryError::InstanceNotFound(id.into()))?;
@@ -715,7 +715,7 @@ impl Registry {
     }
 
     /// Whether the instance is ephemeral; an error if it does not exist.
-    fn existing_instance(&self, ns: &str, service: &str, id: &str) -> Result<bool, RegistryError> {
+    fn is_ephemeral(&self, ns: &str, service: &str, id: &str) -> Result<bool, RegistryError> {
         let state = self.state.read();
         let i = state.services.get(&(ns.to_string(), service.to_string())).and_then(|e| e.instances.get(id));
         i.map(|i| i.reg.ephemeral).ok_or_else(|| RegistryError::InstanceNotFound(id.into()))
