@@ -245,7 +245,10 @@ async fn prepare(call: Call<'_>, req: Request<Incoming>, websocket: bool, deadli
     let outgoing = if !body_present {
         Outgoing::Replayable(Bytes::new())
     } else if declared.is_some_and(|n| n > gw.options.max_body as u64) {
-        return Err(problem(StatusCode::PAYLOAD_TOO_LARGE, &format!("request body over {} bytes", gw.options.max_body)));
+        let mut r = problem(StatusCode::PAYLOAD_TOO_LARGE, &format!("request body over {} bytes", gw.options.max_body));
+        // The body stays unread: the connection cannot carry another request, and says so.
+        r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return Err(r);
     } else if declared.is_some_and(|n| n <= gw.options.max_replay_body as u64) {
         let remaining = deadline.saturating_duration_since(Instant::now());
         match tokio::time::timeout(remaining, Limited::new(body, gw.options.max_replay_body).collect()).await {

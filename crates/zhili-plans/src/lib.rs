@@ -23,7 +23,7 @@ use zhili_model::event::{parse_rfc3339_ms, timestamp};
 use zhili_model::plan::{Gate, GateFailure, Metric, PlanSpec, PlanStatus, Step};
 use zhili_model::route::{RouteSpec, SplitTarget, Subset};
 use zhili_model::{parse_duration, validate, Instance, ValidationError, DEFAULT_NAMESPACE};
-use zhili_store::events::{Direction, EventLog, EventLogError, ExpectedRevision, NewEvent};
+use zhili_store::events::{Direction, EventLog, EventLogError, NewEvent};
 use zhili_store::{Op, Store, StoreError, Txn};
 
 pub const PLANS: &str = "plans/";
@@ -263,7 +263,8 @@ impl Plans {
     pub fn start(store: Arc<dyn Store>, env: Arc<dyn Environment>, log: Option<Arc<dyn EventLog>>, tick: Duration) -> Result<Arc<Self>, PlanError> {
         let events = log.clone().map(|log| {
             let (tx, rx) = tokio::sync::mpsc::channel(4096);
-            tokio::spawn(publish(log, rx));
+            // Decisions reach $plans in the order they were made.
+            tokio::spawn(zhili_store::events::append_queued(log, PLANS_STREAM, rx, 256));
             tx
         });
         let plans = Arc::new(Self { store, env, log, events, live: Default::default(), applying: Default::default(), tick, stopped: Default::default() });
@@ -888,22 +889,6 @@ impl Plans {
                 Ok(what) => self.decide(p, "undone", what),
                 Err(e) => self.decide(p, "undo_failed", e),
             }
-        }
-    }
-}
-
-/// Appends decisions to `$plans` in the order they were made, a batch at a time.
-async fn publish(log: Arc<dyn EventLog>, mut rx: tokio::sync::mpsc::Receiver<NewEvent>) {
-    while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < 256 {
-            match rx.try_recv() {
-                Ok(e) => batch.push(e),
-                Err(_) => break,
-            }
-        }
-        if let Err(e) = log.append(PLANS_STREAM, ExpectedRevision::Any, batch).await {
-            tracing::warn!(error = %e, "appending to $plans failed; decisions stay in the plans' history");
         }
     }
 }

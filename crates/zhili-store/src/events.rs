@@ -145,6 +145,25 @@ pub trait EventLog: Send + Sync + 'static {
     fn head(&self) -> watch::Receiver<u64>;
 }
 
+/// Appends what arrives on `rx` to `stream` in arrival order, up to `max_batch` events per
+/// append, until every sender is gone: the one writer behind a subsystem's feedback stream
+/// (`$txn`, `$plans`), so producers never wait on the log. A failed append is logged and its
+/// batch dropped (the producers keep their own record).
+pub async fn append_queued(log: std::sync::Arc<dyn EventLog>, stream: &'static str, mut rx: tokio::sync::mpsc::Receiver<NewEvent>, max_batch: usize) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < max_batch {
+            match rx.try_recv() {
+                Ok(e) => batch.push(e),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = log.append(stream, ExpectedRevision::Any, batch).await {
+            tracing::warn!(%stream, error = %e, "appending failed; this batch of events is dropped");
+        }
+    }
+}
+
 /// The category of a stream: its name up to the first `-` (`order-17` → `order`).
 pub fn category(stream: &str) -> Option<&str> {
     stream.split_once('-').map(|(c, _)| c).filter(|c| !c.is_empty() && !c.starts_with('$'))

@@ -19,7 +19,7 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use zhili_model::ValidationError;
-use zhili_store::events::{EventLog, ExpectedRevision, NewEvent};
+use zhili_store::events::{EventLog, NewEvent};
 use zhili_store::{Compare, Op, Store, StoreError, Txn};
 
 pub use branch::{NoDiscovery, Resolve};
@@ -408,7 +408,7 @@ impl Coordinator {
     pub fn start(store: Arc<dyn Store>, resolve: Arc<dyn Resolve>, log: Option<Arc<dyn EventLog>>, defaults: Defaults) -> Result<Arc<Self>, TxnError> {
         let events = log.map(|log| {
             let (tx, rx) = tokio::sync::mpsc::channel(65_536);
-            tokio::spawn(publish(log, rx));
+            tokio::spawn(zhili_store::events::append_queued(log, TXN_STREAM, rx, 1024));
             tx
         });
         let c = Arc::new(Self { store, resolve, defaults, live: Mutex::new(HashMap::new()), events, pool: Default::default(), stats: Stats::default() });
@@ -1101,20 +1101,5 @@ impl Coordinator {
             self.store.txn(Txn { success: ops, ..Default::default() }).await?;
         }
         Ok(seen)
-    }
-}
-
-async fn publish(log: Arc<dyn EventLog>, mut rx: tokio::sync::mpsc::Receiver<NewEvent>) {
-    while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < 1024 {
-            match rx.try_recv() {
-                Ok(e) => batch.push(e),
-                Err(_) => break,
-            }
-        }
-        if let Err(e) = log.append(TXN_STREAM, ExpectedRevision::Any, batch).await {
-            tracing::warn!(error = %e, "appending to $txn failed; events dropped");
-        }
     }
 }

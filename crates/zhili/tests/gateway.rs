@@ -606,11 +606,16 @@ async fn grpc_passes_through_over_h2c() {
 
 /// Sends raw bytes to the gateway and returns the status line of the answer.
 async fn raw_status(s: &ServerProcess, request: &[u8]) -> String {
+    raw_answer(s, request).await.lines().next().unwrap_or_default().to_string()
+}
+
+/// The first read of the answer to `request` sent on a raw socket (its head, for small answers).
+async fn raw_answer(s: &ServerProcess, request: &[u8]) -> String {
     let mut tcp = tokio::net::TcpStream::connect(s.gateway.unwrap()).await.unwrap();
     let _ = tcp.write_all(request).await;
     let mut buf = vec![0u8; 4096];
     let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf)).await.unwrap().unwrap_or(0);
-    String::from_utf8_lossy(&buf[..n]).lines().next().unwrap_or_default().to_string()
+    String::from_utf8_lossy(&buf[..n]).into_owned()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -623,8 +628,9 @@ async fn oversized_bodies_and_heads_are_refused() {
     until_ok(&gw_client(&s), "/big/").await;
     let hits = up.hits.load(Ordering::Relaxed);
     // A declared body over 16 MiB: 413 before a byte of it is read, and nothing upstream.
-    let status = raw_status(&s, b"POST /big/x HTTP/1.1\r\nHost: x\r\nContent-Length: 20000000\r\n\r\n").await;
-    assert!(status.starts_with("HTTP/1.1 413"), "{status}");
+    let answer = raw_answer(&s, b"POST /big/x HTTP/1.1\r\nHost: x\r\nContent-Length: 20000000\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.to_ascii_lowercase().contains("\r\nconnection: close\r\n"), "the unread body ends the connection: {answer}");
     // A request head over 64 KiB.
     let mut head = b"GET /big/x HTTP/1.1\r\nHost: x\r\nX-Big: ".to_vec();
     head.extend(std::iter::repeat_n(b'a', 100 * 1024));
