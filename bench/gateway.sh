@@ -69,7 +69,7 @@ head = b(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
 body = b(json.dumps({"sub": "bench", "iss": "bench", "exp": int(time.time()) + 3600}).encode())
 sig = b(hmac.new(os.environ["SECRET"].encode(), f"{head}.{body}".encode(), hashlib.sha256).digest())
 print(f"{head}.{body}.{sig}")')
-taskset -c 0 $BIN gateway --server "http://127.0.0.1:$API" --addr 127.0.0.1:$ZHILI --threads 1 --access-log false --log-level warn --metrics-addr 127.0.0.1:$((ZHILI+1)) >/dev/null & pids+=($!)
+taskset -c 0 $BIN gateway --server "http://127.0.0.1:$API" --addr 127.0.0.1:$ZHILI --workers 1 --access-log false --log-level warn --metrics-addr 127.0.0.1:$((ZHILI+1)) >/dev/null & pids+=($!)
 gw_pid=$!
 for port in $NGINX $HAPROXY $ZHILI; do
   for _ in $(seq 100); do curl -sf "127.0.0.1:$port/demo/" -o /dev/null && break; sleep 0.1; done

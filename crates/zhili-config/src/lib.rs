@@ -14,6 +14,8 @@ pub const DEFAULT_DNS_ADDR: &str = "127.0.0.1:8600";
 pub const DEFAULT_NACOS_ADDR: &str = "127.0.0.1:8848";
 /// DTM's default port, so DTM clients find the coordinator where they expect it.
 pub const DEFAULT_DTM_ADDR: &str = "127.0.0.1:36789";
+/// Gateway worker threads accepted at most.
+pub const MAX_GATEWAY_WORKERS: usize = 256;
 pub const DEFAULT_GATEWAY_ADDR: &str = "127.0.0.1:8080";
 /// Nacos clients find gRPC at the HTTP port plus this offset.
 pub const NACOS_GRPC_OFFSET: u16 = 1000;
@@ -64,6 +66,9 @@ pub struct FileConfig {
     pub txn_retention: Option<String>,
     /// One JSON line per gateway request (default true).
     pub gateway_access_log: Option<bool>,
+    /// Gateway worker threads with their own listening sockets (0, the default: the gateway
+    /// shares the server's runtime; at most 256).
+    pub gateway_workers: Option<usize>,
     /// Certificates of the gateway listener (several: chosen by SNI) and their keys, in order.
     pub gateway_tls_cert: Option<Vec<PathBuf>>,
     pub gateway_tls_key: Option<Vec<PathBuf>>,
@@ -114,6 +119,7 @@ impl FileConfig {
             txn_alert_webhook: over.txn_alert_webhook.or(self.txn_alert_webhook),
             txn_retention: over.txn_retention.or(self.txn_retention),
             gateway_access_log: over.gateway_access_log.or(self.gateway_access_log),
+            gateway_workers: over.gateway_workers.or(self.gateway_workers),
             gateway_tls_cert: over.gateway_tls_cert.or(self.gateway_tls_cert),
             gateway_tls_key: over.gateway_tls_key.or(self.gateway_tls_key),
             gateway_client_ca: over.gateway_client_ca.or(self.gateway_client_ca),
@@ -165,6 +171,8 @@ pub struct ServerConfig {
     /// Zero keeps finished transactions forever.
     pub txn_retention: Duration,
     pub gateway_access_log: bool,
+    /// 0: the gateway runs on the server's runtime.
+    pub gateway_workers: usize,
     /// Empty: the gateway uses `tls` (if any).
     pub gateway_tls: Vec<TlsFiles>,
     pub gateway_client_ca: Option<PathBuf>,
@@ -260,6 +268,10 @@ impl FileConfig {
             },
         };
         let gateway_addr = parse_listen("gateway_addr", self.gateway_addr.as_deref().unwrap_or(DEFAULT_GATEWAY_ADDR))?;
+        let gateway_workers = self.gateway_workers.unwrap_or(0);
+        if gateway_workers > MAX_GATEWAY_WORKERS {
+            return Err(ConfigError::Invalid { field: "gateway_workers", message: format!("at most {MAX_GATEWAY_WORKERS}") });
+        }
         let node_name = self.node_name.unwrap_or_else(|| DEFAULT_NODE_NAME.into());
         let datacenter = self.datacenter.unwrap_or_else(|| DEFAULT_DATACENTER.into());
         for (field, v) in [("node_name", &node_name), ("datacenter", &datacenter)] {
@@ -330,6 +342,7 @@ impl FileConfig {
             txn_alert_webhook: self.txn_alert_webhook,
             txn_retention: parse_retention("txn_retention", self.txn_retention.as_deref().unwrap_or("7d"))?,
             gateway_access_log: self.gateway_access_log.unwrap_or(true),
+            gateway_workers,
             gateway_tls,
             gateway_client_ca: self.gateway_client_ca,
             node_name,

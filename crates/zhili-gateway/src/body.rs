@@ -7,11 +7,24 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap};
 use http::Version;
 use http_body_util::{BodyExt, Empty, Full};
-use hyper::body::Incoming;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 pub type Body = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+
+/// A client's request body on the request path: hyper's, or bytes the gateway's own HTTP/1.1
+/// server read (which cannot fail). `Sync`, since the phases hold the request across awaits,
+/// with a concrete error type, which keeps those futures provably `Send`.
+pub type RequestBody = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
+
+/// A request body of bytes already read.
+pub fn request_bytes(b: Bytes) -> RequestBody {
+    if b.is_empty() {
+        Empty::new().map_err(|never| match never {}).boxed()
+    } else {
+        Full::new(b).map_err(|never| match never {}).boxed()
+    }
+}
 
 pub fn full(b: impl Into<Bytes>) -> Body {
     Full::new(b.into()).map_err(|never| match never {}).boxed_unsync()
@@ -36,7 +49,7 @@ impl Outgoing {
     }
 }
 
-pub fn has_body(parts: &http::request::Parts, body: &Incoming) -> bool {
+pub fn has_body(parts: &http::request::Parts, body: &RequestBody) -> bool {
     let h = &parts.headers;
     h.contains_key(header::TRANSFER_ENCODING)
         || h.get(header::CONTENT_LENGTH).is_some_and(|v| v.as_bytes() != b"0")

@@ -12,13 +12,12 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use rand::Rng;
 
 use crate::balance::{EndpointState, Pool};
-use crate::body::{content_length, empty, has_body, Body, Broken, ClientBody, Outgoing};
+use crate::body::{content_length, empty, has_body, Body, Broken, ClientBody, Outgoing, RequestBody};
 use crate::error::{problem, Side, UpstreamError};
 use crate::gateway::Gateway;
 use crate::stats::ServiceLabels;
@@ -46,7 +45,7 @@ pub fn pick_target(targets: &[(Target, u32)]) -> &Target {
     first
 }
 
-pub fn hash_key(route: &Route, req: &Request<Incoming>, peer: SocketAddr) -> Option<u64> {
+pub fn hash_key(route: &Route, req: &Request<RequestBody>, peer: SocketAddr) -> Option<u64> {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     match route.hash_on.as_ref()? {
@@ -84,7 +83,7 @@ pub struct Call<'a> {
 }
 
 /// Forwards under the route's circuit breaker and concurrency limit.
-pub async fn forward(call: Call<'_>, req: Request<Incoming>, on_upgrade: Option<hyper::upgrade::OnUpgrade>) -> (Response<Body>, Option<String>) {
+pub async fn forward(call: Call<'_>, req: Request<RequestBody>, on_upgrade: Option<hyper::upgrade::OnUpgrade>) -> (Response<Body>, Option<String>) {
     let Call { gw, route, target, .. } = call;
     let Some(pool) = target.pool.get() else {
         return (problem(StatusCode::SERVICE_UNAVAILABLE, &format!("service {:?} is not known to the gateway yet", target.service)), None);
@@ -140,7 +139,7 @@ struct Prepared {
 }
 
 /// Transform, then balance and send with the retry loop around one send.
-async fn forward_inner(call: Call<'_>, pool: &Pool, req: Request<Incoming>, mut on_upgrade: Option<OnUpgrade>) -> (Response<Body>, Option<String>) {
+async fn forward_inner(call: Call<'_>, pool: &Pool, req: Request<RequestBody>, mut on_upgrade: Option<OnUpgrade>) -> (Response<Body>, Option<String>) {
     let Call { gw, route, target, hash_key, .. } = call;
     let r = route.resilience;
     let deadline = Instant::now() + r.total;
@@ -233,7 +232,7 @@ async fn forward_inner(call: Call<'_>, pool: &Pool, req: Request<Incoming>, mut 
 
 /// Transform: the upstream request's headers, path and body (small bodies are read first, so
 /// they can be retried and the request leaves in one write; others stream).
-async fn prepare(call: Call<'_>, req: Request<Incoming>, websocket: bool, deadline: Instant) -> Result<Prepared, Response<Body>> {
+async fn prepare(call: Call<'_>, req: Request<RequestBody>, websocket: bool, deadline: Instant) -> Result<Prepared, Response<Body>> {
     let Call { gw, route, authority, path, client_ip, tls, request_id, identity, .. } = call;
     let grpc = req.version() == Version::HTTP_2 && req.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     let (mut parts, body) = req.into_parts();

@@ -292,7 +292,9 @@ pub struct Exchange<'a> {
 pub struct Upstream {
     /// `address:port` to connect to.
     authority: String,
-    idle: parking_lot::Mutex<Vec<Conn>>,
+    /// Idle connections per gateway worker: a connection stays with the runtime whose reactor
+    /// it is registered with (see [`crate::workers`]).
+    idle: [parking_lot::Mutex<Vec<Conn>>; crate::workers::POOLS],
     connections: Arc<std::sync::atomic::AtomicUsize>,
 }
 
@@ -311,11 +313,17 @@ const MAX_IDLE_PER_ENDPOINT: usize = 256;
 
 impl Upstream {
     pub fn new(authority: String) -> Self {
-        Self { authority, idle: parking_lot::Mutex::default(), connections: Arc::default() }
+        Self { authority, idle: std::array::from_fn(|_| parking_lot::Mutex::default()), connections: Arc::default() }
+    }
+
+    /// This worker's idle connections.
+    fn idle(&self) -> &parking_lot::Mutex<Vec<Conn>> {
+        let [first, ..] = &self.idle;
+        self.idle.get(crate::workers::current() % crate::workers::POOLS).unwrap_or(first)
     }
 
     fn take_idle(&self) -> Option<Conn> {
-        self.idle.lock().pop()
+        self.idle().lock().pop()
     }
 
     /// A slot for a new connection, or None when the endpoint already has `max`.
@@ -336,7 +344,7 @@ impl Upstream {
     /// Pools the connection only when its answer was framed exactly and nothing more is readable.
     fn give_back(&self, mut conn: Conn, keep_alive: bool) {
         if keep_alive && conn.is_clean() {
-            let mut idle = self.idle.lock();
+            let mut idle = self.idle().lock();
             if idle.len() < MAX_IDLE_PER_ENDPOINT {
                 idle.push(conn);
             }

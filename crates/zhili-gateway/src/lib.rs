@@ -6,9 +6,11 @@
 //!
 //! A request goes through phases, each a function of [`proxy`]: route → authenticate → limit →
 //! act (answer directly, redirect, or forward); forwarding is transform (the upstream request's
-//! headers) → balance (pick an endpoint) → send, with the retry loop around one send. Modules
-//! import downwards only: `serve` → `proxy` → `forward` → (`transform`, `balance`, `h1`,
-//! `upstream`) → (`body`, `error`); none imports one that imports it.
+//! headers) → balance (pick an endpoint) → send, with the retry loop around one send. HTTP/1.1
+//! requests arrive through the gateway's own server side (`h1_server`), everything else
+//! through hyper. Modules import downwards only: `serve` → `h1_server` → `proxy` → `forward` →
+//! (`transform`, `balance`, `h1`, `upstream`) → (`body`, `error`); none imports one that
+//! imports it.
 
 pub mod auth;
 mod balance;
@@ -20,6 +22,7 @@ mod error;
 mod forward;
 mod gateway;
 mod h1;
+mod h1_server;
 mod limit;
 mod proxy;
 mod serve;
@@ -29,6 +32,7 @@ mod target;
 pub mod tls;
 mod transform;
 mod upstream;
+mod workers;
 
 pub use auth::Consumers;
 pub use balance::{Ejection, Endpoint, Pool, RetryBudget};
@@ -40,3 +44,4 @@ pub use limit::{Decision, Limiter};
 pub use serve::serve;
 pub use stats::{Latencies, RouteLabels, ServiceLabels, Stats, TargetTraffic};
 pub use table::{compile, Route, Table, Target};
+pub use workers::{bind_workers, default_workers, serve_workers};

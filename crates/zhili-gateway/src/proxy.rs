@@ -10,10 +10,9 @@ use std::time::Instant;
 
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
 
 use crate::auth::{Identity, Presented};
-use crate::body::{empty, full, Body};
+use crate::body::{empty, full, Body, RequestBody};
 use crate::error::{problem, Refused};
 use crate::forward::{forward, hash_key, pick_target, Call};
 use crate::gateway::Gateway;
@@ -40,7 +39,7 @@ struct Routed {
     forward_path: String,
 }
 
-pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, peer: &Peer) -> Response<Body> {
+pub async fn handle(gw: Arc<Gateway>, req: Request<RequestBody>, peer: &Peer) -> Response<Body> {
     let start = Instant::now();
     gw.stats.requests.fetch_add(1, Ordering::Relaxed);
     let routed = match route(&gw, &req) {
@@ -68,7 +67,7 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<Incoming>, peer: &Peer) -> Re
 
 /// The phases after routing, for a request a route matched; the answer and, when it was
 /// forwarded, (service, endpoint).
-async fn phases(gw: &Gateway, route: &Route, routed: &Routed, req: Request<Incoming>, peer: &Peer) -> (Response<Body>, Option<(String, String)>) {
+async fn phases(gw: &Gateway, route: &Route, routed: &Routed, req: Request<RequestBody>, peer: &Peer) -> (Response<Body>, Option<(String, String)>) {
     if let Some(pre) = route.cors.as_ref().and_then(|c| c.preflight(req.method(), req.headers())) {
         let r = match pre {
             Ok(h) => {
@@ -95,7 +94,7 @@ async fn phases(gw: &Gateway, route: &Route, routed: &Routed, req: Request<Incom
 /// Route: the normalized authority and path, and the route they match. Routes match the
 /// normalized path; what normalization refuses (encoded slashes or dot-segments) only a route
 /// that asks for raw paths may take, matched on the path with those escapes kept as data.
-fn route(gw: &Gateway, req: &Request<Incoming>) -> Result<Routed, Refused> {
+fn route(gw: &Gateway, req: &Request<RequestBody>) -> Result<Routed, Refused> {
     let authority = crate::target::authority(req.version(), req.uri(), req.headers()).map_err(Refused::bad_request)?;
     if req.method() == Method::CONNECT {
         return Err(Refused { status: StatusCode::METHOD_NOT_ALLOWED, detail: "CONNECT is not forwarded".into() });
@@ -121,7 +120,7 @@ fn route(gw: &Gateway, req: &Request<Incoming>) -> Result<Routed, Refused> {
 
 /// Preflights are matched as the request they announce (a route may allow only GET). `path` is
 /// the normalized path.
-fn find_route(table: &Table, host: &str, path: &str, req: &Request<Incoming>) -> Option<Arc<Route>> {
+fn find_route(table: &Table, host: &str, path: &str, req: &Request<RequestBody>) -> Option<Arc<Route>> {
     let (m, u, h) = (req.method(), req.uri(), req.headers());
     table.find(host, m, path, u.query(), h).cloned().or_else(|| {
         let announced = (m == Method::OPTIONS).then(|| h.get(header::ACCESS_CONTROL_REQUEST_METHOD)).flatten()?;
@@ -131,7 +130,7 @@ fn find_route(table: &Table, host: &str, path: &str, req: &Request<Incoming>) ->
 }
 
 /// Authenticate: who the caller is under the route's auth (none without auth), or 401/403.
-async fn authenticate(gw: &Gateway, route: &Route, req: &Request<Incoming>, peer: &Peer) -> Result<Option<Arc<Identity>>, Response<Body>> {
+async fn authenticate(gw: &Gateway, route: &Route, req: &Request<RequestBody>, peer: &Peer) -> Result<Option<Arc<Identity>>, Response<Body>> {
     let Some(auth) = &route.auth else { return Ok(None) };
     let consumers = gw.consumers.load();
     let presented = Presented { headers: req.headers(), uri: req.uri(), client_cn: peer.client_cn.as_deref() };
@@ -162,7 +161,7 @@ fn denied(auth: &crate::auth::Auth, d: crate::auth::Denied) -> Response<Body> {
 }
 
 /// Limit: the 429 answer when the route's rate limit is exhausted for this request's key.
-fn limit(gw: &Gateway, route: &Route, req: &Request<Incoming>, peer: &Peer, identity: Option<&Identity>) -> Option<Response<Body>> {
+fn limit(gw: &Gateway, route: &Route, req: &Request<RequestBody>, peer: &Peer, identity: Option<&Identity>) -> Option<Response<Body>> {
     let limiter = route.limiter.as_ref()?;
     let key: Option<&[u8]> = match &limiter.key {
         None => None,
@@ -195,7 +194,7 @@ async fn act(
     gw: &Gateway,
     route: &Route,
     routed: &Routed,
-    mut req: Request<Incoming>,
+    mut req: Request<RequestBody>,
     peer: &Peer,
     identity: Option<&Identity>,
 ) -> (Response<Body>, Option<(String, String)>) {
@@ -246,7 +245,7 @@ async fn act(
 
 /// A redirect; unless the route names them, the host and path are the request's normalized ones
 /// (what routing matched), never a raw Host header that disagreed with the request target.
-fn redirect(r: &zhili_model::route::Redirect, req: &Request<Incoming>, authority: &str, path: &str, tls: bool) -> Response<Body> {
+fn redirect(r: &zhili_model::route::Redirect, req: &Request<RequestBody>, authority: &str, path: &str, tls: bool) -> Response<Body> {
     let location = match &r.location {
         Some(l) => l.clone(),
         None => {

@@ -1,14 +1,19 @@
 //! The gateway's listener: accepts connections (HTTP/1.1 and HTTP/2, optionally TLS) under
-//! zhili-net's admission cap and deadlines, and hands each request to [`crate::proxy::handle`].
+//! zhili-net's admission cap and deadlines, and hands each request to [`crate::proxy::handle`]:
+//! HTTP/1.1 through the gateway's own server side ([`crate::h1_server`]), which passes what it
+//! does not serve (HTTP/2, upgrades, streamed bodies, malformed requests) on to hyper.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
+use http_body_util::BodyExt;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use crate::gateway::Gateway;
+use crate::h1_server::{Outcome, Replay};
 use crate::proxy::{handle, Peer};
 
 /// Serves the gateway on `listener` until `stop` turns true; then stops accepting and returns
@@ -22,19 +27,22 @@ pub async fn serve(
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    // Every connection task holds a sender; all are gone when the last connection has closed.
+    let (alive, mut all_closed) = tokio::sync::mpsc::channel::<()>(1);
     while let Some((stream, addr)) = zhili_net::accept(&listener, &mut stop, "gateway").await {
         let Some((stream, conn)) = gate.admit(stream, tls.is_none()) else { continue };
         let _ = stream.set_nodelay(true);
-        let gw = gw.clone();
-        let tls = tls.clone();
-        let watcher = graceful.watcher();
+        let (gw, tls, watcher, stop, alive) = (gw.clone(), tls.clone(), graceful.watcher(), stop.clone(), alive.clone());
         tokio::spawn(async move {
+            let _alive = alive;
+            let peer = |tls: bool, client_cn| Peer { addr, ip: addr.ip().to_string().into(), tls, client_cn };
             match tls {
-                None => connection(conn.wrap(stream), Peer { addr, ip: addr.ip().to_string().into(), tls: false, client_cn: None }, gw, conn, watcher).await,
+                None => connection(conn.wrap(stream), peer(false, None), true, gw, conn, watcher, stop).await,
                 Some(acceptor) => {
                     if let Ok(Ok(s)) = tokio::time::timeout(conn.limits().handshake_timeout, acceptor.accept(stream)).await {
                         let client_cn = s.get_ref().1.peer_certificates().and_then(|c| c.first()).and_then(|c| crate::auth::common_name(c)).map(Arc::from);
-                        connection(conn.wrap(s), Peer { addr, ip: addr.ip().to_string().into(), tls: true, client_cn }, gw, conn, watcher).await;
+                        let h1 = s.get_ref().1.alpn_protocol() != Some(b"h2");
+                        connection(conn.wrap(s), peer(true, client_cn), h1, gw, conn, watcher, stop).await;
                     }
                 }
             }
@@ -42,18 +50,48 @@ pub async fn serve(
     }
     // New connections are refused from here; the ones we have finish their requests.
     drop(listener);
-    graceful.shutdown().await;
+    drop(alive);
+    tokio::join!(graceful.shutdown(), all_closed.recv());
 }
 
-async fn connection<I>(io: I, peer: Peer, gw: Arc<Gateway>, conn: Arc<zhili_net::Conn>, watcher: hyper_util::server::graceful::Watcher)
+/// One client connection until it closes or one of its deadlines passes: HTTP/1.1 on the fast
+/// path first (when `h1`), then hyper for whatever the fast path hands over.
+async fn connection<I>(
+    mut io: I,
+    peer: Peer,
+    h1: bool,
+    gw: Arc<Gateway>,
+    conn: Arc<zhili_net::Conn>,
+    watcher: hyper_util::server::graceful::Watcher,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    conn.clone()
+        .run(async move {
+            let read = if h1 {
+                match crate::h1_server::serve(&mut io, &peer, &gw, &conn, &mut stop).await {
+                    Outcome::Closed => return,
+                    Outcome::Hyper(read) => read,
+                }
+            } else {
+                Bytes::new()
+            };
+            with_hyper(Replay::new(read, io), peer, gw, conn, watcher).await;
+        })
+        .await;
+}
+
+/// The connection through hyper (HTTP/1.1 or HTTP/2 by what the client speaks, upgrades).
+async fn with_hyper<I>(io: I, peer: Peer, gw: Arc<Gateway>, conn: Arc<zhili_net::Conn>, watcher: hyper_util::server::graceful::Watcher)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let o = gw.options.clone();
-    let svc = hyper::service::service_fn(move |req| {
+    let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
         let gw = gw.clone();
         let peer = peer.clone();
-        async move { Ok::<_, std::convert::Infallible>(handle(gw, req, &peer).await) }
+        async move { Ok::<_, std::convert::Infallible>(handle(gw, req.map(BodyExt::boxed), &peer).await) }
     });
     let read_timeout = o.header_read_timeout.min(conn.limits().read_timeout);
     let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -63,5 +101,5 @@ where
     // spawned future instead trips the compiler's higher-ranked lifetime check.
     let serving: std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>> =
         Box::pin(watcher.watch(b.serve_connection_with_upgrades(TokioIo::new(io), conn.service(svc))));
-    conn.run(serving).await;
+    let _ = serving.await;
 }

@@ -146,6 +146,12 @@ impl Conn {
         ConnIo { inner: io, conn: self.clone() }
     }
 
+    /// Marks one request in flight until the guard is dropped, for a server that reads requests
+    /// itself instead of through [`Conn::service`] (the idle and head deadlines pause meanwhile).
+    pub fn begin_request(self: &Arc<Self>) -> RequestGuard {
+        RequestGuard { _in_flight: InFlight::new(self.clone()) }
+    }
+
     /// The connection's service, counting requests in flight and answering panics with 500.
     pub fn service<S>(self: &Arc<Self>, inner: S) -> Tracked<S> {
         Tracked { inner, conn: self.clone() }
@@ -217,6 +223,11 @@ impl Conn {
 
 /// Marks one request in flight until dropped (with the answer's body, or the answer itself).
 struct InFlight(Arc<Conn>);
+
+/// One request in flight on a [`Conn`], from [`Conn::begin_request`] until dropped.
+pub struct RequestGuard {
+    _in_flight: InFlight,
+}
 
 impl InFlight {
     fn new(conn: Arc<Conn>) -> Self {
@@ -330,7 +341,8 @@ where
     }
 }
 
-fn panic_message(p: &(dyn Any + Send)) -> &str {
+/// What a caught panic said, for the log line.
+pub fn panic_message(p: &(dyn Any + Send)) -> &str {
     p.downcast_ref::<&str>().copied().or_else(|| p.downcast_ref::<String>().map(String::as_str)).unwrap_or("(no message)")
 }
 

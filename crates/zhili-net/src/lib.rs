@@ -15,7 +15,7 @@ mod conn;
 mod fd;
 
 pub use body::TimedBody;
-pub use conn::{accept, Admission, Conn, ConnIo, GuardedBody, Tracked};
+pub use conn::{accept, panic_message, Admission, Conn, ConnIo, GuardedBody, RequestGuard, Tracked};
 pub use fd::raise_open_file_limit;
 
 use std::time::Duration;

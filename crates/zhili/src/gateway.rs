@@ -167,9 +167,10 @@ pub struct GatewayArgs {
     /// Where the gateway listens.
     #[arg(long, env = "ZHILI_GATEWAY_ADDR", default_value = zhili_config::DEFAULT_GATEWAY_ADDR)]
     addr: SocketAddr,
-    /// Worker threads (the gateway runs well on one).
-    #[arg(long, env = "ZHILI_GATEWAY_THREADS", default_value_t = 1)]
-    threads: usize,
+    /// Worker threads, each with its own listening socket (SO_REUSEPORT: the kernel spreads
+    /// connections across them) and a single-threaded runtime [default: one per core]
+    #[arg(long, env = "ZHILI_GATEWAY_WORKERS", alias = "threads", value_parser = clap::value_parser!(u16).range(1..=256))]
+    workers: Option<u16>,
     /// Gateway access log: true or false.
     #[arg(long, env = "ZHILI_GATEWAY_ACCESS_LOG", default_value_t = true, action = clap::ArgAction::Set)]
     access_log: bool,
@@ -216,13 +217,8 @@ pub fn run_standalone(args: GatewayArgs) -> ExitCode {
         Ok((before, soft, hard)) => tracing::info!(soft_before = before, soft, hard, "open-file limit"),
         Err(e) => tracing::warn!(error = %e, "could not read or raise the open-file limit"),
     }
-    // One thread: a current-thread runtime (no work-stealing bookkeeping on the hot path).
-    let built = if args.threads <= 1 {
-        tokio::runtime::Builder::new_current_thread().enable_all().build()
-    } else {
-        tokio::runtime::Builder::new_multi_thread().worker_threads(args.threads).enable_all().build()
-    };
-    let runtime = match built {
+    // The main thread follows the server (and serves /metrics); the workers serve clients.
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("zhili: cannot start the async runtime: {e}");
@@ -272,7 +268,8 @@ pub fn run_standalone(args: GatewayArgs) -> ExitCode {
                 }
             }
         }
-        let listener = match tokio::net::TcpListener::bind(args.addr).await {
+        let workers = args.workers.map_or_else(zhili_gateway::default_workers, usize::from);
+        let listeners = match zhili_gateway::bind_workers(args.addr, workers) {
             Ok(l) => l,
             Err(e) => {
                 eprintln!("zhili: binding the gateway on {}: {e}", args.addr);
@@ -280,7 +277,7 @@ pub fn run_standalone(args: GatewayArgs) -> ExitCode {
             }
         };
         let scheme = if tls.is_some() { "https" } else { "http" };
-        match listener.local_addr() {
+        match listeners.first().map(std::net::TcpListener::local_addr).unwrap_or_else(|| Err(std::io::ErrorKind::AddrNotAvailable.into())) {
             Ok(a) => println!("zhili gateway listening on {scheme}://{a}"),
             Err(e) => {
                 eprintln!("zhili: {e}");
@@ -288,7 +285,8 @@ pub fn run_standalone(args: GatewayArgs) -> ExitCode {
             }
         }
         let (stop, stopped) = tokio::sync::watch::channel(false);
-        let serving = tokio::spawn(zhili_gateway::serve(listener, gw, tls, zhili_net::Admission::new("gateway", zhili_net::Limits::default()), stopped));
+        let serving =
+            tokio::spawn(zhili_gateway::serve_workers(listeners, gw, tls, zhili_net::Admission::new("gateway", zhili_net::Limits::default()), stopped));
         crate::server::shutdown_signal().await;
         // Requests in flight get a few seconds to finish.
         let _ = stop.send(true);

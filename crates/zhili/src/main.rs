@@ -73,6 +73,10 @@ pub struct ServerArgs {
     /// Gateway access log: true or false [default: true]
     #[arg(long, env = "ZHILI_GATEWAY_ACCESS_LOG")]
     pub gateway_access_log: Option<bool>,
+    /// Gateway worker threads, each with its own listening socket (SO_REUSEPORT); 0 runs the
+    /// gateway on the server's own runtime [default: 0]
+    #[arg(long, env = "ZHILI_GATEWAY_WORKERS")]
+    pub gateway_workers: Option<usize>,
     /// PEM certificate chain for the gateway listener; repeat with --gateway-tls-key for several
     /// certificates chosen by SNI [default: the API's --tls-cert]
     #[arg(long, env = "ZHILI_GATEWAY_TLS_CERT", value_delimiter = ',')]

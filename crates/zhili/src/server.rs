@@ -108,6 +108,7 @@ fn config_from(args: ServerArgs) -> Result<ServerConfig, zhili_config::ConfigErr
         txn_alert_webhook: args.txn_alert_webhook,
         txn_retention: args.txn_retention,
         gateway_access_log: args.gateway_access_log,
+        gateway_workers: args.gateway_workers,
         gateway_tls_cert: (!args.gateway_tls_cert.is_empty()).then_some(args.gateway_tls_cert),
         gateway_tls_key: (!args.gateway_tls_key.is_empty()).then_some(args.gateway_tls_key),
         gateway_client_ca: args.gateway_client_ca,
@@ -277,17 +278,31 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
         );
     }
     if let (Some(addr), Some(gw)) = (cfg.gateway_addr, gateway) {
-        let listener = TcpListener::bind(addr).await.with_context(|| format!("binding the gateway on {addr}"))?;
+        // Either one listener on this runtime, or one per worker thread.
+        let (listener, workers) = if cfg.gateway_workers == 0 {
+            (Some(TcpListener::bind(addr).await.with_context(|| format!("binding the gateway on {addr}"))?), Vec::new())
+        } else {
+            (None, zhili_gateway::bind_workers(addr, cfg.gateway_workers).with_context(|| format!("binding the gateway on {addr}"))?)
+        };
+        let local = match (&listener, workers.first()) {
+            (Some(l), _) => l.local_addr()?,
+            (None, Some(w)) => w.local_addr()?,
+            (None, None) => anyhow::bail!("no gateway listener"),
+        };
         let files = if cfg.gateway_tls.is_empty() { cfg.tls.as_slice() } else { cfg.gateway_tls.as_slice() };
         let pairs: Vec<_> = files.iter().map(|t| (t.cert.clone(), t.key.clone())).collect();
         let gw_tls =
             if pairs.is_empty() { None } else { Some(zhili_gateway::tls::acceptor(&pairs, cfg.gateway_client_ca.as_deref()).map_err(anyhow::Error::msg)?) };
         let scheme = if gw_tls.is_some() { "https" } else { "http" };
-        println!("zhili gateway listening on {scheme}://{}", listener.local_addr()?);
+        println!("zhili gateway listening on {scheme}://{local}");
         state.metrics.register_collector(Box::new(zhili_gateway::GatewayCollector(gw.clone())));
         let discover = Arc::new(crate::gateway::Local { registry: registry.clone(), store: state.store.clone(), events: state.events.clone() });
         sup.spawn("gateway follower", zhili_gateway::follow(gw.clone(), discover));
-        sup.listener("gateway listener", zhili_gateway::serve(listener, gw, gw_tls, zhili_net::Admission::new("gateway", limits), sup.stop()));
+        let gate = zhili_net::Admission::new("gateway", limits);
+        match listener {
+            Some(l) => sup.listener("gateway listener", zhili_gateway::serve(l, gw, gw_tls, gate, sup.stop())),
+            None => sup.listener("gateway listener", zhili_gateway::serve_workers(workers, gw, gw_tls, gate, sup.stop())),
+        }
     }
     if let (Some(addr), Some(coordinator)) = (cfg.dtm_addr, transactions) {
         let listener = TcpListener::bind(addr).await.with_context(|| format!("binding the DTM listener on {addr}"))?;

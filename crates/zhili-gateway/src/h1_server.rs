@@ -1,0 +1,449 @@
+//! The gateway's own HTTP/1.1 server side for the common case, the downstream twin of
+//! [`crate::h1`]: request heads are parsed with httparse out of one buffer per connection, the
+//! request is built from slices of that buffer (no copies), handed to [`crate::proxy::handle`]
+//! like any other, and the answer is written by hand (head and a whole body in one write).
+//! Keep-alive and pipelining follow RFC 9112: requests are answered in order, one at a time.
+//!
+//! What this path does not serve it hands over to hyper, with the bytes it has read and not
+//! served: anything it cannot parse (hyper then answers 400 or 431 exactly as before, or speaks
+//! HTTP/2 to a client that opened with the HTTP/2 preface), heads over the size limit, chunked
+//! or large request bodies, `Expect`, and upgrades (WebSocket, h2c). A hand-over happens only
+//! between requests, so the connection stays well framed.
+//!
+//! Deadlines cost no timer per request: the connection's watchdog ([`zhili_net::Conn`]) closes
+//! it when the client is idle too long, takes too long over a request head (and the small body
+//! read with it), or stops reading an answer.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::BodyExt;
+use hyper::body::Body as _;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::body::{request_bytes, Body};
+use crate::error::problem;
+use crate::gateway::Gateway;
+use crate::proxy::{handle, Peer};
+
+/// Header lines accepted in one request head, as hyper's server (more: hyper answers 431).
+const MAX_HEADERS: usize = 100;
+/// Answer bytes gathered before they are written (a larger body frame is written on its own).
+const GATHER: usize = 64 * 1024;
+
+/// How a connection left the fast path.
+pub enum Outcome {
+    /// Closed: the client left, asked to close, broke the framing, or the gateway is stopping.
+    Closed,
+    /// The rest of the connection belongs to hyper; these bytes were read and not served.
+    Hyper(Bytes),
+}
+
+/// Where the parts of a parsed head lie in the connection's buffer.
+struct Head {
+    len: usize,
+    method: Method,
+    target: (usize, usize),
+    http10: bool,
+}
+
+/// Serves requests on `io` until the client closes, a request needs hyper, or `stop` turns true.
+pub async fn serve<I>(io: &mut I, peer: &Peer, gw: &Arc<Gateway>, conn: &Arc<zhili_net::Conn>, stop: &mut tokio::sync::watch::Receiver<bool>) -> Outcome
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut buf = BytesMut::new();
+    let mut out: Vec<u8> = Vec::new();
+    let mut spans: Vec<[usize; 4]> = Vec::new();
+    let (max_head, max_body) = (gw.options.max_header_bytes.max(1024), gw.options.max_replay_body as u64);
+    loop {
+        if *stop.borrow() {
+            return Outcome::Closed;
+        }
+        let head = loop {
+            if !buf.is_empty() {
+                match parse(&buf, &mut spans) {
+                    Ok(Some(h)) if h.len <= max_head => break h,
+                    Ok(None) if buf.len() <= max_head => {}
+                    _ => return Outcome::Hyper(buf.freeze()),
+                }
+            }
+            if buf.capacity() - buf.len() < 2048 {
+                buf.reserve(8192);
+            }
+            let read = tokio::select! {
+                biased;
+                r = io.read_buf(&mut buf) => r,
+                _ = stop.changed(), if buf.is_empty() => return Outcome::Closed,
+            };
+            match read {
+                Ok(0) | Err(_) => return Outcome::Closed,
+                Ok(_) => {}
+            }
+        };
+        let whole = |head: &Bytes, rest: &BytesMut| {
+            let mut all = BytesMut::with_capacity(head.len() + rest.len());
+            all.extend_from_slice(head);
+            all.extend_from_slice(rest);
+            Outcome::Hyper(all.freeze())
+        };
+        let bytes = buf.split_to(head.len).freeze();
+        let Some((uri, headers)) = build(&bytes, &head, &spans) else { return whole(&bytes, &buf) };
+        let Some(framing) = request_framing(&headers, head.http10) else { return whole(&bytes, &buf) };
+        if framing.body > max_body {
+            return whole(&bytes, &buf);
+        }
+        // The body (small, by the check above) is read with the head, under the head's deadline.
+        while (buf.len() as u64) < framing.body {
+            buf.reserve(framing.body as usize - buf.len());
+            match io.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => return Outcome::Closed,
+                Ok(_) => {}
+            }
+        }
+        let body = request_bytes(buf.split_to(framing.body as usize).freeze());
+        let mut req = Request::new(body);
+        *req.method_mut() = head.method.clone();
+        *req.uri_mut() = uri;
+        *req.version_mut() = if head.http10 { Version::HTTP_10 } else { Version::HTTP_11 };
+        *req.headers_mut() = headers;
+        let guard = conn.begin_request();
+        let mut keep_alive = framing.keep_alive;
+        let resp = match AssertUnwindSafe(handle(gw.clone(), req, peer)).catch_unwind().await {
+            Ok(r) => r,
+            Err(panic) => {
+                tracing::error!(method = %head.method, cause = zhili_net::panic_message(&*panic), "gateway request panicked; answered 500");
+                keep_alive = false;
+                problem(StatusCode::INTERNAL_SERVER_ERROR, "internal error; see the server log")
+            }
+        };
+        let wrote = respond(io, &mut out, resp, head.method == Method::HEAD, head.http10, &mut keep_alive).await;
+        drop(guard);
+        if !wrote || !keep_alive {
+            let _ = io.shutdown().await;
+            return Outcome::Closed;
+        }
+        // A buffer that grew for a large head or body is not kept while the connection idles.
+        if buf.is_empty() && buf.capacity() > 64 * 1024 {
+            buf = BytesMut::new();
+        }
+        if out.capacity() > 4 * GATHER {
+            out = Vec::new();
+        }
+    }
+}
+
+/// Parses one request head from the start of `buf`: None while it is incomplete, Err when it is
+/// malformed. Header positions go to `spans` as [name start, name len, value start, value len].
+fn parse(buf: &[u8], spans: &mut Vec<[usize; 4]>) -> Result<Option<Head>, ()> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(_) => return Err(()),
+    };
+    let base = buf.as_ptr() as usize;
+    let at = |s: &[u8]| (s.as_ptr() as usize - base, s.len());
+    spans.clear();
+    for h in req.headers.iter() {
+        let (n, nl) = at(h.name.as_bytes());
+        let (v, vl) = at(h.value);
+        spans.push([n, nl, v, vl]);
+    }
+    let method = Method::from_bytes(req.method.ok_or(())?.as_bytes()).map_err(|_| ())?;
+    let target = at(req.path.ok_or(())?.as_bytes());
+    Ok(Some(Head { len, method, target, http10: req.version == Some(0) }))
+}
+
+/// The request target and headers, sharing the head's memory. None when hyper must judge them.
+fn build(bytes: &Bytes, head: &Head, spans: &[[usize; 4]]) -> Option<(Uri, HeaderMap)> {
+    let (t, tl) = head.target;
+    let uri = Uri::from_maybe_shared(bytes.slice(t..t + tl)).ok()?;
+    let mut headers = HeaderMap::with_capacity(spans.len());
+    for &[n, nl, v, vl] in spans {
+        let name = HeaderName::from_bytes(bytes.get(n..n + nl)?).ok()?;
+        let value = HeaderValue::from_maybe_shared(bytes.slice(v..v + vl)).ok()?;
+        headers.append(name, value);
+    }
+    Some((uri, headers))
+}
+
+/// How a request is framed and whether the connection may carry another.
+struct RequestFraming {
+    body: u64,
+    keep_alive: bool,
+}
+
+/// None for what the fast path leaves to hyper: chunked or otherwise encoded bodies, several
+/// or malformed lengths, `Expect`, and upgrades.
+fn request_framing(headers: &HeaderMap, http10: bool) -> Option<RequestFraming> {
+    if headers.contains_key(header::TRANSFER_ENCODING) || headers.contains_key(header::EXPECT) || headers.contains_key(header::UPGRADE) {
+        return None;
+    }
+    let mut lengths = headers.get_all(header::CONTENT_LENGTH).iter();
+    let body = match (lengths.next(), lengths.next()) {
+        (None, _) => 0,
+        (Some(v), None) => {
+            let v = v.as_bytes();
+            if v.is_empty() || v.len() > 19 || !v.iter().all(u8::is_ascii_digit) {
+                return None;
+            }
+            std::str::from_utf8(v).ok()?.parse().ok()?
+        }
+        _ => return None,
+    };
+    let (mut close, mut keep) = (false, false);
+    for v in headers.get_all(header::CONNECTION) {
+        for token in v.as_bytes().split(|b| *b == b',') {
+            let token = token.trim_ascii();
+            if token.eq_ignore_ascii_case(b"upgrade") {
+                return None;
+            }
+            close |= token.eq_ignore_ascii_case(b"close");
+            keep |= token.eq_ignore_ascii_case(b"keep-alive");
+        }
+    }
+    Some(RequestFraming { body, keep_alive: !close && (!http10 || keep) })
+}
+
+/// How an answer's body is framed on the wire.
+#[derive(PartialEq, Eq)]
+enum Framing {
+    None,
+    Length(u64),
+    Chunked,
+    UntilClose,
+}
+
+/// Writes the answer; false when the connection must close (a failed write or a body that broke
+/// off). `keep_alive` turns false when the answer ends the connection.
+async fn respond<I>(io: &mut I, out: &mut Vec<u8>, resp: Response<Body>, head_request: bool, http10: bool, keep_alive: &mut bool) -> bool
+where
+    I: AsyncWrite + Unpin,
+{
+    let (parts, mut body) = resp.into_parts();
+    let status = parts.status;
+    if parts.headers.get_all(header::CONNECTION).iter().any(|v| v.as_bytes().split(|b| *b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))) {
+        *keep_alive = false;
+    }
+    let framing = if head_request || status.is_informational() || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+        Framing::None
+    } else if let Some(n) = body.size_hint().exact() {
+        Framing::Length(n)
+    } else if let Some(n) = crate::body::content_length(&parts.headers) {
+        Framing::Length(n)
+    } else if http10 {
+        *keep_alive = false;
+        Framing::UntilClose
+    } else {
+        Framing::Chunked
+    };
+    out.clear();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let ours = framing != Framing::None;
+    for (name, value) in &parts.headers {
+        if ours && (name == header::CONTENT_LENGTH || name == header::TRANSFER_ENCODING) {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    match framing {
+        Framing::Length(n) => {
+            out.extend_from_slice(b"content-length: ");
+            decimal(n, out);
+            out.extend_from_slice(b"\r\n");
+        }
+        Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        Framing::None | Framing::UntilClose => {}
+    }
+    if !parts.headers.contains_key(header::DATE) {
+        out.extend_from_slice(b"date: ");
+        date(out);
+        out.extend_from_slice(b"\r\n");
+    }
+    if !*keep_alive && !parts.headers.contains_key(header::CONNECTION) {
+        out.extend_from_slice(b"connection: close\r\n");
+    } else if *keep_alive && http10 {
+        out.extend_from_slice(b"connection: keep-alive\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    if framing == Framing::None {
+        return io.write_all(out).await.is_ok();
+    }
+    let mut sent: u64 = 0;
+    loop {
+        // Whatever is ready goes out with the head; the rest as it comes.
+        let next = match body.frame().now_or_never() {
+            Some(f) => f,
+            None => {
+                if !out.is_empty() && io.write_all(out).await.is_err() {
+                    return false;
+                }
+                out.clear();
+                body.frame().await
+            }
+        };
+        let data = match next {
+            None => break,
+            Some(Err(_)) => {
+                let _ = io.write_all(out).await;
+                return false;
+            }
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(d) => d,
+                Err(_) => continue,
+            },
+        };
+        if data.is_empty() {
+            continue;
+        }
+        sent += data.len() as u64;
+        if let Framing::Length(n) = framing {
+            if sent > n {
+                // The body says more than its length: the extra never goes out.
+                let _ = io.write_all(out).await;
+                return false;
+            }
+        }
+        if framing == Framing::Chunked {
+            hex(data.len(), out);
+            out.extend_from_slice(b"\r\n");
+        }
+        if data.len() > GATHER {
+            if io.write_all(out).await.is_err() || io.write_all(&data).await.is_err() {
+                return false;
+            }
+            out.clear();
+        } else {
+            out.extend_from_slice(&data);
+        }
+        if framing == Framing::Chunked {
+            out.extend_from_slice(b"\r\n");
+        }
+        if out.len() > GATHER {
+            if io.write_all(out).await.is_err() {
+                return false;
+            }
+            out.clear();
+        }
+    }
+    if framing == Framing::Chunked {
+        out.extend_from_slice(b"0\r\n\r\n");
+    }
+    if io.write_all(out).await.is_err() {
+        return false;
+    }
+    match framing {
+        Framing::Length(n) => sent == n,
+        Framing::UntilClose => false,
+        _ => true,
+    }
+}
+
+/// Appends `n` in lowercase hexadecimal (a chunk size).
+fn hex(n: usize, out: &mut Vec<u8>) {
+    let digits = (usize::BITS - n.leading_zeros()).div_ceil(4).max(1);
+    for i in (0..digits).rev() {
+        let d = ((n >> (i * 4)) & 0xf) as u8;
+        out.push(if d < 10 { b'0' + d } else { b'a' + d - 10 });
+    }
+}
+
+/// Appends `n` in decimal.
+fn decimal(n: u64, out: &mut Vec<u8>) {
+    let start = out.len();
+    let mut n = n;
+    loop {
+        out.push(b'0' + (n % 10) as u8);
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    if let Some(digits) = out.get_mut(start..) {
+        digits.reverse();
+    }
+}
+
+/// Appends the current time as an HTTP date, formatted once a second per thread.
+fn date(out: &mut Vec<u8>) {
+    use std::cell::RefCell;
+    thread_local! {
+        static CACHED: RefCell<(u64, String)> = const { RefCell::new((0, String::new())) };
+    }
+    let now = std::time::SystemTime::now();
+    let secs = now.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    CACHED.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.0 != secs || c.1.is_empty() {
+            *c = (secs, httpdate::fmt_http_date(now));
+        }
+        out.extend_from_slice(c.1.as_bytes());
+    });
+}
+
+/// A connection's socket with bytes already read from it put back in front, for hyper.
+pub struct Replay<I> {
+    pre: Bytes,
+    io: I,
+}
+
+impl<I> Replay<I> {
+    pub fn new(pre: Bytes, io: I) -> Self {
+        Self { pre, io }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Replay<I> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if !self.pre.is_empty() {
+            let n = self.pre.len().min(buf.remaining());
+            let chunk = self.pre.split_to(n);
+            buf.put_slice(&chunk);
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Replay<I> {
+    fn poll_write(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &[u8]) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
