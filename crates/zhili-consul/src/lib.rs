@@ -36,31 +36,10 @@ pub struct ConsulIdentity {
 
 /// Rendered `/v1/health/service/:name` answers of the unfiltered queries, per service index:
 /// the hot read of Consul clients and Prometheus, served without re-rendering JSON.
-#[derive(Default)]
-pub struct HealthCache {
-    entries: std::sync::Mutex<std::collections::HashMap<HealthKey, (u64, bytes::Bytes)>>,
-}
+pub type HealthCache = zhili_http::rendered::RenderCache<HealthKey>;
 
 /// (namespace, service, passing only).
 type HealthKey = (String, String, bool);
-
-/// Entries kept at most; past this the cache starts over (services come and go).
-const HEALTH_CACHE_MAX: usize = 4096;
-
-impl HealthCache {
-    fn get(&self, key: &HealthKey, index: u64) -> Option<bytes::Bytes> {
-        let m = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        m.get(key).filter(|(i, _)| *i == index).map(|(_, b)| b.clone())
-    }
-
-    fn put(&self, key: HealthKey, index: u64, body: bytes::Bytes) {
-        let mut m = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        if m.len() >= HEALTH_CACHE_MAX && !m.contains_key(&key) {
-            m.clear();
-        }
-        m.insert(key, (index, body));
-    }
-}
 
 impl ConsulIdentity {
     fn node_ref(&self) -> NodeRef {

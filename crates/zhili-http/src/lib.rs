@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod error;
 pub mod extract;
+pub mod rendered;
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;

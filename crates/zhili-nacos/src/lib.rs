@@ -52,7 +52,12 @@ pub struct NacosState(Arc<Nacos>);
 pub struct Nacos {
     core: AppState,
     pub nacos: NacosHub,
+    /// Rendered `instance/list` answers per service index (the call every v1 client polls).
+    pub lists: zhili_http::rendered::RenderCache<ListKey>,
 }
+
+/// (namespace, grouped service name, clusters, healthy only, v2 envelope).
+pub type ListKey = (String, String, String, bool, bool);
 
 impl std::ops::Deref for NacosState {
     type Target = Nacos;
@@ -70,7 +75,7 @@ impl std::ops::Deref for Nacos {
 
 impl NacosState {
     pub fn new(core: AppState) -> Self {
-        Self(Arc::new(Nacos { core, nacos: NacosHub::new() }))
+        Self(Arc::new(Nacos { core, nacos: NacosHub::new(), lists: Default::default() }))
     }
 
     /// The hub's work, until the server stops: pushes registry and config changes to clients,

@@ -23,6 +23,8 @@ use zhili_http::error::ApiError;
 enum Reply {
     Ok,
     Json(Value),
+    /// JSON already rendered, envelope included.
+    Rendered(bytes::Bytes),
 }
 
 fn render(v2: bool, r: NResult<Reply>) -> Response {
@@ -31,6 +33,7 @@ fn render(v2: bool, r: NResult<Reply>) -> Response {
         (Ok(Reply::Json(v)), false) => axum::Json(v).into_response(),
         (Ok(Reply::Ok), true) => v2_ok(json!("ok")),
         (Ok(Reply::Json(v)), true) => v2_ok(v),
+        (Ok(Reply::Rendered(b)), _) => ([(axum::http::header::CONTENT_TYPE, "application/json")], b).into_response(),
         (Err(e), v2) => NacosError { v2, ..e }.into_response(),
     }
 }
@@ -47,12 +50,19 @@ macro_rules! both {
     )*};
 }
 
+async fn list_v1(State(s): State<NacosState>, caller: Caller, p: Params) -> Response {
+    render(false, list(&s, &caller, &p, false))
+}
+
+async fn list_v2(State(s): State<NacosState>, caller: Caller, p: Params) -> Response {
+    render(true, list(&s, &caller, &p, true))
+}
+
 both! {
     register_v1, register_v2 => register;
     deregister_v1, deregister_v2 => deregister;
     modify_v1, modify_v2 => modify;
     detail_v1, detail_v2 => detail;
-    list_v1, list_v2 => list;
     beat_v1, beat_v2 => beat;
     create_service_v1, create_service_v2 => create_service;
     update_service_v1, update_service_v2 => update_service;
@@ -183,17 +193,28 @@ async fn detail(s: &NacosState, caller: &Caller, p: &Params) -> NResult<Reply> {
     Ok(Reply::Json(v))
 }
 
-async fn list(s: &NacosState, caller: &Caller, p: &Params) -> NResult<Reply> {
+/// `GET instance/list`, rendered once per service index and query (the index covers every
+/// field shown; `lastRefTime` is then the time of that rendering).
+fn list(s: &NacosState, caller: &Caller, p: &Params, v2: bool) -> NResult<Reply> {
     let (ns, svc) = target(p)?;
     caller.require(Resource::Service, &svc.name, Access::Read)?;
     let healthy_only = p.flag("healthyOnly")?.unwrap_or(false);
-    let mut instances = instances_of(s, &ns, &svc);
+    let clusters = p.get("clusters").unwrap_or("");
+    let index = s.registry.service_index(&ns, &svc.name);
+    let key = (ns, svc.grouped(), clusters.to_string(), healthy_only, v2);
+    if let Some(body) = s.lists.get(&key, index) {
+        return Ok(Reply::Rendered(body));
+    }
+    let mut instances = instances_of(s, &key.0, &svc);
     instances.retain(|i| i.enabled && (!healthy_only || i.is_serving()));
-    let mut info = service_info(&instances, &svc, p.get("clusters").unwrap_or(""), true, s.nacos.ref_time());
+    let mut info = service_info(&instances, &svc, clusters, true, s.nacos.ref_time());
     if let Some(o) = info.as_object_mut() {
         o.insert("dom".into(), json!(svc.grouped()));
     }
-    Ok(Reply::Json(info))
+    let info = if v2 { json!({"code": 0, "message": "success", "data": info}) } else { info };
+    let body = bytes::Bytes::from(serde_json::to_vec(&info).map_err(|e| ApiError::Internal(e.to_string()))?);
+    s.lists.put(key, index, body.clone());
+    Ok(Reply::Rendered(body))
 }
 
 /// `PUT instance/beat`: `code` 10200 when the instance is known, 20404 so the client re-registers.

@@ -100,6 +100,31 @@ async fn nacos_http_bad_input_v2_wrapping_and_dns_visibility() {
     assert_eq!(st, StatusCode::OK, "{v}");
     assert_eq!(v["data"]["hosts"][0]["ip"], "10.0.0.1", "{v}");
     assert_eq!(v["data"]["hosts"][0]["ephemeral"], false, "{v}");
+    // Lists are served from a rendering cached per service index: every change shows at once,
+    // in v1 and v2 alike, and queries differing in a parameter never share an answer.
+    for round in 0..3 {
+        let (_, _, v1) = call(&n, Method::GET, "/nacos/v1/ns/instance/list?serviceName=web", None).await;
+        let (_, _, v2) = call(&n, Method::GET, "/nacos/v2/ns/instance/list?serviceName=web", None).await;
+        let (_, _, healthy) = call(&n, Method::GET, "/nacos/v1/ns/instance/list?serviceName=web&healthyOnly=true", None).await;
+        let (_, _, other) = call(&n, Method::GET, "/nacos/v1/ns/instance/list?serviceName=web&clusters=elsewhere", None).await;
+        assert_eq!(v1["hosts"].as_array().unwrap().len(), round + 1, "round {round}: {v1}");
+        assert_eq!(v2["data"]["hosts"], v1["hosts"], "round {round}");
+        assert_eq!(healthy["hosts"], v1["hosts"], "round {round}");
+        assert_eq!(other["hosts"].as_array().unwrap().len(), 0, "round {round}: {other}");
+        let ip = format!("10.0.1.{round}");
+        let (st, _, _) = call(&n, Method::POST, &format!("/nacos/v1/ns/instance?serviceName=web&ip={ip}&port=80&ephemeral=false"), None).await;
+        assert_eq!(st, StatusCode::OK);
+    }
+    let (st, _, _) = call(&n, Method::PUT, "/nacos/v1/ns/instance?serviceName=web&ip=10.0.1.0&port=80&ephemeral=false&enabled=false", None).await;
+    assert_eq!(st, StatusCode::OK);
+    let (_, _, v) = call(&n, Method::GET, "/nacos/v1/ns/instance/list?serviceName=web", None).await;
+    assert_eq!(v["hosts"].as_array().unwrap().len(), 3, "a disabled instance leaves the list: {v}");
+    for round in 0..3 {
+        let (st, _, _) = call(&n, Method::DELETE, &format!("/nacos/v1/ns/instance?serviceName=web&ip=10.0.1.{round}&port=80&ephemeral=false"), None).await;
+        assert_eq!(st, StatusCode::OK);
+    }
+    let (_, _, v) = call(&n, Method::GET, "/nacos/v1/ns/instance/list?serviceName=web", None).await;
+    assert_eq!(v["hosts"].as_array().unwrap().len(), 1, "{v}");
     let (st, _, v) = call(&n, Method::GET, "/nacos/v2/cs/config?dataId=missing.yaml&group=DEFAULT_GROUP", None).await;
     assert_eq!((st, v["code"].as_i64()), (StatusCode::NOT_FOUND, Some(20004)), "{v}");
 
