@@ -123,7 +123,7 @@ enum Cmd {
     Load {
         #[arg(long)]
         target: SocketAddr,
-        /// register | heartbeat | discover | kv-put | events-append | events-batch | consul-register | consul-health | consul-health-blocking | nacos-register | nacos-beat | etcd-put-lease | etcd-keepalive | etcd-put
+        /// register | heartbeat | discover | kv-put | events-append | events-batch | consul-register | consul-health | consul-health-blocking | nacos-register | nacos-register-meta | nacos-beat | nacos-list | nacos-config-publish | nacos-config-get | etcd-put-lease | etcd-keepalive | etcd-put
         #[arg(long)]
         scenario: String,
         #[arg(long, default_value_t = 64)]
@@ -165,6 +165,9 @@ enum Cmd {
         concurrency: usize,
         #[arg(long, default_value_t = 5)]
         seconds: u64,
+        /// Register with instance metadata (`{"k": "v"}`), as Spring Cloud clients do.
+        #[arg(long)]
+        metadata: bool,
     },
     /// Closed-loop UDP DNS queries (A record of a service), one socket per worker.
     Dns {
@@ -280,7 +283,7 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Ready { bin, data_dir, addr, keep } => ready(bin, data_dir, addr, keep).await,
         Cmd::OpenLoop { target, path, rate, conns, seconds, headers } => open_loop(target, &path, &headers, rate, conns, Duration::from_secs(seconds)).await,
         Cmd::Dns { target, name, concurrency, seconds } => dns(target, &name, concurrency, Duration::from_secs(seconds)).await,
-        Cmd::NacosGrpc { target, concurrency, seconds } => nacos_grpc(target, concurrency, Duration::from_secs(seconds)).await,
+        Cmd::NacosGrpc { target, concurrency, seconds, metadata } => nacos_grpc(target, concurrency, Duration::from_secs(seconds), metadata).await,
     }
 }
 
@@ -437,18 +440,58 @@ async fn setup(target: SocketAddr, scenario: &str, instances: usize) -> anyhow::
             };
             Scenario { next: Box::new(move |_, _| (Method::GET, path.into(), None)), expect: 200, expect_body: None }
         }
-        "nacos-register" => Scenario {
+        // Without metadata, and with it (Spring Cloud clients always send some).
+        "nacos-register" | "nacos-register-meta" => {
+            let meta = if scenario == "nacos-register-meta" { "&metadata=%7B%22k%22%3A%22v%22%7D" } else { "" };
+            Scenario {
+                next: Box::new(move |w, n| {
+                    let i = w * 10_000_000 + n;
+                    (Method::POST, format!("/nacos/v1/ns/instance?serviceName=bench-nacos-reg&ip={}&port=80&ephemeral=true{meta}", ip(i)), None)
+                }),
+                expect: 200,
+                expect_body: Some("ok"),
+            }
+        }
+        // The instance list of a service with `instances` instances (every v1 client's poll).
+        "nacos-list" => {
+            for i in 0..instances {
+                let (st, body) = c.send(Method::POST, &format!("/nacos/v1/ns/instance?serviceName=bench-nacos-list&ip={}&port=80", ip(i)), None).await?;
+                if st != 200 {
+                    bail!("setup register: {st} {}", String::from_utf8_lossy(&body));
+                }
+            }
+            let (st, body) = c.send(Method::GET, "/nacos/v1/ns/instance/list?serviceName=bench-nacos-list", None).await?;
+            let hosts = serde_json::from_slice::<Value>(&body).ok().and_then(|v| v["hosts"].as_array().map(Vec::len));
+            if st != 200 || hosts != Some(instances) {
+                bail!("setup list: {st} {hosts:?} hosts {}", String::from_utf8_lossy(&body));
+            }
+            Scenario {
+                next: Box::new(|_, _| (Method::GET, "/nacos/v1/ns/instance/list?serviceName=bench-nacos-list".into(), None)),
+                expect: 200,
+                expect_body: Some("\"hosts\""),
+            }
+        }
+        // Config: publish (a 64-byte value to one of 1,000 data ids) and get.
+        "nacos-config-publish" => Scenario {
             next: Box::new(|w, n| {
-                let i = w * 10_000_000 + n;
-                (
-                    Method::POST,
-                    format!("/nacos/v1/ns/instance?serviceName=bench-nacos-reg&ip={}&port=80&ephemeral=true&metadata=%7B%22k%22%3A%22v%22%7D", ip(i)),
-                    None,
-                )
+                (Method::POST, format!("/nacos/v1/cs/configs?dataId=bench-{w}-{}.yaml&group=BENCH&content=value-{n}-{}", n % 1000, "x".repeat(48)), None)
             }),
             expect: 200,
-            expect_body: Some("ok"),
+            expect_body: Some("true"),
         },
+        "nacos-config-get" => {
+            for k in 0..100 {
+                let (st, body) = c.send(Method::POST, &format!("/nacos/v1/cs/configs?dataId=bench-get-{k}.yaml&group=BENCH&content=value-{k}-{}", "x".repeat(48)), None).await?;
+                if st != 200 {
+                    bail!("setup publish: {st} {}", String::from_utf8_lossy(&body));
+                }
+            }
+            Scenario {
+                next: Box::new(|w, n| (Method::GET, format!("/nacos/v1/cs/configs?dataId=bench-get-{}.yaml&group=BENCH", (w + n) % 100), None)),
+                expect: 200,
+                expect_body: Some("value-"),
+            }
+        }
         "nacos-beat" => {
             for i in 0..instances {
                 let (st, body) = c.send(Method::POST, &format!("/nacos/v1/ns/instance?serviceName=bench-nacos-hb&ip={}&port=80", ip(i)), None).await?;
@@ -740,7 +783,8 @@ impl NacosConn {
     }
 }
 
-async fn nacos_grpc(target: SocketAddr, concurrency: usize, duration: Duration) -> anyhow::Result<()> {
+async fn nacos_grpc(target: SocketAddr, concurrency: usize, duration: Duration, metadata: bool) -> anyhow::Result<()> {
+    let metadata = if metadata { json!({"k": "v"}) } else { json!({}) };
     let stop = Arc::new(AtomicBool::new(false));
     let errors = Arc::new(AtomicU64::new(0));
     let mut conns = Vec::with_capacity(concurrency);
@@ -750,7 +794,7 @@ async fn nacos_grpc(target: SocketAddr, concurrency: usize, duration: Duration) 
     let start = Instant::now();
     let mut tasks = Vec::new();
     for (w, mut c) in conns.into_iter().enumerate() {
-        let (stop, errors) = (stop.clone(), errors.clone());
+        let (stop, errors, metadata) = (stop.clone(), errors.clone(), metadata.clone());
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::with_capacity(100_000);
             let mut n = 0;
@@ -758,13 +802,16 @@ async fn nacos_grpc(target: SocketAddr, concurrency: usize, duration: Duration) 
                 let i = w * 10_000_000 + n;
                 let body = json!({
                     "namespace": "", "serviceName": "bench-nacos-grpc", "groupName": "DEFAULT_GROUP", "type": "registerInstance",
-                    "instance": {"ip": ip(i), "port": 80, "weight": 1.0, "enabled": true, "ephemeral": true, "clusterName": "DEFAULT", "metadata": {"k": "v"}},
+                    "instance": {"ip": ip(i), "port": 80, "weight": 1.0, "healthy": true, "enabled": true, "ephemeral": true, "clusterName": "DEFAULT", "metadata": metadata},
                 });
                 let t = Instant::now();
                 match c.call("InstanceRequest", &body).await {
                     Ok(reply) if contains(&reply, "\"resultCode\":200") => lat.push(t.elapsed().as_micros() as u64),
-                    _ => {
-                        errors.fetch_add(1, Ordering::Relaxed);
+                    other => {
+                        // The first failure is shown, so a run against a new peer can be checked.
+                        if errors.fetch_add(1, Ordering::Relaxed) == 0 {
+                            eprintln!("nacos-grpc: first failed reply: {:?}", other.map(|r| String::from_utf8_lossy(&r).into_owned()));
+                        }
                     }
                 }
                 n += 1;
@@ -772,7 +819,8 @@ async fn nacos_grpc(target: SocketAddr, concurrency: usize, duration: Duration) 
             lat
         }));
     }
-    report("nacos-grpc-register", concurrency, Run { start, duration, stop, errors, tasks }).await
+    report(if metadata.as_object().is_some_and(|m| !m.is_empty()) { "nacos-grpc-register-meta" } else { "nacos-grpc-register" }, concurrency, Run { start, duration, stop, errors, tasks })
+        .await
 }
 
 async fn open_loop(target: SocketAddr, path: &str, headers: &[String], rate: f64, conns: usize, run: Duration) -> anyhow::Result<()> {
