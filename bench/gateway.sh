@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Gateway benchmark (issue 4): Zhili's gateway against nginx and HAProxy as reverse proxies, side
-# by side in one run. Each proxy gets one worker and CPU 0; the upstream (nginx answering a fixed
-# 1 KiB body on two ports) and the load generator (wrk) share CPU 1. Not part of CI.
+# Gateway benchmark: Zhili's gateway against nginx and HAProxy as reverse proxies, side by side in
+# one run. Each proxy gets one worker and CPU 0; the upstream (nginx answering a fixed 1 KiB body
+# on two ports) and the load generator (wrk) share CPU 1. Then each proxy again with two workers
+# (nginx worker_processes 2, HAProxy nbthread 2, zhili gateway --workers 2), everything sharing
+# both CPUs. Not part of CI.
 # Usage: bench/gateway.sh [seconds] [connections]   (needs Debian nginx-light, haproxy, wrk)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -112,3 +114,36 @@ reqs=$(echo "$metrics" | awk '/^zhili_gateway_requests_total / {print $2}')
 conns=$(echo "$metrics" | awk '/^zhili_gateway_upstream_connections_total / {print $2}')
 echo "# zhili upstream connections opened: $conns for $reqs requests (reuse $(awk -v c="$conns" -v r="$reqs" 'BEGIN {printf "%.4f%%", 100 * (1 - c / r)}'))"
 echo "# zhili gateway RSS after load: $(awk '/VmRSS/ {print $2, $3}' /proc/$gw_pid/status)"
+
+# Two workers each, on both CPUs (upstream and wrk too: the machine has two cores).
+for p in "${pids[@]:1}"; do kill "$p" 2>/dev/null || true; done
+for port in $NGINX $HAPROXY $ZHILI $API; do
+  for _ in $(seq 100); do ss -ltn | grep -q "127.0.0.1:$port " || break; sleep 0.1; done
+done
+sed -i 's/^worker_processes 1;/worker_processes 2;/' "$WORK/nginx.conf"
+sed -i 's/nbthread 1/nbthread 2/' "$WORK/haproxy.cfg"
+nginx -c "$WORK/nginx.conf" -p "$WORK" & pids+=($!)
+haproxy -f "$WORK/haproxy.cfg" -db -q & pids+=($!)
+$BIN server --dev --data-dir "$WORK/z2" --api-addr 127.0.0.1:$API --dns-addr off --nacos-addr off --nacos-grpc-addr off --dtm-addr off --gateway-addr off --log-level warn >/dev/null & pids+=($!)
+for _ in $(seq 100); do curl -sf "127.0.0.1:$API/health/ready" >/dev/null && break; sleep 0.1; done
+for p in $UP1 $UP2; do
+  curl -sf -XPOST "127.0.0.1:$API/api/v1/services/demo/instances" -H 'content-type: application/json' -d "{\"address\":\"127.0.0.1\",\"port\":$p,\"ephemeral\":false}" >/dev/null
+done
+curl -sf -XPUT "127.0.0.1:$API/api/v1/routes/demo" -H 'content-type: application/json' -d '{"path_prefix": "/demo/", "service": "demo", "strip_prefix": true}' >/dev/null
+$BIN gateway --server "http://127.0.0.1:$API" --addr 127.0.0.1:$ZHILI --workers 2 --access-log false --log-level warn >/dev/null & pids+=($!)
+for port in $NGINX $HAPROXY $ZHILI; do
+  for _ in $(seq 100); do curl -sf "127.0.0.1:$port/demo/" -o /dev/null && break; sleep 0.1; done
+done
+closed2() { # name port
+  local out rps errs
+  out=$(wrk -t2 -c"$CONNS" -d"${SECS}s" --latency "http://127.0.0.1:$2/demo/")
+  rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+  errs=$(echo "$out" | awk '/Non-2xx|Socket errors/ {print}' | tr '\n' ' ')
+  echo "{\"round\":$round,\"proxy\":\"$1-2w\",\"rps\":$rps,\"errors\":\"$errs\"}" | tee -a "$WORK/closed.jsonl"
+}
+for round in 1 2 3; do
+  closed2 nginx $NGINX
+  closed2 haproxy $HAPROXY
+  closed2 zhili $ZHILI
+done
+echo "# two workers, medians: nginx $(median nginx-2w), haproxy $(median haproxy-2w), zhili $(median zhili-2w)"

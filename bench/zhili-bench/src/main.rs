@@ -481,7 +481,9 @@ async fn setup(target: SocketAddr, scenario: &str, instances: usize) -> anyhow::
         },
         "nacos-config-get" => {
             for k in 0..100 {
-                let (st, body) = c.send(Method::POST, &format!("/nacos/v1/cs/configs?dataId=bench-get-{k}.yaml&group=BENCH&content=value-{k}-{}", "x".repeat(48)), None).await?;
+                let (st, body) = c
+                    .send(Method::POST, &format!("/nacos/v1/cs/configs?dataId=bench-get-{k}.yaml&group=BENCH&content=value-{k}-{}", "x".repeat(48)), None)
+                    .await?;
                 if st != 200 {
                     bail!("setup publish: {st} {}", String::from_utf8_lossy(&body));
                 }
@@ -819,8 +821,12 @@ async fn nacos_grpc(target: SocketAddr, concurrency: usize, duration: Duration, 
             lat
         }));
     }
-    report(if metadata.as_object().is_some_and(|m| !m.is_empty()) { "nacos-grpc-register-meta" } else { "nacos-grpc-register" }, concurrency, Run { start, duration, stop, errors, tasks })
-        .await
+    report(
+        if metadata.as_object().is_some_and(|m| !m.is_empty()) { "nacos-grpc-register-meta" } else { "nacos-grpc-register" },
+        concurrency,
+        Run { start, duration, stop, errors, tasks },
+    )
+    .await
 }
 
 async fn open_loop(target: SocketAddr, path: &str, headers: &[String], rate: f64, conns: usize, run: Duration) -> anyhow::Result<()> {

@@ -83,7 +83,7 @@ pub struct Call<'a> {
 }
 
 /// Forwards under the route's circuit breaker and concurrency limit.
-pub async fn forward(call: Call<'_>, req: Request<RequestBody>, on_upgrade: Option<hyper::upgrade::OnUpgrade>) -> (Response<Body>, Option<String>) {
+pub async fn forward(call: Call<'_>, req: Request<RequestBody>, on_upgrade: Option<hyper::upgrade::OnUpgrade>) -> (Response<Body>, Option<Arc<EndpointState>>) {
     let Call { gw, route, target, .. } = call;
     let Some(pool) = target.pool.get() else {
         return (problem(StatusCode::SERVICE_UNAVAILABLE, &format!("service {:?} is not known to the gateway yet", target.service)), None);
@@ -139,7 +139,12 @@ struct Prepared {
 }
 
 /// Transform, then balance and send with the retry loop around one send.
-async fn forward_inner(call: Call<'_>, pool: &Pool, req: Request<RequestBody>, mut on_upgrade: Option<OnUpgrade>) -> (Response<Body>, Option<String>) {
+async fn forward_inner(
+    call: Call<'_>,
+    pool: &Pool,
+    req: Request<RequestBody>,
+    mut on_upgrade: Option<OnUpgrade>,
+) -> (Response<Body>, Option<Arc<EndpointState>>) {
     let Call { gw, route, target, hash_key, .. } = call;
     let r = route.resilience;
     let deadline = Instant::now() + r.total;
@@ -203,7 +208,7 @@ async fn forward_inner(call: Call<'_>, pool: &Pool, req: Request<RequestBody>, m
                     continue;
                 }
                 strip_hop_by_hop(resp.headers_mut());
-                return (resp, Some(ep.authority.clone()));
+                return (resp, Some(ep));
             }
             Err(e) if e.side() == Side::Client => return (problem(e.status(), &format!("the request {e}")), None),
             Err(e) => {
@@ -227,7 +232,7 @@ async fn forward_inner(call: Call<'_>, pool: &Pool, req: Request<RequestBody>, m
         }
         attempt += 1;
     }
-    (problem(last_error.0, &last_error.1), tried.last().map(|e| e.authority.clone()))
+    (problem(last_error.0, &last_error.1), tried.pop())
 }
 
 /// Transform: the upstream request's headers, path and body (small bodies are read first, so

@@ -12,13 +12,14 @@ use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 
 use crate::auth::{Identity, Presented};
+use crate::balance::EndpointState;
 use crate::body::{empty, full, Body, RequestBody};
 use crate::error::{problem, Refused};
 use crate::forward::{forward, hash_key, pick_target, Call};
 use crate::gateway::Gateway;
 use crate::table::{Action, Route, Table};
 use crate::target::Authority;
-use crate::transform::{apply_ops, request_id};
+use crate::transform::{apply_ops, request_id, X_REQUEST_ID};
 
 /// Where a request came from: the client's address, whether it came over TLS, and the subject
 /// common name of its verified client certificate.
@@ -48,7 +49,8 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<RequestBody>, peer: &Peer) ->
     };
     let method = req.method().clone();
     let origin = routed.route.as_ref().and_then(|r| r.cors.as_ref()).and_then(|_| req.headers().get(header::ORIGIN).cloned());
-    let path = req.uri().path().to_string();
+    // For the access log line only.
+    let path = if gw.options.access_log { req.uri().path().to_string() } else { String::new() };
     let (mut resp, upstream) = match &routed.route {
         None => {
             gw.stats.no_route.fetch_add(1, Ordering::Relaxed);
@@ -67,7 +69,13 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<RequestBody>, peer: &Peer) ->
 
 /// The phases after routing, for a request a route matched; the answer and, when it was
 /// forwarded, (service, endpoint).
-async fn phases(gw: &Gateway, route: &Route, routed: &Routed, req: Request<RequestBody>, peer: &Peer) -> (Response<Body>, Option<(String, String)>) {
+async fn phases<'r>(
+    gw: &Gateway,
+    route: &'r Route,
+    routed: &Routed,
+    req: Request<RequestBody>,
+    peer: &Peer,
+) -> (Response<Body>, Option<(&'r str, Arc<EndpointState>)>) {
     if let Some(pre) = route.cors.as_ref().and_then(|c| c.preflight(req.method(), req.headers())) {
         let r = match pre {
             Ok(h) => {
@@ -190,14 +198,14 @@ fn limit(gw: &Gateway, route: &Route, req: &Request<RequestBody>, peer: &Peer, i
 }
 
 /// Act: what the route does with an admitted request.
-async fn act(
+async fn act<'r>(
     gw: &Gateway,
-    route: &Route,
+    route: &'r Route,
     routed: &Routed,
     mut req: Request<RequestBody>,
     peer: &Peer,
     identity: Option<&Identity>,
-) -> (Response<Body>, Option<(String, String)>) {
+) -> (Response<Body>, Option<(&'r str, Arc<EndpointState>)>) {
     match &route.action {
         Action::Direct { status, body, content_type } => {
             let mut r = Response::new(full(body.clone()));
@@ -213,7 +221,7 @@ async fn act(
             let started = Instant::now();
             let target = pick_target(targets);
             let key = hash_key(route, &req, peer.addr);
-            let request_id = req.headers().get("x-request-id").cloned().unwrap_or_else(request_id);
+            let request_id = req.headers().get(&X_REQUEST_ID).cloned().unwrap_or_else(request_id);
             let on_upgrade = crate::target::websocket_upgrade(req.method(), req.headers()).then(|| hyper::upgrade::on(&mut req));
             let call = Call {
                 gw,
@@ -236,9 +244,9 @@ async fn act(
                     gw.record_caller(consumer, &target.namespace, &target.service, now_ms, latency_ms, error);
                 }
             }
-            resp.headers_mut().insert("x-request-id", request_id);
+            resp.headers_mut().insert(X_REQUEST_ID.clone(), request_id);
             apply_ops(resp.headers_mut(), &route.spec.response_headers);
-            (resp, used.map(|e| (target.service.clone(), e)))
+            (resp, used.map(|e| (target.service.as_str(), e)))
         }
     }
 }
@@ -273,7 +281,7 @@ struct Seen<'a> {
 }
 
 /// Observe: response counters, the route's latency histogram and the access log line.
-fn observe(gw: &Gateway, routed: &Routed, resp: &Response<Body>, upstream: Option<(String, String)>, seen: Seen<'_>) {
+fn observe(gw: &Gateway, routed: &Routed, resp: &Response<Body>, upstream: Option<(&str, Arc<EndpointState>)>, seen: Seen<'_>) {
     let (class, class_name) = match resp.status().as_u16() {
         200..=299 => (&gw.stats.responses_2xx, "2xx"),
         300..=399 => (&gw.stats.responses_3xx, "3xx"),
@@ -282,12 +290,12 @@ fn observe(gw: &Gateway, routed: &Routed, resp: &Response<Body>, upstream: Optio
     };
     class.fetch_add(1, Ordering::Relaxed);
     if let Some(route) = &routed.route {
-        let service = upstream.as_ref().map_or("", |(s, _)| s.as_str());
+        let service = upstream.as_ref().map_or("", |(s, _)| *s);
         route.latency(&gw.latencies, service, class_name).observe(seen.start.elapsed().as_secs_f64());
     }
     if gw.options.access_log {
         let route = routed.route.as_ref().map_or("", |r| r.name.as_str());
-        let (service, endpoint) = upstream.unwrap_or_default();
+        let (service, endpoint) = upstream.as_ref().map_or(("", ""), |(s, e)| (*s, e.authority.as_str()));
         tracing::info!(
             target: "zhili::access",
             client = %seen.peer.addr,

@@ -63,6 +63,13 @@ fn hex(mut v: u128, out: &mut [u8]) {
 }
 
 /// A random request id of 32 hex digits.
+// Header names the request path sets on every request, parsed once.
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+
 pub fn request_id() -> HeaderValue {
     let mut buf = [0u8; 32];
     hex(rand::rng().random::<u128>(), &mut buf);
@@ -73,7 +80,7 @@ pub fn request_id() -> HeaderValue {
 fn traceparent(h: &HeaderMap) -> HeaderValue {
     // 00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>
     let incoming = h
-        .get("traceparent")
+        .get(&TRACEPARENT)
         .and_then(|v| <&[u8; 55]>::try_from(v.as_bytes()).ok())
         .filter(|v| v[2] == b'-' && v[35] == b'-' && v[52] == b'-' && v.iter().enumerate().all(|(i, b)| matches!(i, 2 | 35 | 52) || b.is_ascii_hexdigit()));
     let mut out = *b"00-00000000000000000000000000000000-0000000000000000-01";
@@ -114,27 +121,27 @@ pub fn upstream_headers(mut headers: HeaderMap, uri: &Uri, route: &Route, identi
     if f.grpc {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
-    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prev) => format!("{prev}, {}", f.client_ip),
         None => f.client_ip.to_string(),
     };
     if let Ok(v) = HeaderValue::try_from(xff) {
-        headers.insert("x-forwarded-for", v);
+        headers.insert(X_FORWARDED_FOR.clone(), v);
     }
-    headers.insert("x-forwarded-proto", HeaderValue::from_static(if f.tls { "https" } else { "http" }));
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(if f.tls { "https" } else { "http" }));
     // The authority routing matched is the one the upstream sees (never a second Host header or
     // a different :authority); `Connection: host` cannot remove it.
     headers.remove(header::HOST);
     if let Some(h) = Some(f.authority).filter(|a| !a.is_empty()).and_then(|a| HeaderValue::from_str(a).ok()) {
-        headers.insert("x-forwarded-host", h.clone());
+        headers.insert(X_FORWARDED_HOST.clone(), h.clone());
         headers.insert(header::HOST, h);
     }
     // The gateway answers `100-continue` itself (when it reads the body); the identity header
     // is the gateway's to assert, on every route.
     headers.remove(header::EXPECT);
     headers.remove(&crate::auth::CONSUMER_HEADER);
-    headers.insert("x-request-id", f.request_id.clone());
-    headers.insert("traceparent", trace);
+    headers.insert(X_REQUEST_ID.clone(), f.request_id.clone());
+    headers.insert(TRACEPARENT.clone(), trace);
     apply_ops(&mut headers, &route.spec.request_headers);
     let mut hidden_query = None;
     if let Some(auth) = &route.auth {
