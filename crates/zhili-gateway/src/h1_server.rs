@@ -164,7 +164,9 @@ fn parse(buf: &[u8], spans: &mut Vec<[usize; 4]>) -> Result<Option<Head>, ()> {
 fn build(bytes: &Bytes, head: &Head, spans: &[[usize; 4]]) -> Option<(Uri, HeaderMap)> {
     let (t, tl) = head.target;
     let uri = Uri::from_maybe_shared(bytes.slice(t..t + tl)).ok()?;
-    let mut headers = HeaderMap::with_capacity(spans.len());
+    // Room for what the forward phase adds (x-forwarded-*, x-request-id, traceparent), so the
+    // map is not grown again on the way upstream.
+    let mut headers = HeaderMap::with_capacity(spans.len() + 8);
     for &[n, nl, v, vl] in spans {
         let name = HeaderName::from_bytes(bytes.get(n..n + nl)?).ok()?;
         let value = HeaderValue::from_maybe_shared(bytes.slice(v..v + vl)).ok()?;
