@@ -50,8 +50,24 @@ pair nacos-register 10
 pair nacos-register-meta 10
 pair nacos-beat 1000
 pair nacos-list 10
-pair nacos-config-publish 10
 pair nacos-config-get 10
+pair nacos-config-publish 10
+# A publish acknowledged is not necessarily readable yet (r-nacos applies through its raft log):
+# right after the publish run, how long until one more published value reads back.
+for side in zhili r-nacos; do
+  port=$NACOS_PORT
+  [ $side = r-nacos ] && port=$RN_PORT
+  start=$(date +%s%N)
+  curl -sf -XPOST "127.0.0.1:$port/nacos/v1/cs/configs?dataId=visible&group=BENCH&content=marker-$start" >/dev/null
+  visible=null
+  for _ in $(seq 1200); do
+    if [ "$(curl -s "127.0.0.1:$port/nacos/v1/cs/configs?dataId=visible&group=BENCH")" = "marker-$start" ]; then
+      visible=$(( ($(date +%s%N) - start) / 1000000 )); break
+    fi
+    sleep 0.1
+  done
+  echo "{\"server\":\"$side\",\"config_readable_after_publish_run_ms\":$visible}"
+done
 for meta in "" --metadata; do
   for side in zhili r-nacos; do
     target=127.0.0.1:$NACOS_GRPC_PORT

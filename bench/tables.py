@@ -72,13 +72,16 @@ def compat(out):
     md += ["", "| scenario | Zhili /s (p99) | r-nacos /s (p99) | Zhili ÷ r-nacos |", "|---|---|---|---|"]
     pairs = {}
     for o in objs:
-        if "server" in o:
+        if "result" in o:
             pairs.setdefault(o["result"]["scenario"], {})[o["server"]] = o["result"]
     for sc, sides in pairs.items():
         z, r = sides.get("zhili"), sides.get("r-nacos")
         cell = lambda x: "—" if x is None else f"{rate(x['per_second'])} ({ms(x['p99_us'])})" + (f", {x['errors']} errors" if x.get("errors") else "")
         ratio = f"**{z['per_second'] / r['per_second']:.2f}×**" if z and r and r["per_second"] else "—"
         md.append(f"| {sc} | {cell(z)} | {cell(r)} | {ratio} |")
+    notes = [o for o in objs if "server" in o and "result" not in o]
+    if notes:
+        md += [""] + [f"- `{json.dumps(o)}`" for o in notes]
     alone = [o for o in objs if "server" not in o and "scenario" in o]
     if alone:
         md += ["", "| Zhili alone | per second | p50 | p99 | errors |", "|---|---|---|---|---|"]

@@ -488,6 +488,21 @@ async fn setup(target: SocketAddr, scenario: &str, instances: usize) -> anyhow::
                     bail!("setup publish: {st} {}", String::from_utf8_lossy(&body));
                 }
             }
+            // A server may acknowledge a publish before it is readable (r-nacos applies through
+            // its raft log): wait until every value reads back before measuring.
+            let deadline = Instant::now() + Duration::from_secs(60);
+            for k in 0..100 {
+                loop {
+                    let (st, body) = c.send(Method::GET, &format!("/nacos/v1/cs/configs?dataId=bench-get-{k}.yaml&group=BENCH"), None).await?;
+                    if st == 200 && contains(&body, &format!("value-{k}-")) {
+                        break;
+                    }
+                    if Instant::now() > deadline {
+                        bail!("setup: config bench-get-{k} never read back ({st} {})", String::from_utf8_lossy(&body));
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
             Scenario {
                 next: Box::new(|w, n| (Method::GET, format!("/nacos/v1/cs/configs?dataId=bench-get-{}.yaml&group=BENCH", (w + n) % 100), None)),
                 expect: 200,
