@@ -161,6 +161,16 @@ pub struct Client {
 impl Client {
     /// `addr` is `http://host:port` (or `host:port`).
     pub fn new(addr: &str, token: Option<String>) -> Result<Self, ClientError> {
+        Self::build(addr, token, false)
+    }
+
+    /// Like [`Client::new`], speaking HTTP/2 without TLS from the first byte (h2c with prior
+    /// knowledge), as gRPC clients do.
+    pub fn new_h2c(addr: &str, token: Option<String>) -> Result<Self, ClientError> {
+        Self::build(addr, token, true)
+    }
+
+    fn build(addr: &str, token: Option<String>, h2c: bool) -> Result<Self, ClientError> {
         let base = if addr.contains("://") { addr.trim_end_matches('/').to_string() } else { format!("http://{}", addr.trim_end_matches('/')) };
         if base.starts_with("https://") {
             return Err(ClientError::Config("https is not supported by this client yet; use http:// or a local TLS terminator".into()));
@@ -172,7 +182,8 @@ impl Client {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(5)));
-        let http = hyper_util::client::legacy::Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(60)).build(connector);
+        let http =
+            hyper_util::client::legacy::Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(60)).http2_only(h2c).build(connector);
         Ok(Self { base, token: token.filter(|t| !t.is_empty()), http })
     }
 

@@ -293,8 +293,8 @@ pub struct Upstream {
     /// `address:port` to connect to.
     authority: String,
     /// Idle connections per gateway worker: a connection stays with the runtime whose reactor
-    /// it is registered with (see [`crate::workers`]).
-    idle: [parking_lot::Mutex<Vec<Conn>>; crate::workers::POOLS],
+    /// it is registered with.
+    idle: [parking_lot::Mutex<Vec<Conn>>; POOLS],
     connections: Arc<std::sync::atomic::AtomicUsize>,
 }
 
@@ -308,6 +308,19 @@ impl Drop for ConnSlot {
     }
 }
 
+/// Idle-connection pools per upstream endpoint; gateway workers beyond this share them round.
+pub const POOLS: usize = 16;
+
+thread_local! {
+    /// The gateway worker this thread is (0 off the worker threads).
+    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Marks this thread as gateway worker `i`: its upstream connections go to pool `i`.
+pub fn set_worker(i: usize) {
+    WORKER.with(|w| w.set(i));
+}
+
 /// Idle upstream connections kept per endpoint.
 const MAX_IDLE_PER_ENDPOINT: usize = 256;
 
@@ -319,7 +332,7 @@ impl Upstream {
     /// This worker's idle connections.
     fn idle(&self) -> &parking_lot::Mutex<Vec<Conn>> {
         let [first, ..] = &self.idle;
-        self.idle.get(crate::workers::current() % crate::workers::POOLS).unwrap_or(first)
+        self.idle.get(WORKER.with(std::cell::Cell::get) % POOLS).unwrap_or(first)
     }
 
     fn take_idle(&self) -> Option<Conn> {

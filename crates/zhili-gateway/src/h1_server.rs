@@ -1,5 +1,5 @@
-//! The gateway's own HTTP/1.1 server side for the common case, the downstream twin of
-//! [`crate::h1`]: request heads are parsed with httparse out of one buffer per connection, the
+//! The gateway's own HTTP/1.1 server side for the common case, the downstream twin of the
+//! upstream client (`h1.rs`): request heads are parsed with httparse out of one buffer per connection, the
 //! request is built from slices of that buffer (no copies), handed to [`crate::proxy::handle`]
 //! like any other, and the answer is written by hand (head and a whole body in one write).
 //! Keep-alive and pipelining follow RFC 9112: requests are answered in order, one at a time.

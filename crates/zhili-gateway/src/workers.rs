@@ -5,7 +5,6 @@
 //! worker keeps its own idle upstream connections (a socket stays with the runtime whose
 //! reactor it is registered with). Routes, endpoints, counters and limits are shared.
 
-use std::cell::Cell;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -13,18 +12,6 @@ use tokio::net::{TcpListener, TcpSocket};
 use tokio_rustls::TlsAcceptor;
 
 use crate::gateway::Gateway;
-
-/// Idle-connection pools per upstream endpoint; workers beyond this share them round.
-pub const POOLS: usize = 16;
-
-thread_local! {
-    static WORKER: Cell<usize> = const { Cell::new(0) };
-}
-
-/// The gateway worker this thread is (0 off the worker threads).
-pub fn current() -> usize {
-    WORKER.with(Cell::get)
-}
 
 /// `n` listening sockets on `addr` (a port of 0 is chosen once and shared), ready to hand to
 /// [`serve_workers`]. Must be called within a tokio runtime.
@@ -57,7 +44,7 @@ pub async fn serve_workers(
         let (gw, tls, gate, stop) = (gw.clone(), tls.clone(), gate.clone(), stop.clone());
         let (finished, finish) = tokio::sync::oneshot::channel::<()>();
         let spawned = std::thread::Builder::new().name(format!("zhili-gw-{i}")).spawn(move || {
-            WORKER.with(|w| w.set(i));
+            crate::h1::set_worker(i);
             let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 Ok(r) => r,
                 Err(e) => return tracing::error!(worker = i, error = %e, "gateway worker could not start its runtime"),

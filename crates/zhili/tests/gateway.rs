@@ -101,10 +101,17 @@ async fn routes_match_forward_transform_redirect_and_answer_directly() {
     until_body(&gw, "/ping", "pong").await;
     put_route(&api, "old", r#"{"path_prefix": "/old/", "redirect": {"path": "/new/", "status": 301}}"#).await;
     let deadline = Instant::now() + Duration::from_secs(10);
+    // Over HTTP/2 the authority is the client's `:authority` (a Host header that disagrees is
+    // refused), so the redirect keeps the gateway's address there.
+    let (host, want) = if std::env::var_os("ZHILI_TEST_GATEWAY_HTTP2").is_some() {
+        (vec![], format!("http://{}/new/?q=1", s.gateway.unwrap()))
+    } else {
+        (vec![("host", "example.test")], "http://example.test/new/?q=1".to_string())
+    };
     loop {
-        let (st, h, _) = get(&gw, "/old/x?q=1", &[("host", "example.test")]).await;
+        let (st, h, _) = get(&gw, "/old/x?q=1", &host).await;
         if st == StatusCode::MOVED_PERMANENTLY {
-            assert_eq!(h.get("location").unwrap(), "http://example.test/new/?q=1");
+            assert_eq!(h.get("location").unwrap(), want.as_str());
             break;
         }
         assert!(Instant::now() < deadline);

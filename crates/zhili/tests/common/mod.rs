@@ -158,8 +158,16 @@ pub fn dig_short(s: &ServerProcess, args: &[&str]) -> Vec<String> {
 
 // Gateway helpers.
 
+/// A client of the gateway: HTTP/1.1 (the gateway's own server side), or HTTP/2 with prior
+/// knowledge (hyper's side) when `ZHILI_TEST_GATEWAY_HTTP2` is set — scripts/test runs the
+/// gateway suites both ways.
 pub fn gw_client(s: &ServerProcess) -> zhili_client::Client {
-    zhili_client::Client::new(&format!("http://{}", s.gateway.expect("gateway listener")), None).unwrap()
+    let addr = format!("http://{}", s.gateway.expect("gateway listener"));
+    if std::env::var_os("ZHILI_TEST_GATEWAY_HTTP2").is_some() {
+        zhili_client::Client::new_h2c(&addr, None).unwrap()
+    } else {
+        zhili_client::Client::new(&addr, None).unwrap()
+    }
 }
 
 pub async fn register(api: &zhili_client::Client, service: &str, up: &zhili_test_support::Upstream, tags: &[&str]) {
