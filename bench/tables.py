@@ -35,6 +35,12 @@ def rate(x):
     return f"{x:,.0f}"
 
 
+def scenario_table(title, rows):
+    """A table of closed-loop results (one generator JSON line each)."""
+    md = ["", f"| {title} | per second | p50 | p99 | errors |", "|---|---|---|---|---|"]
+    return md + [f"| {o['scenario']} | {rate(o['per_second'])} | {ms(o['p50_us'])} | {ms(o['p99_us'])} | {o['errors']} |" for o in rows]
+
+
 def gateway(out):
     comments, objs = lines(out / "gateway.jsonl")
     rounds = {}
@@ -84,8 +90,7 @@ def compat(out):
         md += [""] + [f"- `{json.dumps(o)}`" for o in notes]
     alone = [o for o in objs if "server" not in o and "scenario" in o]
     if alone:
-        md += ["", "| Zhili alone | per second | p50 | p99 | errors |", "|---|---|---|---|---|"]
-        md += [f"| {o['scenario']} | {rate(o['per_second'])} | {ms(o['p50_us'])} | {ms(o['p99_us'])} | {o['errors']} |" for o in alone]
+        md += scenario_table("Zhili alone", alone)
     return md
 
 
@@ -93,10 +98,7 @@ def foundation(out):
     comments, objs = lines(out / "foundation.jsonl")
     md = ["### Foundation: registry, KV and watches vs etcd", ""]
     md += [f"- {c}" for c in comments]
-    md += ["", "| scenario | per second | p50 | p99 | errors |", "|---|---|---|---|---|"]
-    for o in objs:
-        if "per_second" in o:
-            md.append(f"| {o['scenario']} | {rate(o['per_second'])} | {ms(o['p50_us'])} | {ms(o['p99_us'])} | {o['errors']} |")
+    md += scenario_table("scenario", [o for o in objs if "per_second" in o])
     other = [o for o in objs if "per_second" not in o]
     if other:
         md += [""] + [f"- `{json.dumps(o)}`" for o in other]

@@ -246,6 +246,17 @@ impl Conn {
     }
 }
 
+/// Setup: registers `instances` Nacos instances (10.x addresses, port 80) into `service`.
+async fn nacos_register_all(c: &mut Conn, service: &str, instances: usize) -> anyhow::Result<()> {
+    for i in 0..instances {
+        let (st, body) = c.send(Method::POST, &format!("/nacos/v1/ns/instance?serviceName={service}&ip={}&port=80", ip(i)), None).await?;
+        if st != 200 {
+            bail!("setup register: {st} {}", String::from_utf8_lossy(&body));
+        }
+    }
+    Ok(())
+}
+
 fn contains(body: &[u8], want: &str) -> bool {
     body.windows(want.len()).any(|w| w == want.as_bytes())
 }
@@ -454,12 +465,7 @@ async fn setup(target: SocketAddr, scenario: &str, instances: usize) -> anyhow::
         }
         // The instance list of a service with `instances` instances (every v1 client's poll).
         "nacos-list" => {
-            for i in 0..instances {
-                let (st, body) = c.send(Method::POST, &format!("/nacos/v1/ns/instance?serviceName=bench-nacos-list&ip={}&port=80", ip(i)), None).await?;
-                if st != 200 {
-                    bail!("setup register: {st} {}", String::from_utf8_lossy(&body));
-                }
-            }
+            nacos_register_all(&mut c, "bench-nacos-list", instances).await?;
             let (st, body) = c.send(Method::GET, "/nacos/v1/ns/instance/list?serviceName=bench-nacos-list", None).await?;
             let hosts = serde_json::from_slice::<Value>(&body).ok().and_then(|v| v["hosts"].as_array().map(Vec::len));
             if st != 200 || hosts != Some(instances) {
@@ -510,12 +516,7 @@ async fn setup(target: SocketAddr, scenario: &str, instances: usize) -> anyhow::
             }
         }
         "nacos-beat" => {
-            for i in 0..instances {
-                let (st, body) = c.send(Method::POST, &format!("/nacos/v1/ns/instance?serviceName=bench-nacos-hb&ip={}&port=80", ip(i)), None).await?;
-                if st != 200 {
-                    bail!("setup register: {st} {}", String::from_utf8_lossy(&body));
-                }
-            }
+            nacos_register_all(&mut c, "bench-nacos-hb", instances).await?;
             Scenario {
                 next: Box::new(move |w, n| {
                     let i = (w * 7919 + n) % instances;

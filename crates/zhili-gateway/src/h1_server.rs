@@ -25,7 +25,7 @@ use http_body_util::BodyExt;
 use hyper::body::Body as _;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::body::{request_bytes, Body};
+use crate::body::{connection_tokens, request_bytes, Body};
 use crate::error::problem;
 use crate::gateway::Gateway;
 use crate::proxy::{handle, Peer};
@@ -200,15 +200,12 @@ fn request_framing(headers: &HeaderMap, http10: bool) -> Option<RequestFraming> 
         _ => return None,
     };
     let (mut close, mut keep) = (false, false);
-    for v in headers.get_all(header::CONNECTION) {
-        for token in v.as_bytes().split(|b| *b == b',') {
-            let token = token.trim_ascii();
-            if token.eq_ignore_ascii_case(b"upgrade") {
-                return None;
-            }
-            close |= token.eq_ignore_ascii_case(b"close");
-            keep |= token.eq_ignore_ascii_case(b"keep-alive");
+    for token in connection_tokens(headers) {
+        if token.eq_ignore_ascii_case(b"upgrade") {
+            return None;
         }
+        close |= token.eq_ignore_ascii_case(b"close");
+        keep |= token.eq_ignore_ascii_case(b"keep-alive");
     }
     Some(RequestFraming { body, keep_alive: !close && (!http10 || keep) })
 }
@@ -230,7 +227,7 @@ where
 {
     let (parts, mut body) = resp.into_parts();
     let status = parts.status;
-    if parts.headers.get_all(header::CONNECTION).iter().any(|v| v.as_bytes().split(|b| *b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))) {
+    if connection_tokens(&parts.headers).any(|t| t.eq_ignore_ascii_case(b"close")) {
         *keep_alive = false;
     }
     let framing = if head_request || status.is_informational() || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {

@@ -23,13 +23,7 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     // Headers named in Connection are hop-by-hop too.
-    let named: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
+    let named: Vec<HeaderName> = crate::body::connection_tokens(h).filter_map(|n| HeaderName::from_bytes(n).ok()).collect();
     for n in named.iter().chain(HOP_BY_HOP.iter()) {
         h.remove(n);
     }

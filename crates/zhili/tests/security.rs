@@ -323,20 +323,6 @@ async fn revoked_token_stops_nacos_grpc_pushes() {
     assert!(late.is_err(), "no push of the second instance reaches a revoked subscriber");
 }
 
-/// Reads until the peer closes; returns what it sent, or None if still open after `limit`.
-async fn closed_within(sock: &mut TcpStream, limit: Duration) -> Option<Vec<u8>> {
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        match tokio::time::timeout_at(deadline, sock.read(&mut buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => return Some(got),
-            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
-            Err(_) => return None,
-        }
-    }
-}
-
 /// Finding 6: every TCP listener closes idle, slow and silent clients, answers an oversized
 /// body at once, and refuses connections past its cap with a clear 503.
 #[tokio::test(flavor = "multi_thread")]

@@ -194,3 +194,17 @@ pub async fn gw_send(gw: &zhili_client::Client, method: Method, path: &str, head
 pub async fn get(gw: &zhili_client::Client, path: &str, headers: &[(&str, &str)]) -> (StatusCode, http::HeaderMap, String) {
     gw_send(gw, Method::GET, path, headers).await
 }
+
+/// Reads until the peer closes; returns what it sent, or None if still open after `limit`.
+pub async fn closed_within(sock: &mut tokio::net::TcpStream, limit: Duration) -> Option<Vec<u8>> {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(deadline, tokio::io::AsyncReadExt::read(sock, &mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(got),
+            Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            Err(_) => return None,
+        }
+    }
+}
