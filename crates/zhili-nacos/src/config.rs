@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::{header, HeaderMap};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use tokio::sync::broadcast;
 use zhili_model::acl::{Access, Resource};
 
-use super::{config_key, header_str, md5_hex, text, v2_ok, NResult, NacosError, Params};
+use super::{bad, config_key, header_str, md5_hex, text, v2_ok, NResult, NacosError, Params};
 use crate::NacosState;
 use zhili_http::auth::Caller;
 use zhili_http::error::ApiError;
@@ -24,6 +24,7 @@ const MAX_LONG_POLL: Duration = Duration::from_secs(120);
 const DEFAULT_LONG_POLL: Duration = Duration::from_secs(30);
 /// Configs one long-poll may watch.
 const MAX_LISTENING: usize = 3000;
+const CONTENT_MD5: HeaderName = HeaderName::from_static("content-md5");
 const WORD: char = '\u{2}';
 const LINE: char = '\u{1}';
 
@@ -35,14 +36,21 @@ pub(super) fn routes() -> Router<NacosState> {
 }
 
 pub(super) struct ConfigItem {
-    pub content: String,
+    /// The content as stored (written through Nacos it is UTF-8; through the KV API, any bytes).
+    pub value: Bytes,
     pub md5: String,
     pub last_modified: u64,
 }
 
+impl ConfigItem {
+    pub fn content(&self) -> String {
+        String::from_utf8_lossy(&self.value).into_owned()
+    }
+}
+
 pub(super) fn read(s: &NacosState, caller: &Caller, key: &str) -> Result<Option<ConfigItem>, ApiError> {
     caller.require(Resource::Kv, key, Access::Read)?;
-    Ok(s.kv.get(key)?.map(|e| ConfigItem { md5: md5_hex(&e.value), content: String::from_utf8_lossy(&e.value).into_owned(), last_modified: e.modify_index }))
+    Ok(s.kv.get(key)?.map(|e| ConfigItem { md5: md5_hex(&e.value), value: e.value, last_modified: e.modify_index }))
 }
 
 /// Publishes a config; with `cas_md5`, only when the current content still has that md5.
@@ -75,7 +83,13 @@ fn key_of(p: &Params) -> NResult<String> {
 
 async fn get_v1(State(s): State<NacosState>, caller: Caller, p: Params) -> NResult<Response> {
     match read(&s, &caller, &key_of(&p)?)? {
-        Some(c) => Ok(([(header::CONTENT_TYPE, "text/plain; charset=utf-8".to_string()), (header::HeaderName::from_static("content-md5"), c.md5)], c.content)
+        Some(c) => Ok((
+            [
+                (header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8")),
+                (CONTENT_MD5, HeaderValue::try_from(c.md5).map_err(|e| bad("md5", e))?),
+            ],
+            c.value,
+        )
             .into_response()),
         None => Ok((axum::http::StatusCode::NOT_FOUND, "config data not exist").into_response()),
     }
@@ -99,7 +113,7 @@ fn v2<T>(r: NResult<T>) -> NResult<T> {
 async fn get_v2(State(s): State<NacosState>, caller: Caller, p: Params) -> NResult<Response> {
     let key = v2(key_of(&p))?;
     match v2(read(&s, &caller, &key).map_err(NacosError::v1))? {
-        Some(c) => Ok(v2_ok(Value::String(c.content))),
+        Some(c) => Ok(v2_ok(Value::String(c.content()))),
         None => Err(NacosError { err: ApiError::NotFound("config data not exist".into()), v2: true }),
     }
 }

@@ -477,7 +477,7 @@ impl Ctx<'_> {
         let b: ConfigBody = parse(body)?;
         let key = super::config_key(&b.tenant, &b.group, &b.data_id).map_err(|e| e.err)?;
         Ok(super::config::read(self.s, &self.caller, &key)?.map(|c| {
-            json!({"content": c.content, "md5": c.md5, "lastModified": c.last_modified, "contentType": "text", "encryptedDataKey": "", "beta": false, "isBeta": false})
+            json!({"content": c.content(), "md5": c.md5, "lastModified": c.last_modified, "contentType": "text", "encryptedDataKey": "", "beta": false, "isBeta": false})
         }))
     }
 

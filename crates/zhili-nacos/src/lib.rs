@@ -404,8 +404,7 @@ pub fn config_ref(key: &str) -> Option<(String, String, String)> {
 
 pub fn md5_hex(data: &[u8]) -> String {
     use md5::Digest;
-    let digest = md5::Md5::digest(data);
-    digest.iter().map(|b| format!("{b:02x}")).collect()
+    zhili_model::hex(&md5::Md5::digest(data))
 }
 
 /// The Nacos client-facing login answer: the password is a Zhili ACL token secret.
