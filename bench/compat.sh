@@ -27,12 +27,14 @@ fi
 echo "# machine: $(machine); peer: $($RNACOS --version)"
 # Zhili: its default runtime (one worker thread per core), pinned to CPU 0 like the peer.
 out=$(taskset -c 0 $GEN ready --bin $BIN --data-dir "$WORK/z" --addr 127.0.0.1:$PORT --keep)
-pids+=("$(echo "$out" | field pid)")
+ZPID=$(echo "$out" | field pid)
+pids+=("$ZPID")
 # r-nacos: a single node with its raft initialized (config writes need a leader), on CPU 0.
 RNACOS_HTTP_PORT=$RN_PORT RNACOS_GRPC_PORT=$RN_GRPC_PORT RNACOS_HTTP_CONSOLE_PORT=$((RN_PORT + 1)) \
   RNACOS_DATA_DIR="$WORK/rnacos" RNACOS_RAFT_NODE_ADDR=127.0.0.1:$RN_GRPC_PORT RNACOS_RAFT_AUTO_INIT=true RUST_LOG=warn \
   taskset -c 0 $RNACOS >"$WORK/rnacos.log" 2>&1 &
-pids+=($!)
+RPID=$!
+pids+=("$RPID")
 for _ in $(seq 100); do
   curl -sf -XPOST "127.0.0.1:$RN_PORT/nacos/v1/cs/configs?dataId=ready&group=BENCH&content=x" 2>/dev/null | grep -q true && break
   sleep 0.1
@@ -43,6 +45,7 @@ pair() { # scenario instances
   for side in zhili r-nacos; do
     local target=127.0.0.1:$NACOS_PORT
     [ $side = r-nacos ] && target=127.0.0.1:$RN_PORT
+    settle "$ZPID" "$RPID"
     echo "{\"server\":\"$side\",\"result\":$(taskset -c 1 $GEN load --target $target --scenario "$1" --seconds "$SECS" --instances "$2")}"
   done
 }
@@ -72,6 +75,7 @@ for meta in "" --metadata; do
   for side in zhili r-nacos; do
     target=127.0.0.1:$NACOS_GRPC_PORT
     [ $side = r-nacos ] && target=127.0.0.1:$RN_GRPC_PORT
+    settle "$ZPID" "$RPID"
     echo "{\"server\":\"$side\",\"result\":$(taskset -c 1 $GEN nacos-grpc --target $target --seconds "$SECS" $meta)}"
   done
 done

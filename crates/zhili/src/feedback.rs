@@ -27,31 +27,46 @@ pub fn registry_type(kind: RegistryEventKind) -> &'static str {
     }
 }
 
-/// One registry change as a structured CloudEvent. `n` orders events that share a registry
-/// index (one change can cause several), so the id is unique and stable.
-fn cloudevent(node: &str, ev: &RegistryEvent, n: usize) -> NewEvent {
+/// A structured CloudEvent serialized straight from borrowed parts (no JSON tree per event).
+#[derive(serde::Serialize)]
+struct CloudEvent<'a, D: serde::Serialize> {
+    specversion: &'static str,
+    id: &'a str,
+    source: &'a str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    subject: &'a str,
+    time: &'a str,
+    datacontenttype: &'static str,
+    data: &'a D,
+}
+
+/// One registry change as a structured CloudEvent from `source` at `time`. `n` orders events
+/// that share a registry index (one change can cause several), so the id is unique and stable.
+fn cloudevent(source: &str, time: &str, ev: &RegistryEvent, n: usize) -> NewEvent {
     let id = format!("registry-{}-{n}", ev.index);
     let subject = match &ev.instance_id {
         Some(i) => format!("{}/{}/{i}", ev.namespace, ev.service),
         None => format!("{}/{}", ev.namespace, ev.service),
     };
-    let body = json!({
-        "specversion": "1.0",
-        "id": id,
-        "source": format!("zhili://{node}/registry"),
-        "type": registry_type(ev.kind),
-        "subject": subject,
-        "time": zhili_model::event::timestamp(zhili_registry::unix_ms()),
-        "datacontenttype": "application/json",
-        "data": ev,
-    });
-    NewEvent { id, body: serde_json::to_vec(&body).unwrap_or_default().into() }
+    let body = CloudEvent {
+        specversion: "1.0",
+        id: &id,
+        source,
+        kind: registry_type(ev.kind),
+        subject: &subject,
+        time,
+        datacontenttype: "application/json",
+        data: ev,
+    };
+    NewEvent { body: serde_json::to_vec(&body).unwrap_or_default().into(), id }
 }
 
 /// Appends every registry change to `$registry` until the registry closes. Changes that arrive
 /// together go in one append; a failed append is retried (the ids make it idempotent).
 pub async fn publish_registry(registry: Arc<Registry>, log: Arc<dyn EventLog>, node: String) {
     let mut rx = registry.subscribe_events();
+    let source = format!("zhili://{node}/registry");
     loop {
         let first = match rx.recv().await {
             Ok(ev) => ev,
@@ -70,12 +85,14 @@ pub async fn publish_registry(registry: Arc<Registry>, log: Arc<dyn EventLog>, n
         }
         let mut last_index = 0;
         let mut n = 0;
+        // The changes of one batch arrived together: one timestamp for them.
+        let time = zhili_model::event::timestamp(zhili_registry::unix_ms());
         let events: Vec<NewEvent> = batch
             .iter()
             .map(|ev| {
                 n = if ev.index == last_index { n + 1 } else { 0 };
                 last_index = ev.index;
-                cloudevent(&node, ev, n)
+                cloudevent(&source, &time, ev, n)
             })
             .collect();
         while let Err(e) = log.append(REGISTRY_STREAM, ExpectedRevision::Any, events.clone()).await {
