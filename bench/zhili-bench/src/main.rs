@@ -286,6 +286,12 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Load { target, scenario, concurrency, seconds, instances } => load(target, &scenario, concurrency, Duration::from_secs(seconds), instances).await,
         Cmd::Wake { target, watchers, rounds } => wake(target, watchers, rounds).await,
         Cmd::FillInstances { target, count } => {
+            // Nobody heartbeats these: the service keeps them for an hour, so all of them are
+            // still there when the RSS is read (with the default 30 s the first ones expire
+            // during a long fill and the reading flatters).
+            let health = r#"{"health":{"heartbeat_interval":"5s","unhealthy_after":"1h","remove_after":"1h"}}"#;
+            let (st, body) = Conn::open(target).await?.send(Method::PUT, "/api/v1/services/fill", Some(Bytes::from_static(health.as_bytes()))).await?;
+            anyhow::ensure!(st < 300, "creating the service: {st} {}", String::from_utf8_lossy(&body));
             fill(target, count, |i| (Method::POST, "/api/v1/services/fill/instances".to_string(), Some(instance_body(i)))).await
         }
         Cmd::FillKv { target, count } => {

@@ -238,7 +238,7 @@ pub(super) fn convert(mut svc: Value, node: NodeRef, status_only: bool) -> CResu
     };
     let mut reg = spec.validate()?;
     reg.port = port as u16;
-    reg.node = Some(node);
+    reg.node = Some(Box::new(node));
     Ok(Converted { service: name, reg, statuses })
 }
 

@@ -5,6 +5,7 @@ pub mod acl;
 pub mod consumer;
 pub mod duration;
 pub mod event;
+pub mod metadata;
 pub mod plan;
 pub mod registry;
 pub mod report;
@@ -13,16 +14,17 @@ pub mod subscription;
 pub mod validate;
 
 pub use duration::{format_duration, parse_duration};
+pub use metadata::Metadata;
 pub use registry::*;
 pub use validate::ValidationError;
 
 /// Lowercase hexadecimal of `bytes` (digests, random ids).
 pub fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let digit = |n: u8| char::from_digit(u32::from(n), 16).unwrap_or('0');
     let mut out = String::with_capacity(bytes.len() * 2);
     for b in bytes {
-        out.push(char::from(DIGITS[usize::from(b >> 4)]));
-        out.push(char::from(DIGITS[usize::from(b & 0x0f)]));
+        out.push(digit(b >> 4));
+        out.push(digit(b & 0x0f));
     }
     out
 }

@@ -384,16 +384,16 @@ pub struct InstanceRegistration {
     pub port: u16,
     pub weight: u32,
     pub tags: Vec<String>,
-    pub metadata: BTreeMap<String, String>,
+    pub metadata: crate::Metadata,
     pub zone: Option<String>,
     pub version: Option<String>,
     pub ephemeral: bool,
     pub enabled: bool,
     pub checks: Vec<CheckDefinition>,
     /// The node (host) the instance runs on, when a compatibility API named one (Consul's
-    /// catalog); `None` means the server's own node.
+    /// catalog); `None` means the server's own node. Boxed: rare, and every record is smaller.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub node: Option<NodeRef>,
+    pub node: Option<Box<NodeRef>>,
 }
 
 /// A Consul-style node: a named host with an address.
@@ -438,7 +438,7 @@ impl InstanceSpec {
             port,
             weight,
             tags: self.tags,
-            metadata: self.metadata,
+            metadata: self.metadata.into(),
             zone: self.zone,
             version: self.version,
             ephemeral: self.ephemeral.unwrap_or(true),
@@ -477,7 +477,7 @@ pub struct Instance {
     pub port: u16,
     pub weight: u32,
     pub tags: Vec<String>,
-    pub metadata: BTreeMap<String, String>,
+    pub metadata: crate::Metadata,
     pub zone: Option<String>,
     pub version: Option<String>,
     pub enabled: bool,

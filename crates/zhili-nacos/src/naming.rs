@@ -175,7 +175,7 @@ async fn modify(s: &NacosState, caller: &Caller, p: &Params) -> NResult<Reply> {
     }
     if p.get("metadata").is_some() {
         zhili_model::validate::metadata("metadata", &asked.metadata)?;
-        reg.metadata = asked.metadata;
+        reg.metadata = asked.metadata.into();
     }
     s.registry.register(&ns, &svc.name, reg).await?;
     Ok(Reply::Ok)

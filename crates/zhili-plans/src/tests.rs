@@ -32,7 +32,7 @@ fn instance(id: &str, version: &str) -> Instance {
         port: 80,
         weight: 1,
         tags: vec![],
-        metadata: BTreeMap::new(),
+        metadata: Default::default(),
         zone: None,
         version: Some(version.into()),
         enabled: true,

@@ -221,7 +221,7 @@ impl Registry {
             };
             let entry = state.services.entry((ns.into(), svc.into())).or_insert_with(|| ServiceEntry::new(Service::implicit(ns, svc), kv.mod_revision));
             let mut inst = InstanceEntry::new(p.registration, kv.create_revision, kv.mod_revision, now_ms, p.maintenance);
-            inst.report = p.report;
+            inst.report = p.report.map(Box::new);
             for c in inst.checks.iter().filter(|c| c.def.kind.is_active()) {
                 reg.checks
                     .schedule(CheckKey { namespace: ns.into(), service: svc.into(), instance: inst.reg.id.clone(), check: c.def.id.clone() }, c.def.clone());
@@ -499,7 +499,7 @@ impl Registry {
     fn persisted(&self, ns: &str, service: &str, id: &str) -> Option<PersistedInstance> {
         let state = self.state.read();
         let i = state.services.get(&(ns.to_string(), service.to_string()))?.instances.get(id)?;
-        Some(PersistedInstance { registration: i.reg.clone(), maintenance: i.maintenance.clone(), report: i.report.clone() })
+        Some(PersistedInstance { registration: i.reg.clone(), maintenance: i.maintenance.clone(), report: i.report.as_deref().cloned() })
     }
 
     /// Registers (or replaces) an instance. Persistent instances are durable before this returns.
@@ -522,10 +522,12 @@ impl Registry {
             crate::delete_key(&*self.store, instance_key(ns, service, &reg.id)).await?;
         }
         let now = self.now_ms();
+        let id = reg.id.clone();
+        let active: Vec<CheckDefinition> = reg.checks.iter().filter(|c| c.kind.is_active()).cloned().collect();
         let (old, rev) = self.mutate(|state, rev, events| {
             let entry = state.services.entry((ns.to_string(), service.to_string())).or_insert_with(|| ServiceEntry::new(Service::implicit(ns, service), rev));
-            let mut inst = InstanceEntry::new(reg.clone(), rev, rev, now, maintenance);
-            let old = entry.instances.remove(&reg.id);
+            let mut inst = InstanceEntry::new(reg, rev, rev, now, maintenance);
+            let old = entry.instances.remove(&id);
             let kind = if let Some(old) = &old {
                 inst.create_index = old.create_index;
                 inst.inherit_statuses(old);
@@ -535,14 +537,14 @@ impl Registry {
             };
             entry.index = rev;
             events.push(Self::instance_event(kind, entry, &inst));
-            entry.instances.insert(reg.id.clone(), inst);
+            entry.instances.insert(id.clone(), inst);
             old
         });
         if let Some(old) = &old {
             self.cancel_checks(ns, service, old);
         }
-        for def in reg.checks.iter().filter(|c| c.kind.is_active()) {
-            self.checks.schedule(CheckKey { namespace: ns.into(), service: service.into(), instance: reg.id.clone(), check: def.id.clone() }, def.clone());
+        for def in active {
+            self.checks.schedule(CheckKey { namespace: ns.into(), service: service.into(), instance: id.clone(), check: def.id.clone() }, def);
         }
         self.metrics.registrations.inc();
         Ok(rev)
@@ -626,7 +628,7 @@ impl Registry {
         let now = unix_ms();
         let report = zhili_model::PassiveHealth { ejected_until_ms: now + ejected_for.as_millis() as u64, reason: reason.to_string(), reported_ms: now };
         self.update_instance(ns, service, id, |inst, _| {
-            inst.passive = Some(report);
+            inst.passive = Some(Box::new(report));
             true
         })
         .ok_or_else(|| RegistryError::InstanceNotFound(id.into()))
@@ -708,7 +710,7 @@ impl Registry {
         }
         self.update_instance(ns, service, id, |inst, _| {
             let changed = inst.report.as_ref().is_none_or(|r| r.spec != report.spec);
-            inst.report = Some(report);
+            inst.report = Some(Box::new(report));
             changed
         })
         .ok_or_else(|| RegistryError::InstanceNotFound(id.into()))

@@ -40,8 +40,10 @@ pub(crate) struct InstanceEntry {
     pub last_beat: BeatCell,
     /// Heartbeat-derived health of an ephemeral instance (always passing for persistent ones).
     pub heartbeat_status: HealthStatus,
-    pub passive: Option<zhili_model::PassiveHealth>,
-    pub report: Option<zhili_model::report::InstanceReport>,
+    /// Boxed, as the report below: most instances have neither, and every instance record is
+    /// smaller for it (a node holds a million of them).
+    pub passive: Option<Box<zhili_model::PassiveHealth>>,
+    pub report: Option<Box<zhili_model::report::InstanceReport>>,
 }
 
 pub(crate) struct CheckRuntime {
@@ -160,9 +162,9 @@ impl InstanceEntry {
                 .collect(),
             create_index: self.create_index,
             modify_index: self.modify_index,
-            passive_health: self.passive.clone(),
-            report: self.report.clone(),
-            node: r.node.clone(),
+            passive_health: self.passive.as_deref().cloned(),
+            report: self.report.as_deref().cloned(),
+            node: r.node.as_deref().cloned(),
         }
     }
 }

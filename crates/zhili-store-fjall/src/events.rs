@@ -178,6 +178,10 @@ fn decode_record(position: u64, v: &[u8]) -> Result<RecordedEvent, EventLogError
     Ok(RecordedEvent { stream: stream.to_string(), revision, position, id: id.to_string(), body: Bytes::copy_from_slice(body), appended_ms })
 }
 
+/// Memtable sizes of the event log's keyspaces: the records, and each index.
+const LOG_MEMTABLE: u64 = 16 << 20;
+const INDEX_MEMTABLE: u64 = 4 << 20;
+
 impl FjallEventLog {
     /// Opens (or creates) the event log in `dir`, cutting any record at the tail that fails its
     /// checksum.
@@ -189,7 +193,14 @@ impl FjallEventLog {
     pub fn open_with_metrics(dir: &Path, metrics: Option<Arc<zhili_telemetry::Metrics>>) -> Result<Self, EventLogError> {
         std::fs::create_dir_all(dir).map_err(engine)?;
         let db = Database::builder(dir).open().map_err(engine)?;
-        let ks = |name: &str| db.keyspace(name, KeyspaceCreateOptions::default).map_err(engine);
+        // Small memtables: appends only ever add at the end, reads of older events come from
+        // segments, so what a memtable holds is only the newest few seconds — and fjall's
+        // default (64 MiB per keyspace, plus sealed ones awaiting flush) made the log the
+        // largest resident of a busy server. Fixed when a keyspace is created.
+        let ks = |name: &str| {
+            let memtable = if name == "log" { LOG_MEMTABLE } else { INDEX_MEMTABLE };
+            db.keyspace(name, || KeyspaceCreateOptions::default().max_memtable_size(memtable)).map_err(engine)
+        };
         let (log, streams, ids, heads, categories, meta) = (ks("log")?, ks("streams")?, ks("ids")?, ks("heads")?, ks("categories")?, ks("meta")?);
         let next_position = match meta.get(NEXT_POSITION).map_err(engine)? {
             Some(v) => u64_at(&v, 0).ok_or_else(|| EventLogError::Corrupt("next position".into()))?,
