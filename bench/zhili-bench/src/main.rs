@@ -647,23 +647,35 @@ async fn wake(target: SocketAddr, watchers: usize, rounds: usize) -> anyhow::Res
         bail!("setup register: {st}");
     }
     let mut all = Vec::new();
+    let mut connect_ms = Vec::new();
     for round in 0..rounds {
         let (_, body) = c.send(Method::GET, "/api/v1/services/bench-wake/instances", None).await?;
         let index = serde_json::from_slice::<Value>(&body)?["index"].as_u64().context("index")?;
         let changed_at = Arc::new(std::sync::OnceLock::<Instant>::new());
+        let connected = Arc::new(AtomicU64::new(0));
         let mut tasks = Vec::new();
+        let connecting = Instant::now();
         for _ in 0..watchers {
-            let changed_at = changed_at.clone();
+            let (changed_at, connected) = (changed_at.clone(), connected.clone());
             tasks.push(tokio::spawn(async move {
                 let mut c = Conn::open(target).await?;
+                connected.fetch_add(1, Ordering::Relaxed);
                 let (st, _) = c.send(Method::GET, &format!("/api/v1/services/bench-wake/instances?index={index}&wait=60s"), None).await?;
                 let done = Instant::now();
                 anyhow::ensure!(st == 200, "watch answered {st}");
                 Ok::<_, anyhow::Error>(done.duration_since(*changed_at.get().context("woke before the change")?).as_micros() as u64)
             }));
         }
-        // Let every watcher connect and block before the change.
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        // Every watcher connected (thousands of connects at once can wait out SYN
+        // retransmissions: a watcher that arrived after the change would time its connect, not
+        // its wake-up), then a moment for the requests to be written and parked.
+        let deadline = connecting + Duration::from_secs(60);
+        while (connected.load(Ordering::Relaxed) as usize) < watchers {
+            anyhow::ensure!(Instant::now() < deadline, "only {} of {watchers} watchers connected in 60 s", connected.load(Ordering::Relaxed));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        connect_ms.push(connecting.elapsed().as_millis() as u64);
+        tokio::time::sleep(Duration::from_millis(1000)).await;
         changed_at.set(Instant::now()).ok();
         let (st, _) = c.send(Method::POST, "/api/v1/services/bench-wake/instances", Some(instance_body(round + 1))).await?;
         anyhow::ensure!(st == 201, "change: {st}");
@@ -674,7 +686,7 @@ async fn wake(target: SocketAddr, watchers: usize, rounds: usize) -> anyhow::Res
     all.sort_unstable();
     println!(
         "{}",
-        json!({"scenario": "wake", "watchers": watchers, "rounds": rounds, "p50_us": percentile(&all, 0.5), "p99_us": percentile(&all, 0.99), "max_us": all.last()})
+        json!({"scenario": "wake", "watchers": watchers, "rounds": rounds, "p50_us": percentile(&all, 0.5), "p99_us": percentile(&all, 0.99), "max_us": all.last(), "all_connected_ms": connect_ms})
     );
     Ok(())
 }

@@ -23,7 +23,7 @@ pub fn bind_workers(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::net:
         socket.set_reuseaddr(true)?;
         socket.set_reuseport(true)?;
         socket.bind(at)?;
-        let listener = socket.listen(1024)?;
+        let listener = socket.listen(zhili_net::BACKLOG)?;
         at = listener.local_addr()?;
         out.push(listener.into_std()?);
     }

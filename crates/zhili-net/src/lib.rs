@@ -13,10 +13,12 @@ mod body;
 pub mod client;
 mod conn;
 mod fd;
+mod listen;
 
 pub use body::TimedBody;
 pub use conn::{accept, panic_message, Admission, Conn, ConnIo, GuardedBody, RequestGuard, Tracked};
 pub use fd::raise_open_file_limit;
+pub use listen::{bind, BACKLOG};
 
 use std::time::Duration;
 

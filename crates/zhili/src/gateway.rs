@@ -254,7 +254,7 @@ pub fn run_standalone(args: GatewayArgs) -> ExitCode {
         if let Some(addr) = args.metrics_addr {
             let metrics = zhili_telemetry::Metrics::new();
             metrics.register_collector(Box::new(zhili_gateway::GatewayCollector(gw.clone())));
-            match tokio::net::TcpListener::bind(addr).await {
+            match zhili_net::bind(addr).await {
                 Ok(l) => {
                     // Printed before the listening line, which tools wait for last.
                     if let Ok(a) = l.local_addr() {

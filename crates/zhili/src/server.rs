@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use zhili_config::{FileConfig, ServerConfig};
 use zhili_health::HealthEngine;
@@ -265,12 +264,12 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
         sup.on_stop(move || hub.close_all());
     }
     if let Some(addr) = cfg.nacos_addr {
-        let listener = TcpListener::bind(addr).await.with_context(|| format!("binding the Nacos listener on {addr}"))?;
+        let listener = zhili_net::bind(addr).await.with_context(|| format!("binding the Nacos listener on {addr}"))?;
         println!("zhili nacos listening on {scheme}://{}", listener.local_addr()?);
         sup.listener("nacos listener", listen::serve(listener, tls.clone(), nacos.http_router(), zhili_net::Admission::new("nacos", limits), sup.stop()));
     }
     if let Some(addr) = cfg.nacos_grpc_addr {
-        let listener = TcpListener::bind(addr).await.with_context(|| format!("binding the Nacos gRPC listener on {addr}"))?;
+        let listener = zhili_net::bind(addr).await.with_context(|| format!("binding the Nacos gRPC listener on {addr}"))?;
         println!("zhili nacos-grpc listening on {}", listener.local_addr()?);
         sup.listener(
             "nacos grpc listener",
@@ -280,7 +279,7 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
     if let (Some(addr), Some(gw)) = (cfg.gateway_addr, gateway) {
         // Either one listener on this runtime, or one per worker thread.
         let (listener, workers) = if cfg.gateway_workers == 0 {
-            (Some(TcpListener::bind(addr).await.with_context(|| format!("binding the gateway on {addr}"))?), Vec::new())
+            (Some(zhili_net::bind(addr).await.with_context(|| format!("binding the gateway on {addr}"))?), Vec::new())
         } else {
             (None, zhili_gateway::bind_workers(addr, cfg.gateway_workers).with_context(|| format!("binding the gateway on {addr}"))?)
         };
@@ -305,7 +304,7 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
         }
     }
     if let (Some(addr), Some(coordinator)) = (cfg.dtm_addr, transactions) {
-        let listener = TcpListener::bind(addr).await.with_context(|| format!("binding the DTM listener on {addr}"))?;
+        let listener = zhili_net::bind(addr).await.with_context(|| format!("binding the DTM listener on {addr}"))?;
         println!("zhili dtm listening on {scheme}://{}", listener.local_addr()?);
         let router = zhili_dtm::router(zhili_dtm::DtmState { coordinator, acl: state.acl.clone() });
         sup.listener("dtm listener", listen::serve(listener, tls.clone(), router, zhili_net::Admission::new("dtm", limits), sup.stop()));
@@ -317,7 +316,7 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
         ready.store(true, Ordering::Release);
         return sup.run().await;
     };
-    let listener = TcpListener::bind(addr).await.with_context(|| format!("binding the API listener on {addr}"))?;
+    let listener = zhili_net::bind(addr).await.with_context(|| format!("binding the API listener on {addr}"))?;
     let local = listener.local_addr()?;
     ready.store(true, Ordering::Release);
     // Tools and tests read this line to find the port when started with port 0.
