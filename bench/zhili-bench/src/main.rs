@@ -663,7 +663,9 @@ async fn wake(target: SocketAddr, watchers: usize, rounds: usize) -> anyhow::Res
                 let (st, _) = c.send(Method::GET, &format!("/api/v1/services/bench-wake/instances?index={index}&wait=60s"), None).await?;
                 let done = Instant::now();
                 anyhow::ensure!(st == 200, "watch answered {st}");
-                Ok::<_, anyhow::Error>(done.duration_since(*changed_at.get().context("woke before the change")?).as_micros() as u64)
+                // The connection is handed back, to close only once every watcher has its answer:
+                // a watcher would watch again on it, and teardowns are not part of the wake-up.
+                Ok::<_, anyhow::Error>((done.duration_since(*changed_at.get().context("woke before the change")?).as_micros() as u64, c))
             }));
         }
         // Every watcher connected (thousands of connects at once can wait out SYN
@@ -679,9 +681,13 @@ async fn wake(target: SocketAddr, watchers: usize, rounds: usize) -> anyhow::Res
         changed_at.set(Instant::now()).ok();
         let (st, _) = c.send(Method::POST, "/api/v1/services/bench-wake/instances", Some(instance_body(round + 1))).await?;
         anyhow::ensure!(st == 201, "change: {st}");
+        let mut open = Vec::with_capacity(watchers);
         for t in tasks {
-            all.push(t.await??);
+            let (us, conn) = t.await??;
+            all.push(us);
+            open.push(conn);
         }
+        drop(open);
     }
     all.sort_unstable();
     println!(

@@ -656,16 +656,16 @@ impl Audit {
                     Err(_) => break,
                 }
             }
+            // Records queued together: one timestamp for them.
+            let time = zhili_model::event::timestamp(unix_ms());
             let events: Vec<NewEvent> = batch
                 .into_iter()
                 .map(|r| {
                     seq += 1;
                     let id = format!("audit-{boot}-{seq}");
-                    let body = serde_json::json!({
-                        "specversion": "1.0", "id": id, "source": format!("zhili://{}", r.surface), "type": "io.zhili.audit.write",
-                        "subject": r.path, "time": zhili_model::event::timestamp(unix_ms()), "datacontenttype": "application/json", "data": r,
-                    });
-                    NewEvent { id, body: serde_json::to_vec(&body).unwrap_or_default().into() }
+                    let source = format!("zhili://{}", r.surface);
+                    let body = zhili_model::event::CloudEvent::new(&id, &source, "io.zhili.audit.write", &r.path, &time, &r).to_vec();
+                    NewEvent { id, body: body.into() }
                 })
                 .collect();
             while let Err(e) = log.append(AUDIT_STREAM, ExpectedRevision::Any, events.clone()).await {

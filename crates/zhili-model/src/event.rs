@@ -197,6 +197,33 @@ pub fn parse_rfc3339_ms(s: &str) -> Option<u64> {
 }
 
 /// `unix_ms` as an RFC 3339 UTC timestamp with milliseconds (`2026-11-30T12:00:00.000Z`).
+/// A structured-mode CloudEvent of Zhili's own (`$registry`, `$audit`, `$kv`), serialized
+/// straight from borrowed parts: no JSON tree per event on paths that write one per change.
+#[derive(serde::Serialize)]
+pub struct CloudEvent<'a, D: serde::Serialize> {
+    specversion: &'static str,
+    pub id: &'a str,
+    pub source: &'a str,
+    #[serde(rename = "type")]
+    pub kind: &'a str,
+    pub subject: &'a str,
+    pub time: &'a str,
+    datacontenttype: &'static str,
+    pub data: &'a D,
+}
+
+impl<'a, D: serde::Serialize> CloudEvent<'a, D> {
+    /// A version 1.0 event with JSON `data`.
+    pub fn new(id: &'a str, source: &'a str, kind: &'a str, subject: &'a str, time: &'a str, data: &'a D) -> Self {
+        Self { specversion: "1.0", id, source, kind, subject, time, datacontenttype: "application/json", data }
+    }
+
+    /// The event as JSON bytes.
+    pub fn to_vec(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
 pub fn timestamp(unix_ms: u64) -> String {
     let (days, ms) = (unix_ms / 86_400_000, unix_ms % 86_400_000);
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
@@ -286,6 +313,17 @@ mod tests {
         for bad in ["1969-12-31T23:59:59Z", "2026-13-01T00:00:00Z", "tomorrow"] {
             assert_eq!(parse_rfc3339_ms(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn own_cloudevents_are_valid_structured_events() {
+        let data = json!({"a": 1});
+        let e = super::CloudEvent::new("id-1", "zhili://x", "io.zhili.t", "s/1", "2026-11-30T12:00:00.000Z", &data).to_vec();
+        let v: Value = serde_json::from_slice(&e).unwrap();
+        assert_eq!(
+            v,
+            json!({"specversion": "1.0", "id": "id-1", "source": "zhili://x", "type": "io.zhili.t", "subject": "s/1", "time": "2026-11-30T12:00:00.000Z", "datacontenttype": "application/json", "data": {"a": 1}})
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use tokio::sync::broadcast::error::RecvError;
+use zhili_model::event::CloudEvent;
 use zhili_model::{RegistryEvent, RegistryEventKind};
 use zhili_registry::Registry;
 use zhili_store::events::{EventLog, ExpectedRevision, NewEvent};
@@ -27,20 +28,6 @@ pub fn registry_type(kind: RegistryEventKind) -> &'static str {
     }
 }
 
-/// A structured CloudEvent serialized straight from borrowed parts (no JSON tree per event).
-#[derive(serde::Serialize)]
-struct CloudEvent<'a, D: serde::Serialize> {
-    specversion: &'static str,
-    id: &'a str,
-    source: &'a str,
-    #[serde(rename = "type")]
-    kind: &'static str,
-    subject: &'a str,
-    time: &'a str,
-    datacontenttype: &'static str,
-    data: &'a D,
-}
-
 /// One registry change as a structured CloudEvent from `source` at `time`. `n` orders events
 /// that share a registry index (one change can cause several), so the id is unique and stable.
 fn cloudevent(source: &str, time: &str, ev: &RegistryEvent, n: usize) -> NewEvent {
@@ -49,17 +36,8 @@ fn cloudevent(source: &str, time: &str, ev: &RegistryEvent, n: usize) -> NewEven
         Some(i) => format!("{}/{}/{i}", ev.namespace, ev.service),
         None => format!("{}/{}", ev.namespace, ev.service),
     };
-    let body = CloudEvent {
-        specversion: "1.0",
-        id: &id,
-        source,
-        kind: registry_type(ev.kind),
-        subject: &subject,
-        time,
-        datacontenttype: "application/json",
-        data: ev,
-    };
-    NewEvent { body: serde_json::to_vec(&body).unwrap_or_default().into(), id }
+    let body = CloudEvent::new(&id, source, registry_type(ev.kind), &subject, time, ev).to_vec();
+    NewEvent { body: body.into(), id }
 }
 
 /// Appends every registry change to `$registry` until the registry closes. Changes that arrive
@@ -143,11 +121,9 @@ pub async fn publish_kv(store: Arc<dyn Store>, log: Arc<dyn EventLog>, prefix: S
                 }
             }
             let id: String = id.chars().take(zhili_model::event::MAX_ID).collect();
-            let body = json!({
-                "specversion": "1.0", "id": id, "source": "zhili://kv", "type": kind, "subject": key,
-                "time": zhili_model::event::timestamp(zhili_registry::unix_ms()), "datacontenttype": "application/json", "data": data,
-            });
-            let event = NewEvent { id, body: serde_json::to_vec(&body).unwrap_or_default().into() };
+            let time = zhili_model::event::timestamp(zhili_registry::unix_ms());
+            let body = CloudEvent::new(&id, "zhili://kv", kind, key, &time, &data).to_vec();
+            let event = NewEvent { id, body: body.into() };
             while let Err(e) = log.append(KV_STREAM, ExpectedRevision::Any, vec![event.clone()]).await {
                 tracing::warn!(error = %e, "appending to $kv failed; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
