@@ -413,7 +413,8 @@ struct Group<'a> {
     batch: fjall::OwnedWriteBatch,
     state: State,
     /// Ids appended earlier in this group: (stream, id) → (revision, position).
-    ids: HashMap<(String, String), (u64, u64)>,
+    /// Keyed like the `ids` keyspace (`stream \0 id`), so one key serves both lookups.
+    ids: HashMap<Vec<u8>, (u64, u64)>,
     touched: Vec<String>,
     wrote: bool,
     events: u64,
@@ -426,24 +427,24 @@ impl Group<'_> {
         self.state.heads.get(stream).copied().or_else(|| self.shared.state.lock().heads.get(stream).copied())
     }
 
-    fn lookup_id(&self, stream: &str, id: &str) -> Result<Option<(u64, u64)>, EventLogError> {
-        if let Some(hit) = self.ids.get(&(stream.to_string(), id.to_string())) {
+    fn lookup_id(&self, key: &[u8]) -> Result<Option<(u64, u64)>, EventLogError> {
+        if let Some(hit) = self.ids.get(key) {
             return Ok(Some(*hit));
         }
-        Ok(self.shared.ids.get(id_key(stream, id)).map_err(engine)?.and_then(|v| Some((u64_at(&v, 0)?, u64_at(&v, 8)?))))
+        Ok(self.shared.ids.get(key).map_err(engine)?.and_then(|v| Some((u64_at(&v, 0)?, u64_at(&v, 8)?))))
     }
 
-    /// The original answer when these events were appended before.
-    fn duplicate(&self, stream: &str, events: &[NewEvent]) -> Result<Option<Appended>, EventLogError> {
-        let Some(first) = events.first() else { return Ok(None) };
-        let Some((rev, pos)) = self.lookup_id(stream, &first.id)? else {
-            if let Some(e) = events.iter().skip(1).find(|e| matches!(self.lookup_id(stream, &e.id), Ok(Some(_)))) {
+    /// The original answer when these events were appended before; `keys` are their id keys.
+    fn duplicate(&self, events: &[NewEvent], keys: &[Vec<u8>]) -> Result<Option<Appended>, EventLogError> {
+        let Some(first) = keys.first() else { return Ok(None) };
+        let Some((rev, pos)) = self.lookup_id(first)? else {
+            if let Some((e, _)) = events.iter().zip(keys).skip(1).find(|(_, k)| matches!(self.lookup_id(k), Ok(Some(_)))) {
                 return Err(EventLogError::PartialDuplicate(format!("{:?}", e.id)));
             }
             return Ok(None);
         };
-        for (i, e) in events.iter().enumerate() {
-            if self.lookup_id(stream, &e.id)? != Some((rev + i as u64, pos + i as u64)) {
+        for (i, (e, k)) in events.iter().zip(keys).enumerate() {
+            if self.lookup_id(k)? != Some((rev + i as u64, pos + i as u64)) {
                 return Err(EventLogError::PartialDuplicate(format!("{:?}", e.id)));
             }
         }
@@ -452,7 +453,8 @@ impl Group<'_> {
     }
 
     fn append(&mut self, stream: &str, expected: ExpectedRevision, events: Vec<NewEvent>) -> Result<Appended, EventLogError> {
-        if let Some(original) = self.duplicate(stream, &events)? {
+        let keys: Vec<Vec<u8>> = events.iter().map(|e| id_key(stream, &e.id)).collect();
+        if let Some(original) = self.duplicate(&events, &keys)? {
             return Ok(original);
         }
         let mut head = self.head(stream).unwrap_or_default();
@@ -469,15 +471,15 @@ impl Group<'_> {
         let first_position = self.state.next_position;
         let now = now_ms();
         let cat = category(stream).map(str::to_string);
-        for (i, e) in events.iter().enumerate() {
+        for (i, (e, key)) in events.iter().zip(keys).enumerate() {
             let (revision, position) = (first_revision + i as u64, first_position + i as u64);
             self.batch.insert(&self.shared.log, position.to_be_bytes(), encode_record(stream, revision, now, e));
             self.batch.insert(&self.shared.streams, stream_key(stream, revision), position.to_be_bytes());
             let mut v = [0u8; 16];
             v[..8].copy_from_slice(&revision.to_be_bytes());
             v[8..].copy_from_slice(&position.to_be_bytes());
-            self.batch.insert(&self.shared.ids, id_key(stream, &e.id), v);
-            self.ids.insert((stream.to_string(), e.id.clone()), (revision, position));
+            self.batch.insert(&self.shared.ids, key.as_slice(), v);
+            self.ids.insert(key, (revision, position));
             if let Some(c) = &cat {
                 if !self.state.categories.contains_key(c) {
                     let known = self.shared.state.lock().categories.get(c).copied().unwrap_or(0);

@@ -225,6 +225,10 @@ pub async fn conformance(log: &dyn EventLog) {
     let again = log.append("order-1", ExpectedRevision::NoStream, vec![ev("a"), ev("b")]).await.expect("conformance");
     assert_eq!((again.first_position, again.last_revision, again.duplicate), (0, 1, true), "same ids: the original answer");
     assert!(matches!(log.append("order-1", ExpectedRevision::Any, vec![ev("b"), ev("c")]).await, Err(EventLogError::PartialDuplicate(_))));
+    assert!(
+        matches!(log.append("order-1", ExpectedRevision::Any, vec![ev("c"), ev("a")]).await, Err(EventLogError::PartialDuplicate(_))),
+        "a known id behind a new one"
+    );
     let wrong = log.append("order-1", ExpectedRevision::Exact(0), vec![ev("c")]).await.expect_err("conformance");
     assert!(matches!(wrong, EventLogError::WrongExpectedRevision { actual: Some(1), .. }), "{wrong}");
     log.append("order-2", ExpectedRevision::Any, vec![ev("x")]).await.expect("conformance");
