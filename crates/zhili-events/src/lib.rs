@@ -708,11 +708,9 @@ pub async fn publish_gateway(log: &dyn EventLog, namespace: &str, service: &str,
         ),
     };
     let id = format!("gateway-{now}-{}", rand_suffix());
-    let body = serde_json::json!({
-        "specversion": "1.0", "id": id, "source": "zhili://gateway", "type": kind, "subject": subject,
-        "time": zhili_model::event::timestamp(now), "datacontenttype": "application/json", "data": data,
-    });
-    log.append(GATEWAY_STREAM, ExpectedRevision::Any, vec![NewEvent { id, body: serde_json::to_vec(&body).unwrap_or_default().into() }]).await.map(|_| ())
+    let time = zhili_model::event::timestamp(now);
+    let body = zhili_model::event::CloudEvent::new(&id, "zhili://gateway", kind, &subject, &time, &data).to_vec();
+    log.append(GATEWAY_STREAM, ExpectedRevision::Any, vec![NewEvent { id, body: body.into() }]).await.map(|_| ())
 }
 
 fn rand_suffix() -> u64 {

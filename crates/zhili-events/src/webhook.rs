@@ -241,12 +241,9 @@ impl Subscriptions {
         let reason = format!("disabled after failing: {why}");
         let _ = self.disable(name, reason.clone()).await;
         let id = format!("disabled-{name}-{}", crate::unix_ms());
-        let body = serde_json::json!({
-            "specversion": "1.0", "id": id, "source": "zhili://subscriptions", "type": "io.zhili.subscription.disabled",
-            "subject": name, "time": zhili_model::event::timestamp(crate::unix_ms()), "datacontenttype": "application/json",
-            "data": {"subscription": name, "reason": reason},
-        });
-        let event = NewEvent { id, body: serde_json::to_vec(&body).unwrap_or_default().into() };
+        let (data, time) = (serde_json::json!({"subscription": name, "reason": reason}), zhili_model::event::timestamp(crate::unix_ms()));
+        let body = zhili_model::event::CloudEvent::new(&id, "zhili://subscriptions", "io.zhili.subscription.disabled", name, &time, &data).to_vec();
+        let event = NewEvent { id, body: body.into() };
         let _ = self.log().append(SUBSCRIPTIONS_STREAM, ExpectedRevision::Any, vec![event]).await;
     }
 }

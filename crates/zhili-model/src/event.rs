@@ -197,8 +197,9 @@ pub fn parse_rfc3339_ms(s: &str) -> Option<u64> {
 }
 
 /// `unix_ms` as an RFC 3339 UTC timestamp with milliseconds (`2026-11-30T12:00:00.000Z`).
-/// A structured-mode CloudEvent of Zhili's own (`$registry`, `$audit`, `$kv`), serialized
-/// straight from borrowed parts: no JSON tree per event on paths that write one per change.
+/// A structured-mode CloudEvent of Zhili's own (`$registry`, `$audit`, `$kv`, `$gateway`,
+/// `$plans`, `$subscriptions`), serialized straight from borrowed parts: one envelope for all,
+/// and no JSON tree per event on the paths that write one per change.
 #[derive(serde::Serialize)]
 pub struct CloudEvent<'a, D: serde::Serialize> {
     specversion: &'static str,

@@ -321,12 +321,10 @@ impl Plans {
         }
         if let Some(events) = &self.events {
             let id = format!("plan-{}-{now}-{}", p.name, p.history.len());
-            let body = serde_json::json!({
-                "specversion": "1.0", "id": id, "source": "zhili://plans", "type": format!("io.zhili.plan.{decision}"), "subject": p.name,
-                "time": timestamp(now), "datacontenttype": "application/json",
-                "data": {"plan": p.name, "step": step, "decision": decision, "reason": reason, "status": status_name(p.status)},
-            });
-            if events.try_send(NewEvent { id, body: serde_json::to_vec(&body).unwrap_or_default().into() }).is_err() {
+            let data = serde_json::json!({"plan": p.name, "step": step, "decision": decision, "reason": reason, "status": status_name(p.status)});
+            let (kind, time) = (format!("io.zhili.plan.{decision}"), timestamp(now));
+            let body = zhili_model::event::CloudEvent::new(&id, "zhili://plans", &kind, &p.name, &time, &data).to_vec();
+            if events.try_send(NewEvent { id, body: body.into() }).is_err() {
                 tracing::warn!(plan = %p.name, "the $plans queue is full; this decision stays in the plan's history only");
             }
         }
