@@ -22,7 +22,7 @@ pub fn router(state: AppState, others: impl IntoIterator<Item = Router>) -> Rout
     // Event batches are larger than any other body.
     let streams = zhili_http::limit_bodies(native::streams::routes(), zhili_model::event::MAX_BATCH_BYTES).with_state(state.clone());
     let app = others.into_iter().map(|r| zhili_http::limit_bodies(r, MAX_BODY)).fold(own.merge(streams), Router::merge).fallback(fallback);
-    let app = zhili_http::audit_writes(app, &state, "api").layer(axum::middleware::from_fn_with_state(state.clone(), auth::authorize));
+    let app = zhili_http::audit_writes(app, &state, "api").layer(auth::authorize(&state));
     zhili_http::record_metrics(app, &state)
 }
 

@@ -8,16 +8,16 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use axum::body::{Body, Bytes};
-use axum::extract::{FromRequestParts, Request, State};
+use axum::extract::{FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::HeaderMap;
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use http_body::Body as _;
 use zhili_acl::{Acl, AclError};
 use zhili_model::acl::{Access, Authority, Resource};
 
 use crate::error::ApiError;
+use crate::layer::{Gate, GateLayer, Step};
 use crate::AppState;
 
 /// The resolved permissions of the caller, put there by [`authorize`].
@@ -77,38 +77,53 @@ pub fn token_from(headers: &HeaderMap) -> Option<String> {
     ["x-zhili-token", "x-consul-token"].iter().find_map(|h| headers.get(*h).and_then(|v| v.to_str().ok()).map(|s| s.trim().to_string()))
 }
 
+/// The first value of `name` in a query string (decoded), without decoding the other pairs.
+pub fn query_param(query: &str, name: &str) -> Option<String> {
+    form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == name).map(|(_, v)| v.into_owned())
+}
+
 /// Consul clients may also pass the token as `?token=` on `/v1` routes.
 fn query_token(req: &Request) -> Option<String> {
     if !req.uri().path().starts_with("/v1/") {
         return None;
     }
-    let q = req.uri().query()?;
-    serde_urlencoded::from_str::<Vec<(String, String)>>(q).ok()?.into_iter().find(|(k, _)| k == "token").map(|(_, v)| v).filter(|v| !v.is_empty())
+    query_param(req.uri().query()?, "token").filter(|v| !v.is_empty())
 }
 
 /// The API listener's layer: the token from the headers (or Consul's `?token=`), resolved once.
-pub async fn authorize(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let token = token_from(req.headers()).or_else(|| query_token(&req));
-    authorize_with(&state.acl, token, req, next, |e| e.map_or_else(|| ApiError::Forbidden(REVOKED.into()), ApiError::from).into_response()).await
+pub fn authorize(state: &AppState) -> GateLayer<Authorize> {
+    GateLayer(Authorize {
+        acl: state.acl.clone(),
+        token: |req| token_from(req.headers()).or_else(|| query_token(req)),
+        refused: |e| e.map_or_else(|| ApiError::Forbidden(REVOKED.into()), ApiError::from).into_response(),
+    })
 }
 
-/// Token to caller, for every surface: resolves `token` against the ACL snapshot, leaves the
-/// [`Caller`] on the request and runs it [`until_revoked`]. `refused` answers an unknown token
-/// (`Some(error)`) or one revoked while the request waited (`None`), in the surface's own shape.
-pub async fn authorize_with(
-    acl: &Arc<Acl>,
-    token: Option<String>,
-    mut req: Request,
-    next: Next,
-    refused: impl FnOnce(Option<AclError>) -> Response,
-) -> Response {
-    let changes = acl.changes();
-    match acl.resolve(token.as_deref()) {
-        Ok(authority) => {
-            req.extensions_mut().insert(Caller { authority: authority.clone(), token: token.clone() });
-            until_revoked(acl, changes, token, authority, next.run(req), || refused(None)).await
-        }
-        Err(e) => refused(Some(e)),
+/// Token to caller, for every surface: resolves the request's token (`token` finds it) against
+/// the ACL snapshot, leaves the [`Caller`] on the request and runs it [`until_revoked`].
+/// `refused` answers an unknown token (`Some(error)`) or one revoked while the request waited
+/// (`None`), in the surface's own shape.
+#[derive(Clone)]
+pub struct Authorize {
+    pub acl: Arc<Acl>,
+    pub token: fn(&Request) -> Option<String>,
+    pub refused: fn(Option<AclError>) -> Response,
+}
+
+impl Gate for Authorize {
+    fn check(&self, req: &mut Request) -> Step {
+        let token = (self.token)(req);
+        // Watched only for a token under enforced ACLs, and subscribed before resolving so a
+        // revocation between the two is not missed.
+        let changes = (token.is_some() && self.acl.enabled()).then(|| self.acl.changes());
+        let authority = match self.acl.resolve(token.as_deref()) {
+            Ok(authority) => authority,
+            Err(e) => return Step::Answer((self.refused)(Some(e))),
+        };
+        req.extensions_mut().insert(Caller { authority: authority.clone(), token: token.clone() });
+        let Some(changes) = changes else { return Step::Pass };
+        let (acl, refused) = (self.acl.clone(), self.refused);
+        Step::Wrap(Box::new(move |handler| Box::pin(async move { until_revoked(&acl, changes, token, authority, handler, || refused(None)).await })))
     }
 }
 
@@ -166,5 +181,18 @@ impl http_body::Body for Revocable {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::query_param;
+
+    #[test]
+    fn query_param_decodes_the_first_match_only() {
+        assert_eq!(query_param("a=1&accessToken=x%2By+z&accessToken=second", "accessToken").as_deref(), Some("x+y z"));
+        assert_eq!(query_param("accesstoken=x&token", "accessToken"), None);
+        assert_eq!(query_param("token", "token").as_deref(), Some(""));
+        assert_eq!(query_param("", "token"), None);
     }
 }

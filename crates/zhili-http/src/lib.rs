@@ -6,22 +6,21 @@
 pub mod auth;
 pub mod error;
 pub mod extract;
+pub mod layer;
 pub mod rendered;
 
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
-use std::time::Instant;
-
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::extract::{DefaultBodyLimit, Request};
 use axum::http::HeaderValue;
-use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
+use layer::{Gate, GateLayer, Step};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use zhili_acl::Acl;
 use zhili_kv::Kv;
 use zhili_registry::Registry;
 use zhili_store::Store;
-use zhili_telemetry::{HttpLabels, Metrics};
+use zhili_telemetry::Metrics;
 
 /// Largest request body on any route: a 512 KiB KV value plus headroom for JSON bodies.
 pub const MAX_BODY: usize = 640 * 1024;
@@ -71,51 +70,63 @@ pub struct Services {
 /// is over it (before a byte is read), and a hard cap on what extractors read. Apply it to a
 /// router before merging it, so each surface keeps its own limit ([`MAX_BODY`] for most).
 pub fn limit_bodies<S: Clone + Send + Sync + 'static>(router: Router<S>, max: usize) -> Router<S> {
-    router.layer(DefaultBodyLimit::max(max)).layer(middleware::from_fn(move |req: Request, next: Next| refuse_oversized(max, req, next)))
+    router.layer(DefaultBodyLimit::max(max)).layer(GateLayer(Oversized(max)))
 }
 
-async fn refuse_oversized(max: usize, req: Request, next: Next) -> Response {
-    let announced = req.headers().get(axum::http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-    if let Some(n) = announced.filter(|n| *n > max as u64) {
-        return error::ApiError::PayloadTooLarge(format!("body: Content-Length {n} is over the limit of {max} bytes")).into_response();
+/// 413 before a byte of the body is read when the announced length is over the limit.
+#[derive(Clone, Copy)]
+struct Oversized(usize);
+
+impl Gate for Oversized {
+    fn check(&self, req: &mut Request) -> Step {
+        let announced = req.headers().get(axum::http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+        match announced.filter(|n| *n > self.0 as u64) {
+            Some(n) => {
+                Step::Answer(error::ApiError::PayloadTooLarge(format!("body: Content-Length {n} is over the limit of {} bytes", self.0)).into_response())
+            }
+            None => Step::Pass,
+        }
     }
-    next.run(req).await
 }
 
 /// Times every request of a router into `http_requests` (outermost, so auth refusals count).
 pub fn record_metrics<S: Clone + Send + Sync + 'static>(router: Router<S>, state: &AppState) -> Router<S> {
-    router.layer(middleware::from_fn_with_state(state.clone(), observe))
-}
-
-async fn observe(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let start = Instant::now();
-    let method = req.method().to_string();
-    // The route template keeps label cardinality bounded; unmatched paths share one label.
-    let route = req.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_string(), |m| m.as_str().to_string());
-    let resp = next.run(req).await;
-    let labels = HttpLabels { method, route, status: resp.status().as_u16() };
-    state.metrics.http_requests.get_or_create(&labels).observe(start.elapsed().as_secs_f64());
-    resp
+    router.layer(layer::ObserveLayer(state.clone()))
 }
 
 /// Records every successful write of a router in `$audit` (`surface` names the API), with the
 /// caller's token accessor id. Reads, heartbeats and other liveness traffic are not audited.
 pub fn audit_writes<S: Clone + Send + Sync + 'static>(router: Router<S>, state: &AppState, surface: &'static str) -> Router<S> {
-    router.layer(middleware::from_fn_with_state(state.clone(), move |st: State<AppState>, req: Request, next: Next| audit(st, req, next, surface)))
+    router.layer(GateLayer(Audit { state: state.clone(), surface }))
 }
 
-async fn audit(State(state): State<AppState>, req: Request, next: Next, surface: &'static str) -> Response {
-    let method = req.method().clone();
-    if matches!(method, axum::http::Method::GET | axum::http::Method::HEAD | axum::http::Method::OPTIONS) || unaudited(&method, req.uri().path()) {
-        return next.run(req).await;
+#[derive(Clone)]
+struct Audit {
+    state: AppState,
+    surface: &'static str,
+}
+
+impl Gate for Audit {
+    fn check(&self, req: &mut Request) -> Step {
+        let method = req.method();
+        if matches!(*method, axum::http::Method::GET | axum::http::Method::HEAD | axum::http::Method::OPTIONS) || unaudited(method, req.uri().path()) {
+            return Step::Pass;
+        }
+        let method = method.to_string();
+        let path = req.uri().path().to_string();
+        let accessor =
+            req.extensions().get::<auth::Caller>().and_then(|c| c.token.as_deref()).and_then(|t| self.state.acl.token_by_secret(t)).map(|t| t.accessor_id);
+        let (state, surface) = (self.state.clone(), self.surface);
+        Step::Wrap(Box::new(move |handler| {
+            Box::pin(async move {
+                let resp = handler.await;
+                if resp.status().is_success() {
+                    state.audit.record(zhili_events::AuditRecord { surface, method, path, status: resp.status().as_u16(), accessor });
+                }
+                resp
+            })
+        }))
     }
-    let path = req.uri().path().to_string();
-    let accessor = req.extensions().get::<auth::Caller>().and_then(|c| c.token.as_deref()).and_then(|t| state.acl.token_by_secret(t)).map(|t| t.accessor_id);
-    let resp = next.run(req).await;
-    if resp.status().is_success() {
-        state.audit.record(zhili_events::AuditRecord { surface, method: method.to_string(), path, status: resp.status().as_u16(), accessor });
-    }
-    resp
 }
 
 /// Writes not audited: heartbeats and TTL check updates (frequent, and not changes anyone

@@ -24,7 +24,10 @@ impl<K> Default for RenderCache<K> {
 
 impl<K: Hash + Eq> RenderCache<K> {
     /// The answer for `key` if it was rendered at `index`.
-    pub fn get(&self, key: &K, index: u64) -> Option<Bytes> {
+    pub fn get<Q: Hash + Eq + ?Sized>(&self, key: &Q, index: u64) -> Option<Bytes>
+    where
+        K: std::borrow::Borrow<Q>,
+    {
         let m = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         m.get(key).filter(|(i, _)| *i == index).map(|(_, b)| b.clone())
     }

@@ -258,6 +258,12 @@ impl Kv {
         Ok(Some(entry(&kv, meta)))
     }
 
+    /// A key's value and modify index, without its flags and lock state: one store read where
+    /// [`Self::get`] makes two (Nacos config reads need nothing else).
+    pub fn get_value(&self, key: &str) -> Result<Option<(Bytes, u64)>, KvError> {
+        Ok(self.store.get(&kv_key(key))?.map(|kv| (kv.value, kv.mod_revision)))
+    }
+
     /// Every key under `prefix`, in key order.
     pub fn list(&self, prefix: &str) -> Result<Vec<Entry>, KvError> {
         let mut metas: HashMap<String, KeyValue> =

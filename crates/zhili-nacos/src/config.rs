@@ -38,7 +38,8 @@ pub(super) fn routes() -> Router<NacosState> {
 pub(super) struct ConfigItem {
     /// The content as stored (written through Nacos it is UTF-8; through the KV API, any bytes).
     pub value: Bytes,
-    pub md5: String,
+    /// The content's md5 in lowercase hex.
+    pub md5: Bytes,
     pub last_modified: u64,
 }
 
@@ -46,11 +47,24 @@ impl ConfigItem {
     pub fn content(&self) -> String {
         String::from_utf8_lossy(&self.value).into_owned()
     }
+
+    pub fn md5(&self) -> &str {
+        std::str::from_utf8(&self.md5).unwrap_or_default()
+    }
 }
 
+/// A config as the caller may read it. The md5 is computed once per stored version (the
+/// cache is keyed by the key's modify index, so a changed config is never answered with an
+/// old md5).
 pub(super) fn read(s: &NacosState, caller: &Caller, key: &str) -> Result<Option<ConfigItem>, ApiError> {
     caller.require(Resource::Kv, key, Access::Read)?;
-    Ok(s.kv.get(key)?.map(|e| ConfigItem { md5: md5_hex(&e.value), value: e.value, last_modified: e.modify_index }))
+    let Some((value, index)) = s.kv.get_value(key)? else { return Ok(None) };
+    let md5 = s.config_md5s.get(key, index).unwrap_or_else(|| {
+        let md5 = Bytes::from(md5_hex(&value));
+        s.config_md5s.put(key.to_string(), index, md5.clone());
+        md5
+    });
+    Ok(Some(ConfigItem { value, md5, last_modified: index }))
 }
 
 /// Publishes a config; with `cas_md5`, only when the current content still has that md5.
@@ -86,7 +100,7 @@ async fn get_v1(State(s): State<NacosState>, caller: Caller, p: Params) -> NResu
         Some(c) => Ok((
             [
                 (header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8")),
-                (CONTENT_MD5, HeaderValue::try_from(c.md5).map_err(|e| bad("md5", e))?),
+                (CONTENT_MD5, HeaderValue::from_maybe_shared(c.md5).map_err(|e| bad("md5", e))?),
             ],
             c.value,
         )
@@ -172,8 +186,8 @@ fn url_encode(s: &str) -> String {
 fn changed(s: &NacosState, caller: &Caller, list: &[Listening]) -> NResult<Vec<usize>> {
     let mut out = vec![];
     for (n, l) in list.iter().enumerate() {
-        let current = read(s, caller, &l.key)?.map(|c| c.md5).unwrap_or_default();
-        if current != l.md5 {
+        let current = read(s, caller, &l.key)?;
+        if current.as_ref().map_or("", ConfigItem::md5) != l.md5 {
             out.push(n);
         }
     }

@@ -477,7 +477,7 @@ impl Ctx<'_> {
         let b: ConfigBody = parse(body)?;
         let key = super::config_key(&b.tenant, &b.group, &b.data_id).map_err(|e| e.err)?;
         Ok(super::config::read(self.s, &self.caller, &key)?.map(|c| {
-            json!({"content": c.content(), "md5": c.md5, "lastModified": c.last_modified, "contentType": "text", "encryptedDataKey": "", "beta": false, "isBeta": false})
+            json!({"content": c.content(), "md5": c.md5(), "lastModified": c.last_modified, "contentType": "text", "encryptedDataKey": "", "beta": false, "isBeta": false})
         }))
     }
 
@@ -508,7 +508,7 @@ impl Ctx<'_> {
             }
             let current = super::config::read(self.s, &self.caller, &key)?;
             self.conn.listening.lock().insert(key);
-            if current.map(|c| c.md5).unwrap_or_default() != c.md5 {
+            if current.as_ref().map_or("", super::config::ConfigItem::md5) != c.md5 {
                 changed.push(json!({"dataId": c.data_id, "group": c.group, "tenant": c.tenant}));
             }
         }

@@ -18,9 +18,8 @@ mod naming;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use axum::extract::{FromRequest, Request, State};
+use axum::extract::{FromRequest, Request};
 use axum::http::{header, HeaderMap, StatusCode};
-use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 use bytes::Bytes;
@@ -28,8 +27,9 @@ use serde_json::{json, Value};
 use zhili_model::acl::{Access, Resource};
 use zhili_model::{Instance, InstanceRegistration, InstanceSpec, ValidationError, DEFAULT_GROUP, DEFAULT_NAMESPACE, MAX_WEIGHT};
 
-use zhili_http::auth::Caller;
+use zhili_http::auth::{Authorize, Caller};
 use zhili_http::error::ApiError;
+use zhili_http::layer::GateLayer;
 use zhili_http::AppState;
 
 pub use hub::NacosHub;
@@ -54,6 +54,8 @@ pub struct Nacos {
     pub nacos: NacosHub,
     /// Rendered `instance/list` answers per service index (the call every v1 client polls).
     pub lists: zhili_http::rendered::RenderCache<ListKey>,
+    /// Config md5s by key, per modify index (a config get answers it on every call).
+    pub config_md5s: zhili_http::rendered::RenderCache<String>,
 }
 
 /// (namespace, grouped service name, clusters, healthy only, v2 envelope).
@@ -75,7 +77,7 @@ impl std::ops::Deref for Nacos {
 
 impl NacosState {
     pub fn new(core: AppState) -> Self {
-        Self(Arc::new(Nacos { core, nacos: NacosHub::new(), lists: Default::default() }))
+        Self(Arc::new(Nacos { core, nacos: NacosHub::new(), lists: Default::default(), config_md5s: Default::default() }))
     }
 
     /// The hub's work, until the server stops: pushes registry and config changes to clients,
@@ -95,7 +97,7 @@ impl NacosState {
             .merge(naming::routes())
             .merge(config::routes())
             .fallback(|uri: axum::http::Uri| async move { NacosError::v1(ApiError::NotFound(format!("no route for {}", uri.path()))) });
-        let routes = zhili_http::audit_writes(routes, &self.core, "nacos").layer(middleware::from_fn_with_state(self.clone(), authorize));
+        let routes = zhili_http::audit_writes(routes, &self.core, "nacos").layer(authorize(self.acl.clone()));
         zhili_http::limit_bodies(routes, zhili_http::MAX_BODY).with_state(self.clone())
     }
 
@@ -110,17 +112,19 @@ impl NacosState {
 
 /// Nacos clients send the token from `auth/login` as `accessToken` (query parameter or header);
 /// every refusal is Nacos's `403 token invalid!`.
-async fn authorize(State(state): State<NacosState>, req: Request, next: Next) -> Response {
-    let from_query = req
-        .uri()
-        .query()
-        .and_then(|q| serde_urlencoded::from_str::<Vec<(String, String)>>(q).ok())
-        .and_then(|pairs| pairs.into_iter().find(|(k, _)| k == "accessToken").map(|(_, v)| v));
-    let token = from_query
-        .or_else(|| req.headers().get("accesstoken").and_then(|v| v.to_str().ok()).map(str::to_string))
-        .or_else(|| zhili_http::auth::token_from(req.headers()))
-        .filter(|t| !t.is_empty());
-    zhili_http::auth::authorize_with(&state.acl, token, req, next, |_| (StatusCode::FORBIDDEN, "token invalid!").into_response()).await
+fn authorize(acl: Arc<zhili_acl::Acl>) -> GateLayer<Authorize> {
+    GateLayer(Authorize {
+        acl,
+        token: |req| {
+            req.uri()
+                .query()
+                .and_then(|q| zhili_http::auth::query_param(q, "accessToken"))
+                .or_else(|| req.headers().get("accesstoken").and_then(|v| v.to_str().ok()).map(str::to_string))
+                .or_else(|| zhili_http::auth::token_from(req.headers()))
+                .filter(|t| !t.is_empty())
+        },
+        refused: |_| (StatusCode::FORBIDDEN, "token invalid!").into_response(),
+    })
 }
 
 /// A Nacos error: v1 answers `caused: <detail>` as text, v2 a `{code, message, data}` body.
