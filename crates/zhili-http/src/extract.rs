@@ -57,9 +57,14 @@ impl<S: Send + Sync> FromRequestParts<S> for QueryPairs {
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
         let q = parts.uri.query().unwrap_or("");
-        let pairs: Vec<(String, String)> = serde_urlencoded::from_str(q).map_err(|e| ApiError::field("query", e))?;
-        if pairs.len() > MAX_QUERY_PAIRS {
-            return Err(ApiError::field("query", format!("at most {MAX_QUERY_PAIRS} parameters")));
+        // Decoded leniently (a bad escape stays as it is, invalid UTF-8 becomes U+FFFD), and
+        // refused as soon as there are too many pairs.
+        let mut pairs = Vec::new();
+        for (k, v) in form_urlencoded::parse(q.as_bytes()) {
+            if pairs.len() == MAX_QUERY_PAIRS {
+                return Err(ApiError::field("query", format!("at most {MAX_QUERY_PAIRS} parameters")));
+            }
+            pairs.push((k.into_owned(), v.into_owned()));
         }
         Ok(Self(pairs))
     }
@@ -147,6 +152,11 @@ mod tests {
         assert_eq!(parse("recurse").await.unwrap().flag("recurse").unwrap(), Some(true));
         let many: String = (0..200).map(|i| format!("k{i}=v&")).collect();
         assert!(detail(parse(&many).await.unwrap_err()).starts_with("query:"));
+        let at_limit: String = (0..MAX_QUERY_PAIRS).map(|i| format!("k{i}=v&")).collect();
+        assert_eq!(parse(&at_limit).await.unwrap().0.len(), MAX_QUERY_PAIRS);
+        assert!(parse(&format!("{at_limit}one=more")).await.is_err());
+        let decoded = parse("a=%ZZ&b=x+y%21&c").await.unwrap();
+        assert_eq!(decoded.0, [("a".into(), "%ZZ".into()), ("b".into(), "x y!".into()), ("c".into(), String::new())]);
     }
 
     proptest! {

@@ -179,16 +179,14 @@ impl<S: Send + Sync> FromRequest<S> for Params {
     type Rejection = NacosError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let mut pairs: Vec<(String, String)> = match req.uri().query() {
-            Some(q) => serde_urlencoded::from_str(q).map_err(|e| NacosError::v1(ApiError::BadRequest(format!("query string: {e}"))))?,
-            None => vec![],
-        };
+        // form_urlencoded decodes leniently (bad escapes stay as they are, invalid UTF-8 becomes
+        // U+FFFD), as serde_urlencoded did on top of it: no query string is refused.
+        let decode = |raw: &[u8]| form_urlencoded::parse(raw).map(|(k, v)| (k.into_owned(), v.into_owned())).collect::<Vec<_>>();
+        let mut pairs = req.uri().query().map(|q| decode(q.as_bytes())).unwrap_or_default();
         let form = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|ct| ct.starts_with("application/x-www-form-urlencoded"));
         if form {
             let body = Bytes::from_request(req, state).await.map_err(|e| NacosError::v1(ApiError::PayloadTooLarge(e.body_text())))?;
-            let more: Vec<(String, String)> =
-                serde_urlencoded::from_bytes(&body).map_err(|e| NacosError::v1(ApiError::BadRequest(format!("form body: {e}"))))?;
-            pairs.extend(more);
+            pairs.extend(decode(&body));
         }
         Ok(Self(pairs))
     }
@@ -444,6 +442,21 @@ pub fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn params_join_query_and_form_body_and_decode_leniently() {
+        let req = Request::builder()
+            .uri("/nacos/v1/ns/instance?serviceName=a%40%40b&bad=%ZZ&ip=&x=None")
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded; charset=utf-8")
+            .body(axum::body::Body::from("port=8080&metadata=%7B%22k%22%3A%22v+w%22%7D&serviceName=second"))
+            .unwrap();
+        let p = Params::from_request(req, &()).await.unwrap();
+        assert_eq!(p.get("serviceName"), Some("a@@b"), "the query's value comes first");
+        assert_eq!(p.get("bad"), Some("%ZZ"));
+        assert_eq!((p.get("ip"), p.get("x")), (None, None), "empty and None count as absent");
+        assert_eq!(p.get("port"), Some("8080"));
+        assert_eq!(p.get("metadata"), Some(r#"{"k":"v w"}"#));
+    }
 
     #[test]
     fn service_refs() {
