@@ -150,3 +150,68 @@ impl<F: Future<Output = Result<Response, Infallible>>> Future for Observed<F> {
         Poll::Ready(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use axum::body::Body;
+    use axum::http::{HeaderValue, StatusCode};
+    use axum::response::IntoResponse;
+    use axum::routing::get;
+    use axum::{Extension, Router};
+    use tower::ServiceExt;
+
+    use super::*;
+
+    #[derive(Clone)]
+    struct Seen(&'static str);
+
+    /// Refuses `/refused`, wraps `/wrapped` (adds a header after the handler), passes the rest
+    /// with an extension the handler reads.
+    #[derive(Clone)]
+    struct Demo;
+
+    impl Gate for Demo {
+        fn check(&self, req: &mut Request) -> Step {
+            match req.uri().path() {
+                "/refused" => Step::Answer(StatusCode::FORBIDDEN.into_response()),
+                "/wrapped" => Step::Wrap(Box::new(|handler| {
+                    Box::pin(async move {
+                        let mut resp = handler.await;
+                        resp.headers_mut().insert("x-wrapped", HeaderValue::from_static("yes"));
+                        resp
+                    })
+                })),
+                _ => {
+                    req.extensions_mut().insert(Seen("passed"));
+                    Step::Pass
+                }
+            }
+        }
+    }
+
+    async fn call(app: &Router, path: &str) -> (StatusCode, Option<HeaderValue>, String) {
+        let resp = app.clone().oneshot(Request::builder().uri(path).body(Body::empty()).unwrap()).await.unwrap();
+        let (status, wrapped) = (resp.status(), resp.headers().get("x-wrapped").cloned());
+        let body = axum::body::to_bytes(resp.into_body(), 1024).await.unwrap();
+        (status, wrapped, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[tokio::test]
+    async fn a_gate_answers_passes_or_wraps() {
+        let runs = Arc::new(AtomicUsize::new(0));
+        let counter = runs.clone();
+        let handler = move |seen: Option<Extension<Seen>>| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            async move { seen.map_or("no extension", |Extension(s)| s.0) }
+        };
+        let app = Router::new().route("/{p}", get(handler)).layer(GateLayer(Demo));
+        assert_eq!(call(&app, "/refused").await, (StatusCode::FORBIDDEN, None, String::new()));
+        assert_eq!(runs.load(Ordering::SeqCst), 0, "an answered request never reaches the handler");
+        assert_eq!(call(&app, "/plain").await, (StatusCode::OK, None, "passed".into()));
+        assert_eq!(call(&app, "/wrapped").await, (StatusCode::OK, Some(HeaderValue::from_static("yes")), "no extension".into()));
+        assert_eq!(runs.load(Ordering::SeqCst), 2);
+    }
+}
