@@ -1,7 +1,7 @@
 //! Request layers as plain tower services. axum's `middleware::from_fn` clones the boxed inner
 //! service, builds a `Next` and boxes a future on every request, for every layer: on a Nacos
-//! config get the four such layers (body limit, authorization, audit, metrics) cost more than
-//! the handler. A [`Gate`] decides synchronously, before the handler runs, whether to answer
+//! config get the four such layers (body limit, authorization, audit, metrics) cost about as
+//! much as the handler. A [`Gate`] decides synchronously, before the handler runs, whether to answer
 //! at once, pass the request on untouched (the inner service is called directly: no clone, no
 //! box), or wrap the handler's future (writes to audit, tokens to watch for revocation).
 
