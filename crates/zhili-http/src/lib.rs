@@ -9,13 +9,14 @@ pub mod extract;
 pub mod layer;
 pub mod rendered;
 
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
 use axum::extract::{DefaultBodyLimit, Request};
 use axum::http::HeaderValue;
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 use layer::{Gate, GateLayer, Step};
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
 use zhili_acl::Acl;
 use zhili_kv::Kv;
 use zhili_registry::Registry;

@@ -196,7 +196,6 @@ pub fn parse_rfc3339_ms(s: &str) -> Option<u64> {
     u64::try_from(ms).ok()
 }
 
-/// `unix_ms` as an RFC 3339 UTC timestamp with milliseconds (`2026-11-30T12:00:00.000Z`).
 /// A structured-mode CloudEvent of Zhili's own (`$registry`, `$audit`, `$kv`, `$gateway`,
 /// `$plans`, `$subscriptions`), serialized straight from borrowed parts: one envelope for all,
 /// and no JSON tree per event on the paths that write one per change.
@@ -225,6 +224,7 @@ impl<'a, D: serde::Serialize> CloudEvent<'a, D> {
     }
 }
 
+/// `unix_ms` as an RFC 3339 UTC timestamp with milliseconds (`2026-11-30T12:00:00.000Z`).
 pub fn timestamp(unix_ms: u64) -> String {
     let (days, ms) = (unix_ms / 86_400_000, unix_ms % 86_400_000);
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
