@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap};
+use http::header;
 use http::Version;
 use http_body_util::{BodyExt, Empty, Full};
 
@@ -56,14 +56,7 @@ pub fn has_body(parts: &http::request::Parts, body: &RequestBody) -> bool {
         || (parts.version == Version::HTTP_2 && !hyper::body::Body::is_end_stream(body))
 }
 
-/// The comma-separated tokens of every `Connection` header, trimmed (either direction).
-pub fn connection_tokens(h: &HeaderMap) -> impl Iterator<Item = &[u8]> {
-    h.get_all(header::CONNECTION).iter().flat_map(|v| v.as_bytes().split(|b| *b == b',')).map(<[u8]>::trim_ascii)
-}
-
-pub fn content_length(h: &HeaderMap) -> Option<u64> {
-    h.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok())
-}
+pub use zhili_net::h1_server::{connection_tokens, content_length};
 
 /// A streamed client body that notes why it broke (malformed chunking, an abandoned upload), so
 /// the failed send is put down to the client.

@@ -7,8 +7,8 @@
 //! A request goes through phases, each a function of [`proxy`]: route → authenticate → limit →
 //! act (answer directly, redirect, or forward); forwarding is transform (the upstream request's
 //! headers) → balance (pick an endpoint) → send, with the retry loop around one send. HTTP/1.1
-//! requests arrive through the gateway's own server side (`h1_server`), everything else
-//! through hyper. Modules import downwards only: `serve` → `h1_server` → `proxy` → `forward` →
+//! requests arrive through zhili-net's own HTTP/1.1 server side (`zhili_net::h1_server`),
+//! everything else through hyper. Modules import downwards only: `serve` → `proxy` → `forward` →
 //! (`transform`, `balance`, `h1`, `upstream`) → (`body`, `error`); none imports one that
 //! imports it.
 
@@ -22,7 +22,6 @@ mod error;
 mod forward;
 mod gateway;
 mod h1;
-mod h1_server;
 mod limit;
 mod proxy;
 mod serve;

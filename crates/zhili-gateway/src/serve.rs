@@ -1,6 +1,6 @@
 //! The gateway's listener: accepts connections (HTTP/1.1 and HTTP/2, optionally TLS) under
 //! zhili-net's admission cap and deadlines, and hands each request to [`crate::proxy::handle`]:
-//! HTTP/1.1 through the gateway's own server side ([`crate::h1_server`]), which passes what it
+//! HTTP/1.1 through zhili-net's own server side ([`zhili_net::h1_server`]), which passes what it
 //! does not serve (HTTP/2, upgrades, streamed bodies, malformed requests) on to hyper.
 
 use std::sync::Arc;
@@ -13,7 +13,9 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use crate::gateway::Gateway;
-use crate::h1_server::{Outcome, Replay};
+use zhili_net::h1_server::{Outcome, Replay};
+
+use crate::body::request_bytes;
 use crate::proxy::{handle, Peer};
 
 /// Serves the gateway on `listener` until `stop` turns true; then stops accepting and returns
@@ -70,14 +72,19 @@ async fn connection<I>(
     conn.clone()
         .run(async move {
             let read = if h1 {
-                match crate::h1_server::serve(&mut io, &peer, &gw, &conn, &mut stop).await {
+                let options = zhili_net::h1_server::Options { max_head: gw.options.max_header_bytes, max_body: gw.options.max_replay_body as u64 };
+                let peer = &peer;
+                let handler = |req: http::Request<Bytes>| handle(gw.clone(), req.map(request_bytes), peer);
+                match zhili_net::h1_server::serve(&mut io, options, &conn, &mut stop, handler).await {
                     Outcome::Closed => return,
                     Outcome::Hyper(read) => read,
                 }
             } else {
                 Bytes::new()
             };
-            with_hyper(Replay::new(read, io), peer, gw, conn, watcher).await;
+            // Boxed: hyper's connection state is large, and inline it would make every
+            // connection's task that large, hyper or not.
+            Box::pin(with_hyper(Replay::new(read, io), peer, gw, conn, watcher)).await;
         })
         .await;
 }

@@ -28,7 +28,7 @@ use crate::{now_ms, Limits};
 /// What an HTTP client is told when the listener is full, before the socket closes.
 const HTTP_REFUSAL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/problem+json\r\nconnection: close\r\nretry-after: 1\r\ncontent-length: 114\r\n\r\n{\"type\":\"about:blank\",\"title\":\"Service Unavailable\",\"status\":503,\"detail\":\"too many connections; try again later\"}";
 /// The body of the answer to a request whose handler panicked.
-const PANIC_BODY: &str = r#"{"type":"about:blank","title":"Internal Server Error","status":500,"detail":"internal error; see the server log"}"#;
+pub(crate) const PANIC_BODY: &str = r#"{"type":"about:blank","title":"Internal Server Error","status":500,"detail":"internal error; see the server log"}"#;
 /// How long a refused client gets to take its 503.
 const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -67,12 +67,21 @@ pub struct Admission {
     limits: Limits,
     /// One permit per live connection; a connection returns its permit when dropped.
     slots: Arc<Semaphore>,
+    /// Connections every listener of the process may hold together (its open-file budget), so
+    /// one busy listener can use what the quiet ones leave.
+    shared: Option<Arc<Semaphore>>,
     refused: AtomicU64,
 }
 
 impl Admission {
     pub fn new(name: &'static str, limits: Limits) -> Arc<Self> {
-        Arc::new(Self { name, limits, slots: Arc::new(Semaphore::new(limits.max_connections.max(1))), refused: AtomicU64::new(0) })
+        Self::within(name, limits, None)
+    }
+
+    /// A listener held to its own cap and also to `shared`, a budget of connections it shares
+    /// with the process's other listeners.
+    pub fn within(name: &'static str, limits: Limits, shared: Option<Arc<Semaphore>>) -> Arc<Self> {
+        Arc::new(Self { name, limits, slots: Arc::new(Semaphore::new(limits.max_connections.max(1))), shared, refused: AtomicU64::new(0) })
     }
 
     pub fn limits(&self) -> Limits {
@@ -91,9 +100,13 @@ impl Admission {
     /// Takes a slot for a new connection. When the listener is full the client is refused:
     /// `http` listeners first write a 503 (plain HTTP only; a TLS client is simply closed).
     pub fn admit(&self, stream: TcpStream, http: bool) -> Option<(TcpStream, Arc<Conn>)> {
-        match self.slots.clone().try_acquire_owned() {
-            Ok(permit) => Some((stream, Arc::new(Conn::new(self.limits, permit)))),
-            Err(_) => {
+        let shared = match &self.shared {
+            None => Ok(None),
+            Some(s) => s.clone().try_acquire_owned().map(Some),
+        };
+        match (self.slots.clone().try_acquire_owned(), shared) {
+            (Ok(permit), Ok(shared)) => Some((stream, Arc::new(Conn::new(self.limits, [Some(permit), shared])))),
+            _ => {
                 let n = self.refused.fetch_add(1, Ordering::Relaxed) + 1;
                 // Logged at powers of two, so a flood cannot flood the log too.
                 if n.is_power_of_two() {
@@ -122,18 +135,19 @@ pub struct Conn {
     head_started: AtomicU64,
     /// When a write started waiting on the client; 0 while writes go through.
     write_blocked: AtomicU64,
-    _permit: OwnedSemaphorePermit,
+    /// The listener's slot and, when it shares one, the process-wide one.
+    _permits: [Option<OwnedSemaphorePermit>; 2],
 }
 
 impl Conn {
-    fn new(limits: Limits, permit: OwnedSemaphorePermit) -> Self {
+    fn new(limits: Limits, permits: [Option<OwnedSemaphorePermit>; 2]) -> Self {
         Self {
             limits,
             inflight: AtomicU32::new(0),
             idle_since: AtomicU64::new(now_ms()),
             head_started: AtomicU64::new(0),
             write_blocked: AtomicU64::new(0),
-            _permit: permit,
+            _permits: permits,
         }
     }
 
@@ -389,7 +403,7 @@ mod tests {
 
     fn conn(limits: Limits) -> Arc<Conn> {
         let sem = Arc::new(Semaphore::new(1));
-        Arc::new(Conn::new(limits, sem.try_acquire_owned().expect("permit")))
+        Arc::new(Conn::new(limits, [Some(sem.try_acquire_owned().expect("permit")), None]))
     }
 
     fn limits() -> Limits {
@@ -467,5 +481,28 @@ mod tests {
         let _c3 = TcpStream::connect(addr).await.expect("connect");
         let (s3, _) = l.accept().await.expect("accept");
         assert!(gate.admit(s3, true).is_some(), "a freed slot admits again");
+    }
+
+    #[tokio::test]
+    async fn listeners_share_one_budget() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let budget = Arc::new(Semaphore::new(2));
+        let (a, b) = (Admission::within("a", limits(), Some(budget.clone())), Admission::within("b", limits(), Some(budget.clone())));
+        let mut clients = Vec::new();
+        let mut accepted = Vec::new();
+        for _ in 0..4 {
+            clients.push(TcpStream::connect(addr).await.expect("connect"));
+            accepted.push(l.accept().await.expect("accept").0);
+        }
+        let mut next = accepted.into_iter();
+        let mut next = move || next.next().expect("four accepted");
+        let first = a.admit(next(), false).expect("within budget");
+        let second = a.admit(next(), false).expect("one listener may take the whole budget");
+        assert!(b.admit(next(), false).is_none(), "the other listener is refused once the budget is spent");
+        assert_eq!((a.refused(), b.refused()), (0, 1));
+        drop(first);
+        assert!(b.admit(next(), false).is_some(), "a slot freed on one listener serves another");
+        drop(second);
     }
 }

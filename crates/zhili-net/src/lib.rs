@@ -13,6 +13,7 @@ mod body;
 pub mod client;
 mod conn;
 mod fd;
+pub mod h1_server;
 mod listen;
 
 pub use body::TimedBody;

@@ -162,7 +162,8 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
         eprintln!("\n  *** ZHILI DEV MODE: ACLs are OFF. Every caller can read and change everything. ***\n  *** Never run --dev where anyone else can reach the API.                           ***\n");
         tracing::warn!("dev mode: ACLs disabled");
     }
-    let limits = connection_limits(&cfg);
+    let (limits, budget) = connection_limits(&cfg);
+    let admission = |name: &'static str| zhili_net::Admission::within(name, limits, budget.clone());
     let metrics = Metrics::new();
     let store: Arc<dyn Store> =
         Arc::new(zhili_store_fjall::FjallStore::open(&cfg.data_dir).with_context(|| format!("opening the store in {}", cfg.data_dir.display()))?);
@@ -266,15 +267,12 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
     if let Some(addr) = cfg.nacos_addr {
         let listener = zhili_net::bind(addr).await.with_context(|| format!("binding the Nacos listener on {addr}"))?;
         println!("zhili nacos listening on {scheme}://{}", listener.local_addr()?);
-        sup.listener("nacos listener", listen::serve(listener, tls.clone(), nacos.http_router(), zhili_net::Admission::new("nacos", limits), sup.stop()));
+        sup.listener("nacos listener", listen::serve(listener, tls.clone(), nacos.http_router(), admission("nacos"), sup.stop()));
     }
     if let Some(addr) = cfg.nacos_grpc_addr {
         let listener = zhili_net::bind(addr).await.with_context(|| format!("binding the Nacos gRPC listener on {addr}"))?;
         println!("zhili nacos-grpc listening on {}", listener.local_addr()?);
-        sup.listener(
-            "nacos grpc listener",
-            listen::serve(listener, tls.clone(), nacos.grpc_router(), zhili_net::Admission::new("nacos-grpc", limits), sup.stop()),
-        );
+        sup.listener("nacos grpc listener", listen::serve(listener, tls.clone(), nacos.grpc_router(), admission("nacos-grpc"), sup.stop()));
     }
     if let (Some(addr), Some(gw)) = (cfg.gateway_addr, gateway) {
         // Either one listener on this runtime, or one per worker thread.
@@ -297,7 +295,7 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
         state.metrics.register_collector(Box::new(zhili_gateway::GatewayCollector(gw.clone())));
         let discover = Arc::new(crate::gateway::Local { registry: registry.clone(), store: state.store.clone(), events: state.events.clone() });
         sup.spawn("gateway follower", zhili_gateway::follow(gw.clone(), discover));
-        let gate = zhili_net::Admission::new("gateway", limits);
+        let gate = admission("gateway");
         match listener {
             Some(l) => sup.listener("gateway listener", zhili_gateway::serve(l, gw, gw_tls, gate, sup.stop())),
             None => sup.listener("gateway listener", zhili_gateway::serve_workers(workers, gw, gw_tls, gate, sup.stop())),
@@ -307,7 +305,7 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
         let listener = zhili_net::bind(addr).await.with_context(|| format!("binding the DTM listener on {addr}"))?;
         println!("zhili dtm listening on {scheme}://{}", listener.local_addr()?);
         let router = zhili_dtm::router(zhili_dtm::DtmState { coordinator, acl: state.acl.clone() });
-        sup.listener("dtm listener", listen::serve(listener, tls.clone(), router, zhili_net::Admission::new("dtm", limits), sup.stop()));
+        sup.listener("dtm listener", listen::serve(listener, tls.clone(), router, admission("dtm"), sup.stop()));
     }
     let app = zhili_api::router(state.clone(), [zhili_consul::router(state, consul)]);
 
@@ -322,7 +320,7 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
     // Tools and tests read this line to find the port when started with port 0.
     println!("zhili api listening on {scheme}://{local}");
     tracing::info!(addr = %local, tls = tls.is_some(), ready_ms = started.elapsed().as_millis() as u64, "API listener up");
-    sup.listener("api listener", listen::serve(listener, tls, app, zhili_net::Admission::new("api", limits), sup.stop()));
+    sup.listener("api listener", listen::serve(listener, tls, app, admission("api"), sup.stop()));
     sup.run().await
 }
 
@@ -412,32 +410,35 @@ impl Supervisor {
     }
 }
 
-/// Raises the open-file limit (each connection is a descriptor) and sizes each listener's
-/// connection cap to fit in it, leaving room for the store's files and outgoing sockets.
-fn connection_limits(cfg: &ServerConfig) -> zhili_net::Limits {
+/// Raises the open-file limit (each connection is a descriptor) and sizes the connection budget
+/// every listener shares to fit in it, leaving room for the store's files and outgoing sockets.
+/// Each listener is also held to `max_connections`, lowered only when even the whole budget is
+/// smaller.
+fn connection_limits(cfg: &ServerConfig) -> (zhili_net::Limits, Option<Arc<tokio::sync::Semaphore>>) {
     /// Descriptors kept for the store, health probes, upstream connections and the like.
     const RESERVED_FDS: u64 = 256;
-    /// TCP listeners that share the limit: API, Nacos HTTP, Nacos gRPC, gateway.
-    const LISTENERS: u64 = 4;
     let mut max = cfg.max_connections;
+    let mut budget = None;
     match zhili_net::raise_open_file_limit() {
         Ok((before, soft, hard)) => {
-            let fit = (soft.saturating_sub(RESERVED_FDS) / LISTENERS).max(16) as usize;
+            let fit = soft.saturating_sub(RESERVED_FDS).max(64) as usize;
             if fit < max {
                 tracing::warn!(max_connections = max, fit, "max_connections lowered to fit the open-file limit");
                 max = fit;
             }
-            tracing::info!(soft_before = before, soft, hard, max_connections = max, "open-file limit");
+            budget = Some(Arc::new(tokio::sync::Semaphore::new(fit)));
+            tracing::info!(soft_before = before, soft, hard, max_connections = max, all_listeners = fit, "open-file limit");
         }
         Err(e) => tracing::warn!(error = %e, "could not read or raise the open-file limit"),
     }
-    zhili_net::Limits {
+    let limits = zhili_net::Limits {
         max_connections: max,
         handshake_timeout: zhili_net::DEFAULT_HANDSHAKE_TIMEOUT,
         idle_timeout: cfg.idle_timeout,
         read_timeout: cfg.read_timeout,
         write_timeout: cfg.write_timeout,
-    }
+    };
+    (limits, budget)
 }
 
 /// The address clients should use for this node: the API listener's IP, or loopback when it
@@ -478,16 +479,21 @@ mod tls {
 }
 
 mod listen {
-    //! The accept loop of the API and Nacos listeners: the listener's connection cap, optional
-    //! TLS under a handshake deadline, the peer address on every request, HTTP/2 keep-alive
-    //! pings (so a vanished gRPC client is noticed and its connection-bound state released),
-    //! and zhili-net's idle, read and write deadlines on every connection.
+    //! The accept loop of the API, Nacos and DTM listeners: the listener's connection cap,
+    //! optional TLS under a handshake deadline, the peer address on every request, HTTP/2
+    //! keep-alive pings (so a vanished gRPC client is noticed and its connection-bound state
+    //! released), and zhili-net's idle, read and write deadlines on every connection. HTTP/1.1
+    //! is served by zhili-net's own server side ([`zhili_net::h1_server`]: small per-connection
+    //! buffers, so thousands of blocked watchers stay cheap); HTTP/2 (gRPC), TLS connections
+    //! that chose `h2`, upgrades, streamed or large request bodies and malformed heads go on to
+    //! hyper.
 
     use std::net::SocketAddr;
     use std::sync::Arc;
     use std::time::Duration;
 
     use axum::extract::ConnectInfo;
+    use bytes::Bytes;
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
     use hyper_util::server::conn::auto;
     use hyper_util::server::graceful::{GracefulShutdown, Watcher};
@@ -497,6 +503,7 @@ mod listen {
     use tokio::sync::watch;
     use tokio_rustls::TlsAcceptor;
     use tower::ServiceExt;
+    use zhili_net::h1_server::{self, Outcome, Replay};
     use zhili_net::{Admission, Conn, TimedBody};
 
     const H2_PING_INTERVAL: Duration = Duration::from_secs(10);
@@ -506,29 +513,74 @@ mod listen {
     /// has finished what it had in flight (the supervisor bounds how long that may take).
     pub async fn serve(listener: TcpListener, tls: Option<TlsAcceptor>, app: axum::Router, gate: Arc<Admission>, mut stop: watch::Receiver<bool>) {
         let graceful = GracefulShutdown::new();
+        // Every connection task holds a sender; all are gone when the last connection has closed.
+        let (alive, mut all_closed) = tokio::sync::mpsc::channel::<()>(1);
         while let Some((stream, peer)) = zhili_net::accept(&listener, &mut stop, gate.name()).await {
             let Some((stream, conn)) = gate.admit(stream, tls.is_none()) else { continue };
             let _ = stream.set_nodelay(true);
-            let app = app.clone();
-            let tls = tls.clone();
-            let watcher = graceful.watcher();
+            let (app, tls, watcher, stop, alive) = (app.clone(), tls.clone(), graceful.watcher(), stop.clone(), alive.clone());
             tokio::spawn(async move {
+                let _alive = alive;
                 match tls {
-                    None => connection(stream, peer, app, conn, watcher).await,
+                    None => connection(conn.wrap(stream), true, peer, app, conn, watcher, stop).await,
+                    // Boxed, so a plain connection's task is not the size of a TLS one.
                     Some(acceptor) => {
-                        if let Ok(Ok(s)) = tokio::time::timeout(conn.limits().handshake_timeout, acceptor.accept(stream)).await {
-                            connection(s, peer, app, conn, watcher).await;
-                        }
+                        Box::pin(async move {
+                            if let Ok(Ok(s)) = tokio::time::timeout(conn.limits().handshake_timeout, acceptor.accept(stream)).await {
+                                let h1 = s.get_ref().1.alpn_protocol() != Some(b"h2");
+                                connection(conn.wrap(s), h1, peer, app, conn, watcher, stop).await;
+                            }
+                        })
+                        .await
                     }
                 }
             });
         }
         // New connections are refused from here; the ones we have finish their requests.
         drop(listener);
-        graceful.shutdown().await;
+        drop(alive);
+        tokio::join!(graceful.shutdown(), all_closed.recv());
     }
 
-    async fn connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(io: S, peer: SocketAddr, app: axum::Router, conn: Arc<Conn>, watcher: Watcher) {
+    /// One connection: HTTP/1.1 on zhili-net's server side first (when `h1`), then hyper for
+    /// whatever that hands over.
+    async fn connection<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+        mut io: S,
+        h1: bool,
+        peer: SocketAddr,
+        mut app: axum::Router,
+        conn: Arc<Conn>,
+        watcher: Watcher,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        conn.clone()
+            .run(async move {
+                let read = if h1 {
+                    let handler = |req: axum::http::Request<Bytes>| {
+                        let mut req = req.map(axum::body::Body::from);
+                        req.extensions_mut().insert(ConnectInfo(peer));
+                        let answer = tower::Service::call(&mut app, req);
+                        async move { answer.await.unwrap_or_else(|never| match never {}) }
+                    };
+                    match h1_server::serve(&mut io, H1_OPTIONS, &conn, &mut stop, handler).await {
+                        Outcome::Closed => return,
+                        Outcome::Hyper(read) => read,
+                    }
+                } else {
+                    Bytes::new()
+                };
+                // Boxed: hyper's connection state is large, and inline it would make every
+                // connection's task that large, hyper or not.
+                Box::pin(with_hyper(Replay::new(read, io), peer, app, conn, watcher)).await;
+            })
+            .await;
+    }
+
+    /// Request heads and bodies the HTTP/1.1 fast path takes whole; larger ones go to hyper
+    /// (which answers 431 for heads over its own limit, and streams large bodies).
+    const H1_OPTIONS: h1_server::Options = h1_server::Options { max_head: 64 * 1024, max_body: 64 * 1024 };
+
+    async fn with_hyper<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(io: S, peer: SocketAddr, app: axum::Router, conn: Arc<Conn>, watcher: Watcher) {
         let limits = conn.limits();
         let svc = app.map_request(move |req: axum::http::Request<hyper::body::Incoming>| {
             let mut req = req.map(|b| TimedBody::new(b, limits.read_timeout));
@@ -539,6 +591,6 @@ mod listen {
         builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.read_timeout);
         builder.http2().timer(TokioTimer::new()).keep_alive_interval(H2_PING_INTERVAL).keep_alive_timeout(H2_PING_TIMEOUT);
         let svc = conn.service(TowerToHyperService::new(svc));
-        conn.run(watcher.watch(builder.serve_connection_with_upgrades(TokioIo::new(conn.wrap(io)), svc))).await;
+        let _ = watcher.watch(builder.serve_connection_with_upgrades(TokioIo::new(io), svc)).await;
     }
 }

@@ -63,6 +63,29 @@ async fn sigterm_under_load_completes_every_accepted_request() {
     assert!(started.elapsed() < Duration::from_secs(8), "drained well within the deadline: {:?}", started.elapsed());
 }
 
+/// A client that leaves while its blocking read is held frees it at once (as hyper does on
+/// HTTP/1.1): the handler is dropped, so neither memory nor the shutdown drain waits out the
+/// read's wait.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_blocking_read_whose_client_left_does_not_hold_the_drain() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = ServerProcess::start(bin(), &["--dev", "--shutdown-timeout", "30s"]);
+    let c = client(&s, None);
+    let index = c.kv_put("held", "v", None).await.unwrap();
+    for _ in 0..5 {
+        let mut tcp = tokio::net::TcpStream::connect(s.api).await.unwrap();
+        tcp.write_all(format!("GET /api/v1/kv/held?index={index}&wait=10m HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_millis(200), tcp.read(&mut byte)).await;
+        assert!(read.is_err(), "the read is held, not answered: {read:?}");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let code = tokio::task::spawn_blocking(move || s.terminate()).await.unwrap();
+    assert_eq!(code, Some(0), "clean exit");
+    assert!(started.elapsed() < Duration::from_secs(10), "the drain waited on abandoned reads: {:?}", started.elapsed());
+}
+
 /// A connected Nacos gRPC client holds a bidirectional stream that never ends by itself; on
 /// SIGTERM the server ends it, so the drain does not sit out the whole deadline.
 #[tokio::test(flavor = "multi_thread")]

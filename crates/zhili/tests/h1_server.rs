@@ -1,7 +1,9 @@
-//! The gateway's own HTTP/1.1 server side, through the real binary on raw sockets: pipelined
-//! requests answered in order (on two workers), a request split at every byte boundary,
-//! slowloris and idle clients cut off, oversized and malformed heads refused, HTTP/1.0 and
-//! HEAD, and the same answers over HTTP/1.1 (the fast path) and HTTP/2 (hyper).
+//! Zhili's own HTTP/1.1 server side (`zhili_net::h1_server`), through the real binary on raw
+//! sockets, on the gateway and on the API listener: pipelined requests answered in order (on
+//! two gateway workers), a request split at every byte boundary, slowloris and idle clients cut
+//! off, oversized and malformed heads refused, HTTP/1.0 and HEAD, the hand-over to hyper in the
+//! middle of a connection (a chunked body), a blocking query held and answered on a keep-alive
+//! connection, and the same answers over HTTP/1.1 (the fast path) and HTTP/2 (hyper).
 // Test code: a panic here is a failed test.
 #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
 
@@ -200,14 +202,7 @@ async fn slow_idle_oversized_and_malformed_heads_are_refused() {
     assert_eq!(a.status, 200);
     assert!(closed_within(&mut tcp, Duration::from_secs(6)).await.is_some(), "an idle keep-alive connection stays open");
 
-    let refused = |request: Vec<u8>, want: &'static str| async move {
-        let mut tcp = TcpStream::connect(addr).await.unwrap();
-        let _ = tcp.write_all(&request).await;
-        let mut got = Vec::new();
-        let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut got)).await;
-        let got = String::from_utf8_lossy(&got).into_owned();
-        assert!(got.starts_with(want), "wanted {want}, got {:?}", got.chars().take(300).collect::<String>());
-    };
+    let refused = |request: Vec<u8>, want: &'static str| refused_with(addr, request, want);
     // A head over 64 KiB: in one piece, and one that stops short of its end.
     let mut big = b"GET /p/big HTTP/1.1\r\nHost: x\r\nX-Big: ".to_vec();
     big.extend(std::iter::repeat_n(b'a', 100 * 1024));
@@ -271,4 +266,131 @@ async fn answers_are_the_same_over_http1_and_http2() {
             assert_eq!(v1, v2, "{method} {path}: header {name}");
         }
     }
+}
+
+/// Sends `request` on a fresh connection to `addr` and expects the answer to start with `want`.
+async fn refused_with(addr: std::net::SocketAddr, request: Vec<u8>, want: &str) {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    let _ = tcp.write_all(&request).await;
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut got)).await;
+    let got = String::from_utf8_lossy(&got).into_owned();
+    assert!(got.starts_with(want), "wanted {want}, got {:?}", got.chars().take(300).collect::<String>());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_api_listener_serves_pipelined_split_and_handed_over_requests() {
+    let s = ServerProcess::start(bin(), &["--dev"]);
+    let mut tcp = TcpStream::connect(s.api).await.unwrap();
+    let mut buf = Vec::new();
+
+    // Pipelined writes and reads, all in one send, answered in order.
+    let mut wire = Vec::new();
+    for i in 0..20 {
+        let value = format!("value-{i}-{}", "v".repeat(i * 13));
+        wire.extend_from_slice(format!("PUT /v1/kv/h1/{i} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{value}", value.len()).as_bytes());
+        wire.extend_from_slice(format!("GET /v1/kv/h1/{i}?raw HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes());
+    }
+    wire.extend_from_slice(b"HEAD /v1/kv/h1/0?raw HTTP/1.1\r\nHost: x\r\n\r\n");
+    tcp.write_all(&wire).await.unwrap();
+    for i in 0..20 {
+        let put = answer(&mut tcp, &mut buf, false).await;
+        assert_eq!((put.status, put.body.as_str()), (200, "true"), "put {i}: {}", put.head);
+        let got = answer(&mut tcp, &mut buf, false).await;
+        assert_eq!((got.status, got.body), (200, format!("value-{i}-{}", "v".repeat(i * 13))), "get {i} in order");
+        assert!(got.head.contains("\r\nx-consul-index: "), "{}", got.head);
+        assert!(got.head.contains("\r\ndate: "), "{}", got.head);
+    }
+    let head = answer(&mut tcp, &mut buf, true).await;
+    assert_eq!(head.status, 200);
+    assert!(head.head.contains("\r\ncontent-length: 8\r\n"), "HEAD tells the length a GET would have: {}", head.head);
+
+    // A request split at every byte boundary, on the same connection.
+    let request = b"PUT /v1/kv/h1/split HTTP/1.1\r\nHost: example.test\r\nContent-Type: text/plain\r\nContent-Length: 11\r\n\r\nhello world";
+    tcp.set_nodelay(true).unwrap();
+    for cut in 1..request.len() {
+        tcp.write_all(&request[..cut]).await.unwrap();
+        tcp.flush().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        tcp.write_all(&request[cut..]).await.unwrap();
+        let a = answer(&mut tcp, &mut buf, false).await;
+        assert_eq!((a.status, a.body.as_str()), (200, "true"), "split at byte {cut}");
+    }
+
+    // A blocking query held on this keep-alive connection, woken by a write from another one.
+    tcp.write_all(b"GET /v1/kv/h1/split HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let now = answer(&mut tcp, &mut buf, false).await;
+    let index: u64 = now.head.lines().find_map(|l| l.strip_prefix("x-consul-index: ")).unwrap().trim().parse().unwrap();
+    tcp.write_all(format!("GET /v1/kv/h1/split?raw&index={index}&wait=20s HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut other = TcpStream::connect(s.api).await.unwrap();
+    other.write_all(b"PUT /v1/kv/h1/split HTTP/1.1\r\nHost: x\r\nContent-Length: 7\r\n\r\nchanged").await.unwrap();
+    assert_eq!(answer(&mut other, &mut Vec::new(), false).await.body, "true");
+    let woken = answer(&mut tcp, &mut buf, false).await;
+    assert_eq!((woken.status, woken.body.as_str()), (200, "changed"), "the held query answers with the change");
+
+    // A chunked body goes to hyper mid-connection; the connection keeps serving after it.
+    tcp.write_all(b"PUT /v1/kv/h1/chunked HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n").await.unwrap();
+    assert_eq!(answer(&mut tcp, &mut buf, false).await.body, "true");
+    tcp.write_all(b"GET /v1/kv/h1/chunked?raw HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    assert_eq!(answer(&mut tcp, &mut buf, false).await.body, "hello world");
+    assert!(buf.is_empty(), "nothing after the last answer: {:?}", String::from_utf8_lossy(&buf));
+
+    // A body over the fast path's limit is streamed by hyper and stored whole.
+    let big = "b".repeat(200 * 1024);
+    let mut tcp = TcpStream::connect(s.api).await.unwrap();
+    tcp.write_all(format!("PUT /v1/kv/h1/big HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{big}", big.len()).as_bytes()).await.unwrap();
+    assert_eq!(answer(&mut tcp, &mut buf, false).await.body, "true");
+    tcp.write_all(b"GET /v1/kv/h1/big?raw HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+    let a = answer(&mut tcp, &mut buf, false).await;
+    assert_eq!(a.body.len(), big.len());
+    assert!(closed_within(&mut tcp, Duration::from_secs(5)).await.is_some(), "closed after a Connection: close request");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_api_listener_cuts_off_slow_idle_oversized_and_malformed_clients() {
+    let s = ServerProcess::start(bin(), &["--dev", "--read-timeout", "1s", "--idle-timeout", "2s"]);
+    let addr = s.api;
+    // Slowloris: a trickling head is cut off about a second after its first byte.
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"GET /v1/kv/slow HTTP/1.1\r\n").await.unwrap();
+    let started = Instant::now();
+    let mut cut_off = false;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if tcp.write_all(b"X").await.is_err() || closed_within(&mut tcp, Duration::from_millis(1)).await.is_some() {
+            cut_off = true;
+            break;
+        }
+    }
+    assert!(cut_off, "a trickling head was never cut off");
+    assert!(started.elapsed() < Duration::from_secs(5), "cut off after {:?}", started.elapsed());
+    // Idle after an answer: closed after the idle timeout, not before.
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    assert_eq!(answer(&mut tcp, &mut Vec::new(), false).await.status, 200);
+    let started = Instant::now();
+    assert!(closed_within(&mut tcp, Duration::from_secs(6)).await.is_some(), "an idle keep-alive connection stays open");
+    assert!(started.elapsed() >= Duration::from_millis(1500), "closed too early: {:?}", started.elapsed());
+    // A body that stops short of its length is cut off at the read deadline too.
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"PUT /v1/kv/short HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nonly this").await.unwrap();
+    assert!(closed_within(&mut tcp, Duration::from_secs(5)).await.is_some(), "a short body holds the connection forever");
+
+    let mut big = b"GET /v1/kv/big HTTP/1.1\r\nHost: x\r\nX-Big: ".to_vec();
+    big.extend(std::iter::repeat_n(b'a', 600 * 1024));
+    refused_with(addr, [big.as_slice(), b"\r\n\r\n"].concat(), "HTTP/1.1 431").await;
+    let mut many = b"GET /v1/kv/many HTTP/1.1\r\nHost: x\r\n".to_vec();
+    for i in 0..150 {
+        many.extend_from_slice(format!("X-H{i}: v\r\n").as_bytes());
+    }
+    many.extend_from_slice(b"\r\n");
+    refused_with(addr, many, "HTTP/1.1 431").await;
+    refused_with(addr, b"GET /v1/kv/x HTTP/1.1\r\nHost x\r\n\r\n".to_vec(), "HTTP/1.1 400").await;
+    refused_with(addr, b"PUT /v1/kv/x HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd".to_vec(), "HTTP/1.1 400").await;
+    refused_with(addr, b"\r\n\r\nGARBAGE\r\n\r\n".to_vec(), "HTTP/1.1 400").await;
+    // Nothing of the refused writes was stored.
+    let api = client(&s, None);
+    let (status, _, _) = call(&api, http::Method::GET, "/v1/kv/x", None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
 }

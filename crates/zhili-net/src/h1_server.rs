@@ -1,8 +1,8 @@
-//! The gateway's own HTTP/1.1 server side for the common case, the downstream twin of the
-//! upstream client (`h1.rs`): request heads are parsed with httparse out of one buffer per connection, the
-//! request is built from slices of that buffer (no copies), handed to [`crate::proxy::handle`]
-//! like any other, and the answer is written by hand (head and a whole body in one write).
-//! Keep-alive and pipelining follow RFC 9112: requests are answered in order, one at a time.
+//! An HTTP/1.1 server side for the common case, shared by the gateway and the API, Nacos and
+//! DTM listeners: request heads are parsed with httparse out of one buffer per connection, the
+//! request is built from slices of that buffer (no copies), handed to the listener's handler, and
+//! the answer is written by hand (head and a whole body in one write). Keep-alive and pipelining
+//! follow RFC 9112: requests are answered in order, one at a time.
 //!
 //! What this path does not serve it hands over to hyper, with the bytes it has read and not
 //! served: anything it cannot parse (hyper then answers 400 or 431 exactly as before, or speaks
@@ -10,34 +10,55 @@
 //! or large request bodies, `Expect`, and upgrades (WebSocket, h2c). A hand-over happens only
 //! between requests, so the connection stays well framed.
 //!
-//! Deadlines cost no timer per request: the connection's watchdog ([`zhili_net::Conn`]) closes
+//! Deadlines cost no timer per request: the connection's watchdog ([`crate::Conn`]) closes
 //! it when the client is idle too long, takes too long over a request head (and the small body
 //! read with it), or stops reading an answer.
+//!
+//! Memory: a connection starts with a small read buffer ([`FIRST_READ`]) that grows only for
+//! larger heads or pipelined bursts, and holds no write buffer between answers (they come from a
+//! small per-thread pool), so a client blocked in a long poll or idle between requests costs
+//! little more than its socket and its handler's future.
 
+use std::cell::RefCell;
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::FutureExt;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::Body;
 use http_body_util::BodyExt;
-use hyper::body::Body as _;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::body::{connection_tokens, request_bytes, Body};
-use crate::error::problem;
-use crate::gateway::Gateway;
-use crate::proxy::{handle, Peer};
+use crate::conn::PANIC_BODY;
+use crate::Conn;
 
 /// Header lines accepted in one request head, as hyper's server (more: hyper answers 431).
 const MAX_HEADERS: usize = 100;
 /// Answer bytes gathered before they are written (a larger body frame is written on its own).
 const GATHER: usize = 64 * 1024;
+/// The read buffer a connection starts with: room for a typical request head, small enough that
+/// thousands of long-polling clients cost little.
+pub const FIRST_READ: usize = 1024;
+/// How much the read buffer grows by when a head or a burst of pipelined requests needs more.
+const GROW: usize = 8192;
+/// Write buffers kept per thread between answers, and the largest kept.
+const SPARE_BUFFERS: usize = 64;
+const SPARE_MAX: usize = 4 * GATHER;
+
+/// What the fast path takes whole; more goes to hyper.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// The longest request head served here (a longer one goes to hyper, which answers 431).
+    pub max_head: usize,
+    /// The largest request body read with its head (a larger one goes to hyper, streamed).
+    pub max_body: u64,
+}
 
 /// How a connection left the fast path.
 pub enum Outcome {
-    /// Closed: the client left, asked to close, broke the framing, or the gateway is stopping.
+    /// Closed: the client left, asked to close, broke the framing, or the server is stopping.
     Closed,
     /// The rest of the connection belongs to hyper; these bytes were read and not served.
     Hyper(Bytes),
@@ -51,15 +72,24 @@ struct Head {
     http10: bool,
 }
 
-/// Serves requests on `io` until the client closes, a request needs hyper, or `stop` turns true.
-pub async fn serve<I>(io: &mut I, peer: &Peer, gw: &Arc<Gateway>, conn: &Arc<zhili_net::Conn>, stop: &mut tokio::sync::watch::Receiver<bool>) -> Outcome
+/// Serves requests on `io` with `handler` until the client closes, a request needs hyper, or
+/// `stop` turns true. The handler gets the request with its whole body.
+pub async fn serve<I, F, Fut, B>(
+    io: &mut I,
+    options: Options,
+    conn: &std::sync::Arc<Conn>,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+    mut handler: F,
+) -> Outcome
 where
     I: AsyncRead + AsyncWrite + Unpin,
+    F: FnMut(Request<Bytes>) -> Fut,
+    Fut: Future<Output = Response<B>>,
+    B: Body<Data = Bytes> + Unpin,
 {
     let mut buf = BytesMut::new();
-    let mut out: Vec<u8> = Vec::new();
     let mut spans: Vec<[usize; 4]> = Vec::new();
-    let (max_head, max_body) = (gw.options.max_header_bytes.max(1024), gw.options.max_replay_body as u64);
+    let (max_head, max_body) = (options.max_head.max(1024), options.max_body);
     loop {
         if *stop.borrow() {
             return Outcome::Closed;
@@ -72,8 +102,9 @@ where
                     _ => return Outcome::Hyper(buf.freeze()),
                 }
             }
-            if buf.capacity() - buf.len() < 2048 {
-                buf.reserve(8192);
+            let spare = buf.capacity() - buf.len();
+            if spare < 256 {
+                buf.reserve(if buf.capacity() == 0 { FIRST_READ } else { GROW });
             }
             let read = tokio::select! {
                 biased;
@@ -105,23 +136,35 @@ where
                 Ok(_) => {}
             }
         }
-        let body = request_bytes(buf.split_to(framing.body as usize).freeze());
-        let mut req = Request::new(body);
+        let mut req = Request::new(buf.split_to(framing.body as usize).freeze());
         *req.method_mut() = head.method.clone();
         *req.uri_mut() = uri;
         *req.version_mut() = if head.http10 { Version::HTTP_10 } else { Version::HTTP_11 };
         *req.headers_mut() = headers;
+        drop(bytes);
         let guard = conn.begin_request();
         let mut keep_alive = framing.keep_alive;
-        let resp = match AssertUnwindSafe(handle(gw.clone(), req, peer)).catch_unwind().await {
-            Ok(r) => r,
+        let is_head = head.method == Method::HEAD;
+        let answered = AssertUnwindSafe(async { handler(req).await }).catch_unwind();
+        let Some(answered) = unless_gone(io, &mut buf, max_head, answered).await else {
+            // The client left while its request was being served (a long poll, typically):
+            // the handler is dropped rather than left to run out its wait.
+            return Outcome::Closed;
+        };
+        let wrote = match answered {
+            Ok(resp) => respond(io, resp, is_head, head.http10, &mut keep_alive).await,
             Err(panic) => {
-                tracing::error!(method = %head.method, cause = zhili_net::panic_message(&*panic), "gateway request panicked; answered 500");
-                keep_alive = false;
-                problem(StatusCode::INTERNAL_SERVER_ERROR, "internal error; see the server log")
+                tracing::error!(method = %head.method, cause = crate::panic_message(&*panic), "request panicked; answered 500");
+                let mut out = take_buffer();
+                out.extend_from_slice(b"HTTP/1.1 500 Internal Server Error\r\ncontent-type: application/problem+json\r\nconnection: close\r\ncontent-length: ");
+                decimal(PANIC_BODY.len() as u64, &mut out);
+                out.extend_from_slice(b"\r\n\r\n");
+                out.extend_from_slice(PANIC_BODY.as_bytes());
+                let _ = io.write_all(&out).await;
+                give_back(out);
+                false
             }
         };
-        let wrote = respond(io, &mut out, resp, head.method == Method::HEAD, head.http10, &mut keep_alive).await;
         drop(guard);
         if !wrote || !keep_alive {
             let _ = io.shutdown().await;
@@ -131,10 +174,51 @@ where
         if buf.is_empty() && buf.capacity() > 64 * 1024 {
             buf = BytesMut::new();
         }
-        if out.capacity() > 4 * GATHER {
-            out = Vec::new();
+    }
+}
+
+/// Awaits `answer`, noticing meanwhile when the client closes its side (None then). Bytes the
+/// client sends meanwhile (pipelined requests) are kept in `buf`, up to `max_head` of them; past
+/// that the client is simply not read until the answer is out.
+async fn unless_gone<I, T>(io: &mut I, buf: &mut BytesMut, max_head: usize, answer: impl Future<Output = T>) -> Option<T>
+where
+    I: AsyncRead + Unpin,
+{
+    tokio::pin!(answer);
+    // Read into a small buffer on the stack: a waiting request must not cost a read buffer.
+    let mut probe = [0u8; 256];
+    loop {
+        tokio::select! {
+            biased;
+            done = &mut answer => return Some(done),
+            read = io.read(&mut probe), if buf.len() < max_head => match read {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => buf.extend_from_slice(probe.get(..n).unwrap_or_default()),
+            },
         }
     }
+}
+
+thread_local! {
+    /// Write buffers between answers, so an idle or long-polling connection holds none.
+    static SPARE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+}
+
+fn take_buffer() -> Vec<u8> {
+    SPARE.with(|s| s.borrow_mut().pop()).unwrap_or_else(|| Vec::with_capacity(4096))
+}
+
+fn give_back(mut out: Vec<u8>) {
+    if out.capacity() > SPARE_MAX {
+        return;
+    }
+    out.clear();
+    SPARE.with(|s| {
+        let mut s = s.borrow_mut();
+        if s.len() < SPARE_BUFFERS {
+            s.push(out);
+        }
+    });
 }
 
 /// Parses one request head from the start of `buf`: None while it is incomplete, Err when it is
@@ -221,9 +305,21 @@ enum Framing {
 
 /// Writes the answer; false when the connection must close (a failed write or a body that broke
 /// off). `keep_alive` turns false when the answer ends the connection.
-async fn respond<I>(io: &mut I, out: &mut Vec<u8>, resp: Response<Body>, head_request: bool, http10: bool, keep_alive: &mut bool) -> bool
+async fn respond<I, B>(io: &mut I, resp: Response<B>, head_request: bool, http10: bool, keep_alive: &mut bool) -> bool
 where
     I: AsyncWrite + Unpin,
+    B: Body<Data = Bytes> + Unpin,
+{
+    let mut out = take_buffer();
+    let wrote = write_answer(io, &mut out, resp, head_request, http10, keep_alive).await;
+    give_back(out);
+    wrote
+}
+
+async fn write_answer<I, B>(io: &mut I, out: &mut Vec<u8>, resp: Response<B>, head_request: bool, http10: bool, keep_alive: &mut bool) -> bool
+where
+    I: AsyncWrite + Unpin,
+    B: Body<Data = Bytes> + Unpin,
 {
     let (parts, mut body) = resp.into_parts();
     let status = parts.status;
@@ -234,7 +330,7 @@ where
         Framing::None
     } else if let Some(n) = body.size_hint().exact() {
         Framing::Length(n)
-    } else if let Some(n) = crate::body::content_length(&parts.headers) {
+    } else if let Some(n) = content_length(&parts.headers) {
         Framing::Length(n)
     } else if http10 {
         *keep_alive = false;
@@ -258,6 +354,8 @@ where
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
+    // A HEAD answer tells the length a GET would have had, when the handler knows it.
+    let bodiless_length = (head_request && !parts.headers.contains_key(header::CONTENT_LENGTH)).then(|| body.size_hint().exact()).flatten();
     match framing {
         Framing::Length(n) => {
             out.extend_from_slice(b"content-length: ");
@@ -265,7 +363,14 @@ where
             out.extend_from_slice(b"\r\n");
         }
         Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
-        Framing::None | Framing::UntilClose => {}
+        Framing::None => {
+            if let Some(n) = bodiless_length.filter(|_| !status.is_informational() && status != StatusCode::NO_CONTENT && status != StatusCode::NOT_MODIFIED) {
+                out.extend_from_slice(b"content-length: ");
+                decimal(n, out);
+                out.extend_from_slice(b"\r\n");
+            }
+        }
+        Framing::UntilClose => {}
     }
     if !parts.headers.contains_key(header::DATE) {
         out.extend_from_slice(b"date: ");
@@ -349,6 +454,16 @@ where
         Framing::UntilClose => false,
         _ => true,
     }
+}
+
+/// The comma-separated tokens of every `Connection` header, trimmed (either direction).
+pub fn connection_tokens(h: &HeaderMap) -> impl Iterator<Item = &[u8]> {
+    h.get_all(header::CONNECTION).iter().flat_map(|v| v.as_bytes().split(|b| *b == b',')).map(<[u8]>::trim_ascii)
+}
+
+/// The `Content-Length` a head declares, when it is one valid number.
+pub fn content_length(h: &HeaderMap) -> Option<u64> {
+    h.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse().ok())
 }
 
 /// Appends `n` in lowercase hexadecimal (a chunk size).
