@@ -22,8 +22,10 @@ pub fn router(state: AppState, others: impl IntoIterator<Item = Router>) -> Rout
     // Event batches are larger than any other body.
     let streams = zhili_http::limit_bodies(native::streams::routes(), zhili_model::event::MAX_BATCH_BYTES).with_state(state.clone());
     let app = others.into_iter().map(|r| zhili_http::limit_bodies(r, MAX_BODY)).fold(own.merge(streams), Router::merge).fallback(fallback);
-    let app = zhili_http::audit_writes(app, &state, "api").layer(auth::authorize(&state));
-    zhili_http::record_metrics(app, &state)
+    // One `layer` call for the three: axum boxes every route's future once per call.
+    app.layer(
+        tower::ServiceBuilder::new().layer(zhili_http::record_metrics(&state)).layer(auth::authorize(&state)).layer(zhili_http::audit_writes(&state, "api")),
+    )
 }
 
 async fn fallback(uri: axum::http::Uri) -> error::ApiError {

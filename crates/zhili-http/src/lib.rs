@@ -70,8 +70,9 @@ pub struct Services {
 /// Bounds every request body of a router to `max` bytes: 413 at once when the announced length
 /// is over it (before a byte is read), and a hard cap on what extractors read. Apply it to a
 /// router before merging it, so each surface keeps its own limit ([`MAX_BODY`] for most).
+/// Both limits go on in one `Router::layer` call: axum boxes every route's future once per call.
 pub fn limit_bodies<S: Clone + Send + Sync + 'static>(router: Router<S>, max: usize) -> Router<S> {
-    router.layer(DefaultBodyLimit::max(max)).layer(GateLayer(Oversized(max)))
+    router.layer(tower::ServiceBuilder::new().layer(GateLayer(Oversized(max))).layer(DefaultBodyLimit::max(max)))
 }
 
 /// 413 before a byte of the body is read when the announced length is over the limit.
@@ -91,18 +92,21 @@ impl Gate for Oversized {
 }
 
 /// Times every request of a router into `http_requests` (outermost, so auth refusals count).
-pub fn record_metrics<S: Clone + Send + Sync + 'static>(router: Router<S>, state: &AppState) -> Router<S> {
-    router.layer(layer::ObserveLayer(state.clone()))
+pub fn record_metrics(state: &AppState) -> layer::ObserveLayer {
+    layer::ObserveLayer(state.clone())
 }
 
 /// Records every successful write of a router in `$audit` (`surface` names the API), with the
 /// caller's token accessor id. Reads, heartbeats and other liveness traffic are not audited.
-pub fn audit_writes<S: Clone + Send + Sync + 'static>(router: Router<S>, state: &AppState, surface: &'static str) -> Router<S> {
-    router.layer(GateLayer(Audit { state: state.clone(), surface }))
+/// Compose it with the surface's other layers (a `tower::ServiceBuilder`) into one
+/// `Router::layer` call: axum boxes every route's future once per call.
+pub fn audit_writes(state: &AppState, surface: &'static str) -> GateLayer<Audit> {
+    GateLayer(Audit { state: state.clone(), surface })
 }
 
+/// See [`audit_writes`].
 #[derive(Clone)]
-struct Audit {
+pub struct Audit {
     state: AppState,
     surface: &'static str,
 }

@@ -97,7 +97,7 @@ impl NacosState {
             .merge(naming::routes())
             .merge(config::routes())
             .fallback(|uri: axum::http::Uri| async move { NacosError::v1(ApiError::NotFound(format!("no route for {}", uri.path()))) });
-        let routes = zhili_http::audit_writes(routes, &self.core, "nacos").layer(authorize(self.acl.clone()));
+        let routes = routes.layer(tower::ServiceBuilder::new().layer(authorize(self.acl.clone())).layer(zhili_http::audit_writes(&self.core, "nacos")));
         zhili_http::limit_bodies(routes, zhili_http::MAX_BODY).with_state(self.clone())
     }
 

@@ -172,45 +172,42 @@ impl Conn {
     }
 
     /// Runs the protocol's connection future until it ends or a deadline passes (then it is
-    /// dropped, which closes the socket).
-    pub async fn run<F: Future>(&self, connection: F) {
-        tokio::select! {
-            _ = connection => {}
-            reason = self.expired() => tracing::debug!(reason, "connection closed by the server"),
-        }
+    /// dropped, which closes the socket). A hand-written future rather than an `async fn`: the
+    /// connection's state is laid out once in it, not copied into a second slot (this is most
+    /// of the memory a waiting connection holds).
+    pub fn run<F: Future>(&self, connection: F) -> Run<'_, F> {
+        Run { conn: self, connection, watchdog: tokio::time::sleep(Duration::ZERO) }
     }
 
-    /// Resolves when one of the connection's deadlines has passed, naming which.
-    pub async fn expired(&self) -> &'static str {
+    /// Ok(milliseconds until the next look) while every deadline holds, or which one has passed.
+    fn deadlines(&self) -> Result<u64, &'static str> {
         let ms = |d: Duration| d.as_millis() as u64;
-        loop {
-            let now = now_ms();
-            let mut next = now + ms(self.limits.write_timeout).clamp(100, 5_000);
-            let blocked = self.write_blocked.load(Ordering::Relaxed);
-            if blocked != 0 {
-                let due = blocked + ms(self.limits.write_timeout);
-                if now >= due {
-                    return "client stopped reading (write timeout)";
-                }
-                next = next.min(due);
+        let now = now_ms();
+        let mut next = now + ms(self.limits.write_timeout).clamp(100, 5_000);
+        let blocked = self.write_blocked.load(Ordering::Relaxed);
+        if blocked != 0 {
+            let due = blocked + ms(self.limits.write_timeout);
+            if now >= due {
+                return Err("client stopped reading (write timeout)");
             }
-            if self.inflight.load(Ordering::Acquire) == 0 {
-                let due = self.idle_since.load(Ordering::Acquire) + ms(self.limits.idle_timeout);
-                if now >= due {
-                    return "idle timeout";
-                }
-                next = next.min(due);
-                let head = self.head_started.load(Ordering::Relaxed);
-                if head != 0 {
-                    let due = head + ms(self.limits.read_timeout);
-                    if now >= due {
-                        return "request head too slow (read timeout)";
-                    }
-                    next = next.min(due);
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(next.saturating_sub(now).max(1))).await;
+            next = next.min(due);
         }
+        if self.inflight.load(Ordering::Acquire) == 0 {
+            let due = self.idle_since.load(Ordering::Acquire) + ms(self.limits.idle_timeout);
+            if now >= due {
+                return Err("idle timeout");
+            }
+            next = next.min(due);
+            let head = self.head_started.load(Ordering::Relaxed);
+            if head != 0 {
+                let due = head + ms(self.limits.read_timeout);
+                if now >= due {
+                    return Err("request head too slow (read timeout)");
+                }
+                next = next.min(due);
+            }
+        }
+        Ok(next.saturating_sub(now).max(1))
     }
 
     fn read_progress(&self) {
@@ -232,6 +229,39 @@ impl Conn {
                 }
             }
         }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A connection under its watchdog: see [`Conn::run`].
+    pub struct Run<'a, F> {
+        conn: &'a Conn,
+        #[pin]
+        connection: F,
+        #[pin]
+        watchdog: tokio::time::Sleep,
+    }
+}
+
+impl<F: Future> Future for Run<'_, F> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut this = self.project();
+        if this.connection.poll(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        // The deadlines are looked at only when the watchdog's timer fires, not on every poll.
+        while this.watchdog.as_mut().poll(cx).is_ready() {
+            match this.conn.deadlines() {
+                Ok(wait) => this.watchdog.as_mut().reset(tokio::time::Instant::now() + Duration::from_millis(wait)),
+                Err(reason) => {
+                    tracing::debug!(reason, "connection closed by the server");
+                    return Poll::Ready(());
+                }
+            }
+        }
+        Poll::Pending
     }
 }
 
@@ -410,23 +440,47 @@ mod tests {
         Limits { idle_timeout: Duration::from_secs(30), read_timeout: Duration::from_secs(10), write_timeout: Duration::from_secs(20), ..Limits::default() }
     }
 
+    /// Which deadline passes first, waiting as [`Run`] does.
+    async fn expired(c: &Conn) -> &'static str {
+        loop {
+            match c.deadlines() {
+                Ok(wait) => tokio::time::sleep(Duration::from_millis(wait)).await,
+                Err(reason) => return reason,
+            }
+        }
+    }
+
     // These tests run in real time on short timeouts: `now_ms` reads the std clock, which tokio's
     // paused time does not move.
     #[tokio::test]
     async fn idle_connection_expires() {
         let c = conn(Limits { idle_timeout: Duration::from_millis(150), ..limits() });
         let t = std::time::Instant::now();
-        assert_eq!(c.expired().await, "idle timeout");
+        assert_eq!(expired(&c).await, "idle timeout");
         assert!(t.elapsed() >= Duration::from_millis(140));
+    }
+
+    #[tokio::test]
+    async fn a_run_ends_with_its_connection_or_at_a_deadline() {
+        let c = conn(Limits { idle_timeout: Duration::from_millis(150), ..limits() });
+        let t = std::time::Instant::now();
+        c.run(tokio::time::sleep(Duration::from_millis(20))).await;
+        assert!(t.elapsed() < Duration::from_millis(140), "ended with its connection: {:?}", t.elapsed());
+        c.run(std::future::pending::<()>()).await;
+        assert!(t.elapsed() >= Duration::from_millis(140), "ended by the idle deadline: {:?}", t.elapsed());
+        let c = conn(Limits { idle_timeout: Duration::from_millis(100), ..limits() });
+        let g = InFlight::new(c.clone());
+        assert!(tokio::time::timeout(Duration::from_millis(300), c.run(std::future::pending::<()>())).await.is_err(), "a request in flight keeps it open");
+        drop(g);
     }
 
     #[tokio::test]
     async fn request_in_flight_is_not_idle_but_a_blocked_write_is_cut() {
         let c = conn(Limits { idle_timeout: Duration::from_millis(50), write_timeout: Duration::from_millis(200), ..limits() });
         let g = InFlight::new(c.clone());
-        assert!(tokio::time::timeout(Duration::from_millis(300), c.expired()).await.is_err(), "a request in flight keeps it open");
+        assert!(tokio::time::timeout(Duration::from_millis(300), expired(&c)).await.is_err(), "a request in flight keeps it open");
         c.write_result::<usize>(&Poll::Pending);
-        assert_eq!(c.expired().await, "client stopped reading (write timeout)");
+        assert_eq!(expired(&c).await, "client stopped reading (write timeout)");
         drop(g);
     }
 
@@ -434,7 +488,7 @@ mod tests {
     async fn slow_head_is_cut_before_idle() {
         let c = conn(Limits { idle_timeout: Duration::from_secs(30), read_timeout: Duration::from_millis(100), ..limits() });
         c.read_progress();
-        assert_eq!(c.expired().await, "request head too slow (read timeout)");
+        assert_eq!(expired(&c).await, "request head too slow (read timeout)");
     }
 
     #[tokio::test]

@@ -145,11 +145,26 @@ where
         let guard = conn.begin_request();
         let mut keep_alive = framing.keep_alive;
         let is_head = head.method == Method::HEAD;
-        let answered = AssertUnwindSafe(async { handler(req).await }).catch_unwind();
-        let Some(answered) = unless_gone(io, &mut buf, max_head, answered).await else {
-            // The client left while its request was being served (a long poll, typically):
-            // the handler is dropped rather than left to run out its wait.
-            return Outcome::Closed;
+        let answered = match std::panic::catch_unwind(AssertUnwindSafe(|| handler(req))) {
+            Ok(fut) => futures_util::future::Either::Left(AssertUnwindSafe(fut).catch_unwind()),
+            Err(panic) => futures_util::future::Either::Right(std::future::ready(Err(panic))),
+        };
+        tokio::pin!(answered);
+        // While the answer is awaited the socket is still read, into a small buffer on the
+        // stack (a held request must not cost a read buffer): a client that closes its side
+        // drops its request (a long poll, typically) rather than leaving it to run out its wait.
+        // Bytes sent meanwhile (pipelined requests) are kept, up to `max_head` of them; past
+        // that the client is not read until the answer is out.
+        let mut probe = [0u8; 256];
+        let answered = loop {
+            tokio::select! {
+                biased;
+                done = answered.as_mut() => break done,
+                read = io.read(&mut probe), if buf.len() < max_head => match read {
+                    Ok(0) | Err(_) => return Outcome::Closed,
+                    Ok(n) => buf.extend_from_slice(probe.get(..n).unwrap_or_default()),
+                },
+            }
         };
         let wrote = match answered {
             Ok(resp) => respond(io, resp, is_head, head.http10, &mut keep_alive).await,
@@ -173,28 +188,6 @@ where
         // A buffer that grew for a large head or body is not kept while the connection idles.
         if buf.is_empty() && buf.capacity() > 64 * 1024 {
             buf = BytesMut::new();
-        }
-    }
-}
-
-/// Awaits `answer`, noticing meanwhile when the client closes its side (None then). Bytes the
-/// client sends meanwhile (pipelined requests) are kept in `buf`, up to `max_head` of them; past
-/// that the client is simply not read until the answer is out.
-async fn unless_gone<I, T>(io: &mut I, buf: &mut BytesMut, max_head: usize, answer: impl Future<Output = T>) -> Option<T>
-where
-    I: AsyncRead + Unpin,
-{
-    tokio::pin!(answer);
-    // Read into a small buffer on the stack: a waiting request must not cost a read buffer.
-    let mut probe = [0u8; 256];
-    loop {
-        tokio::select! {
-            biased;
-            done = &mut answer => return Some(done),
-            read = io.read(&mut probe), if buf.len() < max_head => match read {
-                Ok(0) | Err(_) => return None,
-                Ok(n) => buf.extend_from_slice(probe.get(..n).unwrap_or_default()),
-            },
         }
     }
 }
