@@ -554,3 +554,121 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Replay<I> {
         std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use http::{Request, Response};
+    use http_body_util::Full;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::{serve, Options, Outcome};
+    use crate::{Admission, Limits};
+
+    /// Counts drops: a handler's future holds one while it runs.
+    struct Dropped(Arc<AtomicUsize>);
+
+    impl Drop for Dropped {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Serves one accepted connection with a handler that answers "{method} {path} {body}", and
+    /// never answers `/hold`. Returns the client side, how the server side ended, and the count
+    /// of dropped handler futures.
+    async fn serving() -> (TcpStream, tokio::task::JoinHandle<Outcome>, Arc<AtomicUsize>, tokio::sync::watch::Sender<bool>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let client = TcpStream::connect(l.local_addr().expect("addr")).await.expect("connect");
+        let (stream, _) = l.accept().await.expect("accept");
+        let (stream, conn) = Admission::new("test", Limits::default()).admit(stream, true).expect("admitted");
+        let dropped = Arc::new(AtomicUsize::new(0));
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let counter = dropped.clone();
+        let server = tokio::spawn(async move {
+            let mut io = conn.wrap(stream);
+            let handler = |req: Request<Bytes>| {
+                let guard = Dropped(counter.clone());
+                async move {
+                    let _guard = guard;
+                    if req.uri().path() == "/hold" {
+                        std::future::pending::<()>().await;
+                    }
+                    let text = format!("{} {} {}", req.method(), req.uri().path(), String::from_utf8_lossy(req.body()));
+                    Response::new(Full::new(Bytes::from(text)))
+                }
+            };
+            serve(&mut io, Options { max_head: 8192, max_body: 1024 }, &conn, &mut stopped, handler).await
+        });
+        (client, server, dropped, stop)
+    }
+
+    async fn read_until(client: &mut TcpStream, got: &mut Vec<u8>, want: &str) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !String::from_utf8_lossy(got).contains(want) {
+            let mut chunk = [0u8; 4096];
+            let n = tokio::time::timeout_at(deadline, client.read(&mut chunk)).await.expect("in time").expect("read");
+            assert!(n > 0, "closed before {want:?}: {}", String::from_utf8_lossy(got));
+            got.extend_from_slice(chunk.get(..n).unwrap_or_default());
+        }
+    }
+
+    #[tokio::test]
+    async fn pipelined_requests_are_answered_in_order() {
+        let (mut client, server, dropped, _stop) = serving().await;
+        client.write_all(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nPOST /b HTTP/1.1\r\nContent-Length: 3\r\n\r\nxyzGET /c HTTP/1.1\r\n\r\n").await.expect("write");
+        let mut got = Vec::new();
+        read_until(&mut client, &mut got, "GET /c ").await;
+        let text = String::from_utf8_lossy(&got);
+        let (a, b, c) = (text.find("GET /a ").expect("a"), text.find("POST /b xyz").expect("b"), text.find("GET /c ").expect("c"));
+        assert!(a < b && b < c, "in order: {text}");
+        assert_eq!(text.matches("HTTP/1.1 200 OK\r\n").count(), 3, "{text}");
+        assert_eq!(dropped.load(Ordering::SeqCst), 3);
+        drop(client);
+        assert!(matches!(server.await.expect("server"), Outcome::Closed));
+    }
+
+    #[tokio::test]
+    async fn a_client_that_leaves_drops_its_held_request() {
+        let (mut client, server, dropped, _stop) = serving().await;
+        client.write_all(b"GET /hold HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(dropped.load(Ordering::SeqCst), 0, "the held request is still running");
+        drop(client);
+        let outcome = tokio::time::timeout(Duration::from_secs(5), server).await.expect("the server side ends").expect("server");
+        assert!(matches!(outcome, Outcome::Closed));
+        assert_eq!(dropped.load(Ordering::SeqCst), 1, "the held request was dropped");
+    }
+
+    #[tokio::test]
+    async fn what_the_fast_path_does_not_serve_is_handed_over_with_its_bytes() {
+        for request in [
+            &b"PUT /up HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"[..],
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+            b"GET /x HTTP/1.1\r\nContent-Length: 2048\r\n\r\n",
+        ] {
+            let (mut client, server, _dropped, _stop) = serving().await;
+            client.write_all(b"GET /first HTTP/1.1\r\n\r\n").await.expect("write");
+            let mut got = Vec::new();
+            read_until(&mut client, &mut got, "GET /first ").await;
+            client.write_all(request).await.expect("write");
+            let outcome = tokio::time::timeout(Duration::from_secs(5), server).await.expect("handed over").expect("server");
+            let Outcome::Hyper(read) = outcome else { panic!("not handed over: {}", String::from_utf8_lossy(request)) };
+            assert!(request.starts_with(&read), "the bytes read are handed over unchanged: {read:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stopping_server_closes_idle_connections() {
+        let (_client, server, _dropped, stop) = serving().await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        stop.send_replace(true);
+        let outcome = tokio::time::timeout(Duration::from_secs(5), server).await.expect("ends").expect("server");
+        assert!(matches!(outcome, Outcome::Closed));
+    }
+}
