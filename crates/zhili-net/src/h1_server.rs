@@ -347,8 +347,9 @@ where
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    // A HEAD answer tells the length a GET would have had, when the handler knows it.
-    let bodiless_length = (head_request && !parts.headers.contains_key(header::CONTENT_LENGTH)).then(|| body.size_hint().exact()).flatten();
+    // A HEAD answer tells the length a GET would have had, when the handler left that body in
+    // (an empty one says nothing: a proxied HEAD answer is empty whatever the GET's length).
+    let bodiless_length = (head_request && !parts.headers.contains_key(header::CONTENT_LENGTH)).then(|| body.size_hint().exact()).flatten().filter(|n| *n > 0);
     match framing {
         Framing::Length(n) => {
             out.extend_from_slice(b"content-length: ");
