@@ -175,19 +175,7 @@ async fn slow_idle_oversized_and_malformed_heads_are_refused() {
 
     // Slowloris: a head that trickles in one byte every 200 ms is cut off about a second after
     // its first byte, long before it could finish.
-    let mut tcp = TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(b"GET /p/slow HTTP/1.1\r\n").await.unwrap();
-    let started = Instant::now();
-    let mut cut_off = false;
-    for _ in 0..40 {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        if tcp.write_all(b"X").await.is_err() || closed_within(&mut tcp, Duration::from_millis(1)).await.is_some() {
-            cut_off = true;
-            break;
-        }
-    }
-    assert!(cut_off, "a trickling head was never cut off");
-    assert!(started.elapsed() < Duration::from_secs(5), "cut off after {:?}", started.elapsed());
+    trickling_head_is_cut_off(addr, "/p/slow").await;
 
     // A connection that sends nothing is closed after the idle timeout.
     let mut idle = TcpStream::connect(addr).await.unwrap();
@@ -266,6 +254,24 @@ async fn answers_are_the_same_over_http1_and_http2() {
             assert_eq!(v1, v2, "{method} {path}: header {name}");
         }
     }
+}
+
+/// Slowloris: a head to `path` that trickles in one byte every 200 ms must be cut off about a
+/// second (the servers' `--read-timeout 1s`) after its first byte, long before it could finish.
+async fn trickling_head_is_cut_off(addr: std::net::SocketAddr, path: &str) {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(format!("GET {path} HTTP/1.1\r\n").as_bytes()).await.unwrap();
+    let started = Instant::now();
+    let mut cut_off = false;
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if tcp.write_all(b"X").await.is_err() || closed_within(&mut tcp, Duration::from_millis(1)).await.is_some() {
+            cut_off = true;
+            break;
+        }
+    }
+    assert!(cut_off, "a trickling head was never cut off");
+    assert!(started.elapsed() < Duration::from_secs(5), "cut off after {:?}", started.elapsed());
 }
 
 /// Sends `request` on a fresh connection to `addr` and expects the answer to start with `want`.
@@ -352,19 +358,7 @@ async fn the_api_listener_cuts_off_slow_idle_oversized_and_malformed_clients() {
     let s = ServerProcess::start(bin(), &["--dev", "--read-timeout", "1s", "--idle-timeout", "2s"]);
     let addr = s.api;
     // Slowloris: a trickling head is cut off about a second after its first byte.
-    let mut tcp = TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(b"GET /v1/kv/slow HTTP/1.1\r\n").await.unwrap();
-    let started = Instant::now();
-    let mut cut_off = false;
-    for _ in 0..40 {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        if tcp.write_all(b"X").await.is_err() || closed_within(&mut tcp, Duration::from_millis(1)).await.is_some() {
-            cut_off = true;
-            break;
-        }
-    }
-    assert!(cut_off, "a trickling head was never cut off");
-    assert!(started.elapsed() < Duration::from_secs(5), "cut off after {:?}", started.elapsed());
+    trickling_head_is_cut_off(addr, "/v1/kv/slow").await;
     // Idle after an answer: closed after the idle timeout, not before.
     let mut tcp = TcpStream::connect(addr).await.unwrap();
     tcp.write_all(b"GET /health/live HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
