@@ -648,15 +648,10 @@ impl Audit {
     async fn run(log: Arc<dyn EventLog>, mut rx: tokio::sync::mpsc::Receiver<AuditRecord>, _dropped: Arc<std::sync::atomic::AtomicU64>) {
         let mut seq: u64 = 0;
         let boot = unix_ms();
+        let mut batcher = zhili_store::events::Batcher::new(1024);
         while let Some(first) = rx.recv().await {
-            let mut batch = vec![first];
-            while batch.len() < 1024 {
-                match rx.try_recv() {
-                    Ok(r) => batch.push(r),
-                    Err(_) => break,
-                }
-            }
-            // Records queued together: one timestamp for them.
+            let batch = batcher.gather(first, || rx.try_recv().ok()).await;
+            // Records queued within a few milliseconds: one timestamp for them.
             let time = zhili_model::event::timestamp(unix_ms());
             let events: Vec<NewEvent> = batch
                 .into_iter()
@@ -668,7 +663,7 @@ impl Audit {
                     NewEvent { id, body: body.into() }
                 })
                 .collect();
-            while let Err(e) = log.append(AUDIT_STREAM, ExpectedRevision::Any, events.clone()).await {
+            while let Err(e) = log.append_unique(AUDIT_STREAM, events.clone()).await {
                 tracing::warn!(error = %e, "appending to $audit failed; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }

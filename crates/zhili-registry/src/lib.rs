@@ -2,7 +2,9 @@
 //! memory, indexed for reads; persistent objects (service definitions, persistent instances) are
 //! written through the [`Store`] first and applied only once durable. Ephemeral instances live on
 //! heartbeats and are never written to disk. Every change takes a revision from the shared clock,
-//! so blocking reads and the event stream order all changes on one axis.
+//! so blocking reads and the event stream order all changes on one axis. Services are spread
+//! over shards, each under its own lock: a registration locks only its service's shard, never
+//! one shared by unrelated services.
 
 mod state;
 
@@ -11,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use parking_lot::RwLock;
+use parking_lot::{RwLock, RwLockReadGuard};
 use tokio::sync::{broadcast, watch};
 use zhili_model::report::{InstanceReport, ReportSpec};
 use zhili_model::{
@@ -21,7 +23,7 @@ use zhili_model::{
 use zhili_store::{Compare, Op, RevisionClock, Store, StoreError, Txn};
 use zhili_telemetry::{HealthLabel, Metrics};
 
-use state::{InstanceEntry, ServiceEntry, State};
+use state::{InstanceEntry, ServiceEntry, Shard};
 
 const SERVICES_PREFIX: &str = "registry/services/";
 const INSTANCES_PREFIX: &str = "registry/instances/";
@@ -81,9 +83,12 @@ struct PersistedInstance {
 pub struct Registry {
     store: Arc<dyn Store>,
     clock: Arc<RevisionClock>,
-    /// One lock over all registry state: reads take it shared and never queue behind the store;
-    /// writers hold it only for in-memory mutation, never across an await.
-    state: RwLock<State>,
+    /// The registry state in [`SHARDS`] shards by (namespace, service), each under its own lock:
+    /// reads take it shared and never queue behind the store; writers hold it only for
+    /// in-memory mutation, never across an await.
+    shards: Box<[RwLock<Shard>]>,
+    /// Picks a service's shard.
+    hasher: std::hash::RandomState,
     /// Orders persistent writes of one key so disk and memory apply them in the same order,
     /// while writes of different keys proceed together (and share group commits).
     persist_order: PersistOrder,
@@ -102,6 +107,8 @@ struct PersistOrder {
 }
 
 const PERSIST_STRIPES: usize = 64;
+/// Registry shards: enough that writers of unrelated services rarely meet on one lock.
+const SHARDS: usize = 64;
 
 impl PersistOrder {
     fn new() -> Self {
@@ -193,7 +200,8 @@ impl Registry {
         let reg = Arc::new(Self {
             store: store.clone(),
             clock,
-            state: RwLock::new(State::default()),
+            shards: (0..SHARDS).map(|_| RwLock::new(Shard::default())).collect(),
+            hasher: std::hash::RandomState::new(),
             persist_order: PersistOrder::new(),
             index,
             events,
@@ -206,11 +214,10 @@ impl Registry {
         let services = store.range(SERVICES_PREFIX, None)?;
         let instances = store.range(INSTANCES_PREFIX, None)?;
         let now_ms = reg.now_ms();
-        let mut state = reg.state.write();
         for kv in services {
             let svc: Service = serde_json::from_slice(&kv.value).map_err(|e| corrupt(&kv.key, e))?;
             let key = (svc.namespace.clone(), svc.name.clone());
-            state.services.insert(key, ServiceEntry::new(svc, kv.mod_revision));
+            reg.shard(&key.0, &key.1).write().services.insert(key, ServiceEntry::new(svc, kv.mod_revision));
         }
         for kv in instances {
             let p: PersistedInstance = serde_json::from_slice(&kv.value).map_err(|e| corrupt(&kv.key, e))?;
@@ -219,7 +226,8 @@ impl Registry {
             let (Some(ns), Some(svc), Some(_)) = (parts.next(), parts.next(), parts.next()) else {
                 return Err(RegistryError::Corrupt { key: kv.key.clone(), message: "bad key".into() });
             };
-            let entry = state.services.entry((ns.into(), svc.into())).or_insert_with(|| ServiceEntry::new(Service::implicit(ns, svc), kv.mod_revision));
+            let mut shard = reg.shard(ns, svc).write();
+            let entry = shard.services.entry((ns.into(), svc.into())).or_insert_with(|| ServiceEntry::new(Service::implicit(ns, svc), kv.mod_revision));
             let mut inst = InstanceEntry::new(p.registration, kv.create_revision, kv.mod_revision, now_ms, p.maintenance);
             inst.report = p.report.map(Box::new);
             for c in inst.checks.iter().filter(|c| c.def.kind.is_active()) {
@@ -228,7 +236,6 @@ impl Registry {
             }
             entry.instances.insert(inst.reg.id.clone(), inst);
         }
-        drop(state);
         Ok(reg)
     }
 
@@ -245,21 +252,49 @@ impl Registry {
         self.events.subscribe()
     }
 
-    /// Applies an in-memory mutation under the write lock with a fresh revision, then wakes
-    /// watchers. `f` returns the events it caused (with index filled in here).
-    fn mutate<T>(&self, f: impl FnOnce(&mut State, u64, &mut Vec<RegistryEvent>) -> T) -> (T, u64) {
+    /// The shard a service lives in.
+    fn shard(&self, ns: &str, service: &str) -> &RwLock<Shard> {
+        use std::hash::BuildHasher;
+        let i = self.hasher.hash_one((ns, service)) as usize % SHARDS;
+        self.shards.get(i).expect("the registry is built with SHARDS shards")
+    }
+
+    /// One service under its shard's shared lock.
+    fn read_service<T>(&self, ns: &str, service: &str, f: impl FnOnce(&ServiceEntry) -> Option<T>) -> Option<T> {
+        self.shard(ns, service).read().services.get(&(ns.to_string(), service.to_string())).and_then(f)
+    }
+
+    /// Every shard in turn under its shared lock. Each is consistent in itself; a view across
+    /// services is read shard by shard, so it is at least as new as an index read before it.
+    fn each_shard(&self) -> impl Iterator<Item = RwLockReadGuard<'_, Shard>> {
+        self.shards.iter().map(|s| s.read())
+    }
+
+    /// Applies an in-memory mutation to one service's shard under its write lock with a fresh
+    /// revision, then wakes watchers. `f` returns the events it caused (with index filled in
+    /// here). The revision is drawn and published under the shard's lock: whoever sees the
+    /// registry index reach it and then reads the service (through the same lock) sees the
+    /// change, even when a later revision of another shard was published first. Events are sent
+    /// under it too, so each service's events reach subscribers in revision order.
+    fn mutate<T>(&self, ns: &str, service: &str, f: impl FnOnce(&mut Shard, u64, &mut Vec<RegistryEvent>) -> T) -> (T, u64) {
         let mut events = Vec::new();
-        let mut state = self.state.write();
+        let mut shard = self.shard(ns, service).write();
         let rev = self.clock.next();
-        let out = f(&mut state, rev, &mut events);
+        let out = f(&mut shard, rev, &mut events);
         if !events.is_empty() {
-            self.index.send_replace(rev);
+            self.index.send_if_modified(|index| {
+                let newer = rev > *index;
+                if newer {
+                    *index = rev;
+                }
+                newer
+            });
         }
-        drop(state);
         for mut ev in events {
             ev.index = rev;
             let _ = self.events.send(Arc::new(ev));
         }
+        drop(shard);
         (out, rev)
     }
 
@@ -280,7 +315,7 @@ impl Registry {
         let _order = self.persist_order.key(&svc.namespace, &svc.name, "").await;
         let value = serde_json::to_vec(&svc).expect("service serializes");
         self.store.txn(Txn::put(service_key(&svc.namespace, &svc.name), value)).await?;
-        let (_, rev) = self.mutate(|state, rev, events| {
+        let (_, rev) = self.mutate(&svc.namespace, &svc.name, |state, rev, events| {
             let key = (svc.namespace.clone(), svc.name.clone());
             let entry = state.services.entry(key).or_insert_with(|| ServiceEntry::new(svc.clone(), rev));
             entry.def = svc.clone();
@@ -301,7 +336,7 @@ impl Registry {
     pub async fn delete_service(&self, ns: &str, name: &str) -> Result<u64, RegistryError> {
         // Every stripe: no write to one of its instances may land between disk and memory.
         let _order = self.persist_order.all().await;
-        if !self.state.read().services.contains_key(&(ns.to_string(), name.to_string())) {
+        if self.read_service(ns, name, |_| Some(())).is_none() {
             return Err(RegistryError::ServiceNotFound(name.into()));
         }
         self.store
@@ -310,7 +345,7 @@ impl Registry {
                 ..Default::default()
             })
             .await?;
-        let (removed, rev) = self.mutate(|state, rev, events| {
+        let (removed, rev) = self.mutate(ns, name, |state, rev, events| {
             let removed = state.services.remove(&(ns.to_string(), name.to_string()));
             state.tombstones.insert((ns.to_string(), name.to_string()), rev);
             events.push(RegistryEvent {
@@ -333,49 +368,46 @@ impl Registry {
 
     pub fn list_services(&self, ns: &str) -> (u64, Vec<ServiceSummary>) {
         let index = self.index();
-        let state = self.state.read();
-        let mut out: Vec<ServiceSummary> = state
-            .services
-            .iter()
-            .filter(|((n, _), _)| n == ns)
-            .map(|(_, e)| ServiceSummary {
+        let mut out = Vec::new();
+        for shard in self.each_shard() {
+            out.extend(shard.services.iter().filter(|((n, _), _)| n == ns).map(|(_, e)| ServiceSummary {
                 namespace: e.def.namespace.clone(),
                 name: e.def.name.clone(),
                 group: e.def.group.clone(),
                 tags: e.def.tags.clone(),
                 instances: e.instances.len(),
                 passing: e.instances.values().filter(|i| i.view(&e.def).is_serving()).count(),
-            })
-            .collect();
+            }));
+        }
         out.sort_by(|a, b| a.name.cmp(&b.name));
         (index, out)
     }
 
     pub fn namespaces(&self) -> Vec<String> {
-        let mut ns: Vec<String> = self.state.read().services.keys().map(|(n, _)| n.clone()).collect();
+        let mut ns: Vec<String> = self.each_shard().flat_map(|s| s.services.keys().map(|(n, _)| n.clone()).collect::<Vec<_>>()).collect();
         ns.sort();
         ns.dedup();
         ns
     }
 
     pub fn service(&self, ns: &str, name: &str) -> Option<ServiceDetail> {
-        let state = self.state.read();
-        let e = state.services.get(&(ns.to_string(), name.to_string()))?;
-        let circuit_breaker = self.breakers.lock().get(&(ns.to_string(), name.to_string())).cloned();
-        Some(ServiceDetail { service: e.def.clone(), index: e.index, instances: e.instances.values().map(|i| i.view(&e.def)).collect(), circuit_breaker })
+        self.read_service(ns, name, |e| {
+            let circuit_breaker = self.breakers.lock().get(&(ns.to_string(), name.to_string())).cloned();
+            Some(ServiceDetail { service: e.def.clone(), index: e.index, instances: e.instances.values().map(|i| i.view(&e.def)).collect(), circuit_breaker })
+        })
     }
 
     /// A service's definition alone: no instance is copied (hot paths that only need the group).
     pub fn service_definition(&self, ns: &str, name: &str) -> Option<Service> {
-        self.state.read().services.get(&(ns.to_string(), name.to_string())).map(|e| e.def.clone())
+        self.read_service(ns, name, |e| Some(e.def.clone()))
     }
 
     /// The index of one service's latest change (including its deletion), or the registry's
     /// index if the service never existed.
     pub fn service_index(&self, ns: &str, name: &str) -> u64 {
         let key = (ns.to_string(), name.to_string());
-        let state = self.state.read();
-        state.services.get(&key).map(|e| e.index).or_else(|| state.tombstones.get(&key).copied()).unwrap_or_else(|| self.index())
+        let shard = self.shard(ns, name).read();
+        shard.services.get(&key).map(|e| e.index).or_else(|| shard.tombstones.get(&key).copied()).unwrap_or_else(|| self.index())
     }
 
     /// Waits until `index_of()` exceeds `after`, or `timeout` passes. Returns immediately when
@@ -402,8 +434,8 @@ impl Registry {
         filter: &InstanceFilter,
         render: impl FnOnce(&InstanceList) -> bytes::Bytes,
     ) -> Option<(u64, bytes::Bytes)> {
-        let state = self.state.read();
-        let e = state.services.get(&(ns.to_string(), name.to_string()))?;
+        let shard = self.shard(ns, name).read();
+        let e = shard.services.get(&(ns.to_string(), name.to_string()))?;
         let cacheable = filter.healthy_only && filter.tags.is_empty() && filter.metadata.is_empty() && filter.zone.is_none();
         if cacheable {
             if let Some((index, bytes)) = e.rendered.lock().as_ref() {
@@ -422,9 +454,7 @@ impl Registry {
 
     /// Discovery: the service's instances after filters, with the protection threshold applied.
     pub fn instances(&self, ns: &str, name: &str, filter: &InstanceFilter) -> Option<InstanceList> {
-        let state = self.state.read();
-        let e = state.services.get(&(ns.to_string(), name.to_string()))?;
-        Some(Self::discover(e, ns, name, filter))
+        self.read_service(ns, name, |e| Some(Self::discover(e, ns, name, filter)))
     }
 
     fn discover(e: &ServiceEntry, ns: &str, name: &str, filter: &InstanceFilter) -> InstanceList {
@@ -439,67 +469,62 @@ impl Registry {
     }
 
     pub fn instance(&self, ns: &str, service: &str, id: &str) -> Option<Instance> {
-        let state = self.state.read();
-        let e = state.services.get(&(ns.to_string(), service.to_string()))?;
-        e.instances.get(id).map(|i| i.view(&e.def))
+        self.read_service(ns, service, |e| e.instances.get(id).map(|i| i.view(&e.def)))
     }
 
     /// The registration an instance was made with (checks included), for partial updates.
     pub fn registration(&self, ns: &str, service: &str, id: &str) -> Option<InstanceRegistration> {
-        let state = self.state.read();
-        state.services.get(&(ns.to_string(), service.to_string()))?.instances.get(id).map(|i| i.reg.clone())
+        self.read_service(ns, service, |e| e.instances.get(id).map(|i| i.reg.clone()))
     }
 
     /// Every instance of a namespace (all namespaces when `None`), in (service, id) order, with
     /// the registry index they reflect. Catalog-wide views (Consul catalog, DNS nodes) use this.
     pub fn all_instances(&self, ns: Option<&str>) -> (u64, Vec<Instance>) {
         let index = self.index();
-        let state = self.state.read();
-        let mut out: Vec<Instance> =
-            state.services.iter().filter(|((n, _), _)| ns.is_none_or(|ns| ns == n)).flat_map(|(_, e)| e.instances.values().map(|i| i.view(&e.def))).collect();
+        let mut out: Vec<Instance> = Vec::new();
+        for shard in self.each_shard() {
+            out.extend(shard.services.iter().filter(|((n, _), _)| ns.is_none_or(|ns| ns == n)).flat_map(|(_, e)| e.instances.values().map(|i| i.view(&e.def))));
+        }
         out.sort_by(|a, b| (&a.namespace, &a.service, &a.id).cmp(&(&b.namespace, &b.service, &b.id)));
         (index, out)
     }
 
     /// Finds an instance by id alone (Consul addresses service instances by id, not by name).
     pub fn find_instance(&self, ns: &str, id: &str) -> Option<Instance> {
-        let state = self.state.read();
-        state.services.iter().filter(|((n, _), _)| n == ns).find_map(|(_, e)| e.instances.get(id).map(|i| i.view(&e.def)))
+        self.each_shard().find_map(|s| s.services.iter().filter(|((n, _), _)| n == ns).find_map(|(_, e)| e.instances.get(id).map(|i| i.view(&e.def))))
     }
 
     /// Every instance with this id in the namespace, whatever its service: ids are unique per
     /// service, so APIs that address instances by id alone (Consul's) must consider them all.
     pub fn find_instances(&self, ns: &str, id: &str) -> Vec<Instance> {
-        let state = self.state.read();
-        state.services.iter().filter(|((n, _), _)| n == ns).filter_map(|(_, e)| e.instances.get(id).map(|i| i.view(&e.def))).collect()
+        self.each_shard()
+            .flat_map(|s| s.services.iter().filter(|((n, _), _)| n == ns).filter_map(|(_, e)| e.instances.get(id).map(|i| i.view(&e.def))).collect::<Vec<_>>())
+            .collect()
     }
 
     /// Finds the instance that owns a check id, returning (service, instance id).
     pub fn find_check(&self, ns: &str, check: &str) -> Option<(String, String)> {
-        let state = self.state.read();
-        state
-            .services
-            .iter()
-            .filter(|((n, _), _)| n == ns)
-            .find_map(|((_, svc), e)| e.instances.values().find(|i| i.checks.iter().any(|c| c.def.id == check)).map(|i| (svc.clone(), i.reg.id.clone())))
+        self.each_shard().find_map(|s| {
+            s.services
+                .iter()
+                .filter(|((n, _), _)| n == ns)
+                .find_map(|((_, svc), e)| e.instances.values().find(|i| i.checks.iter().any(|c| c.def.id == check)).map(|i| (svc.clone(), i.reg.id.clone())))
+        })
     }
 
     // ---- instances ---------------------------------------------------------------------------
 
     /// Whether an instance exists as persistent, and its maintenance state, without building a view.
     fn existing(&self, ns: &str, service: &str, id: &str) -> (bool, Option<Maintenance>) {
-        let state = self.state.read();
-        match state.services.get(&(ns.to_string(), service.to_string())).and_then(|e| e.instances.get(id)) {
-            Some(i) => (!i.reg.ephemeral, i.maintenance.clone()),
-            None => (false, None),
-        }
+        self.read_service(ns, service, |e| e.instances.get(id).map(|i| (!i.reg.ephemeral, i.maintenance.clone()))).unwrap_or((false, None))
     }
 
     /// A persistent instance's stored form with its current maintenance and report.
     fn persisted(&self, ns: &str, service: &str, id: &str) -> Option<PersistedInstance> {
-        let state = self.state.read();
-        let i = state.services.get(&(ns.to_string(), service.to_string()))?.instances.get(id)?;
-        Some(PersistedInstance { registration: i.reg.clone(), maintenance: i.maintenance.clone(), report: i.report.as_deref().cloned() })
+        self.read_service(ns, service, |e| {
+            let i = e.instances.get(id)?;
+            Some(PersistedInstance { registration: i.reg.clone(), maintenance: i.maintenance.clone(), report: i.report.as_deref().cloned() })
+        })
     }
 
     /// Registers (or replaces) an instance. Persistent instances are durable before this returns.
@@ -524,7 +549,7 @@ impl Registry {
         let now = self.now_ms();
         let id = reg.id.clone();
         let active: Vec<CheckDefinition> = reg.checks.iter().filter(|c| c.kind.is_active()).cloned().collect();
-        let (old, rev) = self.mutate(|state, rev, events| {
+        let (old, rev) = self.mutate(ns, service, |state, rev, events| {
             let entry = state.services.entry((ns.to_string(), service.to_string())).or_insert_with(|| ServiceEntry::new(Service::implicit(ns, service), rev));
             let mut inst = InstanceEntry::new(reg, rev, rev, now, maintenance);
             let old = entry.instances.remove(&id);
@@ -561,7 +586,7 @@ impl Registry {
 
     /// Removes an instance from memory; drops an implicit service once it has no instances.
     fn remove_instance(&self, ns: &str, service: &str, id: &str) -> Option<u64> {
-        let (removed, rev) = self.mutate(|state, rev, events| {
+        let (removed, rev) = self.mutate(ns, service, |state, rev, events| {
             let key = (ns.to_string(), service.to_string());
             let entry = state.services.get_mut(&key)?;
             let inst = entry.instances.remove(id)?;
@@ -587,13 +612,13 @@ impl Registry {
     /// Records a heartbeat. The hot path takes only the shared lock and stores an atomic.
     pub fn heartbeat(&self, ns: &str, service: &str, id: &str) -> Result<(), RegistryError> {
         let now = self.now_ms();
-        let revive = {
-            let state = self.state.read();
-            let e = state.services.get(&(ns.to_string(), service.to_string())).ok_or_else(|| RegistryError::InstanceNotFound(id.into()))?;
-            let inst = e.instances.get(id).ok_or_else(|| RegistryError::InstanceNotFound(id.into()))?;
-            inst.last_beat.store(now, Ordering::Relaxed);
-            inst.heartbeat_status != HealthStatus::Passing
-        };
+        let revive = self
+            .read_service(ns, service, |e| {
+                let inst = e.instances.get(id)?;
+                inst.last_beat.store(now, Ordering::Relaxed);
+                Some(inst.heartbeat_status != HealthStatus::Passing)
+            })
+            .ok_or_else(|| RegistryError::InstanceNotFound(id.into()))?;
         self.metrics.heartbeats.inc();
         if revive {
             self.update_instance(ns, service, id, |inst, _| {
@@ -607,7 +632,7 @@ impl Registry {
     /// Mutates one instance in memory; `f` returns whether anything visible changed.
     fn update_instance(&self, ns: &str, service: &str, id: &str, f: impl FnOnce(&mut InstanceEntry, u64) -> bool) -> Option<u64> {
         let now = self.now_ms();
-        let (changed, rev) = self.mutate(|state, rev, events| {
+        let (changed, rev) = self.mutate(ns, service, |state, rev, events| {
             let entry = state.services.get_mut(&(ns.to_string(), service.to_string()))?;
             let inst = entry.instances.get_mut(id)?;
             if !f(inst, now) {
@@ -636,7 +661,7 @@ impl Registry {
 
     /// Records a gateway's circuit-breaker transition on a service (shown with the service).
     pub fn report_breaker(&self, ns: &str, service: &str, state: &str, reason: &str) -> Result<(), RegistryError> {
-        if !self.state.read().services.contains_key(&(ns.to_string(), service.to_string())) {
+        if self.read_service(ns, service, |_| Some(())).is_none() {
             return Err(RegistryError::ServiceNotFound(service.into()));
         }
         let report = zhili_model::BreakerReport { state: state.to_string(), reason: reason.to_string(), reported_ms: unix_ms() };
@@ -646,14 +671,13 @@ impl Registry {
 
     /// Sets a TTL check's status (the "pass/warn/fail" API).
     pub fn update_ttl_check(&self, ns: &str, service: &str, id: &str, check: &str, status: HealthStatus, output: &str) -> Result<u64, RegistryError> {
-        {
-            let state = self.state.read();
-            let e = state.services.get(&(ns.to_string(), service.to_string())).ok_or_else(|| RegistryError::InstanceNotFound(id.into()))?;
-            let inst = e.instances.get(id).ok_or_else(|| RegistryError::InstanceNotFound(id.into()))?;
-            let c = inst.checks.iter().find(|c| c.def.id == check).ok_or_else(|| RegistryError::CheckNotFound(check.into()))?;
-            if !c.def.kind.is_api_driven() {
-                return Err(RegistryError::NotTtl(check.into()));
-            }
+        let api_driven = self
+            .read_service(ns, service, |e| e.instances.get(id).map(|inst| inst.checks.iter().find(|c| c.def.id == check).map(|c| c.def.kind.is_api_driven())))
+            .ok_or_else(|| RegistryError::InstanceNotFound(id.into()))?;
+        match api_driven {
+            None => return Err(RegistryError::CheckNotFound(check.into())),
+            Some(false) => return Err(RegistryError::NotTtl(check.into())),
+            Some(true) => {}
         }
         let wall = unix_ms();
         let rev = self.update_instance(ns, service, id, |inst, now| {
@@ -718,9 +742,7 @@ impl Registry {
 
     /// Whether the instance is ephemeral; an error if it does not exist.
     fn is_ephemeral(&self, ns: &str, service: &str, id: &str) -> Result<bool, RegistryError> {
-        let state = self.state.read();
-        let i = state.services.get(&(ns.to_string(), service.to_string())).and_then(|e| e.instances.get(id));
-        i.map(|i| i.reg.ephemeral).ok_or_else(|| RegistryError::InstanceNotFound(id.into()))
+        self.read_service(ns, service, |e| e.instances.get(id).map(|i| i.reg.ephemeral)).ok_or_else(|| RegistryError::InstanceNotFound(id.into()))
     }
 
     /// Applies a result from the health engine. Unknown checks (deregistered meanwhile) are ignored.
@@ -737,9 +759,8 @@ impl Registry {
         let wall = unix_ms();
         let mut stale: Vec<(String, String, String)> = Vec::new();
         let mut remove: Vec<(String, String, String, bool)> = Vec::new();
-        {
-            let state = self.state.read();
-            for ((ns, svc), e) in &state.services {
+        for shard in self.each_shard() {
+            for ((ns, svc), e) in &shard.services {
                 let h = e.def.health;
                 for inst in e.instances.values() {
                     let key = || (ns.clone(), svc.clone(), inst.reg.id.clone());
@@ -762,7 +783,7 @@ impl Registry {
         }
         for (ns, svc, id) in stale {
             let mut deregister = false;
-            let def_health = self.state.read().services.get(&(ns.clone(), svc.clone())).map(|e| e.def.health);
+            let def_health = self.read_service(&ns, &svc, |e| Some(e.def.health));
             let Some(h) = def_health else { continue };
             self.update_instance(&ns, &svc, &id, |inst, now| {
                 let mut changed = false;
@@ -799,17 +820,20 @@ impl Registry {
     /// Recomputes the instance gauges: one pass under the read lock, so it runs at scrape time,
     /// never on the write path (that would make each registration O(instances)).
     fn refresh_gauges(&self) {
-        let state = self.state.read();
         let mut counts: HashMap<HealthStatus, i64> = HashMap::new();
-        for e in state.services.values() {
-            for i in e.instances.values() {
-                *counts.entry(i.health()).or_default() += 1;
+        let mut services = 0;
+        for shard in self.each_shard() {
+            services += shard.services.len();
+            for e in shard.services.values() {
+                for i in e.instances.values() {
+                    *counts.entry(i.health()).or_default() += 1;
+                }
             }
         }
         for s in [HealthStatus::Passing, HealthStatus::Warning, HealthStatus::Critical] {
             self.metrics.instances.get_or_create(&HealthLabel { health: s.as_str() }).set(counts.get(&s).copied().unwrap_or(0));
         }
-        self.metrics.services.set(state.services.len() as i64);
+        self.metrics.services.set(services as i64);
     }
 
     /// Refreshes gauges that drift with time (heartbeat-derived health); call before a scrape.

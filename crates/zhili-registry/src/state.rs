@@ -1,4 +1,5 @@
-//! In-memory registry state. Only `Registry` mutates it, always under its write lock.
+//! In-memory registry state, in shards. Only `Registry` mutates it, always under the write lock
+//! of the shard the service hashes to.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -6,8 +7,9 @@ use zhili_model::{CheckDefinition, CheckKind, CheckState, HealthStatus, Instance
 
 use crate::BeatCell;
 
+/// The services whose (namespace, name) hash to one shard, with their instances.
 #[derive(Default)]
-pub(crate) struct State {
+pub(crate) struct Shard {
     pub services: HashMap<(String, String), ServiceEntry>,
     /// Index at which a service was deleted, so blocking reads on it wake and report the change.
     pub tombstones: HashMap<(String, String), u64>,
@@ -20,7 +22,7 @@ pub(crate) struct ServiceEntry {
     pub instances: BTreeMap<String, InstanceEntry>,
     /// The rendered default discovery answer (healthy, unfiltered) and the index it reflects.
     /// Every visible change bumps `index`, so a stale entry is recognised, never served.
-    /// Its own small lock, so readers under the shared registry lock can fill it.
+    /// Its own small lock, so readers under the shard's shared lock can fill it.
     pub rendered: parking_lot::Mutex<Option<(u64, bytes::Bytes)>>,
 }
 

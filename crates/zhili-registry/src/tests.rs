@@ -170,3 +170,92 @@ async fn blocking_wait_wakes_on_change_and_times_out() {
     assert_eq!(ev.kind, RegistryEventKind::InstanceDeregistered);
     assert_eq!(ev.instance_id.as_deref(), Some("10.0.0.2:1"));
 }
+
+/// Two services whose shards differ (the shard hasher is seeded per registry).
+fn services_in_two_shards(r: &Registry) -> (String, String) {
+    let a = "a".to_string();
+    let b = (0..).map(|n| format!("b{n}")).find(|b| !std::ptr::eq(r.shard("default", &a), r.shard("default", b))).expect("64 shards");
+    (a, b)
+}
+
+fn registry_on_threads() -> Arc<Registry> {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    Registry::load(store, Arc::new(Recorder::default()), Metrics::new()).unwrap()
+}
+
+fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(f)
+}
+
+/// A change to one service is held mid-mutation (its shard's write lock taken, its revision
+/// drawn) while an unrelated service registers, reads and publishes a later revision: the
+/// unrelated registration does not wait for it, and a watcher of the held service still wakes
+/// for the earlier revision once it lands, though publishing it moved the index no further.
+#[test]
+fn unrelated_services_share_no_lock_and_a_late_revision_still_wakes_its_watchers() {
+    use std::sync::mpsc::channel;
+    let r = registry_on_threads();
+    let (a, b) = services_in_two_shards(&r);
+    block_on(r.register("default", &a, inst(r#"{"address":"10.0.0.1","port":1}"#))).unwrap();
+    let before = r.service_index("default", &a);
+
+    let watcher = {
+        let (r, a) = (r.clone(), a.clone());
+        std::thread::spawn(move || {
+            block_on(r.wait_for(before, Duration::from_secs(20), || r.service_index("default", &a)));
+            r.service_index("default", &a)
+        })
+    };
+    let (inside_tx, inside) = channel();
+    let (go, go_rx) = channel::<()>();
+    let held = {
+        let (r, a) = (r.clone(), a.clone());
+        std::thread::spawn(move || {
+            let name = a.clone();
+            r.mutate("default", &a, |shard, rev, events| {
+                inside_tx.send(rev).unwrap();
+                go_rx.recv_timeout(Duration::from_secs(20)).unwrap();
+                let e = shard.services.get_mut(&("default".to_string(), a.clone())).unwrap();
+                e.index = rev;
+                events.push(RegistryEvent {
+                    index: 0,
+                    kind: RegistryEventKind::ServiceUpserted,
+                    namespace: "default".into(),
+                    service: name,
+                    instance: None,
+                    instance_id: None,
+                });
+            })
+            .1
+        })
+    };
+    let held_rev = inside.recv_timeout(Duration::from_secs(20)).unwrap();
+
+    // While `a`'s shard is write-locked: `b` registers and is read on this thread.
+    let (done_tx, done) = channel();
+    let other = {
+        let (r, b) = (r.clone(), b.clone());
+        std::thread::spawn(move || {
+            let rev = block_on(r.register("default", &b, inst(r#"{"address":"10.0.0.2","port":1}"#))).unwrap();
+            done_tx.send((rev, r.instances("default", &b, &healthy()).map(|l| l.instances.len()))).unwrap();
+        })
+    };
+    let (b_rev, b_count) = done.recv_timeout(Duration::from_secs(20)).expect("a registration of an unrelated service waited for another's lock");
+    assert_eq!(b_count, Some(1));
+    assert!(b_rev > held_rev && r.index() >= b_rev, "the later revision is published first");
+    // Proof that `a` really is held: a read of it does not finish while the mutation waits.
+    let (read_tx, read) = channel();
+    let reader = {
+        let (r, a) = (r.clone(), a.clone());
+        std::thread::spawn(move || read_tx.send(r.service_index("default", &a)).unwrap())
+    };
+    assert!(read.recv_timeout(Duration::from_millis(200)).is_err(), "a's shard is locked");
+
+    go.send(()).unwrap();
+    assert_eq!(held.join().unwrap(), held_rev);
+    assert_eq!(r.index(), b_rev, "publishing the earlier revision does not move the index back");
+    assert_eq!(read.recv_timeout(Duration::from_secs(20)).unwrap(), held_rev);
+    assert_eq!(watcher.join().unwrap(), held_rev, "the watcher of a saw its change");
+    other.join().unwrap();
+    reader.join().unwrap();
+}

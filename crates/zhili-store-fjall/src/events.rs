@@ -10,7 +10,8 @@
 //!   records at the tail (fjall's journal already drops a torn batch; a record whose checksum
 //!   fails is cut, never served);
 //! - `streams`: stream `\0` revision → position (reads by stream, either direction);
-//! - `ids`: stream `\0` event id → revision, position (idempotent appends);
+//! - `ids`: stream `\0` event id → revision, position (idempotent appends; none for events
+//!   appended with `append_unique`, whose ids are new by construction);
 //! - `heads`: stream → next revision, truncate-before, deleted;
 //! - `categories`: category `\0` sequence → position (`$ce-order` reads `order-*`);
 //! - `meta`: the next global position and the categories' next sequence numbers.
@@ -77,6 +78,8 @@ enum Request {
         stream: String,
         expected: ExpectedRevision,
         events: Vec<NewEvent>,
+        /// The ids are new by construction: no duplicate check, no id index entries.
+        unique: bool,
         reply: oneshot::Sender<Result<Appended, EventLogError>>,
     },
     Delete {
@@ -347,8 +350,8 @@ impl Shared {
             let mut retains = Vec::new();
             for req in reqs {
                 match req {
-                    Request::Append { stream, expected, events, reply } => {
-                        appends.push((reply, if failed { Err(engine("event log failed earlier")) } else { group.append(&stream, expected, events) }))
+                    Request::Append { stream, expected, events, unique, reply } => {
+                        appends.push((reply, if failed { Err(engine("event log failed earlier")) } else { group.append(&stream, expected, events, unique) }))
                     }
                     Request::Delete { stream, expected, reply } => {
                         deletes.push((reply, if failed { Err(engine("event log failed earlier")) } else { group.delete(&stream, expected) }))
@@ -452,8 +455,8 @@ impl Group<'_> {
         Ok(Some(Appended { first_revision: rev, last_revision: rev + n, first_position: pos, last_position: pos + n, duplicate: true }))
     }
 
-    fn append(&mut self, stream: &str, expected: ExpectedRevision, events: Vec<NewEvent>) -> Result<Appended, EventLogError> {
-        let keys: Vec<Vec<u8>> = events.iter().map(|e| id_key(stream, &e.id)).collect();
+    fn append(&mut self, stream: &str, expected: ExpectedRevision, events: Vec<NewEvent>, unique: bool) -> Result<Appended, EventLogError> {
+        let keys: Vec<Vec<u8>> = if unique { Vec::new() } else { events.iter().map(|e| id_key(stream, &e.id)).collect() };
         if let Some(original) = self.duplicate(&events, &keys)? {
             return Ok(original);
         }
@@ -471,15 +474,18 @@ impl Group<'_> {
         let first_position = self.state.next_position;
         let now = now_ms();
         let cat = category(stream).map(str::to_string);
-        for (i, (e, key)) in events.iter().zip(keys).enumerate() {
+        let mut keys = keys.into_iter();
+        for (i, e) in events.iter().enumerate() {
             let (revision, position) = (first_revision + i as u64, first_position + i as u64);
             self.batch.insert(&self.shared.log, position.to_be_bytes(), encode_record(stream, revision, now, e));
             self.batch.insert(&self.shared.streams, stream_key(stream, revision), position.to_be_bytes());
-            let mut v = [0u8; 16];
-            v[..8].copy_from_slice(&revision.to_be_bytes());
-            v[8..].copy_from_slice(&position.to_be_bytes());
-            self.batch.insert(&self.shared.ids, key.as_slice(), v);
-            self.ids.insert(key, (revision, position));
+            if let Some(key) = keys.next() {
+                let mut v = [0u8; 16];
+                v[..8].copy_from_slice(&revision.to_be_bytes());
+                v[8..].copy_from_slice(&position.to_be_bytes());
+                self.batch.insert(&self.shared.ids, key.as_slice(), v);
+                self.ids.insert(key, (revision, position));
+            }
             if let Some(c) = &cat {
                 if !self.state.categories.contains_key(c) {
                     let known = self.shared.state.lock().categories.get(c).copied().unwrap_or(0);
@@ -612,7 +618,14 @@ impl EventLog for FjallEventLog {
         if events.is_empty() {
             return Err(EventLogError::Engine("an append needs at least one event".into()));
         }
-        self.call(|reply| Request::Append { stream: stream.to_string(), expected, events, reply }).await
+        self.call(|reply| Request::Append { stream: stream.to_string(), expected, events, unique: false, reply }).await
+    }
+
+    async fn append_unique(&self, stream: &str, events: Vec<NewEvent>) -> Result<Appended, EventLogError> {
+        if events.is_empty() {
+            return Err(EventLogError::Engine("an append needs at least one event".into()));
+        }
+        self.call(|reply| Request::Append { stream: stream.to_string(), expected: ExpectedRevision::Any, events, unique: true, reply }).await
     }
 
     fn read_stream(&self, stream: &str, from: u64, direction: Direction, limit: usize) -> Result<Vec<RecordedEvent>, EventLogError> {
@@ -751,6 +764,24 @@ mod tests {
         assert_eq!(log.read_category("order", 0, Direction::Forwards, 10).unwrap().len(), 3, "categories skip what is gone");
         // The ids of scavenged events are forgotten: the same id appends anew.
         assert!(!log.append("order-1", ExpectedRevision::Any, vec![ev("e0")]).await.unwrap().duplicate);
+    }
+
+    #[tokio::test]
+    async fn unique_appends_skip_the_id_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = FjallEventLog::open(dir.path()).unwrap();
+        let first = log.append_unique("$feed", vec![ev("u0"), ev("u1")]).await.unwrap();
+        assert_eq!((first.first_revision, first.last_revision, first.duplicate), (0, 1, false));
+        assert_eq!(log.shared.ids.iter().count(), 0, "no id index entries");
+        // Mixed with ordinary appends on the same stream: revisions and positions continue.
+        let plain = log.append("$feed", ExpectedRevision::Exact(1), vec![ev("p")]).await.unwrap();
+        assert_eq!((plain.first_revision, plain.first_position), (2, 2));
+        assert_eq!(log.shared.ids.iter().count(), 1);
+        let next = log.append_unique("$feed", vec![ev("u2")]).await.unwrap();
+        assert_eq!((next.first_revision, next.first_position, next.duplicate), (3, 3, false));
+        let ids: Vec<String> = log.read_stream("$feed", 0, Direction::Forwards, 10).unwrap().into_iter().map(|e| e.id).collect();
+        assert_eq!(ids, ["u0", "u1", "p", "u2"]);
+        assert!(log.append_unique("$feed", vec![]).await.is_err(), "an append needs an event");
     }
 
     #[tokio::test]

@@ -125,6 +125,14 @@ pub trait EventLog: Send + Sync + 'static {
     /// durable. The same event ids again (the first one already in the stream) answer the
     /// original revisions and positions with `duplicate: true`, writing nothing.
     async fn append(&self, stream: &str, expected: ExpectedRevision, events: Vec<NewEvent>) -> Result<Appended, EventLogError>;
+    /// [`Self::append`] with [`ExpectedRevision::Any`] for events whose ids are new by
+    /// construction (minted by the caller, never appended before): the log may skip the
+    /// duplicate check and keep no id index entry for them, so the same ids appended again
+    /// later are not recognised. The server's own feedback streams (`$registry`, `$audit`, …)
+    /// write this way: a busy registry appends an event per change.
+    async fn append_unique(&self, stream: &str, events: Vec<NewEvent>) -> Result<Appended, EventLogError> {
+        self.append(stream, ExpectedRevision::Any, events).await
+    }
     /// Up to `limit` events of `stream` from revision `from` (inclusive) in `direction`
     /// (`from = u64::MAX` backwards means from the end).
     fn read_stream(&self, stream: &str, from: u64, direction: Direction, limit: usize) -> Result<Vec<RecordedEvent>, EventLogError>;
@@ -147,20 +155,58 @@ pub trait EventLog: Send + Sync + 'static {
 
 /// Appends what arrives on `rx` to `stream` in arrival order, up to `max_batch` events per
 /// append, until every sender is gone: the one writer behind a subsystem's feedback stream
-/// (`$txn`, `$plans`), so producers never wait on the log. A failed append is logged and its
-/// batch dropped (the producers keep their own record).
+/// (`$txn`, `$plans`), so producers never wait on the log. Their ids are minted fresh
+/// ([`EventLog::append_unique`]). A failed append is logged and its batch dropped (the
+/// producers keep their own record).
 pub async fn append_queued(log: std::sync::Arc<dyn EventLog>, stream: &'static str, mut rx: tokio::sync::mpsc::Receiver<NewEvent>, max_batch: usize) {
+    let mut batcher = Batcher::new(max_batch);
     while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < max_batch {
-            match rx.try_recv() {
-                Ok(e) => batch.push(e),
-                Err(_) => break,
-            }
-        }
-        if let Err(e) = log.append(stream, ExpectedRevision::Any, batch).await {
+        let batch = batcher.gather(first, || rx.try_recv().ok()).await;
+        if let Err(e) = log.append_unique(stream, batch).await {
             tracing::warn!(%stream, error = %e, "appending failed; this batch of events is dropped");
         }
+    }
+}
+
+/// How long a busy feedback publisher gathers before its next append.
+pub const LINGER: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// Batches a feedback publisher's appends. An idle publisher appends each event at once; a
+/// busy one (its previous append began less than [`LINGER`] ago) waits out the rest of the
+/// window and takes everything queued meanwhile, so a stream of changes costs one append, and
+/// one share of the log's fsync, per window rather than per change or two. A full batch skips
+/// the wait: a publisher that falls behind catches up at full speed.
+pub struct Batcher {
+    max: usize,
+    last: Option<tokio::time::Instant>,
+    full: bool,
+}
+
+impl Batcher {
+    pub fn new(max: usize) -> Self {
+        Self { max: max.max(1), last: None, full: false }
+    }
+
+    /// The next batch: `first` and what `next` yields (without waiting) up to the batch size.
+    pub async fn gather<T>(&mut self, first: T, mut next: impl FnMut() -> Option<T>) -> Vec<T> {
+        let mut batch = vec![first];
+        let fill = |batch: &mut Vec<T>, next: &mut dyn FnMut() -> Option<T>| {
+            while batch.len() < self.max {
+                match next() {
+                    Some(e) => batch.push(e),
+                    None => break,
+                }
+            }
+        };
+        fill(&mut batch, &mut next);
+        let busy = self.last.map(|last| last + LINGER).filter(|due| !self.full && batch.len() < self.max && tokio::time::Instant::now() < *due);
+        if let Some(due) = busy {
+            tokio::time::sleep_until(due).await;
+            fill(&mut batch, &mut next);
+        }
+        self.full = batch.len() >= self.max;
+        self.last = Some(tokio::time::Instant::now());
+        batch
     }
 }
 
@@ -249,4 +295,41 @@ pub async fn conformance(log: &dyn EventLog) {
     let re = log.append("order-2", ExpectedRevision::NoStream, vec![ev("y")]).await.expect("conformance");
     assert_eq!(re.first_revision, 1, "a recreated stream continues its revisions");
     assert_eq!(log.read_stream("order-2", 0, Direction::Forwards, 10).expect("conformance").len(), 1, "only what came after the delete");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::time::{Duration, Instant};
+
+    #[tokio::test(start_paused = true)]
+    async fn a_busy_publisher_gathers_for_a_window_an_idle_one_appends_at_once() {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<u32>();
+        let mut b = Batcher::new(4);
+        let start = Instant::now();
+        assert_eq!(b.gather(0, || rx.try_recv().ok()).await, [0], "the first batch goes at once");
+        assert_eq!(start.elapsed(), Duration::ZERO);
+        // Right after an append: what arrives within the window joins the next batch.
+        let sender = tx.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            sender.send(2).unwrap();
+        });
+        assert_eq!(b.gather(1, || rx.try_recv().ok()).await, [1, 2]);
+        assert_eq!(start.elapsed(), LINGER);
+        // A full batch is not held back, and the batch after a full one goes at once too.
+        for i in 4..10 {
+            tx.send(i).unwrap();
+        }
+        assert_eq!(b.gather(3, || rx.try_recv().ok()).await, [3, 4, 5, 6]);
+        assert_eq!(start.elapsed(), LINGER);
+        let first = rx.try_recv().unwrap();
+        assert_eq!(b.gather(first, || rx.try_recv().ok()).await, [7, 8, 9]);
+        assert_eq!(start.elapsed(), LINGER);
+        // Idle for longer than the window: at once again.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let idle = Instant::now();
+        assert_eq!(b.gather(10, || rx.try_recv().ok()).await, [10]);
+        assert_eq!(idle.elapsed(), Duration::ZERO);
+    }
 }

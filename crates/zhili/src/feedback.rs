@@ -10,7 +10,7 @@ use tokio::sync::broadcast::error::RecvError;
 use zhili_model::event::CloudEvent;
 use zhili_model::{RegistryEvent, RegistryEventKind};
 use zhili_registry::Registry;
-use zhili_store::events::{EventLog, ExpectedRevision, NewEvent};
+use zhili_store::events::{Batcher, EventLog, ExpectedRevision, NewEvent};
 use zhili_store::{EventKind, Store};
 
 pub const REGISTRY_STREAM: &str = "$registry";
@@ -29,9 +29,11 @@ pub fn registry_type(kind: RegistryEventKind) -> &'static str {
 }
 
 /// One registry change as a structured CloudEvent from `source` at `time`. `n` orders events
-/// that share a registry index (one change can cause several), so the id is unique and stable.
-fn cloudevent(source: &str, time: &str, ev: &RegistryEvent, n: usize) -> NewEvent {
-    let id = format!("registry-{}-{n}", ev.index);
+/// that share a registry index (one change can cause several); `boot` (the publisher's start,
+/// Unix ms) keeps the id unique across restarts, since ephemeral changes do not persist the
+/// index and a restarted node hands out the same indexes again.
+fn cloudevent(source: &str, time: &str, boot: u64, ev: &RegistryEvent, n: usize) -> NewEvent {
+    let id = format!("registry-{boot}-{}-{n}", ev.index);
     let subject = match &ev.instance_id {
         Some(i) => format!("{}/{}/{i}", ev.namespace, ev.service),
         None => format!("{}/{}", ev.namespace, ev.service),
@@ -41,10 +43,13 @@ fn cloudevent(source: &str, time: &str, ev: &RegistryEvent, n: usize) -> NewEven
 }
 
 /// Appends every registry change to `$registry` until the registry closes. Changes that arrive
-/// together go in one append; a failed append is retried (the ids make it idempotent).
+/// together go in one append; a failed append is retried (a failed append wrote nothing: the
+/// embedded log refuses every later append after a failed commit, so retries cannot double).
 pub async fn publish_registry(registry: Arc<Registry>, log: Arc<dyn EventLog>, node: String) {
     let mut rx = registry.subscribe_events();
     let source = format!("zhili://{node}/registry");
+    let boot = zhili_registry::unix_ms();
+    let mut batcher = Batcher::new(BATCH);
     loop {
         let first = match rx.recv().await {
             Ok(ev) => ev,
@@ -54,26 +59,20 @@ pub async fn publish_registry(registry: Arc<Registry>, log: Arc<dyn EventLog>, n
             }
             Err(RecvError::Closed) => return,
         };
-        let mut batch = vec![first];
-        while batch.len() < BATCH {
-            match rx.try_recv() {
-                Ok(ev) => batch.push(ev),
-                Err(_) => break,
-            }
-        }
+        let batch = batcher.gather(first, || rx.try_recv().ok()).await;
         let mut last_index = 0;
         let mut n = 0;
-        // The changes of one batch arrived together: one timestamp for them.
+        // The changes of one batch arrived within a few milliseconds: one timestamp for them.
         let time = zhili_model::event::timestamp(zhili_registry::unix_ms());
         let events: Vec<NewEvent> = batch
             .iter()
             .map(|ev| {
                 n = if ev.index == last_index { n + 1 } else { 0 };
                 last_index = ev.index;
-                cloudevent(&source, &time, ev, n)
+                cloudevent(&source, &time, boot, ev, n)
             })
             .collect();
-        while let Err(e) = log.append(REGISTRY_STREAM, ExpectedRevision::Any, events.clone()).await {
+        while let Err(e) = log.append_unique(REGISTRY_STREAM, events.clone()).await {
             tracing::warn!(error = %e, "appending to $registry failed; retrying");
             tokio::time::sleep(Duration::from_secs(1)).await;
         }

@@ -719,3 +719,40 @@ async fn a_stream_acl_narrows_writers_and_readers() {
     assert_eq!((st, v["owner"].clone()), (StatusCode::OK, Value::Null), "{v}");
     assert_eq!(post(bob, "/api/v1/streams/order-9", &event("h")).await.0, StatusCode::CREATED);
 }
+
+/// Ephemeral registrations do not persist the registry index, so a restarted node hands out the
+/// indexes of before again: its `$registry` events must still be appended (they were dropped as
+/// duplicates of the first run's events when ids were made of the index alone), and ids stay
+/// unique across runs.
+#[tokio::test]
+async fn registry_events_keep_flowing_after_a_restart() {
+    let mut s = dev_server();
+    let registered_in_stream = |s: &zhili_test_support::ServerProcess, id: &'static str| {
+        let c = client(s, None);
+        async move {
+            assert_eventually(Duration::from_secs(10), "the registration reaches $registry", || {
+                let c = c.clone();
+                async move {
+                    let (_, _, v) = call(&c, Method::GET, "/api/v1/streams/$registry?limit=1000", None).await;
+                    v["events"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|e| e["event"]["type"] == "io.zhili.registry.instance.registered" && e["event"]["subject"] == format!("default/feed/{id}"))
+                }
+            })
+            .await;
+            let (_, _, v) = call(&c, Method::GET, "/api/v1/streams/$registry?limit=1000", None).await;
+            v["events"].as_array().unwrap().iter().map(|e| e["event"]["id"].as_str().unwrap().to_string()).collect::<Vec<_>>()
+        }
+    };
+    let (st, _, _) = call(&client(&s, None), Method::POST, "/api/v1/services/feed/instances", Some(r#"{"id":"before","address":"10.0.0.1","port":80}"#)).await;
+    assert_eq!(st, StatusCode::CREATED);
+    registered_in_stream(&s, "before").await;
+    s.restart_after_kill9();
+    let (st, _, _) = call(&client(&s, None), Method::POST, "/api/v1/services/feed/instances", Some(r#"{"id":"after","address":"10.0.0.2","port":80}"#)).await;
+    assert_eq!(st, StatusCode::CREATED);
+    let ids = registered_in_stream(&s, "after").await;
+    let unique: std::collections::HashSet<&String> = ids.iter().collect();
+    assert_eq!(unique.len(), ids.len(), "event ids repeat across runs: {ids:?}");
+}
