@@ -605,8 +605,9 @@ mod tests;
 
 /// The `$audit` stream: one CloudEvent per successful write through any HTTP surface, naming
 /// the caller by token accessor id (never the secret). Records are queued and appended in
-/// batches by [`Audit::run`] right after the answer, so auditing adds no fsync to a write; a
-/// crash can lose the last few milliseconds of records, and a full queue drops (and counts).
+/// batches by [`Audit::run`] after the answer (at once when idle, once per 5 ms window when
+/// busy: `zhili_store::events::Batcher`), so auditing adds no fsync to a write; a crash can
+/// lose the last few milliseconds of records, and a full queue drops (and counts).
 #[derive(Clone)]
 pub struct Audit {
     tx: tokio::sync::mpsc::Sender<AuditRecord>,

@@ -190,19 +190,11 @@ impl Batcher {
     /// The next batch: `first` and what `next` yields (without waiting) up to the batch size.
     pub async fn gather<T>(&mut self, first: T, mut next: impl FnMut() -> Option<T>) -> Vec<T> {
         let mut batch = vec![first];
-        let fill = |batch: &mut Vec<T>, next: &mut dyn FnMut() -> Option<T>| {
-            while batch.len() < self.max {
-                match next() {
-                    Some(e) => batch.push(e),
-                    None => break,
-                }
-            }
-        };
-        fill(&mut batch, &mut next);
+        batch.extend(std::iter::from_fn(&mut next).take(self.max - batch.len()));
         let busy = self.last.map(|last| last + LINGER).filter(|due| !self.full && batch.len() < self.max && tokio::time::Instant::now() < *due);
         if let Some(due) = busy {
             tokio::time::sleep_until(due).await;
-            fill(&mut batch, &mut next);
+            batch.extend(std::iter::from_fn(&mut next).take(self.max - batch.len()));
         }
         self.full = batch.len() >= self.max;
         self.last = Some(tokio::time::Instant::now());
