@@ -133,6 +133,12 @@ impl tonic::server::StreamingService<Payload> for Bi {
         let s = self.0.clone();
         Box::pin(async move {
             let addr = peer(&req)?;
+            // After its setup a client sends on this stream only to answer pushes, so it may
+            // rightly stay silent for hours: no read deadline on it. A dead client is found by
+            // the connection's keep-alive pings; its stream then ends and its instances go.
+            if let Some(quiet) = req.extensions().get::<zhili_net::QuietAllowed>() {
+                quiet.allow();
+            }
             let (tx, rx) = mpsc::channel(PUSH_QUEUE);
             let conn = Arc::new(Conn::new(s.nacos.conn_id(addr), addr, tx));
             tokio::spawn(run_connection(s, conn, req.into_inner()));

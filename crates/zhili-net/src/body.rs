@@ -3,6 +3,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -27,11 +29,36 @@ pub struct TimedBody<B> {
     inner: B,
     timeout: Duration,
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    quiet: QuietAllowed,
 }
 
 impl<B> TimedBody<B> {
     pub fn new(inner: B, timeout: Duration) -> Self {
-        Self { inner, timeout, sleep: None }
+        Self { inner, timeout, sleep: None, quiet: QuietAllowed::default() }
+    }
+
+    /// The switch that takes this body off its deadline; the server puts it in the request's
+    /// extensions for the handler.
+    pub fn quiet_switch(&self) -> QuietAllowed {
+        self.quiet.clone()
+    }
+}
+
+/// Found in the extensions of a request whose body has a read deadline: a handler whose request
+/// body is a long-lived stream on which silence is normal (a gRPC bidirectional stream that only
+/// carries the client's answers to pushes) calls [`QuietAllowed::allow`], and the body then
+/// waits for its next frame without a deadline. A dead client is still found: by the
+/// connection's keep-alive pings (HTTP/2) and the listener's other deadlines.
+#[derive(Clone, Debug, Default)]
+pub struct QuietAllowed(Arc<AtomicBool>);
+
+impl QuietAllowed {
+    pub fn allow(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    fn allowed(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
     }
 }
 
@@ -49,6 +76,10 @@ where
             Poll::Ready(r) => {
                 this.sleep = None;
                 Poll::Ready(r.map(|f| f.map_err(Into::into)))
+            }
+            Poll::Pending if this.quiet.allowed() => {
+                this.sleep = None;
+                Poll::Pending
             }
             Poll::Pending => {
                 let timeout = this.timeout;
@@ -90,6 +121,24 @@ mod tests {
     async fn stalled_body_errors_after_the_timeout() {
         let err = TimedBody::new(Stalled, Duration::from_secs(10)).collect().await.expect_err("times out");
         assert!(err.to_string().contains("nothing received"), "{err}");
+    }
+
+    /// Allowed quiet before or while a read waits (the timer already running), a stalled body
+    /// waits on past its deadline.
+    #[tokio::test(start_paused = true)]
+    async fn a_body_allowed_quiet_waits_past_the_deadline() {
+        for allow_first in [true, false] {
+            let body = TimedBody::new(Stalled, Duration::from_secs(10));
+            let switch = body.quiet_switch();
+            if allow_first {
+                switch.allow();
+            }
+            let mut read = std::pin::pin!(body.collect());
+            assert!(futures_util::FutureExt::now_or_never(&mut read).is_none(), "nothing to read yet");
+            switch.allow();
+            let waited = tokio::time::timeout(Duration::from_secs(3600), read).await;
+            assert!(waited.is_err(), "allow_first={allow_first}: the body ended instead of waiting");
+        }
     }
 
     #[tokio::test(start_paused = true)]

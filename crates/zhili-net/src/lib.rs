@@ -16,7 +16,7 @@ mod fd;
 pub mod h1_server;
 mod listen;
 
-pub use body::TimedBody;
+pub use body::{QuietAllowed, TimedBody};
 pub use conn::{accept, panic_message, Admission, Conn, ConnIo, GuardedBody, RequestGuard, Tracked};
 pub use fd::raise_open_file_limit;
 pub use listen::{bind, BACKLOG};

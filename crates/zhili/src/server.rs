@@ -584,6 +584,8 @@ mod listen {
         let limits = conn.limits();
         let svc = app.map_request(move |req: axum::http::Request<hyper::body::Incoming>| {
             let mut req = req.map(|b| TimedBody::new(b, limits.read_timeout));
+            let quiet = req.body().quiet_switch();
+            req.extensions_mut().insert(quiet);
             req.extensions_mut().insert(ConnectInfo(peer));
             req
         });

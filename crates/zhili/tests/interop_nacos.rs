@@ -165,16 +165,102 @@ async fn grpc_call(addr: std::net::SocketAddr, path: &str, message: &[u8]) -> (S
 
 /// A protobuf `Payload { metadata { type }, body { value } }`, encoded by hand.
 fn payload(kind: &str, json: &str) -> Vec<u8> {
-    let mut metadata = vec![0x1a, kind.len() as u8];
-    metadata.extend_from_slice(kind.as_bytes());
-    let mut any = vec![0x12, json.len() as u8];
-    any.extend_from_slice(json.as_bytes());
-    let mut out = vec![0x12, metadata.len() as u8];
-    out.extend(metadata);
-    out.push(0x1a);
-    out.push(any.len() as u8);
-    out.extend(any);
+    // A length-delimited field: its tag byte, the length as a varint, the bytes.
+    fn field(tag: u8, bytes: &[u8], out: &mut Vec<u8>) {
+        out.push(tag);
+        let mut n = bytes.len();
+        while n >= 0x80 {
+            out.push((n as u8 & 0x7f) | 0x80);
+            n >>= 7;
+        }
+        out.push(n as u8);
+        out.extend_from_slice(bytes);
+    }
+    let (mut metadata, mut any, mut out) = (vec![], vec![], vec![]);
+    field(0x1a, kind.as_bytes(), &mut metadata);
+    field(0x12, json.as_bytes(), &mut any);
+    field(0x12, &metadata, &mut out);
+    field(0x1a, &any, &mut out);
     out
+}
+
+/// A gRPC message frame: uncompressed, its length, the message.
+fn grpc_frame(message: &[u8]) -> Bytes {
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    framed.extend_from_slice(message);
+    Bytes::from(framed)
+}
+
+type GrpcBody = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>;
+
+/// One unary Nacos request on an open h2c connection; the reply message as text.
+async fn unary(send: &mut hyper::client::conn::http2::SendRequest<GrpcBody>, addr: std::net::SocketAddr, kind: &str, json: &str) -> String {
+    let req = http::Request::post(format!("http://{addr}/Request/request"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(GrpcBody::new(Full::new(grpc_frame(&payload(kind, json)))))
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), send.send_request(req)).await.unwrap().unwrap();
+    String::from_utf8_lossy(&resp.into_body().collect().await.unwrap().to_bytes()).into_owned()
+}
+
+/// A Nacos 2.x client sends on its bidirectional stream only to answer pushes, so a quiet one
+/// keeps its connection and its ephemeral instances however long it stays quiet there (they went
+/// after every `--read-timeout` of quiet before: the stream was held to a request body's read
+/// deadline); once it disconnects, they go.
+#[tokio::test(flavor = "multi_thread")]
+async fn nacos_grpc_quiet_client_keeps_its_instances_until_it_leaves() {
+    let s = ServerProcess::start(bin(), &["--dev", "--read-timeout", "1s"]);
+    let (grpc, n) = (s.nacos_grpc.expect("nacos grpc listener"), nacos_client(&s));
+    let tcp = std::net::TcpStream::connect(grpc).unwrap();
+    tcp.set_nonblocking(true).unwrap();
+    // To cut the connection at the end: hyper's client keeps it open while a stream lives.
+    let cut = tcp.try_clone().unwrap();
+    let tcp = tokio::net::TcpStream::from_std(tcp).unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp)).await.unwrap();
+    tokio::spawn(conn);
+    // The stream: the setup request, then silence (the client never closes its side).
+    let setup = grpc_frame(&payload("ConnectionSetupRequest", r#"{"clientVersion":"test","labels":{}}"#));
+    let frames = futures_util::StreamExt::chain(
+        futures_util::stream::once(async move { Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(setup)) }),
+        futures_util::stream::pending(),
+    );
+    let req = http::Request::post(format!("http://{grpc}/BiRequestStream/requestBiStream"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(GrpcBody::new(http_body_util::StreamBody::new(frames)))
+        .unwrap();
+    let stream = send.send_request(req);
+    let stream = tokio::spawn(async move {
+        let mut body = stream.await.unwrap().into_body();
+        while let Some(Ok(_)) = body.frame().await {}
+    });
+    let mut ready = false;
+    for _ in 0..200 {
+        ready = unary(&mut send, grpc, "HealthCheckRequest", "{}").await.contains("HealthCheckResponse");
+        if ready {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(ready, "the connection was never set up");
+    let register = r#"{"namespace":"","serviceName":"quiet","groupName":"DEFAULT_GROUP","type":"registerInstance","instance":{"ip":"10.9.0.1","port":80,"weight":1.0,"healthy":true,"enabled":true,"ephemeral":true,"clusterName":"DEFAULT","metadata":{}}}"#;
+    let reply = unary(&mut send, grpc, "InstanceRequest", register).await;
+    assert!(reply.contains("\"resultCode\":200"), "{reply}");
+    let listed = || async { call(&n, Method::GET, "/nacos/v1/ns/instance/list?serviceName=quiet", None).await.2["hosts"].as_array().map_or(0, Vec::len) };
+    assert_eq!(listed().await, 1);
+
+    // Three read timeouts with nothing on the stream and no request on the connection.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert!(!stream.is_finished(), "the server ended the quiet client's stream");
+    let reply = unary(&mut send, grpc, "HealthCheckRequest", "{}").await;
+    assert!(reply.contains("HealthCheckResponse"), "the quiet client's connection was dropped: {reply}");
+    assert_eq!(listed().await, 1, "the quiet client's instance was removed");
+
+    // The client goes away: so does its instance.
+    cut.shutdown(std::net::Shutdown::Both).unwrap();
+    assert_eventually(Duration::from_secs(10), "the departed client's instance is removed", || async { listed().await == 0 }).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
