@@ -140,7 +140,7 @@ impl tonic::server::StreamingService<Payload> for Bi {
                 quiet.allow();
             }
             let (tx, rx) = mpsc::channel(PUSH_QUEUE);
-            let conn = Arc::new(Conn::new(s.nacos.conn_id(addr), addr, tx));
+            let conn = Arc::new(Conn::new(s.nacos.conn_id(addr), addr, tx, s.registry.owner()));
             tokio::spawn(run_connection(s, conn, req.into_inner()));
             Ok(tonic::Response::new(ReceiverStream::new(rx)))
         })
@@ -168,7 +168,7 @@ async fn run_connection(s: NacosState, conn: Arc<Conn>, mut incoming: tonic::Str
                 }
                 Ok(None) | Err(_) => break,
             },
-            _ = beat.tick() => s.nacos.beat(&s, &conn),
+            _ = beat.tick() => s.registry.beat_owner(&conn.owner),
             _ = conn.kill.notified() => break,
             _ = &mut setup_deadline, if !registered => break,
         }
@@ -395,7 +395,7 @@ impl Ctx<'_> {
         let inst = b.instance.as_ref().ok_or_else(|| ApiError::BadRequest("Param 'instance' is required".into()))?.nacos(ephemeral);
         match b.kind.as_str() {
             "registerInstance" => {
-                let reg = super::register(self.s, &self.caller, &ns, &svc, &inst).await?;
+                let reg = super::register(self.s, &self.caller, &ns, &svc, &inst, ephemeral.then_some(&self.conn.owner)).await?;
                 if ephemeral {
                     self.s.nacos.own(&self.conn, &ns, &svc.name, &reg.id);
                 }
@@ -425,7 +425,7 @@ impl Ctx<'_> {
         }
         let mut keep = HashSet::new();
         for i in &wanted {
-            let reg = super::register(self.s, &self.caller, &ns, &svc, i).await?;
+            let reg = super::register(self.s, &self.caller, &ns, &svc, i, Some(&self.conn.owner)).await?;
             self.s.nacos.own(&self.conn, &ns, &svc.name, &reg.id);
             keep.insert(reg.id);
         }

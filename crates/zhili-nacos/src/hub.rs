@@ -34,6 +34,9 @@ pub struct Conn {
     pub id: String,
     pub addr: SocketAddr,
     pub push: mpsc::Sender<Result<Payload, tonic::Status>>,
+    /// The registry's handle on this connection's liveness: its ephemeral instances live as long
+    /// as the connection beats it.
+    pub owner: Arc<zhili_registry::Owner>,
     /// Ephemeral instances this connection registered: (namespace, service) → instance ids.
     pub instances: Mutex<HashMap<(String, String), HashSet<String>>>,
     pub subscriptions: Mutex<HashSet<Subscription>>,
@@ -49,11 +52,12 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn new(id: String, addr: SocketAddr, push: mpsc::Sender<Result<Payload, tonic::Status>>) -> Self {
+    pub fn new(id: String, addr: SocketAddr, push: mpsc::Sender<Result<Payload, tonic::Status>>, owner: Arc<zhili_registry::Owner>) -> Self {
         Self {
             id,
             addr,
             push,
+            owner,
             instances: Mutex::default(),
             subscriptions: Mutex::default(),
             listening: Mutex::default(),
@@ -191,15 +195,6 @@ impl NacosHub {
             }
         }
         tracing::debug!(conn = %conn.id, "nacos connection closed");
-    }
-
-    /// Keeps the connection's instances alive: they live as long as the connection does.
-    pub fn beat(&self, s: &NacosState, conn: &Conn) {
-        let owned: Vec<(String, String, String)> =
-            conn.instances.lock().iter().flat_map(|((ns, svc), ids)| ids.iter().map(move |id| (ns.clone(), svc.clone(), id.clone()))).collect();
-        for (ns, svc, id) in owned {
-            let _ = s.registry.heartbeat(&ns, &svc, &id);
-        }
     }
 }
 

@@ -360,12 +360,20 @@ impl NacosInstance {
     }
 }
 
-/// Registers `inst` into `svc`, creating the service in its Nacos group when it does not exist yet.
-pub async fn register(s: &NacosState, caller: &Caller, ns: &str, svc: &ServiceRef, inst: &NacosInstance) -> Result<InstanceRegistration, ApiError> {
+/// Registers `inst` into `svc`, creating the service in its Nacos group when it does not exist yet;
+/// an ephemeral instance registered over a gRPC connection is kept alive by that connection (`owner`).
+pub async fn register(
+    s: &NacosState,
+    caller: &Caller,
+    ns: &str,
+    svc: &ServiceRef,
+    inst: &NacosInstance,
+    owner: Option<&Arc<zhili_registry::Owner>>,
+) -> Result<InstanceRegistration, ApiError> {
     caller.require(Resource::Service, &svc.name, Access::Write)?;
     let reg = inst.registration()?;
     ensure_service(s, ns, svc).await?;
-    s.registry.register(ns, &svc.name, reg.clone()).await?;
+    s.registry.register_owned(ns, &svc.name, reg.clone(), owner.cloned()).await?;
     Ok(reg)
 }
 

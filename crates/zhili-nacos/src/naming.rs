@@ -130,7 +130,7 @@ fn instance_params(p: &Params) -> NResult<NacosInstance> {
 async fn register(s: &NacosState, caller: &Caller, p: &Params) -> NResult<Reply> {
     let (ns, svc) = target(p)?;
     p.flag("healthy")?;
-    super::register(s, caller, &ns, &svc, &instance_params(p)?).await?;
+    super::register(s, caller, &ns, &svc, &instance_params(p)?, None).await?;
     Ok(Reply::Ok)
 }
 

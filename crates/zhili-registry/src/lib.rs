@@ -529,6 +529,22 @@ impl Registry {
 
     /// Registers (or replaces) an instance. Persistent instances are durable before this returns.
     pub async fn register(&self, ns: &str, service: &str, reg: InstanceRegistration) -> Result<u64, RegistryError> {
+        self.register_owned(ns, service, reg, None).await
+    }
+
+    /// A new [`Owner`], alive as of now.
+    pub fn owner(&self) -> Arc<Owner> {
+        Arc::new(Owner { last_beat: BeatCell::new(self.now_ms()) })
+    }
+
+    /// One beat of `owner`: a heartbeat for every ephemeral instance registered with it.
+    pub fn beat_owner(&self, owner: &Owner) {
+        owner.last_beat.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// [`Registry::register`], with an `owner` whose beats keep the instance alive as its own
+    /// heartbeats do (for an ephemeral instance; a re-registration replaces the owner).
+    pub async fn register_owned(&self, ns: &str, service: &str, reg: InstanceRegistration, owner: Option<Arc<Owner>>) -> Result<u64, RegistryError> {
         let (mut was_persistent, mut maintenance) = self.existing(ns, service, &reg.id);
         let _order = if !reg.ephemeral || was_persistent {
             let guard = self.persist_order.key(ns, service, &reg.id).await;
@@ -552,6 +568,7 @@ impl Registry {
         let (old, rev) = self.mutate(ns, service, |state, rev, events| {
             let entry = state.services.entry((ns.to_string(), service.to_string())).or_insert_with(|| ServiceEntry::new(Service::implicit(ns, service), rev));
             let mut inst = InstanceEntry::new(reg, rev, rev, now, maintenance);
+            inst.owner = owner.filter(|_| inst.reg.ephemeral);
             let old = entry.instances.remove(&id);
             let kind = if let Some(old) = &old {
                 inst.create_index = old.create_index;
@@ -765,13 +782,16 @@ impl Registry {
                 for inst in e.instances.values() {
                     let key = || (ns.clone(), svc.clone(), inst.reg.id.clone());
                     if inst.reg.ephemeral {
-                        let age = now.saturating_sub(inst.last_beat.load(Ordering::Relaxed));
+                        let age = now.saturating_sub(inst.last_beat());
                         if age > h.remove_after.as_millis() as u64 {
                             let (a, b, c) = key();
                             remove.push((a, b, c, true));
                             continue;
                         }
-                        if age > h.unhealthy_after.as_millis() as u64 && inst.heartbeat_status == HealthStatus::Passing {
+                        let beating = age <= h.unhealthy_after.as_millis() as u64;
+                        if beating != (inst.heartbeat_status == HealthStatus::Passing) {
+                            // Gone silent, or (owned instances: their owner's beat does not pass
+                            // through `heartbeat`) beating again.
                             stale.push(key());
                         }
                     }
@@ -787,12 +807,13 @@ impl Registry {
             let Some(h) = def_health else { continue };
             self.update_instance(&ns, &svc, &id, |inst, now| {
                 let mut changed = false;
-                if inst.reg.ephemeral
-                    && now.saturating_sub(inst.last_beat.load(Ordering::Relaxed)) > h.unhealthy_after.as_millis() as u64
-                    && inst.heartbeat_status == HealthStatus::Passing
-                {
-                    inst.heartbeat_status = HealthStatus::Critical;
-                    changed = true;
+                if inst.reg.ephemeral {
+                    let beating = now.saturating_sub(inst.last_beat()) <= h.unhealthy_after.as_millis() as u64;
+                    let status = if beating { HealthStatus::Passing } else { HealthStatus::Critical };
+                    if inst.heartbeat_status != status {
+                        inst.heartbeat_status = status;
+                        changed = true;
+                    }
                 }
                 for c in &mut inst.checks {
                     if c.ttl_expired(now) {
@@ -848,6 +869,15 @@ async fn delete_key(store: &dyn Store, key: String) -> Result<(), StoreError> {
 
 /// Shared atomic used by instances for their last heartbeat (ms since registry start).
 pub(crate) type BeatCell = AtomicU64;
+
+/// Whatever keeps a group of ephemeral instances registered, such as the client connection
+/// that registered them (a Nacos 2.x connection owns its instances): one
+/// [`Registry::beat_owner`] renews them all, however many there are, where a heartbeat per
+/// instance would cost the beater work in proportion to them. An owner that stops beating
+/// (its connection is gone) lets its instances lapse like any silent instance.
+pub struct Owner {
+    last_beat: BeatCell,
+}
 
 #[cfg(test)]
 mod tests;

@@ -40,6 +40,9 @@ pub(crate) struct InstanceEntry {
     pub checks: Vec<CheckRuntime>,
     /// Registry-epoch milliseconds of the last heartbeat; atomic so heartbeats need only a read lock.
     pub last_beat: BeatCell,
+    /// What else keeps this ephemeral instance alive (its client's connection): its beats count
+    /// as the instance's own.
+    pub owner: Option<std::sync::Arc<crate::Owner>>,
     /// Heartbeat-derived health of an ephemeral instance (always passing for persistent ones).
     pub heartbeat_status: HealthStatus,
     /// Boxed, as the report below: most instances have neither, and every instance record is
@@ -108,10 +111,17 @@ impl InstanceEntry {
             maintenance,
             checks,
             last_beat: BeatCell::new(now),
+            owner: None,
             heartbeat_status: HealthStatus::Passing,
             passive: None,
             report: None,
         }
+    }
+
+    /// Registry-epoch milliseconds of the latest heartbeat, its own or its owner's.
+    pub fn last_beat(&self) -> u64 {
+        let own = self.last_beat.load(std::sync::atomic::Ordering::Relaxed);
+        self.owner.as_ref().map_or(own, |o| own.max(o.last_beat.load(std::sync::atomic::Ordering::Relaxed)))
     }
 
     /// Re-registration keeps the results of checks whose definition did not change.

@@ -56,6 +56,50 @@ async fn register_discover_filter_deregister() {
     assert!(matches!(r.deregister("default", "web", "x").await, Err(RegistryError::InstanceNotFound(_))));
 }
 
+/// An owner's beat keeps all its instances alive (no heartbeat of their own), revives one that
+/// went critical while it was silent, and once it stops beating they lapse like silent ones.
+#[tokio::test(start_paused = true)]
+async fn an_owners_beats_keep_its_instances_alive_until_it_stops() {
+    let (r, _) = registry();
+    let spec: ServiceSpec = serde_json::from_str(r#"{"health":{"heartbeat_interval":"100ms","unhealthy_after":"300ms","remove_after":"600ms"}}"#).unwrap();
+    r.put_service(spec.validate("default", "own").unwrap()).await.unwrap();
+    let owner = r.owner();
+    for n in 1..=3 {
+        r.register_owned("default", "own", inst(&format!(r#"{{"address":"10.0.0.{n}","port":1}}"#)), Some(owner.clone())).await.unwrap();
+    }
+    r.register("default", "own", inst(r#"{"address":"10.0.0.9","port":1}"#)).await.unwrap();
+    let healthy_ids = || {
+        let mut ids: Vec<String> = r.instances("default", "own", &healthy()).unwrap().instances.into_iter().map(|i| i.id).collect();
+        ids.sort();
+        ids
+    };
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        r.beat_owner(&owner);
+        r.reap().await;
+    }
+    assert_eq!(healthy_ids(), ["10.0.0.1:1", "10.0.0.2:1", "10.0.0.3:1"], "owned instances live on, the silent unowned one is gone");
+    // Silent past unhealthy_after: critical; beating again: passing.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    r.reap().await;
+    assert!(healthy_ids().is_empty(), "a silent owner's instances turn critical");
+    r.beat_owner(&owner);
+    r.reap().await;
+    assert_eq!(healthy_ids().len(), 3, "its beat revives them");
+    // Re-registered without the owner: on its own heartbeats from now on.
+    r.register("default", "own", inst(r#"{"address":"10.0.0.3","port":1}"#)).await.unwrap();
+    for _ in 0..7 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        r.beat_owner(&owner);
+        r.reap().await;
+    }
+    assert!(r.instance("default", "own", "10.0.0.3:1").is_none(), "re-registered without the owner, it needs heartbeats of its own");
+    assert!(r.instance("default", "own", "10.0.0.1:1").is_some());
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    r.reap().await;
+    assert!(r.instance("default", "own", "10.0.0.1:1").is_none(), "an owner that stops beating lets its instances lapse");
+}
+
 #[tokio::test(start_paused = true)]
 async fn heartbeats_keep_ephemeral_instances_alive() {
     let (r, _) = registry();
