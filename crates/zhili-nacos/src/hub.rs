@@ -81,10 +81,6 @@ impl Conn {
 
 pub struct NacosHub {
     conns: Mutex<HashMap<String, Arc<Conn>>>,
-    /// Which connection owns each gRPC-registered ephemeral instance (namespace, service, id), so
-    /// a closing connection removes only what is still its own after a client re-registered
-    /// through a new connection.
-    owners: Mutex<HashMap<(String, String, String), String>>,
     /// Changed config KV keys, for HTTP long-polls.
     config_changes: broadcast::Sender<Arc<str>>,
     last_ref_time: AtomicU64,
@@ -101,7 +97,6 @@ impl NacosHub {
     pub fn new() -> Self {
         Self {
             conns: Mutex::default(),
-            owners: Mutex::default(),
             config_changes: broadcast::channel(4096).0,
             last_ref_time: AtomicU64::new(0),
             epoch_ms: AtomicU64::new(zhili_registry::unix_ms()),
@@ -148,19 +143,18 @@ impl NacosHub {
         }
     }
 
+    /// Records that `conn` registered the instance (the registry knows `conn.owner` as its owner).
     pub fn own(&self, conn: &Conn, ns: &str, service: &str, id: &str) {
-        conn.instances.lock().entry((ns.into(), service.into())).or_default().insert(id.into());
-        self.owners.lock().insert((ns.into(), service.into(), id.into()), conn.id.clone());
+        let mut instances = conn.instances.lock();
+        let ids = instances.entry((ns.into(), service.into())).or_default();
+        if !ids.contains(id) {
+            ids.insert(id.into());
+        }
     }
 
     pub fn disown(&self, conn: &Conn, ns: &str, service: &str, id: &str) {
         if let Some(set) = conn.instances.lock().get_mut(&(ns.to_string(), service.to_string())) {
             set.remove(id);
-        }
-        let key = (ns.to_string(), service.to_string(), id.to_string());
-        let mut owners = self.owners.lock();
-        if owners.get(&key) == Some(&conn.id) {
-            owners.remove(&key);
         }
     }
 
@@ -168,8 +162,10 @@ impl NacosHub {
         self.config_changes.subscribe()
     }
 
-    /// Forgets a connection and removes the ephemeral instances it still owns.
-    pub async fn close(&self, s: &NacosState, conn: &Arc<Conn>) {
+    /// Forgets a connection and removes the ephemeral instances it still owns: not those a client
+    /// re-registered since through another connection (or over HTTP), which the registry knows
+    /// by their owner.
+    pub fn close(&self, s: &NacosState, conn: &Arc<Conn>) {
         {
             // Only this stream's entry: a second stream on the same connection may have replaced it.
             let mut conns = self.conns.lock();
@@ -180,18 +176,7 @@ impl NacosHub {
         let owned: Vec<((String, String), HashSet<String>)> = conn.instances.lock().drain().collect();
         for ((ns, service), ids) in owned {
             for id in ids {
-                let key = (ns.clone(), service.clone(), id.clone());
-                let mine = {
-                    let mut owners = self.owners.lock();
-                    let mine = owners.get(&key) == Some(&conn.id);
-                    if mine {
-                        owners.remove(&key);
-                    }
-                    mine
-                };
-                if mine {
-                    let _ = s.registry.deregister(&ns, &service, &id).await;
-                }
+                s.registry.release(&conn.owner, &ns, &service, &id);
             }
         }
         tracing::debug!(conn = %conn.id, "nacos connection closed");

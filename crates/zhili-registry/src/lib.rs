@@ -601,11 +601,25 @@ impl Registry {
         self.remove_instance(ns, service, id).ok_or_else(|| RegistryError::InstanceNotFound(id.into()))
     }
 
+    /// Removes an ephemeral instance registered with `owner` (by [`Registry::register_owned`])
+    /// when its owner lets it go (a closed connection); one re-registered since, with another
+    /// owner or none, stays. The revision of the removal, if there was one.
+    pub fn release(&self, owner: &Arc<Owner>, ns: &str, service: &str, id: &str) -> Option<u64> {
+        self.remove_instance_if(ns, service, id, |inst| inst.owner.as_ref().is_some_and(|o| Arc::ptr_eq(o, owner)))
+    }
+
     /// Removes an instance from memory; drops an implicit service once it has no instances.
     fn remove_instance(&self, ns: &str, service: &str, id: &str) -> Option<u64> {
+        self.remove_instance_if(ns, service, id, |_| true)
+    }
+
+    fn remove_instance_if(&self, ns: &str, service: &str, id: &str, only: impl FnOnce(&InstanceEntry) -> bool) -> Option<u64> {
         let (removed, rev) = self.mutate(ns, service, |state, rev, events| {
             let key = (ns.to_string(), service.to_string());
             let entry = state.services.get_mut(&key)?;
+            if !only(entry.instances.get(id)?) {
+                return None;
+            }
             let inst = entry.instances.remove(id)?;
             entry.index = rev;
             events.push(Self::instance_event(RegistryEventKind::InstanceDeregistered, entry, &inst));

@@ -56,6 +56,25 @@ async fn register_discover_filter_deregister() {
     assert!(matches!(r.deregister("default", "web", "x").await, Err(RegistryError::InstanceNotFound(_))));
 }
 
+/// A released instance goes only while its owner is the one releasing it: a client that
+/// re-registered it through a new connection (or without one) keeps it when the old one closes.
+#[tokio::test]
+async fn release_removes_only_what_the_owner_still_owns() {
+    let (r, _) = registry();
+    let (a, b) = (r.owner(), r.owner());
+    let x = || inst(r#"{"address":"10.0.0.1","port":1}"#);
+    r.register_owned("default", "rel", x(), Some(a.clone())).await.unwrap();
+    r.register_owned("default", "rel", x(), Some(b.clone())).await.unwrap();
+    assert_eq!(r.release(&a, "default", "rel", "10.0.0.1:1"), None, "re-registered by b");
+    assert!(r.instance("default", "rel", "10.0.0.1:1").is_some());
+    assert!(r.release(&b, "default", "rel", "10.0.0.1:1").is_some());
+    assert!(r.instance("default", "rel", "10.0.0.1:1").is_none());
+    r.register_owned("default", "rel", x(), Some(a.clone())).await.unwrap();
+    r.register("default", "rel", x()).await.unwrap();
+    assert_eq!(r.release(&a, "default", "rel", "10.0.0.1:1"), None, "re-registered without an owner");
+    assert!(r.instance("default", "rel", "10.0.0.1:1").is_some());
+}
+
 /// An owner's beat keeps all its instances alive (no heartbeat of their own), revives one that
 /// went critical while it was silent, and once it stops beating they lapse like silent ones.
 #[tokio::test(start_paused = true)]

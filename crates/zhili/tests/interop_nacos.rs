@@ -194,73 +194,111 @@ fn grpc_frame(message: &[u8]) -> Bytes {
 
 type GrpcBody = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>;
 
-/// One unary Nacos request on an open h2c connection; the reply message as text.
-async fn unary(send: &mut hyper::client::conn::http2::SendRequest<GrpcBody>, addr: std::net::SocketAddr, kind: &str, json: &str) -> String {
-    let req = http::Request::post(format!("http://{addr}/Request/request"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(GrpcBody::new(Full::new(grpc_frame(&payload(kind, json)))))
-        .unwrap();
-    let resp = tokio::time::timeout(Duration::from_secs(10), send.send_request(req)).await.unwrap().unwrap();
-    String::from_utf8_lossy(&resp.into_body().collect().await.unwrap().to_bytes()).into_owned()
+/// A Nacos 2.x client connection by hand: h2c, its bidirectional stream set up and then left
+/// silent (a client sends there only to answer pushes).
+struct NacosGrpc {
+    addr: std::net::SocketAddr,
+    send: hyper::client::conn::http2::SendRequest<GrpcBody>,
+    /// The socket, to cut the connection: hyper's client keeps it open while a stream lives.
+    cut: std::net::TcpStream,
+    stream: tokio::task::JoinHandle<()>,
+}
+
+impl NacosGrpc {
+    async fn open(addr: std::net::SocketAddr) -> Self {
+        let tcp = std::net::TcpStream::connect(addr).unwrap();
+        tcp.set_nonblocking(true).unwrap();
+        let cut = tcp.try_clone().unwrap();
+        let io = hyper_util::rt::TokioIo::new(tokio::net::TcpStream::from_std(tcp).unwrap());
+        let (mut send, conn) = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io).await.unwrap();
+        tokio::spawn(conn);
+        let setup = grpc_frame(&payload("ConnectionSetupRequest", r#"{"clientVersion":"test","labels":{}}"#));
+        let frames = futures_util::StreamExt::chain(
+            futures_util::stream::once(async move { Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(setup)) }),
+            futures_util::stream::pending(),
+        );
+        let req = http::Request::post(format!("http://{addr}/BiRequestStream/requestBiStream"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(GrpcBody::new(http_body_util::StreamBody::new(frames)))
+            .unwrap();
+        let stream = send.send_request(req);
+        let stream = tokio::spawn(async move {
+            let mut body = stream.await.unwrap().into_body();
+            while let Some(Ok(_)) = body.frame().await {}
+        });
+        let mut c = Self { addr, send, cut, stream };
+        // The server sets the connection up asynchronously.
+        for _ in 0..200 {
+            if c.unary("HealthCheckRequest", "{}").await.contains("HealthCheckResponse") {
+                return c;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("the connection was never set up");
+    }
+
+    /// One unary request on the connection; the reply message as text.
+    async fn unary(&mut self, kind: &str, json: &str) -> String {
+        let req = http::Request::post(format!("http://{}/Request/request", self.addr))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(GrpcBody::new(Full::new(grpc_frame(&payload(kind, json)))))
+            .unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(10), self.send.send_request(req)).await.unwrap().unwrap();
+        String::from_utf8_lossy(&resp.into_body().collect().await.unwrap().to_bytes()).into_owned()
+    }
+
+    async fn register(&mut self, service: &str, ip: &str) {
+        let body = format!(
+            r#"{{"namespace":"","serviceName":"{service}","groupName":"DEFAULT_GROUP","type":"registerInstance","instance":{{"ip":"{ip}","port":80,"weight":1.0,"healthy":true,"enabled":true,"ephemeral":true,"clusterName":"DEFAULT","metadata":{{}}}}}}"#
+        );
+        let reply = self.unary("InstanceRequest", &body).await;
+        assert!(reply.contains("\"resultCode\":200"), "{reply}");
+    }
+
+    fn cut(&self) {
+        self.cut.shutdown(std::net::Shutdown::Both).unwrap();
+    }
 }
 
 /// A Nacos 2.x client sends on its bidirectional stream only to answer pushes, so a quiet one
 /// keeps its connection and its ephemeral instances however long it stays quiet there (they went
 /// after every `--read-timeout` of quiet before: the stream was held to a request body's read
-/// deadline); once it disconnects, they go.
+/// deadline); once it disconnects, they go, unless the client re-registered them through a new
+/// connection first.
 #[tokio::test(flavor = "multi_thread")]
 async fn nacos_grpc_quiet_client_keeps_its_instances_until_it_leaves() {
     let s = ServerProcess::start(bin(), &["--dev", "--read-timeout", "1s"]);
     let (grpc, n) = (s.nacos_grpc.expect("nacos grpc listener"), nacos_client(&s));
-    let tcp = std::net::TcpStream::connect(grpc).unwrap();
-    tcp.set_nonblocking(true).unwrap();
-    // To cut the connection at the end: hyper's client keeps it open while a stream lives.
-    let cut = tcp.try_clone().unwrap();
-    let tcp = tokio::net::TcpStream::from_std(tcp).unwrap();
-    let (mut send, conn) = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp)).await.unwrap();
-    tokio::spawn(conn);
-    // The stream: the setup request, then silence (the client never closes its side).
-    let setup = grpc_frame(&payload("ConnectionSetupRequest", r#"{"clientVersion":"test","labels":{}}"#));
-    let frames = futures_util::StreamExt::chain(
-        futures_util::stream::once(async move { Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(setup)) }),
-        futures_util::stream::pending(),
-    );
-    let req = http::Request::post(format!("http://{grpc}/BiRequestStream/requestBiStream"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(GrpcBody::new(http_body_util::StreamBody::new(frames)))
-        .unwrap();
-    let stream = send.send_request(req);
-    let stream = tokio::spawn(async move {
-        let mut body = stream.await.unwrap().into_body();
-        while let Some(Ok(_)) = body.frame().await {}
-    });
-    let mut ready = false;
-    for _ in 0..200 {
-        ready = unary(&mut send, grpc, "HealthCheckRequest", "{}").await.contains("HealthCheckResponse");
-        if ready {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert!(ready, "the connection was never set up");
-    let register = r#"{"namespace":"","serviceName":"quiet","groupName":"DEFAULT_GROUP","type":"registerInstance","instance":{"ip":"10.9.0.1","port":80,"weight":1.0,"healthy":true,"enabled":true,"ephemeral":true,"clusterName":"DEFAULT","metadata":{}}}"#;
-    let reply = unary(&mut send, grpc, "InstanceRequest", register).await;
-    assert!(reply.contains("\"resultCode\":200"), "{reply}");
-    let listed = || async { call(&n, Method::GET, "/nacos/v1/ns/instance/list?serviceName=quiet", None).await.2["hosts"].as_array().map_or(0, Vec::len) };
-    assert_eq!(listed().await, 1);
+    let mut first = NacosGrpc::open(grpc).await;
+    first.register("quiet", "10.9.0.1").await;
+    first.register("quiet", "10.9.0.2").await;
+    let listed = || async {
+        let (_, _, v) = call(&n, Method::GET, "/nacos/v1/ns/instance/list?serviceName=quiet", None).await;
+        let mut ips: Vec<String> = v["hosts"].as_array().unwrap().iter().map(|h| h["ip"].as_str().unwrap().to_string()).collect();
+        ips.sort();
+        ips
+    };
+    assert_eq!(listed().await, ["10.9.0.1", "10.9.0.2"]);
 
     // Three read timeouts with nothing on the stream and no request on the connection.
     tokio::time::sleep(Duration::from_millis(3500)).await;
-    assert!(!stream.is_finished(), "the server ended the quiet client's stream");
-    let reply = unary(&mut send, grpc, "HealthCheckRequest", "{}").await;
+    assert!(!first.stream.is_finished(), "the server ended the quiet client's stream");
+    let reply = first.unary("HealthCheckRequest", "{}").await;
     assert!(reply.contains("HealthCheckResponse"), "the quiet client's connection was dropped: {reply}");
-    assert_eq!(listed().await, 1, "the quiet client's instance was removed");
+    assert_eq!(listed().await, ["10.9.0.1", "10.9.0.2"], "the quiet client's instances were removed");
 
-    // The client goes away: so does its instance.
-    cut.shutdown(std::net::Shutdown::Both).unwrap();
-    assert_eventually(Duration::from_secs(10), "the departed client's instance is removed", || async { listed().await == 0 }).await;
+    // The client moves one instance to a new connection, then the old connection goes away:
+    // only what it still owned goes with it.
+    let mut second = NacosGrpc::open(grpc).await;
+    second.register("quiet", "10.9.0.2").await;
+    first.cut();
+    assert_eventually(Duration::from_secs(10), "the departed connection's instance is removed", || async { listed().await == ["10.9.0.2"] }).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(listed().await, ["10.9.0.2"], "the instance re-registered through the new connection stays");
+    second.cut();
+    assert_eventually(Duration::from_secs(10), "the last connection's instance is removed", || async { listed().await.is_empty() }).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
