@@ -9,12 +9,12 @@
 mod state;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use parking_lot::{RwLock, RwLockReadGuard};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 use zhili_model::report::{InstanceReport, ReportSpec};
 use zhili_model::{
     CheckDefinition, CheckKey, CheckKind, HealthStatus, HealthTransition, Instance, InstanceList, InstanceRegistration, Maintenance, RegistryEvent,
@@ -94,6 +94,8 @@ pub struct Registry {
     persist_order: PersistOrder,
     index: watch::Sender<u64>,
     events: broadcast::Sender<Arc<RegistryEvent>>,
+    /// The lossless feed of [`Registry::journal`], once taken.
+    journal: std::sync::OnceLock<JournalFeed>,
     checks: Arc<dyn CheckScheduler>,
     metrics: Arc<Metrics>,
     time: Arc<dyn Clock>,
@@ -205,6 +207,7 @@ impl Registry {
             persist_order: PersistOrder::new(),
             index,
             events,
+            journal: std::sync::OnceLock::new(),
             checks,
             metrics,
             time,
@@ -248,8 +251,22 @@ impl Registry {
         *self.index.borrow()
     }
 
+    /// Every change as it happens, for readers that can resync from the registry's state: one
+    /// more than [`EVENT_BUFFER`] changes behind, a reader is told it lagged and what it missed
+    /// is gone.
     pub fn subscribe_events(&self) -> broadcast::Receiver<Arc<RegistryEvent>> {
         self.events.subscribe()
+    }
+
+    /// Every change from now on, for the one reader that must not miss any (the `$registry`
+    /// stream) however large a burst (a connection closing with a hundred thousand instances):
+    /// up to [`JOURNAL_LIMIT`] changes wait for it; past that, changes are dropped and the
+    /// reader is told how many. None once taken.
+    pub fn journal(&self) -> Option<Journal> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let queued = Arc::new(JournalCounts::default());
+        self.journal.set(JournalFeed { tx, queued: queued.clone() }).ok()?;
+        Some(Journal { rx, queued })
     }
 
     /// The shard a service lives in.
@@ -292,7 +309,11 @@ impl Registry {
         }
         for mut ev in events {
             ev.index = rev;
-            let _ = self.events.send(Arc::new(ev));
+            let ev = Arc::new(ev);
+            if let Some(journal) = self.journal.get() {
+                journal.send(&ev);
+            }
+            let _ = self.events.send(ev);
         }
         drop(shard);
         (out, rev)
@@ -883,6 +904,63 @@ async fn delete_key(store: &dyn Store, key: String) -> Result<(), StoreError> {
 
 /// Shared atomic used by instances for their last heartbeat (ms since registry start).
 pub(crate) type BeatCell = AtomicU64;
+
+/// Changes the [`Journal`] holds for its reader before it drops them.
+pub const JOURNAL_LIMIT: usize = 1 << 18;
+
+#[derive(Default)]
+struct JournalCounts {
+    queued: AtomicUsize,
+    dropped: AtomicU64,
+}
+
+struct JournalFeed {
+    tx: mpsc::UnboundedSender<Arc<RegistryEvent>>,
+    queued: Arc<JournalCounts>,
+}
+
+impl JournalFeed {
+    fn send(&self, ev: &Arc<RegistryEvent>) {
+        if self.queued.queued.fetch_add(1, Ordering::Relaxed) >= JOURNAL_LIMIT || self.tx.send(ev.clone()).is_err() {
+            self.queued.queued.fetch_sub(1, Ordering::Relaxed);
+            self.queued.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The reading end of [`Registry::journal`]: every change, in the order each service's changes
+/// happened.
+pub struct Journal {
+    rx: mpsc::UnboundedReceiver<Arc<RegistryEvent>>,
+    queued: Arc<JournalCounts>,
+}
+
+/// What [`Journal::recv`] hands out.
+pub enum Journaled {
+    Change(Arc<RegistryEvent>),
+    /// This many changes were dropped (more than [`JOURNAL_LIMIT`] waited) before the next one.
+    Missed(u64),
+}
+
+impl Journal {
+    /// The next change; None once the registry is gone.
+    pub async fn recv(&mut self) -> Option<Journaled> {
+        let missed = self.queued.dropped.swap(0, Ordering::Relaxed);
+        if missed > 0 {
+            return Some(Journaled::Missed(missed));
+        }
+        let ev = self.rx.recv().await?;
+        self.queued.queued.fetch_sub(1, Ordering::Relaxed);
+        Some(Journaled::Change(ev))
+    }
+
+    /// The next change if one is waiting (never reports drops: [`Journal::recv`] does).
+    pub fn try_recv(&mut self) -> Option<Arc<RegistryEvent>> {
+        let ev = self.rx.try_recv().ok()?;
+        self.queued.queued.fetch_sub(1, Ordering::Relaxed);
+        Some(ev)
+    }
+}
 
 /// Whatever keeps a group of ephemeral instances registered, such as the client connection
 /// that registered them (a Nacos 2.x connection owns its instances): one

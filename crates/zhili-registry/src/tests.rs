@@ -56,6 +56,29 @@ async fn register_discover_filter_deregister() {
     assert!(matches!(r.deregister("default", "web", "x").await, Err(RegistryError::InstanceNotFound(_))));
 }
 
+/// A burst larger than the broadcast buffer: a subscriber lags and loses changes, the journal
+/// hands out every one of them, in order. It can be taken only once.
+#[tokio::test]
+async fn the_journal_keeps_a_burst_the_broadcast_loses() {
+    let (r, _) = registry();
+    let mut journal = r.journal().unwrap();
+    assert!(r.journal().is_none(), "one journal per registry");
+    let mut broadcast = r.subscribe_events();
+    let burst = EVENT_BUFFER * 2 + 10;
+    for n in 0..burst {
+        r.register("default", "burst", inst(&format!(r#"{{"address":"10.1.{}.{}","port":1}}"#, n / 250, n % 250))).await.unwrap();
+    }
+    assert!(matches!(broadcast.recv().await, Err(broadcast::error::RecvError::Lagged(_))), "the broadcast lost part of the burst");
+    let mut last = 0;
+    for n in 0..burst {
+        let Some(Journaled::Change(ev)) = journal.recv().await else { panic!("change {n} missing from the journal") };
+        assert!(ev.index > last, "in order");
+        last = ev.index;
+        assert_eq!(ev.kind, RegistryEventKind::InstanceRegistered);
+    }
+    assert!(journal.try_recv().is_none(), "nothing more");
+}
+
 /// A released instance goes only while its owner is the one releasing it: a client that
 /// re-registered it through a new connection (or without one) keeps it when the old one closes.
 #[tokio::test]

@@ -6,10 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
-use tokio::sync::broadcast::error::RecvError;
 use zhili_model::event::CloudEvent;
 use zhili_model::{RegistryEvent, RegistryEventKind};
-use zhili_registry::Registry;
+use zhili_registry::{Journal, Journaled};
 use zhili_store::events::{Batcher, EventLog, ExpectedRevision, NewEvent};
 use zhili_store::{EventKind, Store};
 
@@ -42,24 +41,25 @@ fn cloudevent(source: &str, time: &str, boot: u64, ev: &RegistryEvent, n: usize)
     NewEvent { body: body.into(), id }
 }
 
-/// Appends every registry change to `$registry` until the registry closes. Changes that arrive
-/// together go in one append; a failed append is retried (a failed append wrote nothing: the
-/// embedded log refuses every later append after a failed commit, so retries cannot double).
-pub async fn publish_registry(registry: Arc<Registry>, log: Arc<dyn EventLog>, node: String) {
-    let mut rx = registry.subscribe_events();
+/// Appends every registry change to `$registry` until the registry closes, from the registry's
+/// lossless journal (a burst of changes waits for the stream rather than being lost). Changes
+/// that arrive together go in one append; a failed append is retried (a failed append wrote
+/// nothing: the embedded log refuses every later append after a failed commit, so retries
+/// cannot double).
+pub async fn publish_registry(mut journal: Journal, log: Arc<dyn EventLog>, node: String) {
     let source = format!("zhili://{node}/registry");
     let boot = zhili_registry::unix_ms();
     let mut batcher = Batcher::new(BATCH);
     loop {
-        let first = match rx.recv().await {
-            Ok(ev) => ev,
-            Err(RecvError::Lagged(n)) => {
+        let first = match journal.recv().await {
+            Some(Journaled::Change(ev)) => ev,
+            Some(Journaled::Missed(n)) => {
                 tracing::warn!(missed = n, "the $registry publisher fell behind; {n} registry changes are not in the stream");
                 continue;
             }
-            Err(RecvError::Closed) => return,
+            None => return,
         };
-        let batch = batcher.gather(first, || rx.try_recv().ok()).await;
+        let batch = batcher.gather(first, || journal.try_recv()).await;
         let mut last_index = 0;
         let mut n = 0;
         // The changes of one batch arrived within a few milliseconds: one timestamp for them.

@@ -215,7 +215,8 @@ async fn serve(cfg: ServerConfig) -> anyhow::Result<()> {
         println!("zhili dns listening on {local}");
         tracing::info!(addr = %local, "DNS listener up (udp+tcp)");
     }
-    sup.spawn("$registry publisher", crate::feedback::publish_registry(registry.clone(), events.clone(), cfg.node_name.clone()));
+    let journal = registry.journal().expect("the registry's journal is taken once, here");
+    sup.spawn("$registry publisher", crate::feedback::publish_registry(journal, events.clone(), cfg.node_name.clone()));
     let subscriptions =
         zhili_events::Subscriptions::load_with_metrics(store.clone(), events.clone(), Some(metrics.clone())).context("loading subscriptions")?;
     metrics.register_collector(Box::new(zhili_events::SubscriptionsCollector(subscriptions.clone())));
