@@ -185,11 +185,10 @@ async fn handle(s: &NacosState, addr: SocketAddr, p: Payload) -> (String, Value)
     };
     let request_id = body.get("requestId").and_then(Value::as_str).unwrap_or("").to_string();
     let kind = meta.r#type.as_str();
-    let conn_id = s.nacos.conn_id(addr);
     if kind == "ServerCheckRequest" {
-        return ok("ServerCheckResponse", json!({"connectionId": conn_id, "supportAbilityNegotiation": false}), &request_id);
+        return ok("ServerCheckResponse", json!({"connectionId": s.nacos.conn_id(addr), "supportAbilityNegotiation": false}), &request_id);
     }
-    let Some(conn) = s.nacos.conn(&conn_id) else {
+    let Some(conn) = s.nacos.conn(addr) else {
         return error("ErrorResponse", UN_REGISTER, "Connection is unregistered.".into(), &request_id);
     };
     let token = meta.headers.get("accessToken").filter(|t| !t.is_empty()).cloned();

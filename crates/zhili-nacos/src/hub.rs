@@ -80,7 +80,8 @@ impl Conn {
 }
 
 pub struct NacosHub {
-    conns: Mutex<HashMap<String, Arc<Conn>>>,
+    /// Set-up gRPC connections by peer address (one TCP connection is one Nacos connection).
+    conns: Mutex<HashMap<SocketAddr, Arc<Conn>>>,
     /// Changed config KV keys, for HTTP long-polls.
     config_changes: broadcast::Sender<Arc<str>>,
     last_ref_time: AtomicU64,
@@ -109,8 +110,9 @@ impl NacosHub {
         format!("{epoch}_{}_{}", addr.ip(), addr.port())
     }
 
-    pub fn conn(&self, id: &str) -> Option<Arc<Conn>> {
-        self.conns.lock().get(id).cloned()
+    /// The set-up connection of a gRPC peer address (its id is [`NacosHub::conn_id`]).
+    pub fn conn(&self, addr: SocketAddr) -> Option<Arc<Conn>> {
+        self.conns.lock().get(&addr).cloned()
     }
 
     pub fn connections(&self) -> usize {
@@ -126,7 +128,7 @@ impl NacosHub {
     }
 
     pub fn add(&self, conn: Arc<Conn>) {
-        self.conns.lock().insert(conn.id.clone(), conn);
+        self.conns.lock().insert(conn.addr, conn);
     }
 
     /// A strictly increasing millisecond clock for `lastRefTime`: clients drop a push whose time
@@ -169,8 +171,8 @@ impl NacosHub {
         {
             // Only this stream's entry: a second stream on the same connection may have replaced it.
             let mut conns = self.conns.lock();
-            if conns.get(&conn.id).is_some_and(|c| Arc::ptr_eq(c, conn)) {
-                conns.remove(&conn.id);
+            if conns.get(&conn.addr).is_some_and(|c| Arc::ptr_eq(c, conn)) {
+                conns.remove(&conn.addr);
             }
         }
         let owned: Vec<((String, String), HashSet<String>)> = conn.instances.lock().drain().collect();
