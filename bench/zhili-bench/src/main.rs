@@ -168,6 +168,10 @@ enum Cmd {
         /// Register with instance metadata (`{"k": "v"}`), as Spring Cloud clients do.
         #[arg(long)]
         metadata: bool,
+        /// After the run, keep the connections (and so their instances) open this many seconds,
+        /// idle, before closing them all at once (the server's idle cost and its close burst).
+        #[arg(long, default_value_t = 0)]
+        hold: u64,
     },
     /// Closed-loop UDP DNS queries (A record of a service), one socket per worker.
     Dns {
@@ -300,7 +304,9 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Ready { bin, data_dir, addr, keep } => ready(bin, data_dir, addr, keep).await,
         Cmd::OpenLoop { target, path, rate, conns, seconds, headers } => open_loop(target, &path, &headers, rate, conns, Duration::from_secs(seconds)).await,
         Cmd::Dns { target, name, concurrency, seconds } => dns(target, &name, concurrency, Duration::from_secs(seconds)).await,
-        Cmd::NacosGrpc { target, concurrency, seconds, metadata } => nacos_grpc(target, concurrency, Duration::from_secs(seconds), metadata).await,
+        Cmd::NacosGrpc { target, concurrency, seconds, metadata, hold } => {
+            nacos_grpc(target, concurrency, Duration::from_secs(seconds), metadata, Duration::from_secs(hold)).await
+        }
     }
 }
 
@@ -825,7 +831,8 @@ impl NacosConn {
     }
 }
 
-async fn nacos_grpc(target: SocketAddr, concurrency: usize, duration: Duration, metadata: bool) -> anyhow::Result<()> {
+async fn nacos_grpc(target: SocketAddr, concurrency: usize, duration: Duration, metadata: bool, hold: Duration) -> anyhow::Result<()> {
+    let held = Arc::new(std::sync::Mutex::new(Vec::new()));
     let metadata = if metadata { json!({"k": "v"}) } else { json!({}) };
     let stop = Arc::new(AtomicBool::new(false));
     let errors = Arc::new(AtomicU64::new(0));
@@ -836,7 +843,7 @@ async fn nacos_grpc(target: SocketAddr, concurrency: usize, duration: Duration, 
     let start = Instant::now();
     let mut tasks = Vec::new();
     for (w, mut c) in conns.into_iter().enumerate() {
-        let (stop, errors, metadata) = (stop.clone(), errors.clone(), metadata.clone());
+        let (stop, errors, metadata, held) = (stop.clone(), errors.clone(), metadata.clone(), held.clone());
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::with_capacity(100_000);
             let mut n = 0;
@@ -858,6 +865,9 @@ async fn nacos_grpc(target: SocketAddr, concurrency: usize, duration: Duration, 
                 }
                 n += 1;
             }
+            if let (false, Ok(mut held)) = (hold.is_zero(), held.lock()) {
+                held.push(c);
+            }
             lat
         }));
     }
@@ -866,7 +876,13 @@ async fn nacos_grpc(target: SocketAddr, concurrency: usize, duration: Duration, 
         concurrency,
         Run { start, duration, stop, errors, tasks },
     )
-    .await
+    .await?;
+    if !hold.is_zero() {
+        let n = held.lock().map_or(0, |h| h.len());
+        println!("{}", json!({"holding_connections": n, "seconds": hold.as_secs()}));
+        tokio::time::sleep(hold).await;
+    }
+    Ok(())
 }
 
 async fn open_loop(target: SocketAddr, path: &str, headers: &[String], rate: f64, conns: usize, run: Duration) -> anyhow::Result<()> {
