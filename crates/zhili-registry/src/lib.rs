@@ -264,9 +264,9 @@ impl Registry {
     /// reader is told how many. None once taken.
     pub fn journal(&self) -> Option<Journal> {
         let (tx, rx) = mpsc::unbounded_channel();
-        let queued = Arc::new(JournalCounts::default());
-        self.journal.set(JournalFeed { tx, queued: queued.clone() }).ok()?;
-        Some(Journal { rx, queued })
+        let counts = Arc::new(JournalCounts::default());
+        self.journal.set(JournalFeed { tx, counts: counts.clone() }).ok()?;
+        Some(Journal { rx, counts })
     }
 
     /// The shard a service lives in.
@@ -908,6 +908,7 @@ pub(crate) type BeatCell = AtomicU64;
 /// Changes the [`Journal`] holds for its reader before it drops them.
 pub const JOURNAL_LIMIT: usize = 1 << 18;
 
+/// Changes waiting in the journal, and those dropped since the reader was last told.
 #[derive(Default)]
 struct JournalCounts {
     queued: AtomicUsize,
@@ -916,14 +917,14 @@ struct JournalCounts {
 
 struct JournalFeed {
     tx: mpsc::UnboundedSender<Arc<RegistryEvent>>,
-    queued: Arc<JournalCounts>,
+    counts: Arc<JournalCounts>,
 }
 
 impl JournalFeed {
     fn send(&self, ev: &Arc<RegistryEvent>) {
-        if self.queued.queued.fetch_add(1, Ordering::Relaxed) >= JOURNAL_LIMIT || self.tx.send(ev.clone()).is_err() {
-            self.queued.queued.fetch_sub(1, Ordering::Relaxed);
-            self.queued.dropped.fetch_add(1, Ordering::Relaxed);
+        if self.counts.queued.fetch_add(1, Ordering::Relaxed) >= JOURNAL_LIMIT || self.tx.send(ev.clone()).is_err() {
+            self.counts.queued.fetch_sub(1, Ordering::Relaxed);
+            self.counts.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
@@ -932,7 +933,7 @@ impl JournalFeed {
 /// happened.
 pub struct Journal {
     rx: mpsc::UnboundedReceiver<Arc<RegistryEvent>>,
-    queued: Arc<JournalCounts>,
+    counts: Arc<JournalCounts>,
 }
 
 /// What [`Journal::recv`] hands out.
@@ -945,19 +946,19 @@ pub enum Journaled {
 impl Journal {
     /// The next change; None once the registry is gone.
     pub async fn recv(&mut self) -> Option<Journaled> {
-        let missed = self.queued.dropped.swap(0, Ordering::Relaxed);
+        let missed = self.counts.dropped.swap(0, Ordering::Relaxed);
         if missed > 0 {
             return Some(Journaled::Missed(missed));
         }
         let ev = self.rx.recv().await?;
-        self.queued.queued.fetch_sub(1, Ordering::Relaxed);
+        self.counts.queued.fetch_sub(1, Ordering::Relaxed);
         Some(Journaled::Change(ev))
     }
 
     /// The next change if one is waiting (never reports drops: [`Journal::recv`] does).
     pub fn try_recv(&mut self) -> Option<Arc<RegistryEvent>> {
         let ev = self.rx.try_recv().ok()?;
-        self.queued.queued.fetch_sub(1, Ordering::Relaxed);
+        self.counts.queued.fetch_sub(1, Ordering::Relaxed);
         Some(ev)
     }
 }
