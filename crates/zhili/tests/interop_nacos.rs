@@ -15,7 +15,8 @@ use http_body_util::{BodyExt, Full};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn nacos_sdk_python3_grpc_register_discover_push_health_config_acl() {
-    let s = ServerProcess::start(bin(), &[]);
+    // A short read timeout: the scenario stays quiet past it and must keep its connection.
+    let s = ServerProcess::start(bin(), &["--read-timeout", "2s"]);
     let token = bootstrap(&s).await;
     let args = [s.nacos.expect("nacos").port().to_string(), s.nacos_grpc.expect("nacos grpc").port().to_string(), s.api.port().to_string(), token.clone()];
     let out = tokio::task::spawn_blocking(move || {

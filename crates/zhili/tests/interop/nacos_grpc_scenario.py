@@ -23,6 +23,8 @@ from v2.nacos import (BatchRegisterInstanceParam, ClientConfigBuilder, ConfigPar
 HOST, HTTP_PORT, GRPC_PORT, API_PORT, TOKEN = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 SERVICE = "nacos-grpc-demo"
 TIMEOUT = 10.0
+# Longer than the --read-timeout the test gives the server.
+QUIET = 5.0
 
 
 def api(method, path, body=None):
@@ -122,6 +124,18 @@ async def naming_scenario():
     other = await NacosNamingService.create_naming_service(config())
     assert await other.register_instance(RegisterInstanceParam(service_name=SERVICE, ip="10.1.0.9", port=7000))
     await eventually("second client's instance visible", lambda: ("10.1.0.9", 7000) in consul_addresses())
+
+    # Quiet past the server's read timeout (the test runs it with --read-timeout 2s): the client
+    # sends nothing on its stream, yet keeps its connection and its instance. Dropped, the SDK
+    # would reconnect and register again, under a new create index.
+    def create_index():
+        st, body = api("GET", f"/v1/catalog/service/{SERVICE}")
+        assert st == 200, (st, body)
+        return [e["CreateIndex"] for e in body if (e["ServiceAddress"], e["ServicePort"]) == ("10.1.0.9", 7000)]
+
+    registered = create_index()
+    await asyncio.sleep(QUIET)
+    assert create_index() == registered, (registered, create_index())
     await other.shutdown()
     await eventually("instance removed with its connection", lambda: ("10.1.0.9", 7000) not in consul_addresses(passing=False))
 
