@@ -173,7 +173,7 @@ async fn run_connection(s: NacosState, conn: Arc<Conn>, mut incoming: tonic::Str
             _ = &mut setup_deadline, if !registered => break,
         }
     }
-    s.nacos.close(&s, &conn);
+    s.nacos.close(&s, &conn).await;
 }
 
 /// Answers one unary request: returns the response type and its JSON body.

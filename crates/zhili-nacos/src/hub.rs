@@ -79,6 +79,9 @@ impl Conn {
     }
 }
 
+/// Instances a closing connection releases between two yields to the runtime.
+const RELEASE_BATCH: usize = 512;
+
 pub struct NacosHub {
     /// Set-up gRPC connections by peer address (one TCP connection is one Nacos connection).
     conns: Mutex<HashMap<SocketAddr, Arc<Conn>>>,
@@ -167,7 +170,7 @@ impl NacosHub {
     /// Forgets a connection and removes the ephemeral instances it still owns: not those a client
     /// re-registered since through another connection (or over HTTP), which the registry knows
     /// by their owner.
-    pub fn close(&self, s: &NacosState, conn: &Arc<Conn>) {
+    pub async fn close(&self, s: &NacosState, conn: &Arc<Conn>) {
         {
             // Only this stream's entry: a second stream on the same connection may have replaced it.
             let mut conns = self.conns.lock();
@@ -176,9 +179,16 @@ impl NacosHub {
             }
         }
         let owned: Vec<((String, String), HashSet<String>)> = conn.instances.lock().drain().collect();
+        let mut released = 0usize;
         for ((ns, service), ids) in owned {
             for id in ids {
                 s.registry.release(&conn.owner, &ns, &service, &id);
+                released += 1;
+                // A connection may own a hundred thousand instances: let the worker serve others
+                // between batches rather than stall for the whole release.
+                if released.is_multiple_of(RELEASE_BATCH) {
+                    tokio::task::yield_now().await;
+                }
             }
         }
         tracing::debug!(conn = %conn.id, "nacos connection closed");
