@@ -149,13 +149,10 @@ async fn grpc_call(addr: std::net::SocketAddr, path: &str, message: &[u8]) -> (S
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let (mut send, conn) = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp)).await.unwrap();
     tokio::spawn(conn);
-    let mut framed = vec![0u8];
-    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
-    framed.extend_from_slice(message);
     let req = http::Request::post(format!("http://{addr}{path}"))
         .header("content-type", "application/grpc")
         .header("te", "trailers")
-        .body(Full::new(Bytes::from(framed)))
+        .body(Full::new(grpc_frame(message)))
         .unwrap();
     let resp = tokio::time::timeout(Duration::from_secs(10), send.send_request(req)).await.unwrap().unwrap();
     let head_status = resp.headers().get("grpc-status").map(|v| v.to_str().unwrap().to_string());
