@@ -130,8 +130,13 @@ impl NacosHub {
         }
     }
 
+    /// A set-up stream becomes its TCP connection's Nacos connection; a stream it replaces is
+    /// ended (its instances go with it unless re-registered), so one TCP connection holds at most
+    /// one stream open past its setup deadline: bidirectional streams have no read deadline.
     pub fn add(&self, conn: Arc<Conn>) {
-        self.conns.lock().insert(conn.addr, conn);
+        if let Some(replaced) = self.conns.lock().insert(conn.addr, conn) {
+            replaced.kill.notify_one();
+        }
     }
 
     /// A strictly increasing millisecond clock for `lastRefTime`: clients drop a push whose time

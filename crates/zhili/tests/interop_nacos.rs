@@ -210,6 +210,21 @@ impl NacosGrpc {
         let io = hyper_util::rt::TokioIo::new(tokio::net::TcpStream::from_std(tcp).unwrap());
         let (mut send, conn) = hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io).await.unwrap();
         tokio::spawn(conn);
+        let stream = Self::bidi(&mut send, addr);
+        let mut c = Self { addr, send, cut, stream };
+        // The server sets the connection up asynchronously.
+        for _ in 0..200 {
+            if c.unary("HealthCheckRequest", "{}").await.contains("HealthCheckResponse") {
+                return c;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("the connection was never set up");
+    }
+
+    /// A bidirectional stream: the setup request, then silence (never closed from this side).
+    /// The task ends when the server ends the stream.
+    fn bidi(send: &mut hyper::client::conn::http2::SendRequest<GrpcBody>, addr: std::net::SocketAddr) -> tokio::task::JoinHandle<()> {
         let setup = grpc_frame(&payload("ConnectionSetupRequest", r#"{"clientVersion":"test","labels":{}}"#));
         let frames = futures_util::StreamExt::chain(
             futures_util::stream::once(async move { Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(setup)) }),
@@ -221,19 +236,10 @@ impl NacosGrpc {
             .body(GrpcBody::new(http_body_util::StreamBody::new(frames)))
             .unwrap();
         let stream = send.send_request(req);
-        let stream = tokio::spawn(async move {
+        tokio::spawn(async move {
             let mut body = stream.await.unwrap().into_body();
             while let Some(Ok(_)) = body.frame().await {}
-        });
-        let mut c = Self { addr, send, cut, stream };
-        // The server sets the connection up asynchronously.
-        for _ in 0..200 {
-            if c.unary("HealthCheckRequest", "{}").await.contains("HealthCheckResponse") {
-                return c;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!("the connection was never set up");
+        })
     }
 
     /// One unary request on the connection; the reply message as text.
@@ -286,6 +292,15 @@ async fn nacos_grpc_quiet_client_keeps_its_instances_until_it_leaves() {
     let reply = first.unary("HealthCheckRequest", "{}").await;
     assert!(reply.contains("HealthCheckResponse"), "the quiet client's connection was dropped: {reply}");
     assert_eq!(listed().await, ["10.9.0.1", "10.9.0.2"], "the quiet client's instances were removed");
+
+    // Quiet streams have no read deadline, so a connection keeps only one: a second stream set up
+    // on it ends the first (as an attacker would stack them to hold server tasks forever).
+    let extra = NacosGrpc::bidi(&mut first.send, grpc);
+    assert_eventually(Duration::from_secs(10), "the replaced stream is ended", || async { first.stream.is_finished() }).await;
+    first.stream = extra;
+    first.register("quiet", "10.9.0.1").await;
+    first.register("quiet", "10.9.0.2").await;
+    assert_eq!(listed().await, ["10.9.0.1", "10.9.0.2"]);
 
     // The client moves one instance to a new connection, then the old connection goes away:
     // only what it still owned goes with it.
