@@ -237,6 +237,7 @@ impl Registry {
                 reg.checks
                     .schedule(CheckKey { namespace: ns.into(), service: svc.into(), instance: inst.reg.id.clone(), check: c.def.id.clone() }, c.def.clone());
             }
+            entry.sweep_by(inst.due(&entry.def.health));
             entry.instances.insert(inst.reg.id.clone(), inst);
         }
         Ok(reg)
@@ -341,6 +342,8 @@ impl Registry {
             let entry = state.services.entry(key).or_insert_with(|| ServiceEntry::new(svc.clone(), rev));
             entry.def = svc.clone();
             entry.index = rev;
+            // The health settings may have changed every instance's due time.
+            entry.sweep_by(0);
             events.push(RegistryEvent {
                 index: 0,
                 kind: RegistryEventKind::ServiceUpserted,
@@ -600,6 +603,7 @@ impl Registry {
             };
             entry.index = rev;
             events.push(Self::instance_event(kind, entry, &inst));
+            entry.sweep_by(inst.due(&entry.def.health));
             entry.instances.insert(id.clone(), inst);
             old
         });
@@ -687,7 +691,11 @@ impl Registry {
         let (changed, rev) = self.mutate(ns, service, |state, rev, events| {
             let entry = state.services.get_mut(&(ns.to_string(), service.to_string()))?;
             let inst = entry.instances.get_mut(id)?;
-            if !f(inst, now) {
+            let changed = f(inst, now);
+            // Whatever `f` did (a TTL renewed, a check gone critical, a revival), the reaper
+            // sees it in time.
+            entry.sweep_due.fetch_min(inst.due(&entry.def.health), Ordering::Relaxed);
+            if !changed {
                 return Some(false);
             }
             inst.modify_index = rev;
@@ -811,9 +819,18 @@ impl Registry {
         let wall = unix_ms();
         let mut stale: Vec<(String, String, String)> = Vec::new();
         let mut remove: Vec<(String, String, String, bool)> = Vec::new();
+        let mut scanned = 0;
         for shard in self.each_shard() {
             for ((ns, svc), e) in &shard.services {
+                // Nothing here can be due yet; a shared lock keeps writers (who lower it) out.
+                if now < e.sweep_due.load(Ordering::Relaxed) {
+                    continue;
+                }
+                scanned += e.instances.len() as u64;
                 let h = e.def.health;
+                // The next pass's due time, from the instances left as they are (those handled
+                // below lower it again through `update_instance`, or are removed).
+                let mut next = u64::MAX;
                 for inst in e.instances.values() {
                     let key = || (ns.clone(), svc.clone(), inst.reg.id.clone());
                     if inst.reg.ephemeral {
@@ -828,14 +845,19 @@ impl Registry {
                             // Gone silent, or (owned instances: their owner's beat does not pass
                             // through `heartbeat`) beating again.
                             stale.push(key());
+                            continue;
                         }
                     }
                     if inst.checks.iter().any(|c| c.ttl_expired(now) || c.deregister_due(now)) {
                         stale.push(key());
+                        continue;
                     }
+                    next = next.min(inst.due(&h));
                 }
+                e.sweep_due.store(next, Ordering::Relaxed);
             }
         }
+        self.metrics.reaper_scanned.inc_by(scanned);
         for (ns, svc, id) in stale {
             let mut deregister = false;
             let def_health = self.read_service(&ns, &svc, |e| Some(e.def.health));

@@ -2,8 +2,9 @@
 //! of the shard the service hashes to.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use zhili_model::{CheckDefinition, CheckKind, CheckState, HealthStatus, Instance, InstanceRegistration, Maintenance, Service};
+use zhili_model::{CheckDefinition, CheckKind, CheckState, HealthDefaults, HealthStatus, Instance, InstanceRegistration, Maintenance, Service};
 
 use crate::BeatCell;
 
@@ -24,11 +25,22 @@ pub(crate) struct ServiceEntry {
     /// Every visible change bumps `index`, so a stale entry is recognised, never served.
     /// Its own small lock, so readers under the shard's shared lock can fill it.
     pub rendered: parking_lot::Mutex<Option<(u64, bytes::Bytes)>>,
+    /// Registry-epoch ms before which the reaper has nothing to do here: no instance can go
+    /// silent, expire a TTL or be due for removal sooner. Heartbeats only move that later;
+    /// whatever can move it sooner (a registration, any instance update, the service's health
+    /// settings) lowers it under the shard's write lock, so a service of a million healthy
+    /// instances is scanned when its first instance is due, not on every pass.
+    pub sweep_due: AtomicU64,
 }
 
 impl ServiceEntry {
     pub fn new(def: Service, index: u64) -> Self {
-        Self { def, index, instances: BTreeMap::new(), rendered: parking_lot::Mutex::new(None) }
+        Self { def, index, instances: BTreeMap::new(), rendered: parking_lot::Mutex::new(None), sweep_due: AtomicU64::new(0) }
+    }
+
+    /// Lowers [`ServiceEntry::sweep_due`] to `due` (an instance's [`InstanceEntry::due`]).
+    pub fn sweep_by(&self, due: u64) {
+        self.sweep_due.fetch_min(due, Ordering::Relaxed);
     }
 }
 
@@ -120,8 +132,35 @@ impl InstanceEntry {
 
     /// Registry-epoch milliseconds of the latest heartbeat, its own or its owner's.
     pub fn last_beat(&self) -> u64 {
-        let own = self.last_beat.load(std::sync::atomic::Ordering::Relaxed);
-        self.owner.as_ref().map_or(own, |o| own.max(o.last_beat.load(std::sync::atomic::Ordering::Relaxed)))
+        let own = self.last_beat.load(Ordering::Relaxed);
+        self.owner.as_ref().map_or(own, |o| own.max(o.last_beat.load(Ordering::Relaxed)))
+    }
+
+    /// The earliest registry-epoch ms at which the reaper may have something to do for this
+    /// instance as it stands (`u64::MAX`: nothing, until something changes it): going silent,
+    /// being removed, a TTL running out, deregister-critical-after. 0 for an owned instance that
+    /// is critical for silence, since its owner's beat revives it without passing through
+    /// [`crate::Registry::heartbeat`].
+    pub fn due(&self, h: &HealthDefaults) -> u64 {
+        let mut due = u64::MAX;
+        if self.reg.ephemeral {
+            let beat = self.last_beat();
+            if self.heartbeat_status == HealthStatus::Passing {
+                due = beat.saturating_add(h.unhealthy_after.as_millis() as u64 + 1);
+            } else if self.owner.is_some() {
+                return 0;
+            }
+            due = due.min(beat.saturating_add(h.remove_after.as_millis() as u64 + 1));
+        }
+        for c in &self.checks {
+            if let (CheckKind::Ttl { .. }, Some(d)) = (&c.def.kind, c.ttl_deadline_ms) {
+                due = due.min(d.saturating_add(1));
+            }
+            if let (Some(after), Some(since), HealthStatus::Critical) = (c.def.deregister_critical_after, c.critical_since_ms, c.status) {
+                due = due.min(since.saturating_add(after.as_millis() as u64));
+            }
+        }
+        due
     }
 
     /// Re-registration keeps the results of checks whose definition did not change.

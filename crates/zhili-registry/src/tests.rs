@@ -142,6 +142,58 @@ async fn an_owners_beats_keep_its_instances_alive_until_it_stops() {
     assert!(r.instance("default", "own", "10.0.0.1:1").is_none(), "an owner that stops beating lets its instances lapse");
 }
 
+/// The reaper skips a service until its first instance can be due: healthy beating instances
+/// are examined a few times a second's worth of passes, not on every pass, and still go
+/// critical, come back and are removed on time; an owned one still revives on its owner's beat.
+#[tokio::test(start_paused = true)]
+async fn the_reaper_skips_services_with_nothing_due() {
+    let (r, _) = registry();
+    let spec: ServiceSpec = serde_json::from_str(r#"{"health":{"heartbeat_interval":"100ms","unhealthy_after":"300ms","remove_after":"600ms"}}"#).unwrap();
+    r.put_service(spec.validate("default", "big").unwrap()).await.unwrap();
+    let ids: Vec<String> = (0..50).map(|n| format!("10.0.1.{n}:1")).collect();
+    for n in 0..50 {
+        r.register("default", "big", inst(&format!(r#"{{"address":"10.0.1.{n}","port":1}}"#))).await.unwrap();
+    }
+    let scanned = || r.metrics.reaper_scanned.get();
+    r.reap().await;
+    assert_eq!(scanned(), 50, "the service's health settings were just set: every instance is examined once");
+    r.reap().await;
+    assert_eq!(scanned(), 50, "then nothing can be due for 300ms: the service is skipped");
+    // One second of 50 ms passes with a heartbeat from everyone every 100 ms.
+    for pass in 0..20 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if pass % 2 == 1 {
+            for id in &ids {
+                r.heartbeat("default", "big", id).unwrap();
+            }
+        }
+        r.reap().await;
+    }
+    let busy = scanned() - 50;
+    assert!(busy > 0, "the service is examined when its oldest beat comes due");
+    assert!(busy <= 50 * 6, "examined {busy} instances in 20 passes: the service was not skipped while nothing was due");
+    assert_eq!(r.instances("default", "big", &healthy()).unwrap().instances.len(), 50);
+    // Silent: critical once unhealthy_after has passed, though the pass before skipped them.
+    tokio::time::sleep(Duration::from_millis(320)).await;
+    r.reap().await;
+    assert!(r.instances("default", "big", &healthy()).unwrap().instances.is_empty(), "silent instances turn critical on time");
+    r.heartbeat("default", "big", &ids[0]).unwrap();
+    assert_eq!(r.instances("default", "big", &healthy()).unwrap().instances.len(), 1, "a heartbeat revives its instance at once");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    r.reap().await;
+    assert_eq!(r.instances("default", "big", &InstanceFilter::default()).unwrap().instances.len(), 1, "the silent ones are removed on time");
+    // An owned instance gone critical is looked at on every pass: its owner's beat revives it.
+    let owner = r.owner();
+    r.register_owned("default", "big", inst(r#"{"address":"10.0.2.1","port":1}"#), Some(owner.clone())).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    r.heartbeat("default", "big", &ids[0]).unwrap();
+    r.reap().await;
+    assert!(r.instance("default", "big", "10.0.2.1:1").is_some_and(|i| i.health == HealthStatus::Critical));
+    r.beat_owner(&owner);
+    r.reap().await;
+    assert!(r.instance("default", "big", "10.0.2.1:1").is_some_and(|i| i.health == HealthStatus::Passing), "its owner's beat revives it on the next pass");
+}
+
 #[tokio::test(start_paused = true)]
 async fn heartbeats_keep_ephemeral_instances_alive() {
     let (r, _) = registry();

@@ -47,6 +47,8 @@ pub struct Metrics {
     pub services: Gauge,
     pub heartbeats: Counter,
     pub registrations: Counter,
+    /// Instances the registry's reaper examined (services with nothing due are skipped).
+    pub reaper_scanned: Counter,
     pub check_results: Family<CheckLabels, Counter>,
     pub check_duration: Family<KindLabel, Histogram>,
     pub watchers: Gauge<i64, AtomicI64>,
@@ -77,6 +79,8 @@ impl Metrics {
         registry.register("heartbeats", "Heartbeats received", heartbeats.clone());
         let registrations = Counter::default();
         registry.register("registrations", "Instance registrations applied", registrations.clone());
+        let reaper_scanned = Counter::default();
+        registry.register("registry_reaper_scanned_instances", "Instances the registry's reaper examined", reaper_scanned.clone());
         let check_results = Family::<CheckLabels, Counter>::default();
         registry.register("check_results", "Active check results by kind and status", check_results.clone());
         let check_duration = Family::<KindLabel, Histogram>::new_with_constructor(|| Histogram::new(latency_buckets()));
@@ -111,6 +115,7 @@ impl Metrics {
             services,
             heartbeats,
             registrations,
+            reaper_scanned,
             check_results,
             check_duration,
             watchers,
