@@ -195,15 +195,26 @@ impl Pool {
     /// Picks an endpoint for one try, skipping `tried` ones when others exist. Ejected endpoints
     /// are used only when every candidate is ejected.
     pub fn pick(&self, lb: LoadBalancer, subset: Option<&Subset>, hash_key: Option<u64>, tried: &[Arc<EndpointState>]) -> Option<Arc<EndpointState>> {
+        // Candidates on the stack (a pick per request must not allocate): the subset, narrowed
+        // to endpoints not tried yet and not ejected, where that leaves any.
+        type Candidates<'a> = smallvec::SmallVec<[&'a Arc<EndpointState>; 16]>;
         let all = self.endpoints.load();
-        let in_subset: Vec<&Arc<EndpointState>> = all.iter().filter(|e| e.matches(subset) && e.endpoint.weight > 0).collect();
-        if in_subset.is_empty() {
+        let mut c: Candidates<'_> = all.iter().filter(|e| e.matches(subset) && e.endpoint.weight > 0).collect();
+        if c.is_empty() {
             return None;
         }
-        let fresh: Vec<&Arc<EndpointState>> = in_subset.iter().copied().filter(|e| !tried.iter().any(|t| Arc::ptr_eq(t, e))).collect();
-        let base = if fresh.is_empty() { in_subset } else { fresh };
-        let healthy: Vec<&Arc<EndpointState>> = base.iter().copied().filter(|e| !e.ejected()).collect();
-        let c = if healthy.is_empty() { base } else { healthy };
+        if !tried.is_empty() {
+            let fresh: Candidates<'_> = c.iter().copied().filter(|e| !tried.iter().any(|t| Arc::ptr_eq(t, e))).collect();
+            if !fresh.is_empty() {
+                c = fresh;
+            }
+        }
+        if c.iter().any(|e| e.ejected()) {
+            let healthy: Candidates<'_> = c.iter().copied().filter(|e| !e.ejected()).collect();
+            if !healthy.is_empty() {
+                c = healthy;
+            }
+        }
         let chosen = match lb {
             LoadBalancer::P2cEwma => {
                 if c.len() == 1 {
@@ -226,7 +237,7 @@ impl Pool {
             LoadBalancer::RoundRobin => c.get(self.rr.fetch_add(1, Ordering::Relaxed) % c.len()).copied()?,
             LoadBalancer::LeastRequest => {
                 let min = c.iter().map(|e| e.pending.load(Ordering::Relaxed)).min().unwrap_or(0);
-                let least: Vec<&&Arc<EndpointState>> = c.iter().filter(|e| e.pending.load(Ordering::Relaxed) == min).collect();
+                let least: Candidates<'_> = c.iter().copied().filter(|e| e.pending.load(Ordering::Relaxed) == min).collect();
                 least.get(self.rr.fetch_add(1, Ordering::Relaxed) % least.len().max(1)).copied()?
             }
             LoadBalancer::WeightedRoundRobin => {

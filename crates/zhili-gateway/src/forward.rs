@@ -72,10 +72,10 @@ pub struct Call<'a> {
     pub route: &'a Route,
     pub target: &'a Target,
     /// The normalized authority routing matched: the upstream's Host.
-    pub authority: &'a str,
+    pub authority: &'a crate::target::Authority,
     /// The path the upstream gets (normalized, or as sent on raw-path routes).
     pub path: &'a str,
-    pub client_ip: &'a str,
+    pub client_ip: &'a HeaderValue,
     pub tls: bool,
     pub hash_key: Option<u64>,
     pub request_id: &'a HeaderValue,

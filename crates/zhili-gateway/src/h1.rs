@@ -100,21 +100,21 @@ impl Conn {
         self.io.write_all(request).await.map_err(|e| failed(e, false))?;
         let mut answered = false;
         loop {
-            let complete = {
-                let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-                match httparse::Response::new(&mut headers).parse(&self.buf) {
-                    Ok(httparse::Status::Complete(n)) => Some(n),
-                    Ok(httparse::Status::Partial) => None,
-                    Err(e) => return Err(failed(format!("sent an invalid answer: {e}"), true)),
-                }
+            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut resp = httparse::Response::new(&mut headers);
+            let complete = match resp.parse(&self.buf) {
+                Ok(httparse::Status::Complete(n)) => Some(n),
+                Ok(httparse::Status::Partial) => None,
+                Err(e) => return Err(failed(format!("sent an invalid answer: {e}"), true)),
             };
             if let Some(n) = complete {
-                // Parsed again from the frozen head, so header values share its memory.
-                let head = self.buf.split_to(n).freeze();
-                let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-                let mut resp = httparse::Response::new(&mut headers);
-                let _ = resp.parse(&head);
-                let (parts, framing, keep_alive) = parse_head(&resp, &head, head_request).map_err(|e| failed(e, true))?;
+                // The head's fields as offsets, so the values can share the frozen head's memory.
+                let base = self.buf.as_ptr() as usize;
+                let at = |s: &[u8]| (s.as_ptr() as usize - base, s.len());
+                let fields = resp.headers.iter().map(|h| Field { name: at(h.name.as_bytes()), value: at(h.value) }).collect();
+                let head = Head { code: resp.code, http10: resp.version != Some(1), fields };
+                let bytes = self.buf.split_to(n).freeze();
+                let (parts, framing, keep_alive) = parse_head(&head, &bytes, head_request).map_err(|e| failed(e, true))?;
                 if parts.status == StatusCode::SWITCHING_PROTOCOLS {
                     return Err(failed("switched protocols without being asked to", true));
                 }
@@ -180,16 +180,33 @@ impl Conn {
     }
 }
 
-fn parse_head(resp: &httparse::Response<'_, '_>, head: &Bytes, head_request: bool) -> Result<(http::response::Parts, Framing, bool), String> {
+/// Where one header line's name and value lie in an answer head (offset, length).
+struct Field {
+    name: (usize, usize),
+    value: (usize, usize),
+}
+
+/// An answer head as httparse found it (parsed once, before the head is split off the read
+/// buffer), its fields as offsets into the head's bytes.
+struct Head {
+    code: Option<u16>,
+    /// HTTP/1.0 (anything but 1.1): closes unless it says keep-alive.
+    http10: bool,
+    fields: smallvec::SmallVec<[Field; 24]>,
+}
+
+fn parse_head(resp: &Head, head: &Bytes, head_request: bool) -> Result<(http::response::Parts, Framing, bool), String> {
     let status = StatusCode::from_u16(resp.code.unwrap_or(0)).map_err(|_| "sent an invalid status".to_string())?;
-    let mut headers = HeaderMap::with_capacity(resp.headers.len());
+    let mut headers = HeaderMap::with_capacity(resp.fields.len());
     let mut length: Option<u64> = None;
     let mut transfer_encoding = false;
     let mut chunked = false;
-    let mut close = resp.version != Some(1);
-    for h in resp.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| format!("sent an invalid header name {:?}", h.name))?;
-        let value = HeaderValue::from_maybe_shared(head.slice_ref(h.value)).map_err(|_| format!("sent an invalid value for {}", h.name))?;
+    let mut close = resp.http10;
+    for h in &resp.fields {
+        let raw = head.get(h.name.0..h.name.0 + h.name.1).unwrap_or_default();
+        let name = HeaderName::from_bytes(raw).map_err(|_| format!("sent an invalid header name {:?}", String::from_utf8_lossy(raw)))?;
+        let (at, len) = h.value;
+        let value = HeaderValue::from_maybe_shared(head.slice(at..at + len)).map_err(|_| format!("sent an invalid value for {name}"))?;
         if name == header::CONTENT_LENGTH {
             // RFC 9110: 1*DIGIT, nothing else ("+5", "0x5" and lists are framing attacks).
             let digits = value.as_bytes().trim_ascii();
@@ -210,7 +227,7 @@ fn parse_head(resp: &httparse::Response<'_, '_>, head: &Bytes, head_request: boo
             let v = value.as_bytes();
             if v.split(|b| *b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close")) {
                 close = true;
-            } else if resp.version == Some(0) && v.split(|b| *b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"keep-alive")) {
+            } else if resp.http10 && v.split(|b| *b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"keep-alive")) {
                 close = false;
             }
         }

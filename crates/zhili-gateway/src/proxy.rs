@@ -26,15 +26,16 @@ use crate::transform::{apply_ops, request_id, X_REQUEST_ID};
 #[derive(Clone, Debug)]
 pub struct Peer {
     pub addr: SocketAddr,
-    /// The client's IP as text (X-Forwarded-For, rate-limit keys), formatted once per connection.
-    pub ip: Arc<str>,
+    /// The client's IP as text (X-Forwarded-For, rate-limit keys), formatted once per connection,
+    /// as a header value: a request without X-Forwarded-For forwards it as it is.
+    pub ip: HeaderValue,
     pub tls: bool,
     pub client_cn: Option<Arc<str>>,
 }
 
 /// What routing found: the normalized authority, the route (if any) and the path the upstream gets.
 struct Routed {
-    authority: Authority,
+    authority: Arc<Authority>,
     route: Option<Arc<Route>>,
     /// The normalized path, or the path as sent on raw-path routes.
     forward_path: String,
@@ -227,7 +228,7 @@ async fn act<'r>(
                 gw,
                 route,
                 target,
-                authority: &routed.authority.authority,
+                authority: &routed.authority,
                 path: &routed.forward_path,
                 client_ip: &peer.ip,
                 tls: peer.tls,

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::HeaderValue;
 use http_body_util::BodyExt;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
@@ -37,7 +38,12 @@ pub async fn serve(
         let (gw, tls, watcher, stop, alive) = (gw.clone(), tls.clone(), graceful.watcher(), stop.clone(), alive.clone());
         tokio::spawn(async move {
             let _alive = alive;
-            let peer = |tls: bool, client_cn| Peer { addr, ip: addr.ip().to_string().into(), tls, client_cn };
+            let peer = |tls: bool, client_cn| Peer {
+                addr,
+                ip: HeaderValue::from_str(&addr.ip().to_string()).expect("an IP address is a valid header value"),
+                tls,
+                client_cn,
+            };
             match tls {
                 None => connection(conn.wrap(stream), peer(false, None), true, gw, conn, watcher, stop).await,
                 Some(acceptor) => {

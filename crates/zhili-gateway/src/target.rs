@@ -11,7 +11,10 @@
 //! dot-segments with parameters (`..;`) are refused unless a route asks for raw paths. Matching is
 //! case-sensitive, as paths are.
 
-use http::header::{self, HeaderMap};
+use std::cell::RefCell;
+use std::sync::Arc;
+
+use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Uri, Version};
 
 /// The normalized authority: `host` for routing (no port), `authority` for the upstream's Host.
@@ -19,34 +22,73 @@ use http::{Method, Uri, Version};
 pub struct Authority {
     pub host: String,
     pub authority: String,
+    /// `authority` as a header value (the upstream's Host and X-Forwarded-Host); None when empty.
+    pub value: Option<HeaderValue>,
+}
+
+impl Authority {
+    fn new(host: String, authority: String) -> Self {
+        let value = Some(&authority).filter(|a| !a.is_empty()).and_then(|a| HeaderValue::from_str(a).ok());
+        Self { host, authority, value }
+    }
+}
+
+/// Host headers normalized lately on this thread (a gateway worker), with what they gave: a
+/// keep-alive client sends the same Host on every request, so each is normalized once rather
+/// than per request (lower-casing, checks and two Strings were 2 % of a proxied GET).
+const RECENT_HOSTS: usize = 16;
+
+/// The next slot to replace, and the hosts with their authorities.
+type Recent = (usize, Vec<(HeaderValue, Arc<Authority>)>);
+
+thread_local! {
+    static RECENT: RefCell<Recent> = const { RefCell::new((0, Vec::new())) };
+}
+
+/// [`normalize`] of a `Host` header, through this thread's [`RECENT`] hosts. Refusals are not
+/// kept (a stream of bad hosts costs what it did before, and evicts nothing).
+fn normalize_host(h: &HeaderValue) -> Result<Arc<Authority>, Refusal> {
+    if let Some(a) = RECENT.with(|r| r.borrow().1.iter().find(|(v, _)| v == h).map(|(_, a)| a.clone())) {
+        return Ok(a);
+    }
+    let a = Arc::new(normalize(h.to_str().map_err(|_| "the Host header is not text")?)?);
+    RECENT.with(|r| {
+        let (next, hosts) = &mut *r.borrow_mut();
+        // A copy: the request's value shares its whole read buffer.
+        let Ok(key) = HeaderValue::from_bytes(h.as_bytes()) else { return };
+        let entry = (key, a.clone());
+        match hosts.get_mut(*next) {
+            Some(slot) => *slot = entry,
+            None => hosts.push(entry),
+        }
+        *next = (*next + 1) % RECENT_HOSTS;
+    });
+    Ok(a)
 }
 
 /// Why a request target is refused (answered 400).
 pub type Refusal = &'static str;
 
 /// The authority of a request, normalized; see the module doc.
-pub fn authority(version: Version, uri: &Uri, headers: &HeaderMap) -> Result<Authority, Refusal> {
+pub fn authority(version: Version, uri: &Uri, headers: &HeaderMap) -> Result<Arc<Authority>, Refusal> {
     let mut hosts = headers.get_all(header::HOST).iter();
     let host_header = hosts.next();
     if hosts.next().is_some() {
         return Err("more than one Host header");
     }
-    let host_header = match host_header {
-        Some(v) => Some(v.to_str().map_err(|_| "the Host header is not text")?),
-        None => None,
-    };
     if let Some(a) = uri.authority() {
         // HTTP/2 `:authority` (or an absolute-form target) must agree with a `host` header.
+        let a = normalize(a.as_str())?;
         if let Some(h) = host_header {
-            if version == Version::HTTP_2 && normalize(h)? != normalize(a.as_str())? {
+            if version == Version::HTTP_2 && *normalize_host(h)? != a {
                 return Err(":authority and host disagree");
             }
         }
-        return normalize(a.as_str());
+        return Ok(Arc::new(a));
     }
     match host_header {
-        Some(h) => normalize(h),
-        None if version == Version::HTTP_10 => Ok(Authority { host: String::new(), authority: String::new() }),
+        Some(h) => normalize_host(h),
+        None if version == Version::HTTP_10 => Ok(Arc::new(Authority::new(String::new(), String::new()))),
         None => Err("the Host header is missing"),
     }
 }
@@ -82,7 +124,7 @@ fn normalize(raw: &str) -> Result<Authority, Refusal> {
         Some(p) if !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u16>().is_ok() => format!("{host}:{p}"),
         Some(_) => return Err("a malformed port in the Host"),
     };
-    Ok(Authority { host, authority })
+    Ok(Authority::new(host, authority))
 }
 
 /// The normalized path of `raw` (see the module doc). `raw_ok`: encoded slashes and dot-segments
@@ -213,7 +255,7 @@ mod tests {
     use super::*;
     use http::HeaderValue;
 
-    fn auth(version: Version, uri: &str, hosts: &[&str]) -> Result<Authority, Refusal> {
+    fn auth(version: Version, uri: &str, hosts: &[&str]) -> Result<Arc<Authority>, Refusal> {
         let mut h = HeaderMap::new();
         for v in hosts {
             h.append(header::HOST, HeaderValue::from_str(v).unwrap());
@@ -234,6 +276,23 @@ mod tests {
         }
         assert!(auth(Version::HTTP_2, "http://a.example/x", &["b.example"]).is_err(), ":authority vs host");
         assert!(auth(Version::HTTP_2, "http://a.example/x", &["A.example."]).is_ok());
+    }
+
+    /// Hosts come from this thread's recent ones when seen before: the same answers as
+    /// normalizing afresh, for more hosts than are kept, and refusals stay refusals.
+    #[test]
+    fn recent_hosts_answer_as_normalizing_does() {
+        let hosts: Vec<String> = (0..RECENT_HOSTS * 2 + 3).map(|i| format!("Svc-{i}.Example.:80{}", i % 10)).collect();
+        for _ in 0..3 {
+            for h in &hosts {
+                let a = auth(Version::HTTP_11, "/x", &[h]).unwrap();
+                assert_eq!(*a, normalize(h).unwrap());
+                assert_eq!(a.value.as_ref().map(|v| v.as_bytes()), Some(a.authority.as_bytes()));
+            }
+            assert!(auth(Version::HTTP_11, "/x", &["bad host"]).is_err());
+        }
+        let first = auth(Version::HTTP_11, "/x", &["again.example"]).unwrap();
+        assert!(Arc::ptr_eq(&first, &auth(Version::HTTP_11, "/x", &["again.example"]).unwrap()), "a recent host is not normalized again");
     }
 
     #[test]

@@ -10,7 +10,8 @@ use zhili_model::route::HeaderOps;
 use crate::auth::Identity;
 use crate::table::Route;
 
-const HOP_BY_HOP: [HeaderName; 8] = [
+// A static, not a const: a const array of header names is built (and dropped) at every use.
+static HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     header::PROXY_AUTHENTICATE,
@@ -22,9 +23,26 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 ];
 
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
-    // Headers named in Connection are hop-by-hop too.
-    let named: Vec<HeaderName> = crate::body::connection_tokens(h).filter_map(|n| HeaderName::from_bytes(n).ok()).collect();
-    for n in named.iter().chain(HOP_BY_HOP.iter()) {
+    // One look over the names first: a removal by name hashes it, and most messages carry none
+    // of these or one (an upstream's `Connection: keep-alive`).
+    let mut found = [false; HOP_BY_HOP.len()];
+    for n in h.keys() {
+        if let Some(f) = HOP_BY_HOP.iter().position(|x| x == n).and_then(|i| found.get_mut(i)) {
+            *f = true;
+        }
+    }
+    if !found.iter().any(|f| *f) {
+        return;
+    }
+    // Headers named in Connection are hop-by-hop too (copied out: rare besides the above).
+    let named: Vec<HeaderName> = crate::body::connection_tokens(h)
+        .filter(|t| !t.eq_ignore_ascii_case(b"close") && !HOP_BY_HOP.iter().any(|x| t.eq_ignore_ascii_case(x.as_str().as_bytes())))
+        .filter_map(|n| HeaderName::from_bytes(n).ok())
+        .collect();
+    for n in &named {
+        h.remove(n);
+    }
+    for (n, _) in HOP_BY_HOP.iter().zip(found).filter(|(_, f)| *f) {
         h.remove(n);
     }
 }
@@ -71,10 +89,9 @@ pub fn request_id() -> HeaderValue {
 }
 
 /// W3C trace context: keep the caller's trace id with a new parent id (this hop), or start one.
-fn traceparent(h: &HeaderMap) -> HeaderValue {
+fn traceparent(incoming: Option<&HeaderValue>) -> HeaderValue {
     // 00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>
-    let incoming = h
-        .get(&TRACEPARENT)
+    let incoming = incoming
         .and_then(|v| <&[u8; 55]>::try_from(v.as_bytes()).ok())
         .filter(|v| v[2] == b'-' && v[35] == b'-' && v[52] == b'-' && v.iter().enumerate().all(|(i, b)| matches!(i, 2 | 35 | 52) || b.is_ascii_hexdigit()));
     let mut out = *b"00-00000000000000000000000000000000-0000000000000000-01";
@@ -93,8 +110,8 @@ fn traceparent(h: &HeaderMap) -> HeaderValue {
 /// What the upstream is told about where the request came from.
 pub struct Forwarded<'a> {
     /// The normalized authority routing matched: the upstream's Host.
-    pub authority: &'a str,
-    pub client_ip: &'a str,
+    pub authority: &'a crate::target::Authority,
+    pub client_ip: &'a HeaderValue,
     pub tls: bool,
     pub request_id: &'a HeaderValue,
     pub grpc: bool,
@@ -102,12 +119,40 @@ pub struct Forwarded<'a> {
     pub websocket: bool,
 }
 
+/// Which of the headers the transform reads or removes a request carries, found in one look
+/// over its names: a lookup or removal by name hashes the name, and most requests carry none.
+#[derive(Default)]
+struct Present {
+    hop_by_hop: bool,
+    expect: bool,
+    consumer: bool,
+    forwarded_for: bool,
+    traceparent: bool,
+}
+
+impl Present {
+    fn of(h: &HeaderMap) -> Self {
+        let mut p = Self::default();
+        for n in h.keys() {
+            p.hop_by_hop |= HOP_BY_HOP.contains(n);
+            p.expect |= *n == header::EXPECT;
+            p.consumer |= *n == crate::auth::CONSUMER_HEADER;
+            p.forwarded_for |= *n == X_FORWARDED_FOR;
+            p.traceparent |= *n == TRACEPARENT;
+        }
+        p
+    }
+}
+
 /// The headers the upstream gets for a request that came with `headers` and `uri`, and the
 /// query string to send instead of the client's when route auth hid a credential in it.
 pub fn upstream_headers(mut headers: HeaderMap, uri: &Uri, route: &Route, identity: Option<&Identity>, f: &Forwarded<'_>) -> (HeaderMap, Option<String>) {
-    let trace = traceparent(&headers);
+    let present = Present::of(&headers);
+    let trace = traceparent(present.traceparent.then(|| headers.get(&TRACEPARENT)).flatten());
     let upgrade = f.websocket.then(|| (headers.get(header::CONNECTION).cloned(), headers.get(header::UPGRADE).cloned()));
-    strip_hop_by_hop(&mut headers);
+    if present.hop_by_hop {
+        strip_hop_by_hop(&mut headers);
+    }
     if let Some((Some(c), Some(u))) = upgrade {
         headers.insert(header::CONNECTION, c);
         headers.insert(header::UPGRADE, u);
@@ -115,25 +160,31 @@ pub fn upstream_headers(mut headers: HeaderMap, uri: &Uri, route: &Route, identi
     if f.grpc {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
-    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {}", f.client_ip),
-        None => f.client_ip.to_string(),
+    let xff = match present.forwarded_for.then(|| headers.get(&X_FORWARDED_FOR)).flatten().and_then(|v| v.to_str().ok()) {
+        Some(prev) => HeaderValue::try_from(format!("{prev}, {}", f.client_ip.to_str().unwrap_or_default())).ok(),
+        None => Some(f.client_ip.clone()),
     };
-    if let Ok(v) = HeaderValue::try_from(xff) {
+    if let Some(v) = xff {
         headers.insert(X_FORWARDED_FOR.clone(), v);
     }
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(if f.tls { "https" } else { "http" }));
     // The authority routing matched is the one the upstream sees (never a second Host header or
-    // a different :authority); `Connection: host` cannot remove it.
-    headers.remove(header::HOST);
-    if let Some(h) = Some(f.authority).filter(|a| !a.is_empty()).and_then(|a| HeaderValue::from_str(a).ok()) {
+    // a different :authority); `Connection: host` cannot remove it. An insert replaces every
+    // value the client sent.
+    if let Some(h) = f.authority.value.clone() {
         headers.insert(X_FORWARDED_HOST.clone(), h.clone());
         headers.insert(header::HOST, h);
+    } else {
+        headers.remove(header::HOST);
     }
     // The gateway answers `100-continue` itself (when it reads the body); the identity header
     // is the gateway's to assert, on every route.
-    headers.remove(header::EXPECT);
-    headers.remove(&crate::auth::CONSUMER_HEADER);
+    if present.expect {
+        headers.remove(header::EXPECT);
+    }
+    if present.consumer {
+        headers.remove(&crate::auth::CONSUMER_HEADER);
+    }
     headers.insert(X_REQUEST_ID.clone(), f.request_id.clone());
     headers.insert(TRACEPARENT.clone(), trace);
     apply_ops(&mut headers, &route.spec.request_headers);
@@ -156,4 +207,45 @@ pub fn upstream_headers(mut headers: HeaderMap, uri: &Uri, route: &Route, identi
         }
     }
     (headers, hidden_query)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        pairs.iter().map(|(k, v)| (HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap())).collect()
+    }
+
+    fn names(h: &HeaderMap) -> Vec<&str> {
+        let mut n: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        n.sort_unstable();
+        n
+    }
+
+    /// The hop-by-hop headers go, and so does every header a Connection header names (in any
+    /// case, among several Connection headers); everything else stays.
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_names_are_stripped() {
+        let mut h = map(&[
+            ("connection", "keep-alive, X-Secret"),
+            ("connection", "close,x-other"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret", "1"),
+            ("x-other", "2"),
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "h2c"),
+            ("x-keep", "3"),
+            ("content-type", "text/plain"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(names(&h), ["content-type", "x-keep"]);
+        let mut plain = map(&[("x-keep", "1"), ("content-length", "5")]);
+        strip_hop_by_hop(&mut plain);
+        assert_eq!(names(&plain), ["content-length", "x-keep"]);
+        let mut named_only = map(&[("proxy-authorization", "Basic eA=="), ("x-keep", "1")]);
+        strip_hop_by_hop(&mut named_only);
+        assert_eq!(names(&named_only), ["x-keep"]);
+    }
 }
