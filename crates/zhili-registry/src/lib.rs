@@ -400,7 +400,7 @@ impl Registry {
                 group: e.def.group.clone(),
                 tags: e.def.tags.clone(),
                 instances: e.instances.len(),
-                passing: e.instances.values().filter(|i| i.view(&e.def).is_serving()).count(),
+                passing: e.instances.values().filter(|i| i.is_serving()).count(),
             }));
         }
         out.sort_by(|a, b| a.name.cmp(&b.name));

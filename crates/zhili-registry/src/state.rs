@@ -178,6 +178,12 @@ impl InstanceEntry {
         }
     }
 
+    /// [`Instance::is_serving`] of this instance's view, without building the view (a service
+    /// listing counts them for every instance of every service).
+    pub fn is_serving(&self) -> bool {
+        self.reg.enabled && self.maintenance.is_none() && self.health() == HealthStatus::Passing
+    }
+
     pub fn health(&self) -> HealthStatus {
         self.checks.iter().map(|c| c.status).chain(std::iter::once(self.heartbeat_status)).max().unwrap_or(HealthStatus::Passing)
     }

@@ -397,3 +397,19 @@ fn unrelated_services_share_no_lock_and_a_late_revision_still_wakes_its_watchers
     other.join().unwrap();
     reader.join().unwrap();
 }
+
+/// A service listing counts as passing exactly the instances discovery serves: enabled, not in
+/// maintenance, healthy (counted without building each instance's view).
+#[tokio::test(start_paused = true)]
+async fn service_listing_counts_serving_instances() {
+    let (r, _) = registry();
+    r.register("default", "mix", inst(r#"{"address":"10.0.3.1","port":1}"#)).await.unwrap();
+    r.register("default", "mix", inst(r#"{"address":"10.0.3.2","port":1,"enabled":false}"#)).await.unwrap();
+    r.register("default", "mix", inst(r#"{"address":"10.0.3.3","port":1}"#)).await.unwrap();
+    r.set_maintenance("default", "mix", "10.0.3.3:1", true, "patching").await.unwrap();
+    r.register("default", "mix", inst(r#"{"address":"10.0.3.4","port":1,"checks":[{"kind":"ttl","id":"t","ttl":"1m"}]}"#)).await.unwrap();
+    let (_, services) = r.list_services("default");
+    let mix = services.iter().find(|s| s.name == "mix").unwrap();
+    let serving = r.instances("default", "mix", &InstanceFilter::default()).unwrap().instances.iter().filter(|i| i.is_serving()).count();
+    assert_eq!((mix.instances, mix.passing, serving), (4, 1, 1));
+}
