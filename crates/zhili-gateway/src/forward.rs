@@ -154,8 +154,9 @@ async fn forward_inner(
     };
     route.budget.deposit();
     let retry_allowed = r.attempts > 0 && p.repeatable && on_upgrade.is_none();
-    let mut tried: Vec<Arc<EndpointState>> = Vec::new();
-    let mut last_error = (StatusCode::SERVICE_UNAVAILABLE, format!("no healthy endpoint for service {:?}", target.service));
+    let mut tried: smallvec::SmallVec<[Arc<EndpointState>; 4]> = smallvec::SmallVec::new();
+    // The answer when no try succeeds (formatted only then).
+    let mut last_error: Option<(StatusCode, String)> = None;
     let mut attempt = 0;
     // Whether another try may follow this one; sleeps the backoff when it may.
     let may_retry = |attempt: u32, outgoing: &Outgoing| {
@@ -215,7 +216,7 @@ async fn forward_inner(
                 if e.side() == Side::Upstream {
                     gw.stats.upstream_errors.fetch_add(1, Ordering::Relaxed);
                 }
-                last_error = (e.status(), format!("upstream {} {e}", ep.endpoint.id));
+                last_error = Some((e.status(), format!("upstream {} {e}", ep.endpoint.id)));
                 // Nothing reached the upstream: another endpoint may be tried for any method,
                 // within the route's attempts (at least one).
                 if e.nothing_sent() && matches!(p.outgoing, Outgoing::Replayable(_)) && attempt < r.attempts.max(1) && Instant::now() < deadline {
@@ -232,7 +233,8 @@ async fn forward_inner(
         }
         attempt += 1;
     }
-    (problem(last_error.0, &last_error.1), tried.pop())
+    let (status, detail) = last_error.unwrap_or_else(|| (StatusCode::SERVICE_UNAVAILABLE, format!("no healthy endpoint for service {:?}", target.service)));
+    (problem(status, &detail), tried.pop())
 }
 
 /// Transform: the upstream request's headers, path and body (small bodies are read first, so
@@ -265,13 +267,7 @@ async fn prepare(call: Call<'_>, req: Request<RequestBody>, websocket: bool, dea
         broken = Some(cell);
         Outgoing::Stream(Some(stream))
     };
-    let path_q = {
-        let p = route.upstream_path(path);
-        match hidden_query.as_deref().or(parts.uri.query()) {
-            Some(q) if !q.is_empty() => format!("{p}?{q}"),
-            _ => p,
-        }
-    };
+    let path_q = route.upstream_path(path, hidden_query.as_deref().or(parts.uri.query()));
     // The common case goes through our own HTTP/1.1 client, encoded once for every try.
     let encoded = match (&outgoing, grpc, websocket) {
         (Outgoing::Replayable(b), false, false) => Some(crate::h1::encode(&parts.method, &path_q, &headers, b)),

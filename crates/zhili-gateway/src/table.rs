@@ -283,12 +283,16 @@ impl Route {
         h
     }
 
-    /// The upstream path for `path` (prefix strip or rewrite).
-    pub fn upstream_path(&self, path: &str) -> String {
+    /// The upstream path for `path` (prefix strip or rewrite), and `query` after a `?` when it is
+    /// not empty: built in one allocation.
+    pub fn upstream_path(&self, path: &str, query: Option<&str>) -> String {
+        let query = query.filter(|q| !q.is_empty());
+        let room = path.len() + query.map_or(0, |q| q.len() + 1) + self.rewrite.as_ref().map_or(0, |(_, with)| with.len() + 1);
+        let mut out = String::with_capacity(room);
         match &self.rewrite {
             Some((prefix, with)) => {
                 let rest = path.strip_prefix(prefix.as_str()).unwrap_or("");
-                let mut out = with.clone();
+                out.push_str(with);
                 if out.ends_with('/') && rest.starts_with('/') {
                     out.push_str(&rest[1..]);
                 } else if !out.ends_with('/') && !rest.is_empty() && !rest.starts_with('/') {
@@ -297,10 +301,14 @@ impl Route {
                 } else {
                     out.push_str(rest);
                 }
-                out
             }
-            None => path.to_string(),
+            None => out.push_str(path),
         }
+        if let Some(q) = query {
+            out.push('?');
+            out.push_str(q);
+        }
+        out
     }
 }
 
@@ -489,13 +497,15 @@ mod tests {
     #[test]
     fn rewrites() {
         let strip = route("s", r#"{"path_prefix": "/demo/", "service": "demo", "strip_prefix": true}"#);
-        assert_eq!(strip.upstream_path("/demo/a/b"), "/a/b");
-        assert_eq!(strip.upstream_path("/demo/"), "/");
-        assert_eq!(strip.upstream_path("/demo"), "/");
+        assert_eq!(strip.upstream_path("/demo/a/b", None), "/a/b");
+        assert_eq!(strip.upstream_path("/demo/", None), "/");
+        assert_eq!(strip.upstream_path("/demo", None), "/");
+        assert_eq!(strip.upstream_path("/demo/a", Some("x=1&y")), "/a?x=1&y");
+        assert_eq!(strip.upstream_path("/demo/a", Some("")), "/a", "an empty query adds no '?'");
         let rw = route("r", r#"{"path_prefix": "/old/", "service": "demo", "rewrite_prefix": "/new/"}"#);
-        assert_eq!(rw.upstream_path("/old/x"), "/new/x");
+        assert_eq!(rw.upstream_path("/old/x", None), "/new/x");
         let keep = route("k", r#"{"path_prefix": "/k/", "service": "demo"}"#);
-        assert_eq!(keep.upstream_path("/k/x"), "/k/x");
+        assert_eq!(keep.upstream_path("/k/x", None), "/k/x");
     }
 
     #[test]
