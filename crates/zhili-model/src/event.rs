@@ -218,9 +218,14 @@ impl<'a, D: serde::Serialize> CloudEvent<'a, D> {
         Self { specversion: "1.0", id, source, kind, subject, time, datacontenttype: "application/json", data }
     }
 
-    /// The event as JSON bytes.
+    /// The event as JSON bytes (room for a typical event up front: serde_json starts at 128
+    /// bytes and grows by copying, three times for a registry event).
     pub fn to_vec(&self) -> Vec<u8> {
-        serde_json::to_vec(self).unwrap_or_default()
+        let mut out = Vec::with_capacity(1024);
+        match serde_json::to_writer(&mut out, self) {
+            Ok(()) => out,
+            Err(_) => Vec::new(),
+        }
     }
 }
 
