@@ -110,7 +110,8 @@ impl Conn {
             if let Some(n) = complete {
                 // The head's fields as offsets, so the values can share the frozen head's memory.
                 let base = self.buf.as_ptr() as usize;
-                let at = |s: &[u8]| (s.as_ptr() as usize - base, s.len());
+                // An empty value need not point into the buffer: it is empty wherever it is.
+                let at = |s: &[u8]| if s.is_empty() { (0, 0) } else { (s.as_ptr() as usize - base, s.len()) };
                 let fields = resp.headers.iter().map(|h| Field { name: at(h.name.as_bytes()), value: at(h.value) }).collect();
                 let head = Head { code: resp.code, http10: resp.version != Some(1), fields };
                 let bytes = self.buf.split_to(n).freeze();
@@ -558,7 +559,7 @@ mod tests {
     #[tokio::test]
     async fn framings_and_connection_reuse() {
         let (addr, conns) = canned(vec![
-            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: 1\r\n\r\nhello",
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: 1\r\nX-Empty:\r\nX-B:  two words \r\n\r\nhello",
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3;ext=1\r\nabc\r\n2\r\nde\r\n0\r\nTrailer: x\r\n\r\n",
             b"HTTP/1.1 204 No Content\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n",
@@ -568,6 +569,8 @@ mod tests {
         let req = encode(&Method::GET, "/x", &HeaderMap::new(), b"");
         let r = send(&ep, &x(&req, false), &Default::default()).await.unwrap();
         assert_eq!(r.headers().get("x-a").unwrap(), "1");
+        assert_eq!(r.headers().get("x-empty").unwrap(), "");
+        assert_eq!(r.headers().get("x-b").unwrap(), "two words");
         assert_eq!(body(r).await, "hello");
         let r = send(&ep, &x(&req, false), &Default::default()).await.unwrap();
         assert_eq!(body(r).await, "abcde");

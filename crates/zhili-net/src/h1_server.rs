@@ -225,7 +225,8 @@ fn parse(buf: &[u8], spans: &mut Vec<[usize; 4]>) -> Result<Option<Head>, ()> {
         Err(_) => return Err(()),
     };
     let base = buf.as_ptr() as usize;
-    let at = |s: &[u8]| (s.as_ptr() as usize - base, s.len());
+    // An empty value need not point into the buffer: it is empty wherever it is.
+    let at = |s: &[u8]| if s.is_empty() { (0, 0) } else { (s.as_ptr() as usize - base, s.len()) };
     spans.clear();
     for h in req.headers.iter() {
         let (n, nl) = at(h.name.as_bytes());
