@@ -26,3 +26,25 @@ settle() { # pid...
     [ $((after - before)) -le 0 ] && return 0
   done
 }
+# The gateway benches' upstream: one nginx worker answering a fixed 1 KiB body on ports $UP1 and
+# $UP2, its config written to $WORK/upstream.conf.
+upstream_conf() {
+  local body
+  body=$(head -c 1024 /dev/zero | tr '\0' 'x')
+  cat > "$WORK/upstream.conf" <<CONF
+worker_processes 1; daemon off; pid $WORK/up.pid; error_log $WORK/up.err;
+events { worker_connections 4096; }
+http { access_log off; keepalive_requests 1000000;
+  server { listen 127.0.0.1:$UP1; listen 127.0.0.1:$UP2; location / { default_type text/plain; return 200 "$body"; } } }
+CONF
+}
+# Once the Zhili server on $API is ready: service `demo` on the two upstream ports, and route
+# `/demo/` to it with the prefix stripped (as the nginx and HAProxy configs do).
+demo_route() {
+  local p
+  for _ in $(seq 100); do curl -sf "127.0.0.1:$API/health/ready" >/dev/null && break; sleep 0.1; done
+  for p in $UP1 $UP2; do
+    curl -sf -XPOST "127.0.0.1:$API/api/v1/services/demo/instances" -H 'content-type: application/json' -d "{\"address\":\"127.0.0.1\",\"port\":$p,\"ephemeral\":false}" >/dev/null
+  done
+  curl -sf -XPUT "127.0.0.1:$API/api/v1/routes/demo" -H 'content-type: application/json' -d '{"path_prefix": "/demo/", "service": "demo", "strip_prefix": true}' >/dev/null
+}

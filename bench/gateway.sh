@@ -16,13 +16,7 @@ done
 cargo build --release -q -p zhili -p zhili-bench
 UP1=19101 UP2=19102 NGINX=19201 HAPROXY=19202 ZHILI=19203 API=19500
 
-body=$(head -c 1024 /dev/zero | tr '\0' 'x')
-cat > "$WORK/upstream.conf" <<CONF
-worker_processes 1; daemon off; pid $WORK/up.pid; error_log $WORK/up.err;
-events { worker_connections 4096; }
-http { access_log off; keepalive_requests 1000000;
-  server { listen 127.0.0.1:$UP1; listen 127.0.0.1:$UP2; location / { default_type text/plain; return 200 "$body"; } } }
-CONF
+upstream_conf
 cat > "$WORK/nginx.conf" <<CONF
 worker_processes 1; daemon off; pid $WORK/ng.pid; error_log $WORK/ng.err;
 events { worker_connections 4096; }
@@ -54,11 +48,7 @@ taskset -c 1 nginx -c "$WORK/upstream.conf" -p "$WORK" & pids+=($!)
 taskset -c 0 nginx -c "$WORK/nginx.conf" -p "$WORK" & pids+=($!)
 taskset -c 0 haproxy -f "$WORK/haproxy.cfg" -db -q & pids+=($!)
 taskset -c 1 $BIN server --dev --data-dir "$WORK/z" --api-addr 127.0.0.1:$API --dns-addr off --nacos-addr off --gateway-addr off --log-level warn >/dev/null & pids+=($!)
-for _ in $(seq 100); do curl -sf "127.0.0.1:$API/health/ready" >/dev/null && break; sleep 0.1; done
-for p in $UP1 $UP2; do
-  curl -sf -XPOST "127.0.0.1:$API/api/v1/services/demo/instances" -H 'content-type: application/json' -d "{\"address\":\"127.0.0.1\",\"port\":$p,\"ephemeral\":false}" >/dev/null
-done
-curl -sf -XPUT "127.0.0.1:$API/api/v1/routes/demo" -H 'content-type: application/json' -d '{"path_prefix": "/demo/", "service": "demo", "strip_prefix": true}' >/dev/null
+demo_route
 # The same route behind a JWT (HS256) and a rate limit per consumer (high enough never to refuse).
 SECRET=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
 curl -sf -XPUT "127.0.0.1:$API/api/v1/routes/auth" -H 'content-type: application/json' -d "{\"path_prefix\": \"/auth/\", \"service\": \"demo\", \"strip_prefix\": true,
@@ -125,11 +115,7 @@ sed -i 's/nbthread 1/nbthread 2/' "$WORK/haproxy.cfg"
 nginx -c "$WORK/nginx.conf" -p "$WORK" & pids+=($!)
 haproxy -f "$WORK/haproxy.cfg" -db -q & pids+=($!)
 $BIN server --dev --data-dir "$WORK/z2" --api-addr 127.0.0.1:$API --dns-addr off --nacos-addr off --nacos-grpc-addr off --dtm-addr off --gateway-addr off --log-level warn >/dev/null & pids+=($!)
-for _ in $(seq 100); do curl -sf "127.0.0.1:$API/health/ready" >/dev/null && break; sleep 0.1; done
-for p in $UP1 $UP2; do
-  curl -sf -XPOST "127.0.0.1:$API/api/v1/services/demo/instances" -H 'content-type: application/json' -d "{\"address\":\"127.0.0.1\",\"port\":$p,\"ephemeral\":false}" >/dev/null
-done
-curl -sf -XPUT "127.0.0.1:$API/api/v1/routes/demo" -H 'content-type: application/json' -d '{"path_prefix": "/demo/", "service": "demo", "strip_prefix": true}' >/dev/null
+demo_route
 $BIN gateway --server "http://127.0.0.1:$API" --addr 127.0.0.1:$ZHILI --workers 2 --access-log false --log-level warn >/dev/null & pids+=($!)
 for port in $NGINX $HAPROXY $ZHILI; do
   for _ in $(seq 100); do curl -sf "127.0.0.1:$port/demo/" -o /dev/null && break; sleep 0.1; done

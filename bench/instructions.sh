@@ -16,13 +16,7 @@ done
 if [ -n "${2:-}" ]; then GW=$2; else cargo build --release -q -p zhili; GW=$BIN; fi
 UP1=19141 UP2=19142 NGINX=19241 ZHILI=19243 API=19540
 
-body=$(head -c 1024 /dev/zero | tr '\0' 'x')
-cat > "$WORK/upstream.conf" <<CONF
-worker_processes 1; daemon off; pid $WORK/up.pid; error_log $WORK/up.err;
-events { worker_connections 4096; }
-http { access_log off; keepalive_requests 1000000;
-  server { listen 127.0.0.1:$UP1; listen 127.0.0.1:$UP2; location / { default_type text/plain; return 200 "$body"; } } }
-CONF
+upstream_conf
 # One process (no master), so callgrind sees the worker.
 cat > "$WORK/nginx.conf" <<CONF
 worker_processes 1; master_process off; daemon off; pid $WORK/ng.pid; error_log $WORK/ng.err;
@@ -33,11 +27,7 @@ http { access_log off; keepalive_requests 1000000;
 CONF
 taskset -c 1 nginx -c "$WORK/upstream.conf" -p "$WORK" & pids+=($!)
 taskset -c 1 $BIN server --dev --data-dir "$WORK/z" --api-addr 127.0.0.1:$API --dns-addr off --nacos-addr off --nacos-grpc-addr off --dtm-addr off --gateway-addr off --log-level warn >/dev/null 2>&1 & pids+=($!)
-for _ in $(seq 100); do curl -sf "127.0.0.1:$API/health/ready" >/dev/null && break; sleep 0.1; done
-for p in $UP1 $UP2; do
-  curl -sf -XPOST "127.0.0.1:$API/api/v1/services/demo/instances" -H 'content-type: application/json' -d "{\"address\":\"127.0.0.1\",\"port\":$p,\"ephemeral\":false}" >/dev/null
-done
-curl -sf -XPUT "127.0.0.1:$API/api/v1/routes/demo" -H 'content-type: application/json' -d '{"path_prefix": "/demo/", "service": "demo", "strip_prefix": true}' >/dev/null
+demo_route
 
 # Starts `name` under callgrind (the rest of the line is its command), warms it up, zeroes its
 # counters, runs wrk and prints one JSON line.

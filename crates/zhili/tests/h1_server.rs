@@ -139,6 +139,15 @@ async fn pipelined_requests_are_answered_in_order_on_every_worker() {
     let a = answer(&mut tcp, &mut buf, false).await;
     assert_eq!((a.status, a.body.as_str()), (200, "p /p/older"));
     assert!(closed_within(&mut tcp, Duration::from_secs(5)).await.is_some(), "HTTP/1.0 without keep-alive closes");
+
+    // Odd but valid heads, twice on one connection (the second Host from the worker's recent
+    // hosts): an empty header value, a header the Connection header names, a Host to normalize.
+    let mut tcp = TcpStream::connect(s.gateway.unwrap()).await.unwrap();
+    for _ in 0..2 {
+        tcp.write_all(b"GET /p/odd HTTP/1.1\r\nHost: X.\r\nX-Empty:\r\nConnection: keep-alive, x-drop\r\nX-Drop: 1\r\n\r\n").await.unwrap();
+        let a = answer(&mut tcp, &mut buf, false).await;
+        assert_eq!((a.status, a.body.as_str()), (200, "p /p/odd"), "{}", a.head);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
