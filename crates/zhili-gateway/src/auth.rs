@@ -590,7 +590,9 @@ impl Jwks {
 
     async fn fetch_now(&self) -> Arc<Vec<Key>> {
         self.fetches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let result = tokio::time::timeout(JWKS_FETCH_TIMEOUT, zhili_net::client::get(&self.url, JWKS_MAX_BYTES)).await;
+        // Boxed: the HTTP client's state is large, and inline it would be part of every JWT
+        // route's request future, though a fetch is rare.
+        let result = tokio::time::timeout(JWKS_FETCH_TIMEOUT, Box::pin(zhili_net::client::get(&self.url, JWKS_MAX_BYTES))).await;
         *self.fetched.lock() = Some(Instant::now());
         match result.map_err(|_| format!("no answer within {JWKS_FETCH_TIMEOUT:?}")).and_then(|r| r).and_then(|b| parse_jwks(&b)) {
             Ok(keys) => {

@@ -125,17 +125,21 @@ pub async fn forward(call: Call<'_>, req: Request<RequestBody>, on_upgrade: Opti
 /// The request as it goes upstream, built once for all tries.
 struct Prepared {
     method: Method,
-    /// Path and query the upstream gets.
-    path_q: String,
-    headers: HeaderMap,
+    wire: Wire,
     outgoing: Outgoing,
-    /// The whole request, encoded for the gateway's own HTTP/1.1 client (the common case).
-    encoded: Option<Vec<u8>>,
     grpc: bool,
     /// Set when the client's streamed body fails: the failure is then the client's.
     broken: Option<Broken>,
     /// Whether sending it twice is safe: an idempotent method, or a route that says so.
     repeatable: bool,
+}
+
+/// How a prepared request goes out.
+enum Wire {
+    /// The whole request, encoded for the gateway's own HTTP/1.1 client (the common case).
+    Encoded(zhili_net::reuse::Pooled),
+    /// Through hyper or the h2c client: the path and query the upstream gets, and the headers.
+    Parts { path_q: String, headers: HeaderMap },
 }
 
 /// Transform, then balance and send with the retry loop around one send.
@@ -263,18 +267,23 @@ async fn prepare(call: Call<'_>, req: Request<RequestBody>, websocket: bool, dea
             Err(_) => return Err(problem(StatusCode::REQUEST_TIMEOUT, "request body not received in time")),
         }
     } else {
-        let (stream, cell) = ClientBody::watch(Limited::new(body, gw.options.max_body).boxed_unsync());
+        let (stream, cell) = ClientBody::watch(Body::new(Limited::new(body, gw.options.max_body)));
         broken = Some(cell);
         Outgoing::Stream(Some(stream))
     };
-    let path_q = route.upstream_path(path, hidden_query.as_deref().or(parts.uri.query()));
-    // The common case goes through our own HTTP/1.1 client, encoded once for every try.
-    let encoded = match (&outgoing, grpc, websocket) {
-        (Outgoing::Replayable(b), false, false) => Some(crate::h1::encode(&parts.method, &path_q, &headers, b)),
-        _ => None,
+    let query = hidden_query.as_deref().or(parts.uri.query());
+    // The common case goes through our own HTTP/1.1 client, encoded once for every try; its
+    // header map is done with then and serves the worker's next request.
+    let wire = match (&outgoing, grpc, websocket) {
+        (Outgoing::Replayable(b), false, false) => {
+            let encoded = crate::h1::encode(&parts.method, |out| route.write_upstream_path(path, query, out), &headers, b);
+            zhili_net::reuse::give_back_map(headers);
+            Wire::Encoded(encoded)
+        }
+        _ => Wire::Parts { path_q: route.upstream_path(path, query), headers },
     };
     let repeatable = idempotent(&parts.method) || route.resilience.non_idempotent;
-    Ok(Prepared { method: parts.method, path_q, headers, outgoing, encoded, grpc, broken, repeatable })
+    Ok(Prepared { method: parts.method, wire, outgoing, grpc, broken, repeatable })
 }
 
 /// Send: one try of the prepared request to `ep`, within `per_try`. `None` when there is
@@ -286,8 +295,8 @@ async fn send(
     per_try: Duration,
     on_upgrade: &mut Option<OnUpgrade>,
 ) -> Option<Result<Response<Body>, UpstreamError>> {
-    let result = match &p.encoded {
-        Some(request) => {
+    let result = match &p.wire {
+        Wire::Encoded(request) => {
             let x = crate::h1::Exchange {
                 request,
                 head_request: p.method == Method::HEAD,
@@ -297,12 +306,14 @@ async fn send(
             };
             tokio::time::timeout(per_try, crate::h1::send(&ep.conns, &x, &gw.stats.upstream_connections)).await
         }
-        None => {
+        Wire::Parts { path_q, headers } => {
             let body = p.outgoing.take()?;
             let mut up = Request::new(body);
             *up.method_mut() = p.method.clone();
-            *up.headers_mut() = p.headers.clone();
-            tokio::time::timeout(per_try, send_other(gw, up, p.grpc, &p.path_q, ep, on_upgrade)).await
+            *up.headers_mut() = headers.clone();
+            // Boxed: hyper's state is large, and inline it would be part of every request's
+            // future, though only gRPC, upgrades and streamed bodies take this way.
+            tokio::time::timeout(per_try, Box::pin(send_other(gw, up, p.grpc, path_q, ep, on_upgrade))).await
         }
     };
     let result = result.unwrap_or_else(|_| Err(UpstreamError::Timeout(format!("did not answer within {per_try:?}"))));

@@ -100,20 +100,7 @@ impl Conn {
         self.io.write_all(request).await.map_err(|e| failed(e, false))?;
         let mut answered = false;
         loop {
-            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            let mut resp = httparse::Response::new(&mut headers);
-            let complete = match resp.parse(&self.buf) {
-                Ok(httparse::Status::Complete(n)) => Some(n),
-                Ok(httparse::Status::Partial) => None,
-                Err(e) => return Err(failed(format!("sent an invalid answer: {e}"), true)),
-            };
-            if let Some(n) = complete {
-                // The head's fields as offsets, so the values can share the frozen head's memory.
-                let base = self.buf.as_ptr() as usize;
-                // An empty value need not point into the buffer: it is empty wherever it is.
-                let at = |s: &[u8]| if s.is_empty() { (0, 0) } else { (s.as_ptr() as usize - base, s.len()) };
-                let fields = resp.headers.iter().map(|h| Field { name: at(h.name.as_bytes()), value: at(h.value) }).collect();
-                let head = Head { code: resp.code, http10: resp.version != Some(1), fields };
+            if let Some((n, head)) = find_head(&self.buf).map_err(|e| failed(e, true))? {
                 let bytes = self.buf.split_to(n).freeze();
                 let (parts, framing, keep_alive) = parse_head(&head, &bytes, head_request).map_err(|e| failed(e, true))?;
                 if parts.status == StatusCode::SWITCHING_PROTOCOLS {
@@ -196,9 +183,30 @@ struct Head {
     fields: smallvec::SmallVec<[Field; 24]>,
 }
 
+/// The answer head at the start of `buf` (its length and fields), or None while it is incomplete.
+/// Not async: httparse's header array stays on the stack here, out of the request's future (it
+/// would make that future 4 KiB larger across every wait for the upstream's answer).
+fn find_head(buf: &[u8]) -> Result<Option<(usize, Head)>, String> {
+    // Left uninitialized: httparse fills only as many as the head has (initializing them all
+    // costs more than most heads take to parse).
+    let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut resp = httparse::Response::new(&mut []);
+    let n = match httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut resp, buf, &mut headers) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(format!("sent an invalid answer: {e}")),
+    };
+    // The head's fields as offsets, so the values can share the frozen head's memory.
+    let base = buf.as_ptr() as usize;
+    // An empty value need not point into the buffer: it is empty wherever it is.
+    let at = |s: &[u8]| if s.is_empty() { (0, 0) } else { (s.as_ptr() as usize - base, s.len()) };
+    let fields = resp.headers.iter().map(|h| Field { name: at(h.name.as_bytes()), value: at(h.value) }).collect();
+    Ok(Some((n, Head { code: resp.code, http10: resp.version != Some(1), fields })))
+}
+
 fn parse_head(resp: &Head, head: &Bytes, head_request: bool) -> Result<(http::response::Parts, Framing, bool), String> {
     let status = StatusCode::from_u16(resp.code.unwrap_or(0)).map_err(|_| "sent an invalid status".to_string())?;
-    let mut headers = HeaderMap::with_capacity(resp.fields.len());
+    let mut headers = zhili_net::reuse::header_map(resp.fields.len());
     let mut length: Option<u64> = None;
     let mut transfer_encoding = false;
     let mut chunked = false;
@@ -265,12 +273,14 @@ fn parse_head(resp: &Head, head: &Bytes, head_request: bool) -> Result<(http::re
     Ok((parts, framing, !close))
 }
 
-/// The request as bytes: request line, headers (with the body's `Content-Length`), body.
-pub fn encode(method: &Method, path_q: &str, headers: &HeaderMap, body: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(256 + headers.len() * 48 + body.len());
+/// The request as bytes: request line (its target written by `target`), headers (with the
+/// body's `Content-Length`), body; in a buffer from the worker's pool.
+pub fn encode(method: &Method, target: impl FnOnce(&mut Vec<u8>), headers: &HeaderMap, body: &[u8]) -> zhili_net::reuse::Pooled {
+    let mut out = zhili_net::reuse::Pooled::new();
+    out.reserve(256 + headers.len() * 48 + body.len());
     out.extend_from_slice(method.as_str().as_bytes());
     out.push(b' ');
-    out.extend_from_slice(path_q.as_bytes());
+    target(&mut out);
     out.extend_from_slice(b" HTTP/1.1\r\n");
     for (name, value) in headers {
         if name == header::CONTENT_LENGTH {
@@ -283,7 +293,8 @@ pub fn encode(method: &Method, path_q: &str, headers: &HeaderMap, body: &[u8]) -
     }
     if !body.is_empty() || matches!(*method, Method::POST | Method::PUT | Method::PATCH) {
         out.extend_from_slice(b"content-length: ");
-        out.extend_from_slice(body.len().to_string().as_bytes());
+        // Into the buffer itself: writing to a Vec cannot fail.
+        let _ = std::io::Write::write_fmt(&mut *out, format_args!("{}", body.len()));
         out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");
@@ -425,7 +436,7 @@ pub async fn send(ep: &Arc<Upstream>, x: &Exchange<'_>, connects: &std::sync::at
             framing => {
                 let (tx, rx) = mpsc::channel(4);
                 tokio::spawn(stream_body(ep.clone(), conn, framing, keep_alive, tx));
-                http_body_util::BodyExt::boxed_unsync(ChannelBody(rx))
+                Body::new(ChannelBody(rx))
             }
         };
         return Ok(Response::from_parts(parts, body));
@@ -566,7 +577,7 @@ mod tests {
         ])
         .await;
         let ep = endpoint(&addr);
-        let req = encode(&Method::GET, "/x", &HeaderMap::new(), b"");
+        let req = encode(&Method::GET, |o| o.extend_from_slice(b"/x"), &HeaderMap::new(), b"");
         let r = send(&ep, &x(&req, false), &Default::default()).await.unwrap();
         assert_eq!(r.headers().get("x-a").unwrap(), "1");
         assert_eq!(r.headers().get("x-empty").unwrap(), "");
@@ -578,7 +589,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert_eq!(send(&ep, &x(&req, false), &Default::default()).await.unwrap().status(), StatusCode::NO_CONTENT);
         // A HEAD answer has no body even with a Content-Length.
-        let head = encode(&Method::HEAD, "/x", &HeaderMap::new(), b"");
+        let head = encode(&Method::HEAD, |o| o.extend_from_slice(b"/x"), &HeaderMap::new(), b"");
         let r = send(&ep, &x(&head, true), &Default::default()).await.unwrap();
         assert_eq!(body(r).await, "");
         assert_eq!(conns.load(std::sync::atomic::Ordering::Relaxed), 1, "one connection for all four");
@@ -588,7 +599,7 @@ mod tests {
     async fn close_delimited_bodies_broken_bodies_and_stale_connections() {
         let (addr, _) = canned(vec![b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil the end"]).await;
         let ep = endpoint(&addr);
-        let req = encode(&Method::GET, "/", &HeaderMap::new(), b"");
+        let req = encode(&Method::GET, |o| o.extend_from_slice(b"/"), &HeaderMap::new(), b"");
         let r = send(&ep, &x(&req, false), &Default::default()).await.unwrap();
         assert_eq!(body(r).await, "until the end");
         assert!(ep.take_idle().is_none(), "a closing connection is not pooled");
@@ -617,7 +628,7 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(header::HOST, HeaderValue::from_static("svc"));
         h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("999"));
-        let out = encode(&Method::POST, "/a?b=1", &h, b"xyz");
-        assert_eq!(out, b"POST /a?b=1 HTTP/1.1\r\nhost: svc\r\ncontent-length: 3\r\n\r\nxyz");
+        let out = encode(&Method::POST, |o| o.extend_from_slice(b"/a?b=1"), &h, b"xyz");
+        assert_eq!(*out, b"POST /a?b=1 HTTP/1.1\r\nhost: svc\r\ncontent-length: 3\r\n\r\nxyz");
     }
 }

@@ -3,6 +3,7 @@
 //! (answer directly, redirect, or [`crate::forward`]) → [`observe`] (counters, latency, access
 //! log). A phase that refuses the request answers it; the rest are skipped.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -38,7 +39,24 @@ struct Routed {
     authority: Arc<Authority>,
     route: Option<Arc<Route>>,
     /// The normalized path, or the path as sent on raw-path routes.
-    forward_path: String,
+    forward_path: ForwardPath,
+}
+
+/// The path routing matched and the upstream gets: the request's own (already normal, or a
+/// raw-path route's; the target shares the request head's memory, so keeping it copies
+/// nothing), or the normalized one.
+enum ForwardPath {
+    AsSent(http::Uri),
+    Normalized(String),
+}
+
+impl ForwardPath {
+    fn as_str(&self) -> &str {
+        match self {
+            ForwardPath::AsSent(u) => u.path(),
+            ForwardPath::Normalized(p) => p,
+        }
+    }
 }
 
 pub async fn handle(gw: Arc<Gateway>, req: Request<RequestBody>, peer: &Peer) -> Response<Body> {
@@ -50,12 +68,12 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<RequestBody>, peer: &Peer) ->
     };
     let method = req.method().clone();
     let origin = routed.route.as_ref().and_then(|r| r.cors.as_ref()).and_then(|_| req.headers().get(header::ORIGIN).cloned());
-    // For the access log line only.
-    let path = if gw.options.access_log { req.uri().path().to_string() } else { String::new() };
+    // For the access log line only (the target shares the request head's memory: no copy).
+    let target = gw.options.access_log.then(|| req.uri().clone());
     let (mut resp, upstream) = match &routed.route {
         None => {
             gw.stats.no_route.fetch_add(1, Ordering::Relaxed);
-            (problem(StatusCode::NOT_FOUND, &format!("no route for {}{}", routed.authority.host, routed.forward_path)), None)
+            (problem(StatusCode::NOT_FOUND, &format!("no route for {}{}", routed.authority.host, routed.forward_path.as_str())), None)
         }
         Some(route) => phases(&gw, route, &routed, req, peer).await,
     };
@@ -64,7 +82,7 @@ pub async fn handle(gw: Arc<Gateway>, req: Request<RequestBody>, peer: &Peer) ->
             cors.decorate(origin.as_ref(), resp.headers_mut());
         }
     }
-    observe(&gw, &routed, &resp, upstream, Seen { start, peer, method: &method, path: &path });
+    observe(&gw, &routed, &resp, upstream, Seen { start, peer, method: &method, path: target.as_ref().map_or("", http::Uri::path) });
     resp
 }
 
@@ -113,16 +131,18 @@ fn route(gw: &Gateway, req: &Request<RequestBody>) -> Result<Routed, Refused> {
     let (route, normalized) = match crate::target::path(req.uri().path(), false) {
         Ok(p) => (find_route(&table, host, &p, req), p),
         Err(why) => {
-            let lenient = crate::target::path(req.uri().path(), true).unwrap_or_else(|_| "/".into());
+            let lenient = crate::target::path(req.uri().path(), true).unwrap_or(Cow::Borrowed("/"));
             match find_route(&table, host, &lenient, req).filter(|r| r.spec.raw_path) {
                 Some(r) => (Some(r), lenient),
                 None => return Err(Refused::bad_request(format!("refused: {why}"))),
             }
         }
     };
-    let forward_path = match &route {
-        Some(r) if r.spec.raw_path => req.uri().path().to_string(),
-        _ => normalized,
+    let as_sent = req.uri().path();
+    let forward_path = match (&route, normalized) {
+        (Some(r), _) if r.spec.raw_path => ForwardPath::AsSent(req.uri().clone()),
+        (_, Cow::Borrowed(p)) if p == as_sent => ForwardPath::AsSent(req.uri().clone()),
+        (_, p) => ForwardPath::Normalized(p.into_owned()),
     };
     Ok(Routed { authority, route, forward_path })
 }
@@ -217,7 +237,7 @@ async fn act<'r>(
             apply_ops(r.headers_mut(), &route.spec.response_headers);
             (r, None)
         }
-        Action::Redirect(r) => (redirect(r, &req, &routed.authority.authority, &routed.forward_path, peer.tls), None),
+        Action::Redirect(r) => (redirect(r, &req, &routed.authority.authority, routed.forward_path.as_str(), peer.tls), None),
         Action::Forward(targets) => {
             let started = Instant::now();
             let target = pick_target(targets);
@@ -229,7 +249,7 @@ async fn act<'r>(
                 route,
                 target,
                 authority: &routed.authority,
-                path: &routed.forward_path,
+                path: routed.forward_path.as_str(),
                 client_ip: &peer.ip,
                 tls: peer.tls,
                 hash_key: key,

@@ -284,31 +284,38 @@ impl Route {
     }
 
     /// The upstream path for `path` (prefix strip or rewrite), and `query` after a `?` when it is
-    /// not empty: built in one allocation.
+    /// not empty.
     pub fn upstream_path(&self, path: &str, query: Option<&str>) -> String {
+        let mut out = Vec::new();
+        self.write_upstream_path(path, query, &mut out);
+        // Pieces of `str`s joined whole: still UTF-8.
+        String::from_utf8(out).unwrap_or_default()
+    }
+
+    /// [`Self::upstream_path`] written to the end of `out` (the upstream request being encoded).
+    pub fn write_upstream_path(&self, path: &str, query: Option<&str>, out: &mut Vec<u8>) {
         let query = query.filter(|q| !q.is_empty());
-        let room = path.len() + query.map_or(0, |q| q.len() + 1) + self.rewrite.as_ref().map_or(0, |(_, with)| with.len() + 1);
-        let mut out = String::with_capacity(room);
+        out.reserve(path.len() + query.map_or(0, |q| q.len() + 1) + self.rewrite.as_ref().map_or(0, |(_, with)| with.len() + 1));
         match &self.rewrite {
             Some((prefix, with)) => {
                 let rest = path.strip_prefix(prefix.as_str()).unwrap_or("");
-                out.push_str(with);
-                if out.ends_with('/') && rest.starts_with('/') {
-                    out.push_str(&rest[1..]);
-                } else if !out.ends_with('/') && !rest.is_empty() && !rest.starts_with('/') {
-                    out.push('/');
-                    out.push_str(rest);
-                } else {
-                    out.push_str(rest);
+                out.extend_from_slice(with.as_bytes());
+                // One slash between the two.
+                match (with.ends_with('/'), rest.strip_prefix('/')) {
+                    (true, Some(after)) => out.extend_from_slice(after.as_bytes()),
+                    (false, None) if !rest.is_empty() => {
+                        out.push(b'/');
+                        out.extend_from_slice(rest.as_bytes());
+                    }
+                    _ => out.extend_from_slice(rest.as_bytes()),
                 }
             }
-            None => out.push_str(path),
+            None => out.extend_from_slice(path.as_bytes()),
         }
         if let Some(q) = query {
-            out.push('?');
-            out.push_str(q);
+            out.push(b'?');
+            out.extend_from_slice(q.as_bytes());
         }
-        out
     }
 }
 

@@ -43,7 +43,7 @@ pub async fn finish(resp: Response<Incoming>) -> Result<Response<Body>, Upstream
         let c = body.collect().await.map_err(|e| UpstreamError::Failed(format!("broke off its answer: {e}")))?;
         return Ok(Response::from_parts(parts, full(c.to_bytes())));
     }
-    Ok(Response::from_parts(parts, body.map_err(|e| -> BoxError { Box::new(e) }).boxed_unsync()))
+    Ok(Response::from_parts(parts, Body::new(body.map_err(|e| -> BoxError { Box::new(e) }))))
 }
 
 /// Through hyper on a new connection: upgrades (WebSocket) and streamed request bodies.

@@ -43,9 +43,6 @@ const GATHER: usize = 64 * 1024;
 pub const FIRST_READ: usize = 1024;
 /// How much the read buffer grows by when a head or a burst of pipelined requests needs more.
 const GROW: usize = 8192;
-/// Write buffers kept per thread between answers, and the largest kept.
-const SPARE_BUFFERS: usize = 64;
-const SPARE_MAX: usize = 4 * GATHER;
 
 /// What the fast path takes whole; more goes to hyper.
 #[derive(Debug, Clone, Copy)]
@@ -170,13 +167,13 @@ where
             Ok(resp) => respond(io, resp, is_head, head.http10, &mut keep_alive).await,
             Err(panic) => {
                 tracing::error!(method = %head.method, cause = crate::panic_message(&*panic), "request panicked; answered 500");
-                let mut out = take_buffer();
+                let mut out = crate::reuse::buffer();
                 out.extend_from_slice(b"HTTP/1.1 500 Internal Server Error\r\ncontent-type: application/problem+json\r\nconnection: close\r\ncontent-length: ");
                 decimal(PANIC_BODY.len() as u64, &mut out);
                 out.extend_from_slice(b"\r\n\r\n");
                 out.extend_from_slice(PANIC_BODY.as_bytes());
                 let _ = io.write_all(&out).await;
-                give_back(out);
+                crate::reuse::give_back_buffer(out);
                 false
             }
         };
@@ -192,34 +189,13 @@ where
     }
 }
 
-thread_local! {
-    /// Write buffers between answers, so an idle or long-polling connection holds none.
-    static SPARE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
-}
-
-fn take_buffer() -> Vec<u8> {
-    SPARE.with(|s| s.borrow_mut().pop()).unwrap_or_else(|| Vec::with_capacity(4096))
-}
-
-fn give_back(mut out: Vec<u8>) {
-    if out.capacity() > SPARE_MAX {
-        return;
-    }
-    out.clear();
-    SPARE.with(|s| {
-        let mut s = s.borrow_mut();
-        if s.len() < SPARE_BUFFERS {
-            s.push(out);
-        }
-    });
-}
-
 /// Parses one request head from the start of `buf`: None while it is incomplete, Err when it is
 /// malformed. Header positions go to `spans` as [name start, name len, value start, value len].
 fn parse(buf: &[u8], spans: &mut Vec<[usize; 4]>) -> Result<Option<Head>, ()> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    let len = match req.parse(buf) {
+    // Left uninitialized: httparse fills only as many as the head has.
+    let mut headers = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut []);
+    let len = match req.parse_with_uninit_headers(buf, &mut headers) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(_) => return Err(()),
@@ -244,7 +220,7 @@ fn build(bytes: &Bytes, head: &Head, spans: &[[usize; 4]]) -> Option<(Uri, Heade
     let uri = Uri::from_maybe_shared(bytes.slice(t..t + tl)).ok()?;
     // Room for what the forward phase adds (x-forwarded-*, x-request-id, traceparent), so the
     // map is not grown again on the way upstream.
-    let mut headers = HeaderMap::with_capacity(spans.len() + 8);
+    let mut headers = crate::reuse::header_map(spans.len() + 8);
     for &[n, nl, v, vl] in spans {
         let name = HeaderName::from_bytes(bytes.get(n..n + nl)?).ok()?;
         let value = HeaderValue::from_maybe_shared(bytes.slice(v..v + vl)).ok()?;
@@ -304,9 +280,9 @@ where
     I: AsyncWrite + Unpin,
     B: Body<Data = Bytes> + Unpin,
 {
-    let mut out = take_buffer();
+    let mut out = crate::reuse::buffer();
     let wrote = write_answer(io, &mut out, resp, head_request, http10, keep_alive).await;
-    give_back(out);
+    crate::reuse::give_back_buffer(out);
     wrote
 }
 
@@ -315,7 +291,7 @@ where
     I: AsyncWrite + Unpin,
     B: Body<Data = Bytes> + Unpin,
 {
-    let (parts, mut body) = resp.into_parts();
+    let (mut parts, mut body) = resp.into_parts();
     let status = parts.status;
     if connection_tokens(&parts.headers).any(|t| t.eq_ignore_ascii_case(b"close")) {
         *keep_alive = false;
@@ -378,6 +354,8 @@ where
         out.extend_from_slice(b"connection: keep-alive\r\n");
     }
     out.extend_from_slice(b"\r\n");
+    // The head is written out: its map serves the next request on this thread.
+    crate::reuse::give_back_map(std::mem::take(&mut parts.headers));
     if framing == Framing::None {
         return io.write_all(out).await.is_ok();
     }
@@ -488,7 +466,6 @@ fn decimal(n: u64, out: &mut Vec<u8>) {
 
 /// Appends the current time as an HTTP date, formatted once a second per thread.
 fn date(out: &mut Vec<u8>) {
-    use std::cell::RefCell;
     thread_local! {
         static CACHED: RefCell<(u64, String)> = const { RefCell::new((0, String::new())) };
     }

@@ -15,6 +15,7 @@ mod conn;
 mod fd;
 pub mod h1_server;
 mod listen;
+pub mod reuse;
 
 pub use body::{QuietAllowed, TimedBody};
 pub use conn::{accept, panic_message, Admission, Conn, ConnIo, GuardedBody, RequestGuard, Tracked};
