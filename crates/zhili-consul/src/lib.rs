@@ -15,7 +15,7 @@ mod kv;
 
 use std::collections::BTreeMap;
 
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 use serde_json::{json, Map, Value};
@@ -112,11 +112,15 @@ fn bad(field: &str, message: impl std::fmt::Display) -> ConsulError {
 /// Consul's read headers: the index (never 0, which clients treat as "no blocking"), and the
 /// leader-contact headers clients check for consistency.
 pub(crate) fn reply(index: u64, body: impl IntoResponse) -> Response {
+    // Names made at compile time: a name given as a string is parsed again on every insert.
+    static INDEX: HeaderName = HeaderName::from_static("x-consul-index");
+    static KNOWN_LEADER: HeaderName = HeaderName::from_static("x-consul-knownleader");
+    static LAST_CONTACT: HeaderName = HeaderName::from_static("x-consul-lastcontact");
     let mut resp = body.into_response();
     let h = resp.headers_mut();
-    h.insert("x-consul-index", HeaderValue::from(index.max(1)));
-    h.insert("x-consul-knownleader", HeaderValue::from_static("true"));
-    h.insert("x-consul-lastcontact", HeaderValue::from_static("0"));
+    h.insert(INDEX.clone(), HeaderValue::from(index.max(1)));
+    h.insert(KNOWN_LEADER.clone(), HeaderValue::from_static("true"));
+    h.insert(LAST_CONTACT.clone(), HeaderValue::from_static("0"));
     resp
 }
 

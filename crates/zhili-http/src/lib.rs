@@ -13,7 +13,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, Request};
-use axum::http::HeaderValue;
+use axum::http::{HeaderName, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 use layer::{Gate, GateLayer, Step};
@@ -150,6 +150,7 @@ fn unaudited(method: &axum::http::Method, path: &str) -> bool {
 /// Every read carries the index it reflects, for blocking reads to continue from.
 pub fn indexed(index: u64, body: impl IntoResponse) -> Response {
     let mut resp = body.into_response();
-    resp.headers_mut().insert("x-zhili-index", HeaderValue::from(index));
+    static INDEX: HeaderName = HeaderName::from_static("x-zhili-index");
+    resp.headers_mut().insert(INDEX.clone(), HeaderValue::from(index));
     resp
 }

@@ -75,13 +75,15 @@ impl Drop for Pooled {
     }
 }
 
-/// An empty header map with room for at least `entries`: a spare one, or a new one.
+/// An empty header map with room for at least `entries`: a spare one that has the room, or a new
+/// one (growing a smaller spare would cost more than making one to size).
 pub fn header_map(entries: usize) -> HeaderMap {
-    let mut m = SPARE_MAPS.try_with(|s| s.borrow_mut().pop()).ok().flatten().unwrap_or_default();
-    if m.capacity() < entries {
-        m.reserve(entries - m.len());
-    }
-    m
+    let spare = SPARE_MAPS.try_with(|s| {
+        let mut s = s.borrow_mut();
+        let fits = s.iter().rposition(|m| m.capacity() >= entries)?;
+        Some(s.swap_remove(fits))
+    });
+    spare.ok().flatten().unwrap_or_else(|| HeaderMap::with_capacity(entries))
 }
 
 /// Keeps `m`, cleared, for the next [`header_map`] on this thread, unless it has room for many
@@ -111,6 +113,7 @@ mod tests {
         m.insert("a", HeaderValue::from_static("1"));
         let room = m.capacity();
         give_back_map(m);
+        assert!(header_map(room + 1).capacity() > room, "a spare too small is not taken");
         let again = header_map(4);
         assert!(again.is_empty(), "a map comes back cleared");
         assert_eq!(again.capacity(), room, "and keeps its room");
