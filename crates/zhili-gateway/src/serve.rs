@@ -78,7 +78,9 @@ async fn connection<I>(
     conn.clone()
         .run(async move {
             let read = if h1 {
-                let options = zhili_net::h1_server::Options { max_head: gw.options.max_header_bytes, max_body: gw.options.max_replay_body as u64 };
+                // Room for what the forward phase adds (x-forwarded-*, x-request-id, traceparent).
+                let options =
+                    zhili_net::h1_server::Options { max_head: gw.options.max_header_bytes, max_body: gw.options.max_replay_body as u64, added_headers: 8 };
                 let peer = &peer;
                 let handler = |req: http::Request<Bytes>| handle(gw.clone(), req.map(request_bytes), peer);
                 match zhili_net::h1_server::serve(&mut io, options, &conn, &mut stop, handler).await {

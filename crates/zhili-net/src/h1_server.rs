@@ -51,6 +51,9 @@ pub struct Options {
     pub max_head: usize,
     /// The largest request body read with its head (a larger one goes to hyper, streamed).
     pub max_body: u64,
+    /// Headers the handler adds to the request on its way on (a proxy's forwarding headers):
+    /// room for them is made when the request's header map is, so it is not grown later.
+    pub added_headers: usize,
 }
 
 /// How a connection left the fast path.
@@ -120,7 +123,7 @@ where
             Outcome::Hyper(all.freeze())
         };
         let bytes = buf.split_to(head.len).freeze();
-        let Some((uri, headers)) = build(&bytes, &head, &spans) else { return whole(&bytes, &buf) };
+        let Some((uri, headers)) = build(&bytes, &head, &spans, options.added_headers) else { return whole(&bytes, &buf) };
         let Some(framing) = request_framing(&headers, head.http10) else { return whole(&bytes, &buf) };
         if framing.body > max_body {
             return whole(&bytes, &buf);
@@ -215,12 +218,10 @@ fn parse(buf: &[u8], spans: &mut Vec<[usize; 4]>) -> Result<Option<Head>, ()> {
 }
 
 /// The request target and headers, sharing the head's memory. None when hyper must judge them.
-fn build(bytes: &Bytes, head: &Head, spans: &[[usize; 4]]) -> Option<(Uri, HeaderMap)> {
+fn build(bytes: &Bytes, head: &Head, spans: &[[usize; 4]], added: usize) -> Option<(Uri, HeaderMap)> {
     let (t, tl) = head.target;
     let uri = Uri::from_maybe_shared(bytes.slice(t..t + tl)).ok()?;
-    // Room for what the forward phase adds (x-forwarded-*, x-request-id, traceparent), so the
-    // map is not grown again on the way upstream.
-    let mut headers = crate::reuse::header_map(spans.len() + 8);
+    let mut headers = crate::reuse::header_map(spans.len() + added);
     for &[n, nl, v, vl] in spans {
         let name = HeaderName::from_bytes(bytes.get(n..n + nl)?).ok()?;
         let value = HeaderValue::from_maybe_shared(bytes.slice(v..v + vl)).ok()?;
@@ -582,7 +583,7 @@ mod tests {
                     Response::new(Full::new(Bytes::from(text)))
                 }
             };
-            serve(&mut io, Options { max_head: 8192, max_body: 1024 }, &conn, &mut stopped, handler).await
+            serve(&mut io, Options { max_head: 8192, max_body: 1024, added_headers: 0 }, &conn, &mut stopped, handler).await
         });
         (client, server, dropped, stop)
     }

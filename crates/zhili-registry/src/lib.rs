@@ -23,7 +23,7 @@ use zhili_model::{
 use zhili_store::{Compare, Op, RevisionClock, Store, StoreError, Txn};
 use zhili_telemetry::{HealthLabel, Metrics};
 
-use state::{InstanceEntry, ServiceEntry, Shard};
+use state::{named, InstanceEntry, ServiceEntry, Shard};
 
 const SERVICES_PREFIX: &str = "registry/services/";
 const INSTANCES_PREFIX: &str = "registry/instances/";
@@ -279,7 +279,7 @@ impl Registry {
 
     /// One service under its shard's shared lock.
     fn read_service<T>(&self, ns: &str, service: &str, f: impl FnOnce(&ServiceEntry) -> Option<T>) -> Option<T> {
-        self.shard(ns, service).read().services.get(&(ns.to_string(), service.to_string())).and_then(f)
+        self.shard(ns, service).read().services.get(named(&(ns, service))).and_then(f)
     }
 
     /// Every shard in turn under its shared lock. Each is consistent in itself; a view across
@@ -370,7 +370,7 @@ impl Registry {
             })
             .await?;
         let (removed, rev) = self.mutate(ns, name, |state, rev, events| {
-            let removed = state.services.remove(&(ns.to_string(), name.to_string()));
+            let removed = state.services.remove(named(&(ns, name)));
             state.tombstones.insert((ns.to_string(), name.to_string()), rev);
             events.push(RegistryEvent {
                 index: 0,
@@ -416,7 +416,7 @@ impl Registry {
 
     pub fn service(&self, ns: &str, name: &str) -> Option<ServiceDetail> {
         self.read_service(ns, name, |e| {
-            let circuit_breaker = self.breakers.lock().get(&(ns.to_string(), name.to_string())).cloned();
+            let circuit_breaker = self.breakers.lock().get(named(&(ns, name))).cloned();
             Some(ServiceDetail { service: e.def.clone(), index: e.index, instances: e.instances.values().map(|i| i.view(&e.def)).collect(), circuit_breaker })
         })
     }
@@ -429,9 +429,9 @@ impl Registry {
     /// The index of one service's latest change (including its deletion), or the registry's
     /// index if the service never existed.
     pub fn service_index(&self, ns: &str, name: &str) -> u64 {
-        let key = (ns.to_string(), name.to_string());
+        let key = (ns, name);
         let shard = self.shard(ns, name).read();
-        shard.services.get(&key).map(|e| e.index).or_else(|| shard.tombstones.get(&key).copied()).unwrap_or_else(|| self.index())
+        shard.services.get(named(&key)).map(|e| e.index).or_else(|| shard.tombstones.get(named(&key)).copied()).unwrap_or_else(|| self.index())
     }
 
     /// Waits until `index_of()` exceeds `after`, or `timeout` passes. Returns immediately when
@@ -459,7 +459,7 @@ impl Registry {
         render: impl FnOnce(&InstanceList) -> bytes::Bytes,
     ) -> Option<(u64, bytes::Bytes)> {
         let shard = self.shard(ns, name).read();
-        let e = shard.services.get(&(ns.to_string(), name.to_string()))?;
+        let e = shard.services.get(named(&(ns, name)))?;
         let cacheable = filter.healthy_only && filter.tags.is_empty() && filter.metadata.is_empty() && filter.zone.is_none();
         if cacheable {
             if let Some((index, bytes)) = e.rendered.lock().as_ref() {
@@ -640,8 +640,7 @@ impl Registry {
 
     fn remove_instance_if(&self, ns: &str, service: &str, id: &str, only: impl FnOnce(&InstanceEntry) -> bool) -> Option<u64> {
         let (removed, rev) = self.mutate(ns, service, |state, rev, events| {
-            let key = (ns.to_string(), service.to_string());
-            let entry = state.services.get_mut(&key)?;
+            let entry = state.services.get_mut(named(&(ns, service)))?;
             if !only(entry.instances.get(id)?) {
                 return None;
             }
@@ -649,8 +648,8 @@ impl Registry {
             entry.index = rev;
             events.push(Self::instance_event(RegistryEventKind::InstanceDeregistered, entry, &inst));
             if entry.instances.is_empty() && !entry.def.defined {
-                state.services.remove(&key);
-                state.tombstones.insert(key, rev);
+                state.services.remove(named(&(ns, service)));
+                state.tombstones.insert((ns.to_string(), service.to_string()), rev);
             }
             Some(inst)
         });
@@ -689,7 +688,7 @@ impl Registry {
     fn update_instance(&self, ns: &str, service: &str, id: &str, f: impl FnOnce(&mut InstanceEntry, u64) -> bool) -> Option<u64> {
         let now = self.now_ms();
         let (changed, rev) = self.mutate(ns, service, |state, rev, events| {
-            let entry = state.services.get_mut(&(ns.to_string(), service.to_string()))?;
+            let entry = state.services.get_mut(named(&(ns, service)))?;
             let inst = entry.instances.get_mut(id)?;
             let changed = f(inst, now);
             // Whatever `f` did (a TTL renewed, a check gone critical, a revival), the reaper

@@ -8,12 +8,59 @@ use zhili_model::{CheckDefinition, CheckKind, CheckState, HealthDefaults, Health
 
 use crate::BeatCell;
 
+/// A service's (namespace, name) as the registry's maps key it. Lookups go through
+/// [`Named`], so a pair of `&str` finds an owned key without building one: no allocation per
+/// lookup on the read, beat and watch paths.
+pub(crate) type ServiceKey = (String, String);
+
+pub(crate) trait Named {
+    fn parts(&self) -> (&str, &str);
+}
+
+impl Named for ServiceKey {
+    fn parts(&self) -> (&str, &str) {
+        (&self.0, &self.1)
+    }
+}
+
+impl Named for (&str, &str) {
+    fn parts(&self) -> (&str, &str) {
+        *self
+    }
+}
+
+impl<'a> std::borrow::Borrow<dyn Named + 'a> for ServiceKey {
+    fn borrow(&self) -> &(dyn Named + 'a) {
+        self
+    }
+}
+
+// Hashes as the owned pair does (a tuple hashes its fields in order, a `String` as its `str`).
+impl std::hash::Hash for dyn Named + '_ {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.parts().hash(state);
+    }
+}
+
+impl PartialEq for dyn Named + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.parts() == other.parts()
+    }
+}
+
+impl Eq for dyn Named + '_ {}
+
+/// `(namespace, name)` as a key to look up in the registry's maps.
+pub(crate) fn named<'a>(key: &'a (&'a str, &'a str)) -> &'a (dyn Named + 'a) {
+    key
+}
+
 /// The services whose (namespace, name) hash to one shard, with their instances.
 #[derive(Default)]
 pub(crate) struct Shard {
-    pub services: HashMap<(String, String), ServiceEntry>,
+    pub services: HashMap<ServiceKey, ServiceEntry>,
     /// Index at which a service was deleted, so blocking reads on it wake and report the change.
-    pub tombstones: HashMap<(String, String), u64>,
+    pub tombstones: HashMap<ServiceKey, u64>,
 }
 
 pub(crate) struct ServiceEntry {
@@ -223,5 +270,22 @@ impl InstanceEntry {
             report: self.report.as_deref().cloned(),
             node: r.node.as_deref().cloned(),
         }
+    }
+}
+
+#[cfg(test)]
+mod key_tests {
+    use super::*;
+
+    #[test]
+    fn a_pair_of_strs_finds_its_owned_key_and_only_that() {
+        let mut m: HashMap<ServiceKey, u32> = HashMap::new();
+        m.insert(("ab".into(), "c".into()), 1);
+        m.insert(("a".into(), "bc".into()), 2);
+        assert_eq!(m.get(named(&("ab", "c"))), Some(&1));
+        assert_eq!(m.get(named(&("a", "bc"))), Some(&2), "the split between the parts counts");
+        assert_eq!(m.get(named(&("abc", ""))), None);
+        assert_eq!(m.remove(named(&("ab", "c"))), Some(1));
+        assert_eq!(m.get(named(&("ab", "c"))), None);
     }
 }

@@ -579,7 +579,7 @@ mod listen {
 
     /// Request heads and bodies the HTTP/1.1 fast path takes whole; larger ones go to hyper
     /// (which answers 431 for heads over its own limit, and streams large bodies).
-    const H1_OPTIONS: h1_server::Options = h1_server::Options { max_head: 64 * 1024, max_body: 64 * 1024 };
+    const H1_OPTIONS: h1_server::Options = h1_server::Options { max_head: 64 * 1024, max_body: 64 * 1024, added_headers: 0 };
 
     async fn with_hyper<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(io: S, peer: SocketAddr, app: axum::Router, conn: Arc<Conn>, watcher: Watcher) {
         let limits = conn.limits();
