@@ -33,12 +33,7 @@ pub fn give_back_buffer(mut b: Vec<u8>) {
         return;
     }
     b.clear();
-    let _ = SPARE_BUFFERS.try_with(|s| {
-        let mut s = s.borrow_mut();
-        if s.len() < BUFFERS {
-            s.push(b);
-        }
-    });
+    keep(&SPARE_BUFFERS, b, BUFFERS);
 }
 
 /// A buffer from this thread's pool that goes back to it when dropped.
@@ -93,10 +88,15 @@ pub fn give_back_map(mut m: HeaderMap) {
         return;
     }
     m.clear();
-    let _ = SPARE_MAPS.try_with(|s| {
+    keep(&SPARE_MAPS, m, MAPS);
+}
+
+/// Puts `spare` in `pool` unless `most` are kept already (or the thread is ending).
+fn keep<T: 'static>(pool: &'static std::thread::LocalKey<RefCell<Vec<T>>>, spare: T, most: usize) {
+    let _ = pool.try_with(|s| {
         let mut s = s.borrow_mut();
-        if s.len() < MAPS {
-            s.push(m);
+        if s.len() < most {
+            s.push(spare);
         }
     });
 }
