@@ -12,19 +12,21 @@ use axum::Router;
 pub use zhili_http::{auth, error, extract, AppState, Services, MAX_BODY};
 pub use zhili_kv::KV_PREFIX;
 
-/// The API listener's router, layers applied outermost-last:
+/// The API listener's router, layers applied outermost-last, all in one `Router::layer` call
+/// (axum boxes every route's future and clones its service once per call and request):
 /// - metrics: outermost, so it times everything including auth rejections;
 /// - authorize: resolves the token once per request for every route, `others` included;
 /// - audit: successful writes go to `$audit` with the caller's accessor id;
-/// - body limits, per surface: before any handler reads a body.
+/// - body limits, before any handler reads a body: [`MAX_BODY`], event batches larger.
 pub fn router(state: AppState, others: impl IntoIterator<Item = Router>) -> Router {
-    let own = zhili_http::limit_bodies(Router::new().merge(native::routes()).merge(ops::routes()).merge(console::routes()), MAX_BODY).with_state(state.clone());
-    // Event batches are larger than any other body.
-    let streams = zhili_http::limit_bodies(native::streams::routes(), zhili_model::event::MAX_BATCH_BYTES).with_state(state.clone());
-    let app = others.into_iter().map(|r| zhili_http::limit_bodies(r, MAX_BODY)).fold(own.merge(streams), Router::merge).fallback(fallback);
-    // One `layer` call for the three: axum boxes every route's future once per call.
+    let own = Router::new().merge(native::routes()).merge(ops::routes()).merge(console::routes()).merge(native::streams::routes()).with_state(state.clone());
+    let app = others.into_iter().fold(own, Router::merge).fallback(fallback);
     app.layer(
-        tower::ServiceBuilder::new().layer(zhili_http::record_metrics(&state)).layer(auth::authorize(&state)).layer(zhili_http::audit_writes(&state, "api")),
+        tower::ServiceBuilder::new()
+            .layer(zhili_http::record_metrics(&state))
+            .layer(auth::authorize(&state))
+            .layer(zhili_http::audit_writes(&state, "api"))
+            .layer(zhili_http::limit_bodies(MAX_BODY, Some((native::streams::ROUTES, zhili_model::event::MAX_BATCH_BYTES)))),
     )
 }
 

@@ -70,8 +70,33 @@ async fn native_routes_errors_and_fallback() {
     assert_eq!((status, ct.as_str()), (StatusCode::NOT_FOUND, "application/problem+json"));
     assert!(body.contains("/nowhere"), "{body}");
     // Oversized bodies are refused from the announced length, before a byte is read.
-    let req = Request::builder().method(Method::PUT).uri("/api/v1/kv/big").header(header::CONTENT_LENGTH, "10000000").body(Body::empty()).unwrap();
-    assert_eq!(app.clone().oneshot(req).await.unwrap().status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let announced = |method: Method, uri: &str, length: usize| {
+        let req = Request::builder().method(method).uri(uri).header(header::CONTENT_LENGTH, length.to_string()).body(Body::empty()).unwrap();
+        async { app.clone().oneshot(req).await.unwrap().status() }
+    };
+    assert_eq!(announced(Method::PUT, "/api/v1/kv/big", 10_000_000).await, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(announced(Method::PUT, "/api/v1/kv/big", zhili_api::MAX_BODY + 1).await, StatusCode::PAYLOAD_TOO_LARGE);
+    // Event batches may be larger than other bodies, up to their own limit.
+    let batch = zhili_model::event::MAX_BATCH_BYTES;
+    assert!(batch > zhili_api::MAX_BODY);
+    assert_ne!(announced(Method::POST, "/api/v1/streams/orders", zhili_api::MAX_BODY + 1).await, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(announced(Method::POST, "/api/v1/streams/orders", batch + 1).await, StatusCode::PAYLOAD_TOO_LARGE);
+}
+
+#[tokio::test]
+async fn request_metrics_label_routes_and_bound_methods() {
+    let app = zhili_api::router(state(false), []);
+    call(&app, Method::GET, "/api/v1/kv/a/b", "").await;
+    // Methods are the client's to invent: each must not become a label of its own.
+    for invented in ["FOO1", "FOO2"] {
+        let (status, _, _) = call(&app, Method::from_bytes(invented.as_bytes()).unwrap(), "/api/v1/kv/a", "").await;
+        assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    }
+    let (_, _, metrics) = call(&app, Method::GET, "/metrics", "").await;
+    let lines: Vec<&str> = metrics.lines().filter(|l| l.starts_with("zhili_http_request_duration_seconds_count")).collect();
+    assert!(lines.iter().any(|l| l.contains(r#"method="GET""#) && l.contains(r#"route="/api/v1/kv/{*key}""#) && l.contains(r#"status="404""#)), "{lines:?}");
+    assert!(lines.iter().any(|l| l.contains(r#"method="OTHER""#) && l.contains(r#"status="405""#) && l.ends_with(" 2")), "{lines:?}");
+    assert!(!metrics.contains("FOO"), "{metrics}");
 }
 
 #[tokio::test]

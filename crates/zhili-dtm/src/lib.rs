@@ -49,7 +49,7 @@ pub fn router(state: DtmState) -> Router {
         .route("/api/dtmsvr/unsubscribe", get(unsubscribe))
         .route("/api/dtmsvr/topic/{name}", delete(delete_topic))
         .with_state(state);
-    zhili_http::limit_bodies(routes, MAX_BODY)
+    routes.layer(zhili_http::limit_bodies(MAX_BODY, None))
 }
 
 /// An answer in DTM's shapes.

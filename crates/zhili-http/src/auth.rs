@@ -9,8 +9,9 @@ use std::task::{Context, Poll};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{FromRequestParts, Request};
+use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, HeaderName};
 use axum::response::{IntoResponse, Response};
 use http_body::Body as _;
 use zhili_acl::{Acl, AclError};
@@ -69,12 +70,14 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
 
 /// The token from `Authorization: Bearer`, `X-Zhili-Token` or `X-Consul-Token`.
 pub fn token_from(headers: &HeaderMap) -> Option<String> {
-    if let Some(v) = headers.get("authorization").and_then(|v| v.to_str().ok()) {
+    // Names as constants: a `&str` name is parsed and checked on every lookup.
+    static TOKEN_HEADERS: [HeaderName; 2] = [HeaderName::from_static("x-zhili-token"), HeaderName::from_static("x-consul-token")];
+    if let Some(v) = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()) {
         if let Some(t) = v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")) {
             return Some(t.trim().to_string());
         }
     }
-    ["x-zhili-token", "x-consul-token"].iter().find_map(|h| headers.get(*h).and_then(|v| v.to_str().ok()).map(|s| s.trim().to_string()))
+    TOKEN_HEADERS.iter().find_map(|h| headers.get(h).and_then(|v| v.to_str().ok()).map(|s| s.trim().to_string()))
 }
 
 /// The first value of `name` in a query string (decoded), without decoding the other pairs.
@@ -84,10 +87,8 @@ pub fn query_param(query: &str, name: &str) -> Option<String> {
 
 /// Consul clients may also pass the token as `?token=` on `/v1` routes.
 fn query_token(req: &Request) -> Option<String> {
-    if !req.uri().path().starts_with("/v1/") {
-        return None;
-    }
-    query_param(req.uri().query()?, "token").filter(|v| !v.is_empty())
+    let query = req.uri().query().filter(|q| req.uri().path().starts_with("/v1/") && q.contains("token"))?;
+    query_param(query, "token").filter(|v| !v.is_empty())
 }
 
 /// The API listener's layer: the token from the headers (or Consul's `?token=`), resolved once.

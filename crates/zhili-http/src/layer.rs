@@ -5,16 +5,21 @@
 //! at once, pass the request on untouched (the inner service is called directly: no clone, no
 //! box), or wrap the handler's future (writes to audit, tokens to watch for revocation).
 
+use std::cell::RefCell;
+use std::collections::HashSet;
 use std::convert::Infallible;
 use std::future::{ready, Future, Ready};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request};
+use axum::http::Method;
 use axum::response::Response;
 use futures_util::future::Either;
 use tower::{Layer, Service};
+use zhili_telemetry::SharedLabel;
 
 /// A handler's answer, boxed: what a [`Step::Wrap`] wrapper receives and returns.
 pub type Answer = Pin<Box<dyn Future<Output = Response> + Send>>;
@@ -122,18 +127,42 @@ where
 
     fn call(&mut self, req: Request) -> Self::Future {
         let start = Instant::now();
-        let method = req.method().to_string();
+        let method = method_label(req.method());
         // The route template keeps label cardinality bounded; unmatched paths share one label.
-        let route = req.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_string(), |m| m.as_str().to_string());
+        let route = route_label(req.extensions().get::<MatchedPath>().map_or("unmatched", MatchedPath::as_str));
         Observed { inner: self.inner.call(req), done: Some((self.state.clone(), start, method, route)) }
     }
+}
+
+/// The standard methods by name, any other as `OTHER`: a label per invented method would let any
+/// client grow the metrics without bound.
+fn method_label(method: &Method) -> &'static str {
+    static STANDARD: [Method; 9] =
+        [Method::GET, Method::POST, Method::PUT, Method::DELETE, Method::HEAD, Method::OPTIONS, Method::PATCH, Method::CONNECT, Method::TRACE];
+    STANDARD.iter().find(|m| *m == method).map_or("OTHER", Method::as_str)
+}
+
+/// One shared copy of each route template per thread, so labelling a request copies none. The set
+/// is bounded: templates come from the routers' code, not from requests.
+fn route_label(template: &str) -> SharedLabel {
+    thread_local! {
+        static TEMPLATES: RefCell<HashSet<Arc<str>>> = RefCell::default();
+    }
+    TEMPLATES.with_borrow_mut(|known| {
+        if let Some(shared) = known.get(template) {
+            return SharedLabel(shared.clone());
+        }
+        let shared: Arc<str> = template.into();
+        known.insert(shared.clone());
+        SharedLabel(shared)
+    })
 }
 
 pin_project_lite::pin_project! {
     pub struct Observed<F> {
         #[pin]
         inner: F,
-        done: Option<(crate::AppState, Instant, String, String)>,
+        done: Option<(crate::AppState, Instant, &'static str, SharedLabel)>,
     }
 }
 

@@ -12,10 +12,9 @@ pub mod rendered;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use axum::extract::{DefaultBodyLimit, Request};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
 use axum::http::{HeaderName, HeaderValue};
 use axum::response::{IntoResponse, Response};
-use axum::Router;
 use layer::{Gate, GateLayer, Step};
 use zhili_acl::Acl;
 use zhili_kv::Kv;
@@ -67,27 +66,40 @@ pub struct Services {
     pub ready: Arc<AtomicBool>,
 }
 
-/// Bounds every request body of a router to `max` bytes: 413 at once when the announced length
-/// is over it (before a byte is read), and a hard cap on what extractors read. Apply it to a
-/// router before merging it, so each surface keeps its own limit ([`MAX_BODY`] for most).
-/// Both limits go on in one `Router::layer` call: axum boxes every route's future once per call.
-pub fn limit_bodies<S: Clone + Send + Sync + 'static>(router: Router<S>, max: usize) -> Router<S> {
-    router.layer(tower::ServiceBuilder::new().layer(GateLayer(Oversized(max))).layer(DefaultBodyLimit::max(max)))
+/// Bounds the request bodies of a router's routes: 413 at once when the announced length is over
+/// the route's limit (before a byte is read), and a hard cap on what extractors read. `max` holds
+/// on every route except those whose template starts with `larger.0`, which take `larger.1`.
+/// A [`Gate`], so it goes into the router's one `Router::layer` call with the other layers (axum
+/// boxes every route's future, and clones its service, once per call and request). Unmatched
+/// paths are left alone: the fallback reads no body.
+pub fn limit_bodies(max: usize, larger: Option<(&'static str, usize)>) -> GateLayer<BodyLimits> {
+    GateLayer(BodyLimits { max, larger })
 }
 
-/// 413 before a byte of the body is read when the announced length is over the limit.
+/// See [`limit_bodies`].
 #[derive(Clone, Copy)]
-struct Oversized(usize);
+pub struct BodyLimits {
+    max: usize,
+    larger: Option<(&'static str, usize)>,
+}
 
-impl Gate for Oversized {
+impl Gate for BodyLimits {
     fn check(&self, req: &mut Request) -> Step {
         let announced = req.headers().get(axum::http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-        match announced.filter(|n| *n > self.0 as u64) {
-            Some(n) => {
-                Step::Answer(error::ApiError::PayloadTooLarge(format!("body: Content-Length {n} is over the limit of {} bytes", self.0)).into_response())
-            }
-            None => Step::Pass,
+        // A request without a body (most reads) needs neither check.
+        if announced.is_none() && http_body::Body::is_end_stream(req.body()) {
+            return Step::Pass;
         }
+        let Some(route) = req.extensions().get::<MatchedPath>() else { return Step::Pass };
+        let max = match self.larger {
+            Some((prefix, larger)) if route.as_str().starts_with(prefix) => larger,
+            _ => self.max,
+        };
+        if let Some(n) = announced.filter(|n| *n > max as u64) {
+            return Step::Answer(error::ApiError::PayloadTooLarge(format!("body: Content-Length {n} is over the limit of {max} bytes")).into_response());
+        }
+        DefaultBodyLimit::max(max).apply(req);
+        Step::Pass
     }
 }
 

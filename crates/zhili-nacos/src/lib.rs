@@ -97,8 +97,15 @@ impl NacosState {
             .merge(naming::routes())
             .merge(config::routes())
             .fallback(|uri: axum::http::Uri| async move { NacosError::v1(ApiError::NotFound(format!("no route for {}", uri.path()))) });
-        let routes = routes.layer(tower::ServiceBuilder::new().layer(authorize(self.acl.clone())).layer(zhili_http::audit_writes(&self.core, "nacos")));
-        zhili_http::limit_bodies(routes, zhili_http::MAX_BODY).with_state(self.clone())
+        // One `layer` call for the three: axum boxes every route's future once per call.
+        routes
+            .layer(
+                tower::ServiceBuilder::new()
+                    .layer(authorize(self.acl.clone()))
+                    .layer(zhili_http::audit_writes(&self.core, "nacos"))
+                    .layer(zhili_http::limit_bodies(zhili_http::MAX_BODY, None)),
+            )
+            .with_state(self.clone())
     }
 
     /// The Nacos gRPC listener's router: the two methods of the `Payload` protocol.

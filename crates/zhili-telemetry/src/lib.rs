@@ -4,7 +4,7 @@
 use std::sync::atomic::AtomicI64;
 use std::sync::{Arc, Mutex};
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -34,10 +34,21 @@ pub struct OutcomeLabel {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HttpLabels {
-    pub method: String,
+    /// The standard methods by name, any other as `OTHER`: methods are the client's to invent.
+    pub method: &'static str,
     /// The matched route template (e.g. `/api/v1/kv/{*key}`), never the raw path.
-    pub route: String,
+    pub route: SharedLabel,
     pub status: u16,
+}
+
+/// A label value shared, not copied, by every observation that carries it (route templates).
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub struct SharedLabel(pub Arc<str>);
+
+impl EncodeLabelValue for SharedLabel {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        EncodeLabelValue::encode(&&*self.0, encoder)
+    }
 }
 
 pub struct Metrics {

@@ -558,7 +558,8 @@ mod listen {
             .run(async move {
                 let read = if h1 {
                     let handler = |req: axum::http::Request<Bytes>| {
-                        let mut req = req.map(axum::body::Body::from);
+                        // An empty body is not boxed.
+                        let mut req = req.map(|b| if b.is_empty() { axum::body::Body::empty() } else { axum::body::Body::from(b) });
                         req.extensions_mut().insert(ConnectInfo(peer));
                         let answer = tower::Service::call(&mut app, req);
                         async move { answer.await.unwrap_or_else(|never| match never {}) }

@@ -33,6 +33,9 @@ const DEFAULT_READ: usize = 100;
 const SUBSCRIBE_BATCH: usize = 256;
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
+/// Every route here starts with this, and only these do: their bodies may be event batches.
+pub const ROUTES: &str = "/api/v1/streams";
+
 pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/api/v1/streams", get(list))
