@@ -87,8 +87,9 @@ pub struct Registry {
     /// reads take it shared and never queue behind the store; writers hold it only for
     /// in-memory mutation, never across an await.
     shards: Box<[RwLock<Shard>]>,
-    /// Picks a service's shard.
-    hasher: std::hash::RandomState,
+    /// Picks a service's shard: seeded per registry, and fast (a shard is chosen on every read
+    /// and write; the maps inside keep std's SipHash, since their keys are the clients').
+    hasher: foldhash::fast::RandomState,
     /// Orders persistent writes of one key so disk and memory apply them in the same order,
     /// while writes of different keys proceed together (and share group commits).
     persist_order: PersistOrder,
@@ -203,7 +204,7 @@ impl Registry {
             store: store.clone(),
             clock,
             shards: (0..SHARDS).map(|_| RwLock::new(Shard::default())).collect(),
-            hasher: std::hash::RandomState::new(),
+            hasher: foldhash::fast::RandomState::default(),
             persist_order: PersistOrder::new(),
             index,
             events,
