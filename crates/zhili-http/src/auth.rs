@@ -87,7 +87,8 @@ pub fn query_param(query: &str, name: &str) -> Option<String> {
 
 /// Consul clients may also pass the token as `?token=` on `/v1` routes.
 fn query_token(req: &Request) -> Option<String> {
-    let query = req.uri().query().filter(|q| req.uri().path().starts_with("/v1/") && q.contains("token"))?;
+    // Decoding every pair is skipped when no key can be `token` (only an escape could spell it).
+    let query = req.uri().query().filter(|q| req.uri().path().starts_with("/v1/") && (q.contains("token") || q.contains('%')))?;
     query_param(query, "token").filter(|v| !v.is_empty())
 }
 
@@ -187,7 +188,17 @@ impl http_body::Body for Revocable {
 
 #[cfg(test)]
 mod tests {
-    use super::query_param;
+    use super::{query_param, query_token, Request};
+
+    #[test]
+    fn consul_query_tokens_are_found_however_the_key_is_written() {
+        let token = |uri: &str| query_token(&Request::builder().uri(uri).body(axum::body::Body::empty()).unwrap());
+        assert_eq!(token("/v1/kv/a?token=s1&index=3").as_deref(), Some("s1"));
+        assert_eq!(token("/v1/kv/a?index=3&%74oken=s2").as_deref(), Some("s2"), "an escaped key is still `token`");
+        assert_eq!(token("/v1/kv/a?index=3&wait=5s"), None);
+        assert_eq!(token("/v1/kv/a?token="), None, "an empty token is no token");
+        assert_eq!(token("/api/v1/kv/a?token=s3"), None, "only Consul's /v1 routes take it from the query");
+    }
 
     #[test]
     fn query_param_decodes_the_first_match_only() {
