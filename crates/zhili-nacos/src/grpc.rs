@@ -179,22 +179,25 @@ async fn run_connection(s: NacosState, conn: Arc<Conn>, mut incoming: tonic::Str
 /// Answers one unary request: returns the response type and its JSON body.
 async fn handle(s: &NacosState, addr: SocketAddr, p: Payload) -> (String, Value) {
     let meta = p.metadata.unwrap_or_default();
-    let body: Value = match p.body.map(|b| serde_json::from_slice(&b.value)) {
-        Some(Ok(v @ Value::Object(_))) => v,
-        _ => return error("ErrorResponse", 400, format!("body of {} is not a JSON object", meta.r#type), ""),
+    // The body stays bytes: each request type reads its own fields from it, and the envelope only
+    // what every request has. No JSON tree is built and dropped per request.
+    let body = p.body.map(|b| b.value).unwrap_or_default();
+    let envelope = match Envelope::read(&body) {
+        Ok(envelope) => envelope,
+        Err(why) => return error("ErrorResponse", 400, format!("body of {} {why}", meta.r#type), ""),
     };
-    let request_id = body.get("requestId").and_then(Value::as_str).unwrap_or("").to_string();
+    let request_id = envelope.request_id.as_str();
     let kind = meta.r#type.as_str();
     if kind == "ServerCheckRequest" {
-        return ok("ServerCheckResponse", json!({"connectionId": s.nacos.conn_id(addr), "supportAbilityNegotiation": false}), &request_id);
+        return ok("ServerCheckResponse", json!({"connectionId": s.nacos.conn_id(addr), "supportAbilityNegotiation": false}), request_id);
     }
     let Some(conn) = s.nacos.conn(addr) else {
-        return error("ErrorResponse", UN_REGISTER, "Connection is unregistered.".into(), &request_id);
+        return error("ErrorResponse", UN_REGISTER, "Connection is unregistered.".into(), request_id);
     };
     let token = meta.headers.get("accessToken").filter(|t| !t.is_empty()).cloned();
     let caller = match s.acl.resolve(token.as_deref()) {
         Ok(authority) => Caller { authority, token },
-        Err(_) => return error("ErrorResponse", 403, "token invalid!".into(), &request_id),
+        Err(_) => return error("ErrorResponse", 403, "token invalid!".into(), request_id),
     };
     if conn.token.lock().as_deref() != caller.token.as_deref() {
         *conn.token.lock() = caller.token.clone();
@@ -211,23 +214,23 @@ async fn handle(s: &NacosState, addr: SocketAddr, p: Payload) -> (String, Value)
         "ServiceListRequest" => ctx.list(&body),
         "ConfigQueryRequest" => match ctx.config_query(&body) {
             Ok(Some(v)) => Ok(v),
-            Ok(None) => return error(&resp_kind, CONFIG_NOT_FOUND, "config data not exist".into(), &request_id),
+            Ok(None) => return error(&resp_kind, CONFIG_NOT_FOUND, "config data not exist".into(), request_id),
             Err(e) => Err(e),
         },
         "ConfigPublishRequest" => match ctx.config_publish(&body).await {
             Ok(true) => Ok(json!({})),
-            Ok(false) => return error(&resp_kind, 500, "publish fail: casMd5 does not match the current content".into(), &request_id),
+            Ok(false) => return error(&resp_kind, 500, "publish fail: casMd5 does not match the current content".into(), request_id),
             Err(e) => Err(e),
         },
         "ConfigRemoveRequest" => ctx.config_remove(&body).await,
         "ConfigBatchListenRequest" => ctx.config_listen(&body),
-        _ => return error("ErrorResponse", NO_HANDLER, format!("RequestHandler Not Found: {kind:?}"), &request_id),
+        _ => return error("ErrorResponse", NO_HANDLER, format!("RequestHandler Not Found: {kind:?}"), request_id),
     };
     if result.is_ok() {
-        audit(s, kind, &body, ctx.caller.token.as_deref());
+        audit(s, kind, &envelope, ctx.caller.token.as_deref());
     }
     match result {
-        Ok(v) => ok(&resp_kind, v, &request_id),
+        Ok(v) => ok(&resp_kind, v, request_id),
         Err(e) => {
             let code = match &e {
                 ApiError::Forbidden(_) | ApiError::Unauthorized(_) => 403,
@@ -238,23 +241,20 @@ async fn handle(s: &NacosState, addr: SocketAddr, p: Payload) -> (String, Value)
                 ApiError::Unavailable(_) => 503,
                 _ => 400,
             };
-            error("ErrorResponse", code, e.detail().to_string(), &request_id)
+            error("ErrorResponse", code, e.detail().to_string(), request_id)
         }
     }
 }
 
 /// Successful writes go to `$audit` like those of the HTTP surfaces: the request type (and
 /// its operation) as the method, what it touched as the path, and the token's accessor id.
-fn audit(s: &NacosState, kind: &str, body: &Value, token: Option<&str>) {
-    let text = |k: &str| body.get(k).and_then(Value::as_str).unwrap_or("");
+fn audit(s: &NacosState, kind: &str, e: &Envelope, token: Option<&str>) {
     let path = match kind {
-        "InstanceRequest" | "PersistentInstanceRequest" | "BatchInstanceRequest" => {
-            format!("naming/{}/{}/{}", text("namespace"), text("groupName"), text("serviceName"))
-        }
-        "ConfigPublishRequest" | "ConfigRemoveRequest" => format!("config/{}/{}/{}", text("tenant"), text("group"), text("dataId")),
+        "InstanceRequest" | "PersistentInstanceRequest" | "BatchInstanceRequest" => format!("naming/{}/{}/{}", e.namespace, e.group_name, e.service_name),
+        "ConfigPublishRequest" | "ConfigRemoveRequest" => format!("config/{}/{}/{}", e.tenant, e.group, e.data_id),
         _ => return,
     };
-    let method = match text("type") {
+    let method = match e.kind.as_str() {
         "" => kind.to_string(),
         op => format!("{kind}.{op}"),
     };
@@ -371,8 +371,50 @@ struct ListenContext {
     md5: String,
 }
 
-fn parse<T: serde::de::DeserializeOwned>(body: &Value) -> Result<T, ApiError> {
-    T::deserialize(body).map_err(|e| ApiError::BadRequest(format!("request body: {e}")))
+fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("request body: {e}")))
+}
+
+/// What the handler reads of every request body: its id, and the names the audit records. A
+/// field of another type than text reads as empty, as it did when these were looked up in a
+/// parsed tree; the request's own type still refuses it where it matters.
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", default)]
+struct Envelope {
+    #[serde(deserialize_with = "text")]
+    request_id: String,
+    #[serde(deserialize_with = "text")]
+    namespace: String,
+    #[serde(deserialize_with = "text")]
+    group_name: String,
+    #[serde(deserialize_with = "text")]
+    service_name: String,
+    #[serde(rename = "type", deserialize_with = "text")]
+    kind: String,
+    #[serde(deserialize_with = "text")]
+    tenant: String,
+    #[serde(deserialize_with = "text")]
+    group: String,
+    #[serde(deserialize_with = "text")]
+    data_id: String,
+}
+
+impl Envelope {
+    /// Why not, unless `body` is one JSON object (a struct alone would also take an array).
+    fn read(body: &[u8]) -> Result<Self, String> {
+        if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err("is not a JSON object".into());
+        }
+        serde_json::from_slice(body).map_err(|e| format!("is not valid JSON: {e}"))
+    }
+}
+
+/// A string as itself, any other JSON value as empty.
+fn text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    Ok(match Value::deserialize(d)? {
+        Value::String(s) => s,
+        _ => String::new(),
+    })
 }
 
 struct Ctx<'a> {
@@ -388,7 +430,7 @@ impl Ctx<'_> {
         Ok((ns, svc))
     }
 
-    async fn instance(&self, body: &Value, ephemeral: bool) -> Result<Value, ApiError> {
+    async fn instance(&self, body: &[u8], ephemeral: bool) -> Result<Value, ApiError> {
         let b: NamingBody = parse(body)?;
         let (ns, svc) = self.target(&b)?;
         let inst = b.instance.as_ref().ok_or_else(|| ApiError::BadRequest("Param 'instance' is required".into()))?.nacos(ephemeral);
@@ -413,7 +455,7 @@ impl Ctx<'_> {
     }
 
     /// `batchRegisterInstance`: the connection's instances of the service become exactly these.
-    async fn batch(&self, body: &Value) -> Result<Value, ApiError> {
+    async fn batch(&self, body: &[u8]) -> Result<Value, ApiError> {
         let b: NamingBody = parse(body)?;
         let (ns, svc) = self.target(&b)?;
         self.caller.require(Resource::Service, &svc.name, Access::Write)?;
@@ -446,7 +488,7 @@ impl Ctx<'_> {
         service_info(&instances, svc, clusters, false, self.s.nacos.ref_time())
     }
 
-    fn query(&self, body: &Value) -> Result<Value, ApiError> {
+    fn query(&self, body: &[u8]) -> Result<Value, ApiError> {
         let b: NamingBody = parse(body)?;
         let (ns, svc) = self.target(&b)?;
         self.caller.require(Resource::Service, &svc.name, Access::Read)?;
@@ -454,7 +496,7 @@ impl Ctx<'_> {
         Ok(json!({"serviceInfo": self.info(&ns, &svc, &clusters, b.health_only.unwrap_or(false))}))
     }
 
-    fn subscribe(&self, body: &Value) -> Result<Value, ApiError> {
+    fn subscribe(&self, body: &[u8]) -> Result<Value, ApiError> {
         let b: NamingBody = parse(body)?;
         let (ns, svc) = self.target(&b)?;
         self.caller.require(Resource::Service, &svc.name, Access::Read)?;
@@ -468,7 +510,7 @@ impl Ctx<'_> {
         Ok(json!({"serviceInfo": self.info(&ns, &svc, &clusters, false)}))
     }
 
-    fn list(&self, body: &Value) -> Result<Value, ApiError> {
+    fn list(&self, body: &[u8]) -> Result<Value, ApiError> {
         let b: NamingBody = parse(body)?;
         let ns = zhili_namespace(b.namespace.as_deref().unwrap_or("")).map_err(|e| e.err)?;
         let group = b.group_name.filter(|g| !g.is_empty()).unwrap_or_else(|| zhili_model::DEFAULT_GROUP.into());
@@ -478,7 +520,7 @@ impl Ctx<'_> {
         Ok(json!({"count": names.len(), "serviceNames": page}))
     }
 
-    fn config_query(&self, body: &Value) -> Result<Option<Value>, ApiError> {
+    fn config_query(&self, body: &[u8]) -> Result<Option<Value>, ApiError> {
         let b: ConfigBody = parse(body)?;
         let key = super::config_key(&b.tenant, &b.group, &b.data_id).map_err(|e| e.err)?;
         Ok(super::config::read(self.s, &self.caller, &key)?.map(|c| {
@@ -486,14 +528,14 @@ impl Ctx<'_> {
         }))
     }
 
-    async fn config_publish(&self, body: &Value) -> Result<bool, ApiError> {
+    async fn config_publish(&self, body: &[u8]) -> Result<bool, ApiError> {
         let b: ConfigBody = parse(body)?;
         let key = super::config_key(&b.tenant, &b.group, &b.data_id).map_err(|e| e.err)?;
         let content = b.content.ok_or_else(|| ApiError::BadRequest("Param 'content' is required".into()))?;
         super::config::publish(self.s, &self.caller, &key, &content, b.cas_md5.as_deref().filter(|m| !m.is_empty())).await
     }
 
-    async fn config_remove(&self, body: &Value) -> Result<Value, ApiError> {
+    async fn config_remove(&self, body: &[u8]) -> Result<Value, ApiError> {
         let b: ConfigBody = parse(body)?;
         let key = super::config_key(&b.tenant, &b.group, &b.data_id).map_err(|e| e.err)?;
         super::config::remove(self.s, &self.caller, &key).await?;
@@ -501,7 +543,7 @@ impl Ctx<'_> {
     }
 
     /// Starts (or stops) listening on configs; answers those already different from the client's md5.
-    fn config_listen(&self, body: &Value) -> Result<Value, ApiError> {
+    fn config_listen(&self, body: &[u8]) -> Result<Value, ApiError> {
         let b: ConfigBody = parse(body)?;
         let listen = b.listen.unwrap_or(true);
         let mut changed = vec![];
@@ -542,12 +584,21 @@ mod tests {
     }
 
     #[test]
+    fn the_envelope_is_read_from_any_object_and_only_an_object() {
+        let e = Envelope::read(br#" {"requestId": "7", "namespace": 5, "groupName": null, "serviceName": "s", "instance": {"ip": "x"}}"#).unwrap();
+        assert_eq!((e.request_id.as_str(), e.namespace.as_str(), e.group_name.as_str(), e.service_name.as_str()), ("7", "", "", "s"));
+        for refused in [&b"[\"7\"]"[..], b"\"x\"", b"", b"{\"requestId\": 1", b"{} {}"] {
+            assert!(Envelope::read(refused).is_err(), "{:?}", String::from_utf8_lossy(refused));
+        }
+    }
+
+    #[test]
     fn nulls_read_as_defaults() {
-        let b: ConfigBody = parse(&json!({"dataId": null, "group": "G", "tenant": null, "configListenContexts": null})).unwrap();
+        let b: ConfigBody = parse(br#"{"dataId": null, "group": "G", "tenant": null, "configListenContexts": null}"#).unwrap();
         assert_eq!((b.data_id.as_str(), b.group.as_str(), b.tenant.as_str()), ("", "G", ""));
-        let b: NamingBody = parse(&json!({"serviceName": "s", "instance": {"ip": "1.2.3.4", "port": 1, "metadata": null}})).unwrap();
+        let b: NamingBody = parse(br#"{"serviceName": "s", "instance": {"ip": "1.2.3.4", "port": 1, "metadata": null}}"#).unwrap();
         assert!(b.instance.unwrap().metadata.is_empty());
-        assert!(parse::<NamingBody>(&json!({"serviceName": 5})).is_err());
+        assert!(parse::<NamingBody>(br#"{"serviceName": 5}"#).is_err());
     }
 
     const NACOS_KEYS: &[&str] = &[
@@ -595,6 +646,8 @@ mod tests {
         /// config names they name parse or fail with a message, never panic.
         #[test]
         fn arbitrary_bodies_never_panic(v in zhili_test_support::json::arbitrary_json(NACOS_KEYS)) {
+            let v = serde_json::to_vec(&v).unwrap();
+            let _ = Envelope::read(&v);
             if let Ok(b) = parse::<NamingBody>(&v) {
                 let _ = crate::ServiceRef::parse(&b.service_name, b.group_name.as_deref());
                 let _ = crate::zhili_namespace(b.namespace.as_deref().unwrap_or(""));
