@@ -81,6 +81,14 @@ async fn native_routes_errors_and_fallback() {
     assert!(batch > zhili_api::MAX_BODY);
     assert_ne!(announced(Method::POST, "/api/v1/streams/orders", zhili_api::MAX_BODY + 1).await, StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(announced(Method::POST, "/api/v1/streams/orders", batch + 1).await, StatusCode::PAYLOAD_TOO_LARGE);
+    // A body sent without a length (chunked) is held to the same limits as it is read.
+    let unannounced = |method: Method, uri: &str, length: usize| {
+        let req = Request::builder().method(method).uri(uri).body(Body::from(vec![b'a'; length])).unwrap();
+        assert!(req.headers().get(header::CONTENT_LENGTH).is_none());
+        async { app.clone().oneshot(req).await.unwrap().status() }
+    };
+    assert_eq!(unannounced(Method::PUT, "/api/v1/kv/big", zhili_api::MAX_BODY + 1).await, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_ne!(unannounced(Method::POST, "/api/v1/streams/orders", zhili_api::MAX_BODY + 1).await, StatusCode::PAYLOAD_TOO_LARGE);
 }
 
 #[tokio::test]
