@@ -654,20 +654,20 @@ impl Audit {
             let batch = batcher.gather(first, || rx.try_recv().ok()).await;
             // Records queued within a few milliseconds: one timestamp for them.
             let time = zhili_model::event::timestamp(unix_ms());
-            let events: Vec<NewEvent> = batch
-                .into_iter()
-                .map(|r| {
-                    seq += 1;
-                    let id = format!("audit-{boot}-{seq}");
-                    let source = format!("zhili://{}", r.surface);
-                    let body = zhili_model::event::CloudEvent::new(&id, &source, "io.zhili.audit.write", &r.path, &time, &r).to_vec();
-                    NewEvent { id, body: body.into() }
-                })
-                .collect();
-            while let Err(e) = log.append_unique(AUDIT_STREAM, events.clone()).await {
-                tracing::warn!(error = %e, "appending to $audit failed; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
+            let first_seq = seq + 1;
+            let events = || {
+                (first_seq..)
+                    .zip(&batch)
+                    .map(|(n, r)| {
+                        let id = format!("audit-{boot}-{n}");
+                        let source = format!("zhili://{}", r.surface);
+                        let body = zhili_model::event::CloudEvent::new(&id, &source, "io.zhili.audit.write", &r.path, &time, r).to_vec();
+                        NewEvent { id, body: body.into() }
+                    })
+                    .collect()
+            };
+            zhili_store::events::append_retrying(&*log, AUDIT_STREAM, events).await;
+            seq += batch.len() as u64;
         }
     }
 }

@@ -470,7 +470,7 @@ impl Ctx<'_> {
             self.s.nacos.own(&self.conn, &ns, &svc.name, &reg.id);
             keep.insert(reg.id);
         }
-        let before: Vec<String> = self.conn.instances.lock().get(&(ns.clone(), svc.name.clone())).map(|ids| ids.iter().cloned().collect()).unwrap_or_default();
+        let before = self.conn.instances.lock().ids(&ns, &svc.name);
         for id in before.into_iter().filter(|id| !keep.contains(id)) {
             if self.s.registry.instance(&ns, &svc.name, &id).is_some() {
                 self.s.registry.deregister(&ns, &svc.name, &id).await?;

@@ -29,6 +29,43 @@ pub struct Subscription {
     pub clusters: String,
 }
 
+/// The ephemeral instance ids a connection registered, by namespace and service. Looked up by
+/// borrowed names: a registration allocates only for a name the connection has not used yet.
+#[derive(Debug, Default)]
+pub struct Owned(HashMap<String, HashMap<String, HashSet<String>>>);
+
+impl Owned {
+    pub fn insert(&mut self, ns: &str, service: &str, id: &str) {
+        let services = match self.0.get_mut(ns) {
+            Some(s) => s,
+            None => self.0.entry(ns.to_string()).or_default(),
+        };
+        let ids = match services.get_mut(service) {
+            Some(ids) => ids,
+            None => services.entry(service.to_string()).or_default(),
+        };
+        if !ids.contains(id) {
+            ids.insert(id.to_string());
+        }
+    }
+
+    pub fn remove(&mut self, ns: &str, service: &str, id: &str) {
+        if let Some(ids) = self.0.get_mut(ns).and_then(|s| s.get_mut(service)) {
+            ids.remove(id);
+        }
+    }
+
+    /// The ids owned in one service.
+    pub fn ids(&self, ns: &str, service: &str) -> Vec<String> {
+        self.0.get(ns).and_then(|s| s.get(service)).map(|ids| ids.iter().cloned().collect()).unwrap_or_default()
+    }
+
+    /// Everything owned: (namespace, service, ids).
+    pub fn entries(self) -> impl Iterator<Item = (String, String, HashSet<String>)> {
+        self.0.into_iter().flat_map(|(ns, services)| services.into_iter().map(move |(service, ids)| (ns.clone(), service, ids)))
+    }
+}
+
 /// One gRPC client connection, from `ConnectionSetupRequest` until its stream ends.
 pub struct Conn {
     pub id: String,
@@ -37,8 +74,8 @@ pub struct Conn {
     /// The registry's handle on this connection's liveness: its ephemeral instances live as long
     /// as the connection beats it.
     pub owner: Arc<zhili_registry::Owner>,
-    /// Ephemeral instances this connection registered: (namespace, service) → instance ids.
-    pub instances: Mutex<HashMap<(String, String), HashSet<String>>>,
+    /// Ephemeral instances this connection registered.
+    pub instances: Mutex<Owned>,
     pub subscriptions: Mutex<HashSet<Subscription>>,
     /// KV keys of the configs this connection listens on.
     pub listening: Mutex<HashSet<String>>,
@@ -155,17 +192,11 @@ impl NacosHub {
 
     /// Records that `conn` registered the instance (the registry knows `conn.owner` as its owner).
     pub fn own(&self, conn: &Conn, ns: &str, service: &str, id: &str) {
-        let mut instances = conn.instances.lock();
-        let ids = instances.entry((ns.into(), service.into())).or_default();
-        if !ids.contains(id) {
-            ids.insert(id.into());
-        }
+        conn.instances.lock().insert(ns, service, id);
     }
 
     pub fn disown(&self, conn: &Conn, ns: &str, service: &str, id: &str) {
-        if let Some(set) = conn.instances.lock().get_mut(&(ns.to_string(), service.to_string())) {
-            set.remove(id);
-        }
+        conn.instances.lock().remove(ns, service, id);
     }
 
     pub fn config_changes(&self) -> broadcast::Receiver<Arc<str>> {
@@ -183,9 +214,9 @@ impl NacosHub {
                 conns.remove(&conn.addr);
             }
         }
-        let owned: Vec<((String, String), HashSet<String>)> = conn.instances.lock().drain().collect();
+        let owned = std::mem::take(&mut *conn.instances.lock());
         let mut released = 0usize;
-        for ((ns, service), ids) in owned {
+        for (ns, service, ids) in owned.entries() {
             for id in ids {
                 s.registry.release(&conn.owner, &ns, &service, &id);
                 released += 1;
@@ -312,5 +343,31 @@ pub(crate) async fn config_dispatcher(s: NacosState) {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Owned;
+
+    #[test]
+    fn owned_instances_are_kept_per_namespace_and_service() {
+        let mut o = Owned::default();
+        o.insert("public", "a", "1");
+        o.insert("public", "a", "1");
+        o.insert("public", "a", "2");
+        o.insert("public", "b", "1");
+        o.insert("dev", "a", "3");
+        let mut ids = o.ids("public", "a");
+        ids.sort();
+        assert_eq!(ids, ["1", "2"], "an id owned twice is kept once");
+        assert_eq!(o.ids("dev", "a"), ["3"], "namespaces are apart");
+        assert!(o.ids("dev", "b").is_empty() && o.ids("none", "a").is_empty());
+        o.remove("public", "a", "1");
+        o.remove("public", "zzz", "1");
+        assert_eq!(o.ids("public", "a"), ["2"]);
+        let mut all: Vec<(String, String, usize)> = o.entries().map(|(ns, s, ids)| (ns, s, ids.len())).collect();
+        all.sort();
+        assert_eq!(all, [("dev".to_string(), "a".to_string(), 1), ("public".into(), "a".into(), 1), ("public".into(), "b".into(), 1)]);
     }
 }

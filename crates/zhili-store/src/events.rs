@@ -168,6 +168,19 @@ pub async fn append_queued(log: std::sync::Arc<dyn EventLog>, stream: &'static s
     }
 }
 
+/// Appends the batch `events` makes to `stream` ([`EventLog::append_unique`]) until an append
+/// succeeds, a second apart: the publishers of the server's own streams (`$registry`,
+/// `$audit`), which retry rather than lose a change. A failed append consumed its batch, so
+/// `events` makes it again for each retry (the same ids) instead of every try paying a copy.
+/// A failed append wrote nothing: the embedded log refuses every later append after a failed
+/// commit, so a retry cannot double.
+pub async fn append_retrying(log: &dyn EventLog, stream: &str, mut events: impl FnMut() -> Vec<NewEvent>) {
+    while let Err(e) = log.append_unique(stream, events()).await {
+        tracing::warn!(%stream, error = %e, "appending failed; retrying");
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
+}
+
 /// How long a busy feedback publisher gathers before its next append.
 pub const LINGER: std::time::Duration = std::time::Duration::from_millis(5);
 
@@ -323,5 +336,63 @@ mod tests {
         let idle = Instant::now();
         assert_eq!(b.gather(10, || rx.try_recv().ok()).await, [10]);
         assert_eq!(idle.elapsed(), Duration::ZERO);
+    }
+
+    /// Refuses its first `failures` appends, then passes everything to a memory log.
+    struct Flaky {
+        failures: std::sync::atomic::AtomicUsize,
+        inner: crate::memory::MemoryEventLog,
+    }
+
+    #[async_trait]
+    impl EventLog for Flaky {
+        async fn append(&self, stream: &str, expected: ExpectedRevision, events: Vec<NewEvent>) -> Result<Appended, EventLogError> {
+            let left = self.failures.load(std::sync::atomic::Ordering::Relaxed);
+            if left > 0 {
+                self.failures.store(left - 1, std::sync::atomic::Ordering::Relaxed);
+                return Err(EventLogError::Engine("disk full".into()));
+            }
+            self.inner.append(stream, expected, events).await
+        }
+        fn read_stream(&self, stream: &str, from: u64, direction: Direction, limit: usize) -> Result<Vec<RecordedEvent>, EventLogError> {
+            self.inner.read_stream(stream, from, direction, limit)
+        }
+        fn read_all(&self, from: u64, direction: Direction, limit: usize) -> Result<Vec<RecordedEvent>, EventLogError> {
+            self.inner.read_all(from, direction, limit)
+        }
+        fn read_category(&self, category: &str, from: u64, direction: Direction, limit: usize) -> Result<Vec<(u64, RecordedEvent)>, EventLogError> {
+            self.inner.read_category(category, from, direction, limit)
+        }
+        fn stream_info(&self, stream: &str) -> Result<Option<StreamInfo>, EventLogError> {
+            self.inner.stream_info(stream)
+        }
+        fn list_streams(&self, prefix: &str, after: Option<&str>, limit: usize) -> Result<Vec<(String, StreamInfo)>, EventLogError> {
+            self.inner.list_streams(prefix, after, limit)
+        }
+        async fn delete_stream(&self, stream: &str, expected: ExpectedRevision) -> Result<(), EventLogError> {
+            self.inner.delete_stream(stream, expected).await
+        }
+        async fn set_retention(&self, stream: &str, retention: Retention) -> Result<StreamInfo, EventLogError> {
+            self.inner.set_retention(stream, retention).await
+        }
+        fn head(&self) -> watch::Receiver<u64> {
+            self.inner.head()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_append_is_made_again_and_lands_once() {
+        let log = Flaky { failures: 2.into(), inner: crate::memory::MemoryEventLog::new() };
+        let mut made = 0;
+        let start = Instant::now();
+        append_retrying(&log, "$feed", || {
+            made += 1;
+            vec![NewEvent { id: "a".into(), body: Bytes::from_static(b"{}") }, NewEvent { id: "b".into(), body: Bytes::from_static(b"{}") }]
+        })
+        .await;
+        assert_eq!(made, 3, "the batch is made once per try");
+        assert_eq!(start.elapsed(), Duration::from_secs(2), "a second between tries");
+        let stored: Vec<String> = log.read_stream("$feed", 0, Direction::Forwards, 10).unwrap().into_iter().map(|e| e.id).collect();
+        assert_eq!(stored, ["a", "b"], "the batch landed once, in order");
     }
 }

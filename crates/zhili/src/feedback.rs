@@ -9,7 +9,7 @@ use serde_json::json;
 use zhili_model::event::CloudEvent;
 use zhili_model::{RegistryEvent, RegistryEventKind};
 use zhili_registry::{Journal, Journaled};
-use zhili_store::events::{Batcher, EventLog, ExpectedRevision, NewEvent};
+use zhili_store::events::{append_retrying, Batcher, EventLog, ExpectedRevision, NewEvent};
 use zhili_store::{EventKind, Store};
 
 pub const REGISTRY_STREAM: &str = "$registry";
@@ -43,9 +43,7 @@ fn cloudevent(source: &str, time: &str, boot: u64, ev: &RegistryEvent, n: usize)
 
 /// Appends every registry change to `$registry` until the registry closes, from the registry's
 /// lossless journal (a burst of changes waits for the stream rather than being lost). Changes
-/// that arrive together go in one append; a failed append is retried (a failed append wrote
-/// nothing: the embedded log refuses every later append after a failed commit, so retries
-/// cannot double).
+/// that arrive together go in one append, retried until it lands.
 pub async fn publish_registry(mut journal: Journal, log: Arc<dyn EventLog>, node: String) {
     let source = format!("zhili://{node}/registry");
     let boot = zhili_registry::unix_ms();
@@ -60,23 +58,24 @@ pub async fn publish_registry(mut journal: Journal, log: Arc<dyn EventLog>, node
             None => return,
         };
         let batch = batcher.gather(first, || journal.try_recv()).await;
-        let mut last_index = 0;
-        let mut n = 0;
         // The changes of one batch arrived within a few milliseconds: one timestamp for them.
         let time = zhili_model::event::timestamp(zhili_registry::unix_ms());
-        let events: Vec<NewEvent> = batch
-            .iter()
-            .map(|ev| {
-                n = if ev.index == last_index { n + 1 } else { 0 };
-                last_index = ev.index;
-                cloudevent(&source, &time, boot, ev, n)
-            })
-            .collect();
-        while let Err(e) = log.append_unique(REGISTRY_STREAM, events.clone()).await {
-            tracing::warn!(error = %e, "appending to $registry failed; retrying");
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
+        append_retrying(&*log, REGISTRY_STREAM, || registry_events(&source, &time, boot, &batch)).await;
     }
+}
+
+/// A batch of registry changes as CloudEvents, in order.
+fn registry_events(source: &str, time: &str, boot: u64, batch: &[Arc<RegistryEvent>]) -> Vec<NewEvent> {
+    let mut last_index = 0;
+    let mut n = 0;
+    batch
+        .iter()
+        .map(|ev| {
+            n = if ev.index == last_index { n + 1 } else { 0 };
+            last_index = ev.index;
+            cloudevent(source, time, boot, ev, n)
+        })
+        .collect()
 }
 
 pub const KV_STREAM: &str = "$kv";
