@@ -157,6 +157,19 @@ enum Cmd {
         #[arg(long)]
         count: usize,
     },
+    /// Nacos 2.x push fan-out: `subscribers` gRPC connections subscribe to one service of
+    /// `instances` instances; each round one registration changes it, and the time from the
+    /// change to each subscriber's `NotifySubscriberRequest` is recorded.
+    NacosPush {
+        #[arg(long)]
+        target: SocketAddr,
+        #[arg(long, default_value_t = 1000)]
+        subscribers: usize,
+        #[arg(long, default_value_t = 100)]
+        instances: usize,
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+    },
     /// Closed-loop Nacos 2.x gRPC instance registrations: one set-up gRPC connection per worker.
     NacosGrpc {
         #[arg(long)]
@@ -304,6 +317,7 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Ready { bin, data_dir, addr, keep } => ready(bin, data_dir, addr, keep).await,
         Cmd::OpenLoop { target, path, rate, conns, seconds, headers } => open_loop(target, &path, &headers, rate, conns, Duration::from_secs(seconds)).await,
         Cmd::Dns { target, name, concurrency, seconds } => dns(target, &name, concurrency, Duration::from_secs(seconds)).await,
+        Cmd::NacosPush { target, subscribers, instances, rounds } => nacos_push(target, subscribers, instances, rounds).await,
         Cmd::NacosGrpc { target, concurrency, seconds, metadata, hold } => {
             nacos_grpc(target, concurrency, Duration::from_secs(seconds), metadata, Duration::from_secs(hold)).await
         }
@@ -771,6 +785,8 @@ struct NacosConn {
     addr: SocketAddr,
     /// Keeps the setup stream (and so the server-side connection) open.
     _stream: tokio::sync::mpsc::Sender<Result<hyper::body::Frame<Bytes>, std::convert::Infallible>>,
+    /// When each server push (a whole gRPC message on the stream) arrived.
+    pushes: Arc<std::sync::Mutex<Vec<Instant>>>,
 }
 
 fn grpc_frame(kind: &str, body: &Value) -> Bytes {
@@ -801,14 +817,31 @@ impl NacosConn {
             .body(body)?;
         sender.ready().await?;
         let pending = sender.send_request(req);
+        let pushes = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = pushes.clone();
         tokio::spawn(async move {
-            // Drain the server's pushes for as long as the stream lives.
+            // Take the server's pushes for as long as the stream lives, noting when each whole
+            // message (5-byte gRPC prefix + length) is in.
             if let Ok(resp) = pending.await {
                 let mut body = resp.into_body();
-                while let Some(Ok(_)) = body.frame().await {}
+                let mut buf = bytes::BytesMut::new();
+                while let Some(Ok(frame)) = body.frame().await {
+                    let Ok(data) = frame.into_data() else { continue };
+                    buf.extend_from_slice(&data);
+                    while buf.len() >= 5 {
+                        let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+                        if buf.len() < 5 + len {
+                            break;
+                        }
+                        let _ = buf.split_to(5 + len);
+                        if let Ok(mut l) = log.lock() {
+                            l.push(Instant::now());
+                        }
+                    }
+                }
             }
         });
-        let mut c = Self { sender, addr, _stream: tx };
+        let mut c = Self { sender, addr, _stream: tx, pushes };
         // The setup is handled asynchronously by the server: wait until requests are accepted.
         for _ in 0..100 {
             if contains(&c.call("HealthCheckRequest", &json!({})).await?, "HealthCheckResponse") {
@@ -829,6 +862,57 @@ impl NacosConn {
         let resp = self.sender.send_request(req).await?;
         Ok(resp.into_body().collect().await?.to_bytes())
     }
+}
+
+async fn nacos_push(target: SocketAddr, subscribers: usize, instances: usize, rounds: usize) -> anyhow::Result<()> {
+    const SERVICE: &str = "bench-nacos-push";
+    let register = |i: usize| {
+        json!({
+            "namespace": "", "serviceName": SERVICE, "groupName": "DEFAULT_GROUP", "type": "registerInstance",
+            "instance": {"ip": ip(i), "port": 8080, "weight": 1.0, "healthy": true, "enabled": true, "ephemeral": true, "clusterName": "DEFAULT", "metadata": {"version": "1.0.0", "zone": "a"}},
+        })
+    };
+    let mut driver = NacosConn::open(target).await?;
+    for i in 0..instances {
+        let reply = driver.call("InstanceRequest", &register(i)).await?;
+        anyhow::ensure!(contains(&reply, "\"resultCode\":200"), "register: {}", String::from_utf8_lossy(&reply));
+    }
+    // Subscribers connect a few at a time (thousands of h2 handshakes at once can wait out SYN
+    // retransmissions), each subscribing once.
+    let mut subs = Vec::with_capacity(subscribers);
+    let connecting = Instant::now();
+    for _ in 0..subscribers {
+        let mut c = NacosConn::open(target).await?;
+        let body = json!({"namespace": "", "serviceName": SERVICE, "groupName": "DEFAULT_GROUP", "clusters": "", "subscribe": true});
+        let reply = c.call("SubscribeServiceRequest", &body).await?;
+        anyhow::ensure!(contains(&reply, "\"resultCode\":200"), "subscribe: {}", String::from_utf8_lossy(&reply));
+        subs.push(c);
+    }
+    let connect_ms = connecting.elapsed().as_millis() as u64;
+    let pushed = |subs: &[NacosConn]| subs.iter().map(|c| c.pushes.lock().map_or(0, |l| l.len())).collect::<Vec<usize>>();
+    let mut all = Vec::new();
+    for round in 0..rounds {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let before = pushed(&subs);
+        let changed = Instant::now();
+        let reply = driver.call("InstanceRequest", &register(instances + round)).await?;
+        anyhow::ensure!(contains(&reply, "\"resultCode\":200"), "change: {}", String::from_utf8_lossy(&reply));
+        let deadline = changed + Duration::from_secs(60);
+        while pushed(&subs).iter().zip(&before).any(|(now, was)| now <= was) {
+            anyhow::ensure!(Instant::now() < deadline, "not every subscriber got the push within 60 s");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        for (c, was) in subs.iter().zip(&before) {
+            let at = c.pushes.lock().map_err(|_| anyhow::anyhow!("push log"))?[*was];
+            all.push(at.saturating_duration_since(changed).as_micros() as u64);
+        }
+    }
+    all.sort_unstable();
+    println!(
+        "{}",
+        json!({"scenario": "nacos-push", "subscribers": subscribers, "instances": instances, "rounds": rounds, "p50_us": percentile(&all, 0.5), "p99_us": percentile(&all, 0.99), "max_us": all.last(), "connect_ms": connect_ms})
+    );
+    Ok(())
 }
 
 async fn nacos_grpc(target: SocketAddr, concurrency: usize, duration: Duration, metadata: bool, hold: Duration) -> anyhow::Result<()> {

@@ -66,10 +66,12 @@ pub struct Payload {
 }
 
 pub fn payload(kind: &str, body: &Value) -> Payload {
-    Payload {
-        metadata: Some(Metadata { r#type: kind.into(), ..Default::default() }),
-        body: Some(Any { type_url: String::new(), value: serde_json::to_vec(body).expect("json serializes") }),
-    }
+    payload_json(kind, serde_json::to_vec(body).expect("json serializes"))
+}
+
+/// A payload around a body already serialized as JSON.
+pub fn payload_json(kind: &str, body: Vec<u8>) -> Payload {
+    Payload { metadata: Some(Metadata { r#type: kind.into(), ..Default::default() }), body: Some(Any { type_url: String::new(), value: body }) }
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;

@@ -106,15 +106,41 @@ impl Conn {
 
     /// Queues a server request on the bidirectional stream; false when the client is too far
     /// behind (the caller then drops the connection).
-    pub fn send(&self, kind: &str, mut body: serde_json::Value) -> bool {
-        if let Some(o) = body.as_object_mut() {
-            o.insert("requestId".into(), self.push_seq.fetch_add(1, Ordering::Relaxed).to_string().into());
-            o.insert("module".into(), if kind.starts_with("Config") { "config" } else { "naming" }.into());
-            o.entry("headers").or_insert_with(|| serde_json::json!({}));
-        }
-        self.push.try_send(Ok(grpc::payload(kind, &body))).is_ok()
+    pub fn send(&self, kind: &str, body: serde_json::Value) -> bool {
+        self.send_shared(kind, &push_body(kind, body))
+    }
+
+    /// [`Self::send`] of a body rendered once for every connection it goes to ([`push_body`]):
+    /// only the request id is this connection's, written in front of the shared fields.
+    pub fn send_shared(&self, kind: &str, shared: &[u8]) -> bool {
+        let body = with_request_id(self.push_seq.fetch_add(1, Ordering::Relaxed), shared);
+        self.push.try_send(Ok(grpc::payload_json(kind, body))).is_ok()
     }
 }
+
+/// `shared` (a JSON object) with `"requestId": "<id>"` in front of its fields.
+fn with_request_id(id: u64, shared: &[u8]) -> Vec<u8> {
+    let fields = shared.strip_prefix(b"{").filter(|f| f.ends_with(b"}")).unwrap_or(b"}");
+    let mut body = Vec::with_capacity(fields.len() + 32);
+    body.extend_from_slice(b"{\"requestId\":\"");
+    body.extend_from_slice(id.to_string().as_bytes());
+    body.extend_from_slice(if fields.starts_with(b"}") { b"\"" } else { b"\"," });
+    body.extend_from_slice(fields);
+    body
+}
+
+/// A server request's body as JSON, with everything but the request id (which each connection
+/// numbers itself: [`Conn::send_shared`]): `module` by the request type and empty `headers`.
+pub fn push_body(kind: &str, mut body: serde_json::Value) -> Vec<u8> {
+    if let Some(o) = body.as_object_mut() {
+        o.remove("requestId");
+        o.insert("module".into(), if kind.starts_with("Config") { "config" } else { "naming" }.into());
+        o.entry("headers").or_insert_with(|| serde_json::json!({}));
+    }
+    serde_json::to_vec(&body).expect("json serializes")
+}
+
+const NOTIFY_SUBSCRIBER: &str = "NotifySubscriberRequest";
 
 /// Instances a closing connection releases between two yields to the runtime.
 const RELEASE_BATCH: usize = 512;
@@ -282,25 +308,27 @@ pub(crate) async fn naming_dispatcher(s: NacosState) {
             }
         }
         let conns: Vec<Arc<Conn>> = s.nacos.conns.lock().values().cloned().collect();
-        let mut rendered: HashMap<Subscription, serde_json::Value> = HashMap::new();
+        // One rendering per subscription, serialized once for all its subscribers.
+        let mut rendered: HashMap<Subscription, Arc<[u8]>> = HashMap::new();
         for conn in conns {
             let subs: Vec<Subscription> =
                 conn.subscriptions.lock().iter().filter(|sub| all || dirty.contains(&(sub.namespace.clone(), sub.service.name.clone()))).cloned().collect();
             for sub in subs {
-                let info = rendered
+                let body = rendered
                     .entry(sub.clone())
                     .or_insert_with(|| {
                         let instances = super::instances_of(&s, &sub.namespace, &sub.service);
-                        service_info(&instances, &sub.service, &sub.clusters, false, s.nacos.ref_time())
+                        let info = service_info(&instances, &sub.service, &sub.clusters, false, s.nacos.ref_time());
+                        let body = serde_json::json!({
+                            "namespace": super::nacos_namespace(&sub.namespace),
+                            "serviceName": sub.service.name,
+                            "groupName": sub.service.group,
+                            "serviceInfo": info,
+                        });
+                        push_body(NOTIFY_SUBSCRIBER, body).into()
                     })
                     .clone();
-                let body = serde_json::json!({
-                    "namespace": super::nacos_namespace(&sub.namespace),
-                    "serviceName": sub.service.name,
-                    "groupName": sub.service.group,
-                    "serviceInfo": info,
-                });
-                if !conn.send("NotifySubscriberRequest", body) {
+                if !conn.send_shared(NOTIFY_SUBSCRIBER, &body) {
                     tracing::warn!(conn = %conn.id, "nacos client too far behind on pushes; disconnecting");
                     conn.kill.notify_one();
                 }
@@ -348,7 +376,26 @@ pub(crate) async fn config_dispatcher(s: NacosState) {
 
 #[cfg(test)]
 mod tests {
-    use super::Owned;
+    use super::{push_body, with_request_id, Owned};
+    use serde_json::{json, Value};
+
+    #[test]
+    fn a_shared_push_body_gets_each_connection_s_request_id() {
+        let shared = push_body("NotifySubscriberRequest", json!({"serviceName": "a", "requestId": "stale", "serviceInfo": {"hosts": [{"ip": "10.0.0.1"}]}}));
+        for id in [1, 42] {
+            let v: Value = serde_json::from_slice(&with_request_id(id, &shared)).expect("valid JSON");
+            assert_eq!(v["requestId"], id.to_string(), "the connection's id, not the one in the body");
+            assert_eq!(v["module"], "naming");
+            assert_eq!(v["headers"], json!({}));
+            assert_eq!(v["serviceInfo"]["hosts"][0]["ip"], "10.0.0.1");
+        }
+        assert_eq!(serde_json::from_slice::<Value>(&push_body("ConfigChangeNotifyRequest", json!({}))).unwrap()["module"], "config");
+        // Nothing but the id: still one valid object.
+        for shared in [&b"{}"[..], b"", b"null", b"{"] {
+            let v: Value = serde_json::from_slice(&with_request_id(7, shared)).expect("valid JSON");
+            assert_eq!(v, json!({"requestId": "7"}), "{:?}", String::from_utf8_lossy(shared));
+        }
+    }
 
     #[test]
     fn owned_instances_are_kept_per_namespace_and_service() {
