@@ -79,6 +79,14 @@ for meta in "" --metadata; do
     echo "{\"server\":\"$side\",\"result\":$(taskset -c 1 $GEN nacos-grpc --target $target --seconds "$SECS" $meta)}"
   done
 done
+# Push fan-out: 200 subscribers of a 100-instance service, one change at a time; the server's
+# CPU per change (until every push is out and acknowledged) and the delay to each subscriber.
+for side in zhili r-nacos; do
+  target=127.0.0.1:$NACOS_GRPC_PORT pid=$ZPID
+  [ $side = r-nacos ] && target=127.0.0.1:$RN_GRPC_PORT pid=$RPID
+  settle "$ZPID" "$RPID"
+  echo "{\"server\":\"$side\",\"push\":$(taskset -c 1 $GEN nacos-push --target $target --subscribers 200 --instances 100 --rounds 5 --pid $pid)}"
+done
 
 for sc in consul-register consul-health consul-health-blocking; do
   taskset -c 1 $GEN load --target 127.0.0.1:$PORT --scenario $sc --seconds "$SECS" --instances 10

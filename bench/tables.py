@@ -85,7 +85,19 @@ def compat(out):
         cell = lambda x: "—" if x is None else f"{rate(x['per_second'])} ({ms(x['p99_us'])})" + (f", {x['errors']} errors" if x.get("errors") else "")
         ratio = f"**{z['per_second'] / r['per_second']:.2f}×**" if z and r and r["per_second"] else "—"
         md.append(f"| {sc} | {cell(z)} | {cell(r)} | {ratio} |")
-    notes = [o for o in objs if "server" in o and "result" not in o]
+    push = {o["server"]: o["push"] for o in objs if "push" in o}
+    if push:
+        any_side = next(iter(push.values()))
+        md += ["", f"Push fan-out (`nacos-push`): {any_side['subscribers']} gRPC subscribers of a {any_side['instances']}-instance service, "
+               f"{any_side['rounds']} changes; server CPU per change (until every push is out and acknowledged) and change-to-push delay. "
+               "r-nacos, like Nacos, gathers changes for about a second before it pushes.", "",
+               "| server | CPU per change | p50 | p99 |", "|---|---|---|---|"]
+        for side, x in push.items():
+            md.append(f"| {side} | {x['server_cpu_ms_per_change']:.1f} ms | {ms(x['p50_us'])} | {ms(x['p99_us'])} |")
+        z, r = push.get("zhili"), push.get("r-nacos")
+        if z and r and z["server_cpu_ms_per_change"]:
+            md.append(f"\nr-nacos ÷ Zhili CPU per change: **{r['server_cpu_ms_per_change'] / z['server_cpu_ms_per_change']:.2f}×**")
+    notes = [o for o in objs if "server" in o and "result" not in o and "push" not in o]
     if notes:
         md += [""] + [f"- `{json.dumps(o)}`" for o in notes]
     alone = [o for o in objs if "server" not in o and "scenario" in o]

@@ -169,6 +169,10 @@ enum Cmd {
         instances: usize,
         #[arg(long, default_value_t = 5)]
         rounds: usize,
+        /// The server's process id: its CPU time (user + system) over the rounds is reported
+        /// per change.
+        #[arg(long)]
+        pid: Option<u32>,
     },
     /// Closed-loop Nacos 2.x gRPC instance registrations: one set-up gRPC connection per worker.
     NacosGrpc {
@@ -317,7 +321,7 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Ready { bin, data_dir, addr, keep } => ready(bin, data_dir, addr, keep).await,
         Cmd::OpenLoop { target, path, rate, conns, seconds, headers } => open_loop(target, &path, &headers, rate, conns, Duration::from_secs(seconds)).await,
         Cmd::Dns { target, name, concurrency, seconds } => dns(target, &name, concurrency, Duration::from_secs(seconds)).await,
-        Cmd::NacosPush { target, subscribers, instances, rounds } => nacos_push(target, subscribers, instances, rounds).await,
+        Cmd::NacosPush { target, subscribers, instances, rounds, pid } => nacos_push(target, subscribers, instances, rounds, pid).await,
         Cmd::NacosGrpc { target, concurrency, seconds, metadata, hold } => {
             nacos_grpc(target, concurrency, Duration::from_secs(seconds), metadata, Duration::from_secs(hold)).await
         }
@@ -779,6 +783,16 @@ async fn ready(bin: PathBuf, data_dir: PathBuf, addr: SocketAddr, keep: bool) ->
 
 type GrpcBody = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>;
 
+/// The answer a client gives a server push (`XRequest` → `XResponse` with its request id).
+fn push_ack(msg: &[u8]) -> Option<Bytes> {
+    use prost::Message;
+    let p = zhili_nacos::grpc::Payload::decode(msg).ok()?;
+    let kind = p.metadata?.r#type;
+    let body: Value = serde_json::from_slice(&p.body?.value).ok()?;
+    let answer = format!("{}Response", kind.strip_suffix("Request")?);
+    Some(grpc_frame(&answer, &json!({"requestId": body.get("requestId")?, "resultCode": 200, "errorCode": 0, "success": true})))
+}
+
 /// A Nacos gRPC client connection: h2c, with the bidirectional stream open and set up.
 struct NacosConn {
     sender: hyper::client::conn::http2::SendRequest<GrpcBody>,
@@ -819,9 +833,11 @@ impl NacosConn {
         let pending = sender.send_request(req);
         let pushes = Arc::new(std::sync::Mutex::new(Vec::new()));
         let log = pushes.clone();
+        let acks = tx.clone();
         tokio::spawn(async move {
             // Take the server's pushes for as long as the stream lives, noting when each whole
-            // message (5-byte gRPC prefix + length) is in.
+            // message (5-byte gRPC prefix + length) is in, and answer each as clients do (a
+            // server may stop pushing to a client that never acknowledges).
             if let Ok(resp) = pending.await {
                 let mut body = resp.into_body();
                 let mut buf = bytes::BytesMut::new();
@@ -833,9 +849,12 @@ impl NacosConn {
                         if buf.len() < 5 + len {
                             break;
                         }
-                        let _ = buf.split_to(5 + len);
+                        let msg = buf.split_to(5 + len);
                         if let Ok(mut l) = log.lock() {
                             l.push(Instant::now());
+                        }
+                        if let Some(ack) = push_ack(&msg[5..]) {
+                            let _ = acks.send(Ok(hyper::body::Frame::data(ack))).await;
                         }
                     }
                 }
@@ -864,7 +883,17 @@ impl NacosConn {
     }
 }
 
-async fn nacos_push(target: SocketAddr, subscribers: usize, instances: usize, rounds: usize) -> anyhow::Result<()> {
+/// A process's CPU time so far (user + system, `/proc/PID/stat`), in milliseconds.
+fn cpu_ms(pid: u32) -> anyhow::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) end with `)`.
+    let rest = stat.rsplit_once(')').context("stat")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11).context("utime")?.parse::<u64>()? + f.get(12).context("stime")?.parse::<u64>()?;
+    Ok(ticks * 10)
+}
+
+async fn nacos_push(target: SocketAddr, subscribers: usize, instances: usize, rounds: usize, pid: Option<u32>) -> anyhow::Result<()> {
     const SERVICE: &str = "bench-nacos-push";
     let register = |i: usize| {
         json!({
@@ -891,9 +920,13 @@ async fn nacos_push(target: SocketAddr, subscribers: usize, instances: usize, ro
     let connect_ms = connecting.elapsed().as_millis() as u64;
     let pushed = |subs: &[NacosConn]| subs.iter().map(|c| c.pushes.lock().map_or(0, |l| l.len())).collect::<Vec<usize>>();
     let mut all = Vec::new();
+    let mut cpu = 0;
     for round in 0..rounds {
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // Apart by more than a server's push delay (r-nacos, like Nacos, gathers changes for
+        // about a second before pushing): one change, one push to each subscriber.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
         let before = pushed(&subs);
+        let cpu_before = pid.map(cpu_ms).transpose()?;
         let changed = Instant::now();
         let reply = driver.call("InstanceRequest", &register(instances + round)).await?;
         anyhow::ensure!(contains(&reply, "\"resultCode\":200"), "change: {}", String::from_utf8_lossy(&reply));
@@ -901,6 +934,11 @@ async fn nacos_push(target: SocketAddr, subscribers: usize, instances: usize, ro
         while pushed(&subs).iter().zip(&before).any(|(now, was)| now <= was) {
             anyhow::ensure!(Instant::now() < deadline, "not every subscriber got the push within 60 s");
             tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        // The server's share of a change: until every push is out and acknowledged.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if let (Some(pid), Some(b)) = (pid, cpu_before) {
+            cpu += cpu_ms(pid)? - b;
         }
         for (c, was) in subs.iter().zip(&before) {
             let at = c.pushes.lock().map_err(|_| anyhow::anyhow!("push log"))?[*was];
@@ -910,7 +948,7 @@ async fn nacos_push(target: SocketAddr, subscribers: usize, instances: usize, ro
     all.sort_unstable();
     println!(
         "{}",
-        json!({"scenario": "nacos-push", "subscribers": subscribers, "instances": instances, "rounds": rounds, "p50_us": percentile(&all, 0.5), "p99_us": percentile(&all, 0.99), "max_us": all.last(), "connect_ms": connect_ms})
+        json!({"scenario": "nacos-push", "subscribers": subscribers, "instances": instances, "rounds": rounds, "p50_us": percentile(&all, 0.5), "p99_us": percentile(&all, 0.99), "max_us": all.last(), "connect_ms": connect_ms, "server_cpu_ms_per_change": pid.map(|_| cpu as f64 / rounds.max(1) as f64)})
     );
     Ok(())
 }

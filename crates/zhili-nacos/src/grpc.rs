@@ -53,8 +53,9 @@ pub struct Metadata {
 pub struct Any {
     #[prost(string, tag = "1")]
     pub type_url: String,
-    #[prost(bytes = "vec", tag = "2")]
-    pub value: Vec<u8>,
+    /// Bytes rather than a vector: one server push body is shared by every connection it goes to.
+    #[prost(bytes = "bytes", tag = "2")]
+    pub value: bytes::Bytes,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -66,11 +67,11 @@ pub struct Payload {
 }
 
 pub fn payload(kind: &str, body: &Value) -> Payload {
-    payload_json(kind, serde_json::to_vec(body).expect("json serializes"))
+    payload_json(kind, serde_json::to_vec(body).expect("json serializes").into())
 }
 
 /// A payload around a body already serialized as JSON.
-pub fn payload_json(kind: &str, body: Vec<u8>) -> Payload {
+pub fn payload_json(kind: &str, body: bytes::Bytes) -> Payload {
     Payload { metadata: Some(Metadata { r#type: kind.into(), ..Default::default() }), body: Some(Any { type_url: String::new(), value: body }) }
 }
 
@@ -565,7 +566,7 @@ impl Ctx<'_> {
         // and a change between their read and this request would otherwise wait for their
         // periodic full sync.
         for c in &changed {
-            if !self.conn.send("ConfigChangeNotifyRequest", c.clone()) {
+            if !self.conn.send(&self.s.nacos, "ConfigChangeNotifyRequest", c.clone()) {
                 self.conn.kill.notify_one();
             }
         }

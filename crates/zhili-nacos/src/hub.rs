@@ -85,7 +85,6 @@ pub struct Conn {
     /// The token of the connection's latest request: its subscriptions and listens are
     /// re-authorized with it whenever ACLs change.
     pub token: Mutex<Option<String>>,
-    push_seq: AtomicU64,
 }
 
 impl Conn {
@@ -100,47 +99,24 @@ impl Conn {
             listening: Mutex::default(),
             kill: tokio::sync::Notify::new(),
             token: Mutex::default(),
-            push_seq: AtomicU64::new(1),
         }
     }
 
     /// Queues a server request on the bidirectional stream; false when the client is too far
     /// behind (the caller then drops the connection).
-    pub fn send(&self, kind: &str, body: serde_json::Value) -> bool {
-        self.send_shared(kind, &push_body(kind, body))
+    pub fn send(&self, hub: &NacosHub, kind: &str, body: serde_json::Value) -> bool {
+        self.send_rendered(kind, hub.push_body(kind, body))
     }
 
-    /// [`Self::send`] of a body rendered once for every connection it goes to ([`push_body`]):
-    /// only the request id is this connection's, written in front of the shared fields.
-    pub fn send_shared(&self, kind: &str, shared: &[u8]) -> bool {
-        let body = with_request_id(self.push_seq.fetch_add(1, Ordering::Relaxed), shared);
+    /// [`Self::send`] of a body rendered once ([`NacosHub::push_body`]) for every connection it
+    /// goes to.
+    pub fn send_rendered(&self, kind: &str, body: bytes::Bytes) -> bool {
         self.push.try_send(Ok(grpc::payload_json(kind, body))).is_ok()
     }
 }
 
-/// `shared` (a JSON object) with `"requestId": "<id>"` in front of its fields.
-fn with_request_id(id: u64, shared: &[u8]) -> Vec<u8> {
-    let fields = shared.strip_prefix(b"{").filter(|f| f.ends_with(b"}")).unwrap_or(b"}");
-    let mut body = Vec::with_capacity(fields.len() + 32);
-    body.extend_from_slice(b"{\"requestId\":\"");
-    body.extend_from_slice(id.to_string().as_bytes());
-    body.extend_from_slice(if fields.starts_with(b"}") { b"\"" } else { b"\"," });
-    body.extend_from_slice(fields);
-    body
-}
-
-/// A server request's body as JSON, with everything but the request id (which each connection
-/// numbers itself: [`Conn::send_shared`]): `module` by the request type and empty `headers`.
-pub fn push_body(kind: &str, mut body: serde_json::Value) -> Vec<u8> {
-    if let Some(o) = body.as_object_mut() {
-        o.remove("requestId");
-        o.insert("module".into(), if kind.starts_with("Config") { "config" } else { "naming" }.into());
-        o.entry("headers").or_insert_with(|| serde_json::json!({}));
-    }
-    serde_json::to_vec(&body).expect("json serializes")
-}
-
 const NOTIFY_SUBSCRIBER: &str = "NotifySubscriberRequest";
+const CONFIG_CHANGE: &str = "ConfigChangeNotifyRequest";
 
 /// Instances a closing connection releases between two yields to the runtime.
 const RELEASE_BATCH: usize = 512;
@@ -152,6 +128,9 @@ pub struct NacosHub {
     config_changes: broadcast::Sender<Arc<str>>,
     last_ref_time: AtomicU64,
     epoch_ms: AtomicU64,
+    /// Numbers server pushes: one sequence for every connection, so a push body rendered once
+    /// for many carries an id no other push to any of them has.
+    push_seq: AtomicU64,
 }
 
 impl Default for NacosHub {
@@ -167,7 +146,19 @@ impl NacosHub {
             config_changes: broadcast::channel(4096).0,
             last_ref_time: AtomicU64::new(0),
             epoch_ms: AtomicU64::new(zhili_registry::unix_ms()),
+            push_seq: AtomicU64::new(1),
         }
+    }
+
+    /// A server request's body as JSON, ready for any number of connections: the next push id,
+    /// `module` by the request type and empty `headers` added to `body`'s fields.
+    pub fn push_body(&self, kind: &str, mut body: serde_json::Value) -> bytes::Bytes {
+        if let Some(o) = body.as_object_mut() {
+            o.insert("requestId".into(), self.push_seq.fetch_add(1, Ordering::Relaxed).to_string().into());
+            o.insert("module".into(), if kind.starts_with("Config") { "config" } else { "naming" }.into());
+            o.entry("headers").or_insert_with(|| serde_json::json!({}));
+        }
+        serde_json::to_vec(&body).expect("json serializes").into()
     }
 
     /// The connection id a gRPC peer address gets (stable for the life of the TCP connection).
@@ -309,7 +300,7 @@ pub(crate) async fn naming_dispatcher(s: NacosState) {
         }
         let conns: Vec<Arc<Conn>> = s.nacos.conns.lock().values().cloned().collect();
         // One rendering per subscription, serialized once for all its subscribers.
-        let mut rendered: HashMap<Subscription, Arc<[u8]>> = HashMap::new();
+        let mut rendered: HashMap<Subscription, bytes::Bytes> = HashMap::new();
         for conn in conns {
             let subs: Vec<Subscription> =
                 conn.subscriptions.lock().iter().filter(|sub| all || dirty.contains(&(sub.namespace.clone(), sub.service.name.clone()))).cloned().collect();
@@ -325,10 +316,10 @@ pub(crate) async fn naming_dispatcher(s: NacosState) {
                             "groupName": sub.service.group,
                             "serviceInfo": info,
                         });
-                        push_body(NOTIFY_SUBSCRIBER, body).into()
+                        s.nacos.push_body(NOTIFY_SUBSCRIBER, body)
                     })
                     .clone();
-                if !conn.send_shared(NOTIFY_SUBSCRIBER, &body) {
+                if !conn.send_rendered(NOTIFY_SUBSCRIBER, body) {
                     tracing::warn!(conn = %conn.id, "nacos client too far behind on pushes; disconnecting");
                     conn.kill.notify_one();
                 }
@@ -363,10 +354,13 @@ pub(crate) async fn config_dispatcher(s: NacosState) {
             let _ = tx.send(Arc::from(key));
             let Some((tenant, group, data_id)) = config_ref(key) else { continue };
             let conns: Vec<Arc<Conn>> = s.nacos.conns.lock().values().filter(|c| c.listening.lock().contains(key)).cloned().collect();
+            if conns.is_empty() {
+                continue;
+            }
+            let tenant = if tenant == super::PUBLIC { "" } else { tenant.as_str() };
+            let body = s.nacos.push_body(CONFIG_CHANGE, serde_json::json!({"dataId": data_id, "group": group, "tenant": tenant}));
             for conn in conns {
-                let tenant = if tenant == super::PUBLIC { "" } else { tenant.as_str() };
-                let body = serde_json::json!({"dataId": data_id, "group": group, "tenant": tenant});
-                if !conn.send("ConfigChangeNotifyRequest", body) {
+                if !conn.send_rendered(CONFIG_CHANGE, body.clone()) {
                     conn.kill.notify_one();
                 }
             }
@@ -376,25 +370,21 @@ pub(crate) async fn config_dispatcher(s: NacosState) {
 
 #[cfg(test)]
 mod tests {
-    use super::{push_body, with_request_id, Owned};
+    use super::{NacosHub, Owned};
     use serde_json::{json, Value};
 
     #[test]
-    fn a_shared_push_body_gets_each_connection_s_request_id() {
-        let shared = push_body("NotifySubscriberRequest", json!({"serviceName": "a", "requestId": "stale", "serviceInfo": {"hosts": [{"ip": "10.0.0.1"}]}}));
-        for id in [1, 42] {
-            let v: Value = serde_json::from_slice(&with_request_id(id, &shared)).expect("valid JSON");
-            assert_eq!(v["requestId"], id.to_string(), "the connection's id, not the one in the body");
-            assert_eq!(v["module"], "naming");
-            assert_eq!(v["headers"], json!({}));
-            assert_eq!(v["serviceInfo"]["hosts"][0]["ip"], "10.0.0.1");
-        }
-        assert_eq!(serde_json::from_slice::<Value>(&push_body("ConfigChangeNotifyRequest", json!({}))).unwrap()["module"], "config");
-        // Nothing but the id: still one valid object.
-        for shared in [&b"{}"[..], b"", b"null", b"{"] {
-            let v: Value = serde_json::from_slice(&with_request_id(7, shared)).expect("valid JSON");
-            assert_eq!(v, json!({"requestId": "7"}), "{:?}", String::from_utf8_lossy(shared));
-        }
+    fn push_bodies_are_numbered_once_for_every_connection() {
+        let hub = NacosHub::new();
+        let parse = |b: bytes::Bytes| serde_json::from_slice::<Value>(&b).expect("valid JSON");
+        let first =
+            parse(hub.push_body("NotifySubscriberRequest", json!({"serviceName": "a", "requestId": "stale", "serviceInfo": {"hosts": [{"ip": "10.0.0.1"}]}})));
+        assert_eq!(first["requestId"], "1", "the hub's number, not the one in the body");
+        assert_eq!(first["module"], "naming");
+        assert_eq!(first["headers"], json!({}));
+        assert_eq!(first["serviceInfo"]["hosts"][0]["ip"], "10.0.0.1");
+        let second = parse(hub.push_body("ConfigChangeNotifyRequest", json!({"dataId": "d"})));
+        assert_eq!((second["requestId"].as_str(), second["module"].as_str()), (Some("2"), Some("config")), "each push its own id");
     }
 
     #[test]
