@@ -3,7 +3,8 @@
 # server, the crate `rnacos` 0.8.x, installed here with `cargo install --locked` into
 # target/peers) through the same generator in the same run: Nacos v1 instance register (with and
 # without metadata), beat, the instance list of a 10-instance service, config publish and get,
-# Nacos 2.x gRPC register. Then Zhili alone: Consul register, Consul health query (plain and on
+# Nacos 2.x gRPC register, and the push fan-out to 200 gRPC subscribers (server CPU per change).
+# Then Zhili alone: Consul register, Consul health query (plain and on
 # the blocking path), DNS A queries over UDP. Each server runs pinned to CPU 0; the generator
 # runs on CPU 1. Not part of CI.
 # Usage: bench/compat.sh [seconds-per-scenario]   (JSON lines on stdout)
