@@ -14,6 +14,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::extract::ConnectInfo;
+use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
@@ -120,7 +121,7 @@ impl tonic::server::UnaryService<Payload> for Unary {
         Box::pin(async move {
             let addr = peer(&req)?;
             let (kind, resp) = handle(&s, addr, req.into_inner()).await;
-            Ok(tonic::Response::new(payload(&kind, &resp)))
+            Ok(tonic::Response::new(payload_json(&kind, resp)))
         })
     }
 }
@@ -180,7 +181,7 @@ async fn run_connection(s: NacosState, conn: Arc<Conn>, mut incoming: tonic::Str
 }
 
 /// Answers one unary request: returns the response type and its JSON body.
-async fn handle(s: &NacosState, addr: SocketAddr, p: Payload) -> (String, Value) {
+async fn handle(s: &NacosState, addr: SocketAddr, p: Payload) -> (String, Bytes) {
     let meta = p.metadata.unwrap_or_default();
     // The body stays bytes: each request type reads its own fields from it, and the envelope only
     // what every request has. No JSON tree is built and dropped per request.
@@ -192,7 +193,7 @@ async fn handle(s: &NacosState, addr: SocketAddr, p: Payload) -> (String, Value)
     let request_id = envelope.request_id.as_str();
     let kind = meta.r#type.as_str();
     if kind == "ServerCheckRequest" {
-        return ok("ServerCheckResponse", json!({"connectionId": s.nacos.conn_id(addr), "supportAbilityNegotiation": false}), request_id);
+        return ok("ServerCheckResponse", Answer::Fields(json!({"connectionId": s.nacos.conn_id(addr), "supportAbilityNegotiation": false})), request_id);
     }
     let Some(conn) = s.nacos.conn(addr) else {
         return error("ErrorResponse", UN_REGISTER, "Connection is unregistered.".into(), request_id);
@@ -207,26 +208,26 @@ async fn handle(s: &NacosState, addr: SocketAddr, p: Payload) -> (String, Value)
     }
     let ctx = Ctx { s, caller, conn };
     let resp_kind = response_kind(kind);
-    let result = match kind {
-        "HealthCheckRequest" => Ok(json!({})),
-        "InstanceRequest" => ctx.instance(&body, true).await,
-        "PersistentInstanceRequest" => ctx.instance(&body, false).await,
-        "BatchInstanceRequest" => ctx.batch(&body).await,
-        "ServiceQueryRequest" => ctx.query(&body),
-        "SubscribeServiceRequest" => ctx.subscribe(&body),
-        "ServiceListRequest" => ctx.list(&body),
+    let result: Result<Answer, ApiError> = match kind {
+        "HealthCheckRequest" => Ok(Answer::Fields(json!({}))),
+        "InstanceRequest" => ctx.instance(&body, true).await.map(Answer::Fields),
+        "PersistentInstanceRequest" => ctx.instance(&body, false).await.map(Answer::Fields),
+        "BatchInstanceRequest" => ctx.batch(&body).await.map(Answer::Fields),
+        "ServiceQueryRequest" => ctx.query(&body).map(Answer::ServiceInfo),
+        "SubscribeServiceRequest" => ctx.subscribe(&body).map(Answer::ServiceInfo),
+        "ServiceListRequest" => ctx.list(&body).map(Answer::Fields),
         "ConfigQueryRequest" => match ctx.config_query(&body) {
-            Ok(Some(v)) => Ok(v),
+            Ok(Some(v)) => Ok(Answer::Fields(v)),
             Ok(None) => return error(&resp_kind, CONFIG_NOT_FOUND, "config data not exist".into(), request_id),
             Err(e) => Err(e),
         },
         "ConfigPublishRequest" => match ctx.config_publish(&body).await {
-            Ok(true) => Ok(json!({})),
+            Ok(true) => Ok(Answer::Fields(json!({}))),
             Ok(false) => return error(&resp_kind, 500, "publish fail: casMd5 does not match the current content".into(), request_id),
             Err(e) => Err(e),
         },
-        "ConfigRemoveRequest" => ctx.config_remove(&body).await,
-        "ConfigBatchListenRequest" => ctx.config_listen(&body),
+        "ConfigRemoveRequest" => ctx.config_remove(&body).await.map(Answer::Fields),
+        "ConfigBatchListenRequest" => ctx.config_listen(&body).map(Answer::Fields),
         _ => return error("ErrorResponse", NO_HANDLER, format!("RequestHandler Not Found: {kind:?}"), request_id),
     };
     if result.is_ok() {
@@ -274,20 +275,42 @@ fn response_kind(request: &str) -> String {
     }
 }
 
-fn ok(kind: &str, mut body: Value, request_id: &str) -> (String, Value) {
-    if let Some(o) = body.as_object_mut() {
-        o.insert("resultCode".into(), 200.into());
-        o.insert("errorCode".into(), 0.into());
-        o.insert("success".into(), true.into());
-        o.insert("message".into(), "".into());
-        o.insert("requestId".into(), request_id.into());
-    }
-    (kind.into(), body)
+/// What a request answers when it succeeds: its own fields, or a service's info already
+/// rendered (cached per service index, [`Ctx::info`]).
+enum Answer {
+    Fields(Value),
+    ServiceInfo(Bytes),
 }
 
-fn error(kind: &str, code: i64, message: String, request_id: &str) -> (String, Value) {
+fn ok(kind: &str, answer: Answer, request_id: &str) -> (String, Bytes) {
+    let body = match answer {
+        Answer::Fields(mut body) => {
+            if let Some(o) = body.as_object_mut() {
+                o.insert("resultCode".into(), 200.into());
+                o.insert("errorCode".into(), 0.into());
+                o.insert("success".into(), true.into());
+                o.insert("message".into(), "".into());
+                o.insert("requestId".into(), request_id.into());
+            }
+            serde_json::to_vec(&body).expect("json serializes")
+        }
+        Answer::ServiceInfo(info) => {
+            let mut body = Vec::with_capacity(info.len() + 128);
+            body.extend_from_slice(b"{\"serviceInfo\":");
+            body.extend_from_slice(&info);
+            body.extend_from_slice(b",\"resultCode\":200,\"errorCode\":0,\"success\":true,\"message\":\"\",\"requestId\":");
+            serde_json::to_writer(&mut body, request_id).expect("json serializes");
+            body.push(b'}');
+            body
+        }
+    };
+    (kind.into(), body.into())
+}
+
+fn error(kind: &str, code: i64, message: String, request_id: &str) -> (String, Bytes) {
     tracing::debug!(kind, code, %message, "nacos grpc request refused");
-    (kind.into(), json!({"resultCode": 500, "errorCode": code, "success": false, "message": message, "requestId": request_id}))
+    let body = json!({"resultCode": 500, "errorCode": code, "success": false, "message": message, "requestId": request_id});
+    (kind.into(), serde_json::to_vec(&body).expect("json serializes").into())
 }
 
 /// SDKs send `null` for unset fields (nacos-sdk-rust does for every `Option`): read it as the default.
@@ -483,23 +506,33 @@ impl Ctx<'_> {
         Ok(json!({"type": b.kind}))
     }
 
-    fn info(&self, ns: &str, svc: &ServiceRef, clusters: &str, healthy_only: bool) -> Value {
+    /// A service's info as JSON, rendered once per service index and query like the HTTP
+    /// instance list (the index covers every field shown; `lastRefTime` is the rendering's).
+    fn info(&self, ns: &str, svc: &ServiceRef, clusters: &str, healthy_only: bool) -> Result<Bytes, ApiError> {
+        let index = self.s.registry.service_index(ns, &svc.name);
+        let key = (ns.to_string(), svc.grouped(), clusters.to_string(), healthy_only);
+        if let Some(body) = self.s.service_infos.get(&key, index) {
+            return Ok(body);
+        }
         let mut instances = instances_of(self.s, ns, svc);
         if healthy_only {
             instances.retain(|i| i.is_serving());
         }
-        service_info(&instances, svc, clusters, false, self.s.nacos.ref_time())
+        let info = service_info(&instances, svc, clusters, false, self.s.nacos.ref_time());
+        let body = Bytes::from(serde_json::to_vec(&info).map_err(|e| ApiError::Internal(e.to_string()))?);
+        self.s.service_infos.put(key, index, body.clone());
+        Ok(body)
     }
 
-    fn query(&self, body: &[u8]) -> Result<Value, ApiError> {
+    fn query(&self, body: &[u8]) -> Result<Bytes, ApiError> {
         let b: NamingBody = parse(body)?;
         let (ns, svc) = self.target(&b)?;
         self.caller.require(Resource::Service, &svc.name, Access::Read)?;
         let clusters = b.cluster.or(b.clusters).unwrap_or_default();
-        Ok(json!({"serviceInfo": self.info(&ns, &svc, &clusters, b.health_only.unwrap_or(false))}))
+        self.info(&ns, &svc, &clusters, b.health_only.unwrap_or(false))
     }
 
-    fn subscribe(&self, body: &[u8]) -> Result<Value, ApiError> {
+    fn subscribe(&self, body: &[u8]) -> Result<Bytes, ApiError> {
         let b: NamingBody = parse(body)?;
         let (ns, svc) = self.target(&b)?;
         self.caller.require(Resource::Service, &svc.name, Access::Read)?;
@@ -510,7 +543,7 @@ impl Ctx<'_> {
         } else {
             self.conn.subscriptions.lock().remove(&sub);
         }
-        Ok(json!({"serviceInfo": self.info(&ns, &svc, &clusters, false)}))
+        self.info(&ns, &svc, &clusters, false)
     }
 
     fn list(&self, body: &[u8]) -> Result<Value, ApiError> {
@@ -677,5 +710,19 @@ mod tests {
         let back = Payload::decode(bytes.as_slice()).unwrap();
         assert_eq!(back, p);
         assert!(Payload::decode(&b"\xff\xff\xff"[..]).is_err());
+    }
+
+    #[test]
+    fn a_cached_service_info_answer_is_one_valid_reply() {
+        let info = Bytes::from_static(br#"{"name":"a","hosts":[{"ip":"10.0.0.1"}]}"#);
+        let (kind, body) = ok("QueryServiceResponse", Answer::ServiceInfo(info), "7\"x");
+        assert_eq!(kind, "QueryServiceResponse");
+        let v: Value = serde_json::from_slice(&body).expect("valid JSON");
+        assert_eq!(v["serviceInfo"]["hosts"][0]["ip"], "10.0.0.1");
+        assert_eq!((v["resultCode"].as_i64(), v["success"].as_bool()), (Some(200), Some(true)));
+        assert_eq!(v["requestId"], "7\"x", "the request id is escaped, not spliced raw");
+        let (_, fields) = ok("HealthCheckResponse", Answer::Fields(json!({})), "8");
+        let v: Value = serde_json::from_slice(&fields).unwrap();
+        assert_eq!((v["requestId"].as_str(), v["errorCode"].as_i64()), (Some("8"), Some(0)));
     }
 }

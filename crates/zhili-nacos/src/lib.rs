@@ -54,12 +54,16 @@ pub struct Nacos {
     pub nacos: NacosHub,
     /// Rendered `instance/list` answers per service index (the call every v1 client polls).
     pub lists: zhili_http::rendered::RenderCache<ListKey>,
+    /// Rendered gRPC `serviceInfo` answers per service index (query and subscribe).
+    pub service_infos: zhili_http::rendered::RenderCache<InfoKey>,
     /// Config md5s by key, per modify index (a config get answers it on every call).
     pub config_md5s: zhili_http::rendered::RenderCache<String>,
 }
 
 /// (namespace, grouped service name, clusters, healthy only, v2 envelope).
 pub type ListKey = (String, String, String, bool, bool);
+/// (namespace, grouped service name, clusters, healthy only).
+pub type InfoKey = (String, String, String, bool);
 
 impl std::ops::Deref for NacosState {
     type Target = Nacos;
@@ -77,7 +81,7 @@ impl std::ops::Deref for Nacos {
 
 impl NacosState {
     pub fn new(core: AppState) -> Self {
-        Self(Arc::new(Nacos { core, nacos: NacosHub::new(), lists: Default::default(), config_md5s: Default::default() }))
+        Self(Arc::new(Nacos { core, nacos: NacosHub::new(), lists: Default::default(), service_infos: Default::default(), config_md5s: Default::default() }))
     }
 
     /// The hub's work, until the server stops: pushes registry and config changes to clients,
