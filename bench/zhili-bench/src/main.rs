@@ -189,6 +189,10 @@ enum Cmd {
         /// idle, before closing them all at once (the server's idle cost and its close burst).
         #[arg(long, default_value_t = 0)]
         hold: u64,
+        /// Instead of registering: `ServiceQueryRequest` for a service of 10 instances (with
+        /// metadata) registered first, the discovery call of clients that do not subscribe.
+        #[arg(long)]
+        query: bool,
     },
     /// Closed-loop UDP DNS queries (A record of a service), one socket per worker.
     Dns {
@@ -322,8 +326,8 @@ async fn main() -> anyhow::Result<()> {
         Cmd::OpenLoop { target, path, rate, conns, seconds, headers } => open_loop(target, &path, &headers, rate, conns, Duration::from_secs(seconds)).await,
         Cmd::Dns { target, name, concurrency, seconds } => dns(target, &name, concurrency, Duration::from_secs(seconds)).await,
         Cmd::NacosPush { target, subscribers, instances, rounds, pid } => nacos_push(target, subscribers, instances, rounds, pid).await,
-        Cmd::NacosGrpc { target, concurrency, seconds, metadata, hold } => {
-            nacos_grpc(target, concurrency, Duration::from_secs(seconds), metadata, Duration::from_secs(hold)).await
+        Cmd::NacosGrpc { target, concurrency, seconds, metadata, hold, query } => {
+            nacos_grpc(target, concurrency, Duration::from_secs(seconds), metadata, Duration::from_secs(hold), query).await
         }
     }
 }
@@ -953,7 +957,7 @@ async fn nacos_push(target: SocketAddr, subscribers: usize, instances: usize, ro
     Ok(())
 }
 
-async fn nacos_grpc(target: SocketAddr, concurrency: usize, duration: Duration, metadata: bool, hold: Duration) -> anyhow::Result<()> {
+async fn nacos_grpc(target: SocketAddr, concurrency: usize, duration: Duration, metadata: bool, hold: Duration, query: bool) -> anyhow::Result<()> {
     let held = Arc::new(std::sync::Mutex::new(Vec::new()));
     let metadata = if metadata { json!({"k": "v"}) } else { json!({}) };
     let stop = Arc::new(AtomicBool::new(false));
@@ -962,6 +966,20 @@ async fn nacos_grpc(target: SocketAddr, concurrency: usize, duration: Duration, 
     for _ in 0..concurrency {
         conns.push(NacosConn::open(target).await?);
     }
+    // The queried service's instances, owned by a connection kept open for the run.
+    let mut _owner = None;
+    if query {
+        let mut c = NacosConn::open(target).await?;
+        for i in 0..10 {
+            let body = json!({
+                "namespace": "", "serviceName": "bench-nacos-grpc-query", "groupName": "DEFAULT_GROUP", "type": "registerInstance",
+                "instance": {"ip": ip(i), "port": 8080, "weight": 1.0, "healthy": true, "enabled": true, "ephemeral": true, "clusterName": "DEFAULT", "metadata": {"version": "1.0.0", "zone": "a"}},
+            });
+            let reply = c.call("InstanceRequest", &body).await?;
+            anyhow::ensure!(contains(&reply, "\"resultCode\":200"), "register: {}", String::from_utf8_lossy(&reply));
+        }
+        _owner = Some(c);
+    }
     let start = Instant::now();
     let mut tasks = Vec::new();
     for (w, mut c) in conns.into_iter().enumerate() {
@@ -969,15 +987,22 @@ async fn nacos_grpc(target: SocketAddr, concurrency: usize, duration: Duration, 
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::with_capacity(100_000);
             let mut n = 0;
+            let asked = json!({"namespace": "", "serviceName": "bench-nacos-grpc-query", "groupName": "DEFAULT_GROUP", "cluster": "", "healthyOnly": false});
             while !stop.load(Ordering::Relaxed) {
                 let i = w * 10_000_000 + n;
-                let body = json!({
-                    "namespace": "", "serviceName": "bench-nacos-grpc", "groupName": "DEFAULT_GROUP", "type": "registerInstance",
-                    "instance": {"ip": ip(i), "port": 80, "weight": 1.0, "healthy": true, "enabled": true, "ephemeral": true, "clusterName": "DEFAULT", "metadata": metadata},
-                });
+                let (kind, body) = if query {
+                    ("ServiceQueryRequest", asked.clone())
+                } else {
+                    let body = json!({
+                        "namespace": "", "serviceName": "bench-nacos-grpc", "groupName": "DEFAULT_GROUP", "type": "registerInstance",
+                        "instance": {"ip": ip(i), "port": 80, "weight": 1.0, "healthy": true, "enabled": true, "ephemeral": true, "clusterName": "DEFAULT", "metadata": metadata},
+                    });
+                    ("InstanceRequest", body)
+                };
                 let t = Instant::now();
-                match c.call("InstanceRequest", &body).await {
-                    Ok(reply) if contains(&reply, "\"resultCode\":200") => lat.push(t.elapsed().as_micros() as u64),
+                match c.call(kind, &body).await {
+                    // A query must also carry the 10 instances (the last one's address).
+                    Ok(reply) if contains(&reply, "\"resultCode\":200") && (!query || contains(&reply, &ip(9))) => lat.push(t.elapsed().as_micros() as u64),
                     other => {
                         // The first failure is shown, so a run against a new peer can be checked.
                         if errors.fetch_add(1, Ordering::Relaxed) == 0 {
@@ -994,7 +1019,13 @@ async fn nacos_grpc(target: SocketAddr, concurrency: usize, duration: Duration, 
         }));
     }
     report(
-        if metadata.as_object().is_some_and(|m| !m.is_empty()) { "nacos-grpc-register-meta" } else { "nacos-grpc-register" },
+        if query {
+            "nacos-grpc-query"
+        } else if metadata.as_object().is_some_and(|m| !m.is_empty()) {
+            "nacos-grpc-register-meta"
+        } else {
+            "nacos-grpc-register"
+        },
         concurrency,
         Run { start, duration, stop, errors, tasks },
     )
