@@ -10,15 +10,25 @@ use bytes::Bytes;
 
 /// Entries kept at most; past this the cache starts over (services come and go).
 pub const RENDERED_MAX: usize = 4096;
+/// Bytes of answers kept at most. Keys carry what the query asked (clusters, tags, filters), so
+/// a reader could otherwise fill thousands of entries with renderings of one large service;
+/// past this the cache starts over, and an answer larger than it is not kept at all.
+pub const RENDERED_MAX_BYTES: usize = 64 * 1024 * 1024;
 
 /// Answers by key (what the query asked), each with the service index it was rendered at.
 pub struct RenderCache<K> {
-    entries: std::sync::Mutex<HashMap<K, (u64, Bytes)>>,
+    entries: std::sync::Mutex<Entries<K>>,
+}
+
+struct Entries<K> {
+    map: HashMap<K, (u64, Bytes)>,
+    /// The sum of the answers' lengths.
+    bytes: usize,
 }
 
 impl<K> Default for RenderCache<K> {
     fn default() -> Self {
-        Self { entries: std::sync::Mutex::default() }
+        Self { entries: std::sync::Mutex::new(Entries { map: HashMap::new(), bytes: 0 }) }
     }
 }
 
@@ -28,16 +38,24 @@ impl<K: Hash + Eq> RenderCache<K> {
     where
         K: std::borrow::Borrow<Q>,
     {
-        let m = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        m.get(key).filter(|(i, _)| *i == index).map(|(_, b)| b.clone())
+        let e = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        e.map.get(key).filter(|(i, _)| *i == index).map(|(_, b)| b.clone())
     }
 
     pub fn put(&self, key: K, index: u64, body: Bytes) {
-        let mut m = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        if m.len() >= RENDERED_MAX && !m.contains_key(&key) {
-            m.clear();
+        if body.len() > RENDERED_MAX_BYTES {
+            return;
         }
-        m.insert(key, (index, body));
+        let mut e = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, old)) = e.map.remove(&key) {
+            e.bytes -= old.len();
+        }
+        if e.map.len() >= RENDERED_MAX || e.bytes + body.len() > RENDERED_MAX_BYTES {
+            e.map.clear();
+            e.bytes = 0;
+        }
+        e.bytes += body.len();
+        e.map.insert(key, (index, body));
     }
 }
 
@@ -56,7 +74,30 @@ mod tests {
         for i in 0..=RENDERED_MAX {
             c.put(i, 1, Bytes::new());
         }
-        assert!(c.entries.lock().unwrap().len() <= RENDERED_MAX);
+        assert!(c.entries.lock().unwrap().map.len() <= RENDERED_MAX);
         assert_eq!(c.get(&RENDERED_MAX, 1), Some(Bytes::new()));
+    }
+
+    #[test]
+    fn the_cache_holds_a_bounded_number_of_bytes() {
+        let c = RenderCache::default();
+        let quarter = Bytes::from(vec![b'x'; RENDERED_MAX_BYTES / 4]);
+        for i in 0..4 {
+            c.put(i, 1, quarter.clone());
+        }
+        assert_eq!(c.entries.lock().unwrap().bytes, RENDERED_MAX_BYTES, "four quarters fit");
+        // The same key again replaces its own bytes instead of adding to them.
+        c.put(3, 2, quarter.clone());
+        assert_eq!(c.get(&0, 1), Some(quarter.clone()), "a replacement starts nothing over");
+        // One more does not fit: the cache starts over with it.
+        c.put(4, 1, quarter.clone());
+        let e = c.entries.lock().unwrap();
+        assert_eq!((e.map.len(), e.bytes), (1, RENDERED_MAX_BYTES / 4));
+        drop(e);
+        assert_eq!(c.get(&4, 1), Some(quarter));
+        // An answer larger than the whole budget is served but never kept.
+        c.put(5, 1, Bytes::from(vec![b'y'; RENDERED_MAX_BYTES + 1]));
+        assert_eq!(c.get(&5, 1), None);
+        assert_eq!(c.get(&4, 1).map(|b| b.len()), Some(RENDERED_MAX_BYTES / 4), "and does not evict what is kept");
     }
 }
