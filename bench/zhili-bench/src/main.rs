@@ -875,6 +875,18 @@ impl NacosConn {
         bail!("connection to {} was not set up", c.addr)
     }
 
+    /// Registers instance `i` (10.x address, port 8080, a Spring-like metadata map) of
+    /// `service`, owned by this connection.
+    async fn register(&mut self, service: &str, i: usize) -> anyhow::Result<()> {
+        let body = json!({
+            "namespace": "", "serviceName": service, "groupName": "DEFAULT_GROUP", "type": "registerInstance",
+            "instance": {"ip": ip(i), "port": 8080, "weight": 1.0, "healthy": true, "enabled": true, "ephemeral": true, "clusterName": "DEFAULT", "metadata": {"version": "1.0.0", "zone": "a"}},
+        });
+        let reply = self.call("InstanceRequest", &body).await?;
+        anyhow::ensure!(contains(&reply, "\"resultCode\":200"), "register {service}: {}", String::from_utf8_lossy(&reply));
+        Ok(())
+    }
+
     /// One unary request; returns the reply message bytes.
     async fn call(&mut self, kind: &str, body: &Value) -> anyhow::Result<Bytes> {
         let req = Request::post(format!("http://{}/Request/request", self.addr))
@@ -887,7 +899,8 @@ impl NacosConn {
     }
 }
 
-/// A process's CPU time so far (user + system, `/proc/PID/stat`), in milliseconds.
+/// A process's CPU time so far (user + system, `/proc/PID/stat`), in milliseconds (at Linux's
+/// 100 clock ticks per second).
 fn cpu_ms(pid: u32) -> anyhow::Result<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the command name (which may hold spaces) end with `)`.
@@ -899,18 +912,11 @@ fn cpu_ms(pid: u32) -> anyhow::Result<u64> {
 
 async fn nacos_push(target: SocketAddr, subscribers: usize, instances: usize, rounds: usize, pid: Option<u32>) -> anyhow::Result<()> {
     const SERVICE: &str = "bench-nacos-push";
-    let register = |i: usize| {
-        json!({
-            "namespace": "", "serviceName": SERVICE, "groupName": "DEFAULT_GROUP", "type": "registerInstance",
-            "instance": {"ip": ip(i), "port": 8080, "weight": 1.0, "healthy": true, "enabled": true, "ephemeral": true, "clusterName": "DEFAULT", "metadata": {"version": "1.0.0", "zone": "a"}},
-        })
-    };
     let mut driver = NacosConn::open(target).await?;
     for i in 0..instances {
-        let reply = driver.call("InstanceRequest", &register(i)).await?;
-        anyhow::ensure!(contains(&reply, "\"resultCode\":200"), "register: {}", String::from_utf8_lossy(&reply));
+        driver.register(SERVICE, i).await?;
     }
-    // Subscribers connect a few at a time (thousands of h2 handshakes at once can wait out SYN
+    // Subscribers connect one at a time (thousands of h2 handshakes at once can wait out SYN
     // retransmissions), each subscribing once.
     let mut subs = Vec::with_capacity(subscribers);
     let connecting = Instant::now();
@@ -932,8 +938,7 @@ async fn nacos_push(target: SocketAddr, subscribers: usize, instances: usize, ro
         let before = pushed(&subs);
         let cpu_before = pid.map(cpu_ms).transpose()?;
         let changed = Instant::now();
-        let reply = driver.call("InstanceRequest", &register(instances + round)).await?;
-        anyhow::ensure!(contains(&reply, "\"resultCode\":200"), "change: {}", String::from_utf8_lossy(&reply));
+        driver.register(SERVICE, instances + round).await?;
         let deadline = changed + Duration::from_secs(60);
         while pushed(&subs).iter().zip(&before).any(|(now, was)| now <= was) {
             anyhow::ensure!(Instant::now() < deadline, "not every subscriber got the push within 60 s");
@@ -971,12 +976,7 @@ async fn nacos_grpc(target: SocketAddr, concurrency: usize, duration: Duration, 
     if query {
         let mut c = NacosConn::open(target).await?;
         for i in 0..10 {
-            let body = json!({
-                "namespace": "", "serviceName": "bench-nacos-grpc-query", "groupName": "DEFAULT_GROUP", "type": "registerInstance",
-                "instance": {"ip": ip(i), "port": 8080, "weight": 1.0, "healthy": true, "enabled": true, "ephemeral": true, "clusterName": "DEFAULT", "metadata": {"version": "1.0.0", "zone": "a"}},
-            });
-            let reply = c.call("InstanceRequest", &body).await?;
-            anyhow::ensure!(contains(&reply, "\"resultCode\":200"), "register: {}", String::from_utf8_lossy(&reply));
+            c.register("bench-nacos-grpc-query", i).await?;
         }
         _owner = Some(c);
     }
@@ -988,6 +988,7 @@ async fn nacos_grpc(target: SocketAddr, concurrency: usize, duration: Duration, 
             let mut lat = Vec::with_capacity(100_000);
             let mut n = 0;
             let asked = json!({"namespace": "", "serviceName": "bench-nacos-grpc-query", "groupName": "DEFAULT_GROUP", "cluster": "", "healthyOnly": false});
+            let last = ip(9);
             while !stop.load(Ordering::Relaxed) {
                 let i = w * 10_000_000 + n;
                 let (kind, body) = if query {
@@ -1002,7 +1003,7 @@ async fn nacos_grpc(target: SocketAddr, concurrency: usize, duration: Duration, 
                 let t = Instant::now();
                 match c.call(kind, &body).await {
                     // A query must also carry the 10 instances (the last one's address).
-                    Ok(reply) if contains(&reply, "\"resultCode\":200") && (!query || contains(&reply, &ip(9))) => lat.push(t.elapsed().as_micros() as u64),
+                    Ok(reply) if contains(&reply, "\"resultCode\":200") && (!query || contains(&reply, &last)) => lat.push(t.elapsed().as_micros() as u64),
                     other => {
                         // The first failure is shown, so a run against a new peer can be checked.
                         if errors.fetch_add(1, Ordering::Relaxed) == 0 {
