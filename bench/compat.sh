@@ -3,8 +3,9 @@
 # server, the crate `rnacos` 0.8.x, installed here with `cargo install --locked` into
 # target/peers) through the same generator in the same run: Nacos v1 instance register (with and
 # without metadata), beat, the instance list of a 10-instance service, config publish and get,
-# Nacos 2.x gRPC register and service query, and the push fan-out to 200 gRPC subscribers
-# (server CPU per change).
+# Nacos 2.x gRPC register, service query and health check (a request the server answers without
+# doing anything: what the gRPC stack alone costs), each with the server's CPU per request, and
+# the push fan-out to 200 gRPC subscribers (server CPU per change).
 # Then Zhili alone: Consul register, Consul health query (plain and on
 # the blocking path), DNS A queries over UDP. Each server runs pinned to CPU 0; the generator
 # runs on CPU 1. Not part of CI.
@@ -73,12 +74,12 @@ for side in zhili r-nacos; do
   done
   echo "{\"server\":\"$side\",\"config_readable_after_publish_run_ms\":$visible}"
 done
-for mode in "" --metadata --query; do
+for mode in "" --metadata --query --check; do
   for side in zhili r-nacos; do
-    target=127.0.0.1:$NACOS_GRPC_PORT
-    [ $side = r-nacos ] && target=127.0.0.1:$RN_GRPC_PORT
+    target=127.0.0.1:$NACOS_GRPC_PORT pid=$ZPID
+    [ $side = r-nacos ] && target=127.0.0.1:$RN_GRPC_PORT pid=$RPID
     settle "$ZPID" "$RPID"
-    echo "{\"server\":\"$side\",\"result\":$(taskset -c 1 $GEN nacos-grpc --target $target --seconds "$SECS" $mode)}"
+    echo "{\"server\":\"$side\",\"result\":$(taskset -c 1 $GEN nacos-grpc --target $target --seconds "$SECS" --pid $pid $mode)}"
   done
 done
 # Push fan-out: 200 subscribers of a 100-instance service, one change at a time; the server's

@@ -75,7 +75,7 @@ def compat(out):
     comments, objs = lines(out / "compat.jsonl")
     md = ["### Registry: Zhili's Nacos API vs r-nacos (same generator, same run), Consul and DNS", ""]
     md += [f"- {c}" for c in comments]
-    md += ["", "| scenario | Zhili /s (p99) | r-nacos /s (p99) | Zhili ÷ r-nacos |", "|---|---|---|---|"]
+    md += ["", "| scenario | Zhili /s (p99) | r-nacos /s (p99) | Zhili ÷ r-nacos | server CPU per request, Zhili / r-nacos |", "|---|---|---|---|---|"]
     pairs = {}
     for o in objs:
         if "result" in o:
@@ -84,7 +84,8 @@ def compat(out):
         z, r = sides.get("zhili"), sides.get("r-nacos")
         cell = lambda x: "—" if x is None else f"{rate(x['per_second'])} ({ms(x['p99_us'])})" + (f", {x['errors']} errors" if x.get("errors") else "")
         ratio = f"**{z['per_second'] / r['per_second']:.2f}×**" if z and r and r["per_second"] else "—"
-        md.append(f"| {sc} | {cell(z)} | {cell(r)} | {ratio} |")
+        cpu = lambda x: f"{x['server_cpu_us_per_request']:.0f} µs" if x and "server_cpu_us_per_request" in x else "—"
+        md.append(f"| {sc} | {cell(z)} | {cell(r)} | {ratio} | {cpu(z)} / {cpu(r)} |")
     push = {o["server"]: o["push"] for o in objs if "push" in o}
     if push:
         any_side = next(iter(push.values()))

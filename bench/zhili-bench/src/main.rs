@@ -193,6 +193,14 @@ enum Cmd {
         /// metadata) registered first, the discovery call of clients that do not subscribe.
         #[arg(long)]
         query: bool,
+        /// Instead of registering: `HealthCheckRequest`, which a server answers without doing
+        /// anything: the cost of the gRPC stack alone (transport, HTTP/2, protobuf, envelope).
+        #[arg(long, conflicts_with = "query")]
+        check: bool,
+        /// The server's process id: its CPU time (user + system) per request over the run is
+        /// reported.
+        #[arg(long)]
+        pid: Option<u32>,
     },
     /// Closed-loop UDP DNS queries (A record of a service), one socket per worker.
     Dns {
@@ -326,8 +334,15 @@ async fn main() -> anyhow::Result<()> {
         Cmd::OpenLoop { target, path, rate, conns, seconds, headers } => open_loop(target, &path, &headers, rate, conns, Duration::from_secs(seconds)).await,
         Cmd::Dns { target, name, concurrency, seconds } => dns(target, &name, concurrency, Duration::from_secs(seconds)).await,
         Cmd::NacosPush { target, subscribers, instances, rounds, pid } => nacos_push(target, subscribers, instances, rounds, pid).await,
-        Cmd::NacosGrpc { target, concurrency, seconds, metadata, hold, query } => {
-            nacos_grpc(target, concurrency, Duration::from_secs(seconds), metadata, Duration::from_secs(hold), query).await
+        Cmd::NacosGrpc { target, concurrency, seconds, metadata, hold, query, check, pid } => {
+            let mode = if query {
+                GrpcMode::Query
+            } else if check {
+                GrpcMode::Check
+            } else {
+                GrpcMode::Register
+            };
+            nacos_grpc(target, concurrency, Duration::from_secs(seconds), metadata, Duration::from_secs(hold), mode, pid).await
         }
     }
 }
@@ -604,6 +619,14 @@ pub(crate) struct Run {
 
 /// Lets the run go for its duration, stops it and prints one JSON line of results.
 pub(crate) async fn report(scenario: &str, concurrency: usize, run: Run) -> anyhow::Result<()> {
+    report_with_cpu(scenario, concurrency, run, None).await
+}
+
+/// [`report`], plus the CPU time (user + system) process `pid` spent per request over the run,
+/// when given: the server's cost of a request, which the throughput alone hides when the
+/// generator shares the machine.
+pub(crate) async fn report_with_cpu(scenario: &str, concurrency: usize, run: Run, pid: Option<u32>) -> anyhow::Result<()> {
+    let cpu_before = pid.map(cpu_ms).transpose()?;
     tokio::time::sleep(run.duration).await;
     run.stop.store(true, Ordering::Relaxed);
     let mut all = Vec::new();
@@ -617,6 +640,11 @@ pub(crate) async fn report(scenario: &str, concurrency: usize, run: Run) -> anyh
         "seconds": (secs * 100.0).round() / 100.0, "per_second": (all.len() as f64 / secs).round(),
         "p50_us": percentile(&all, 0.5), "p99_us": percentile(&all, 0.99),
     });
+    let mut out = out;
+    if let (Some(pid), Some(before)) = (pid, cpu_before) {
+        let spent_ms = cpu_ms(pid)?.saturating_sub(before);
+        out["server_cpu_us_per_request"] = json!((spent_ms as f64 * 1000.0 / all.len().max(1) as f64).round());
+    }
     println!("{out}");
     Ok(())
 }
@@ -962,7 +990,24 @@ async fn nacos_push(target: SocketAddr, subscribers: usize, instances: usize, ro
     Ok(())
 }
 
-async fn nacos_grpc(target: SocketAddr, concurrency: usize, duration: Duration, metadata: bool, hold: Duration, query: bool) -> anyhow::Result<()> {
+/// What `nacos-grpc` sends.
+#[derive(Clone, Copy, PartialEq)]
+enum GrpcMode {
+    Register,
+    Query,
+    Check,
+}
+
+async fn nacos_grpc(
+    target: SocketAddr,
+    concurrency: usize,
+    duration: Duration,
+    metadata: bool,
+    hold: Duration,
+    mode: GrpcMode,
+    pid: Option<u32>,
+) -> anyhow::Result<()> {
+    let query = mode == GrpcMode::Query;
     let held = Arc::new(std::sync::Mutex::new(Vec::new()));
     let metadata = if metadata { json!({"k": "v"}) } else { json!({}) };
     let stop = Arc::new(AtomicBool::new(false));
@@ -993,6 +1038,8 @@ async fn nacos_grpc(target: SocketAddr, concurrency: usize, duration: Duration, 
                 let i = w * 10_000_000 + n;
                 let (kind, body) = if query {
                     ("ServiceQueryRequest", asked.clone())
+                } else if mode == GrpcMode::Check {
+                    ("HealthCheckRequest", json!({}))
                 } else {
                     let body = json!({
                         "namespace": "", "serviceName": "bench-nacos-grpc", "groupName": "DEFAULT_GROUP", "type": "registerInstance",
@@ -1019,9 +1066,11 @@ async fn nacos_grpc(target: SocketAddr, concurrency: usize, duration: Duration, 
             lat
         }));
     }
-    report(
+    report_with_cpu(
         if query {
             "nacos-grpc-query"
+        } else if mode == GrpcMode::Check {
+            "nacos-grpc-check"
         } else if metadata.as_object().is_some_and(|m| !m.is_empty()) {
             "nacos-grpc-register-meta"
         } else {
@@ -1029,6 +1078,7 @@ async fn nacos_grpc(target: SocketAddr, concurrency: usize, duration: Duration, 
         },
         concurrency,
         Run { start, duration, stop, errors, tasks },
+        pid,
     )
     .await?;
     if !hold.is_zero() {
