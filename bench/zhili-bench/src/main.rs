@@ -535,18 +535,19 @@ async fn setup(target: SocketAddr, scenario: &str, instances: usize) -> anyhow::
             expect_body: Some("true"),
         },
         "nacos-config-get" => {
+            let publish = |k: usize| format!("/nacos/v1/cs/configs?dataId=bench-get-{k}.yaml&group=BENCH&content=value-{k}-{}", "x".repeat(48));
             for k in 0..100 {
-                let (st, body) = c
-                    .send(Method::POST, &format!("/nacos/v1/cs/configs?dataId=bench-get-{k}.yaml&group=BENCH&content=value-{k}-{}", "x".repeat(48)), None)
-                    .await?;
+                let (st, body) = c.send(Method::POST, &publish(k), None).await?;
                 if st != 200 {
                     bail!("setup publish: {st} {}", String::from_utf8_lossy(&body));
                 }
             }
             // A server may acknowledge a publish before it is readable (r-nacos applies through
-            // its raft log): wait until every value reads back before measuring.
+            // its raft log), or answer `false` while its log has no leader yet: wait until every
+            // value reads back before measuring, publishing again what does not show up.
             let deadline = Instant::now() + Duration::from_secs(60);
             for k in 0..100 {
+                let mut published = Instant::now();
                 loop {
                     let (st, body) = c.send(Method::GET, &format!("/nacos/v1/cs/configs?dataId=bench-get-{k}.yaml&group=BENCH"), None).await?;
                     if st == 200 && contains(&body, &format!("value-{k}-")) {
@@ -554,6 +555,10 @@ async fn setup(target: SocketAddr, scenario: &str, instances: usize) -> anyhow::
                     }
                     if Instant::now() > deadline {
                         bail!("setup: config bench-get-{k} never read back ({st} {})", String::from_utf8_lossy(&body));
+                    }
+                    if published.elapsed() > Duration::from_secs(2) {
+                        c.send(Method::POST, &publish(k), None).await?;
+                        published = Instant::now();
                     }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
