@@ -640,12 +640,11 @@ pub(crate) async fn report_with_cpu(scenario: &str, concurrency: usize, run: Run
     }
     let secs = run.start.elapsed().as_secs_f64();
     all.sort_unstable();
-    let out = json!({
+    let mut out = json!({
         "scenario": scenario, "concurrency": concurrency, "requests": all.len(), "errors": run.errors.load(Ordering::Relaxed),
         "seconds": (secs * 100.0).round() / 100.0, "per_second": (all.len() as f64 / secs).round(),
         "p50_us": percentile(&all, 0.5), "p99_us": percentile(&all, 0.99),
     });
-    let mut out = out;
     if let (Some(pid), Some(before)) = (pid, cpu_before) {
         let spent_ms = cpu_ms(pid)?.saturating_sub(before);
         out["server_cpu_us_per_request"] = json!((spent_ms as f64 * 1000.0 / all.len().max(1) as f64).round());
